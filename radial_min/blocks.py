@@ -1,0 +1,113 @@
+"""Residual blocks, the unit of Radial Networks: every transformer layer is an attention block and an FFN block.
+
+A block computes its main branch f(x) and its residual add, y = x + f(x) (pre-LN), or y = LN(x + f(x)) for
+post-LN models such as OPT-350m. The two halves are separate methods so that a caller can run a block, skip it
+(y = x), or look at x, f(x) and y on their own: profiling, the oracle and the router all hook in here.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import kernels
+
+
+@dataclass
+class LayerNorm:
+    weight: np.ndarray | None  # [E]; None when the config says layer_norm_elementwise_affine = False
+    bias: np.ndarray | None
+    eps: float = 1e-5
+
+    def __call__(self, x):
+        return kernels.layernorm(x, self.weight, self.bias, self.eps)  # [T, E] -> [T, E]
+
+    @classmethod
+    def from_tensors(cls, t: dict, prefix: str, eps: float):
+        return cls(t.get(prefix + ".weight"), t.get(prefix + ".bias"), eps)
+
+
+@dataclass
+class Linear:
+    weight: np.ndarray  # [out, in], as nn.Linear stores it
+    bias: np.ndarray | None = None  # [out]
+
+    def __call__(self, x):
+        return kernels.linear(x, self.weight, self.bias)  # [T, in] -> [T, out]
+
+    @classmethod
+    def from_tensors(cls, t: dict, prefix: str):
+        return cls(t[prefix + ".weight"], t.get(prefix + ".bias"))
+
+
+@dataclass
+class Step:
+    """What an attention block needs besides its input rows: their positions and where keys/values live."""
+
+    pos: np.ndarray | None = None  # [T] absolute token positions (causal models); None: full attention (ViT)
+    cache: object = None  # a KV cache with `.update(layer, k, v, pos) -> (K, V, K_pos)`, or None
+
+
+class Block:
+    """y = x + f(x), or LN(x + f(x)) when `pre_norm` is False. Subclasses define `branch`, i.e. f."""
+
+    kind = "?"
+
+    def __init__(self, layer: int, norm: LayerNorm, pre_norm: bool):
+        self.layer, self.norm, self.pre_norm = layer, norm, pre_norm
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layer}.{self.kind}"
+
+    def branch(self, x, step: Step):  # [T, E] -> f(x) [T, E]
+        raise NotImplementedError
+
+    def residual(self, x, f):
+        """Join the branch to the residual stream: the only place pre- and post-LN differ after f."""
+        y = x + f  # [T, E]
+        return y if self.pre_norm else self.norm(y)
+
+    def __call__(self, x, step: Step):
+        return self.residual(x, self.branch(x, step))
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class AttentionBlock(Block):
+    """Multi-head self-attention. Causal over a KV cache for OPT; full attention over the image for ViT."""
+
+    kind = "att"
+
+    def __init__(self, layer, norm, pre_norm, qkv: Linear, out: Linear, n_head: int):
+        super().__init__(layer, norm, pre_norm)
+        self.qkv, self.out, self.n_head = qkv, out, n_head  # qkv: q, k and v projections stacked, [3E, E]
+
+    def project_qkv(self, x):
+        """The block's queries, keys and values for rows x; also what the `fill` rule caches for skipped tokens."""
+        h = self.norm(x) if self.pre_norm else x
+        qkv = self.qkv(h)  # [T, E] -> [T, 3E]
+        q, k, v = np.split(qkv, 3, axis=1)  # -> 3 x [T, E]
+        return q, k, v
+
+    def branch(self, x, step: Step):
+        q, k, v = self.project_qkv(x)
+        k_pos = step.pos
+        if step.cache is not None:
+            k, v, k_pos = step.cache.update(self.layer, k, v, step.pos)  # -> all keys/values visible [N, E]
+        a = kernels.attention(q, k, v, self.n_head, step.pos, k_pos)  # [T, E]
+        return self.out(a)  # [T, E] -> [T, E]
+
+
+class FFNBlock(Block):
+    """Position-wise feed-forward: fc2(act(fc1(x))). ReLU in OPT, exact GELU in ViT."""
+
+    kind = "ffn"
+
+    def __init__(self, layer, norm, pre_norm, fc1: Linear, fc2: Linear, act: str):
+        super().__init__(layer, norm, pre_norm)
+        self.fc1, self.fc2, self.act = fc1, fc2, act
+
+    def branch(self, x, step: Step = None):
+        h = self.norm(x) if self.pre_norm else x
+        h = kernels.activation(self.act, self.fc1(h))  # [T, E] -> [T, F]
+        return self.fc2(h)  # [T, F] -> [T, E]

@@ -1,0 +1,66 @@
+"""Autoregressive generation: prefill the prompt into a KV cache, then one token at a time.
+
+Sampling follows transformers' order: temperature, then top-k, then top-p (nucleus), then a draw. At
+temperature 0 it is greedy (argmax, first index on ties, as torch.argmax).
+"""
+import numpy as np
+
+
+def sample(logits, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, rng=None) -> int:
+    """Pick the next token from one row of logits [V]."""
+    if temperature <= 0.0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and 0 < top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        keep = cum - p[order] < top_p  # the smallest prefix whose mass reaches top_p (always >= 1 token)
+        mask = np.zeros_like(p, dtype=bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    rng = rng if rng is not None else np.random.default_rng()
+    return int(rng.choice(p.size, p=p))
+
+
+def check_sampling(max_new_tokens, temperature, top_k, top_p):
+    """Refuse sampling settings that have no meaning, naming the argument."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, on_token=None, stop_at_eos: bool = True) -> np.ndarray:  # fmt: skip
+    """The new token ids after `input_ids` (the EOS that ended them included), [n] int64.
+
+    `on_token(id)` is called for each new token as it is chosen (streaming). Generation stops at EOS, after
+    `max_new_tokens`, or when the model's position table is full.
+    """
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    rng = np.random.default_rng(seed)
+    room = model.config.max_position_embeddings - len(input_ids)
+    cache = model.new_cache()
+    new = []
+    if max_new_tokens == 0:
+        return np.zeros(0, np.int64)
+    logits = model.forward(input_ids, cache, last_only=True)[0]  # prefill: [T] -> [V]
+    for _ in range(min(max_new_tokens, room)):
+        token = sample(logits, temperature, top_k, top_p, rng)
+        new.append(token)
+        if on_token is not None:
+            on_token(token)
+        if (stop_at_eos and token == model.config.eos_token_id) or len(new) == min(max_new_tokens, room):
+            break
+        logits = model.forward(np.array([token]), cache, last_only=True)[0]  # decode: [1] -> [V]
+    return np.array(new, dtype=np.int64)

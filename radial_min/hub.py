@@ -1,0 +1,80 @@
+"""Where checkpoints come from: a local folder, or the Hugging Face Hub into `weights/<name>/`.
+
+The facebook/opt-* repos hold only `pytorch_model.bin` on their main branch; we convert it once to
+`model.safetensors` (through our torch-free reader) so later loads are fast and never touch a pickle.
+"""
+import os
+import re
+from pathlib import Path
+
+from .errors import CheckpointError
+
+ROOT = Path(__file__).resolve().parent.parent
+WEIGHTS = Path(os.environ.get("RADIAL_MIN_WEIGHTS", ROOT / "weights"))
+DEFAULT_MODEL = WEIGHTS / "opt-kjv-wiki"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_PATTERNS = [
+    "config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
+    "pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin",
+    "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "preprocessor_config.json", "generation_config.json",
+]  # fmt: skip
+
+
+def resolve(source) -> Path:
+    """A folder for `source`: itself if it is a folder, else `weights/<name>/`, downloaded if not there yet."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: is a file; pass the folder that holds config.json and the weights")
+    text = str(source)
+    if not _HUB_ID.match(text):
+        raise CheckpointError(f"{text}: no such checkpoint folder")
+    local = WEIGHTS / text.split("/")[-1]
+    if (local / "config.json").is_file():
+        return local
+    return download(text, local)
+
+
+def download(repo_id: str, local: Path) -> Path:
+    """Fetch a Hub repo's config, weights and tokenizer into `local`, then make sure safetensors exist."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(repo_id, local_dir=local, allow_patterns=_PATTERNS)
+    except Exception as e:  # offline, unknown repo, gated repo, ...: all end the same way for the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{repo_id}: not a local folder, and downloading it from the Hugging Face Hub failed ({type(e).__name__}: "
+            f"{reason}). To use it offline, place config.json with model.safetensors (or pytorch_model.bin), plus "
+            f"vocab.json and merges.txt for OPT, in {local}/ and pass --model {local}"
+        ) from None
+    if not (local / "config.json").is_file():
+        raise CheckpointError(f"{repo_id}: the Hub repo has no config.json; place a Hugging Face checkpoint in {local}/")
+    ensure_safetensors(local)
+    return local
+
+
+def ensure_safetensors(folder: Path) -> None:
+    """Convert pytorch_model.bin (single or sharded) to model.safetensors once, then remove the pickles."""
+    folder = Path(folder)
+    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+        return
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if not bins:
+        raise CheckpointError(
+            f"{folder}: has no usable weights; expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+        )
+    from .checkpoint import write_safetensors
+    from .torch_pickle import load_torch_file
+
+    tensors = {}
+    for b in bins:
+        t, _ = load_torch_file(b)
+        tensors.update(t)
+    write_safetensors(folder / "model.safetensors", tensors, {"format": "pt", "converted_from": "pytorch_model.bin"})
+    for b in bins:
+        b.unlink()
+    (folder / "pytorch_model.bin.index.json").unlink(missing_ok=True)

@@ -1,0 +1,133 @@
+"""Images for ViT, prepared as Hugging Face's ViTImageProcessor does: RGB, resize (bilinear), x 1/255, then
+(x - mean) / std per channel, as [C, H, W] float32.
+
+The processor resizes with Pillow, whose "bilinear" is an antialiased triangle filter whose support widens
+when shrinking, computed in 22-bit fixed point on 8-bit images. We reimplement that filter in NumPy, so
+`.npy` images need no Pillow and 8-bit photos come out bit-identical to Pillow's resize. Pillow is only needed
+to decode PNG/JPEG files.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RadialError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy"}
+_PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit resampling
+
+
+def read_image(path) -> np.ndarray:
+    """An image file as [H, W, 3]: uint8 from PNG/JPEG (Pillow), uint8 or float in 0..255 from .npy.
+
+    Grayscale is repeated to three channels and an alpha channel dropped, as Pillow's convert("RGB") does.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RadialError(f"{path}: no such image file")
+    if path.suffix.lower() == ".npy":
+        try:
+            a = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise RadialError(f"{path}: not a readable .npy array ({e})") from None
+    else:
+        try:
+            from PIL import Image
+        except ImportError:
+            raise RadialError(f"{path}: reading {path.suffix} images needs Pillow (pip install 'radial_min[images]'), or pass a .npy array") from None
+        try:
+            with Image.open(path) as im:
+                a = np.asarray(im.convert("RGB"))
+        except OSError as e:
+            raise RadialError(f"{path}: not a readable image ({e})") from None
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4) or a.dtype.kind not in "uif":
+        raise RadialError(f"{path}: expected an [H, W], [H, W, 3] or [H, W, 4] image, got {a.dtype}{list(a.shape)}")
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    return a[:, :, :3]
+
+
+def _coefficients(n_in: int, n_out: int) -> np.ndarray:
+    """Pillow's bilinear resampling weights as a dense [n_out, n_in] matrix (rows sum to 1)."""
+    scale = n_in / n_out
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale  # the triangle filter has support 1, widened when shrinking (antialiasing)
+    w = np.zeros((n_out, n_in), np.float64)
+    for i in range(n_out):
+        center = (i + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), n_in)
+        x = (np.arange(lo, hi) - center + 0.5) / filterscale
+        k = np.maximum(1.0 - np.abs(x), 0.0)
+        w[i, lo:hi] = k / k.sum()
+    return w
+
+
+def _resample_8bit(a, w):
+    """One pass along axis 0 in Pillow's fixed point: round the weights, accumulate in integers, clip to 0..255."""
+    scaled = w * (1 << _PRECISION_BITS)
+    k = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int64)
+    acc = np.tensordot(k, a.astype(np.int64), axes=(1, 0)) + (1 << (_PRECISION_BITS - 1))
+    return np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
+
+
+def resize(image, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of an [H, W, C] image as Pillow does it: horizontal pass, then vertical."""
+    h, w = image.shape[:2]
+    eight_bit = image.dtype == np.uint8
+    out = image if eight_bit else image.astype(np.float64)
+    if w != width:
+        cw = _coefficients(w, width)
+        out = out.transpose(1, 0, 2)  # [W, H, C]: resample along axis 0
+        out = _resample_8bit(out, cw) if eight_bit else np.tensordot(cw, out, axes=(1, 0))
+        out = out.transpose(1, 0, 2)
+    if h != height:
+        ch = _coefficients(h, height)
+        out = _resample_8bit(out, ch) if eight_bit else np.tensordot(ch, out, axes=(1, 0))
+    return out
+
+
+def read_preprocessor(folder, image_size: int) -> dict:
+    """The settings of `preprocessor_config.json` we use, with ViTImageProcessor's defaults."""
+    path = Path(folder) / "preprocessor_config.json"
+    d = json.loads(path.read_text()) if path.is_file() else {}
+    size = d.get("size", image_size)
+    if isinstance(size, dict):
+        size = (size.get("height", image_size), size.get("width", image_size))
+    elif isinstance(size, int):
+        size = (size, size)
+    return {
+        "size": tuple(size),
+        "do_resize": d.get("do_resize", True),
+        "do_rescale": d.get("do_rescale", True),
+        "rescale_factor": d.get("rescale_factor", 1 / 255),
+        "do_normalize": d.get("do_normalize", True),
+        "mean": np.array(d.get("image_mean", [0.5, 0.5, 0.5]), np.float32),
+        "std": np.array(d.get("image_std", [0.5, 0.5, 0.5]), np.float32),
+    }
+
+
+def preprocess(image: np.ndarray, settings: dict) -> np.ndarray:
+    """[H, W, 3] (0..255) -> pixel values [3, H', W'] float32, as ViTImageProcessor computes them."""
+    x = resize(image, *settings["size"]) if settings["do_resize"] else image
+    x = x.astype(np.float32)
+    if settings["do_rescale"]:
+        x = x * np.float32(settings["rescale_factor"])
+    if settings["do_normalize"]:
+        x = (x - settings["mean"]) / settings["std"]
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+
+
+def list_images(source) -> list[Path]:
+    """Image files of a folder (sorted), or the one file given."""
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise RadialError(f"{source}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return files
+    if not source.is_file():
+        raise RadialError(f"{source}: no such image file or folder")
+    return [source]

@@ -1,0 +1,276 @@
+"""Compute kernels: Numba-jitted, each beside the plain-NumPy reference it is tested against.
+
+Everything is float32 in, float32 out. Shapes in the trailing comments use T for tokens (rows), E for the model
+width, N for keys in a cache and H, D for heads and head size.
+
+Which kernel runs where (measured on this project's 2-core AVX2 machine, see docs/performance.md):
+- one row (decode): `matvec`, ours. It streams the weight matrix once at ~33 GB/s (the machine's DRAM bandwidth);
+  OpenBLAS's sgemv reached ~25 GB/s on OPT-125M's LM head.
+- many rows (prefill, ViT): NumPy's BLAS sgemm, ~190 GFLOP/s against ~155 for our register-blocked `matmul`.
+  `matmul` is kept, tested, and selectable with `set_backend("numba")` so the comparison can be rerun.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+_BACKEND = {"matmul": "blas"}
+
+
+def set_backend(matmul: str) -> None:
+    """Choose the many-row matmul: "blas" (NumPy) or "numba" (ours). Decode always uses our `matvec`."""
+    if matmul not in ("blas", "numba"):
+        raise ValueError(f"matmul backend must be 'blas' or 'numba', got {matmul!r}")
+    _BACKEND["matmul"] = matmul
+
+
+# ---------------------------------------------------------------------------------------------------- linear
+
+
+def linear_ref(x, w, b=None):
+    y = x @ w.T  # [T, in] @ [out, in].T -> [T, out]
+    return y if b is None else y + b
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matvec(x, w, b, out):  # [in], [out, in], [out] or [0] -> out [out]
+    """One row times a weight matrix: a dot product per output, split across cores. Bandwidth-bound."""
+    n_out, n_in = w.shape
+    for n in prange(n_out):
+        acc = np.float32(0.0)
+        for k in range(n_in):
+            acc += x[k] * w[n, k]
+        out[n] = acc + b[n] if b.size else acc
+
+
+@njit(fastmath=True, inline="always")
+def _dot(a, i, w, j, n_in):
+    acc = np.float32(0.0)
+    for k in range(n_in):
+        acc += a[i, k] * w[j, k]
+    return acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul(a, w, b, out):  # [T, in], [out, in], [out] or [0] -> out [T, out]
+    """a @ w.T with a 4x4 register tile: 16 accumulators reuse each loaded row of `a` and `w` four times."""
+    n_rows, n_in = a.shape
+    n_out = w.shape[0]
+    for jb in prange((n_out + 3) // 4):
+        j = jb * 4
+        if j + 4 <= n_out:
+            for i in range(0, n_rows - 3, 4):
+                c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = np.float32(0.0)
+                c20 = c21 = c22 = c23 = c30 = c31 = c32 = c33 = np.float32(0.0)
+                for k in range(n_in):
+                    a0, a1, a2, a3 = a[i, k], a[i + 1, k], a[i + 2, k], a[i + 3, k]
+                    w0, w1, w2, w3 = w[j, k], w[j + 1, k], w[j + 2, k], w[j + 3, k]
+                    c00 += a0 * w0; c01 += a0 * w1; c02 += a0 * w2; c03 += a0 * w3  # noqa: E702
+                    c10 += a1 * w0; c11 += a1 * w1; c12 += a1 * w2; c13 += a1 * w3  # noqa: E702
+                    c20 += a2 * w0; c21 += a2 * w1; c22 += a2 * w2; c23 += a2 * w3  # noqa: E702
+                    c30 += a3 * w0; c31 += a3 * w1; c32 += a3 * w2; c33 += a3 * w3  # noqa: E702
+                out[i, j], out[i, j + 1], out[i, j + 2], out[i, j + 3] = c00, c01, c02, c03
+                out[i + 1, j], out[i + 1, j + 1], out[i + 1, j + 2], out[i + 1, j + 3] = c10, c11, c12, c13
+                out[i + 2, j], out[i + 2, j + 1], out[i + 2, j + 2], out[i + 2, j + 3] = c20, c21, c22, c23
+                out[i + 3, j], out[i + 3, j + 1], out[i + 3, j + 2], out[i + 3, j + 3] = c30, c31, c32, c33
+            first_tail_row = n_rows - n_rows % 4
+        else:
+            first_tail_row = 0  # the last, partial column tile is done row by row
+        for i in range(first_tail_row, n_rows):
+            for jj in range(j, min(j + 4, n_out)):
+                out[i, jj] = _dot(a, i, w, jj, n_in)
+        if b.size:
+            for i in range(n_rows):
+                for jj in range(j, min(j + 4, n_out)):
+                    out[i, jj] += b[jj]
+
+
+_NO_BIAS = np.zeros(0, np.float32)
+
+
+def linear(x, w, b=None):
+    """y = x @ w.T + b for weights in nn.Linear's [out, in] layout: our matvec for one row, else sgemm."""
+    bias = _NO_BIAS if b is None else b
+    if x.shape[0] == 1:
+        out = np.empty((1, w.shape[0]), np.float32)
+        matvec(x[0], w, bias, out[0])  # [1, in] -> [1, out]
+        return out
+    if _BACKEND["matmul"] == "numba":
+        out = np.empty((x.shape[0], w.shape[0]), np.float32)
+        matmul(np.ascontiguousarray(x), w, bias, out)
+        return out
+    y = x @ w.T  # [T, in] -> [T, out]
+    if b is not None:
+        y += b
+    return y
+
+
+# ------------------------------------------------------------------------------------------------- layernorm
+
+
+def layernorm_ref(x, w, b, eps):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    y = (x - mean) / np.sqrt(var + eps)  # [T, E] -> [T, E]
+    if w is not None:
+        y = y * w + b
+    return y.astype(np.float32)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _layernorm(x, w, b, eps, out):  # [T, E], [E] or [0], [E] or [0] -> out [T, E]
+    n_rows, n = x.shape
+    for i in prange(n_rows):
+        mean = 0.0
+        for k in range(n):
+            mean += x[i, k]
+        mean /= n
+        var = 0.0
+        for k in range(n):
+            d = x[i, k] - mean
+            var += d * d
+        rstd = 1.0 / math.sqrt(var / n + eps)
+        for k in range(n):
+            y = (x[i, k] - mean) * rstd
+            out[i, k] = y * w[k] + b[k] if w.size else y
+
+
+def layernorm(x, w, b, eps):
+    """Normalise each row to zero mean and unit variance (population), then scale and shift if affine."""
+    out = np.empty_like(x)
+    _layernorm(x, _NO_BIAS if w is None else w, _NO_BIAS if b is None else b, eps, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- activations
+
+
+def relu_ref(x):
+    return np.maximum(x, 0)
+
+
+def gelu_ref(x):
+    """Exact GELU, x * Phi(x), with Phi from math.erf (NumPy has no erf)."""
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    return (0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))).astype(np.float32)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _relu(x):  # [T, F] in place
+    for i in prange(x.shape[0]):
+        for k in range(x.shape[1]):
+            x[i, k] = max(x[i, k], np.float32(0.0))
+
+
+@njit(parallel=True, cache=True)
+def _gelu(x):  # [T, F] in place; no fastmath so erf keeps its precision
+    for i in prange(x.shape[0]):
+        for k in range(x.shape[1]):
+            v = x[i, k]
+            x[i, k] = 0.5 * v * (1.0 + math.erf(v * 0.7071067811865476))
+
+
+ACTIVATIONS = {"relu": _relu, "gelu": _gelu}
+
+
+def activation(name, x):
+    """Apply an activation in place and return x; names as in Hugging Face configs."""
+    ACTIVATIONS[name](x)
+    return x
+
+
+# --------------------------------------------------------------------------------------------------- softmax
+
+
+def softmax_ref(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _softmax(x, out):  # [T, V] -> [T, V]
+    for i in prange(x.shape[0]):
+        m = -np.inf
+        for k in range(x.shape[1]):
+            m = max(m, x[i, k])
+        s = 0.0
+        for k in range(x.shape[1]):
+            e = math.exp(x[i, k] - m)
+            out[i, k] = e
+            s += e
+        for k in range(x.shape[1]):
+            out[i, k] /= s
+
+
+def softmax(x):
+    """Row-wise softmax, shifted by the row max so large logits do not overflow."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    _softmax(x, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- attention
+
+
+def attention_ref(q, k, v, n_head, q_pos=None, k_pos=None):
+    """Multi-head attention; with positions, a query sees only keys at positions <= its own (causal)."""
+    T, E = q.shape
+    D = E // n_head
+    qh = q.reshape(T, n_head, D).transpose(1, 0, 2)  # [T, E] -> [H, T, D]
+    kh = k.reshape(-1, n_head, D).transpose(1, 0, 2)  # [N, E] -> [H, N, D]
+    vh = v.reshape(-1, n_head, D).transpose(1, 0, 2)
+    scores = qh @ kh.transpose(0, 2, 1) / np.sqrt(D)  # [H, T, N]
+    if q_pos is not None:
+        scores = np.where(k_pos[None, None, :] > q_pos[None, :, None], -np.inf, scores)
+    out = softmax_ref(scores) @ vh  # [H, T, D]
+    return out.transpose(1, 0, 2).reshape(T, E).astype(np.float32)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _attention(q, k, v, n_head, q_pos, k_pos, causal, out):  # [T, E], [N, E], [N, E] -> out [T, E]
+    n_q, width = q.shape
+    n_k = k.shape[0]
+    d_head = width // n_head
+    scale = np.float32(1.0 / math.sqrt(d_head))
+    for task in prange(n_q * n_head):
+        i, h = task // n_head, task % n_head
+        lo = h * d_head
+        scores = np.empty(n_k, np.float32)
+        best = -np.inf
+        for j in range(n_k):
+            if causal and k_pos[j] > q_pos[i]:
+                scores[j] = -np.inf
+                continue
+            s = np.float32(0.0)
+            for d in range(lo, lo + d_head):
+                s += q[i, d] * k[j, d]
+            scores[j] = s * scale
+            best = max(best, scores[j])
+        total = np.float32(0.0)
+        for j in range(n_k):
+            e = np.float32(math.exp(scores[j] - best))
+            scores[j] = e
+            total += e
+        for d in range(lo, lo + d_head):
+            out[i, d] = 0.0
+        for j in range(n_k):
+            p = scores[j] / total
+            if p != 0.0:
+                for d in range(lo, lo + d_head):
+                    out[i, d] += p * v[j, d]
+
+
+_NO_POS = np.zeros(0, np.int64)
+
+
+def attention(q, k, v, n_head, q_pos=None, k_pos=None):
+    """Scaled dot-product attention of T queries over N keys/values, heads side by side in the width.
+
+    Given positions, it is causal: query i sees key j only if k_pos[j] <= q_pos[i]. Positions rather than an
+    offset let one kernel serve the dense cache, a cache with holes (skipped tokens) and the unified cache.
+    """
+    out = np.empty_like(q)
+    causal = q_pos is not None
+    _attention(q, k, v, n_head, q_pos if causal else _NO_POS, k_pos if causal else _NO_POS, causal, out)
+    return out

@@ -1,0 +1,64 @@
+"""`load(source)`: a checkpoint folder or Hub id -> an OPT or ViT model, checked tensor by tensor.
+
+Every tensor name and shape is checked against what the config implies *before* any data is read, so a
+checkpoint that does not match its config fails with one message listing all that is wrong, never half-loaded.
+"""
+from collections import Counter
+from pathlib import Path
+
+from . import opt, vit
+from .checkpoint import open_checkpoint
+from .config import read_config
+from .errors import CheckpointError
+from .hub import resolve
+
+ARCHITECTURES = {"opt": (opt, opt.OPT), "vit": (vit, vit.ViT)}
+
+
+def load(source, *, dtypes: bool = False):
+    """Load a model from a local folder (config.json + weights) or a Hub id such as "facebook/opt-125m"."""
+    folder = resolve(source)
+    cfg = read_config(folder)
+    module, cls = ARCHITECTURES[cfg.model_type]
+    store = open_checkpoint(folder)
+    names = _match(store, cfg, module)
+    tensors = {ours: store.read(theirs) for ours, theirs in names.items()}
+    model = cls(cfg, tensors)
+    model.path = Path(folder)
+    model.dtypes_on_disk = Counter(store.dtype(theirs) for theirs in names.values())
+    model.n_params = sum(a.size for a in tensors.values())
+    return model
+
+
+def _match(store, cfg, module) -> dict:
+    """Map our tensor names to the checkpoint's, or raise one error naming every problem."""
+    required, optional, unused = module.expected_tensors(cfg)
+    expected = {**unused, **optional, **required}
+    found = {}
+    for theirs in store.names():
+        ours = module.normalize_name(theirs)
+        if ours in found:
+            raise CheckpointError(f"{store.description}: tensors {found[ours]!r} and {theirs!r} are the same tensor twice")
+        found[ours] = theirs
+    missing = [n for n in required if n not in found]
+    unexpected = [theirs for ours, theirs in found.items() if ours not in expected]
+    shapes = [
+        f"{theirs} is {list(store.shape(theirs))}, expected {list(expected[ours])}"
+        for ours, theirs in found.items()
+        if ours in expected and tuple(store.shape(theirs)) != tuple(expected[ours])
+    ]
+    not_float = [theirs for ours, theirs in found.items() if ours in expected and store.dtype(theirs) not in _FLOATS]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes), ("not a float tensor", not_float)):
+        if items:
+            shown = "; ".join(items[:4]) + (f"; and {len(items) - 4} more" if len(items) > 4 else "")
+            problems.append(f"{label}: {shown}")
+    pairs = [p for p in ("pooler.dense.weight", "pooler.dense.bias") if p in found]
+    if len(pairs) == 1:
+        problems.append(f"pooler: {found[pairs[0]]} present without its partner")
+    if problems:
+        raise CheckpointError(f"{store.description} does not match its config.json ({cfg.model_type}): " + " | ".join(problems))
+    return {ours: theirs for ours, theirs in found.items() if ours in required or ours in optional}
+
+
+_FLOATS = {"float32", "float16", "bfloat16", "float64"}

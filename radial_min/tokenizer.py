@@ -1,0 +1,84 @@
+"""OPT's tokenizer: GPT-2's byte-level BPE (vocab.json + merges.txt) through the `tokenizers` library.
+
+OPT numbers the vocabulary the fairseq way (`<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3) and prepends `</s>` as BOS,
+so "Hello world" is [2, 31414, 232]. Special tokens named in the folder's config are matched whole in text.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+from tokenizers import AddedToken, Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+from .errors import CheckpointError
+
+
+class Tokenizer:
+    def __init__(self, folder):
+        folder = Path(folder)
+        settings = _read_json(folder / "tokenizer_config.json")
+        special = _read_json(folder / "special_tokens_map.json")
+        settings = {**special, **settings}
+        if (folder / "tokenizer.json").is_file():
+            self.backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            bpe = models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+            self.backend = HFTokenizer(bpe)
+            self.backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            self.backend.decoder = decoders.ByteLevel()
+        else:
+            raise CheckpointError(f"{folder}: no tokenizer (expected tokenizer.json, or vocab.json and merges.txt)")
+        names = [_content(settings.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
+        names = [n for n in dict.fromkeys(names) if n] or ["</s>", "<pad>"]
+        self.backend.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+        self.bos_id = self._id(_content(settings.get("bos_token")) or "</s>", folder)
+        self.eos_id = self._id(_content(settings.get("eos_token")) or "</s>", folder)
+        self.add_bos = bool(settings.get("add_bos_token", True))
+        self.vocab_size = self.backend.get_vocab_size()
+
+    def _id(self, token, folder):
+        i = self.backend.token_to_id(token)
+        if i is None:
+            raise CheckpointError(f"{folder}: special token {token!r} is not in the vocabulary")
+        return i
+
+    def encode(self, text: str, bos: bool | None = None) -> np.ndarray:
+        """Token ids for `text`, with BOS in front unless told otherwise: [T] int64."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if self.add_bos if bos is None else bos:
+            ids = [self.bos_id] + ids
+        return np.array(ids, dtype=np.int64)
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+
+class Streamer:
+    """Prints generated text as it comes. Byte-level BPE can split a character across tokens, so we decode
+    everything so far and print only the new, complete part (held back while it ends in U+FFFD)."""
+
+    def __init__(self, tokenizer: Tokenizer, write):
+        self.tokenizer, self.write, self.ids, self.shown = tokenizer, write, [], 0
+
+    def __call__(self, token_id: int):
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        self.write(text[self.shown :])
+        self.shown = len(text)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return d if isinstance(d, dict) else {}
+
+
+def _content(token) -> str | None:
+    """Special tokens are written either as strings or as {"content": ...} objects."""
+    return token.get("content") if isinstance(token, dict) else token

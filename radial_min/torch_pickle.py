@@ -1,0 +1,434 @@
+"""Read PyTorch's `pytorch_model.bin` (a `torch.save` of a state dict) without torch and without running its pickle.
+
+Since torch 1.6, `torch.save` writes a zip archive (entries stored uncompressed) under one top folder whose name
+varies ("archive", the file's stem, ...):
+
+    <folder>/data.pkl        pickle (protocol 2) of the state dict; tensors refer to storages by key
+    <folder>/data/<key>      one raw storage each: numel elements, packed, in the byte order below
+    <folder>/byteorder       "little" or "big" (absent in old files: little)
+    <folder>/version, ...    bookkeeping we do not need
+
+In data.pkl each tensor is `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks)`
+and each storage is a persistent id `('storage', torch.FloatStorage, key, location, numel)`. Unpickling normally
+imports and calls whatever globals the pickle names, so a hostile file can run any code. We unpickle with an
+allow-list instead: the few globals a state dict needs map to our own inert stand-ins, everything else is
+refused before it is called. The result is a description of each tensor, which we then cut out of its storage
+with NumPy. Nothing from torch is imported.
+"""
+import io
+import pickle
+import re
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from .errors import CheckpointError
+
+# torch dtype name -> NumPy dtype of the stored elements, byte order still to be set. bfloat16 is kept as raw
+# 16-bit patterns and widened to float32 at the end.
+_ELEMENT_DTYPES = {
+    "float32": "f4",
+    "float16": "f2",
+    "bfloat16": "u2",
+    "float64": "f8",
+    "int64": "i8",
+    "int32": "i4",
+    "int16": "i2",
+    "int8": "i1",
+    "uint8": "u1",
+    "bool": "?",
+    "uint16": "u2",  # the unsigned types beyond uint8 come through _rebuild_tensor_v3, see below
+    "uint32": "u4",
+    "uint64": "u8",
+}
+
+# The legacy typed storage classes torch still names in data.pkl (torch.<Name>Storage) -> torch dtype name.
+_STORAGE_CLASSES = {
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "DoubleStorage": "float64",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+}
+
+# `torch.save` of the pre-1.6 format starts by pickling this magic number (protocol 2, LONG1 with 10 bytes).
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+class _FormatError(Exception):
+    """Raised while unpickling, where the file path is not at hand; turned into a CheckpointError with it."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inert stand-ins for the globals a state dict names. None of them can be changed by the pickle's BUILD opcode
+# (which would otherwise let it set attributes on them): __setstate__ refuses.
+
+
+class _Sealed:
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise _FormatError(f"data.pkl tries to set the state of {self!r}, which a state dict never does")
+
+
+class _StorageClass(_Sealed):
+    """Stands for `torch.<Name>Storage` (dtype known) or `torch.storage.UntypedStorage` (dtype None: bytes)."""
+
+    __slots__ = ("name", "dtype")
+
+    def __init__(self, name, dtype):
+        self.name, self.dtype = name, dtype
+
+    def __repr__(self):
+        return f"torch.{self.name}"
+
+
+class _DType(_Sealed):
+    """Stands for a `torch.<dtype>` object, which `_rebuild_tensor_v3` takes to type an untyped storage."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"torch.{self.name}"
+
+
+class _StorageRef(_Sealed):
+    """One `<folder>/data/<key>` record: `dtype` is None for an untyped (byte) storage; `nbytes` as declared."""
+
+    __slots__ = ("key", "dtype", "nbytes")
+
+    def __init__(self, key, dtype, nbytes):
+        self.key, self.dtype, self.nbytes = key, dtype, nbytes
+
+    def __repr__(self):
+        return f"storage {self.key!r}"
+
+
+class _TensorRef(_Sealed):
+    """A tensor as data.pkl describes it: a strided view (in elements) of one storage."""
+
+    __slots__ = ("storage", "dtype", "offset", "shape", "strides")
+
+    def __init__(self, storage, dtype, offset, shape, strides):
+        self.storage, self.dtype, self.offset, self.shape, self.strides = storage, dtype, offset, shape, strides
+
+    def __repr__(self):
+        return "tensor"
+
+
+class _StateDict(dict):
+    """Stands for collections.OrderedDict (dicts keep order anyway). `nn.Module.state_dict()` carries a
+    `_metadata` attribute (module versions) that the pickle restores with BUILD; we have no use for it."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        pass
+
+
+class _Function(_Sealed):
+    """An allowed callable, wrapped so that BUILD cannot reach the function's attributes."""
+
+    __slots__ = ("name", "fn")
+
+    def __init__(self, name, fn):
+        self.name, self.fn = name, fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __repr__(self):
+        return f"torch._utils.{self.name}"
+
+
+def _check_ints(what, values):
+    if not isinstance(values, tuple) or not all(isinstance(v, int) for v in values):
+        raise _FormatError(f"data.pkl gives a tensor {what} of {values!r}, expected a tuple of ints")
+    return values
+
+
+def _tensor(storage, offset, size, stride, dtype):
+    if not isinstance(storage, _StorageRef):
+        raise _FormatError(f"data.pkl rebuilds a tensor from {storage!r}, expected a storage")
+    if not isinstance(offset, int):
+        raise _FormatError(f"data.pkl gives a storage offset of {offset!r}, expected an int")
+    shape, strides = _check_ints("size", size), _check_ints("stride", stride)
+    if len(shape) != len(strides):
+        raise _FormatError(f"data.pkl gives a tensor of size {shape} with strides {strides} (lengths differ)")
+    return _TensorRef(storage, dtype, offset, shape, strides)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    """Old form (torch < 1.? files): dtype from the storage class."""
+    return _tensor(storage, storage_offset, size, stride, _typed(storage))
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
+    """What torch writes for every dense CPU/CUDA tensor of a classic dtype; grad flag, hooks, metadata unused."""
+    return _tensor(storage, storage_offset, size, stride, _typed(storage))
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
+    """What torch writes for newer dtypes (uint16/32/64, float8, ...): an untyped byte storage plus a dtype."""
+    if not isinstance(dtype, _DType):
+        raise _FormatError(f"data.pkl gives a tensor dtype of {dtype!r}, expected a torch dtype")
+    if dtype.name not in _ELEMENT_DTYPES:
+        raise _FormatError(f"unsupported tensor dtype torch.{dtype.name}")
+    if not isinstance(storage, _StorageRef) or storage.dtype is not None:
+        raise _FormatError(f"data.pkl rebuilds a torch.{dtype.name} tensor from {storage!r}, expected an untyped storage")
+    return _tensor(storage, storage_offset, size, stride, dtype.name)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks):
+    """An nn.Parameter (saved by `torch.save(dict(model.named_parameters()))`) is just its tensor to us."""
+    if not isinstance(data, _TensorRef):
+        raise _FormatError(f"data.pkl makes a parameter of {data!r}, expected a tensor")
+    return data
+
+
+def _typed(storage):
+    if isinstance(storage, _StorageRef) and storage.dtype is None:
+        raise _FormatError(f"data.pkl rebuilds a tensor from untyped {storage!r} without giving its dtype")
+    return getattr(storage, "dtype", None)
+
+
+_ALLOWED_FUNCTIONS = {
+    ("torch._utils", fn.__name__): _Function(fn.__name__, fn)
+    for fn in (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter)
+}
+# Storage classes and dtypes are matched by shape of name, so a dtype we do not read (complex, float8, ...) gets
+# "unsupported" rather than "refused"; what comes back is a marker that cannot be called.
+_STORAGE_NAME = re.compile(r"[A-Z][A-Za-z0-9]*Storage")
+_DTYPE_NAME = re.compile(r"(float|bfloat|int|uint|complex|bits|bool|qint|quint)[a-z0-9_]*")
+
+
+def _allowed_global(module, name):
+    """The stand-in for global `module.name`, or None if a state dict has no business naming it."""
+    if (module, name) == ("collections", "OrderedDict"):
+        return _StateDict
+    if (module, name) in _ALLOWED_FUNCTIONS:
+        return _ALLOWED_FUNCTIONS[module, name]
+    if (module, name) == ("torch.storage", "UntypedStorage"):
+        return _StorageClass("storage.UntypedStorage", None)
+    if module == "torch" and _STORAGE_NAME.fullmatch(name):
+        return _StorageClass(name, _STORAGE_CLASSES.get(name))  # dtype None here: unsupported, see persistent_load
+    if module == "torch" and _DTYPE_NAME.fullmatch(name):
+        return _DType(name)
+    return None
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles data.pkl with the allow-list: any other global stops the load before anything is called."""
+
+    def __init__(self, data: bytes, path: Path, record: str):
+        super().__init__(io.BytesIO(data))
+        self.path, self.record = path, record
+        self.storages = {}  # key -> _StorageRef; tensors sharing a storage (tied weights, views) name one key
+
+    def find_class(self, module, name):
+        found = _allowed_global(module, name)
+        if found is None:
+            raise CheckpointError(
+                f"{self.path}: refused to load global {module}.{name} named in {self.record}: a state dict needs "
+                "only tensors, so this file may be malicious (nothing was executed)"
+            )
+        return found
+
+    def persistent_load(self, pid):
+        """('storage', storage class, key, location, numel): location ("cpu", "cuda:0") is ignored, we load to RAM."""
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise _FormatError(f"data.pkl has persistent id {pid!r}, expected ('storage', type, key, location, numel)")
+        _, cls, key, _location, numel = pid
+        if not isinstance(cls, _StorageClass) or not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
+            raise _FormatError(f"data.pkl has malformed storage id {pid!r}")
+        if cls.dtype is None and cls.name != "storage.UntypedStorage":
+            raise _FormatError(f"storage {key!r} has unsupported dtype torch.{cls.name}")
+        itemsize = np.dtype(_ELEMENT_DTYPES[cls.dtype]).itemsize if cls.dtype else 1
+        ref = _StorageRef(key, cls.dtype, numel * itemsize)
+        known = self.storages.setdefault(key, ref)
+        if (known.dtype, known.nbytes) != (ref.dtype, ref.nbytes):
+            raise _FormatError(f"storage {key!r} is declared twice, as {known.dtype} and as {ref.dtype}")
+        return known
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The zip archive.
+
+
+def load_torch_file(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Return (tensors, dtypes): tensors by state-dict name, and each tensor's dtype on disk
+    ("float32", "float16", "bfloat16", "float64", "int64", ...). bfloat16 is upcast to float32
+    (NumPy has no bf16: shift the 16 bits left into a uint32 and view as float32); every other
+    dtype is returned as stored (float16 stays float16).
+
+    Each tensor is a fresh C-contiguous array in native byte order. Names bound to the very same tensor object in
+    the pickle share one array; names that are different views of one storage get arrays of their own.
+    """
+    path = Path(path)
+    with _open_zip(path) as zf:
+        folder = _archive_folder(zf, path)
+        big_endian = _is_big_endian(zf, folder, path)
+        state = _unpickle(zf, folder + "data.pkl", path)
+        refs = _tensor_refs(state, path)
+        return _materialize(zf, folder, refs, big_endian, path)
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise CheckpointError(_not_a_zip_message(path)) from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from None
+
+
+def _not_a_zip_message(path: Path) -> str:
+    """Say what the file looks like instead, since the fix differs."""
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    if head.startswith(b"PK\x03\x04"):
+        return f"{path}: starts like a zip archive but its directory is missing or unreadable: truncated or corrupt (download it again)"
+    if head.startswith(_LEGACY_MAGIC) or head.startswith(b"\x80"):
+        return (
+            f"{path}: looks like the legacy PyTorch format (torch < 1.6, or saved with _use_new_zipfile_serialization=False), "
+            "which is not supported: re-save it with torch >= 1.6 or convert it to safetensors"
+        )
+    return f"{path}: not a zip archive; expected a PyTorch checkpoint written by torch.save (torch >= 1.6 zip format)"
+
+
+def _archive_folder(zf: zipfile.ZipFile, path: Path) -> str:
+    """The top folder holding data.pkl ("archive/", "pytorch_model/", ...)."""
+    pickles = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+        found = "none" if not pickles else ", ".join(pickles)
+        raise CheckpointError(f"{path}: expected one <folder>/data.pkl record in the zip archive, found {found}: not a torch.save checkpoint")
+    return pickles[0][: -len("data.pkl")]
+
+
+def _read_record(zf: zipfile.ZipFile, name: str, path: Path) -> bytes:
+    """Read one record whole; the zip's CRC check catches corrupt data."""
+    try:
+        return zf.read(name)
+    except KeyError:
+        raise CheckpointError(f"{path}: record {name} is missing from the zip archive") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError) as e:
+        raise CheckpointError(f"{path}: record {name} is unreadable ({e}): the file is truncated or corrupt") from None
+
+
+def _is_big_endian(zf: zipfile.ZipFile, folder: str, path: Path) -> bool:
+    if folder + "byteorder" not in zf.namelist():
+        return False  # files from before the record existed were written on little-endian machines
+    order = _read_record(zf, folder + "byteorder", path)
+    if order not in (b"little", b"big"):
+        raise CheckpointError(f"{path}: {folder}byteorder says {order[:20]!r}, expected 'little' or 'big'")
+    return order == b"big"
+
+
+def _unpickle(zf: zipfile.ZipFile, record: str, path: Path):
+    data = _read_record(zf, record, path)
+    try:
+        return _SafeUnpickler(data, path, record).load()
+    except CheckpointError:
+        raise
+    except _FormatError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # whatever a malformed pickle makes the unpickler raise
+        raise CheckpointError(f"{path}: {record} is not a valid state-dict pickle ({type(e).__name__}: {e})") from None
+
+
+def _tensor_refs(state, path: Path) -> dict:
+    """Check the pickle gave a flat {name: tensor} dict."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: data.pkl holds a {_kind(state)}, expected a state dict (tensor name -> tensor)")
+    for name, value in state.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{path}: state dict key {name!r} is not a string")
+        if not isinstance(value, _TensorRef):
+            hint = " (a training checkpoint? save its model state dict alone)" if isinstance(value, dict) else ""
+            raise CheckpointError(f"{path}: state dict entry {name!r} is a {_kind(value)}, expected a tensor{hint}")
+    return state
+
+
+def _kind(value) -> str:
+    return "dict" if isinstance(value, dict) else type(value).__name__.lstrip("_")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cutting tensors out of storages.
+
+
+def _materialize(zf, folder, refs: dict, big_endian: bool, path: Path):
+    """Read each storage once and copy out every tensor on it, so peak memory is the tensors plus one storage."""
+    users = {}  # storage key -> [(name, ref)] in file order
+    for name, ref in refs.items():
+        users.setdefault(ref.storage.key, []).append((name, ref))
+    arrays, done = {}, {}  # done: id(ref) -> array, so names bound to one tensor object share it
+    for key, named in users.items():
+        raw = _read_storage(zf, folder, named[0][1].storage, named[0][0], path)
+        for name, ref in named:
+            if id(ref) not in done:
+                done[id(ref)] = _cut_tensor(raw, ref, big_endian, name, path)
+            arrays[name] = done[id(ref)]
+        del raw
+    dtypes = {name: ref.dtype for name, ref in refs.items()}
+    return arrays, dtypes
+
+
+def _read_storage(zf, folder, storage: _StorageRef, first_user: str, path: Path) -> np.ndarray:
+    """The storage's bytes (uint8), checked to hold at least what data.pkl declares."""
+    record = f"{folder}data/{storage.key}"
+    if record not in zf.namelist():
+        raise CheckpointError(f"{path}: storage record {record} (used by tensor {first_user!r}) is missing from the zip archive")
+    data = _read_record(zf, record, path)
+    if len(data) < storage.nbytes:
+        raise CheckpointError(
+            f"{path}: storage record {record} holds {len(data)} bytes, expected {storage.nbytes} (truncated or corrupt)"
+        )
+    return np.frombuffer(data, dtype=np.uint8, count=storage.nbytes)
+
+
+def _cut_tensor(raw: np.ndarray, ref: _TensorRef, big_endian: bool, name: str, path: Path) -> np.ndarray:
+    """Copy tensor `ref` out of storage bytes `raw` into a fresh C-contiguous native-order array."""
+    stored = np.dtype(_ELEMENT_DTYPES[ref.dtype]).newbyteorder(">" if big_endian else "<")
+    native = stored.newbyteorder("=")
+    if any(n < 0 for n in ref.shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has negative size {list(ref.shape)}")
+    numel = int(np.prod(ref.shape, dtype=object))
+    if numel == 0:
+        out = np.empty(ref.shape, dtype=native)
+    else:
+        elements = raw[: raw.size - raw.size % stored.itemsize].view(stored)  # storage as elements, 1-D
+        _check_bounds(ref, elements.size, name, path)
+        view = as_strided(
+            elements[ref.offset :],
+            shape=ref.shape,
+            strides=tuple(s * stored.itemsize for s in ref.strides),
+            writeable=False,
+        )
+        out = view.astype(native, order="C")  # copies: contiguous, native byte order, detached from the storage
+    if ref.dtype == "bfloat16":
+        out = (out.astype(np.uint32) << 16).view(np.float32)  # bf16 is the top half of a float32
+    return out
+
+
+def _check_bounds(ref: _TensorRef, storage_numel: int, name: str, path: Path) -> None:
+    """Every element the view can reach must lie inside the storage (as_strided does not check)."""
+    if ref.offset < 0 or any(s < 0 for s in ref.strides):
+        raise CheckpointError(f"{path}: tensor {name!r} has negative offset or stride ({ref.offset}, {list(ref.strides)})")
+    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.strides))
+    if last >= storage_numel:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} (size {list(ref.shape)}, stride {list(ref.strides)}, offset {ref.offset}) "
+            f"reaches element {last} but its storage {ref.storage.key!r} holds {storage_numel} {ref.dtype} elements"
+        )
