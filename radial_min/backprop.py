@@ -1,0 +1,211 @@
+"""Forward and backward of every operation in the OPT decoder, side by side, in the style of llm.c.
+
+Each `*_forward` returns its output and a cache of what its backward needs; each `*_backward` takes the
+gradient of the loss with respect to that output and returns the gradients of the inputs and parameters.
+Shapes: B sequences of T tokens, width E, H heads of size D, F the FFN width, V the vocabulary.
+They work in whatever float dtype they are given: float32 to train, float64 for the finite-difference checks.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+# ------------------------------------------------------------------------------------------------ embedding
+
+
+def embedding_forward(ids, wte, wpe, pos):
+    """Token row plus position row: OPT's learned positions are looked up at pos + 2."""
+    return wte[ids] + wpe[pos + 2], (ids, pos)  # [B, T] -> [B, T, E]
+
+
+def embedding_backward(dx, cache, wte_shape, wpe_shape):
+    ids, pos = cache
+    dwte = np.zeros(wte_shape, dx.dtype)
+    np.add.at(dwte, ids.ravel(), dx.reshape(-1, dx.shape[-1]))  # rows of repeated tokens accumulate
+    dwpe = np.zeros(wpe_shape, dx.dtype)
+    dwpe[pos + 2] = dx.sum(0)  # [B, T, E] -> [T, E]; positions are distinct within a sequence
+    return dwte, dwpe
+
+
+# ------------------------------------------------------------------------------------------------ layernorm
+
+
+def layernorm_forward(x, w, b, eps=1e-5):
+    mean = x.mean(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(x.var(-1, keepdims=True) + eps)
+    xhat = (x - mean) * rstd  # [..., E]
+    return xhat * w + b, (xhat, rstd, w)
+
+
+def layernorm_backward(dout, cache):
+    """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), with g = dout * w: the normalisation's Jacobian."""
+    xhat, rstd, w = cache
+    dw = (dout * xhat).reshape(-1, xhat.shape[-1]).sum(0)
+    db = dout.reshape(-1, dout.shape[-1]).sum(0)
+    g = dout * w
+    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------------------------------- linear
+
+
+def linear_forward(x, w, b=None):
+    """x @ w.T + b. Rows are flattened first: one large GEMM is several times faster than a batch of small ones."""
+    x2 = x.reshape(-1, x.shape[-1])
+    out = x2 @ w.T  # [B*T, in] -> [B*T, out]
+    if b is not None:
+        out += b
+    return out.reshape(*x.shape[:-1], w.shape[0]), (x2, w)
+
+
+def linear_backward(dout, cache):
+    x2, w = cache
+    d2 = dout.reshape(-1, dout.shape[-1])
+    dx = (d2 @ w).reshape(*dout.shape[:-1], w.shape[1])  # [..., out] -> [..., in]
+    dw = d2.T @ x2  # [out, in]
+    db = d2.sum(0)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------------------------------- relu
+
+
+def relu_forward(x):
+    return np.maximum(x, 0), x > 0
+
+
+def relu_backward(dout, mask):
+    return dout * mask
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+def attention_forward(qkv, n_head):
+    """Causal multi-head attention from stacked projections [B, T, 3E] -> [B, T, E]."""
+    B, T, E3 = qkv.shape
+    E, D = E3 // 3, E3 // 3 // n_head
+    q, k, v = (qkv[..., i * E : (i + 1) * E].reshape(B, T, n_head, D).transpose(0, 2, 1, 3) for i in range(3))  # [B, H, T, D]
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(D)  # [B, H, T, T]
+    scores = np.where(np.tri(T, dtype=bool), scores, -np.inf)
+    att = np.exp(scores - scores.max(-1, keepdims=True))
+    att /= att.sum(-1, keepdims=True)
+    y = att @ v  # [B, H, T, D]
+    return y.transpose(0, 2, 1, 3).reshape(B, T, E), (q, k, v, att)
+
+
+def attention_backward(dy, cache):
+    q, k, v, att = cache
+    B, H, T, D = q.shape
+    dy = dy.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # [B, H, T, D]
+    datt = dy @ v.transpose(0, 1, 3, 2)  # [B, H, T, T]
+    dv = att.transpose(0, 1, 3, 2) @ dy
+    dscores = att * (datt - (datt * att).sum(-1, keepdims=True))  # softmax backward; masked entries have att = 0
+    dscores /= np.sqrt(D)
+    dq = dscores @ k
+    dk = dscores.transpose(0, 1, 3, 2) @ q
+    return np.concatenate([g.transpose(0, 2, 1, 3).reshape(B, T, H * D) for g in (dq, dk, dv)], axis=-1)  # [B, T, 3E]
+
+
+# Numba versions of the two hot spots, tested against the NumPy ones above. They visit only the causal half
+# of each score matrix and fuse the softmax into one pass; a step of the default model runs ~2x faster.
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _attention_forward_nb(q, k, v, att, y):  # [BH, T, D] x3 -> att [BH, T, T], y [BH, T, D]
+    n, T, D = q.shape
+    scale = np.float32(1.0 / math.sqrt(D))
+    for bh in prange(n):
+        for i in range(T):
+            best = -np.inf
+            for j in range(i + 1):
+                s = np.float32(0.0)
+                for d in range(D):
+                    s += q[bh, i, d] * k[bh, j, d]
+                att[bh, i, j] = s * scale
+                best = max(best, att[bh, i, j])
+            total = np.float32(0.0)
+            for j in range(i + 1):
+                e = np.float32(math.exp(att[bh, i, j] - best))
+                att[bh, i, j] = e
+                total += e
+            for d in range(D):
+                y[bh, i, d] = 0.0
+            for j in range(i + 1):
+                att[bh, i, j] /= total
+                for d in range(D):
+                    y[bh, i, d] += att[bh, i, j] * v[bh, j, d]
+            for j in range(i + 1, T):
+                att[bh, i, j] = 0.0
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _attention_backward_nb(dy, q, k, v, att, dq, dk, dv):  # all [BH, T, D] but att [BH, T, T]
+    n, T, D = q.shape
+    scale = np.float32(1.0 / math.sqrt(D))
+    datt = np.empty((n, T), np.float32)
+    for bh in prange(n):
+        dq[bh], dk[bh], dv[bh] = 0.0, 0.0, 0.0
+        row = datt[bh]
+        for i in range(T):
+            dot_total = np.float32(0.0)
+            for j in range(i + 1):
+                s = np.float32(0.0)
+                for d in range(D):
+                    s += dy[bh, i, d] * v[bh, j, d]
+                    dv[bh, j, d] += att[bh, i, j] * dy[bh, i, d]
+                row[j] = s
+                dot_total += s * att[bh, i, j]
+            for j in range(i + 1):
+                g = att[bh, i, j] * (row[j] - dot_total) * scale
+                for d in range(D):
+                    dq[bh, i, d] += g * k[bh, j, d]
+                    dk[bh, j, d] += g * q[bh, i, d]
+
+
+def attention_forward_fast(qkv, n_head):
+    """As `attention_forward`, through the Numba kernel (float32)."""
+    B, T, E3 = qkv.shape
+    E, D = E3 // 3, E3 // 3 // n_head
+    q, k, v = (np.ascontiguousarray(qkv[..., i * E : (i + 1) * E].reshape(B, T, n_head, D).transpose(0, 2, 1, 3)).reshape(B * n_head, T, D) for i in range(3))  # fmt: skip
+    att = np.empty((B * n_head, T, T), np.float32)
+    y = np.empty_like(q)
+    _attention_forward_nb(q, k, v, att, y)
+    return y.reshape(B, n_head, T, D).transpose(0, 2, 1, 3).reshape(B, T, E), (q, k, v, att, B)
+
+
+def attention_backward_fast(dy, cache):
+    q, k, v, att, B = cache
+    BH, T, D = q.shape
+    H = BH // B
+    dy = np.ascontiguousarray(dy.reshape(B, T, H, D).transpose(0, 2, 1, 3)).reshape(BH, T, D)
+    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    _attention_backward_nb(dy, q, k, v, att, dq, dk, dv)
+    return np.concatenate([g.reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, H * D) for g in (dq, dk, dv)], axis=-1)
+
+
+# ------------------------------------------------------------------------------------------- cross-entropy
+
+
+def crossentropy_forward(logits, targets):
+    """Mean negative log-likelihood of `targets` under softmax(logits): [N, V], [N] -> scalar.
+
+    The softmax is kept for the backward pass, so exp runs once over the (large) logits. NumPy's SIMD exp
+    beat a Numba kernel here (Numba's scalar exp), so this one stays NumPy."""
+    rows = np.arange(len(targets))
+    z = logits - logits.max(-1, keepdims=True)
+    probs = np.exp(z)
+    total = probs.sum(-1, keepdims=True)
+    loss = (np.log(total[:, 0]) - z[rows, targets]).mean()
+    probs /= total
+    return loss, (probs, targets)
+
+
+def crossentropy_backward(cache):
+    """d loss / d logits = (softmax - onehot) / N. Overwrites the cached softmax."""
+    probs, targets = cache
+    probs[np.arange(len(targets)), targets] -= 1.0
+    probs /= len(targets)
+    return probs  # [N, V]
+

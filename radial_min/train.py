@@ -1,0 +1,371 @@
+"""Training an OPT-architecture model from scratch in NumPy: the whole decoder's forward and backward, AdamW,
+a warm-up + cosine schedule, and a trainer that checkpoints atomically and resumes without losing progress.
+
+Parameters live in a dict under Hugging Face's names (`decoder.layers.0.fc1.weight`, ...), so the result is
+saved as a genuine OPT checkpoint. Only the pre-LN, tied-embedding OPT layout (OPT-125m and up) is trained.
+"""
+import json
+import math
+import re
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import backprop as bp
+from . import data
+from .checkpoint import SafetensorsFile, write_safetensors
+from .config import OPTConfig, config_to_dict
+from .errors import RadialError
+
+# --------------------------------------------------------------------------------------------- parameters
+
+
+def init_params(cfg: OPTConfig, seed: int) -> dict:
+    """GPT-2's init: N(0, 0.02) weights, zero biases, unit norms; projections into the residual stream scaled
+    by 1/sqrt(2L) so the stream's variance does not grow with depth."""
+    rng = np.random.default_rng(seed)
+    E, F, L = cfg.hidden_size, cfg.ffn_dim, cfg.num_hidden_layers
+
+    def normal(*shape, std=0.02):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    p = {
+        "decoder.embed_tokens.weight": normal(cfg.vocab_size, E),
+        "decoder.embed_positions.weight": normal(cfg.max_position_embeddings + 2, E, std=0.01),
+        "decoder.final_layer_norm.weight": np.ones(E, np.float32),
+        "decoder.final_layer_norm.bias": np.zeros(E, np.float32),
+    }
+    for i in range(L):
+        pre = f"decoder.layers.{i}."
+        for name, shape, std in (("self_attn.q_proj", (E, E), 0.02), ("self_attn.k_proj", (E, E), 0.02),
+                                 ("self_attn.v_proj", (E, E), 0.02), ("self_attn.out_proj", (E, E), 0.02 / math.sqrt(2 * L)),
+                                 ("fc1", (F, E), 0.02), ("fc2", (E, F), 0.02 / math.sqrt(2 * L))):  # fmt: skip
+            p[pre + name + ".weight"] = normal(*shape, std=std)
+            p[pre + name + ".bias"] = np.zeros(shape[0], np.float32)
+        for norm in ("self_attn_layer_norm", "final_layer_norm"):
+            p[pre + norm + ".weight"] = np.ones(E, np.float32)
+            p[pre + norm + ".bias"] = np.zeros(E, np.float32)
+    return p
+
+
+def check_trainable(cfg: OPTConfig):
+    if not (cfg.do_layer_norm_before and cfg.has_final_layer_norm and cfg.enable_bias and cfg.tie_word_embeddings
+            and cfg.layer_norm_elementwise_affine and cfg.word_embed_proj_dim == cfg.hidden_size
+            and cfg.activation_function == "relu"):  # fmt: skip
+        raise RadialError("training supports pre-LN OPT with biases, affine norms, ReLU and tied embeddings only")
+
+
+# ---------------------------------------------------------------------------------- forward and backward
+
+
+def loss_and_grads(params: dict, cfg: OPTConfig, batch: np.ndarray, need_grads: bool = True, fast: bool = True):
+    """Mean next-token cross-entropy over a batch [B, T + 1] of token ids, and its gradient for every parameter.
+
+    `fast` uses the Numba attention kernels (float32); the NumPy ones run in any dtype (float64 for checks)."""
+    P = params
+    attention_forward, attention_backward = (
+        (bp.attention_forward_fast, bp.attention_backward_fast) if fast else (bp.attention_forward, bp.attention_backward)
+    )
+    ids, targets = batch[:, :-1], batch[:, 1:]
+    B, T = ids.shape
+    pos = np.arange(T)
+    x, emb_cache = bp.embedding_forward(ids, P["decoder.embed_tokens.weight"], P["decoder.embed_positions.weight"], pos)
+    caches = []
+    for i in range(cfg.num_hidden_layers):
+        pre = f"decoder.layers.{i}."
+        w_qkv = np.concatenate([P[pre + f"self_attn.{c}_proj.weight"] for c in "qkv"])  # [3E, E]
+        b_qkv = np.concatenate([P[pre + f"self_attn.{c}_proj.bias"] for c in "qkv"])
+        # attention block: x + out(attn(qkv(ln(x))))
+        h, c_ln1 = bp.layernorm_forward(x, P[pre + "self_attn_layer_norm.weight"], P[pre + "self_attn_layer_norm.bias"])
+        qkv, c_qkv = bp.linear_forward(h, w_qkv, b_qkv)  # [B, T, E] -> [B, T, 3E]
+        a, c_att = attention_forward(qkv, cfg.num_attention_heads)
+        o, c_out = bp.linear_forward(a, P[pre + "self_attn.out_proj.weight"], P[pre + "self_attn.out_proj.bias"])
+        x = x + o
+        # FFN block: x + fc2(relu(fc1(ln(x))))
+        h, c_ln2 = bp.layernorm_forward(x, P[pre + "final_layer_norm.weight"], P[pre + "final_layer_norm.bias"])
+        u, c_fc1 = bp.linear_forward(h, P[pre + "fc1.weight"], P[pre + "fc1.bias"])  # [B, T, E] -> [B, T, F]
+        r, c_relu = bp.relu_forward(u)
+        o, c_fc2 = bp.linear_forward(r, P[pre + "fc2.weight"], P[pre + "fc2.bias"])  # [B, T, F] -> [B, T, E]
+        x = x + o
+        caches.append((c_ln1, c_qkv, c_att, c_out, c_ln2, c_fc1, c_relu, c_fc2))
+    h, c_lnf = bp.layernorm_forward(x, P["decoder.final_layer_norm.weight"], P["decoder.final_layer_norm.bias"])
+    logits, c_head = bp.linear_forward(h, P["decoder.embed_tokens.weight"])  # tied head: [B, T, E] -> [B, T, V]
+    loss, c_ce = bp.crossentropy_forward(logits.reshape(B * T, -1), targets.ravel())
+    if not need_grads:
+        return float(loss), None
+
+    G = {}
+    dlogits = bp.crossentropy_backward(c_ce).reshape(B, T, -1)
+    dh, G["decoder.embed_tokens.weight"], _ = bp.linear_backward(dlogits, c_head)
+    dx, G["decoder.final_layer_norm.weight"], G["decoder.final_layer_norm.bias"] = bp.layernorm_backward(dh, c_lnf)
+    for i in reversed(range(cfg.num_hidden_layers)):
+        pre = f"decoder.layers.{i}."
+        c_ln1, c_qkv, c_att, c_out, c_ln2, c_fc1, c_relu, c_fc2 = caches[i]
+        dr, G[pre + "fc2.weight"], G[pre + "fc2.bias"] = bp.linear_backward(dx, c_fc2)
+        du = bp.relu_backward(dr, c_relu)
+        dh, G[pre + "fc1.weight"], G[pre + "fc1.bias"] = bp.linear_backward(du, c_fc1)
+        dh, G[pre + "final_layer_norm.weight"], G[pre + "final_layer_norm.bias"] = bp.layernorm_backward(dh, c_ln2)
+        dx = dx + dh  # the residual passes the gradient straight through
+        da, G[pre + "self_attn.out_proj.weight"], G[pre + "self_attn.out_proj.bias"] = bp.linear_backward(dx, c_out)
+        dqkv = attention_backward(da, c_att)
+        dh, dw_qkv, db_qkv = bp.linear_backward(dqkv, c_qkv)
+        for c, dw, db in zip("qkv", np.split(dw_qkv, 3), np.split(db_qkv, 3)):
+            G[pre + f"self_attn.{c}_proj.weight"], G[pre + f"self_attn.{c}_proj.bias"] = dw, db
+        dh, G[pre + "self_attn_layer_norm.weight"], G[pre + "self_attn_layer_norm.bias"] = bp.layernorm_backward(dh, c_ln1)
+        dx = dx + dh
+    dwte, G["decoder.embed_positions.weight"] = bp.embedding_backward(
+        dx, emb_cache, P["decoder.embed_tokens.weight"].shape, P["decoder.embed_positions.weight"].shape
+    )
+    G["decoder.embed_tokens.weight"] += dwte  # tied: the head's gradient and the lookup's add up
+    return float(loss), G
+
+
+# ----------------------------------------------------------------------------------------------- optimizer
+
+
+def adamw_step(params, grads, m, v, step, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1):
+    """AdamW (Loshchilov & Hutter): Adam's update plus decay applied to matrices only, not to norms or biases."""
+    for name, g in grads.items():
+        m[name] = beta1 * m[name] + (1 - beta1) * g
+        v[name] = beta2 * v[name] + (1 - beta2) * g * g
+        m_hat = m[name] / (1 - beta1**step)
+        v_hat = v[name] / (1 - beta2**step)
+        p = params[name]
+        if p.ndim == 2:
+            p -= lr * weight_decay * p
+        p -= (lr * m_hat / (np.sqrt(v_hat) + eps)).astype(p.dtype)
+
+
+def clip_grads(grads, max_norm):
+    """Scale all gradients together so their global L2 norm is at most `max_norm`; return the norm before."""
+    norm = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values()))
+    if max_norm > 0 and norm > max_norm:
+        for g in grads.values():
+            g *= max_norm / norm
+    return norm
+
+
+def lr_at(step, max_lr, warmup, total, min_ratio=0.1):
+    """Linear warm-up to `max_lr`, then cosine decay to `min_ratio * max_lr` at `total`."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir) -> None:
+    """A byte-level BPE in OPT's layout: `<s>`, `<pad>`, `</s>`, `<unk>` as ids 0-3, vocab.json + merges.txt,
+    and the tokenizer_config that makes `</s>` the BOS, as facebook/opt-* ship it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.model.save(str(out_dir))  # vocab.json, merges.txt
+    special = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"}
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    config = {**special, "add_bos_token": True, "add_prefix_space": False, "errors": "replace",
+              "tokenizer_class": "GPT2Tokenizer", "model_max_length": 1_000_000}  # fmt: skip
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+# ------------------------------------------------------------------------------------------------ corpus
+
+
+def _wikitext_articles(text: str) -> list[str]:
+    """Split WikiText at its top-level headings (" = Title = ") into one string per article."""
+    articles, current = [], []
+    for line in text.splitlines(keepends=True):
+        if re.match(r"^ = [^=].* = $", line.rstrip("\n")) and current:
+            articles.append("".join(current))
+            current = []
+        current.append(line)
+    if current:
+        articles.append("".join(current))
+    return [a for a in articles if a.strip()]
+
+
+def default_corpus() -> tuple[list[str], dict]:
+    """Training documents and validation documents of the default recipe.
+
+    Train: the KJV with every 20th chapter held out, plus WikiText-2 valid.txt (the train split is not
+    available here). The KJV gives volume and fluent text; WikiText-2 is there because the paper profiles on it,
+    so the model must know its register for residual ratios on it to mean anything. Validate on the held-out
+    KJV chapters and on WikiText-2 test.txt, which the profiling and routing experiments then use."""
+    train_kjv, held_kjv = data.split_kjv(data.kjv_chapters())
+    wiki_train = _wikitext_articles(data.read_text(data.WIKITEXT_VALID))
+    wiki_test = _wikitext_articles(data.read_text(data.WIKITEXT_TEST))
+    return train_kjv + wiki_train, {"kjv": held_kjv, "wiki": wiki_test}
+
+
+def tokenize_documents(tokenizer, docs: list[str]) -> np.ndarray:
+    """One stream: each document starts with BOS (`</s>`), as OPT's pre-training packs documents."""
+    ids = [tokenizer.encode(d) for d in docs]
+    return np.concatenate(ids).astype(np.int32)
+
+
+def prepare_corpus(out, vocab_size: int, docs=None, val_docs=None) -> tuple[np.ndarray, dict]:
+    """Train the tokenizer (once) and tokenize the corpus into `out`, returning (train stream, val streams)."""
+    from .tokenizer import Tokenizer
+
+    out = Path(out)
+    cached = out / "tokens.npz"
+    if cached.is_file() and (out / "vocab.json").is_file():
+        z = np.load(cached)
+        return z["train"], {k[4:]: z[k] for k in z.files if k.startswith("val_")}
+    if docs is None:
+        docs, val_docs = default_corpus()
+    train_tokenizer(docs, vocab_size, out)
+    tok = Tokenizer(out)
+    train_ids = tokenize_documents(tok, docs)
+    val_ids = {name: tokenize_documents(tok, d) for name, d in val_docs.items()}
+    np.savez(cached, train=train_ids, **{"val_" + k: a for k, a in val_ids.items()})
+    return train_ids, val_ids
+
+
+def validation_sequences(stream: np.ndarray, seq_len: int, n: int) -> np.ndarray:
+    """n windows of seq_len + 1 tokens spread evenly over a validation stream (fixed, so evaluations compare)."""
+    starts = np.linspace(0, len(stream) - seq_len - 1, n).astype(np.int64)
+    return np.stack([stream[s : s + seq_len + 1] for s in starts]).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/opt-kjv-wiki"
+    vocab_size: int = 8192
+    hidden_size: int = 256
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 8
+    ffn_dim: int = 1024
+    seq_len: int = 256
+    batch_size: int = 16
+    steps: int = 1200
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 60
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_sequences: int = 64  # per validation set, fixed across evaluations
+    save_every: int = 50
+    seed: int = 0
+
+    def model_config(self) -> OPTConfig:
+        return OPTConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+                         num_attention_heads=self.num_attention_heads, ffn_dim=self.ffn_dim,
+                         max_position_embeddings=self.seq_len, word_embed_proj_dim=self.hidden_size)  # fmt: skip
+
+
+def batch_at(tokens: np.ndarray, step: int, cfg: TrainConfig) -> np.ndarray:
+    """The batch of step `step`: random windows drawn from a generator seeded by (seed, step), so a resumed
+    run sees exactly the batches an uninterrupted one would have."""
+    rng = np.random.default_rng([cfg.seed, step])
+    starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, size=cfg.batch_size)
+    return np.stack([tokens[s : s + cfg.seq_len + 1] for s in starts])  # [B, T + 1]
+
+
+def evaluate(params, model_cfg, sequences: np.ndarray, batch_size: int = 16) -> float:
+    """Mean next-token loss over fixed sequences [n, T + 1]."""
+    losses = [loss_and_grads(params, model_cfg, sequences[i : i + batch_size], need_grads=False)[0] * len(sequences[i : i + batch_size])
+              for i in range(0, len(sequences), batch_size)]  # fmt: skip
+    return float(sum(losses) / len(sequences))
+
+
+def save_state(path: Path, params, m, v, step: int) -> None:
+    """Parameters and Adam moments in one safetensors file, written atomically (temp file + rename)."""
+    tensors = {**params, **{"adam.m." + k: a for k, a in m.items()}, **{"adam.v." + k: a for k, a in v.items()}}
+    write_safetensors(path, tensors, {"step": step})
+
+
+def load_state(path: Path):
+    f = SafetensorsFile(path)
+    params, m, v = {}, {}, {}
+    for name in f.entries:
+        target = m if name.startswith("adam.m.") else v if name.startswith("adam.v.") else params
+        target[name.removeprefix("adam.m.").removeprefix("adam.v.")] = f.read(name)
+    return params, m, v, int(f.metadata["step"])
+
+
+def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: bool = True, stop_after: int | None = None):
+    """Train (or resume) into `cfg.out`; returns the parameters. Interrupting (Ctrl-C, SIGTERM) saves the state
+    after the current step, so a rerun of the same command continues where it stopped."""
+    from tqdm import tqdm
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_cfg = cfg.model_config()
+    check_trainable(model_cfg)
+    state_path, log_path = out / "state.safetensors", out / "log.jsonl"
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if state_path.is_file():
+        params, m, v, step = load_state(state_path)
+    else:
+        params, step = init_params(model_cfg, cfg.seed), 0
+        m = {k: np.zeros_like(a) for k, a in params.items()}
+        v = {k: np.zeros_like(a) for k, a in params.items()}
+    interrupted = []
+    handlers = {s: signal.signal(s, lambda *_: interrupted.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    last_save, t0, tokens_done = step, time.perf_counter(), 0
+    try:  # signals only raise a flag, so a step is never cut in half; the loop ends after a whole step
+        with open(log_path, "a") as log:
+            while step < cfg.steps and not interrupted and (stop_after is None or step < stop_after):
+                lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+                loss, grads = loss_and_grads(params, model_cfg, batch_at(train_tokens, step, cfg))
+                norm = clip_grads(grads, cfg.grad_clip)
+                adamw_step(params, grads, m, v, step + 1, lr, weight_decay=cfg.weight_decay)
+                step += 1
+                tokens_done += cfg.batch_size * cfg.seq_len
+                record = {"step": step, "loss": round(loss, 4), "lr": lr, "grad_norm": round(norm, 3)}
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    for name, seqs in val_sets.items():
+                        record[f"val_{name}"] = round(evaluate(params, model_cfg, seqs), 4)
+                rate = tokens_done / (time.perf_counter() - t0)
+                record["tok_s"] = round(rate)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", **{k: v_ for k, v_ in record.items() if k.startswith("val_")})
+                bar.update(1)
+                if step - last_save >= cfg.save_every or step == cfg.steps:
+                    save_state(state_path, params, m, v, step)
+                    last_save = step
+        if step != last_save:
+            save_state(state_path, params, m, v, step)  # interrupted: keep every finished step
+    finally:
+        bar.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    if interrupted:
+        raise KeyboardInterrupt(f"stopped at step {step}; rerun the same command to resume")
+    return params
+
+
+def export_checkpoint(params: dict, model_cfg: OPTConfig, tokenizer_dir, out_dir, dtype: str = "float16") -> None:
+    """Write a Hugging Face OPT checkpoint: config.json, model.safetensors (`model.decoder.*` keys, as
+    transformers' save_pretrained writes them), and the tokenizer files."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_cfg.dtype = dtype
+    (out_dir / "config.json").write_text(json.dumps(config_to_dict(model_cfg), indent=2))
+    tensors = {"model." + k: a.astype(dtype) for k, a in params.items()}
+    write_safetensors(out_dir / "model.safetensors", tensors, {"format": "pt"})
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(Path(tokenizer_dir) / name, out_dir / name)
