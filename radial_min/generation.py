@@ -41,11 +41,13 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p):
 
 
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None, on_token=None, stop_at_eos: bool = True) -> np.ndarray:  # fmt: skip
+             top_p: float | None = None, seed: int | None = None, on_token=None, stop_at_eos: bool = True,
+             observe=None) -> np.ndarray:  # fmt: skip
     """The new token ids after `input_ids` (the EOS that ended them included), [n] int64.
 
-    `on_token(id)` is called for each new token as it is chosen (streaming). Generation stops at EOS, after
-    `max_new_tokens`, or when the model's position table is full.
+    `on_token(id)` is called for each new token as it is chosen (streaming); `observe` is passed on to
+    `model.forward` (profiling). Generation stops at EOS, after `max_new_tokens`, or when the model's position
+    table is full.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     rng = np.random.default_rng(seed)
@@ -54,7 +56,7 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     new = []
     if max_new_tokens == 0:
         return np.zeros(0, np.int64)
-    logits = model.forward(input_ids, cache, last_only=True)[0]  # prefill: [T] -> [V]
+    logits = model.forward(input_ids, cache, last_only=True, observe=observe)[0]  # prefill: [T] -> [V]
     for _ in range(min(max_new_tokens, room)):
         token = sample(logits, temperature, top_k, top_p, rng)
         new.append(token)
@@ -62,5 +64,5 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
             on_token(token)
         if (stop_at_eos and token == model.config.eos_token_id) or len(new) == min(max_new_tokens, room):
             break
-        logits = model.forward(np.array([token]), cache, last_only=True)[0]  # decode: [1] -> [V]
+        logits = model.forward(np.array([token]), cache, last_only=True, observe=observe)[0]  # decode: [1] -> [V]
     return np.array(new, dtype=np.int64)

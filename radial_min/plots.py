@@ -1,0 +1,115 @@
+"""Figures like the paper's, as PNG. matplotlib is an optional extra: without it every function returns None
+and the commands print their tables only."""
+import io
+
+import numpy as np
+
+from .outputs import write_bytes
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _save(fig, plt, path):
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return write_bytes(path, buf.getvalue())
+
+
+def ratio_histogram(series: dict, path, kind: str = "output"):
+    """Distribution of per-token residual ratios (all blocks), one curve per model, medians marked."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    bins = np.linspace(0, 1.2, 61)
+    for label, r in series.items():
+        r = np.asarray(r).ravel()
+        line = ax.hist(np.clip(r, 0, 1.2), bins=bins, density=True, histtype="step", linewidth=1.6, label=f"{label} (median {np.median(r):.3f})")
+        ax.axvline(np.median(r), color=line[2][0].get_edgecolor(), linestyle="--", linewidth=1)
+    ax.set_xlabel(f"residual ratio ({kind}); values above 1.2 shown at 1.2")
+    ax.set_ylabel("density")
+    ax.set_title("Residual ratio of every block and token")
+    ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def layer_profile(summaries: dict, path):
+    """Mean ratio per layer with a +-1 std band, attention and FFN blocks as separate lines."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for label, summary in summaries.items():
+        for kind, style in (("att", "-"), ("ffn", "--")):
+            items = [(int(n[1:].split(".")[0]), s) for n, s in summary["blocks"].items() if n.endswith(kind)]
+            if not items:
+                continue
+            layers = np.array([i for i, _ in items])
+            mean = np.array([s["mean"] for _, s in items])
+            std = np.array([s["std"] for _, s in items])
+            (line,) = ax.plot(layers, mean, style, marker="o", markersize=3, label=f"{label} {kind}")
+            ax.fill_between(layers, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("residual ratio (mean +- std)")
+    ax.set_title("Residual ratio by layer")
+    ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def routing_trace(keep: np.ndarray, names: list, path, title: str = "Routing trace"):
+    """Tokens x blocks: dark = executed, light = skipped."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.imshow(keep.T, aspect="auto", cmap="Greys", vmin=0, vmax=1.4, interpolation="nearest")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=6)
+    ax.set_xlabel("token")
+    ax.set_title(f"{title} (dark: executed, light: skipped)")
+    return _save(fig, plt, path)
+
+
+def depth_histogram(hists: dict, path):
+    """How many blocks each token executed, one series per setting."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    width = 0.8 / max(1, len(hists))
+    for j, (label, counts) in enumerate(hists.items()):
+        counts = np.asarray(counts, np.float64)
+        ax.bar(np.arange(len(counts)) + j * width, counts / counts.sum(), width=width, label=label)
+    ax.set_xlabel("blocks executed per token (dynamic depth)")
+    ax.set_ylabel("fraction of tokens")
+    ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def ppl_vs_depth(curves: dict, n_blocks: int, path):
+    """Perplexity against mean blocks per token; `curves` maps a label to (depths, ppls)."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for label, (depth, ppl) in curves.items():
+        order = np.argsort(depth)
+        ax.plot(np.asarray(depth)[order], np.asarray(ppl)[order], marker="o", markersize=4, label=label)
+    ax.set_xlabel(f"mean blocks per token (of {n_blocks})")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.invert_xaxis()
+    ax.legend(fontsize=8)
+    ax.set_title("Quality against dynamic depth")
+    return _save(fig, plt, path)

@@ -1,0 +1,107 @@
+"""Residual ratios: how much a block's branch f(x) contributes to its output, token by token (paper, Sec. 4).
+
+    output (default):  r = ||f(x)|| / ||x + f(x)||       the share of the block's output that f(x) makes up
+    sum:               r = ||f(x)|| / (||x|| + ||f(x)||)  bounded by 1; equals `output` when f(x) and x align
+
+x is the residual stream entering the block and f(x) its branch before the residual add. A small r means
+y = x + f(x) is close to x, so skipping the block (y = x) changes little. Post-LN blocks (OPT-350m) compute
+y = LN(x + f(x)); there we measure the same ratio on the sum before the LN: the LN rescales x and f(x) alike,
+and a skipped block passes x on unchanged.
+
+Profiling hooks into the model's `observe` callback, which costs nothing when it is not given.
+"""
+import numpy as np
+
+KINDS = ("output", "sum")
+
+
+def residual_ratio(x, f, kind: str = "output"):
+    """Per-row ratio of branch to block output: [T, E], [T, E] -> [T]."""
+    fx = np.linalg.norm(f.astype(np.float64), axis=-1)
+    if kind == "output":
+        return fx / np.maximum(np.linalg.norm((x + f).astype(np.float64), axis=-1), 1e-30)
+    if kind == "sum":
+        return fx / np.maximum(np.linalg.norm(x.astype(np.float64), axis=-1) + fx, 1e-30)
+    raise ValueError(f"ratio kind must be one of {KINDS}, got {kind!r}")
+
+
+class RatioRecorder:
+    """An `observe` callback collecting each block's ratios: `rows()` -> [tokens, blocks]."""
+
+    def __init__(self, n_blocks: int, kind: str = "output"):
+        if kind not in KINDS:
+            raise ValueError(f"ratio kind must be one of {KINDS}, got {kind!r}")
+        self.n_blocks, self.kind, self.chunks, self.current = n_blocks, kind, [], None
+
+    def __call__(self, i, block, x, f, y):
+        if i == 0:
+            self.current = np.zeros((len(x), self.n_blocks))
+            self.chunks.append(self.current)
+        self.current[:, i] = residual_ratio(x, f, self.kind)
+
+    def rows(self) -> np.ndarray:
+        return np.concatenate(self.chunks) if self.chunks else np.zeros((0, self.n_blocks))
+
+
+def block_names(model) -> list[str]:
+    return [b.name for b in model.blocks]
+
+
+def profile_text(model, sequences, kind: str = "output", progress=None) -> np.ndarray:
+    """Ratios of every block for every token of packed sequences (teacher forcing): [n_seq * T, n_blocks]."""
+    rec = RatioRecorder(len(model.blocks), kind)
+    for seq in sequences if progress is None else progress(sequences):
+        model.forward(seq, observe=rec)
+    return rec.rows()
+
+
+def profile_generation(model, prompts, max_new_tokens: int, kind: str = "output", progress=None):
+    """Ratios while generating greedily from each prompt: the decoded tokens' rows only, [n, n_blocks], and the
+    generated ids. The prompt's prefill is profiled by `profile_text`."""
+    from .generation import generate
+
+    rows, generated = [], []
+    for prompt in prompts if progress is None else progress(prompts):
+        rec = RatioRecorder(len(model.blocks), kind)
+        new = generate(model, prompt, max_new_tokens, observe=rec, stop_at_eos=False)
+        rows.append(rec.rows()[len(prompt) :])  # drop the prefill rows
+        generated.append(new)
+    return np.concatenate(rows), generated
+
+
+def profile_images(model, pixel_batches, kind: str = "output", progress=None) -> np.ndarray:
+    """Ratios for every patch token (CLS included) of every image: [n_images * (N + 1), n_blocks]."""
+    rec = RatioRecorder(len(model.blocks), kind)
+    for pixels in pixel_batches if progress is None else progress(pixel_batches):
+        model.forward(pixels[None], observe=rec)
+    return rec.rows()
+
+
+def summarize(ratios: np.ndarray, names: list[str]) -> dict:
+    """Statistics per block, per block type (att/ffn) and overall, as plain numbers for CSV/JSON."""
+
+    def stats(a):
+        a = np.asarray(a, np.float64).ravel()
+        p10, p50, p90 = np.percentile(a, [10, 50, 90])
+        return {"mean": float(a.mean()), "std": float(a.std()), "median": float(p50), "p10": float(p10), "p90": float(p90), "n": int(a.size)}
+
+    kinds = np.array([n.split(".")[1] for n in names])
+    return {
+        "blocks": {name: stats(ratios[:, i]) for i, name in enumerate(names)},
+        "types": {k: stats(ratios[:, kinds == k]) for k in ("att", "ffn") if (kinds == k).any()},
+        "overall": stats(ratios),
+    }
+
+
+def format_summary(summary: dict, title: str = "") -> str:
+    """A plain-text table: one row per block, then per block type, then overall."""
+    head = f"{'block':<10}{'mean':>8}{'std':>8}{'median':>8}{'p10':>8}{'p90':>8}"
+    lines = [title, head, "-" * len(head)] if title else [head, "-" * len(head)]
+    rows = list(summary["blocks"].items()) + [("-", None)] + [(f"all {k}", v) for k, v in summary["types"].items()]
+    rows.append(("overall", summary["overall"]))
+    for name, s in rows:
+        if s is None:
+            lines.append("-" * len(head))
+            continue
+        lines.append(f"{name:<10}{s['mean']:8.3f}{s['std']:8.3f}{s['median']:8.3f}{s['p10']:8.3f}{s['p90']:8.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""Each Numba kernel against its plain-NumPy reference, over shapes that hit every tile edge."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from radial_min import kernels
+
+RNG = np.random.default_rng(0)
+
+
+def randn(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 13), n_in=st.integers(1, 40), n_out=st.integers(1, 23), bias=st.booleans())
+def test_matmul_matches_reference(rows, n_in, n_out, bias):
+    """The 4x4-tiled kernel, including ragged row and column tails."""
+    a, w = randn(rows, n_in), randn(n_out, n_in)
+    b = randn(n_out) if bias else None
+    out = np.empty((rows, n_out), np.float32)
+    kernels.matmul(a, w, b if bias else np.zeros(0, np.float32), out)
+    np.testing.assert_allclose(out, kernels.linear_ref(a, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_in,n_out", [(1, 1), (7, 5), (768, 3072)])
+def test_matvec_matches_reference(n_in, n_out):
+    x, w, b = randn(n_in), randn(n_out, n_in), randn(n_out)
+    out = np.empty(n_out, np.float32)
+    kernels.matvec(x, w, b, out)
+    np.testing.assert_allclose(out, kernels.linear_ref(x[None], w, b)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["blas", "numba"])
+@pytest.mark.parametrize("rows", [1, 2, 9])
+def test_linear_dispatch(backend, rows):
+    """linear() picks matvec for one row and the chosen backend otherwise; all give the reference."""
+    x, w, b = randn(rows, 33), randn(17, 33), randn(17)
+    kernels.set_backend(backend)
+    try:
+        np.testing.assert_allclose(kernels.linear(x, w, b), kernels.linear_ref(x, w, b), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(kernels.linear(x, w), kernels.linear_ref(x, w), rtol=1e-5, atol=1e-5)
+    finally:
+        kernels.set_backend("blas")
+
+
+def test_set_backend_rejects_unknown():
+    with pytest.raises(ValueError, match="blas"):
+        kernels.set_backend("cuda")
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layernorm(affine):
+    x = randn(5, 48) * 3 + 1
+    w, b = (randn(48), randn(48)) if affine else (None, None)
+    np.testing.assert_allclose(kernels.layernorm(x, w, b, 1e-5), kernels.layernorm_ref(x, w, b, 1e-5), rtol=1e-4, atol=1e-5)
+
+
+def test_activations():
+    x = randn(4, 37) * 3
+    np.testing.assert_array_equal(kernels.activation("relu", x.copy()), kernels.relu_ref(x))
+    np.testing.assert_allclose(kernels.activation("gelu", x.copy()), kernels.gelu_ref(x), rtol=1e-6, atol=1e-7)
+    # exact (erf) GELU, not the tanh approximation: they differ by ~1e-4 around |x| = 2
+    assert abs(kernels.gelu_ref(np.array([[2.0]], np.float32))[0, 0] - 1.9544997) < 1e-6
+
+
+def test_softmax():
+    x = randn(3, 50) * 40  # large logits: the max shift keeps exp finite
+    out = kernels.softmax(x)
+    np.testing.assert_allclose(out, kernels.softmax_ref(x.astype(np.float64)), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out.sum(-1), 1, rtol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_q=st.integers(1, 6), n_past=st.integers(0, 9), n_head=st.sampled_from([1, 2, 4]), d=st.integers(1, 8))
+def test_causal_attention_over_cache(n_q, n_past, n_head, d):
+    """Queries at the end of a cache see every key at or before their position."""
+    E = n_head * d
+    q, k, v = randn(n_q, E), randn(n_past + n_q, E), randn(n_past + n_q, E)
+    k_pos = np.arange(n_past + n_q)
+    q_pos = k_pos[n_past:]
+    np.testing.assert_allclose(kernels.attention(q, k, v, n_head, q_pos, k_pos),
+                               kernels.attention_ref(q, k, v, n_head, q_pos, k_pos), rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_attention_with_holes_and_full():
+    """Positions, not row indices, decide visibility: a cache missing some tokens still masks correctly."""
+    q, k, v = randn(3, 8), randn(5, 8), randn(5, 8)
+    k_pos = np.array([0, 2, 3, 5, 7])  # tokens 1, 4, 6 skipped this layer
+    q_pos = np.array([3, 6, 7])
+    out = kernels.attention(q, k, v, 2, q_pos, k_pos)
+    np.testing.assert_allclose(out, kernels.attention_ref(q, k, v, 2, q_pos, k_pos), rtol=1e-5, atol=1e-6)
+    # the query at position 3 sees exactly keys 0, 2, 3: compare with attention over those rows alone
+    np.testing.assert_allclose(out[0], kernels.attention_ref(q[:1], k[:3], v[:3], 2)[0], rtol=1e-5, atol=1e-6)
+    full = kernels.attention(q, k, v, 2)
+    np.testing.assert_allclose(full, kernels.attention_ref(q, k, v, 2), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(full[0], out[0])
+
+
+def test_attention_accepts_strided_views():
+    """q, k, v arrive as column slices of one [T, 3E] projection."""
+    qkv = randn(6, 24)
+    q, k, v = np.split(qkv, 3, axis=1)
+    pos = np.arange(6)
+    np.testing.assert_allclose(kernels.attention(q, k, v, 2, pos, pos),
+                               kernels.attention_ref(q.copy(), k.copy(), v.copy(), 2, pos, pos), rtol=1e-5, atol=1e-6)  # fmt: skip
