@@ -26,6 +26,7 @@ _ST_DTYPES = {
     "BOOL": np.dtype("?"),
 }
 _FLOAT_CODES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_DTYPE_NAMES = {**_FLOAT_CODES, "I64": "int64", "I32": "int32", "U8": "uint8", "BOOL": "bool"}
 
 
 def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -76,7 +77,7 @@ class SafetensorsFile:
             self.entries[name] = (code, shape, begin)
 
     def dtype(self, name) -> str:
-        return _FLOAT_CODES.get(self.entries[name][0], self.entries[name][0])
+        return _DTYPE_NAMES[self.entries[name][0]]
 
     def shape(self, name) -> tuple:
         return self.entries[name][1]

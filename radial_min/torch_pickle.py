@@ -15,7 +15,9 @@ allow-list instead: the few globals a state dict needs map to our own inert stan
 refused before it is called. The result is a description of each tensor, which we then cut out of its storage
 with NumPy. Nothing from torch is imported.
 """
+import _compat_pickle
 import io
+import math
 import pickle
 import re
 import zipfile
@@ -170,7 +172,7 @@ def _tensor(storage, offset, size, stride, dtype):
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride):
-    """Old form (torch < 1.? files): dtype from the storage class."""
+    """The older form, without grad flag and hooks: dtype from the storage class."""
     return _tensor(storage, storage_offset, size, stride, _typed(storage))
 
 
@@ -186,7 +188,7 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
     if dtype.name not in _ELEMENT_DTYPES:
         raise _FormatError(f"unsupported tensor dtype torch.{dtype.name}")
     if not isinstance(storage, _StorageRef) or storage.dtype is not None:
-        raise _FormatError(f"data.pkl rebuilds a torch.{dtype.name} tensor from {storage!r}, expected an untyped storage")
+        raise _FormatError(f"data.pkl rebuilds a torch.{dtype.name} tensor from {storage!r}, expected untyped storage")
     return _tensor(storage, storage_offset, size, stride, dtype.name)
 
 
@@ -228,6 +230,15 @@ def _allowed_global(module, name):
     return None
 
 
+def _python3_name(module, name) -> str:
+    """Protocol 0-2 pickles spell some globals the Python 2 way (pickling subprocess.Popen writes
+    "commands Popen", builtins.eval "__builtin__ eval"); name both so the message says what would have run."""
+    written = f"{module}.{name}"
+    py3 = _compat_pickle.NAME_MAPPING.get((module, name))
+    py3 = py3 or (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
+    return written if py3 == (module, name) else f"{written} (= {py3[0]}.{py3[1]})"
+
+
 class _SafeUnpickler(pickle.Unpickler):
     """Unpickles data.pkl with the allow-list: any other global stops the load before anything is called."""
 
@@ -240,8 +251,8 @@ class _SafeUnpickler(pickle.Unpickler):
         found = _allowed_global(module, name)
         if found is None:
             raise CheckpointError(
-                f"{self.path}: refused to load global {module}.{name} named in {self.record}: a state dict needs "
-                "only tensors, so this file may be malicious (nothing was executed)"
+                f"{self.path}: refused to load global {_python3_name(module, name)} named in {self.record}: a state "
+                "dict needs only tensors, so this file may be malicious (refused before it could run)"
             )
         return found
 
@@ -287,7 +298,7 @@ def load_torch_file(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 def _open_zip(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError):  # all seen from corrupt directories
         raise CheckpointError(_not_a_zip_message(path)) from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from None
@@ -296,12 +307,14 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
 def _not_a_zip_message(path: Path) -> str:
     """Say what the file looks like instead, since the fix differs."""
     with open(path, "rb") as f:
-        head = f.read(len(_LEGACY_MAGIC))
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        return f"{path}: is a Git LFS pointer, not the weights: fetch the file itself (git lfs pull, or from the Hub)"
     if head.startswith(b"PK\x03\x04"):
-        return f"{path}: starts like a zip archive but its directory is missing or unreadable: truncated or corrupt (download it again)"
+        return f"{path}: starts like a zip archive but its directory is unreadable: the file is truncated or corrupt"
     if head.startswith(_LEGACY_MAGIC) or head.startswith(b"\x80"):
         return (
-            f"{path}: looks like the legacy PyTorch format (torch < 1.6, or saved with _use_new_zipfile_serialization=False), "
+            f"{path}: looks like the legacy PyTorch format (torch < 1.6, or _use_new_zipfile_serialization=False), "
             "which is not supported: re-save it with torch >= 1.6 or convert it to safetensors"
         )
     return f"{path}: not a zip archive; expected a PyTorch checkpoint written by torch.save (torch >= 1.6 zip format)"
@@ -312,8 +325,18 @@ def _archive_folder(zf: zipfile.ZipFile, path: Path) -> str:
     pickles = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
         found = "none" if not pickles else ", ".join(pickles)
-        raise CheckpointError(f"{path}: expected one <folder>/data.pkl record in the zip archive, found {found}: not a torch.save checkpoint")
+        raise CheckpointError(
+            f"{path}: expected one <folder>/data.pkl record in the zip, found {found}: not a torch.save checkpoint"
+        )
     return pickles[0][: -len("data.pkl")]
+
+
+def _has_record(zf: zipfile.ZipFile, name: str) -> bool:
+    try:
+        zf.getinfo(name)
+        return True
+    except KeyError:
+        return False
 
 
 def _read_record(zf: zipfile.ZipFile, name: str, path: Path) -> bytes:
@@ -322,12 +345,13 @@ def _read_record(zf: zipfile.ZipFile, name: str, path: Path) -> bytes:
         return zf.read(name)
     except KeyError:
         raise CheckpointError(f"{path}: record {name} is missing from the zip archive") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError) as e:
-        raise CheckpointError(f"{path}: record {name} is unreadable ({e}): the file is truncated or corrupt") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError, ValueError) as e:
+        why = f"{name} is unreadable ({e or type(e).__name__})"
+        raise CheckpointError(f"{path}: record {why}: the file is truncated or corrupt") from None
 
 
 def _is_big_endian(zf: zipfile.ZipFile, folder: str, path: Path) -> bool:
-    if folder + "byteorder" not in zf.namelist():
+    if not _has_record(zf, folder + "byteorder"):
         return False  # files from before the record existed were written on little-endian machines
     order = _read_record(zf, folder + "byteorder", path)
     if order not in (b"little", b"big"):
@@ -361,6 +385,8 @@ def _tensor_refs(state, path: Path) -> dict:
 
 
 def _kind(value) -> str:
+    if isinstance(value, _TensorRef):
+        return "single tensor"
     return "dict" if isinstance(value, dict) else type(value).__name__.lstrip("_")
 
 
@@ -373,14 +399,14 @@ def _materialize(zf, folder, refs: dict, big_endian: bool, path: Path):
     users = {}  # storage key -> [(name, ref)] in file order
     for name, ref in refs.items():
         users.setdefault(ref.storage.key, []).append((name, ref))
-    arrays, done = {}, {}  # done: id(ref) -> array, so names bound to one tensor object share it
-    for key, named in users.items():
+    done = {}  # id(ref) -> array, so names bound to one tensor object share it
+    for named in users.values():
         raw = _read_storage(zf, folder, named[0][1].storage, named[0][0], path)
         for name, ref in named:
             if id(ref) not in done:
                 done[id(ref)] = _cut_tensor(raw, ref, big_endian, name, path)
-            arrays[name] = done[id(ref)]
         del raw
+    arrays = {name: done[id(ref)] for name, ref in refs.items()}  # back in state-dict order
     dtypes = {name: ref.dtype for name, ref in refs.items()}
     return arrays, dtypes
 
@@ -388,8 +414,8 @@ def _materialize(zf, folder, refs: dict, big_endian: bool, path: Path):
 def _read_storage(zf, folder, storage: _StorageRef, first_user: str, path: Path) -> np.ndarray:
     """The storage's bytes (uint8), checked to hold at least what data.pkl declares."""
     record = f"{folder}data/{storage.key}"
-    if record not in zf.namelist():
-        raise CheckpointError(f"{path}: storage record {record} (used by tensor {first_user!r}) is missing from the zip archive")
+    if not _has_record(zf, record):
+        raise CheckpointError(f"{path}: storage record {record} (for tensor {first_user!r}) is missing from the zip")
     data = _read_record(zf, record, path)
     if len(data) < storage.nbytes:
         raise CheckpointError(
@@ -404,19 +430,21 @@ def _cut_tensor(raw: np.ndarray, ref: _TensorRef, big_endian: bool, name: str, p
     native = stored.newbyteorder("=")
     if any(n < 0 for n in ref.shape):
         raise CheckpointError(f"{path}: tensor {name!r} has negative size {list(ref.shape)}")
-    numel = int(np.prod(ref.shape, dtype=object))
-    if numel == 0:
-        out = np.empty(ref.shape, dtype=native)
-    else:
-        elements = raw[: raw.size - raw.size % stored.itemsize].view(stored)  # storage as elements, 1-D
-        _check_bounds(ref, elements.size, name, path)
-        view = as_strided(
-            elements[ref.offset :],
-            shape=ref.shape,
-            strides=tuple(s * stored.itemsize for s in ref.strides),
-            writeable=False,
-        )
-        out = view.astype(native, order="C")  # copies: contiguous, native byte order, detached from the storage
+    try:
+        if math.prod(ref.shape) == 0:
+            out = np.empty(ref.shape, dtype=native)
+        else:
+            elements = raw[: raw.size - raw.size % stored.itemsize].view(stored)  # storage as elements, 1-D
+            _check_bounds(ref, elements.size, name, path)
+            view = as_strided(
+                elements[ref.offset :],
+                shape=ref.shape,
+                strides=tuple(s * stored.itemsize for s in ref.strides),
+                writeable=False,
+            )
+            out = view.astype(native, order="C")  # copies: contiguous, native byte order, detached from the storage
+    except (MemoryError, ValueError, OverflowError) as e:  # absurd sizes or strides (the bounds check passed)
+        raise CheckpointError(f"{path}: tensor {name!r} of size {list(ref.shape)} cannot be built ({e})") from None
     if ref.dtype == "bfloat16":
         out = (out.astype(np.uint32) << 16).view(np.float32)  # bf16 is the top half of a float32
     return out
@@ -425,7 +453,7 @@ def _cut_tensor(raw: np.ndarray, ref: _TensorRef, big_endian: bool, name: str, p
 def _check_bounds(ref: _TensorRef, storage_numel: int, name: str, path: Path) -> None:
     """Every element the view can reach must lie inside the storage (as_strided does not check)."""
     if ref.offset < 0 or any(s < 0 for s in ref.strides):
-        raise CheckpointError(f"{path}: tensor {name!r} has negative offset or stride ({ref.offset}, {list(ref.strides)})")
+        raise CheckpointError(f"{path}: tensor {name!r} has negative offset or stride ({ref.offset}, {ref.strides})")
     last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.strides))
     if last >= storage_numel:
         raise CheckpointError(
