@@ -43,7 +43,8 @@ class Step:
     """What an attention block needs besides its input rows: their positions and where keys/values live."""
 
     pos: np.ndarray | None = None  # [T] absolute token positions (causal models); None: full attention (ViT)
-    cache: object = None  # a KV cache with `.update(layer, k, v, pos) -> (K, V, K_pos)`, or None
+    cache: object = None  # a KV cache (see cache.py), or None: attend within these rows only
+    hop: int = 0  # how many blocks the token has run before this one (its routing step; 0..depth-1)
 
 
 class Block:
@@ -92,8 +93,8 @@ class AttentionBlock(Block):
     def branch(self, x, step: Step):
         q, k, v = self.project_qkv(x)
         k_pos = step.pos
-        if step.cache is not None:
-            k, v, k_pos = step.cache.update(self.layer, k, v, step.pos)  # -> all keys/values visible [N, E]
+        if step.cache is not None:  # store the new keys/values; get back everything this query may see
+            q, k, v, k_pos = step.cache.update(self.layer, q, k, v, step.pos, step.hop)  # k, v: [N, E]
         a = kernels.attention(q, k, v, self.n_head, step.pos, k_pos)  # [T, E]
         return self.out(a)  # [T, E] -> [T, E]
 

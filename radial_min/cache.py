@@ -1,41 +1,62 @@
 """Key/value caches for incremental decoding.
 
 `KVCache` is the sequential model's cache: one store per layer, each row tagged with its token position, so a
-layer may hold fewer rows than there are tokens (a token that skipped the layer under the oracle's `drop` rule
-leaves a hole, and attention masks by position, not by row index).
+layer may hold fewer rows than there are tokens (a token that skipped the layer leaves a hole, and attention
+masks by position, not by row index).
+
+`UnifiedKVCache` is the Radial Network's (paper, Sec. 5.2): when tokens skip and reuse blocks, per-layer
+caches have holes and no fixed shape, so every key/value pair any executed attention block writes goes into one
+global store, tagged with (token position, layer, routing step). Memory grows with the attention blocks
+actually run, not with layers x tokens. A query chooses what it sees by a named policy:
+
+- per-layer: the entries written by the same layer. With nothing skipped this is exactly the sequential
+  cache; with skips it is the oracle's `drop` rule (a token that skipped a layer offers no keys there).
+- global: every entry so far, i.e. all previous tokens' entries and the current token's earlier steps.
+  Entries from different steps are told apart by a sinusoidal encoding of the step added to keys and
+  queries, so q.k gains a term PE(s_q).PE(s_k) that is largest for equal steps. A model trained sequentially
+  never learned this mixing; the policy is meant for networks trained with it, and its cost on ours is measured.
 """
 import numpy as np
 
+POLICIES = ("per-layer", "global")
+
 
 class _Rows:
-    """A growable [n, width] float32 table plus an int64 tag per row; capacity doubles when full."""
+    """Growable [n, width] key and value tables plus int64 tags per row; capacity doubles when full."""
 
-    def __init__(self, width: int, capacity: int = 64):
+    def __init__(self, width: int, tags=("pos",), capacity: int = 64):
         self.k = np.empty((capacity, width), np.float32)
         self.v = np.empty((capacity, width), np.float32)
-        self.pos = np.empty(capacity, np.int64)
+        self.tags = {t: np.empty(capacity, np.int64) for t in tags}
         self.n = 0
 
-    def append(self, k, v, pos):  # [T, E], [T, E], [T]
-        need = self.n + len(pos)
-        if need > len(self.pos):
-            cap = max(need, 2 * len(self.pos))
-            for name in ("k", "v"):
-                grown = np.empty((cap, self.k.shape[1]), np.float32)
-                grown[: self.n] = getattr(self, name)[: self.n]
-                setattr(self, name, grown)
-            grown = np.empty(cap, np.int64)
-            grown[: self.n] = self.pos[: self.n]
-            self.pos = grown
-        self.k[self.n : need], self.v[self.n : need], self.pos[self.n : need] = k, v, pos
+    def append(self, k, v, **tags):  # [T, E], [T, E], each tag [T] or a scalar
+        need = self.n + len(k)
+        if need > len(self.k):
+            cap = max(need, 2 * len(self.k))
+            self.k, self.v = _grow(self.k, self.n, cap), _grow(self.v, self.n, cap)
+            self.tags = {t: _grow(a, self.n, cap) for t, a in self.tags.items()}
+        self.k[self.n : need], self.v[self.n : need] = k, v
+        for t, value in tags.items():
+            self.tags[t][self.n : need] = value
         self.n = need
 
+    def tag(self, name):
+        return self.tags[name][: self.n]
+
     def view(self):
-        return self.k[: self.n], self.v[: self.n], self.pos[: self.n]  # [n, E], [n, E], [n]
+        return self.k[: self.n], self.v[: self.n], self.tag("pos")  # [n, E], [n, E], [n]
 
     @property
     def nbytes(self) -> int:
-        return self.n * (2 * self.k.shape[1] * 4 + 8)
+        """Bytes held by the rows in use: keys, values and tags."""
+        return self.n * (2 * self.k.shape[1] * 4 + 8 * len(self.tags))
+
+
+def _grow(a, n, cap):
+    grown = np.empty((cap, *a.shape[1:]), a.dtype)
+    grown[:n] = a[:n]
+    return grown
 
 
 class KVCache:
@@ -45,13 +66,56 @@ class KVCache:
         self.layers = [_Rows(width) for _ in range(n_layer)]
         self.n_tokens = 0
 
-    def update(self, layer: int, k, v, pos):
-        """Store the new rows of `layer`, return every row it holds: keys, values, positions."""
+    def update(self, layer: int, q, k, v, pos, hop: int = 0):
+        """Store the new rows of `layer`; return the query and every key, value and position the layer holds."""
         rows = self.layers[layer]
-        rows.append(k, v, pos)
-        return rows.view()
+        rows.append(k, v, pos=pos)
+        return (q, *rows.view())
 
     @property
     def nbytes(self) -> int:
         """Bytes of keys, values and position tags actually held (not capacity)."""
         return sum(r.nbytes for r in self.layers)
+
+
+def step_encoding(hop: int, width: int) -> np.ndarray:
+    """The sinusoidal encoding of Vaswani et al. for one step index: sin at even, cos at odd dims, [width]."""
+    angle = hop / 10000.0 ** (np.arange(0, width, 2) / width)
+    pe = np.empty(width, np.float32)
+    pe[0::2], pe[1::2] = np.sin(angle), np.cos(angle)[: width // 2]
+    return pe
+
+
+class UnifiedKVCache:
+    """One global store of every key/value pair written, tagged (position, layer, step); see the module doc."""
+
+    def __init__(self, width: int, policy: str = "per-layer", step_encoding_scale: float = 1.0):
+        if policy not in POLICIES:
+            raise ValueError(f"cache policy must be one of {POLICIES}, got {policy!r}")
+        self.width, self.policy, self.scale = width, policy, step_encoding_scale
+        self.rows = _Rows(width, tags=("pos", "layer", "hop"))
+        self.n_tokens = 0
+
+    def update(self, layer: int, q, k, v, pos, hop: int = 0):
+        if self.policy == "global" and self.scale:
+            enc = self.scale * step_encoding(hop, self.width)
+            q, k = q + enc, k + enc
+        self.rows.append(k, v, pos=pos, layer=layer, hop=hop)
+        K, V, P = self.rows.view()
+        if self.policy == "global":  # tokens arrive in order, so everything stored is visible
+            return q, K, V, P
+        mine = np.flatnonzero(self.rows.tag("layer") == layer)
+        return q, K[mine], V[mine], P[mine]
+
+    def __len__(self) -> int:
+        return self.rows.n
+
+    @property
+    def nbytes(self) -> int:
+        """Keys and values plus three int64 tags per entry."""
+        return self.rows.nbytes
+
+
+def dense_cache_bytes(n_layer: int, n_tokens: int, width: int) -> int:
+    """What a sequential per-layer cache holds for the same tokens: every layer, every token."""
+    return n_layer * n_tokens * (2 * width * 4 + 8)

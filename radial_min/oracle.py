@@ -55,7 +55,8 @@ def next_token_nll(logits, ids) -> np.ndarray:
 def run_sequence(model, ids, decide, kv_rule: str = "fill", kind: str = "output"):
     """One sequence through the blocks with per-token decisions; returns (logits [T, V], keep, ratios).
 
-    `decide(b, rows, ratios) -> keep` gets a block index, the token rows being decided and their ratios.
+    `decide(b, rows, ratios) -> keep` gets a block index, the token rows being decided and their ratios. If it
+    has an `after(b, x, ran)` method, that sees the states after the embedding (b = -1) and after each block.
     """
     if kv_rule not in KV_RULES:
         raise ValueError(f"kv rule must be one of {KV_RULES}, got {kv_rule!r}")
@@ -65,6 +66,9 @@ def run_sequence(model, ids, decide, kv_rule: str = "fill", kind: str = "output"
     all_rows = np.arange(T)
     keep = np.zeros((T, len(model.blocks)), bool)
     ratios = np.zeros((T, len(model.blocks)))
+    after = getattr(decide, "after", None)
+    if after is not None:
+        after(-1, x, None)
     for b, block in enumerate(model.blocks):
         if isinstance(block, AttentionBlock) and kv_rule == "drop":
             f, ratios[:, b], keep[:, b] = _attention_drop(block, x, lambda rows, r: decide(b, rows, r), kind)
@@ -73,6 +77,8 @@ def run_sequence(model, ids, decide, kv_rule: str = "fill", kind: str = "output"
             ratios[:, b] = residual_ratio(x, f, kind)
             keep[:, b] = decide(b, all_rows, ratios[:, b])
         x = np.where(keep[:, b, None], block.residual(x, f), x)
+        if after is not None:
+            after(b, x, keep[:, b])
     return model.head(x), keep, ratios
 
 

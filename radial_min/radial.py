@@ -1,0 +1,85 @@
+"""Radial execution (paper, Sec. 5): instead of running blocks 0, 1, 2, ... in order, each token asks a router
+which block to run next, until the router says EXIT or the token reaches the maximum depth.
+
+`RadialNetwork` wraps a sequential model's blocks with a router and a unified KV cache, and offers the same
+`forward(input_ids, cache, last_only)` / `new_cache()` interface as the model, so `generate` runs either. Every
+token is routed on its own, prompt tokens included; `routes` records the blocks each token ran.
+
+The engine allows any order and reuse of blocks; a router distilled from a sequential model is masked to move
+forward only. `RouterDecisions` evaluates such a forward-only router on whole sequences at once (block by
+block, as the oracle does), which is how perplexity over long texts stays fast; the tests check it against
+this token-by-token engine.
+"""
+import numpy as np
+
+from .blocks import Step
+from .cache import UnifiedKVCache
+
+
+class RadialNetwork:
+    def __init__(self, model, router, max_depth: int | None = None, cache_policy: str = "per-layer",
+                 step_encoding_scale: float = 1.0):  # fmt: skip
+        self.model, self.router = model, router
+        self.config = model.config
+        self.blocks = model.blocks
+        self.max_depth = max_depth or router.config.max_depth or len(model.blocks)
+        self.cache_policy, self.step_encoding_scale = cache_policy, step_encoding_scale
+        self.routes = []  # one list of block indices per token processed
+
+    def new_cache(self) -> UnifiedKVCache:
+        return UnifiedKVCache(self.config.hidden_size, self.cache_policy, self.step_encoding_scale)
+
+    def route_token(self, token: int, pos: int, cache, observe=None):
+        """Run one token through the blocks its router picks; returns its final hidden state [1, E]."""
+        x = self.model.embed(np.array([token]), np.array([pos]))  # [1, E]
+        prev, route, exit_ = -1, [], len(self.blocks)
+        while len(route) < self.max_depth:
+            nxt = int(self.router.choose(x, [prev], [len(route)], pos=[pos])[0])
+            if nxt == exit_:
+                break
+            block = self.blocks[nxt]
+            f = block.branch(x, Step(np.array([pos]), cache, hop=len(route)))
+            y = block.residual(x, f)
+            if observe is not None:
+                observe(nxt, block, x, f, y)
+            x, prev = y, nxt
+            route.append(nxt)
+        self.routes.append(route)
+        return x
+
+    def forward(self, input_ids, cache: UnifiedKVCache | None = None, last_only: bool = False, observe=None):
+        """Logits for `input_ids` continuing `cache` (a fresh one if None), each token routed alone."""
+        cache = cache if cache is not None else self.new_cache()
+        states = []
+        for token in np.asarray(input_ids):
+            states.append(self.route_token(int(token), cache.n_tokens, cache, observe))
+            cache.n_tokens += 1
+        x = np.concatenate(states[-1:] if last_only else states)
+        return self.model.head(x)
+
+    __call__ = forward
+
+
+class RouterDecisions:
+    """A forward-only router as the `decide`/`after` pair of `oracle.run_sequence`: at block b, the tokens
+    whose chosen next block is b run it, then choose again from their new state."""
+
+    def __init__(self, router, max_depth: int | None = None):
+        self.router = router
+        self.max_depth = max_depth or router.config.max_depth or router.config.n_blocks
+        self.next = self.depth = None
+
+    def __call__(self, b, rows, ratios):
+        return self.next[rows] == b
+
+    def after(self, b, x, ran):
+        """b = -1: the embeddings, every token chooses its first block; else the tokens that ran block b."""
+        if b < 0:
+            self.next, self.depth = np.zeros(len(x), np.int64), np.zeros(len(x), np.int64)
+            rows = np.arange(len(x))
+        else:
+            rows = np.flatnonzero(ran)
+            self.depth[rows] += 1
+        if len(rows):
+            choice = self.router.choose(x[rows], np.full(len(rows), b), self.depth[rows])
+            self.next[rows] = np.where(self.depth[rows] >= self.max_depth, self.router.config.exit, choice)

@@ -1,0 +1,237 @@
+"""The router of a Radial Network (paper, Sec. 5): a small MLP that looks at a token's hidden state and where
+it is in its route, and picks the next block to run, or EXIT.
+
+    z      = [LN(x), onehot(prev)]        LN without parameters; prev is START or the block just run
+    h      = relu(W1 z + b1)
+    logits = W2 h + b2                    one per block, plus EXIT (the last)
+    next   = argmax over the allowed moves (softmax for training)
+
+A router distilled from a sequential model may only move forward (to a later block or EXIT); the mask is
+applied to the logits in training and in use. Training is plain supervised learning on the oracle's choices,
+with forward/backward pairs from `backprop` and AdamW from `train`; no autograd.
+"""
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import backprop as bp
+from .checkpoint import SafetensorsFile, write_safetensors
+from .errors import CheckpointError
+from .outputs import write_json
+
+NEG = -1e9  # logit of a forbidden move: exp underflows to exactly 0, without the NaN that -inf - (-inf) gives
+
+
+@dataclass
+class RouterConfig:
+    width: int  # hidden size E of the model it routes
+    n_blocks: int
+    hidden: int = 64
+    forward_only: bool = True
+    max_depth: int | None = None  # None: n_blocks
+    tau: float | None = None  # oracle threshold it was distilled from (for the record)
+    kv_rule: str | None = None
+    model: str | None = None
+
+    @property
+    def exit(self) -> int:
+        return self.n_blocks
+
+    @property
+    def n_in(self) -> int:
+        return self.width + self.n_blocks + 1  # state + onehot(prev), prev in {START, 0..n_blocks-1}
+
+
+def init_router(cfg: RouterConfig, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "w1": (rng.standard_normal((cfg.hidden, cfg.n_in)) / np.sqrt(cfg.n_in)).astype(np.float32),
+        "b1": np.zeros(cfg.hidden, np.float32),
+        "w2": (rng.standard_normal((cfg.n_blocks + 1, cfg.hidden)) / np.sqrt(cfg.hidden)).astype(np.float32),
+        "b2": np.zeros(cfg.n_blocks + 1, np.float32),
+    }
+
+
+def features(x, prev, n_blocks: int):
+    """[N, E] states and [N] previous blocks (-1 = START) -> router inputs [N, E + n_blocks + 1]."""
+    xn, _ = bp.layernorm_forward(x.astype(np.float64), 1.0, 0.0)
+    onehot = np.zeros((len(prev), n_blocks + 1))
+    onehot[np.arange(len(prev)), np.asarray(prev) + 1] = 1.0
+    return np.concatenate([xn, onehot], axis=1)
+
+
+def allowed_moves(prev, depth, cfg: RouterConfig):
+    """[N, n_blocks + 1] bool: forward-only routers may go to a later block or EXIT; at max depth only EXIT."""
+    prev, depth = np.asarray(prev), np.asarray(depth)
+    cols = np.arange(cfg.n_blocks + 1)
+    ok = cols[None, :] > prev[:, None] if cfg.forward_only else np.ones((len(prev), cfg.n_blocks + 1), bool)
+    ok[:, cfg.exit] = True
+    ok[depth >= (cfg.max_depth or cfg.n_blocks)] = cols == cfg.exit
+    return ok
+
+
+def forward(params, z, allowed):
+    """Masked logits [N, n_blocks + 1] and the caches for `backward`."""
+    h, c1 = bp.linear_forward(z, params["w1"], params["b1"])
+    a, c2 = bp.relu_forward(h)
+    logits, c3 = bp.linear_forward(a, params["w2"], params["b2"])
+    return np.where(allowed, logits, NEG), (c1, c2, c3, allowed)
+
+
+def loss_and_grads(params, z, allowed, labels):
+    """Softmax cross-entropy against the oracle's choices, and gradients for w1, b1, w2, b2."""
+    logits, (c1, c2, c3, allowed) = forward(params, z, allowed)
+    loss, c_ce = bp.crossentropy_forward(logits, labels)
+    dlogits = bp.crossentropy_backward(c_ce) * allowed  # forbidden logits are constants
+    da, dw2, db2 = bp.linear_backward(dlogits, c3)
+    dh = bp.relu_backward(da, c2)
+    _, dw1, db1 = bp.linear_backward(dh, c1)
+    return float(loss), {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
+
+
+class Router:
+    """A trained MLP router: `choose(x, prev, depth)` for a batch of tokens."""
+
+    def __init__(self, cfg: RouterConfig, params: dict):
+        self.config, self.params = cfg, params
+
+    def logits(self, x, prev, depth):
+        z = features(x, prev, self.config.n_blocks)
+        return forward(self.params, z, allowed_moves(prev, depth, self.config))[0]
+
+    def choose(self, x, prev, depth, pos=None) -> np.ndarray:
+        """Next block for each token ([N] ints, n_blocks = EXIT)."""
+        return self.logits(x, prev, depth).argmax(-1)
+
+    def save(self, path):
+        """`path`.safetensors and `path`.json (its config)."""
+        path = Path(path).with_suffix("")
+        write_safetensors(path.with_suffix(".safetensors"), {k: v.astype(np.float32) for k, v in self.params.items()})
+        write_json(path.with_suffix(".json"), asdict(self.config))
+
+    @classmethod
+    def load(cls, path):
+        path = Path(path).with_suffix("")
+        try:
+            cfg = RouterConfig(**json.loads(path.with_suffix(".json").read_text()))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path.with_suffix('.json')}: not found (a router is a .json config beside its .safetensors)") from None
+        except (TypeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path.with_suffix('.json')}: not a router config ({e})") from None
+        f = SafetensorsFile(path.with_suffix(".safetensors"))
+        expected = {k: v.shape for k, v in init_router(cfg).items()}
+        found = {n: f.shape(n) for n in f.entries}
+        if found != expected:
+            raise CheckpointError(f"{path.with_suffix('.safetensors')}: tensors {found} do not match the config, expected {expected}")
+        return cls(cfg, {n: f.read(n) for n in f.entries})
+
+
+class SequentialRouter:
+    """Always the next block in order: a radial network that reproduces the sequential model."""
+
+    def __init__(self, n_blocks: int, max_depth: int | None = None):
+        self.config = RouterConfig(width=0, n_blocks=n_blocks, max_depth=max_depth)
+
+    def choose(self, x, prev, depth, pos=None):
+        nxt = np.asarray(prev) + 1
+        return np.where(np.asarray(depth) >= (self.config.max_depth or self.config.n_blocks), self.config.exit, nxt)
+
+
+class ScriptedRouter:
+    """Follows given routes, `routes[pos]` being the blocks of the token at position pos in order (any order,
+    repeats allowed); used to replay decisions in tests."""
+
+    def __init__(self, routes: list, n_blocks: int):
+        self.routes = routes
+        self.config = RouterConfig(width=0, n_blocks=n_blocks, forward_only=False, max_depth=max(map(len, routes), default=0) + 1)
+
+    def choose(self, x, prev, depth, pos=None):
+        return np.array([self.routes[p][d] if d < len(self.routes[p]) else self.config.exit for p, d in zip(pos, depth)])
+
+
+# -------------------------------------------------------------------------------------------- distillation
+
+
+class _Recorder:
+    """Wraps an oracle decision rule to keep every state it passes: states[b + 1] is the state after block b."""
+
+    def __init__(self, decide):
+        self.decide, self.states = decide, []
+
+    def __call__(self, b, rows, r):
+        return self.decide(b, rows, r)
+
+    def after(self, b, x, ran):
+        self.states.append(x.astype(np.float32))
+
+
+def oracle_examples(model, sequences, tau: float, kv_rule: str = "drop", kind: str = "output", progress=None) -> dict:
+    """The oracle's routes as router training examples: at the start and after each block a token runs, the
+    state it has then, the block it came from, its depth so far, and the oracle's next block (or EXIT)."""
+    from .oracle import run_sequence, threshold
+
+    n = len(model.blocks)
+    out = {"x": [], "prev": [], "depth": [], "label": [], "token": []}
+    base = 0
+    for ids in sequences if progress is None else progress(sequences):
+        rec = _Recorder(threshold(tau))
+        _, keep, _ = run_sequence(model, ids, rec, kv_rule, kind)
+        states = np.stack(rec.states)  # [n + 1, T, E]
+        T = len(ids)
+        nxt = np.full((T, n + 1), n)  # nxt[t, b + 1]: first kept block after b (n = EXIT); column 0 is START
+        for b in range(n - 1, -1, -1):
+            nxt[:, b] = np.where(keep[:, b], b, nxt[:, b + 1])
+        t_idx, b_idx = np.nonzero(np.concatenate([np.ones((T, 1), bool), keep], axis=1))  # START, then kept blocks
+        prev = b_idx - 1  # -1 = START
+        out["x"].append(states[b_idx, t_idx])
+        out["prev"].append(prev)
+        out["depth"].append(np.cumsum(np.concatenate([np.zeros((T, 1), int), keep], axis=1), axis=1)[t_idx, b_idx])
+        out["label"].append(nxt[t_idx, b_idx])
+        out["token"].append(base + t_idx)
+        base += T
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def accuracy(router: "Router", ex: dict) -> dict:
+    """Share of the oracle's decisions the router repeats, and of tokens whose every decision it repeats."""
+    pred = np.concatenate([router.choose(ex["x"][i : i + 4096], ex["prev"][i : i + 4096], ex["depth"][i : i + 4096])
+                           for i in range(0, len(ex["x"]), 4096)])  # fmt: skip
+    right = pred == ex["label"]
+    per_token = np.bincount(ex["token"], weights=~right) == 0
+    exits = ex["label"] == router.config.exit
+    return {"decision": float(right.mean()), "route": float(per_token.mean()), "exit": float(right[exits].mean()),
+            "block": float(right[~exits].mean()) if (~exits).any() else 1.0, "decisions": int(right.size)}  # fmt: skip
+
+
+def train_router(ex: dict, cfg: RouterConfig, epochs: int = 8, lr: float = 3e-3, batch_size: int = 512, seed: int = 0,
+                 weight_decay: float = 0.0, progress: bool = True) -> Router:  # fmt: skip
+    """Fit the router to the oracle's choices with AdamW on softmax cross-entropy."""
+    from tqdm import tqdm
+
+    from .train import adamw_step, lr_at
+
+    params = init_router(cfg, seed)
+    m = {k: np.zeros_like(v) for k, v in params.items()}
+    v = {k: np.zeros_like(p) for k, p in params.items()}
+    z_all = features(ex["x"], ex["prev"], cfg.n_blocks).astype(np.float32)
+    allowed_all = allowed_moves(ex["prev"], ex["depth"], cfg)
+    labels = ex["label"]
+    rng = np.random.default_rng(seed)
+    steps_per_epoch = max(1, len(labels) // batch_size)
+    total, step = epochs * steps_per_epoch, 0
+    bar = tqdm(total=total, disable=not progress, unit="step", desc="train router", dynamic_ncols=True)
+    for _ in range(epochs):
+        order = rng.permutation(len(labels))
+        for i in range(steps_per_epoch):
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            loss, grads = loss_and_grads(params, z_all[idx], allowed_all[idx], labels[idx])
+            step += 1
+            adamw_step(params, grads, m, v, step, lr_at(step, lr, max(1, total // 20), total), weight_decay=weight_decay)
+            if step % 20 == 0 or step == total:
+                acc = (forward(params, z_all[idx], allowed_all[idx])[0].argmax(-1) == labels[idx]).mean()
+                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
+            bar.update(1)
+    bar.close()
+    return Router(cfg, params)

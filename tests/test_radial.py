@@ -1,0 +1,166 @@
+"""Radial execution and the unified KV cache against the sequential engine and the oracle.
+
+Property tests over random small OPT configs (pre- and post-LN, with and without projections), prompts and
+lengths: with nothing skipped radial generation is sequential generation; the unified cache with the
+per-layer policy is the per-layer cache; and routed execution replaying decisions equals the oracle's.
+"""
+import numpy as np
+import pytest
+from conftest import random_opt
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import radial_min
+from radial_min import oracle
+from radial_min.cache import KVCache, UnifiedKVCache, dense_cache_bytes, step_encoding
+from radial_min.radial import RadialNetwork, RouterDecisions
+from radial_min.router import ScriptedRouter, SequentialRouter
+
+configs = st.fixed_dictionaries({
+    "seed": st.integers(0, 10_000),
+    "num_hidden_layers": st.integers(1, 3),
+    "num_attention_heads": st.sampled_from([1, 2, 4]),
+    "do_layer_norm_before": st.booleans(),
+    "word_embed_proj_dim": st.sampled_from([None, 8]),
+    "enable_bias": st.booleans(),
+})  # fmt: skip
+prompts = st.lists(st.integers(3, 60), min_size=1, max_size=9)
+SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def close(a, b):
+    return np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
+
+
+@SETTINGS
+@given(cfg=configs, prompt=prompts, n_new=st.integers(1, 12))
+def test_never_skipping_router_is_the_sequential_model(cfg, prompt, n_new):
+    model = random_opt(**cfg)
+    radial = RadialNetwork(model, SequentialRouter(len(model.blocks)))
+    ids = np.array(prompt)
+    assert close(radial.forward(ids), model.forward(ids))
+    seq = radial_min.generate(model, ids, n_new, stop_at_eos=False)
+    rad = radial_min.generate(radial, ids, n_new, stop_at_eos=False)
+    np.testing.assert_array_equal(rad, seq)
+    assert all(route == list(range(len(model.blocks))) for route in radial.routes)
+
+
+@SETTINGS
+@given(cfg=configs, prompt=prompts, n_decode=st.integers(0, 6))
+def test_unified_cache_per_layer_policy_is_the_per_layer_cache(cfg, prompt, n_decode):
+    """The sequential model runs unchanged on the unified cache: prefill, then token-by-token decode."""
+    model = random_opt(**cfg)
+    ids = np.array(prompt + list(range(5, 5 + n_decode)))
+    split = len(prompt)
+    outs = []
+    for cache in (KVCache(model.n_layer, model.config.hidden_size), UnifiedKVCache(model.config.hidden_size, "per-layer")):
+        parts = [model.forward(ids[:split], cache)] + [model.forward(ids[t : t + 1], cache) for t in range(split, len(ids))]
+        outs.append(np.concatenate(parts))
+    np.testing.assert_array_equal(outs[1], outs[0])
+
+
+@SETTINGS
+@given(cfg=configs, prompt=st.lists(st.integers(3, 60), min_size=2, max_size=9), p_keep=st.floats(0.2, 0.9))
+def test_routed_execution_replaying_decisions_equals_the_oracle(cfg, prompt, p_keep):
+    """Random per-token skip decisions: the token-by-token radial engine (per-layer unified cache) and the
+    block-by-block oracle simulation under the drop rule compute the same logits."""
+    model = random_opt(**cfg)
+    ids = np.array(prompt)
+    rng = np.random.default_rng(cfg["seed"])
+    keep = rng.random((len(ids), len(model.blocks))) < p_keep
+    logits, kept, _ = oracle.run_sequence(model, ids, oracle.forced(keep), "drop")
+    np.testing.assert_array_equal(kept, keep)
+    routes = [np.flatnonzero(row).tolist() for row in keep]
+    radial = RadialNetwork(model, ScriptedRouter(routes, len(model.blocks)))
+    cache = radial.new_cache()
+    assert close(radial.forward(ids, cache), logits)
+    assert radial.routes == routes
+    n_att = sum(len([b for b in r if model.blocks[b].kind == "att"]) for r in routes)
+    assert len(cache) == n_att  # memory grows with the attention blocks actually run
+
+
+def test_router_decisions_match_token_by_token_engine():
+    """The fast block-by-block evaluation of a forward-only router equals routing token by token."""
+    model = random_opt(seed=5, num_hidden_layers=3)
+    ids = np.arange(3, 20)
+    rng = np.random.default_rng(1)
+    routes = [sorted(rng.choice(len(model.blocks), size=rng.integers(0, 7), replace=False).tolist()) for _ in ids]
+    router = ScriptedRouter(routes, len(model.blocks))
+
+    class ByPosition:  # RouterDecisions routes all tokens at once; give ScriptedRouter each row's position
+        config = router.config
+
+        def choose(self, x, prev, depth, pos=None):
+            rows = self.rows
+            return router.choose(x, prev, depth, pos=rows)
+
+    by_pos = ByPosition()
+    decisions = RouterDecisions(by_pos)
+    original_after = decisions.after
+
+    def after(b, x, ran):
+        by_pos.rows = np.arange(len(x)) if b < 0 else np.flatnonzero(ran)
+        original_after(b, x, ran)
+
+    decisions.after = after
+    logits, keep, _ = oracle.run_sequence(model, ids, decisions, "drop")
+    radial = RadialNetwork(model, router)
+    assert close(radial.forward(ids), logits)
+    assert [np.flatnonzero(k).tolist() for k in keep] == routes
+
+
+def test_block_reuse_and_any_order():
+    """The engine runs blocks in any order, repeated; the per-layer policy sees a token's own earlier entry."""
+    model = random_opt(seed=2, num_hidden_layers=2)
+    routes = [[2, 0, 1, 0, 3, 2], [0, 1, 0, 1]]  # backward moves and repeats
+    radial = RadialNetwork(model, ScriptedRouter(routes, len(model.blocks)))
+    cache = radial.new_cache()
+    logits = radial.forward(np.array([5, 9]), cache)
+    assert np.isfinite(logits).all() and radial.routes == routes
+    layer = cache.rows.tag("layer")
+    assert layer.tolist() == [1, 0, 0, 1, 0, 0]  # attention blocks 2, 0, 0, 2 then 0, 0 (layers 1, 0, 0, 1, 0, 0)
+    assert cache.rows.tag("hop").tolist() == [0, 1, 3, 5, 0, 2]
+    # the same routes by hand: block 0 twice for token 0 attends over its own first entry the second time
+    x = model.embed(np.array([5]), np.array([0]))
+    from radial_min.blocks import Step
+
+    manual = UnifiedKVCache(model.config.hidden_size)
+    for hop, b in enumerate(routes[0]):
+        x = model.blocks[b](x, Step(np.array([0]), manual, hop))
+    assert close(model.head(x), logits[:1])
+
+
+def test_global_policy_sees_every_layer_and_earlier_steps():
+    cache = UnifiedKVCache(8, "global", step_encoding_scale=0.0)
+    q = np.ones((1, 8), np.float32)
+    for pos, layer, hop in [(0, 0, 0), (0, 1, 1), (1, 0, 0)]:
+        kv = np.full((1, 8), 10 * pos + layer, np.float32)
+        _, K, V, P = cache.update(layer, q, kv, kv, np.array([pos]), hop)
+    assert K[:, 0].tolist() == [0, 1, 10] and P.tolist() == [0, 0, 1]
+    per_layer = UnifiedKVCache(8, "per-layer")
+    for pos, layer in [(0, 0), (0, 1), (1, 0)]:
+        kv = np.full((1, 8), 10 * pos + layer, np.float32)
+        _, K, _, _ = per_layer.update(layer, q, kv, kv, np.array([pos]))
+    assert K[:, 0].tolist() == [0, 10]
+
+
+def test_step_encoding_marks_steps():
+    """Sinusoidal codes: unit-scale entries, equal steps most similar, similarity falling with distance."""
+    pe = np.stack([step_encoding(s, 64) for s in range(6)])
+    assert np.allclose(pe[:, 1::2][0], 1.0) and np.allclose(pe[:, 0::2][0], 0.0)
+    sims = pe @ pe[2]
+    assert sims.argmax() == 2 and sims[1] > sims[0] and sims[3] > sims[5]
+    with pytest.raises(ValueError, match="cache policy"):
+        UnifiedKVCache(8, "everything")
+
+
+def test_memory_against_dense():
+    model = random_opt(seed=1, num_hidden_layers=3)
+    routes = [[0, 1, 4, 5], [0, 1], [0, 1, 2, 3, 4, 5], [1]]
+    radial = RadialNetwork(model, ScriptedRouter(routes, len(model.blocks)))
+    cache = radial.new_cache()
+    radial.forward(np.array([4, 5, 6, 7]), cache)
+    E = model.config.hidden_size
+    assert len(cache) == 2 + 1 + 3 + 0
+    assert cache.nbytes == 6 * (2 * E * 4 + 3 * 8)
+    assert dense_cache_bytes(3, 4, E) == 3 * 4 * (2 * E * 4 + 8)

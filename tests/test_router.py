@@ -1,0 +1,100 @@
+"""The router MLP: gradients against finite differences, masking, save/load, and distillation from the oracle."""
+import numpy as np
+import pytest
+from conftest import random_opt
+
+from radial_min import oracle
+from radial_min import router as R
+from radial_min.errors import CheckpointError
+from radial_min.radial import RouterDecisions
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.fixture
+def small():
+    cfg = R.RouterConfig(width=6, n_blocks=4, hidden=5)
+    params = {k: v.astype(np.float64) + 0.1 * RNG.standard_normal(v.shape) for k, v in R.init_router(cfg, 1).items()}
+    prev = np.array([-1, 0, 2, 1, 3, -1, 1])
+    depth = np.array([0, 1, 2, 1, 4, 0, 2])
+    z = R.features(RNG.standard_normal((7, 6)), prev, cfg.n_blocks)
+    allowed = R.allowed_moves(prev, depth, cfg)
+    labels = np.array([0, 3, 4, 2, 4, 4, 4])
+    return cfg, params, z, allowed, labels
+
+
+def test_every_parameter_gradient_against_finite_differences(small):
+    cfg, params, z, allowed, labels = small
+    _, grads = R.loss_and_grads(params, z, allowed, labels)
+    h = 1e-6
+    for name, p in params.items():
+        flat = p.reshape(-1)
+        for i in range(flat.size):  # every entry: the router is small
+            old = flat[i]
+            flat[i] = old + h
+            up = R.loss_and_grads(params, z, allowed, labels)[0]
+            flat[i] = old - h
+            down = R.loss_and_grads(params, z, allowed, labels)[0]
+            flat[i] = old
+            numeric = (up - down) / (2 * h)
+            analytic = grads[name].reshape(-1)[i]
+            assert abs(analytic - numeric) <= 1e-5 * max(abs(numeric), 1e-3), f"{name}[{i}] {analytic} vs {numeric}"
+
+
+def test_allowed_moves(small):
+    cfg, params, z, allowed, labels = small
+    # forward only: after block 2 only blocks 3 and EXIT; at max depth (4 = n_blocks) only EXIT
+    assert allowed[2].tolist() == [False, False, False, True, True]
+    assert allowed[4].tolist() == [False, False, False, False, True]
+    assert allowed[0].tolist() == [True] * 5
+    logits, _ = R.forward(params, z, allowed)
+    assert (logits.argmax(-1)[:, None] == np.arange(5)[None])[~allowed].sum() == 0
+    free = R.RouterConfig(width=6, n_blocks=4, forward_only=False, max_depth=9)
+    assert R.allowed_moves(np.array([3]), np.array([1]), free)[0].all()
+
+
+def test_save_and_load(tmp_path, small):
+    cfg, params, z, allowed, labels = small
+    router = R.Router(cfg, {k: v.astype(np.float32) for k, v in params.items()})
+    router.save(tmp_path / "r")
+    back = R.Router.load(tmp_path / "r.safetensors")
+    assert back.config == cfg
+    x = RNG.standard_normal((3, 6))
+    np.testing.assert_array_equal(back.choose(x, [-1, 0, 1], [0, 1, 1]), router.choose(x, [-1, 0, 1], [0, 1, 1]))
+    (tmp_path / "r.json").write_text('{"width": 6, "n_blocks": 5}')
+    with pytest.raises(CheckpointError, match="do not match the config"):
+        R.Router.load(tmp_path / "r")
+    with pytest.raises(CheckpointError, match="not found"):
+        R.Router.load(tmp_path / "missing")
+
+
+def test_oracle_examples_reconstruct_the_oracle_routes():
+    """Following the labels from START reproduces, for every token, exactly the blocks the oracle kept."""
+    model = random_opt(seed=3, num_hidden_layers=3)
+    seqs = np.random.default_rng(0).integers(3, 60, size=(2, 12))
+    tau = 0.4
+    ex = R.oracle_examples(model, seqs, tau, "drop")
+    run = oracle.simulate(model, seqs, oracle.threshold(tau), "drop")
+    keep = run.keep.reshape(-1, len(model.blocks))
+    for t in range(len(keep)):
+        mine = ex["token"] == t
+        labels, prev = ex["label"][mine], ex["prev"][mine]
+        assert prev[0] == -1 and labels[-1] == len(model.blocks)  # starts at START, ends with EXIT
+        assert labels[:-1].tolist() == np.flatnonzero(keep[t]).tolist()
+        assert (prev[1:] == labels[:-1]).all() and ex["depth"][mine].tolist() == list(range(mine.sum()))
+
+
+def test_distilled_router_learns_the_oracle():
+    """A router trained on the oracle's choices repeats most of them and its execution stays consistent."""
+    model = random_opt(seed=4, num_hidden_layers=3, vocab_size=61)
+    seqs = np.random.default_rng(1).integers(3, 60, size=(8, 24))
+    ratios = oracle.simulate(model, seqs[:2], oracle.threshold(0.0), "fill").ratios
+    tau = float(np.median(ratios))  # skip about half, so both decisions are common
+    ex = R.oracle_examples(model, seqs, tau, "drop")
+    cfg = R.RouterConfig(width=model.config.hidden_size, n_blocks=len(model.blocks), hidden=32, tau=tau)
+    router = R.train_router(ex, cfg, epochs=40, lr=1e-2, batch_size=128, progress=False)
+    acc = R.accuracy(router, ex)
+    majority = np.bincount(ex["label"]).max() / len(ex["label"])
+    assert acc["decision"] > max(0.85, majority + 0.05), (acc, majority)
+    run = oracle.simulate(model, seqs, RouterDecisions(router), "drop")
+    assert 0 < run.depth.mean() < len(model.blocks) and np.isfinite(run.ppl)
