@@ -27,13 +27,16 @@ def cmd_generate(args):
     model = _load(args.model, "opt")
     tok = radial_min.Tokenizer(model.path)
     ids = tok.encode(args.prompt)
+    runner = model if args.router is None else _radial_network(model, args)
     write = sys.stdout.write
     if not args.quiet:
         write(args.prompt)
         sys.stdout.flush()
     stream = radial_min.tokenizer.Streamer(tok, lambda s: (write(s), sys.stdout.flush()))
+    if args.router is not None and not args.quiet:
+        stream = _depth_streamer(stream, runner, args.show_depth, write)
     t0 = time.perf_counter()
-    new = radial_min.generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+    new = radial_min.generate(runner, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                               on_token=None if args.quiet else stream)  # fmt: skip
     dt = time.perf_counter() - t0
     if args.quiet:
@@ -41,6 +44,55 @@ def cmd_generate(args):
     write("\n")
     if args.stats:
         print(f"[{len(ids)} prompt + {len(new)} new tokens in {dt:.2f} s, {len(new) / dt:.1f} tokens/s]", file=sys.stderr)
+    if args.router is not None:
+        sys.stdout.flush()
+        print(_routing_summary(runner, len(ids)), file=sys.stderr)
+
+
+def _radial_network(model, args):
+    from radial_min.radial import RadialNetwork
+    from radial_min.router import Router
+
+    router = Router.load(args.router)
+    if router.config.width != model.config.hidden_size or router.config.n_blocks != len(model.blocks):
+        raise RadialError(f"--router {args.router}: routes {router.config.n_blocks} blocks of width {router.config.width}, "
+                          f"but the model has {len(model.blocks)} blocks of width {model.config.hidden_size}")  # fmt: skip
+    return RadialNetwork(model, router, args.max_depth, args.cache_policy, args.step_encoding_scale)
+
+
+_SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
+
+
+def _depth_streamer(stream, radial, style, write):
+    """Stream text with the depth that produced each token: a subscript count, or a grey shade (darker = deeper)."""
+    n = len(radial.blocks)
+    if style == "auto":
+        style = "shade" if sys.stdout.isatty() else "count"
+
+    def on_token(token):
+        piece, depth = stream.push(token), len(radial.routes[-1])
+        if style == "count":
+            piece += str(depth).translate(_SUBSCRIPT)
+        elif style == "shade" and piece:
+            grey = 255 - round(20 * depth / max(1, n))  # ANSI 256-colour greys 235..255
+            piece = f"\x1b[48;5;{grey}m\x1b[38;5;16m{piece}\x1b[0m"
+        write(piece)
+        sys.stdout.flush()
+
+    return on_token
+
+
+def _routing_summary(radial, n_prompt):
+    from radial_min.cache import dense_cache_bytes
+
+    depths = np.array([len(r) for r in radial.routes])
+    n = len(radial.blocks)
+    new = depths[n_prompt:] if len(depths) > n_prompt else depths
+    cache = radial.cache
+    dense = dense_cache_bytes(radial.model.n_layer, cache.n_tokens, radial.config.hidden_size)
+    return (f"[routing: {depths.mean():.2f} of {n} blocks per token ({1 - depths.mean() / n:.1%} saved; generated tokens "
+            f"{new.mean():.2f}, min {depths.min()}, max {depths.max()}); KV cache {cache.nbytes / 1024:.1f} KiB unified "
+            f"({cache.policy}) vs {dense / 1024:.1f} KiB dense per-layer]")  # fmt: skip
 
 
 def cmd_classify(args):
@@ -185,17 +237,64 @@ def cmd_simulate(args):
     print(f"results in {out}/" + ("" if made else " (no plots: pip install matplotlib)"))
 
 
-def _sequences(model, args):
+def cmd_train_router(args):
+    from radial_min import data, oracle, plots
+    from radial_min import router as R
+    from radial_min.outputs import write_json
+    from radial_min.radial import RouterDecisions
+
+    model = _load(args.model, "opt")
+    train_seqs, _ = _sequences(model, args, args.train_text or data.default_text("valid"), args.max_sequences)
+    test_seqs, _ = _sequences(model, args, args.test_text or data.default_text("test"), args.test_sequences)
+    n = len(model.blocks)
+    print(f"{model.path.name}: oracle labels (tau={args.tau}, {args.kv_rule}) from {len(train_seqs)} x {train_seqs.shape[1]} tokens", file=sys.stderr)
+    ex = R.oracle_examples(model, train_seqs, args.tau, args.kv_rule, args.kind, _bar("oracle labels", "seq"))
+    cfg = R.RouterConfig(width=model.config.hidden_size, n_blocks=n, hidden=args.hidden, max_depth=args.max_depth,
+                         tau=args.tau, kv_rule=args.kv_rule, model=str(model.path))  # fmt: skip
+    router = R.train_router(ex, cfg, args.epochs, args.lr, args.batch_size, args.seed)
+    out = Path(args.out or model.path / f"router-tau{args.tau:g}")
+    router.save(out)
+    test_ex = R.oracle_examples(model, test_seqs, args.tau, args.kv_rule, args.kind, _bar("held-out labels", "seq"))
+    acc_train, acc_test = R.accuracy(router, ex), R.accuracy(router, test_ex)
+    runs = {
+        "sequential": oracle.simulate(model, test_seqs, oracle.threshold(0.0), "fill"),
+        f"oracle (tau={args.tau}, {args.kv_rule})": oracle.simulate(model, test_seqs, oracle.threshold(args.tau), args.kv_rule, args.kind),
+        "router": oracle.simulate(model, test_seqs, RouterDecisions(router), args.kv_rule, args.kind, _bar("router on test", "seq")),
+    }  # fmt: skip
+    mean_ratio = runs["sequential"].ratios.reshape(-1, n).mean(0)
+    k = int(round(n - runs["router"].depth.mean()))
+    runs[f"static: lowest-ratio {k} dropped"] = oracle.simulate(model, test_seqs, oracle.static(oracle.lowest_ratio_blocks(mean_ratio, k)))
+    runs[f"static: last {k} dropped"] = oracle.simulate(model, test_seqs, oracle.static(oracle.last_blocks(n, k)))
+    print(f"\nrouter saved to {out}.safetensors (+ .json)")
+    print(f"accuracy against the oracle: decisions {acc_test['decision']:.1%} held-out ({acc_train['decision']:.1%} train); "
+          f"whole routes {acc_test['route']:.1%}; EXIT {acc_test['exit']:.1%}, next block {acc_test['block']:.1%}")  # fmt: skip
+    print(f"\n{'on ' + str(len(test_seqs)) + ' held-out sequences':<36}{'ppl':>10}{'blocks/token':>14}{'min':>5}{'max':>5}")
+    for name, run in runs.items():
+        print(f"{name:<36}{run.ppl:10.3f}{run.depth.mean():14.2f}{run.depth.min():5d}{run.depth.max():5d}")
+    report = {"router": str(out), "config": cfg.__dict__, "accuracy_train": acc_train, "accuracy_test": acc_test,
+              "runs": {name: {"ppl": r.ppl, "mean_depth": float(r.depth.mean()), "min_depth": int(r.depth.min()),
+                              "max_depth": int(r.depth.max()), "depth_hist": np.bincount(r.depth, minlength=n + 1)}
+                       for name, r in runs.items()}}  # fmt: skip
+    report_dir = Path(args.report)
+    write_json(report_dir / "train_router.json", report)
+    plots.ppl_vs_depth({name: ([r.depth.mean()], [r.ppl]) for name, r in runs.items()}, n, report_dir / "router_ppl_vs_depth.png")
+    plots.depth_histogram({name: np.bincount(r.depth, minlength=n + 1) for name, r in runs.items() if "static" not in name and name != "sequential"},
+                          report_dir / "router_depth_hist.png")  # fmt: skip
+    plots.routing_trace(runs["router"].keep[0], [b.name for b in model.blocks], report_dir / "router_trace.png", "router")
+    print(f"report in {report_dir}/")
+
+
+def _sequences(model, args, text=None, max_sequences=None):
     """The text of --text (default WikiText-2 test), tokenized with the model's tokenizer and packed."""
     import radial_min
     from radial_min import data
 
     tok = radial_min.Tokenizer(args.tokenizer or model.path)
-    text = data.read_text(args.text or data.default_text("test"))
+    text = data.read_text(text or args.text or data.default_text("test"))
     ids = tok.encode(text)
     if ids.max() >= model.config.vocab_size:
         raise RadialError(f"--tokenizer: ids up to {ids.max()} but the model's vocab_size is {model.config.vocab_size}")
-    return data.pack(ids, args.seq_len, args.max_sequences), tok
+    return data.pack(ids, args.seq_len, max_sequences or args.max_sequences), tok
 
 
 def _bar(desc, unit):
@@ -227,6 +326,13 @@ def build_parser():
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     g.add_argument("--quiet", action="store_true", help="print only the new text at the end, no streaming")
     g.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
+    g.add_argument("--router", default=None, help="route tokens with this trained router (a .json/.safetensors pair)")
+    g.add_argument("--max-depth", type=int, default=None, help="with --router: most blocks a token may run (default: the router's)")
+    g.add_argument("--cache-policy", choices=["per-layer", "global"], default="per-layer",
+                   help="with --router: what a query attends to in the unified KV cache (default: %(default)s)")  # fmt: skip
+    g.add_argument("--step-encoding-scale", type=float, default=1.0, help="with --cache-policy global: weight of the sinusoidal step codes")
+    g.add_argument("--show-depth", choices=["auto", "count", "shade", "none"], default="auto",
+                   help="with --router: mark each token with the blocks that produced it (auto: shade on a terminal)")  # fmt: skip
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("classify", help="top labels of a ViT classifier for an image file or folder")
@@ -289,6 +395,32 @@ def build_parser():
     si.add_argument("--trace-tau", type=float, default=0.05, help="threshold of the routing-trace plot (default: %(default)s)")
     si.add_argument("--out", default="runs/simulate", help="output folder (default: %(default)s)")
     si.set_defaults(func=cmd_simulate)
+
+    tr = sub.add_parser("train-router", help="distill a router from the oracle; report its accuracy, depth and perplexity",
+                        description="Labels: the greedy oracle's routes (the next block it runs, or EXIT) on --train-text "
+                        "(default WikiText-2 valid.txt). Evaluation on --test-text (default test.txt): accuracy against the "
+                        "oracle, and perplexity against mean blocks per token for router, oracle and static baselines.")  # fmt: skip
+    tr.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder or Hub id (default: the shipped model)")
+    tr.add_argument("--tau", type=float, default=0.05, help="oracle threshold the router imitates (default: %(default)s)")
+    tr.add_argument("--kv-rule", choices=["drop", "fill"], default="drop",
+                    help="oracle's rule for skipped attention; drop is what routed execution does (default: %(default)s)")  # fmt: skip
+    tr.add_argument("--kind", choices=["output", "sum"], default="output", help="residual ratio definition (default: %(default)s)")
+    tr.add_argument("--train-text", default=None, help="text for the labels (default: wikitext-2/valid.txt)")
+    tr.add_argument("--test-text", default=None, help="held-out text (default: wikitext-2/test.txt)")
+    tr.add_argument("--text", default=None, help=argparse.SUPPRESS)
+    tr.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+    tr.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence (default: %(default)s)")
+    tr.add_argument("--max-sequences", type=int, default=64, help="training sequences (default: %(default)s)")
+    tr.add_argument("--test-sequences", type=int, default=32, help="held-out sequences (default: %(default)s)")
+    tr.add_argument("--hidden", type=int, default=64, help="router hidden units (default: %(default)s)")
+    tr.add_argument("--max-depth", type=int, default=None, help="most blocks a token may run (default: all)")
+    tr.add_argument("--epochs", type=int, default=8, help="passes over the labels (default: %(default)s)")
+    tr.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
+    tr.add_argument("--batch-size", type=int, default=512, help="decisions per step (default: %(default)s)")
+    tr.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    tr.add_argument("--out", default=None, help="router path without suffix (default: <model>/router-tau<tau>)")
+    tr.add_argument("--report", default="runs/router", help="folder for the report and plots (default: %(default)s)")
+    tr.set_defaults(func=cmd_train_router)
     return p
 
 

@@ -25,9 +25,11 @@ class RadialNetwork:
         self.max_depth = max_depth or router.config.max_depth or len(model.blocks)
         self.cache_policy, self.step_encoding_scale = cache_policy, step_encoding_scale
         self.routes = []  # one list of block indices per token processed
+        self.cache = None  # the latest cache made by new_cache (for memory reports)
 
     def new_cache(self) -> UnifiedKVCache:
-        return UnifiedKVCache(self.config.hidden_size, self.cache_policy, self.step_encoding_scale)
+        self.cache = UnifiedKVCache(self.config.hidden_size, self.cache_policy, self.step_encoding_scale)
+        return self.cache
 
     def route_token(self, token: int, pos: int, cache, observe=None):
         """Run one token through the blocks its router picks; returns its final hidden state [1, E]."""

@@ -108,6 +108,7 @@ class Router:
     def save(self, path):
         """`path`.safetensors and `path`.json (its config)."""
         path = Path(path).with_suffix("")
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_safetensors(path.with_suffix(".safetensors"), {k: v.astype(np.float32) for k, v in self.params.items()})
         write_json(path.with_suffix(".json"), asdict(self.config))
 

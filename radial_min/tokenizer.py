@@ -60,13 +60,19 @@ class Streamer:
     def __init__(self, tokenizer: Tokenizer, write):
         self.tokenizer, self.write, self.ids, self.shown = tokenizer, write, [], 0
 
-    def __call__(self, token_id: int):
+    def push(self, token_id: int) -> str:
+        """Add a token; return the text it completes ('' while a character is still split)."""
         self.ids.append(int(token_id))
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
-            return
-        self.write(text[self.shown :])
-        self.shown = len(text)
+            return ""
+        piece, self.shown = text[self.shown :], len(text)
+        return piece
+
+    def __call__(self, token_id: int):
+        piece = self.push(token_id)
+        if piece:
+            self.write(piece)
 
 
 def _read_json(path: Path) -> dict:
