@@ -22,21 +22,25 @@ POLICIES = ("per-layer", "global")
 
 
 class _Rows:
-    """Growable [n, width] key and value tables plus int64 tags per row; capacity doubles when full."""
+    """Growable key and value tables, head-major [H, capacity, D] so attention reads each head's keys
+    contiguously, plus int64 tags per row; capacity doubles when full."""
 
-    def __init__(self, width: int, tags=("pos",), capacity: int = 64):
-        self.k = np.empty((capacity, width), np.float32)
-        self.v = np.empty((capacity, width), np.float32)
+    def __init__(self, width: int, n_head: int, tags=("pos",), capacity: int = 64):
+        self.n_head, self.d_head = n_head, width // n_head
+        self.k = np.empty((n_head, capacity, self.d_head), np.float32)
+        self.v = np.empty_like(self.k)
         self.tags = {t: np.empty(capacity, np.int64) for t in tags}
         self.n = 0
 
     def append(self, k, v, **tags):  # [T, E], [T, E], each tag [T] or a scalar
-        need = self.n + len(k)
-        if need > len(self.k):
-            cap = max(need, 2 * len(self.k))
-            self.k, self.v = _grow(self.k, self.n, cap), _grow(self.v, self.n, cap)
+        T = len(k)
+        need = self.n + T
+        if need > self.k.shape[1]:
+            cap = max(need, 2 * self.k.shape[1])
+            self.k, self.v = _grow(self.k, self.n, cap, axis=1), _grow(self.v, self.n, cap, axis=1)
             self.tags = {t: _grow(a, self.n, cap) for t, a in self.tags.items()}
-        self.k[self.n : need], self.v[self.n : need] = k, v
+        self.k[:, self.n : need] = k.reshape(T, self.n_head, self.d_head).transpose(1, 0, 2)
+        self.v[:, self.n : need] = v.reshape(T, self.n_head, self.d_head).transpose(1, 0, 2)
         for t, value in tags.items():
             self.tags[t][self.n : need] = value
         self.n = need
@@ -45,25 +49,33 @@ class _Rows:
         return self.tags[name][: self.n]
 
     def view(self):
-        return self.k[: self.n], self.v[: self.n], self.tag("pos")  # [n, E], [n, E], [n]
+        """Keys and values as stored, [H, capacity, D] (the first n valid), and the n positions."""
+        return self.k, self.v, self.tag("pos")
+
+    def select(self, rows):
+        """Keys and values of the given rows only, [H, len(rows), D], and their positions."""
+        return self.k[:, rows], self.v[:, rows], self.tag("pos")[rows]
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the rows in use: keys, values and tags."""
-        return self.n * (2 * self.k.shape[1] * 4 + 8 * len(self.tags))
+        return self.n * (2 * self.n_head * self.d_head * 4 + 8 * len(self.tags))
 
 
-def _grow(a, n, cap):
-    grown = np.empty((cap, *a.shape[1:]), a.dtype)
-    grown[:n] = a[:n]
+def _grow(a, n, cap, axis=0):
+    shape = list(a.shape)
+    shape[axis] = cap
+    grown = np.empty(shape, a.dtype)
+    index = (slice(None),) * axis + (slice(0, n),)
+    grown[index] = a[index]
     return grown
 
 
 class KVCache:
     """One key/value store per layer. `n_tokens` counts the tokens the model has consumed so far."""
 
-    def __init__(self, n_layer: int, width: int):
-        self.layers = [_Rows(width) for _ in range(n_layer)]
+    def __init__(self, n_layer: int, width: int, n_head: int):
+        self.layers = [_Rows(width, n_head) for _ in range(n_layer)]
         self.n_tokens = 0
 
     def update(self, layer: int, q, k, v, pos, hop: int = 0):
@@ -89,11 +101,11 @@ def step_encoding(hop: int, width: int) -> np.ndarray:
 class UnifiedKVCache:
     """One global store of every key/value pair written, tagged (position, layer, step); see the module doc."""
 
-    def __init__(self, width: int, policy: str = "per-layer", step_encoding_scale: float = 1.0):
+    def __init__(self, width: int, n_head: int, policy: str = "per-layer", step_encoding_scale: float = 1.0):
         if policy not in POLICIES:
             raise ValueError(f"cache policy must be one of {POLICIES}, got {policy!r}")
         self.width, self.policy, self.scale = width, policy, step_encoding_scale
-        self.rows = _Rows(width, tags=("pos", "layer", "hop"))
+        self.rows = _Rows(width, n_head, tags=("pos", "layer", "hop"))
         self.n_tokens = 0
 
     def update(self, layer: int, q, k, v, pos, hop: int = 0):
@@ -101,11 +113,9 @@ class UnifiedKVCache:
             enc = self.scale * step_encoding(hop, self.width)
             q, k = q + enc, k + enc
         self.rows.append(k, v, pos=pos, layer=layer, hop=hop)
-        K, V, P = self.rows.view()
         if self.policy == "global":  # tokens arrive in order, so everything stored is visible
-            return q, K, V, P
-        mine = np.flatnonzero(self.rows.tag("layer") == layer)
-        return q, K[mine], V[mine], P[mine]
+            return (q, *self.rows.view())
+        return (q, *self.rows.select(np.flatnonzero(self.rows.tag("layer") == layer)))
 
     def __len__(self) -> int:
         return self.rows.n

@@ -228,49 +228,67 @@ def attention_ref(q, k, v, n_head, q_pos=None, k_pos=None):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _attention(q, k, v, n_head, q_pos, k_pos, causal, out):  # [T, E], [N, E], [N, E] -> out [T, E]
-    n_q, width = q.shape
-    n_k = k.shape[0]
-    d_head = width // n_head
+def _attention(q, k, v, n_keys, q_pos, k_pos, causal, out):  # [H, T, D], [H, >=N, D] x2 -> out [H, T, D]
+    """One task per (head, query): scores against the visible keys, softmax, weighted sum of values. Head-major
+    layout keeps each head's keys contiguous, so the dot products stream and vectorize."""
+    n_head, n_q, d_head = q.shape
     scale = np.float32(1.0 / math.sqrt(d_head))
-    for task in prange(n_q * n_head):
-        i, h = task // n_head, task % n_head
-        lo = h * d_head
-        scores = np.empty(n_k, np.float32)
-        best = -np.inf
-        for j in range(n_k):
+    for task in prange(n_head * n_q):
+        h, i = task // n_q, task % n_q
+        scores = np.empty(n_keys, np.float32)
+        best = np.float32(-np.inf)
+        for j in range(n_keys):
             if causal and k_pos[j] > q_pos[i]:
                 scores[j] = -np.inf
                 continue
             s = np.float32(0.0)
-            for d in range(lo, lo + d_head):
-                s += q[i, d] * k[j, d]
+            for d in range(d_head):
+                s += q[h, i, d] * k[h, j, d]
             scores[j] = s * scale
             best = max(best, scores[j])
         total = np.float32(0.0)
-        for j in range(n_k):
+        for j in range(n_keys):
             e = np.float32(math.exp(scores[j] - best))
             scores[j] = e
             total += e
-        for d in range(lo, lo + d_head):
-            out[i, d] = 0.0
-        for j in range(n_k):
-            p = scores[j] / total
+        acc = np.zeros(d_head, np.float32)
+        for j in range(n_keys):
+            p = scores[j]
             if p != 0.0:
-                for d in range(lo, lo + d_head):
-                    out[i, d] += p * v[j, d]
+                for d in range(d_head):
+                    acc[d] += p * v[h, j, d]
+        for d in range(d_head):
+            out[h, i, d] = acc[d] / total
 
 
 _NO_POS = np.zeros(0, np.int64)
 
 
-def attention(q, k, v, n_head, q_pos=None, k_pos=None):
-    """Scaled dot-product attention of T queries over N keys/values, heads side by side in the width.
+def split_heads(x, n_head):
+    """[T, E] -> [H, T, D], contiguous."""
+    T, E = x.shape
+    return np.ascontiguousarray(x.reshape(T, n_head, E // n_head).transpose(1, 0, 2))
 
-    Given positions, it is causal: query i sees key j only if k_pos[j] <= q_pos[i]. Positions rather than an
-    offset let one kernel serve the dense cache, a cache with holes (skipped tokens) and the unified cache.
+
+def merge_heads(x):
+    """[H, T, D] -> [T, E]."""
+    H, T, D = x.shape
+    return x.transpose(1, 0, 2).reshape(T, H * D)
+
+
+def attention(q, k, v, n_head, q_pos=None, k_pos=None):
+    """Scaled dot-product attention of T queries [T, E] over N keys/values; returns [T, E].
+
+    Keys and values come token-major [N, E], or head-major [H, capacity, D] straight from a cache's storage,
+    of which the first len(k_pos) are valid. Given positions, attention is causal: query i sees key j only if
+    k_pos[j] <= q_pos[i]. Positions rather than an offset let one kernel serve the dense cache, a cache with
+    holes (skipped tokens) and the unified cache.
     """
-    out = np.empty_like(q)
     causal = q_pos is not None
-    _attention(q, k, v, n_head, q_pos if causal else _NO_POS, k_pos if causal else _NO_POS, causal, out)
-    return out
+    if k.ndim == 2:
+        k, v = split_heads(k, n_head), split_heads(v, n_head)
+    n_keys = len(k_pos) if causal else k.shape[1]
+    qh = split_heads(q, n_head)
+    out = np.empty_like(qh)
+    _attention(qh, k, v, n_keys, q_pos if causal else _NO_POS, k_pos if causal else _NO_POS, causal, out)
+    return merge_heads(out)

@@ -95,7 +95,7 @@ class OPT:
         return kernels.linear(x, self.lm_head)  # [T, P] -> [T, V]
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.n_layer, self.config.hidden_size)
+        return KVCache(self.n_layer, self.config.hidden_size, self.config.num_attention_heads)
 
     # -------------------------------------------------------------------------------------------- forward
 

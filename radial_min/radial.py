@@ -28,7 +28,8 @@ class RadialNetwork:
         self.cache = None  # the latest cache made by new_cache (for memory reports)
 
     def new_cache(self) -> UnifiedKVCache:
-        self.cache = UnifiedKVCache(self.config.hidden_size, self.cache_policy, self.step_encoding_scale)
+        cfg = self.config
+        self.cache = UnifiedKVCache(cfg.hidden_size, cfg.num_attention_heads, self.cache_policy, self.step_encoding_scale)
         return self.cache
 
     def route_token(self, token: int, pos: int, cache, observe=None):

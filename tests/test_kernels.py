@@ -98,6 +98,19 @@ def test_attention_with_holes_and_full():
     assert not np.allclose(full[0], out[0])
 
 
+def test_attention_over_head_major_storage():
+    """Keys from a cache's storage: head-major [H, capacity, D], only the first len(k_pos) valid."""
+    from radial_min.kernels import split_heads
+
+    q, k, v = randn(2, 8), randn(5, 8), randn(5, 8)
+    storage_k, storage_v = np.zeros((2, 9, 4), np.float32), np.zeros((2, 9, 4), np.float32)
+    storage_k[:, :5], storage_v[:, :5] = split_heads(k, 2), split_heads(v, 2)
+    storage_k[:, 5:], storage_v[:, 5:] = 1e4, 1e4  # garbage beyond the valid rows must not be read
+    q_pos, k_pos = np.array([3, 4]), np.arange(5)
+    np.testing.assert_allclose(kernels.attention(q, storage_k, storage_v, 2, q_pos, k_pos),
+                               kernels.attention_ref(q, k, v, 2, q_pos, k_pos), rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
 def test_attention_accepts_strided_views():
     """q, k, v arrive as column slices of one [T, 3E] projection."""
     qkv = randn(6, 24)
