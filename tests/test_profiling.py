@@ -1,0 +1,127 @@
+"""Residual-ratio hooks and the oracle: exact against direct computations, and harmless when off."""
+import numpy as np
+import pytest
+from conftest import FIXTURES, random_opt
+
+import radial_min
+from radial_min import oracle, profiling
+from radial_min.blocks import Step
+
+SEQS = np.random.default_rng(0).integers(3, 60, size=(3, 16))
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["pre-LN", "post-LN"])
+def model(request):
+    return random_opt(seed=7, num_hidden_layers=3, do_layer_norm_before=request.param)
+
+
+def median_ratio(model):
+    """A threshold that splits this model's blocks (random post-LN models have ratios far above 1)."""
+    return float(np.median(profiling.profile_text(model, SEQS)))
+
+
+def test_hooks_leave_logits_unchanged(model):
+    rec = profiling.RatioRecorder(len(model.blocks))
+    np.testing.assert_array_equal(model.forward(SEQS[0], observe=rec), model.forward(SEQS[0]))
+    assert rec.rows().shape == (16, len(model.blocks))
+
+
+def test_recorded_ratio_equals_direct_computation(model):
+    """Run each block by hand on its own input and compute ||f|| / ||x + f|| (and the `sum` variant) in NumPy."""
+    for kind in profiling.KINDS:
+        rec = profiling.RatioRecorder(len(model.blocks), kind)
+        model.forward(SEQS[0], observe=rec)
+        x = model.embed(SEQS[0], np.arange(16))
+        for i, block in enumerate(model.blocks):
+            f = block.branch(x, Step(np.arange(16)))
+            fx, xx, sx = (np.linalg.norm(a.astype(np.float64), axis=1) for a in (f, x, x + f))
+            expected = fx / sx if kind == "output" else fx / (xx + fx)
+            np.testing.assert_allclose(rec.rows()[:, i], expected, rtol=1e-6)
+            x = block.residual(x, f)
+
+
+def test_tau_zero_is_the_sequential_model(model):
+    run = oracle.simulate(model, SEQS, oracle.threshold(0.0), "fill")
+    assert run.keep.all()
+    for s, ids in enumerate(SEQS):
+        logits, _, _ = oracle.run_sequence(model, ids, oracle.threshold(0.0), "fill")
+        np.testing.assert_array_equal(logits, model.forward(ids))  # exactly: the same operations in the same order
+    nll = np.concatenate([oracle.next_token_nll(model.forward(ids), ids) for ids in SEQS])
+    assert run.ppl == pytest.approx(np.exp(nll.mean()), rel=1e-12)
+    drop = oracle.simulate(model, SEQS, oracle.threshold(0.0), "drop")  # per-token attention: equal to rounding
+    assert drop.keep.all() and drop.ppl == pytest.approx(run.ppl, rel=1e-5)
+
+
+def test_tau_above_every_ratio_skips_every_block(model):
+    run = oracle.simulate(model, SEQS, oracle.threshold(np.inf), "drop")
+    assert not run.keep.any() and (run.depth == 0).all()
+    ids = SEQS[0]
+    logits, _, _ = oracle.run_sequence(model, ids, oracle.threshold(np.inf))
+    np.testing.assert_allclose(logits, model.head(model.embed(ids, np.arange(len(ids)))), rtol=1e-6)
+
+
+def test_perplexity_is_exp_of_mean_nll_computed_independently(model):
+    run = oracle.simulate(model, SEQS, oracle.threshold(median_ratio(model)), "fill")
+    assert 0 < run.keep.mean() < 1
+    total, count = 0.0, 0
+    for s, ids in enumerate(SEQS):
+        logits, _, _ = oracle.run_sequence(model, ids, oracle.forced(run.keep[s]), "fill")
+        for t in range(len(ids) - 1):
+            z = logits[t].astype(np.float64)
+            total += np.log(np.exp(z - z.max()).sum()) + z.max() - z[ids[t + 1]]
+            count += 1
+    assert run.ppl == pytest.approx(np.exp(total / count), rel=1e-9)
+
+
+@pytest.mark.parametrize("rule", oracle.KV_RULES)
+def test_greedy_decisions_consistent_with_recomputed_ratios(model, rule):
+    """Replay the oracle's own decisions, recording ratios along that path: kept exactly where ratio >= tau."""
+    tau = median_ratio(model)
+    run = oracle.simulate(model, SEQS, oracle.threshold(tau), rule)
+    assert 0 < run.keep.mean() < 1  # the threshold really splits
+    for s, ids in enumerate(SEQS):
+        _, kept, ratios = oracle.run_sequence(model, ids, oracle.forced(run.keep[s]), rule)
+        np.testing.assert_array_equal(kept, ratios >= tau)
+        np.testing.assert_allclose(ratios, run.ratios[s], rtol=1e-6)
+
+
+def test_drop_rule_hides_skipped_tokens_from_later_ones(model):
+    """Under drop, a token's skipped attention block offers no keys: later tokens' outputs change vs fill."""
+    keep = np.ones((16, len(model.blocks)), bool)
+    keep[4, 0] = False  # token 4 skips the first attention block
+    fill, _, _ = oracle.run_sequence(model, SEQS[0], oracle.forced(keep), "fill")
+    drop, _, _ = oracle.run_sequence(model, SEQS[0], oracle.forced(keep), "drop")
+    np.testing.assert_allclose(fill[:4], drop[:4], rtol=1e-5, atol=1e-5)  # earlier tokens: unaffected
+    assert np.abs(fill[5:] - drop[5:]).max() > 1e-3
+
+
+def test_sweep_rows_and_baselines(model):
+    res = oracle.sweep(model, SEQS[:2], [0.0, median_ratio(model)], ["fill"])
+    n = len(model.blocks)
+    first, second = res["rows"]
+    assert first["mean_depth"] == n and first["static_k"] == 0 and first["ppl"] == pytest.approx(first["early_exit_ppl"])
+    assert second["static_k"] == round(n - second["mean_depth"])
+    assert second["static_lowest_blocks"] == oracle.lowest_ratio_blocks(res["mean_ratio"], second["static_k"])
+    assert res["depth_hist"][("fill", 0.0)][n] == 32
+    assert oracle.last_blocks(6, 2) == [4, 5]
+
+
+def test_summary_statistics():
+    ratios = np.array([[0.1, 0.5], [0.3, 0.7], [0.2, 0.6]])
+    s = profiling.summarize(ratios, ["L0.att", "L0.ffn"])
+    assert s["blocks"]["L0.att"]["median"] == pytest.approx(0.2)
+    assert s["types"]["ffn"]["mean"] == pytest.approx(0.6)
+    assert s["overall"]["p90"] == pytest.approx(np.percentile(ratios, 90))
+    assert "overall" in profiling.format_summary(s)
+    with pytest.raises(ValueError, match="ratio kind"):
+        profiling.residual_ratio(ratios, ratios, "max")
+
+
+def test_vit_and_generation_profiles():
+    vit = radial_min.load(FIXTURES / "vit-cls")
+    pixels = np.load(FIXTURES / "vit-cls" / "reference.npz")["pixel_values"]
+    rows = profiling.profile_images(vit, pixels)
+    assert rows.shape == (len(pixels) * (vit.config.num_patches + 1), len(vit.blocks)) and (rows > 0).all()
+    model = random_opt(seed=3)
+    rows, new = profiling.profile_generation(model, [SEQS[0][:5], SEQS[1][:3]], 6)
+    assert rows.shape == (2 * 5, len(model.blocks)) and [len(n) for n in new] == [6, 6]

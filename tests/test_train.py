@@ -1,0 +1,76 @@
+"""The trainer: resumable without changing the result, schedule and clipping, and its checkpoint format."""
+import json
+
+import numpy as np
+import pytest
+
+import radial_min
+from radial_min import train as tr
+from radial_min.checkpoint import SafetensorsFile
+
+TEXTS = ["In the beginning was the word, and the word was with the text.\n" * 3,
+         "And the earth was without form, and void; and darkness was upon the face of the deep.\n" * 3] * 4  # fmt: skip
+
+
+def tiny(tmp_path, steps):
+    return tr.TrainConfig(out=str(tmp_path), vocab_size=300, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                          ffn_dim=32, seq_len=16, batch_size=4, steps=steps, warmup=2, eval_every=3, save_every=2, lr=3e-3)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    train_ids, val = tr.prepare_corpus(folder, 300, docs=TEXTS, val_docs={"held": TEXTS[:2]})
+    return folder, train_ids, val
+
+
+def test_tokenizer_in_opt_layout(corpus):
+    folder, train_ids, _ = corpus
+    vocab = json.loads((folder / "vocab.json").read_text())
+    assert [vocab[t] for t in ("<s>", "<pad>", "</s>", "<unk>")] == [0, 1, 2, 3]
+    tok = radial_min.Tokenizer(folder)
+    ids = tok.encode("In the beginning")
+    assert ids[0] == 2 and tok.decode(ids) == "In the beginning"
+    assert train_ids[0] == 2 and train_ids.max() < 300
+
+
+def test_resume_gives_the_same_model(corpus, tmp_path):
+    """Stop after 3 steps and resume to 6: the same parameters, bit for bit, as 6 steps straight."""
+    _, train_ids, val_streams = corpus
+    val = {k: tr.validation_sequences(s, 16, 2) for k, s in val_streams.items()}
+    straight = tr.train(tiny(tmp_path / "a", 6), train_ids, val, progress=False)
+    tr.train(tiny(tmp_path / "b", 6), train_ids, val, progress=False, stop_after=3)
+    assert SafetensorsFile(tmp_path / "b" / "state.safetensors").metadata["step"] == "3"
+    resumed = tr.train(tiny(tmp_path / "b", 6), train_ids, val, progress=False)
+    for name in straight:
+        np.testing.assert_array_equal(resumed[name], straight[name])
+    log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and "val_held" in log[2]
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_schedule_and_clipping():
+    lrs = [tr.lr_at(s, 1.0, 10, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    grads = {"a": np.full(4, 3.0), "b": np.full(4, 4.0)}
+    norm = tr.clip_grads(grads, 1.0)
+    assert norm == pytest.approx(10.0)
+    assert np.sqrt(sum((g**2).sum() for g in grads.values())) == pytest.approx(1.0)
+
+
+def test_exported_checkpoint_is_an_opt_checkpoint(corpus, tmp_path):
+    """The export loads through the same loader as Hub checkpoints and computes the trainer's loss."""
+    folder, train_ids, _ = corpus
+    cfg = tiny(tmp_path, 1)
+    params = tr.init_params(cfg.model_config(), 0)
+    tr.export_checkpoint(params, cfg.model_config(), folder, tmp_path / "export", dtype="float32")
+    model = radial_min.load(tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["architectures"] == ["OPTForCausalLM"]
+    batch = train_ids[None, :17].astype(np.int64)
+    loss, _ = tr.loss_and_grads(params, cfg.model_config(), batch, need_grads=False)
+    logits = model.forward(batch[0, :-1]).astype(np.float64)
+    m = logits.max(-1, keepdims=True)
+    logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+    assert -logp[np.arange(16), batch[0, 1:]].mean() == pytest.approx(loss, rel=1e-5)
+    assert radial_min.Tokenizer(tmp_path / "export").encode("the")[0] == 2
