@@ -148,8 +148,16 @@ def cmd_train(args):
     print(f"train {len(train_ids):,} tokens; validation {', '.join(f'{k} {len(s):,}' for k, s in val_streams.items())}", file=sys.stderr)
     params = tr.train(cfg, train_ids, val)
     if args.export:
+        import radial_min
+        from radial_min.outputs import write_json
+
         tr.export_checkpoint(params, cfg.model_config(), cfg.out, args.export, args.dtype)
-        print(f"exported {args.export}", file=sys.stderr)
+        print(f"exported {args.export}; validation perplexity on the full held-out streams:", file=sys.stderr)
+        rep = tr.report(radial_min.load(args.export), train_ids, val_streams, cfg.seq_len)
+        write_json(Path(cfg.out) / "report.json", rep)
+        print(f"{'split':<8}{'tokens':>10}{'model':>10}{'unigram':>10}{'bigram':>10}")
+        for name, r in rep.items():
+            print(f"{name:<8}{r['tokens']:>10,}{r['model']:10.2f}{r['unigram']:10.2f}{r['bigram']:10.2f}")
 
 
 def cmd_profile(args):

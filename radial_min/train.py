@@ -369,3 +369,43 @@ def export_checkpoint(params: dict, model_cfg: OPTConfig, tokenizer_dir, out_dir
     write_safetensors(out_dir / "model.safetensors", tensors, {"format": "pt"})
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(Path(tokenizer_dir) / name, out_dir / name)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def ngram_perplexities(train_ids: np.ndarray, sequences: np.ndarray, vocab_size: int) -> dict:
+    """Unigram (add-one) and bigram (interpolated with the unigram) perplexities on the same next-token
+    predictions as the model's: tokens 1..T-1 of each packed sequence. The bigram's mixing weight is picked
+    on these very predictions, which flatters the baseline, not the model."""
+    V = vocab_size
+    train_ids = train_ids.astype(np.int64)
+    uni = (np.bincount(train_ids, minlength=V) + 1.0) / (len(train_ids) + V)
+    pairs, counts = np.unique(train_ids[:-1] * V + train_ids[1:], return_counts=True)
+    context = np.bincount(train_ids[:-1], minlength=V)
+    prev, nxt = sequences[:, :-1].ravel().astype(np.int64), sequences[:, 1:].ravel().astype(np.int64)
+    key = prev * V + nxt
+    at = np.minimum(np.searchsorted(pairs, key), len(pairs) - 1)
+    bigram = np.where(pairs[at] == key, counts[at], 0) / np.maximum(context[prev], 1)
+    best = min((float(np.exp(-np.log(lam * bigram + (1 - lam) * uni[nxt]).mean())), lam)
+               for lam in np.linspace(0.05, 0.95, 19))  # fmt: skip
+    return {"unigram": float(np.exp(-np.log(uni[nxt]).mean())), "bigram": best[0], "bigram_lambda": round(float(best[1]), 2)}
+
+
+def perplexity(model, sequences: np.ndarray) -> float:
+    """exp of the mean next-token NLL over packed sequences, computed by the inference engine."""
+    from .oracle import next_token_nll
+
+    return float(np.exp(np.concatenate([next_token_nll(model.forward(s), s) for s in sequences]).mean()))
+
+
+def report(model, train_ids, val_streams: dict, seq_len: int) -> dict:
+    """Validation perplexity of `model` on every full validation stream, beside the n-gram baselines."""
+    from .data import pack
+
+    out = {}
+    for name, stream in val_streams.items():
+        seqs = pack(stream, seq_len)
+        out[name] = {"tokens": int(seqs[:, 1:].size), "model": perplexity(model, seqs),
+                     **ngram_perplexities(train_ids, seqs, model.config.vocab_size)}  # fmt: skip
+    return out
