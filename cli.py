@@ -24,6 +24,7 @@ from radial_min.hub import DEFAULT_MODEL
 def cmd_generate(args):
     import radial_min
 
+    radial_min.generation.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before loading
     model = _load(args.model, "opt")
     tok = radial_min.Tokenizer(model.path)
     ids = tok.encode(args.prompt)
@@ -32,7 +33,7 @@ def cmd_generate(args):
     if not args.quiet:
         write(args.prompt)
         sys.stdout.flush()
-    stream = radial_min.tokenizer.Streamer(tok, lambda s: (write(s), sys.stdout.flush()))
+    stream = streamer = radial_min.tokenizer.Streamer(tok, lambda s: (write(s), sys.stdout.flush()))
     if args.router is not None and not args.quiet:
         stream = _depth_streamer(stream, runner, args.show_depth, write)
     t0 = time.perf_counter()
@@ -41,6 +42,8 @@ def cmd_generate(args):
     dt = time.perf_counter() - t0
     if args.quiet:
         write(tok.decode(new))
+    else:
+        streamer.finish()  # a character the last token left incomplete: printed as --quiet would print it
     write("\n")
     if args.stats:
         print(f"[{len(ids)} prompt + {len(new)} new tokens in {dt:.2f} s, {len(new) / dt:.1f} tokens/s]", file=sys.stderr)
@@ -98,6 +101,8 @@ def _routing_summary(radial, n_prompt):
 def cmd_classify(args):
     from radial_min import images
 
+    if args.top < 1:
+        raise RadialError(f"--top must be >= 1, got {args.top}")
     model = _load(args.model, "vit")
     settings = images.read_preprocessor(model.path, model.config.image_size)
     for path in images.list_images(args.image):
@@ -321,13 +326,13 @@ def _load(source, kind):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="cli.py", description="radial_min: Radial Networks on the CPU, in NumPy + Numba")
+    p = _Parser(prog="cli.py", description="radial_min: Radial Networks on the CPU, in NumPy + Numba")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="continue a prompt with an OPT model")
     g.add_argument("prompt", nargs="?", default="In the beginning", help="text to continue (default: %(default)r)")
     g.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder or Hub id (default: the shipped model)")
-    g.add_argument("--max-new-tokens", type=_nonneg_int, default=60, help="tokens to generate (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=60, help="tokens to generate (default: %(default)s)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
     g.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     g.add_argument("--top-p", type=float, default=None, help="sample only within the smallest set of mass p (nucleus)")
@@ -432,11 +437,12 @@ def build_parser():
     return p
 
 
-def _nonneg_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option ends like every other error: one `error:` line on stderr and exit code 2."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv=None):

@@ -68,6 +68,10 @@ def default_text(split: str = "test") -> Path:
 
 def pack(tokens: np.ndarray, seq_len: int, max_sequences: int | None = None) -> np.ndarray:
     """Cut a token stream into consecutive, non-overlapping rows of `seq_len`; the ragged tail is dropped."""
+    if seq_len < 1:
+        raise RadialError(f"--seq-len must be >= 1, got {seq_len}")
+    if max_sequences is not None and max_sequences < 1:
+        raise RadialError(f"--max-sequences must be >= 1, got {max_sequences}")
     n = len(tokens) // seq_len
     if max_sequences is not None:
         n = min(n, max_sequences)

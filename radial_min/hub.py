@@ -7,6 +7,8 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
+
 from .errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,10 +18,10 @@ DEFAULT_MODEL = WEIGHTS / "opt-kjv-wiki"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PATTERNS = [
     "config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
-    "pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin",
     "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "preprocessor_config.json", "generation_config.json",
 ]  # fmt: skip
+_BIN_PATTERNS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]  # only if no safetensors
 
 
 def resolve(source) -> Path:
@@ -40,10 +42,13 @@ def resolve(source) -> Path:
 
 def download(repo_id: str, local: Path) -> Path:
     """Fetch a Hub repo's config, weights and tokenizer into `local`, then make sure safetensors exist."""
+    local = Path(local)
     try:
         from huggingface_hub import snapshot_download
 
         snapshot_download(repo_id, local_dir=local, allow_patterns=_PATTERNS)
+        if (local / "config.json").is_file() and not _has_safetensors(local):  # fetch pickles only when needed
+            snapshot_download(repo_id, local_dir=local, allow_patterns=_BIN_PATTERNS)
     except Exception as e:  # offline, unknown repo, gated repo, ...: all end the same way for the user
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
@@ -57,10 +62,14 @@ def download(repo_id: str, local: Path) -> Path:
     return local
 
 
+def _has_safetensors(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+
+
 def ensure_safetensors(folder: Path) -> None:
     """Convert pytorch_model.bin (single or sharded) to model.safetensors once, then remove the pickles."""
     folder = Path(folder)
-    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+    if _has_safetensors(folder):
         return
     bins = sorted(folder.glob("pytorch_model*.bin"))
     if not bins:
@@ -73,7 +82,7 @@ def ensure_safetensors(folder: Path) -> None:
     tensors = {}
     for b in bins:
         t, _ = load_torch_file(b)
-        tensors.update(t)
+        tensors.update({k: a.astype(np.float32) if a.dtype.kind == "f" and a.dtype != np.float16 else a for k, a in t.items()})
     write_safetensors(folder / "model.safetensors", tensors, {"format": "pt", "converted_from": "pytorch_model.bin"})
     for b in bins:
         b.unlink()

@@ -19,10 +19,11 @@ class Tokenizer:
         settings = _read_json(folder / "tokenizer_config.json")
         special = _read_json(folder / "special_tokens_map.json")
         settings = {**special, **settings}
-        if (folder / "tokenizer.json").is_file():
-            self.backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            bpe = models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+        vocab, merges, whole = folder / "vocab.json", folder / "merges.txt", folder / "tokenizer.json"
+        if whole.is_file():
+            self.backend = _build(whole, lambda: HFTokenizer.from_file(str(whole)))
+        elif vocab.is_file() and merges.is_file():
+            bpe = _build(f"{vocab} with merges.txt", lambda: models.BPE.from_file(str(vocab), str(merges)))
             self.backend = HFTokenizer(bpe)
             self.backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             self.backend.decoder = decoders.ByteLevel()
@@ -73,6 +74,24 @@ class Streamer:
         piece = self.push(token_id)
         if piece:
             self.write(piece)
+
+    def finish(self) -> str:
+        """Write (and return) what is still held back when generation ends: a character left incomplete, or a
+        text that really ends in U+FFFD. Afterwards everything written equals `decode` of all the ids."""
+        text = self.tokenizer.decode(self.ids)
+        piece, self.shown = text[self.shown :], len(text)
+        if piece:
+            self.write(piece)
+        return piece
+
+
+def _build(path, make):
+    """The `tokenizers` library raises a bare Exception on a malformed file; name the file instead."""
+    try:
+        return make()
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a usable tokenizer file ({reason})") from None
 
 
 def _read_json(path: Path) -> dict:

@@ -1,0 +1,349 @@
+"""The command line end to end on tiny checkpoints: output, determinism, and one-line errors for bad input.
+
+Most runs call `cli.main` in this process (fast); a few run `python cli.py` as a real subprocess to check exit codes
+and that stderr carries no traceback.
+"""
+import argparse
+import importlib.util
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import radial_min
+from radial_min import images
+from radial_min.data import SHARED
+from radial_min.kernels import softmax_ref
+from radial_min.train import train_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+PHOTO = SHARED / "images" / "chelsea.png"
+PROMPT = "In the beginning"
+
+
+def _import_cli():
+    spec = importlib.util.spec_from_file_location("radial_min_cli", ROOT / "cli.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli = _import_cli()
+
+
+def run(*args):
+    """`python cli.py ARGS` in the repository root."""
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def call(capsys, *args):
+    """cli.main(ARGS) in this process: (exit code, stdout, stderr). argparse's own exits count as exit codes."""
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err):
+    assert code not in (0, None), err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def opt_with_tokenizer(tmp_path_factory):
+    """opt-pre (vocab 384) with a byte-level BPE of 384 tokens trained for it, as `train` would make one."""
+    folder = tmp_path_factory.mktemp("cli") / "opt-pre-tok"
+    shutil.copytree(FIXTURES / "opt-pre", folder)
+    wiki = SHARED / "wikitext-2" / "test.txt"
+    texts = wiki.read_text(encoding="utf-8").split("\n")[:3000] if wiki.is_file() else [PROMPT + " and the earth"] * 50
+    train_tokenizer(texts, 384, folder)
+    assert radial_min.Tokenizer(folder).vocab_size <= 384
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_random_opt(tmp_path_factory):
+    """A 2-layer random OPT with OPT's real vocabulary and tokenizer, from tools/make_random_opt.py."""
+    if not (SHARED / "opt-tokenizer" / "vocab.json").is_file():
+        pytest.skip("../shared/data/opt-tokenizer is not available")
+    base = tmp_path_factory.mktemp("random-opt")
+    out = base / "rnd"
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "make_random_opt.py"), "--layers", "2", "--hidden", "32", "--heads", "2",
+                        "--max-positions", "128", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    text = base / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20 + "Naïve café — 日本語.\n" * 5, encoding="utf-8")
+    return out, text
+
+
+def expected_generation(folder, prompt, n, **kw):
+    model = radial_min.load(folder)
+    tok = radial_min.Tokenizer(folder)
+    return tok.decode(radial_min.generate(model, tok.encode(prompt), n, **kw))
+
+
+# ------------------------------------------------------------------------------------------------ generate
+
+
+def test_generate_greedy_streams_the_library_output(capsys, opt_with_tokenizer):
+    code, out, err = call(capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 12)
+    assert code == 0 and err == ""
+    assert out == PROMPT + expected_generation(opt_with_tokenizer, PROMPT, 12) + "\n"
+    assert call(capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 12)[1] == out
+
+
+def test_generate_quiet_prints_only_the_new_text(capsys, opt_with_tokenizer):
+    code, out, err = call(capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 12, "--quiet")
+    assert code == 0 and err == ""
+    assert out == expected_generation(opt_with_tokenizer, PROMPT, 12) + "\n"
+    assert not out.startswith(PROMPT)
+
+
+def test_generate_sampling_streamed_equals_quiet(capsys, opt_with_tokenizer):
+    """At a high temperature the tiny model emits stray bytes. The stream holds split characters back, yet what it
+    printed in the end is exactly the --quiet text, also when the last token leaves a character incomplete."""
+    ends_split = 0
+    for seed in range(4):
+        args = ["generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 30, "--temperature", 3.0, "--seed", seed]
+        code, streamed, _ = call(capsys, *args)
+        assert code == 0
+        code, quiet, _ = call(capsys, *args, "--quiet")
+        assert code == 0
+        assert streamed == PROMPT + quiet, seed
+        assert quiet == expected_generation(opt_with_tokenizer, PROMPT, 30, temperature=3.0, seed=seed) + "\n"
+        ends_split += quiet.endswith("\ufffd\n")
+    assert ends_split >= 1  # the case that needs Streamer.finish() did come up
+
+
+def test_generate_stats_and_zero_tokens(capsys, opt_with_tokenizer):
+    code, out, err = call(capsys, "generate", "Hi", "--model", opt_with_tokenizer, "--max-new-tokens", 0, "--stats")
+    assert code == 0 and out == "Hi\n"
+    assert re.fullmatch(r"\[\d+ prompt \+ 0 new tokens in [\d.]+ s, [\d.]+ tokens/s\]\n", err), err
+
+
+def test_generate_as_a_subprocess(opt_with_tokenizer):
+    p = run("generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 8)
+    assert p.returncode == 0 and p.stderr == ""
+    assert p.stdout == PROMPT + expected_generation(opt_with_tokenizer, PROMPT, 8) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ info, classify
+
+
+def test_info_opt(capsys):
+    code, out, err = call(capsys, "info", "--model", FIXTURES / "opt-pre")
+    assert code == 0 and err == ""
+    model = radial_min.load(FIXTURES / "opt-pre")
+    assert f"parameters  {model.n_params:,}\n" in out and model.n_params == 40096
+    assert "on disk     52 tensors float32" in out
+    assert "blocks      6 (3 layers x attention + FFN)" in out
+    assert "hidden 32, ffn 64, heads 4, vocab 384" in out and "context 64" in out
+
+
+def test_info_fp16_and_vit(capsys):
+    code, out, _ = call(capsys, "info", "--model", FIXTURES / "opt-fp16-sharded")
+    assert code == 0 and re.search(r"on disk     \d+ tensors float16\n", out)
+    code, out, _ = call(capsys, "info", "--model", FIXTURES / "vit-cls")
+    model = radial_min.load(FIXTURES / "vit-cls")
+    assert code == 0 and f"parameters  {model.n_params:,}\n" in out
+    assert "32px, patch 8, 16 patches, labels 5" in out and "float32" in out
+
+
+def parse_classify(out):
+    lines = out.splitlines()
+    rows = [re.fullmatch(r"\s+([\d.]+)%\s+(\S+)", line) for line in lines[1:]]
+    assert all(rows), out
+    return lines[0], [(float(m.group(1)), m.group(2)) for m in rows]
+
+
+def test_classify_photo(capsys):
+    if not PHOTO.is_file():
+        pytest.skip(f"{PHOTO} is not available")
+    code, out, err = call(capsys, "classify", PHOTO, "--model", FIXTURES / "vit-cls")
+    assert code == 0 and err == ""
+    head, rows = parse_classify(out)
+    assert head == f"{PHOTO}:"
+    probs = [p for p, _ in rows]
+    labels = [name for _, name in rows]
+    assert len(rows) == 5 and sorted(labels) == [f"class_{i}" for i in range(5)]
+    assert probs == sorted(probs, reverse=True)
+    assert sum(probs) <= 100.0 + 0.005 * len(probs) and sum(probs) > 99.9  # all 5 labels, each rounded to 0.01%
+    model = radial_min.load(FIXTURES / "vit-cls")
+    pixels = images.preprocess(images.read_image(PHOTO), images.read_preprocessor(model.path, 32))[None]
+    expected = softmax_ref(model.forward(pixels)[0].astype("float64"))
+    assert labels[0] == f"class_{int(expected.argmax())}"
+    assert probs[0] == pytest.approx(100 * expected.max(), abs=0.006)
+
+
+def test_classify_folder_with_top(capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "a.npy", rng.integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    np.save(tmp_path / "b.npy", rng.uniform(0, 255, (20, 50)).astype(np.float32))
+    (tmp_path / "notes.txt").write_text("not an image")
+    code, out, err = call(capsys, "classify", tmp_path, "--model", FIXTURES / "vit-cls", "--top", 3)
+    assert code == 0 and err == ""
+    blocks = re.split(r"(?m)^(?=\S)", out)
+    blocks = [b for b in blocks if b]
+    assert [b.splitlines()[0] for b in blocks] == [f"{tmp_path / 'a.npy'}:", f"{tmp_path / 'b.npy'}:"]
+    for b in blocks:
+        _, rows = parse_classify(b)
+        probs = [p for p, _ in rows]
+        assert len(rows) == 3 and probs == sorted(probs, reverse=True) and sum(probs) < 100.0
+
+
+# ------------------------------------------------------------------------------------------------ help and errors
+
+
+def subcommands():
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(action.choices)
+
+
+def test_every_subcommand_has_help(capsys):
+    names = subcommands()
+    assert {"generate", "classify", "info", "train", "profile", "simulate"} <= set(names)
+    for name in names:
+        code, out, err = call(capsys, name, "--help")
+        assert code == 0 and out.startswith(f"usage: cli.py {name}") and err == "", name
+    code, out, _ = call(capsys, "--help")
+    assert code == 0 and all(name in out for name in names)
+
+
+def test_help_as_a_subprocess():
+    p = run("generate", "--help")
+    assert p.returncode == 0 and "--max-new-tokens" in p.stdout and p.stderr == ""
+
+
+@pytest.fixture
+def corrupt_checkpoint(tmp_path):
+    folder = tmp_path / "corrupt"
+    shutil.copytree(FIXTURES / "opt-pre", folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+def bad_inputs(tmp_path, corrupt, good_opt):
+    missing = tmp_path / "no-such-model"
+    return {
+        "missing model folder": (["generate", "Hi", "--model", missing], f"{missing}: no such checkpoint folder"),
+        "corrupt checkpoint": (["info", "--model", corrupt], "truncated"),
+        "corrupt checkpoint, generate": (["generate", "--model", corrupt], "truncated"),
+        "negative max-new-tokens": (["generate", "Hi", "--model", good_opt, "--max-new-tokens", "-1"], "max_new_tokens must be >= 0"),
+        "top-p 2": (["generate", "Hi", "--model", good_opt, "--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
+        "negative temperature": (["generate", "Hi", "--model", good_opt, "--temperature", "-1"], "temperature must be >= 0"),
+        "top-k 0": (["generate", "Hi", "--model", good_opt, "--top-k", "0"], "top_k must be >= 1"),
+        "image does not exist": (["classify", tmp_path / "nope.jpg", "--model", FIXTURES / "vit-cls"], "no such image file or folder"),
+        "classify an OPT": (["classify", FIXTURES / "vit-cls", "--model", FIXTURES / "opt-pre"], "is a opt checkpoint, this command needs vit"),
+        "generate with a ViT": (["generate", "--model", FIXTURES / "vit-cls"], "is a vit checkpoint, this command needs opt"),
+        "model without tokenizer": (["generate", "--model", FIXTURES / "opt-pre"], "no tokenizer"),
+        "a file as model": (["info", "--model", FIXTURES / "opt-pre" / "config.json"], "is a file"),
+        "not an image": (["classify", FIXTURES / "vit-cls" / "config.json", "--model", FIXTURES / "vit-cls"], "not a readable image"),
+        "top -2": (["classify", FIXTURES / "vit-cls", "--model", FIXTURES / "vit-cls", "--top", "-2"], "--top must be >= 1, got -2"),
+    }
+
+
+def test_bad_inputs_give_one_error_line(capsys, tmp_path, corrupt_checkpoint, opt_with_tokenizer):
+    for label, (args, fragment) in bad_inputs(tmp_path, corrupt_checkpoint, opt_with_tokenizer).items():
+        code, out, err = call(capsys, *args)
+        assert_one_line_error(code, err)
+        assert fragment in err, (label, err)
+        assert out == "", (label, out)  # nothing half-printed: settings are checked before the prompt is echoed
+
+
+@pytest.mark.parametrize("label", ["missing model folder", "negative max-new-tokens", "classify an OPT"])
+def test_bad_inputs_as_a_subprocess(tmp_path, corrupt_checkpoint, opt_with_tokenizer, label):
+    args, fragment = bad_inputs(tmp_path, corrupt_checkpoint, opt_with_tokenizer)[label]
+    p = run(*args)
+    assert p.returncode == 2 and p.stdout == ""
+    assert_one_line_error(p.returncode, p.stderr)
+    assert fragment in p.stderr
+
+
+# ------------------------------------------------------------------------------------------------ profile, simulate
+
+
+def test_profile_end_to_end(capsys, tiny_random_opt, tmp_path):
+    model_dir, text = tiny_random_opt
+    out = tmp_path / "profile"
+    code, stdout, err = call(capsys, "profile", "--model", model_dir, "--text", text, "--seq-len", 32, "--max-sequences", 2, "--out", out)
+    assert code == 0, err
+    assert f"results in {out}/" in stdout
+    label = model_dir.name
+    for name in ["summary.json", "summary.csv", f"ratios_{label}_prefill.npz"]:
+        assert (out / name).is_file(), name
+    pngs = ["ratio_hist.png", "layer_profile.png", f"routing_trace_{label}.png", f"depth_hist_{label}.png"]
+    if importlib.util.find_spec("matplotlib") is not None:
+        for name in pngs:
+            assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+    ratios = np.load(out / f"ratios_{label}_prefill.npz")
+    assert ratios["ratios"].shape == (2 * 32, 4) and list(ratios["blocks"]) == ["L0.att", "L0.ffn", "L1.att", "L1.ffn"]
+    summary = json.loads((out / "summary.json").read_text())
+    s = summary[f"{label}/prefill"]
+    medians = [b["median"] for b in s["blocks"].values()] + [t["median"] for t in s["types"].values()] + [s["overall"]["median"]]
+    assert len(s["blocks"]) == 4 and all(math.isfinite(m) and m > 0 for m in medians)
+    assert s["overall"]["median"] == pytest.approx(float(np.median(ratios["ratios"])), rel=1e-5)
+    assert s["blocks"]["L1.ffn"]["median"] == pytest.approx(float(np.median(ratios["ratios"][:, 3])), rel=1e-5)
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("model,phase,block,") and len(rows) == 1 + 4 + 2 + 1  # 4 blocks, att/ffn, overall
+
+
+def test_simulate_end_to_end(capsys, tiny_random_opt, tmp_path):
+    model_dir, text = tiny_random_opt
+    out = tmp_path / "simulate"
+    args = ["simulate", "--model", model_dir, "--text", text, "--seq-len", 32, "--max-sequences", 2, "--taus", "0,0.5", "--out", out]
+    code, stdout, err = call(capsys, *args)
+    assert code == 0, err
+    for name in ["simulate.json", "simulate.csv"]:
+        assert (out / name).is_file(), name
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "ppl_vs_depth.png").read_bytes()[:4] == b"\x89PNG"
+    result = json.loads((out / "simulate.json").read_text())
+    assert (result["sequences"], result["seq_len"], len(result["blocks"])) == (2, 32, 4)
+    rows = result["rows"]
+    assert sorted((r["rule"], r["tau"]) for r in rows) == [("drop", 0.0), ("drop", 0.5), ("fill", 0.0), ("fill", 0.5)]
+    for r in rows:
+        assert math.isfinite(r["ppl"]) and r["ppl"] > 1
+        if r["tau"] == 0:
+            assert r["mean_depth"] == 4 and r["min_depth"] == r["max_depth"] == 4 and r["skip_rate"] == [0, 0, 0, 0]
+        else:
+            assert r["mean_depth"] < 4
+    full = [r["ppl"] for r in rows if r["tau"] == 0]
+    assert full[0] == pytest.approx(full[1], rel=1e-6)  # nothing skipped: the KV rule cannot matter
+    csv_rows = (out / "simulate.csv").read_text().splitlines()
+    assert len(csv_rows) == 5 and csv_rows[0].startswith("tau,rule,ppl,mean_depth")
+
+
+def test_profile_text_too_short(capsys, tiny_random_opt, tmp_path):
+    model_dir, _ = tiny_random_opt
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    code, _, err = call(capsys, "profile", "--model", model_dir, "--text", short, "--seq-len", 32, "--out", tmp_path / "p")
+    assert_one_line_error(code, err)
+    assert "fewer than one sequence of 32" in err
+    code, _, err = call(capsys, "profile", "--model", model_dir, "--text", tmp_path / "missing.txt", "--out", tmp_path / "p")
+    assert_one_line_error(code, err)
+    assert "no such text file" in err
+
+
+@pytest.mark.parametrize("option,value", [("--seq-len", 0), ("--seq-len", -4), ("--max-sequences", 0), ("--max-sequences", -1)])
+def test_profile_refuses_empty_packing(capsys, tiny_random_opt, tmp_path, option, value):
+    model_dir, text = tiny_random_opt
+    args = {"--seq-len": 16, "--max-sequences": 2, option: value}
+    code, _, err = call(capsys, "profile", "--model", model_dir, "--text", text, *[x for kv in args.items() for x in kv], "--out", tmp_path)
+    assert_one_line_error(code, err)
+    assert f"{option} must be >= 1, got {value}" in err
+    assert not (tmp_path / "summary.json").exists()

@@ -1,0 +1,200 @@
+"""Where checkpoints come from: local folders as given, Hub ids into weights/<name>/ (the Hub is faked here)."""
+import fnmatch
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import radial_min
+import radial_min.checkpoint
+import radial_min.hub
+from radial_min.errors import CheckpointError
+
+huggingface_hub = pytest.importorskip("huggingface_hub")
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def weights(tmp_path, monkeypatch):
+    """weights/ in a temporary folder, so nothing is written into the repository."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    monkeypatch.setattr(radial_min.hub, "WEIGHTS", folder)
+    return folder
+
+
+class FakeHub:
+    """Stands in for huggingface_hub.snapshot_download: copies the files of `repo` that match allow_patterns."""
+
+    def __init__(self, repo: Path | None, error: Exception | None = None):
+        self.repo, self.error, self.calls = repo, error, []
+
+    def __call__(self, repo_id, local_dir=None, allow_patterns=None, **kw):
+        self.calls.append((repo_id, Path(local_dir), list(allow_patterns or [])))
+        if self.error is not None:
+            raise self.error
+        local = Path(local_dir)
+        local.mkdir(parents=True, exist_ok=True)
+        for f in self.repo.iterdir():
+            if allow_patterns is None or any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, local / f.name)
+        return str(local)
+
+    def fetched(self):
+        """Names of the files each call brought."""
+        return [sorted(f.name for f in self.repo.iterdir() if any(fnmatch.fnmatch(f.name, p) for p in pats)) for _, _, pats in self.calls]
+
+
+def fake_repo(tmp_path, *names, source="opt-hub-bin"):
+    repo = tmp_path / "hub-repo"
+    repo.mkdir()
+    for name in names:
+        shutil.copy(FIXTURES / source / name, repo / name)
+    return repo
+
+
+def rel_err(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# ------------------------------------------------------------------------------------------------ resolve
+
+
+def test_local_folder_is_returned_as_is(weights, monkeypatch):
+    hub = FakeHub(None, RuntimeError("must not download"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    folder = FIXTURES / "opt-pre"
+    assert radial_min.hub.resolve(folder) == folder
+    assert radial_min.hub.resolve(str(folder)) == folder
+    assert hub.calls == [] and list(weights.iterdir()) == []
+
+
+def test_a_file_is_not_a_checkpoint(weights):
+    path = FIXTURES / "opt-pre" / "config.json"
+    with pytest.raises(CheckpointError) as e:
+        radial_min.hub.resolve(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: is a file") and "config.json and the weights" in msg
+
+
+def test_a_missing_path_that_cannot_be_a_hub_id(weights, tmp_path, monkeypatch):
+    hub = FakeHub(None, RuntimeError("must not download"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    missing = tmp_path / "no" / "such" / "model"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(missing))}: no such checkpoint folder$"):
+        radial_min.load(missing)
+    assert hub.calls == []
+
+
+def test_downloaded_before_is_not_downloaded_again(weights, monkeypatch):
+    shutil.copytree(FIXTURES / "opt-pre", weights / "opt-tiny")
+    hub = FakeHub(None, RuntimeError("must not download"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    assert radial_min.hub.resolve("someone/opt-tiny") == weights / "opt-tiny"
+    assert radial_min.load("someone/opt-tiny").config.vocab_size == 384
+    assert hub.calls == []
+
+
+# ------------------------------------------------------------------------------------------------ download
+
+
+def offline_error():
+    return huggingface_hub.errors.LocalEntryNotFoundError(
+        "Cannot find an appropriate cached snapshot folder for the specified revision on the local disk and outgoing "
+        "traffic has been disabled. To enable repo look-ups and downloads online, set 'HF_HUB_OFFLINE=0' as environment "
+        "variable.\nsecond line of detail"
+    )
+
+
+def test_offline_download_gives_one_clear_error(weights, monkeypatch):
+    hub = FakeHub(None, offline_error())
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    with pytest.raises(CheckpointError) as e:
+        radial_min.load("facebook/opt-125m")
+    msg = str(e.value)
+    local = weights / "opt-125m"
+    assert "\n" not in msg and "second line" not in msg
+    assert msg.startswith("facebook/opt-125m: not a local folder, and downloading it from the Hugging Face Hub failed")
+    assert "LocalEntryNotFoundError" in msg and "outgoing traffic has been disabled" in msg
+    for needed in ("config.json", "model.safetensors", "pytorch_model.bin", "vocab.json", "merges.txt"):
+        assert needed in msg
+    assert f"in {local}/ and pass --model {local}" in msg
+    (repo_id, local_dir, patterns), = hub.calls
+    assert (repo_id, local_dir) == ("facebook/opt-125m", local)
+    assert "config.json" in patterns and "model.safetensors" in patterns and "vocab.json" in patterns
+    assert not any(p.startswith("pytorch_model") for p in patterns)  # pickles are asked for only when needed
+
+
+def test_any_download_failure_is_a_checkpoint_error(weights, monkeypatch):
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(None, ConnectionError("")))
+    with pytest.raises(CheckpointError, match=r"org/model: .*failed \(ConnectionError: ConnectionError\)"):
+        radial_min.hub.resolve("org/model")
+
+
+def test_bin_only_repo_is_converted_once_to_safetensors(weights, tmp_path, monkeypatch):
+    repo = fake_repo(tmp_path, "config.json", "pytorch_model.bin")
+    hub = FakeHub(repo)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    writes = []
+    real_write = radial_min.checkpoint.write_safetensors
+    monkeypatch.setattr(radial_min.checkpoint, "write_safetensors", lambda *a, **k: (writes.append(a[0]), real_write(*a, **k)))
+
+    model = radial_min.load("facebook/opt-hub-bin")
+    local = weights / "opt-hub-bin"
+    assert model.path == local
+    assert sorted(p.name for p in local.iterdir() if not p.name.startswith(".")) == ["config.json", "model.safetensors"]
+    assert writes == [local / "model.safetensors"]
+    assert hub.fetched() == [["config.json"], ["pytorch_model.bin"]]  # the pickle only after no safetensors were found
+
+    ref = np.load(FIXTURES / "opt-hub-bin" / "reference.npz")
+    logits = model.forward(ref["input_ids"])
+    assert rel_err(logits, ref["logits"]) <= 1e-4
+    np.testing.assert_array_equal(logits, radial_min.load(FIXTURES / "opt-hub-bin").forward(ref["input_ids"]))
+    assert set(model.dtypes_on_disk) == {"float32"}
+
+    again = radial_min.load("facebook/opt-hub-bin")  # second time: no download, no conversion
+    assert len(hub.calls) == 2 and len(writes) == 1
+    np.testing.assert_array_equal(again.forward(ref["input_ids"]), logits)
+
+
+def test_repo_with_safetensors_never_fetches_the_pickle(weights, tmp_path, monkeypatch):
+    repo = fake_repo(tmp_path, "config.json", "model.safetensors", "generation_config.json", source="opt-pre")
+    shutil.copy(FIXTURES / "opt-hub-bin" / "pytorch_model.bin", repo / "pytorch_model.bin")
+    hub = FakeHub(repo)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    model = radial_min.load("org/opt-pre")
+    assert len(hub.calls) == 1
+    assert not (weights / "opt-pre" / "pytorch_model.bin").exists()
+    assert sorted(p.name for p in (weights / "opt-pre").iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert model.config.num_hidden_layers == 3
+
+
+def test_repo_without_weights(weights, tmp_path, monkeypatch):
+    hub = FakeHub(fake_repo(tmp_path, "config.json"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    with pytest.raises(CheckpointError) as e:
+        radial_min.load("org/empty-model")
+    assert str(e.value) == (
+        f"{weights / 'empty-model'}: has no usable weights; expected model.safetensors, model.safetensors.index.json "
+        "or pytorch_model.bin"
+    )
+
+
+def test_repo_without_config(weights, tmp_path, monkeypatch):
+    hub = FakeHub(fake_repo(tmp_path, "pytorch_model.bin"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    with pytest.raises(CheckpointError) as e:
+        radial_min.hub.resolve("org/not-a-model")
+    assert str(e.value) == f"org/not-a-model: the Hub repo has no config.json; place a Hugging Face checkpoint in {weights / 'not-a-model'}/"
+    assert len(hub.calls) == 1  # no point fetching weights for a repo without a config
+
+
+def test_ensure_safetensors_leaves_safetensors_alone(tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(FIXTURES / "opt-pre", folder)
+    before = (folder / "model.safetensors").read_bytes()
+    radial_min.hub.ensure_safetensors(folder)
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in (FIXTURES / "opt-pre").iterdir())
