@@ -229,34 +229,33 @@ def attention_ref(q, k, v, n_head, q_pos=None, k_pos=None):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _attention(q, k, v, n_keys, q_pos, k_pos, causal, out):  # [H, T, D], [H, >=N, D] x2 -> out [H, T, D]
-    """One task per (head, query): scores against the visible keys, softmax, weighted sum of values. Head-major
-    layout keeps each head's keys contiguous, so the dot products stream and vectorize."""
+    """One task per (head, query): scores against the visible keys, softmax, weighted sum of values.
+
+    Head-major layout keeps each head's keys contiguous, so the dot products stream and vectorize. Caches
+    store keys in position order, so a causal query's visible keys are a prefix: nothing masked is touched."""
     n_head, n_q, d_head = q.shape
     scale = np.float32(1.0 / math.sqrt(d_head))
     for task in prange(n_head * n_q):
         h, i = task // n_q, task % n_q
-        scores = np.empty(n_keys, np.float32)
+        n_vis = np.searchsorted(k_pos[:n_keys], q_pos[i], side="right") if causal else n_keys
+        scores = np.empty(n_vis, np.float32)
         best = np.float32(-np.inf)
-        for j in range(n_keys):
-            if causal and k_pos[j] > q_pos[i]:
-                scores[j] = -np.inf
-                continue
+        for j in range(n_vis):
             s = np.float32(0.0)
             for d in range(d_head):
                 s += q[h, i, d] * k[h, j, d]
             scores[j] = s * scale
             best = max(best, scores[j])
         total = np.float32(0.0)
-        for j in range(n_keys):
+        for j in range(n_vis):
             e = np.float32(math.exp(scores[j] - best))
             scores[j] = e
             total += e
         acc = np.zeros(d_head, np.float32)
-        for j in range(n_keys):
+        for j in range(n_vis):
             p = scores[j]
-            if p != 0.0:
-                for d in range(d_head):
-                    acc[d] += p * v[h, j, d]
+            for d in range(d_head):
+                acc[d] += p * v[h, j, d]
         for d in range(d_head):
             out[h, i, d] = acc[d] / total
 
@@ -281,10 +280,13 @@ def attention(q, k, v, n_head, q_pos=None, k_pos=None):
 
     Keys and values come token-major [N, E], or head-major [H, capacity, D] straight from a cache's storage,
     of which the first len(k_pos) are valid. Given positions, attention is causal: query i sees key j only if
-    k_pos[j] <= q_pos[i]. Positions rather than an offset let one kernel serve the dense cache, a cache with
-    holes (skipped tokens) and the unified cache.
+    k_pos[j] <= q_pos[i]; keys must be in position order (every cache appends in token order). Positions
+    rather than an offset let one kernel serve the dense cache, a cache with holes (skipped tokens) and the
+    unified cache.
     """
     causal = q_pos is not None
+    if causal and len(k_pos) > 1 and (np.diff(k_pos) < 0).any():
+        raise ValueError("attention: key positions must be in increasing order")
     if k.ndim == 2:
         k, v = split_heads(k, n_head), split_heads(v, n_head)
     n_keys = len(k_pos) if causal else k.shape[1]

@@ -118,3 +118,9 @@ def test_attention_accepts_strided_views():
     pos = np.arange(6)
     np.testing.assert_allclose(kernels.attention(q, k, v, 2, pos, pos),
                                kernels.attention_ref(q.copy(), k.copy(), v.copy(), 2, pos, pos), rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_attention_refuses_unsorted_key_positions():
+    q, k = randn(1, 4), randn(3, 4)
+    with pytest.raises(ValueError, match="increasing order"):
+        kernels.attention(q, k, k, 1, np.array([5]), np.array([0, 3, 2]))
