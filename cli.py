@@ -25,7 +25,7 @@ def cmd_generate(args):
     import radial_min
 
     radial_min.generation.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before loading
-    model = _load(args.model, "opt")
+    model = _load(args.model, "opt", args.weights_dtype)
     tok = radial_min.Tokenizer(model.path)
     ids = tok.encode(args.prompt)
     runner = model if args.router is None else _radial_network(model, args)
@@ -316,10 +316,10 @@ def _bar(desc, unit):
     return lambda items: tqdm(items, desc=desc, unit=unit, leave=False, dynamic_ncols=True, disable=None)
 
 
-def _load(source, kind):
+def _load(source, kind, weights_dtype="float32"):
     import radial_min
 
-    model = radial_min.load(source)
+    model = radial_min.load(source, weights_dtype=weights_dtype)
     if kind is not None and model.config.model_type != kind:
         raise RadialError(f"--model {source}: is a {model.config.model_type} checkpoint, this command needs {kind}")
     return model
@@ -339,6 +339,8 @@ def build_parser():
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     g.add_argument("--quiet", action="store_true", help="print only the new text at the end, no streaming")
     g.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
+    g.add_argument("--weights-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="keep weight matrices in this precision in memory; compute stays float32 (default: %(default)s)")  # fmt: skip
     g.add_argument("--router", default=None, help="route tokens with this trained router (a .json/.safetensors pair)")
     g.add_argument("--max-depth", type=int, default=None, help="with --router: most blocks a token may run (default: the router's)")
     g.add_argument("--cache-policy", choices=["per-layer", "global"], default="per-layer",

@@ -85,16 +85,74 @@ def matmul(a, w, b, out):  # [T, in], [out, in], [out] or [0] -> out [T, out]
                     out[i, jj] += b[jj]
 
 
+# Half-precision weights (an option of `load`): decode is bandwidth-bound, so reading 2 bytes per weight instead
+# of 4 roughly doubles its speed. Each row is widened to float32 in a small buffer, then dotted in float32.
+# float16 -> float32: move sign, exponent and mantissa into float32's fields ((h & 0x7fff) << 13) and multiply
+# by 2^112 to correct the exponent bias (127 - 15); exact for normal and subnormal halves (weights hold no inf).
+# bfloat16 -> float32: the 16 stored bits are float32's top half.
+
+_F16_BIAS = np.float32(2.0**112)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matvec_half(x, w, b, is_bf16, out):  # [in], [out, in] uint16 bits, [out] or [0] -> out [out]
+    n_out, n_in = w.shape
+    rows_per_task = 32
+    for t in prange((n_out + rows_per_task - 1) // rows_per_task):
+        bits = np.empty(n_in, np.uint32)
+        wide = bits.view(np.float32)
+        for n in range(t * rows_per_task, min(n_out, (t + 1) * rows_per_task)):
+            if is_bf16:
+                for k in range(n_in):
+                    bits[k] = np.uint32(w[n, k]) << 16
+            else:
+                for k in range(n_in):
+                    h = np.uint32(w[n, k])
+                    bits[k] = ((h & 0x8000) << 16) | ((h & 0x7FFF) << 13)
+            acc = np.float32(0.0)
+            for k in range(n_in):
+                acc += x[k] * wide[k]
+            if not is_bf16:
+                acc *= _F16_BIAS
+            out[n] = acc + b[n] if b.size else acc
+
+
+def to_float32(w) -> np.ndarray:
+    """Weights in any storage dtype as float32: float16 directly, bfloat16 bits (uint16) by shifting."""
+    if w.dtype == np.uint16:
+        return (w.astype(np.uint32) << 16).view(np.float32)
+    return w.astype(np.float32, copy=False)
+
+
+def to_storage(w, dtype: str) -> np.ndarray:
+    """float32 weights in the storage dtype: "float32", "float16", or "bfloat16" (as uint16 bits, rounded to nearest)."""
+    if dtype == "float32":
+        return w.astype(np.float32, copy=False)
+    if dtype == "float16":
+        return w.astype(np.float16)
+    if dtype == "bfloat16":
+        bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round half to even
+    raise ValueError(f"weights dtype must be float32, float16 or bfloat16, got {dtype!r}")
+
+
 _NO_BIAS = np.zeros(0, np.float32)
 
 
 def linear(x, w, b=None):
-    """y = x @ w.T + b for weights in nn.Linear's [out, in] layout: our matvec for one row, else sgemm."""
+    """y = x @ w.T + b for weights in nn.Linear's [out, in] layout: our matvec for one row, else sgemm.
+
+    `w` may be stored as float16 or bfloat16 (uint16 bits); computation is float32 either way."""
     bias = _NO_BIAS if b is None else b
     if x.shape[0] == 1:
         out = np.empty((1, w.shape[0]), np.float32)
-        matvec(x[0], w, bias, out[0])  # [1, in] -> [1, out]
+        if w.dtype == np.float32:
+            matvec(x[0], w, bias, out[0])  # [1, in] -> [1, out]
+        else:
+            matvec_half(x[0], w.view(np.uint16), bias, w.dtype == np.uint16, out[0])
         return out
+    if w.dtype != np.float32:
+        w = to_float32(w)  # prefill is compute-bound: widen once, then sgemm
     if _BACKEND["matmul"] == "numba":
         out = np.empty((x.shape[0], w.shape[0]), np.float32)
         matmul(np.ascontiguousarray(x), w, bias, out)

@@ -55,7 +55,7 @@ def normalize_name(name: str) -> str:
 
 
 class OPT:
-    """An OPT causal language model as a list of residual blocks."""
+    """An OPT causal language model as a list of residual blocks. Built from tensors `t` (consumed)."""
 
     def __init__(self, cfg: OPTConfig, t: dict):
         self.config = cfg
@@ -69,9 +69,9 @@ class OPT:
         self.blocks = []
         for i in range(self.n_layer):
             p = f"decoder.layers.{i}."
-            qkv = Linear(
-                np.concatenate([t[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]),
-                np.concatenate([t[p + f"self_attn.{x}_proj.bias"] for x in "qkv"]) if cfg.enable_bias else None,
+            qkv = Linear(  # popped: the separate copies are freed as the stacked one is made (peak memory)
+                np.concatenate([t.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+                np.concatenate([t.pop(p + f"self_attn.{x}_proj.bias") for x in "qkv"]) if cfg.enable_bias else None,
             )
             out = Linear.from_tensors(t, p + "self_attn.out_proj")
             pre = cfg.do_layer_norm_before
@@ -82,7 +82,7 @@ class OPT:
     # --------------------------------------------------------------------------------------------- pieces
 
     def embed(self, input_ids, pos):
-        x = self.embed_tokens[input_ids]  # [T] -> [T, P]
+        x = kernels.to_float32(self.embed_tokens[input_ids])  # [T] -> [T, P] (weights may be stored in half)
         if self.project_in is not None:
             x = self.project_in(x)  # [T, P] -> [T, E]
         return x + self.embed_positions[pos + POSITION_OFFSET]  # [T, E]

@@ -46,7 +46,8 @@ def normalize_name(name: str) -> str:
 
 
 class ViT:
-    """ViTForImageClassification (logits over id2label) or ViTModel (tanh pooler output, or the CLS state)."""
+    """ViTForImageClassification (logits over id2label) or ViTModel (tanh pooler output, or the CLS state).
+    Built from tensors `t` (consumed)."""
 
     def __init__(self, cfg: ViTConfig, t: dict):
         self.config = cfg
@@ -60,9 +61,9 @@ class ViT:
         for i in range(self.n_layer):
             p = f"encoder.layer.{i}."
             names = [p + f"attention.attention.{x}" for x in ("query", "key", "value")]
-            qkv = Linear(
-                np.concatenate([t[n + ".weight"] for n in names]),
-                np.concatenate([t[n + ".bias"] for n in names]) if cfg.qkv_bias else None,
+            qkv = Linear(  # popped: the separate copies are freed as the stacked one is made (peak memory)
+                np.concatenate([t.pop(n + ".weight") for n in names]),
+                np.concatenate([t.pop(n + ".bias") for n in names]) if cfg.qkv_bias else None,
             )
             out = Linear.from_tensors(t, p + "attention.output.dense")
             ln1, ln2 = LayerNorm.from_tensors(t, p + "layernorm_before", cfg.layer_norm_eps), LayerNorm.from_tensors(t, p + "layernorm_after", cfg.layer_norm_eps)

@@ -124,3 +124,24 @@ def test_attention_refuses_unsorted_key_positions():
     q, k = randn(1, 4), randn(3, 4)
     with pytest.raises(ValueError, match="increasing order"):
         kernels.attention(q, k, k, 1, np.array([5]), np.array([0, 3, 2]))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_weights(dtype):
+    """matvec over half-precision weights equals float32 math on the same (rounded) weights; sign, subnormals."""
+    x, w, b = randn(70), randn(45, 70), randn(45)
+    w[0, :4] = [1e-6, -6e-8, -2.5, 0.0]  # a float16 subnormal, a tiny negative, an exact value, zero
+    stored = kernels.to_storage(w, dtype)
+    assert stored.dtype == (np.float16 if dtype == "float16" else np.uint16)
+    wide = kernels.to_float32(stored)
+    assert np.abs(wide - w).max() <= (1e-3 if dtype == "float16" else 1e-2) * np.abs(w).max()
+    np.testing.assert_allclose(kernels.linear(x[None], stored, b), kernels.linear_ref(x[None], wide, b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kernels.linear(np.stack([x, x]), stored, b)[1], kernels.linear_ref(x[None], wide, b)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_rounds_to_nearest_even():
+    x = np.array([1.0 + 2**-8, 1.0 + 3 * 2**-8, 1.0 + 2**-9], np.float32)  # halfway, halfway, below half
+    back = kernels.to_float32(kernels.to_storage(x, "bfloat16"))
+    np.testing.assert_array_equal(back, np.array([1.0, 1.0 + 4 * 2**-8, 1.0], np.float32))
+    with pytest.raises(ValueError, match="weights dtype"):
+        kernels.to_storage(x, "int8")

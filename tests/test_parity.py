@@ -81,3 +81,15 @@ def test_kv_cache_decode_equals_full_forward(name):
     np.testing.assert_allclose(np.concatenate(parts), full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
     assert cache.n_tokens == len(ids)
     assert all(r.n == len(ids) for r in cache.layers)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 2e-3), ("bfloat16", 2e-2)])
+@pytest.mark.parametrize("name", ["opt-pre", "opt-350m-style", "vit-cls"])
+def test_half_precision_weights_in_memory(name, dtype, tol):
+    """Weights kept in half precision (compute in float32): the parity error stays small and is reported."""
+    model = radial_min.load(FIXTURES / name, weights_dtype=dtype)
+    ref = np.load(FIXTURES / name / "reference.npz")
+    out = model.forward(ref["input_ids"] if "opt" in name else ref["pixel_values"])
+    err = rel_err(out, ref["logits"] if "opt" in name else ref["output"])
+    assert 1e-6 < err <= tol  # really rounded, still close
+    assert model.blocks[0].qkv.weight.dtype == (np.float16 if dtype == "float16" else np.uint16)
