@@ -112,3 +112,15 @@ class FFNBlock(Block):
         h = self.norm(x) if self.pre_norm else x
         h = kernels.activation(self.act, self.fc1(h))  # [T, E] -> [T, F]
         return self.fc2(h)  # [T, F] -> [T, E]
+
+
+def run_blocks(blocks, x, step: Step, observe=None):
+    """The sequential model: every block in order. `observe(i, block, x, f, y)`, when given, sees each block's
+    input, branch and output; when not, the walk costs one `is None` test per block."""
+    for i, block in enumerate(blocks):
+        f = block.branch(x, step)
+        y = block.residual(x, f)
+        if observe is not None:
+            observe(i, block, x, f, y)
+        x = y
+    return x

@@ -7,7 +7,7 @@ residual stream; `head` normalises and multiplies by the embedding matrix to get
 import numpy as np
 
 from . import kernels
-from .blocks import AttentionBlock, FFNBlock, LayerNorm, Linear, Step
+from .blocks import AttentionBlock, FFNBlock, LayerNorm, Linear, Step, run_blocks
 from .cache import KVCache
 from .config import OPTConfig
 
@@ -111,14 +111,8 @@ class OPT:
         pos = np.arange(start, start + len(input_ids))
         if pos[-1] >= self.config.max_position_embeddings:
             raise ValueError(f"sequence of {pos[-1] + 1} tokens exceeds max_position_embeddings {self.config.max_position_embeddings}")
-        x = self.embed(input_ids, pos)
-        step = Step(pos, cache)
-        for i, block in enumerate(self.blocks):
-            f = block.branch(x, step)
-            y = block.residual(x, f)
-            if observe is not None:
-                observe(i, block, x, f, y)
-            x = y
+        x = self.embed(input_ids, pos)  # [T] -> [T, E]
+        x = run_blocks(self.blocks, x, Step(pos, cache), observe)
         if cache is not None:
             cache.n_tokens += len(input_ids)
         return self.head(x[-1:] if last_only else x)

@@ -3,7 +3,7 @@ token, a learned CLS token in front, then the same residual blocks as OPT (pre-L
 """
 import numpy as np
 
-from .blocks import AttentionBlock, FFNBlock, LayerNorm, Linear, Step
+from .blocks import AttentionBlock, FFNBlock, LayerNorm, Linear, Step, run_blocks
 from .config import ViTConfig
 
 
@@ -100,15 +100,8 @@ class ViT:
         pixel_values = self._check(pixel_values)
         outs = []
         for image in pixel_values:  # images are independent sequences of patch tokens
-            x = self.embed(image)
-            step = Step()
-            for i, block in enumerate(self.blocks):
-                f = block.branch(x, step)
-                y = block.residual(x, f)
-                if observe is not None:
-                    observe(i, block, x, f, y)
-                x = y
-            outs.append(self.head(x))
+            x = self.embed(image)  # [C, H, W] -> [N + 1, E]
+            outs.append(self.head(run_blocks(self.blocks, x, Step(), observe)))
         return np.concatenate(outs)
 
     __call__ = forward

@@ -1,0 +1,77 @@
+"""Train a family of OPT sizes on the same data and budget, then profile each one: does the median residual
+ratio fall as models grow, as the paper found for OPT-125M..66B?
+
+    python tools/train_family.py                 # trains what is missing (resumable), then profiles and reports
+    python tools/train_family.py --report-only   # profiles the exported models only
+
+Budget rule: every size gets the same 600 steps of 16 x 256 tokens (2.5M tokens) of the default corpus, with
+the same optimizer settings; only width, depth and heads change. Models go to weights/family/opt-<E>x<L>/.
+"""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import radial_min  # noqa: E402
+
+SIZES = [(64, 2, 2), (128, 3, 4), (192, 4, 6), (256, 6, 8)]  # (width, layers, heads)
+STEPS = 600
+
+
+def name(E, L):
+    return f"opt-{E}x{L}"
+
+
+def train(E, L, H, runs: Path, weights: Path):
+    out = weights / name(E, L)
+    if (out / "model.safetensors").is_file():
+        return out
+    cmd = [sys.executable, str(ROOT / "cli.py"), "train", "--out", str(runs / name(E, L)), "--export", str(out),
+           "--hidden-size", str(E), "--layers", str(L), "--heads", str(H), "--steps", str(STEPS), "--warmup", "30"]  # fmt: skip
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return out
+
+
+def profile(folders, out: Path, max_sequences):
+    cmd = [sys.executable, str(ROOT / "cli.py"), "profile", "--out", str(out), "--max-sequences", str(max_sequences)]
+    for f in folders:
+        cmd += ["--model", str(f)]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return json.loads((out / "summary.json").read_text())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default=str(ROOT / "runs" / "family"))
+    p.add_argument("--weights", default=str(ROOT / "weights" / "family"))
+    p.add_argument("--profile-out", default=str(ROOT / "runs" / "family-profile"))
+    p.add_argument("--max-sequences", type=int, default=400, help="WikiText-2 test sequences to profile")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    runs, weights = Path(args.runs), Path(args.weights)
+    folders = [weights / name(E, L) if args.report_only else train(E, L, H, runs, weights) for E, L, H in SIZES]
+    summary = profile(folders, Path(args.profile_out), args.max_sequences)
+    rows = []
+    for (E, L, H), folder in zip(SIZES, folders):
+        s = summary[f"{folder.name}/prefill"]
+        rep = json.loads((runs / folder.name / "report.json").read_text()) if (runs / folder.name / "report.json").is_file() else {}
+        n_params = radial_min.load(folder).n_params
+        rows.append({"model": folder.name, "width": E, "layers": L, "blocks": 2 * L, "params": n_params,
+                     "median_ratio": s["overall"]["median"], "median_att": s["types"]["att"]["median"],
+                     "median_ffn": s["types"]["ffn"]["median"],
+                     "ppl_wiki": rep.get("wiki", {}).get("model"), "ppl_kjv": rep.get("kjv", {}).get("model")})  # fmt: skip
+    print(f"\n{'model':<12}{'params':>10}{'blocks':>8}{'median r':>10}{'att':>8}{'ffn':>8}{'ppl wiki':>10}{'ppl kjv':>9}")
+    for r in rows:
+        print(f"{r['model']:<12}{r['params']:>10,}{r['blocks']:>8}{r['median_ratio']:10.3f}{r['median_att']:8.3f}"
+              f"{r['median_ffn']:8.3f}{r['ppl_wiki'] or float('nan'):10.1f}{r['ppl_kjv'] or float('nan'):9.1f}")  # fmt: skip
+    Path(args.profile_out, "family.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
