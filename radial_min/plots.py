@@ -61,6 +61,7 @@ def layer_profile(summaries: dict, path):
             (line,) = ax.plot(layers, mean, style, marker="o", markersize=3, label=f"{label} {kind}")
             ax.fill_between(layers, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("layer")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("residual ratio (mean +- std)")
     ax.set_title("Residual ratio by layer")
     ax.legend(fontsize=8)
@@ -72,8 +73,11 @@ def routing_trace(keep: np.ndarray, names: list, path, title: str = "Routing tra
     plt = _pyplot()
     if plt is None:
         return None
+    from matplotlib.colors import ListedColormap
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.imshow(keep.T, aspect="auto", cmap="Greys", vmin=0, vmax=1.4, interpolation="nearest")
+    cmap = ListedColormap(["#f0f0f0", "#23395d"])  # skipped, executed
+    ax.imshow(keep.T.astype(float), aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels(names, fontsize=6)
     ax.set_xlabel("token")
