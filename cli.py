@@ -24,7 +24,8 @@ from radial_min.hub import DEFAULT_MODEL
 def cmd_generate(args):
     import radial_min
 
-    radial_min.generation.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before loading
+    radial_min.generation.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                         args.repetition_penalty)  # before loading  # fmt: skip
     model = _load(args.model, "opt", args.weights_dtype)
     tok = radial_min.Tokenizer(model.path)
     ids = tok.encode(args.prompt)
@@ -38,7 +39,7 @@ def cmd_generate(args):
         stream = _depth_streamer(stream, runner, args.show_depth, write)
     t0 = time.perf_counter()
     new = radial_min.generate(runner, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                              on_token=None if args.quiet else stream)  # fmt: skip
+                              on_token=None if args.quiet else stream, repetition_penalty=args.repetition_penalty)  # fmt: skip
     dt = time.perf_counter() - t0
     if args.quiet:
         write(tok.decode(new))
@@ -337,6 +338,9 @@ def build_parser():
     g.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     g.add_argument("--top-p", type=float, default=None, help="sample only within the smallest set of mass p (nucleus)")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--repetition-penalty", type=float, default=1.2,
+                   help="divide the logits of tokens already in the text by this (transformers' rule); 1 = off. "
+                        "The default 1.2 keeps a small model's greedy text from looping (default: %(default)s)")  # fmt: skip
     g.add_argument("--quiet", action="store_true", help="print only the new text at the end, no streaming")
     g.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
     g.add_argument("--weights-dtype", choices=["float32", "float16", "bfloat16"], default="float32",

@@ -28,8 +28,19 @@ def sample(logits, temperature: float = 0.0, top_k: int | None = None, top_p: fl
     return int(rng.choice(p.size, p=p))
 
 
-def check_sampling(max_new_tokens, temperature, top_k, top_p):
+def penalize_repeats(logits, seen, penalty: float):
+    """transformers' repetition penalty (Keskar et al., 2019): the logit of every token already in the text is
+    divided by `penalty` if positive, multiplied if negative, so repeats become less likely. Returns a copy."""
+    out = logits.copy()
+    seen = np.unique(seen)
+    out[seen] = np.where(out[seen] > 0, out[seen] / penalty, out[seen] * penalty)
+    return out
+
+
+def check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty=1.0):
     """Refuse sampling settings that have no meaning, naming the argument."""
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not temperature >= 0:  # also refuses NaN
@@ -42,14 +53,14 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p):
 
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, on_token=None, stop_at_eos: bool = True,
-             observe=None) -> np.ndarray:  # fmt: skip
+             observe=None, repetition_penalty: float = 1.0) -> np.ndarray:  # fmt: skip
     """The new token ids after `input_ids` (the EOS that ended them included), [n] int64.
 
     `on_token(id)` is called for each new token as it is chosen (streaming); `observe` is passed on to
-    `model.forward` (profiling). Generation stops at EOS, after `max_new_tokens`, or when the model's position
-    table is full.
+    `model.forward` (profiling); `repetition_penalty` > 1 discourages tokens already in the text (1 = off).
+    Generation stops at EOS, after `max_new_tokens`, or when the model's position table is full.
     """
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     rng = np.random.default_rng(seed)
     room = model.config.max_position_embeddings - len(input_ids)
     cache = model.new_cache()
@@ -58,6 +69,8 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
         return np.zeros(0, np.int64)
     logits = model.forward(input_ids, cache, last_only=True, observe=observe)[0]  # prefill: [T] -> [V]
     for _ in range(min(max_new_tokens, room)):
+        if repetition_penalty != 1.0:
+            logits = penalize_repeats(logits, np.concatenate([input_ids, new]).astype(np.int64), repetition_penalty)
         token = sample(logits, temperature, top_k, top_p, rng)
         new.append(token)
         if on_token is not None:

@@ -88,9 +88,10 @@ def tiny_random_opt(tmp_path_factory):
 
 
 def expected_generation(folder, prompt, n, **kw):
+    """What the library generates with the CLI's defaults (greedy, repetition penalty 1.2)."""
     model = radial_min.load(folder)
     tok = radial_min.Tokenizer(folder)
-    return tok.decode(radial_min.generate(model, tok.encode(prompt), n, **kw))
+    return tok.decode(radial_min.generate(model, tok.encode(prompt), n, **{"repetition_penalty": 1.2, **kw}))
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -115,15 +116,23 @@ def test_generate_sampling_streamed_equals_quiet(capsys, opt_with_tokenizer):
     printed in the end is exactly the --quiet text, also when the last token leaves a character incomplete."""
     ends_split = 0
     for seed in range(4):
-        args = ["generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 30, "--temperature", 3.0, "--seed", seed]
+        args = ["generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 30, "--temperature", 3.0, "--seed", seed,
+                "--repetition-penalty", 1]  # fmt: skip
         code, streamed, _ = call(capsys, *args)
         assert code == 0
         code, quiet, _ = call(capsys, *args, "--quiet")
         assert code == 0
         assert streamed == PROMPT + quiet, seed
-        assert quiet == expected_generation(opt_with_tokenizer, PROMPT, 30, temperature=3.0, seed=seed) + "\n"
+        assert quiet == expected_generation(opt_with_tokenizer, PROMPT, 30, temperature=3.0, seed=seed, repetition_penalty=1.0) + "\n"
         ends_split += quiet.endswith("\ufffd\n")
     assert ends_split >= 1  # the case that needs Streamer.finish() did come up
+
+
+def test_generate_repetition_penalty_option(capsys, opt_with_tokenizer):
+    code, out, _ = call(capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 12, "--repetition-penalty", 1)
+    assert code == 0 and out == PROMPT + expected_generation(opt_with_tokenizer, PROMPT, 12, repetition_penalty=1.0) + "\n"
+    code, _, err = call(capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "--repetition-penalty", 0)
+    assert code == 2 and err.startswith("error:") and "repetition_penalty" in err
 
 
 def test_generate_stats_and_zero_tokens(capsys, opt_with_tokenizer):

@@ -29,6 +29,9 @@ def test_opt_logits_and_greedy_tokens(name):
     greedy = radial_min.generate(model, ref["input_ids"], 20, stop_at_eos=False)
     np.testing.assert_array_equal(greedy, ref["greedy"])
     np.testing.assert_array_equal(radial_min.generate(model, ref["input_ids"], 20), ref["greedy_eos"])
+    rep = radial_min.generate(model, ref["input_ids"], 20, stop_at_eos=False, repetition_penalty=1.3)
+    np.testing.assert_array_equal(rep, ref["greedy_rep1.3"])  # transformers' repetition penalty, same rule
+    assert not np.array_equal(rep, greedy) or len(set(greedy.tolist())) == 20
 
 
 def test_fixtures_cover_the_variants():

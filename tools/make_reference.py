@@ -72,7 +72,9 @@ def opt_reference(folder, ids):
         greedy_eos = model.generate(prompt, max_new_tokens=20, do_sample=False)[0, len(ids) :]
         model.generation_config.eos_token_id = None  # all 20 tokens, even past an EOS
         greedy = model.generate(prompt, max_new_tokens=20, do_sample=False)[0, len(ids) :]
-    return {"input_ids": np.array(ids), "logits": logits, "greedy": greedy.numpy(), "greedy_eos": greedy_eos.numpy()}
+        greedy_rep = model.generate(prompt, max_new_tokens=20, do_sample=False, repetition_penalty=1.3)[0, len(ids) :]
+    return {"input_ids": np.array(ids), "logits": logits, "greedy": greedy.numpy(), "greedy_eos": greedy_eos.numpy(),
+            "greedy_rep1.3": greedy_rep.numpy()}
 
 
 def make_opt(name, seed, dtype=torch.float32, layout="save_pretrained", shard=None, config_key="dtype", **cfg):
