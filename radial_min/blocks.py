@@ -92,10 +92,10 @@ class AttentionBlock(Block):
 
     def branch(self, x, step: Step):
         q, k, v = self.project_qkv(x)
-        k_pos = step.pos
+        k_pos, rows = step.pos, None
         if step.cache is not None:  # store the new keys/values; get back everything this query may see
-            q, k, v, k_pos = step.cache.update(self.layer, q, k, v, step.pos, step.hop)  # k, v: [N, E]
-        a = kernels.attention(q, k, v, self.n_head, step.pos, k_pos)  # [T, E]
+            q, k, v, k_pos, rows = step.cache.update(self.layer, q, k, v, step.pos, step.hop)
+        a = kernels.attention(q, k, v, self.n_head, step.pos, k_pos, rows)  # [T, E]
         return self.out(a)  # [T, E] -> [T, E]
 
 

@@ -52,10 +52,6 @@ class _Rows:
         """Keys and values as stored, [H, capacity, D] (the first n valid), and the n positions."""
         return self.k, self.v, self.tag("pos")
 
-    def select(self, rows):
-        """Keys and values of the given rows only, [H, len(rows), D], and their positions."""
-        return self.k[:, rows], self.v[:, rows], self.tag("pos")[rows]
-
     @property
     def nbytes(self) -> int:
         """Bytes held by the rows in use: keys, values and tags."""
@@ -79,10 +75,11 @@ class KVCache:
         self.n_tokens = 0
 
     def update(self, layer: int, q, k, v, pos, hop: int = 0):
-        """Store the new rows of `layer`; return the query and every key, value and position the layer holds."""
+        """Store the new rows of `layer`. Returns what the query attends to: (query, key storage, value storage,
+        key positions, rows), where rows = None means the first len(positions) rows of the storage."""
         rows = self.layers[layer]
         rows.append(k, v, pos=pos)
-        return (q, *rows.view())
+        return (q, *rows.view(), None)
 
     @property
     def nbytes(self) -> int:
@@ -106,16 +103,24 @@ class UnifiedKVCache:
             raise ValueError(f"cache policy must be one of {POLICIES}, got {policy!r}")
         self.width, self.policy, self.scale = width, policy, step_encoding_scale
         self.rows = _Rows(width, n_head, tags=("pos", "layer", "hop"))
+        self.by_layer = {}  # layer -> (growable int64 array of entry indices, count): the per-layer view, kept as we go
         self.n_tokens = 0
 
     def update(self, layer: int, q, k, v, pos, hop: int = 0):
         if self.policy == "global" and self.scale:
             enc = self.scale * step_encoding(hop, self.width)
             q, k = q + enc, k + enc
+        first = self.rows.n
         self.rows.append(k, v, pos=pos, layer=layer, hop=hop)
         if self.policy == "global":  # tokens arrive in order, so everything stored is visible
-            return (q, *self.rows.view())
-        return (q, *self.rows.select(np.flatnonzero(self.rows.tag("layer") == layer)))
+            return (q, *self.rows.view(), None)
+        index, n = self.by_layer.get(layer, (np.empty(16, np.int64), 0))
+        if n + len(pos) > len(index):
+            index = _grow(index, n, max(2 * len(index), n + len(pos)))
+        index[n : n + len(pos)] = np.arange(first, self.rows.n)
+        n += len(pos)
+        self.by_layer[layer] = (index, n)
+        return q, self.rows.k, self.rows.v, self.rows.tag("pos")[index[:n]], index[:n]
 
     def __len__(self) -> int:
         return self.rows.n

@@ -6,19 +6,25 @@ width, N for keys in a cache and H, D for heads and head size.
 Which kernel runs where (measured on this project's 2-core AVX2 machine, see docs/performance.md):
 - one row (decode): `matvec`, ours. It streams the weight matrix once at ~33 GB/s (the machine's DRAM bandwidth);
   OpenBLAS's sgemv reached ~25 GB/s on OPT-125M's LM head.
-- many rows (prefill, ViT): NumPy's BLAS sgemm, ~190 GFLOP/s against ~155 for our register-blocked `matmul`.
-  `matmul` is kept, tested, and selectable with `set_backend("numba")` so the comparison can be rerun.
+- many rows (prefill, ViT): `matmul`, ours, 160-200 GFLOP/s on OPT-125M's shapes. Alone, OpenBLAS's sgemm is a
+  little faster (~195), but inside the engine its idle threads spin on the same two cores as Numba's between
+  calls: a 512-token prefill took 1.25 s with sgemm against 0.7 s with ours. `set_backend("blas")` switches
+  back, so the comparison can be rerun (bench/bench.py --matmul blas).
 """
 import math
 
 import numpy as np
 from numba import njit, prange
 
-_BACKEND = {"matmul": "blas"}
+_BACKEND = {"matmul": "numba"}
+
+
+def get_backend() -> str:
+    return _BACKEND["matmul"]
 
 
 def set_backend(matmul: str) -> None:
-    """Choose the many-row matmul: "blas" (NumPy) or "numba" (ours). Decode always uses our `matvec`."""
+    """Choose the many-row matmul: "numba" (ours, the default) or "blas" (NumPy). Decode always uses `matvec`."""
     if matmul not in ("blas", "numba"):
         raise ValueError(f"matmul backend must be 'blas' or 'numba', got {matmul!r}")
     _BACKEND["matmul"] = matmul
@@ -52,14 +58,17 @@ def _dot(a, i, w, j, n_in):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def matmul(a, w, b, out):  # [T, in], [out, in], [out] or [0] -> out [T, out]
-    """a @ w.T with a 4x4 register tile: 16 accumulators reuse each loaded row of `a` and `w` four times."""
+def matmul(a, w, b, out, cols_per_task=64):  # [T, in], [out, in], [out] or [0] -> out [T, out]
+    """a @ w.T. Each task owns 64 output columns, whose 64 weight rows stay in L2 while every 4-row slice of `a`
+    streams past; a 4x4 register tile of 16 accumulators reuses each loaded value four times."""
     n_rows, n_in = a.shape
     n_out = w.shape[0]
-    for jb in prange((n_out + 3) // 4):
-        j = jb * 4
-        if j + 4 <= n_out:
-            for i in range(0, n_rows - 3, 4):
+    for t in prange((n_out + cols_per_task - 1) // cols_per_task):
+        j_lo = t * cols_per_task
+        j_hi = min(n_out, j_lo + cols_per_task)
+        j_full = j_lo + (j_hi - j_lo) // 4 * 4
+        for i in range(0, n_rows - 3, 4):
+            for j in range(j_lo, j_full, 4):
                 c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = np.float32(0.0)
                 c20 = c21 = c22 = c23 = c30 = c31 = c32 = c33 = np.float32(0.0)
                 for k in range(n_in):
@@ -73,16 +82,16 @@ def matmul(a, w, b, out):  # [T, in], [out, in], [out] or [0] -> out [T, out]
                 out[i + 1, j], out[i + 1, j + 1], out[i + 1, j + 2], out[i + 1, j + 3] = c10, c11, c12, c13
                 out[i + 2, j], out[i + 2, j + 1], out[i + 2, j + 2], out[i + 2, j + 3] = c20, c21, c22, c23
                 out[i + 3, j], out[i + 3, j + 1], out[i + 3, j + 2], out[i + 3, j + 3] = c30, c31, c32, c33
-            first_tail_row = n_rows - n_rows % 4
-        else:
-            first_tail_row = 0  # the last, partial column tile is done row by row
-        for i in range(first_tail_row, n_rows):
-            for jj in range(j, min(j + 4, n_out)):
-                out[i, jj] = _dot(a, i, w, jj, n_in)
+            for j in range(j_full, j_hi):  # ragged last columns
+                for r in range(4):
+                    out[i + r, j] = _dot(a, i + r, w, j, n_in)
+        for i in range(n_rows - n_rows % 4, n_rows):  # ragged last rows
+            for j in range(j_lo, j_hi):
+                out[i, j] = _dot(a, i, w, j, n_in)
         if b.size:
             for i in range(n_rows):
-                for jj in range(j, min(j + 4, n_out)):
-                    out[i, jj] += b[jj]
+                for j in range(j_lo, j_hi):
+                    out[i, j] += b[j]
 
 
 # Half-precision weights (an option of `load`): decode is bandwidth-bound, so reading 2 bytes per weight instead
@@ -286,22 +295,26 @@ def attention_ref(q, k, v, n_head, q_pos=None, k_pos=None):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _attention(q, k, v, n_keys, q_pos, k_pos, causal, out):  # [H, T, D], [H, >=N, D] x2 -> out [H, T, D]
+def _attention(q, k, v, rows, n_keys, q_pos, k_pos, causal, out):  # [H, T, D], [H, >=N, D] x2 -> out [H, T, D]
     """One task per (head, query): scores against the visible keys, softmax, weighted sum of values.
 
-    Head-major layout keeps each head's keys contiguous, so the dot products stream and vectorize. Caches
-    store keys in position order, so a causal query's visible keys are a prefix: nothing masked is touched."""
+    Head-major layout keeps each head's keys contiguous, so the dot products stream and vectorize. Keys are in
+    position order, so a causal query's visible keys are a prefix: nothing masked is touched. `rows` picks the
+    keys out of a larger store without copying them (the unified cache's per-layer view); empty = the first
+    n_keys rows."""
     n_head, n_q, d_head = q.shape
     scale = np.float32(1.0 / math.sqrt(d_head))
+    picked = rows.size > 0
     for task in prange(n_head * n_q):
         h, i = task // n_q, task % n_q
         n_vis = np.searchsorted(k_pos[:n_keys], q_pos[i], side="right") if causal else n_keys
         scores = np.empty(n_vis, np.float32)
         best = np.float32(-np.inf)
         for j in range(n_vis):
+            r = rows[j] if picked else j
             s = np.float32(0.0)
             for d in range(d_head):
-                s += q[h, i, d] * k[h, j, d]
+                s += q[h, i, d] * k[h, r, d]
             scores[j] = s * scale
             best = max(best, scores[j])
         total = np.float32(0.0)
@@ -311,9 +324,10 @@ def _attention(q, k, v, n_keys, q_pos, k_pos, causal, out):  # [H, T, D], [H, >=
             total += e
         acc = np.zeros(d_head, np.float32)
         for j in range(n_vis):
+            r = rows[j] if picked else j
             p = scores[j]
             for d in range(d_head):
-                acc[d] += p * v[h, j, d]
+                acc[d] += p * v[h, r, d]
         for d in range(d_head):
             out[h, i, d] = acc[d] / total
 
@@ -333,11 +347,11 @@ def merge_heads(x):
     return x.transpose(1, 0, 2).reshape(T, H * D)
 
 
-def attention(q, k, v, n_head, q_pos=None, k_pos=None):
+def attention(q, k, v, n_head, q_pos=None, k_pos=None, rows=None):
     """Scaled dot-product attention of T queries [T, E] over N keys/values; returns [T, E].
 
-    Keys and values come token-major [N, E], or head-major [H, capacity, D] straight from a cache's storage,
-    of which the first len(k_pos) are valid. Given positions, attention is causal: query i sees key j only if
+    Keys and values come token-major [N, E], or head-major [H, capacity, D] straight from a cache's storage:
+    the first len(k_pos) rows, or the rows listed in `rows` (with k_pos their positions). Given positions, attention is causal: query i sees key j only if
     k_pos[j] <= q_pos[i]; keys must be in position order (every cache appends in token order). Positions
     rather than an offset let one kernel serve the dense cache, a cache with holes (skipped tokens) and the
     unified cache.
@@ -350,5 +364,6 @@ def attention(q, k, v, n_head, q_pos=None, k_pos=None):
     n_keys = len(k_pos) if causal else k.shape[1]
     qh = split_heads(q, n_head)
     out = np.empty_like(qh)
-    _attention(qh, k, v, n_keys, q_pos if causal else _NO_POS, k_pos if causal else _NO_POS, causal, out)
+    rows = _NO_POS if rows is None else rows
+    _attention(qh, k, v, rows, n_keys, q_pos if causal else _NO_POS, k_pos if causal else _NO_POS, causal, out)
     return merge_heads(out)

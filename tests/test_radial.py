@@ -136,13 +136,13 @@ def test_global_policy_sees_every_layer_and_earlier_steps():
     q = np.ones((1, 8), np.float32)
     for pos, layer, hop in [(0, 0, 0), (0, 1, 1), (1, 0, 0)]:
         kv = np.full((1, 8), 10 * pos + layer, np.float32)
-        _, K, V, P = cache.update(layer, q, kv, kv, np.array([pos]), hop)
-    assert K[0, : len(P), 0].tolist() == [0, 1, 10] and P.tolist() == [0, 0, 1]  # head-major storage
+        _, K, V, P, rows = cache.update(layer, q, kv, kv, np.array([pos]), hop)
+    assert rows is None and K[0, : len(P), 0].tolist() == [0, 1, 10] and P.tolist() == [0, 0, 1]  # head-major storage
     per_layer = UnifiedKVCache(8, 2, "per-layer")
     for pos, layer in [(0, 0), (0, 1), (1, 0)]:
         kv = np.full((1, 8), 10 * pos + layer, np.float32)
-        _, K, _, P = per_layer.update(layer, q, kv, kv, np.array([pos]))
-    assert K[1, :, 0].tolist() == [0, 10] and P.tolist() == [0, 1]
+        _, K, _, P, rows = per_layer.update(layer, q, kv, kv, np.array([pos]))
+    assert K[1, rows, 0].tolist() == [0, 10] and P.tolist() == [0, 1] and rows.tolist() == [0, 2]
 
 
 def test_step_encoding_marks_steps():
