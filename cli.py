@@ -264,7 +264,7 @@ def cmd_train_router(args):
     print(f"{model.path.name}: oracle labels (tau={args.tau}, {args.kv_rule}) from {len(train_seqs)} x {train_seqs.shape[1]} tokens", file=sys.stderr)
     ex = R.oracle_examples(model, train_seqs, args.tau, args.kv_rule, args.kind, _bar("oracle labels", "seq"))
     cfg = R.RouterConfig(width=model.config.hidden_size, n_blocks=n, hidden=args.hidden, max_depth=args.max_depth,
-                         tau=args.tau, kv_rule=args.kv_rule, model=str(model.path))  # fmt: skip
+                         tau=args.tau, kv_rule=args.kv_rule, model=model.path.name)  # fmt: skip
     router = R.train_router(ex, cfg, args.epochs, args.lr, args.batch_size, args.seed)
     out = Path(args.out or model.path / f"router-tau{args.tau:g}")
     router.save(out)

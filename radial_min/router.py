@@ -107,26 +107,38 @@ class Router:
 
     def save(self, path):
         """`path`.safetensors and `path`.json (its config)."""
-        path = Path(path).with_suffix("")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_safetensors(path.with_suffix(".safetensors"), {k: v.astype(np.float32) for k, v in self.params.items()})
-        write_json(path.with_suffix(".json"), asdict(self.config))
+        weights, config = _router_files(path)
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        write_safetensors(weights, {k: v.astype(np.float32) for k, v in self.params.items()})
+        write_json(config, asdict(self.config))
 
     @classmethod
     def load(cls, path):
-        path = Path(path).with_suffix("")
+        """From `path`.json and `path`.safetensors (`path` may name either file)."""
+        weights, config = _router_files(path)
         try:
-            cfg = RouterConfig(**json.loads(path.with_suffix(".json").read_text()))
+            cfg = RouterConfig(**json.loads(config.read_text()))
         except FileNotFoundError:
-            raise CheckpointError(f"{path.with_suffix('.json')}: not found (a router is a .json config beside its .safetensors)") from None
-        except (TypeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path.with_suffix('.json')}: not a router config ({e})") from None
-        f = SafetensorsFile(path.with_suffix(".safetensors"))
+            raise CheckpointError(f"{config}: not found (a router is a .json config beside its .safetensors)") from None
+        except (TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{config}: not a router config ({e})") from None
+        if not weights.is_file():
+            raise CheckpointError(f"{weights}: not found (a router is a .json config beside its .safetensors)")
+        f = SafetensorsFile(weights)
         expected = {k: v.shape for k, v in init_router(cfg).items()}
         found = {n: f.shape(n) for n in f.entries}
         if found != expected:
-            raise CheckpointError(f"{path.with_suffix('.safetensors')}: tensors {found} do not match the config, expected {expected}")
+            raise CheckpointError(f"{weights}: tensors {found} do not match the config, expected {expected}")
         return cls(cfg, {n: f.read(n) for n in f.entries})
+
+
+def _router_files(path):
+    """The two files of a router: the given path without a .safetensors/.json ending, plus each ending (names
+    like router-tau0.2 have a dot that is not an ending)."""
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json"):
+        path = path.with_suffix("")
+    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
 
 
 class SequentialRouter:

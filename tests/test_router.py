@@ -61,6 +61,9 @@ def test_save_and_load(tmp_path, small):
     assert back.config == cfg
     x = RNG.standard_normal((3, 6))
     np.testing.assert_array_equal(back.choose(x, [-1, 0, 1], [0, 1, 1]), router.choose(x, [-1, 0, 1], [0, 1, 1]))
+    router.save(tmp_path / "router-tau0.2")  # a dot in the name is not a file ending
+    assert sorted(p.name for p in tmp_path.glob("router-tau0.2*")) == ["router-tau0.2.json", "router-tau0.2.safetensors"]
+    assert R.Router.load(tmp_path / "router-tau0.2.json").config == cfg
     (tmp_path / "r.json").write_text('{"width": 6, "n_blocks": 5}')
     with pytest.raises(CheckpointError, match="do not match the config"):
         R.Router.load(tmp_path / "r")
