@@ -94,7 +94,9 @@ def depth_histogram(hists: dict, path):
     width = 0.8 / max(1, len(hists))
     for j, (label, counts) in enumerate(hists.items()):
         counts = np.asarray(counts, np.float64)
-        ax.bar(np.arange(len(counts)) + j * width, counts / counts.sum(), width=width, label=label)
+        offset = (j - (len(hists) - 1) / 2) * width  # the group of bars centred on its depth
+        ax.bar(np.arange(len(counts)) + offset, counts / counts.sum(), width=width, label=label)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("blocks executed per token (dynamic depth)")
     ax.set_ylabel("fraction of tokens")
     ax.legend(fontsize=8)
@@ -112,7 +114,6 @@ def ppl_vs_depth(curves: dict, n_blocks: int, path):
         ax.plot(np.asarray(depth)[order], np.asarray(ppl)[order], marker="o", markersize=4, label=label)
     ax.set_xlabel(f"mean blocks per token (of {n_blocks})")
     ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
     ax.invert_xaxis()
     ax.legend(fontsize=8)
     ax.set_title("Quality against dynamic depth")
