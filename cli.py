@@ -10,6 +10,7 @@
 Bad input ends with one line on stderr naming what is wrong, and exit code 2.
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -153,6 +154,10 @@ def cmd_train(args):
     val = {k: tr.validation_sequences(s, cfg.seq_len, cfg.eval_sequences) for k, s in val_streams.items()}
     print(f"train {len(train_ids):,} tokens; validation {', '.join(f'{k} {len(s):,}' for k, s in val_streams.items())}", file=sys.stderr)
     params = tr.train(cfg, train_ids, val)
+    from radial_min import plots
+
+    log = [json.loads(line) for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines() if line.strip()]
+    plots.training_curve(log, Path(cfg.out) / "loss.png")
     if args.export:
         import radial_min
         from radial_min.outputs import write_json

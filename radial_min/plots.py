@@ -118,3 +118,24 @@ def ppl_vs_depth(curves: dict, n_blocks: int, path):
     ax.legend(fontsize=8)
     ax.set_title("Quality against dynamic depth")
     return _save(fig, plt, path)
+
+
+def training_curve(records: list, path):
+    """Training loss (smoothed) and validation losses against step, from the trainer's log.jsonl records."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    steps = np.array([r["step"] for r in records])
+    loss = np.array([r["loss"] for r in records])
+    window = max(1, len(loss) // 50)
+    smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+    ax.plot(steps[window - 1 :], smooth, label=f"train (mean of {window} steps)", linewidth=1.2)
+    for key in sorted({k for r in records for k in r if k.startswith("val_")}):
+        pts = [(r["step"], r[key]) for r in records if key in r]
+        ax.plot(*zip(*pts), marker="o", markersize=3, label=key.replace("val_", "validation: "))
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats per token)")
+    ax.legend(fontsize=8)
+    ax.set_title("Training")
+    return _save(fig, plt, path)
