@@ -356,3 +356,15 @@ def test_profile_refuses_empty_packing(capsys, tiny_random_opt, tmp_path, option
     assert_one_line_error(code, err)
     assert f"{option} must be >= 1, got {value}" in err
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_profile_without_matplotlib_still_prints_and_saves_tables(capsys, tiny_random_opt, tmp_path, monkeypatch):
+    """matplotlib is an optional extra: without it the tables, .npz, CSV and JSON come out, the PNGs do not."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    model_dir, text = tiny_random_opt
+    out = tmp_path / "profile"
+    code, stdout, err = call(capsys, "profile", "--model", model_dir, "--text", text, "--seq-len", 32, "--max-sequences", 2, "--out", out)
+    assert code == 0, err
+    assert "overall median" in stdout and "no plots: pip install matplotlib" in stdout
+    assert (out / "summary.json").is_file() and (out / "summary.csv").is_file()
+    assert not list(out.glob("*.png"))
