@@ -139,9 +139,13 @@ def to_storage(w, dtype: str) -> np.ndarray:
         return w.astype(np.float32, copy=False)
     if dtype == "float16":
         return w.astype(np.float16)
-    if dtype == "bfloat16":
-        bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
-        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round half to even
+    if dtype == "bfloat16":  # round half to even, a million values at a time (no full-size temporaries)
+        bits = np.ascontiguousarray(w, dtype=np.float32).reshape(-1).view(np.uint32)
+        out = np.empty(bits.size, np.uint16)
+        for i in range(0, bits.size, 1 << 20):
+            b = bits[i : i + (1 << 20)]
+            out[i : i + len(b)] = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        return out.reshape(w.shape)
     raise ValueError(f"weights dtype must be float32, float16 or bfloat16, got {dtype!r}")
 
 
