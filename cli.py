@@ -90,14 +90,16 @@ def _depth_streamer(stream, radial, style, write):
 def _routing_summary(radial, n_prompt):
     from radial_min.cache import dense_cache_bytes
 
+    if not radial.routes:
+        return "[routing: no token was routed]"
     depths = np.array([len(r) for r in radial.routes])
+    producing = depths[n_prompt - 1 :]  # each new token comes from the pass over the token before it
     n = len(radial.blocks)
-    new = depths[n_prompt:] if len(depths) > n_prompt else depths
     cache = radial.cache
     dense = dense_cache_bytes(radial.model.n_layer, cache.n_tokens, radial.config.hidden_size)
-    return (f"[routing: {depths.mean():.2f} of {n} blocks per token ({1 - depths.mean() / n:.1%} saved; generated tokens "
-            f"{new.mean():.2f}, min {depths.min()}, max {depths.max()}); KV cache {cache.nbytes / 1024:.1f} KiB unified "
-            f"({cache.policy}) vs {dense / 1024:.1f} KiB dense per-layer]")  # fmt: skip
+    return (f"[routing: {depths.mean():.2f} of {n} blocks per token ({1 - depths.mean() / n:.1%} saved; new tokens produced "
+            f"by {producing.mean():.2f}, min {depths.min()}, max {depths.max()}); KV cache {cache.nbytes / 1024:.1f} KiB "
+            f"unified ({cache.policy}) vs {dense / 1024:.1f} KiB dense per-layer]")  # fmt: skip
 
 
 def cmd_classify(args):
@@ -113,9 +115,9 @@ def cmd_classify(args):
         if model.classifier is None:
             print(f"{path}: {args.model} is a ViTModel without a classifier; pooled output has {out.size} features")
             continue
-        from radial_min.kernels import softmax_ref
+        from radial_min.kernels import softmax
 
-        probs = softmax_ref(out.astype("float64"))
+        probs = softmax(out[None])[0]
         print(f"{path}:")
         for i in probs.argsort()[::-1][: args.top]:
             print(f"  {probs[i]:7.2%}  {model.config.id2label.get(int(i), str(i))}")
@@ -202,7 +204,7 @@ def cmd_profile(args):
             write_npz(out / f"ratios_{label}_{phase}.npz", ratios=ratios.astype("float32"), blocks=names)
         main_phase = next(iter(phases))
         hist[label], layer_summaries[label] = phases[main_phase], report[f"{label}/{main_phase}"]
-        keep = phases[main_phase] >= args.tau  # per block, on the sequential path (the oracle's greedy path: `simulate`)
+        keep = phases[main_phase] >= args.tau  # each block judged on the sequential path, not the oracle's (`simulate`)
         plots.routing_trace(keep[: args.trace_tokens], names, out / f"routing_trace_{label}.png", f"{label}, ratio >= {args.tau}")
         plots.depth_histogram({f"{label}, tau={args.tau}": np.bincount(keep.sum(1), minlength=len(names) + 1)}, out / f"depth_hist_{label}.png")
     write_json(out / "summary.json", report)
@@ -276,7 +278,7 @@ def cmd_train_router(args):
     test_ex = R.oracle_examples(model, test_seqs, args.tau, args.kv_rule, args.kind, _bar("held-out labels", "seq"))
     acc_train, acc_test = R.accuracy(router, ex), R.accuracy(router, test_ex)
     runs = {
-        "sequential": oracle.simulate(model, test_seqs, oracle.threshold(0.0), "fill"),
+        "sequential": oracle.simulate(model, test_seqs, oracle.threshold(0.0), "fill", args.kind),
         f"oracle (tau={args.tau}, {args.kv_rule})": oracle.simulate(model, test_seqs, oracle.threshold(args.tau), args.kv_rule, args.kind),
         "router": oracle.simulate(model, test_seqs, RouterDecisions(router), args.kv_rule, args.kind, _bar("router on test", "seq")),
     }  # fmt: skip
@@ -308,8 +310,10 @@ def _sequences(model, args, text=None, max_sequences=None):
     import radial_min
     from radial_min import data
 
+    if args.seq_len > model.config.max_position_embeddings:
+        raise RadialError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings {model.config.max_position_embeddings}")
     tok = radial_min.Tokenizer(args.tokenizer or model.path)
-    text = data.read_text(text or args.text or data.default_text("test"))
+    text = data.read_text(text or getattr(args, "text", None) or data.default_text("test"))
     ids = tok.encode(text)
     if ids.max() >= model.config.vocab_size:
         raise RadialError(f"--tokenizer: ids up to {ids.max()} but the model's vocab_size is {model.config.vocab_size}")
@@ -351,7 +355,7 @@ def build_parser():
     g.add_argument("--weights-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="keep weight matrices in this precision in memory; compute stays float32 (default: %(default)s)")  # fmt: skip
     g.add_argument("--router", default=None, help="route tokens with this trained router (a .json/.safetensors pair)")
-    g.add_argument("--max-depth", type=int, default=None, help="with --router: most blocks a token may run (default: the router's)")
+    g.add_argument("--max-depth", type=_positive_int, default=None, help="with --router: most blocks a token may run (default: the router's)")
     g.add_argument("--cache-policy", choices=["per-layer", "global"], default="per-layer",
                    help="with --router: what a query attends to in the unified KV cache (default: %(default)s)")  # fmt: skip
     g.add_argument("--step-encoding-scale", type=float, default=1.0, help="with --cache-policy global: weight of the sinusoidal step codes")
@@ -376,38 +380,39 @@ def build_parser():
     t.add_argument("--out", default="runs/opt-kjv-wiki", help="run folder: tokenizer, tokens, state, log (default: %(default)s)")
     t.add_argument("--export", default=None, help="after training, write a Hugging Face OPT checkpoint here")
     t.add_argument("--dtype", default="float16", choices=["float32", "float16"], help="dtype of the exported weights")
-    t.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary (default: %(default)s)")
-    t.add_argument("--hidden-size", type=int, default=256, help="model width E (default: %(default)s)")
-    t.add_argument("--layers", type=int, default=6, help="transformer layers, two blocks each (default: %(default)s)")
-    t.add_argument("--heads", type=int, default=8, help="attention heads (default: %(default)s)")
-    t.add_argument("--ffn-dim", type=int, default=None, help="FFN width (default: 4 x hidden size)")
-    t.add_argument("--seq-len", type=int, default=256, help="training context, also the model's max positions (default: %(default)s)")
-    t.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: %(default)s)")
-    t.add_argument("--steps", type=int, default=1200, help="optimizer steps (default: %(default)s)")
+    t.add_argument("--vocab-size", type=_positive_int, default=8192, help="BPE vocabulary (default: %(default)s)")
+    t.add_argument("--hidden-size", type=_positive_int, default=256, help="model width E (default: %(default)s)")
+    t.add_argument("--layers", type=_positive_int, default=6, help="transformer layers, two blocks each (default: %(default)s)")
+    t.add_argument("--heads", type=_positive_int, default=8, help="attention heads (default: %(default)s)")
+    t.add_argument("--ffn-dim", type=_positive_int, default=None, help="FFN width (default: 4 x hidden size)")
+    t.add_argument("--seq-len", type=_positive_int, default=256, help="training context, also the model's max positions (default: %(default)s)")
+    t.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per step (default: %(default)s)")
+    t.add_argument("--steps", type=_positive_int, default=1200, help="optimizer steps (default: %(default)s)")
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
-    t.add_argument("--warmup", type=int, default=60, help="linear warm-up steps (default: %(default)s)")
+    t.add_argument("--warmup", type=_nonneg_int, default=60, help="linear warm-up steps (default: %(default)s)")
     t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (default: %(default)s)")
     t.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip, 0 = off (default: %(default)s)")
-    t.add_argument("--eval-every", type=int, default=100, help="steps between validation losses (default: %(default)s)")
-    t.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (default: %(default)s)")
+    t.add_argument("--eval-every", type=_positive_int, default=100, help="steps between validation losses (default: %(default)s)")
+    t.add_argument("--save-every", type=_positive_int, default=50, help="steps between checkpoints (default: %(default)s)")
     t.add_argument("--seed", type=int, default=0, help="seed for init and batches (default: %(default)s)")
     t.set_defaults(func=cmd_train)
     def add_text_args(q, max_sequences):
         q.add_argument("--text", default=None, help="text file to pack (default: ../shared/data/wikitext-2/test.txt, else fetched)")
         q.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
-        q.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence, batch size 1 (default: %(default)s)")
-        q.add_argument("--max-sequences", type=int, default=max_sequences, help="use at most this many sequences (default: %(default)s)")
+        q.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per packed sequence, batch size 1 (default: %(default)s)")
+        q.add_argument("--max-sequences", type=_positive_int, default=max_sequences, help="use at most this many sequences (default: %(default)s)")
         q.add_argument("--kind", choices=["output", "sum"], default="output", help="ratio: ||f||/||x+f|| (output) or ||f||/(||x||+||f||) (sum)")
 
     pr = sub.add_parser("profile", help="residual ratio of every block and token: tables, .npz/CSV/JSON, plots")
     pr.add_argument("--model", action="append", default=None, help="checkpoint folder or Hub id; repeat to compare models (default: the shipped model)")
     add_text_args(pr, None)
     pr.add_argument("--images", default=str(SHARED / "images"), help="ViT: image file or folder (default: %(default)s)")
-    pr.add_argument("--generate", type=int, default=0, help="also profile N greedily generated tokens per prompt (default: off)")
-    pr.add_argument("--generate-prompts", type=int, default=8, help="prompts for --generate: the first tokens of this many sequences")
-    pr.add_argument("--prompt-len", type=int, default=32, help="prompt length for --generate (default: %(default)s)")
+    pr.add_argument("--generate", type=_generate_count, default=0,
+                    help="also profile N >= 2 greedily generated tokens per prompt; the N - 1 fed back are profiled (default: off)")  # fmt: skip
+    pr.add_argument("--generate-prompts", type=_positive_int, default=8, help="prompts for --generate: the first tokens of this many sequences")
+    pr.add_argument("--prompt-len", type=_positive_int, default=32, help="prompt length for --generate (default: %(default)s)")
     pr.add_argument("--tau", type=float, default=0.05, help="threshold for the trace and depth plots (default: %(default)s)")
-    pr.add_argument("--trace-tokens", type=int, default=128, help="tokens shown in the routing trace (default: %(default)s)")
+    pr.add_argument("--trace-tokens", type=_positive_int, default=128, help="tokens shown in the routing trace (default: %(default)s)")
     pr.add_argument("--out", default="runs/profile", help="output folder (default: %(default)s)")
     pr.set_defaults(func=cmd_profile)
 
@@ -431,21 +436,41 @@ def build_parser():
     tr.add_argument("--kind", choices=["output", "sum"], default="output", help="residual ratio definition (default: %(default)s)")
     tr.add_argument("--train-text", default=None, help="text for the labels (default: wikitext-2/valid.txt)")
     tr.add_argument("--test-text", default=None, help="held-out text (default: wikitext-2/test.txt)")
-    tr.add_argument("--text", default=None, help=argparse.SUPPRESS)
     tr.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
-    tr.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence (default: %(default)s)")
-    tr.add_argument("--max-sequences", type=int, default=64, help="training sequences (default: %(default)s)")
-    tr.add_argument("--test-sequences", type=int, default=32, help="held-out sequences (default: %(default)s)")
-    tr.add_argument("--hidden", type=int, default=64, help="router hidden units (default: %(default)s)")
-    tr.add_argument("--max-depth", type=int, default=None, help="most blocks a token may run (default: all)")
-    tr.add_argument("--epochs", type=int, default=8, help="passes over the labels (default: %(default)s)")
+    tr.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per packed sequence (default: %(default)s)")
+    tr.add_argument("--max-sequences", type=_positive_int, default=64, help="training sequences (default: %(default)s)")
+    tr.add_argument("--test-sequences", type=_positive_int, default=32, help="held-out sequences (default: %(default)s)")
+    tr.add_argument("--hidden", type=_positive_int, default=64, help="router hidden units (default: %(default)s)")
+    tr.add_argument("--max-depth", type=_positive_int, default=None, help="most blocks a token may run (default: all)")
+    tr.add_argument("--epochs", type=_positive_int, default=8, help="passes over the labels (default: %(default)s)")
     tr.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
-    tr.add_argument("--batch-size", type=int, default=512, help="decisions per step (default: %(default)s)")
+    tr.add_argument("--batch-size", type=_positive_int, default=512, help="decisions per step (default: %(default)s)")
     tr.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     tr.add_argument("--out", default=None, help="router path without suffix (default: <model>/router-tau<tau>)")
     tr.add_argument("--report", default="runs/router", help="folder for the report and plots (default: %(default)s)")
     tr.set_defaults(func=cmd_train_router)
     return p
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _nonneg_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def _generate_count(text):
+    value = int(text)
+    if value == 1 or value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (off) or an integer >= 2, got {text}: the last token is never fed back")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):

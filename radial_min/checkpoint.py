@@ -3,7 +3,7 @@
 We parse safetensors ourselves (an 8-byte header length, a JSON header, raw little-endian data) because NumPy
 has no bfloat16 and because checking every header before reading any data is what lets a truncated or corrupt
 file fail with one clear message instead of a half-loaded model. Tensors are read one at a time straight into
-float32 arrays, so peak memory is the model plus one tensor.
+float32 arrays, so peak memory is the model plus one tensor (a pytorch_model.bin is unpickled whole first).
 """
 import json
 import os
@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import CheckpointError
 
-# safetensors dtype codes -> (NumPy dtype as stored, bytes per element)
+# safetensors dtype codes -> NumPy dtype as stored
 _ST_DTYPES = {
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
@@ -174,26 +174,35 @@ def _open_sharded(folder: Path, index_path: Path, opener) -> TensorStore:
     return TensorStore(files, dict(weight_map), str(index_path))
 
 
-def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
-    """Write float32/float16/int arrays as safetensors, atomically (a temporary file renamed into place)."""
+def write_safetensors(path, tensors: dict, metadata: dict | None = None, bfloat16=()) -> None:
+    """Write float32/float16/int arrays as safetensors, atomically (a temporary file renamed into place).
+    Tensors named in `bfloat16` are float32 arrays stored as BF16 (rounded to nearest even)."""
+    from .kernels import to_storage
+
     dtype_codes = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64", np.dtype("int32"): "I32"}
     header, offset, arrays = {}, 0, []
     if metadata:
         header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
     for name in sorted(tensors):
         a = np.ascontiguousarray(tensors[name])
-        if a.dtype not in dtype_codes:
+        code = dtype_codes.get(a.dtype)
+        if name in bfloat16 and a.dtype == np.float32:
+            a, code = to_storage(a, "bfloat16"), "BF16"
+        if code is None:
             raise ValueError(f"tensor {name!r}: cannot write dtype {a.dtype}")
-        header[name] = {"dtype": dtype_codes[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        header[name] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
         arrays.append(a)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # align the data to 8 bytes, as the reference writer does
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for a in arrays:
-            f.write(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # streamed here, then renamed: never half-written
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(head)))
+            f.write(head)
+            for a in arrays:
+                f.write(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

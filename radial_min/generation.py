@@ -62,20 +62,20 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     rng = np.random.default_rng(seed)
-    room = model.config.max_position_embeddings - len(input_ids)
-    cache = model.new_cache()
+    # the last new token is never fed back, so it may sit one past the position table's end
+    n_max = max(0, min(max_new_tokens, model.config.max_position_embeddings - len(input_ids) + 1))
     new = []
     if max_new_tokens == 0:
         return np.zeros(0, np.int64)
+    cache = model.new_cache()
     logits = model.forward(input_ids, cache, last_only=True, observe=observe)[0]  # prefill: [T] -> [V]
-    for _ in range(min(max_new_tokens, room)):
+    while True:
         if repetition_penalty != 1.0:
             logits = penalize_repeats(logits, np.concatenate([input_ids, new]).astype(np.int64), repetition_penalty)
         token = sample(logits, temperature, top_k, top_p, rng)
         new.append(token)
         if on_token is not None:
             on_token(token)
-        if (stop_at_eos and token == model.config.eos_token_id) or len(new) == min(max_new_tokens, room):
-            break
+        if (stop_at_eos and token == model.config.eos_token_id) or len(new) == n_max:
+            return np.array(new, dtype=np.int64)
         logits = model.forward(np.array([token]), cache, last_only=True, observe=observe)[0]  # decode: [1] -> [V]
-    return np.array(new, dtype=np.int64)

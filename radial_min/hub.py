@@ -14,6 +14,7 @@ from .errors import CheckpointError
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = Path(os.environ.get("RADIAL_MIN_WEIGHTS", ROOT / "weights"))
 DEFAULT_MODEL = WEIGHTS / "opt-kjv-wiki"
+HUB_MARKER = ".hub_repo"  # in a downloaded folder: the repo id, written once the download is complete
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PATTERNS = [
@@ -35,7 +36,10 @@ def resolve(source) -> Path:
     if not _HUB_ID.match(text):
         raise CheckpointError(f"{text}: no such checkpoint folder")
     local = WEIGHTS / text.split("/")[-1]
-    if (local / "config.json").is_file():
+    marker = local / HUB_MARKER
+    if marker.is_file() and marker.read_text().strip() != text:  # another repo of the same name got there first
+        local = WEIGHTS / text.replace("/", "--")
+    if (local / "config.json").is_file() and _has_weights(local):  # downloaded before, or placed there by hand
         return local
     return download(text, local)
 
@@ -59,7 +63,12 @@ def download(repo_id: str, local: Path) -> Path:
     if not (local / "config.json").is_file():
         raise CheckpointError(f"{repo_id}: the Hub repo has no config.json; place a Hugging Face checkpoint in {local}/")
     ensure_safetensors(local)
+    (local / HUB_MARKER).write_text(repo_id + "\n")  # written last: marks a complete download
     return local
+
+
+def _has_weights(folder: Path) -> bool:
+    return _has_safetensors(folder) or any(folder.glob("pytorch_model*.bin"))
 
 
 def _has_safetensors(folder: Path) -> bool:
@@ -79,11 +88,12 @@ def ensure_safetensors(folder: Path) -> None:
     from .checkpoint import write_safetensors
     from .torch_pickle import load_torch_file
 
-    tensors = {}
+    tensors, bf16 = {}, set()
     for b in bins:
-        t, _ = load_torch_file(b)
+        t, dtypes = load_torch_file(b)
         tensors.update({k: a.astype(np.float32) if a.dtype.kind == "f" and a.dtype != np.float16 else a for k, a in t.items()})
-    write_safetensors(folder / "model.safetensors", tensors, {"format": "pt", "converted_from": "pytorch_model.bin"})
+        bf16 |= {k for k, d in dtypes.items() if d == "bfloat16"}  # upcast on reading; stored as bf16 again, exactly
+    write_safetensors(folder / "model.safetensors", tensors, {"format": "pt", "converted_from": "pytorch_model.bin"}, bf16)
     for b in bins:
         b.unlink()
     (folder / "pytorch_model.bin.index.json").unlink(missing_ok=True)

@@ -22,7 +22,7 @@ def load(source, *, weights_dtype: str = "float32"):
     """Load a model from a local folder (config.json + weights) or a Hub id such as "facebook/opt-125m".
 
     `weights_dtype` "float16" or "bfloat16" keeps the weight matrices in half precision in memory (half the
-    memory and, for decode, nearly twice the speed); everything is still computed in float32."""
+    memory; decode ~1.5x faster at OPT-125M); everything is still computed in float32."""
     to_storage(np.zeros(1, np.float32), weights_dtype)  # refuse an unknown dtype before reading anything
     folder = resolve(source)
     cfg = read_config(folder)

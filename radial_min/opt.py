@@ -82,6 +82,11 @@ class OPT:
     # --------------------------------------------------------------------------------------------- pieces
 
     def embed(self, input_ids, pos):
+        """Token rows plus position rows. Every path into the blocks (forward, the oracle, routing) starts here,
+        so ids and positions are checked here."""
+        input_ids = _check_ids(input_ids, self.config.vocab_size)
+        if np.max(pos) >= self.config.max_position_embeddings or np.min(pos) < 0:
+            raise ValueError(f"positions up to {np.max(pos)} exceed max_position_embeddings {self.config.max_position_embeddings}")
         x = kernels.to_float32(self.embed_tokens[input_ids])  # [T] -> [T, P] (weights may be stored in half)
         if self.project_in is not None:
             x = self.project_in(x)  # [T, P] -> [T, E]
@@ -106,15 +111,12 @@ class OPT:
         a whole sequence starting at position 0. `observe(i, block, x, f, y)` sees every block's input, branch
         and output; it is only called when given, so profiling costs nothing otherwise.
         """
-        input_ids = _check_ids(input_ids, self.config.vocab_size)
         start = cache.n_tokens if cache is not None else 0
-        pos = np.arange(start, start + len(input_ids))
-        if pos[-1] >= self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {pos[-1] + 1} tokens exceeds max_position_embeddings {self.config.max_position_embeddings}")
+        pos = np.arange(start, start + len(np.atleast_1d(input_ids)))
         x = self.embed(input_ids, pos)  # [T] -> [T, E]
         x = run_blocks(self.blocks, x, Step(pos, cache), observe)
         if cache is not None:
-            cache.n_tokens += len(input_ids)
+            cache.n_tokens += len(pos)
         return self.head(x[-1:] if last_only else x)
 
     __call__ = forward

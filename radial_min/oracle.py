@@ -152,7 +152,7 @@ def sweep(model, sequences, taus, kv_rules=KV_RULES, kind: str = "output", progr
     rows, depths = [], {}
     for rule in kv_rules:
         for tau in taus:
-            run = full if tau == 0 and rule == "fill" else simulate(model, sequences, threshold(tau), rule, kind, progress)
+            run = full if tau == 0 else simulate(model, sequences, threshold(tau), rule, kind, progress)  # tau 0: no skips
             k = int(round(n_blocks - run.depth.mean()))
             (low_ppl, low_blocks), (exit_ppl, _) = baseline("lowest", k), baseline("exit", k)
             rows.append({

@@ -56,8 +56,9 @@ def profile_text(model, sequences, kind: str = "output", progress=None) -> np.nd
 
 
 def profile_generation(model, prompts, max_new_tokens: int, kind: str = "output", progress=None):
-    """Ratios while generating greedily from each prompt: the decoded tokens' rows only, [n, n_blocks], and the
-    generated ids. The prompt's prefill is profiled by `profile_text`."""
+    """Ratios while generating greedily from each prompt, and the generated ids. Rows: the tokens fed back
+    during decode, max_new_tokens - 1 per prompt (the last token is never fed back), [n, n_blocks]. The prompt's
+    prefill is profiled by `profile_text`."""
     from .generation import generate
 
     rows, generated = [], []

@@ -22,7 +22,9 @@ class RadialNetwork:
         self.model, self.router = model, router
         self.config = model.config
         self.blocks = model.blocks
-        self.max_depth = max_depth or router.config.max_depth or len(model.blocks)
+        self.max_depth = router.config.depth_limit if max_depth is None else max_depth
+        if self.max_depth < 0:
+            raise ValueError(f"max_depth must be >= 0, got {self.max_depth}")
         self.cache_policy, self.step_encoding_scale = cache_policy, step_encoding_scale
         self.routes = []  # one list of block indices per token processed
         self.cache = None  # the latest cache made by new_cache (for memory reports)
@@ -68,8 +70,10 @@ class RouterDecisions:
     whose chosen next block is b run it, then choose again from their new state."""
 
     def __init__(self, router, max_depth: int | None = None):
+        if not router.config.forward_only:
+            raise ValueError("RouterDecisions evaluates block by block, in order: it needs a forward-only router")
         self.router = router
-        self.max_depth = max_depth or router.config.max_depth or router.config.n_blocks
+        self.max_depth = router.config.depth_limit if max_depth is None else max_depth
         self.next = self.depth = None
 
     def __call__(self, b, rows, ratios):

@@ -40,6 +40,11 @@ class RouterConfig:
         return self.n_blocks
 
     @property
+    def depth_limit(self) -> int:
+        """The most blocks a token may run: max_depth, or one pass over the blocks when unset."""
+        return self.n_blocks if self.max_depth is None else self.max_depth
+
+    @property
     def n_in(self) -> int:
         return self.width + self.n_blocks + 1  # state + onehot(prev), prev in {START, 0..n_blocks-1}
 
@@ -68,7 +73,7 @@ def allowed_moves(prev, depth, cfg: RouterConfig):
     cols = np.arange(cfg.n_blocks + 1)
     ok = cols[None, :] > prev[:, None] if cfg.forward_only else np.ones((len(prev), cfg.n_blocks + 1), bool)
     ok[:, cfg.exit] = True
-    ok[depth >= (cfg.max_depth or cfg.n_blocks)] = cols == cfg.exit
+    ok[depth >= cfg.depth_limit] = cols == cfg.exit
     return ok
 
 
@@ -149,7 +154,7 @@ class SequentialRouter:
 
     def choose(self, x, prev, depth, pos=None):
         nxt = np.asarray(prev) + 1
-        return np.where(np.asarray(depth) >= (self.config.max_depth or self.config.n_blocks), self.config.exit, nxt)
+        return np.where(np.asarray(depth) >= self.config.depth_limit, self.config.exit, nxt)
 
 
 class ScriptedRouter:
@@ -158,7 +163,8 @@ class ScriptedRouter:
 
     def __init__(self, routes: list, n_blocks: int):
         self.routes = routes
-        self.config = RouterConfig(width=0, n_blocks=n_blocks, forward_only=False, max_depth=max(map(len, routes), default=0) + 1)
+        forward = all(all(a < b for a, b in zip(r, r[1:])) for r in routes)  # every route moves forward only
+        self.config = RouterConfig(width=0, n_blocks=n_blocks, forward_only=forward, max_depth=max(map(len, routes), default=0) + 1)
 
     def choose(self, x, prev, depth, pos=None):
         return np.array([self.routes[p][d] if d < len(self.routes[p]) else self.config.exit for p, d in zip(pos, depth)])

@@ -6,8 +6,10 @@ saved as a genuine OPT checkpoint. Only the pre-LN, tied-embedding OPT layout (O
 """
 import json
 import math
+import os
 import re
 import signal
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from . import data
 from .checkpoint import SafetensorsFile, write_safetensors
 from .config import OPTConfig, config_to_dict
 from .errors import RadialError
+from .outputs import write_bytes, write_json, write_npz
 
 # --------------------------------------------------------------------------------------------- parameters
 
@@ -174,12 +177,15 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir) -> None:
     tok.train_from_iterator(texts, trainer)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok.model.save(str(out_dir))  # vocab.json, merges.txt
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # written whole, then moved into place
+        tok.model.save(tmp)  # vocab.json, merges.txt
+        for name in ("vocab.json", "merges.txt"):
+            os.replace(Path(tmp) / name, out_dir / name)
     special = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"}
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    write_json(out_dir / "special_tokens_map.json", special)
     config = {**special, "add_bos_token": True, "add_prefix_space": False, "errors": "replace",
               "tokenizer_class": "GPT2Tokenizer", "model_max_length": 1_000_000}  # fmt: skip
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    write_json(out_dir / "tokenizer_config.json", config)
 
 
 # ------------------------------------------------------------------------------------------------ corpus
@@ -225,14 +231,18 @@ def prepare_corpus(out, vocab_size: int, docs=None, val_docs=None) -> tuple[np.n
     cached = out / "tokens.npz"
     if cached.is_file() and (out / "vocab.json").is_file():
         z = np.load(cached)
+        if "vocab_size" in z.files and int(z["vocab_size"]) != vocab_size:
+            raise RadialError(f"{out}: prepared with a vocabulary of {int(z['vocab_size'])}, not {vocab_size}; "
+                              "use the same --vocab-size or a new --out")  # fmt: skip
         return z["train"], {k[4:]: z[k] for k in z.files if k.startswith("val_")}
     if docs is None:
         docs, val_docs = default_corpus()
+    out.mkdir(parents=True, exist_ok=True)
     train_tokenizer(docs, vocab_size, out)
     tok = Tokenizer(out)
     train_ids = tokenize_documents(tok, docs)
     val_ids = {name: tokenize_documents(tok, d) for name, d in val_docs.items()}
-    np.savez(cached, train=train_ids, **{"val_" + k: a for k, a in val_ids.items()})
+    write_npz(cached, train=train_ids, vocab_size=np.int64(vocab_size), **{"val_" + k: a for k, a in val_ids.items()})
     return train_ids, val_ids
 
 
@@ -256,7 +266,7 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 16
     steps: int = 1200
-    lr: float = 3e-3
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup: int = 60
     weight_decay: float = 0.1
@@ -270,6 +280,9 @@ class TrainConfig:
         return OPTConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
                          num_attention_heads=self.num_attention_heads, ffn_dim=self.ffn_dim,
                          max_position_embeddings=self.seq_len, word_embed_proj_dim=self.hidden_size)  # fmt: skip
+
+
+_MODEL_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "seq_len")
 
 
 def batch_at(tokens: np.ndarray, step: int, cfg: TrainConfig) -> np.ndarray:
@@ -312,7 +325,14 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: 
     model_cfg = cfg.model_config()
     check_trainable(model_cfg)
     state_path, log_path = out / "state.safetensors", out / "log.jsonl"
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    config_path = out / "train_config.json"
+    if state_path.is_file() and config_path.is_file():  # resuming: the model must be the one that was saved
+        saved = json.loads(config_path.read_text())
+        changed = [k for k in _MODEL_FIELDS if saved.get(k) != getattr(cfg, k)]
+        if changed:
+            raise RadialError(f"{state_path}: saved with {', '.join(f'{k}={saved.get(k)}' for k in changed)}; "
+                              "resume with the same model settings or use a new --out")  # fmt: skip
+    write_json(config_path, asdict(cfg))
     if state_path.is_file():
         params, m, v, step = load_state(state_path)
     else:
@@ -359,16 +379,14 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: 
 def export_checkpoint(params: dict, model_cfg: OPTConfig, tokenizer_dir, out_dir, dtype: str = "float16") -> None:
     """Write a Hugging Face OPT checkpoint: config.json, model.safetensors (`model.decoder.*` keys, as
     transformers' save_pretrained writes them), and the tokenizer files."""
-    import shutil
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_cfg.dtype = dtype
-    (out_dir / "config.json").write_text(json.dumps(config_to_dict(model_cfg), indent=2))
+    write_json(out_dir / "config.json", config_to_dict(model_cfg))
     tensors = {"model." + k: a.astype(dtype) for k, a in params.items()}
     write_safetensors(out_dir / "model.safetensors", tensors, {"format": "pt"})
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(Path(tokenizer_dir) / name, out_dir / name)
+        write_bytes(out_dir / name, (Path(tokenizer_dir) / name).read_bytes())
 
 
 # ------------------------------------------------------------------------------------------------ report

@@ -85,7 +85,7 @@ class ViT:
         return np.concatenate([self.cls_token, x]) + self.pos_embed  # [N + 1, E]
 
     def head(self, x):
-        cls = self.final_norm(x)[:1]  # [N + 1, E] -> [1, E]
+        cls = self.final_norm(x[:1])  # only the CLS token is read out: [N + 1, E] -> [1, E]
         if self.classifier is not None:
             return self.classifier(cls)  # [1, E] -> [1, labels]
         if self.pooler is not None:

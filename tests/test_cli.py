@@ -343,7 +343,7 @@ def test_profile_text_too_short(capsys, tiny_random_opt, tmp_path):
     code, _, err = call(capsys, "profile", "--model", model_dir, "--text", short, "--seq-len", 32, "--out", tmp_path / "p")
     assert_one_line_error(code, err)
     assert "fewer than one sequence of 32" in err
-    code, _, err = call(capsys, "profile", "--model", model_dir, "--text", tmp_path / "missing.txt", "--out", tmp_path / "p")
+    code, _, err = call(capsys, "profile", "--model", model_dir, "--text", tmp_path / "missing.txt", "--seq-len", 32, "--out", tmp_path / "p")
     assert_one_line_error(code, err)
     assert "no such text file" in err
 
@@ -354,7 +354,7 @@ def test_profile_refuses_empty_packing(capsys, tiny_random_opt, tmp_path, option
     args = {"--seq-len": 16, "--max-sequences": 2, option: value}
     code, _, err = call(capsys, "profile", "--model", model_dir, "--text", text, *[x for kv in args.items() for x in kv], "--out", tmp_path)
     assert_one_line_error(code, err)
-    assert f"{option} must be >= 1, got {value}" in err
+    assert f"argument {option}: expected an integer >= 1, got {value}" in err
     assert not (tmp_path / "summary.json").exists()
 
 
@@ -368,3 +368,71 @@ def test_profile_without_matplotlib_still_prints_and_saves_tables(capsys, tiny_r
     assert "overall median" in stdout and "no plots: pip install matplotlib" in stdout
     assert (out / "summary.json").is_file() and (out / "summary.csv").is_file()
     assert not list(out.glob("*.png"))
+
+
+# ------------------------------------------------------------------------------------------------ routing, training
+
+
+def test_train_router_then_generate_with_it(capsys, tiny_random_opt, tmp_path):
+    """Distil a router from the oracle on a tiny model, then generate through it: depths shown, summary printed."""
+    model_dir, text = tiny_random_opt
+    ratios = np.load(profile_ratios(capsys, model_dir, text, tmp_path))["ratios"]
+    tau = float(np.median(ratios))  # a threshold that really splits this random model's blocks
+    router = tmp_path / "r" / "router"
+    code, out, err = call(capsys, "train-router", "--model", model_dir, "--train-text", text, "--test-text", text, "--tau", tau,
+                          "--seq-len", 32, "--max-sequences", 3, "--test-sequences", 1, "--epochs", 2, "--out", router,
+                          "--report", tmp_path / "report")  # fmt: skip
+    assert code == 0, err
+    assert "accuracy against the oracle: decisions" in out and f"router saved to {router}.safetensors" in out
+    report = json.loads((tmp_path / "report" / "train_router.json").read_text())
+    assert 0 <= report["accuracy_test"]["decision"] <= 1 and report["config"]["tau"] == tau
+    assert set(report["runs"]) >= {"sequential", "router"} and report["runs"]["sequential"]["mean_depth"] == 4
+    code, out, err = call(capsys, "generate", "The quick", "--model", model_dir, "--router", router, "--max-new-tokens", 6,
+                          "--show-depth", "count")  # fmt: skip
+    assert code == 0, err
+    depths = [int(d.translate(str.maketrans("₀₁₂₃₄₅₆₇₈₉", "0123456789"))) for d in re.findall("[₀-₉]+", out)]
+    assert 1 <= len(depths) <= 6 and all(0 <= d <= 4 for d in depths)
+    assert re.search(r"\[routing: [\d.]+ of 4 blocks per token .* KV cache [\d.]+ KiB unified \(per-layer\)", err)
+    code, _, err = call(capsys, "generate", "The quick", "--model", model_dir, "--router", router, "--max-depth", 0)
+    assert_one_line_error(code, err)
+
+
+def profile_ratios(capsys, model_dir, text, tmp_path):
+    out = tmp_path / "prof"
+    assert call(capsys, "profile", "--model", model_dir, "--text", text, "--seq-len", 32, "--max-sequences", 2, "--out", out)[0] == 0
+    return out / f"ratios_{model_dir.name}_prefill.npz"
+
+
+def test_router_for_another_model_is_refused(capsys, tiny_random_opt):
+    model_dir, _ = tiny_random_opt
+    code, _, err = call(capsys, "generate", "x", "--model", model_dir, "--router", ROOT / "weights" / "opt-kjv-wiki" / "router-tau0.2")
+    assert_one_line_error(code, err)
+    assert "routes 12 blocks of width 256, but the model has 4 blocks of width 32" in err
+
+
+@pytest.mark.parametrize("args,fragment", [(["profile", "--generate", "1"], "--generate"),
+                                           (["simulate", "--seq-len", "300", "--max-sequences", "1"], "exceeds the model's max_position_embeddings"),
+                                           (["train", "--eval-every", "0"], "--eval-every")])  # fmt: skip
+def test_more_bad_inputs(capsys, tmp_path, args, fragment):
+    code, _, err = call(capsys, *args, "--out", tmp_path / "o")
+    assert_one_line_error(code, err)
+    assert fragment in err
+
+
+def test_train_exports_a_checkpoint_that_generates(capsys, tmp_path):
+    """`train` end to end on the default corpus with a tiny model: resumable state, log, loss curve, export, report."""
+    if not (SHARED / "kjv" / "kjv.txt").is_file():
+        pytest.skip("../shared/data is not available")
+    run_dir, export = tmp_path / "run", tmp_path / "export"
+    args = ["train", "--out", run_dir, "--export", export, "--vocab-size", 300, "--hidden-size", 16, "--layers", 1, "--heads", 2,
+            "--seq-len", 16, "--batch-size", 2, "--steps", 2, "--eval-every", 1, "--save-every", 1, "--warmup", 1]  # fmt: skip
+    code, out, err = call(capsys, *args)
+    assert code == 0, err
+    assert re.search(r"^kjv\s+[\d,]+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M) and re.search(r"^wiki\s+", out, re.M)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["kjv"]["model"] > 1 and report["kjv"]["unigram"] > 1
+    assert [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert radial_min.load(export).config.hidden_size == 16 and radial_min.Tokenizer(export).encode("In")[0] == 2
+    code, _, err = call(capsys, *args[:-12], "--vocab-size", 500)  # the run folder's tokenizer has 300 tokens
+    assert code == 2 and "Traceback" not in err  # after the progress line, one error line
+    assert err.splitlines()[-1].startswith("error: ") and "prepared with a vocabulary of 300, not 500" in err

@@ -237,18 +237,19 @@ def test_generate_stops_at_eos_and_includes_it(model, prompt):
 
 
 def test_generate_respects_the_position_table(model):
-    """The fixture has 64 positions: a 60-token prompt leaves room for 4 new tokens, whatever is asked."""
+    """The fixture has 64 positions: a 60-token prompt leaves room for 5 new tokens (the last one is never fed
+    back, so it may take the 65th position), whatever is asked."""
     assert model.config.max_position_embeddings == 64
     rng = np.random.default_rng(0)
     ids = rng.integers(3, 384, 60)
     calls = []
     out = generate(model, ids, 20, stop_at_eos=False, on_token=calls.append)
-    assert len(out) == 4 and calls == out.tolist()
+    assert len(out) == 5 and calls == out.tolist()
     assert len(generate(model, ids, 3, stop_at_eos=False)) == 3
-    assert len(generate(model, rng.integers(3, 384, 64), 5, stop_at_eos=False)) == 0
-    greedy_full = generate(model, ids[:50], 14, stop_at_eos=False)
+    assert len(generate(model, rng.integers(3, 384, 64), 5, stop_at_eos=False)) == 1
+    greedy_full = generate(model, ids[:50], 15, stop_at_eos=False)
     np.testing.assert_array_equal(generate(model, ids[:50], 100, stop_at_eos=False), greedy_full)
-    with pytest.raises(ValueError, match="exceeds max_position_embeddings 64"):
+    with pytest.raises(ValueError, match="exceed max_position_embeddings 64"):
         generate(model, rng.integers(3, 384, 65), 5)
 
 

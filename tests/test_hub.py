@@ -167,8 +167,40 @@ def test_repo_with_safetensors_never_fetches_the_pickle(weights, tmp_path, monke
     model = radial_min.load("org/opt-pre")
     assert len(hub.calls) == 1
     assert not (weights / "opt-pre" / "pytorch_model.bin").exists()
-    assert sorted(p.name for p in (weights / "opt-pre").iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in (weights / "opt-pre").iterdir()) == [".hub_repo", "config.json", "generation_config.json", "model.safetensors"]
     assert model.config.num_hidden_layers == 3
+
+
+def test_same_name_from_another_repo_gets_its_own_folder(weights, tmp_path, monkeypatch):
+    """weights/<name>/ remembers which repo filled it; a different org's repo of the same name goes elsewhere."""
+    repo = fake_repo(tmp_path, "config.json", "model.safetensors", source="opt-pre")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(repo))
+    assert radial_min.hub.resolve("facebook/opt-pre") == weights / "opt-pre"
+    assert (weights / "opt-pre" / ".hub_repo").read_text().strip() == "facebook/opt-pre"
+    assert radial_min.hub.resolve("facebook/opt-pre") == weights / "opt-pre"  # cached
+    assert radial_min.hub.resolve("someone/opt-pre") == weights / "someone--opt-pre"
+
+
+def test_an_interrupted_download_is_resumed(weights, tmp_path, monkeypatch):
+    """A folder with config.json but no weights (a download cut short) is fetched again, not taken as done."""
+    (weights / "opt-pre").mkdir()
+    shutil.copy(FIXTURES / "opt-pre" / "config.json", weights / "opt-pre" / "config.json")
+    hub = FakeHub(fake_repo(tmp_path, "config.json", "model.safetensors", source="opt-pre"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    assert radial_min.load("org/opt-pre").config.num_hidden_layers == 3
+    assert len(hub.calls) == 1
+
+
+def test_bfloat16_survives_conversion(tmp_path):
+    """Converting a bf16 pickle keeps bf16 on disk (the upcast to float32 on reading is exact, so is the way back)."""
+    from radial_min.checkpoint import SafetensorsFile, write_safetensors
+
+    x = np.array([[1.0, -2.5, 3.140625, 2.0**-70]], np.float32)
+    write_safetensors(tmp_path / "m.safetensors", {"w": x, "b": x[0]}, bfloat16={"w"})
+    f = SafetensorsFile(tmp_path / "m.safetensors")
+    assert f.dtype("w") == "bfloat16" and f.dtype("b") == "float32"
+    np.testing.assert_array_equal(f.read("w"), x)
+    assert (tmp_path / "m.safetensors").stat().st_size < 8 + 200 + 4 * 2 + 4 * 4
 
 
 def test_repo_without_weights(weights, tmp_path, monkeypatch):

@@ -118,10 +118,20 @@ def test_tied_lm_head_is_not_read(tmp_path):
     assert model.lm_head is model.embed_tokens
 
 
-def test_write_safetensors_is_atomic(tmp_path):
+def test_write_safetensors_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "x.safetensors"
     write_safetensors(path, {"a": np.arange(6, dtype=np.float32).reshape(2, 3)})
     with pytest.raises(ValueError, match="cannot write dtype"):
         write_safetensors(path, {"a": np.zeros(2, np.complex64)})
+
+    import radial_min.checkpoint as ckpt
+
+    def disk_full(*args):  # the new file was written out, then the rename fails
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write_safetensors(path, {"a": np.zeros(4, np.float32)})
+    monkeypatch.undo()
     assert SafetensorsFile(path).read("a").tolist() == [[0, 1, 2], [3, 4, 5]]  # the old file is intact
-    assert list(tmp_path.iterdir()) == [path]
+    assert list(tmp_path.iterdir()) == [path]  # and no temporary file is left behind

@@ -86,7 +86,7 @@ def test_kv_cache_decode_equals_full_forward(name):
     assert all(r.n == len(ids) for r in cache.layers)
 
 
-@pytest.mark.parametrize("dtype,tol", [("float16", 2e-3), ("bfloat16", 2e-2)])
+@pytest.mark.parametrize("dtype,tol", [("float16", 2e-3), ("bfloat16", 1.5e-2)])
 @pytest.mark.parametrize("name", ["opt-pre", "opt-350m-style", "vit-cls"])
 def test_half_precision_weights_in_memory(name, dtype, tol):
     """Weights kept in half precision (compute in float32): the parity error stays small and is reported."""
@@ -96,3 +96,9 @@ def test_half_precision_weights_in_memory(name, dtype, tol):
     err = rel_err(out, ref["logits"] if "opt" in name else ref["output"])
     assert 1e-6 < err <= tol  # really rounded, still close
     assert model.blocks[0].qkv.weight.dtype == (np.float16 if dtype == "float16" else np.uint16)
+    if "opt" in name:  # decode runs the one-row half-precision kernel (matvec_half): same greedy tokens
+        cache = model.new_cache()
+        full = model.forward(ref["input_ids"])
+        steps = np.concatenate([model.forward(ref["input_ids"][t : t + 1], cache) for t in range(len(ref["input_ids"]))])
+        assert rel_err(steps, full) <= 1e-5
+        np.testing.assert_array_equal(radial_min.generate(model, ref["input_ids"], 20, stop_at_eos=False), ref["greedy"])

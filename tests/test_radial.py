@@ -110,6 +110,12 @@ def test_router_decisions_match_token_by_token_engine():
     assert [np.flatnonzero(k).tolist() for k in keep] == routes
 
 
+def test_router_decisions_refuse_routers_that_may_move_back():
+    model = random_opt(seed=2)
+    with pytest.raises(ValueError, match="forward-only"):
+        RouterDecisions(ScriptedRouter([[1, 0]], len(model.blocks)))
+
+
 def test_block_reuse_and_any_order():
     """The engine runs blocks in any order, repeated; the per-layer policy sees a token's own earlier entry."""
     model = random_opt(seed=2, num_hidden_layers=2)
