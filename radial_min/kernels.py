@@ -16,6 +16,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .checkpoint import bf16_to_float32
+
 _BACKEND = {"matmul": "numba"}
 
 
@@ -129,7 +131,7 @@ def matvec_half(x, w, b, is_bf16, out):  # [in], [out, in] uint16 bits, [out] or
 def to_float32(w) -> np.ndarray:
     """Weights in any storage dtype as float32: float16 directly, bfloat16 bits (uint16) by shifting."""
     if w.dtype == np.uint16:
-        return (w.astype(np.uint32) << 16).view(np.float32)
+        return bf16_to_float32(w)
     return w.astype(np.float32, copy=False)
 
 

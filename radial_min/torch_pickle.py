@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from .checkpoint import bf16_to_float32
 from .errors import CheckpointError
 
 # torch dtype name -> NumPy dtype of the stored elements, byte order still to be set. bfloat16 is kept as raw
@@ -446,7 +447,7 @@ def _cut_tensor(raw: np.ndarray, ref: _TensorRef, big_endian: bool, name: str, p
     except (MemoryError, ValueError, OverflowError) as e:  # absurd sizes or strides (the bounds check passed)
         raise CheckpointError(f"{path}: tensor {name!r} of size {list(ref.shape)} cannot be built ({e})") from None
     if ref.dtype == "bfloat16":
-        out = (out.astype(np.uint32) << 16).view(np.float32)  # bf16 is the top half of a float32
+        out = bf16_to_float32(out)
     return out
 
 
