@@ -98,6 +98,22 @@ class AttentionBlock(Block):
         a = kernels.attention(q, k, v, self.n_head, step.pos, k_pos, rows)  # [T, E]
         return self.out(a)  # [T, E] -> [T, E]
 
+    def branch_dropping(self, x, keeps):
+        """f(x) when a token that skips this block offers no keys/values to later tokens (the `drop` rule).
+
+        Token by token, since whether token t is seen by later tokens depends on its own decision:
+        `keeps(t, f_t) -> bool` decides token t from its branch f_t [1, E]. Returns f [T, E] and keep [T]."""
+        T = len(x)
+        q, k, v = self.project_qkv(x)
+        f = np.empty_like(x)
+        keep = np.zeros(T, bool)
+        for t in range(T):
+            visible = np.append(np.flatnonzero(keep[:t]), t)  # tokens that ran this block, and itself
+            a = kernels.attention(q[t : t + 1], k[visible], v[visible], self.n_head)  # all visible are <= t
+            f[t] = self.out(a)[0]
+            keep[t] = keeps(t, f[t : t + 1])
+        return f, keep
+
 
 class FFNBlock(Block):
     """Position-wise feed-forward: fc2(act(fc1(x))). ReLU in OPT, exact GELU in ViT."""
@@ -114,13 +130,31 @@ class FFNBlock(Block):
         return self.fc2(h)  # [T, F] -> [T, E]
 
 
+def run_block(i, block, x, step: Step, observe=None):
+    """Block i on rows x: its branch, its residual add, and the observer told (see `run_blocks`)."""
+    f = block.branch(x, step)  # [T, E]
+    y = block.residual(x, f)  # [T, E]
+    if observe is not None:
+        observe(i, block, x, f, y)
+    return y
+
+
+def begin(observe, x):
+    """Tell an observer that rows x (just embedded) start a walk over the blocks, if it wants to know."""
+    start = getattr(observe, "begin", None)
+    if start is not None:
+        start(x)
+
+
 def run_blocks(blocks, x, step: Step, observe=None):
-    """The sequential model: every block in order. `observe(i, block, x, f, y)`, when given, sees each block's
-    input, branch and output; when not, the walk costs one `is None` test per block."""
+    """The sequential model: every block in order.
+
+    The observe contract, shared by every walk over the blocks (this one, `oracle.run_sequence` and
+    `RadialNetwork.route_token`): `observe(i, block, x, f, y)` sees block i's input rows x, their branch f and
+    the output y the walk goes on with (the oracle passes y = x for rows that skip the block); an observer with a
+    `begin(x)` method is told first when new rows [T, E] enter the blocks. Blocks a walk does not visit (a router
+    skips them) are not observed. When `observe` is None the walk costs one `is None` test per block."""
+    begin(observe, x)
     for i, block in enumerate(blocks):
-        f = block.branch(x, step)
-        y = block.residual(x, f)
-        if observe is not None:
-            observe(i, block, x, f, y)
-        x = y
+        x = run_block(i, block, x, step, observe)
     return x

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels
-from .blocks import AttentionBlock, Step
+from .blocks import AttentionBlock, Step, begin
 from .profiling import residual_ratio
 
 KV_RULES = ("fill", "drop")
@@ -52,50 +51,49 @@ def next_token_nll(logits, ids) -> np.ndarray:
     return -logp[np.arange(len(ids) - 1), ids[1:]]
 
 
-def run_sequence(model, ids, decide, kv_rule: str = "fill", kind: str = "output"):
+def run_sequence(model, ids, decide, kv_rule: str = "fill", kind: str = "output", observe=None):
     """One sequence through the blocks with per-token decisions; returns (logits [T, V], keep, ratios).
 
     `decide(b, rows, ratios) -> keep` gets a block index, the token rows being decided and their ratios. If it
     has an `after(b, x, ran)` method, that sees the states after the embedding (b = -1) and after each block.
+    `observe` follows the contract of `blocks.run_blocks`; here y = x for the rows that skip the block.
     """
     if kv_rule not in KV_RULES:
         raise ValueError(f"kv rule must be one of {KV_RULES}, got {kv_rule!r}")
     T = len(ids)
     pos = np.arange(T)
     x = model.embed(ids, pos)
-    all_rows = np.arange(T)
     keep = np.zeros((T, len(model.blocks)), bool)
     ratios = np.zeros((T, len(model.blocks)))
     after = getattr(decide, "after", None)
     if after is not None:
         after(-1, x, None)
+    begin(observe, x)
     for b, block in enumerate(model.blocks):
-        if isinstance(block, AttentionBlock) and kv_rule == "drop":
-            f, ratios[:, b], keep[:, b] = _attention_drop(block, x, lambda rows, r: decide(b, rows, r), kind)
-        else:
-            f = block.branch(x, Step(pos))  # fill: every token's keys/values from the state passing by
-            ratios[:, b] = residual_ratio(x, f, kind)
-            keep[:, b] = decide(b, all_rows, ratios[:, b])
-        x = np.where(keep[:, b, None], block.residual(x, f), x)
+        x = decide_block(b, block, x, pos, decide, kv_rule, kind, keep[:, b], ratios[:, b], observe)
         if after is not None:
             after(b, x, keep[:, b])
     return model.head(x), keep, ratios
 
 
-def _attention_drop(block, x, decide, kind):
-    """Token by token, since whether token t is seen by later tokens depends on its own decision."""
-    T = len(x)
-    q, k, v = block.project_qkv(x)
-    f = np.empty_like(x)
-    r = np.zeros(T)
-    keep = np.zeros(T, bool)
-    for t in range(T):
-        visible = np.append(np.flatnonzero(keep[:t]), t)  # tokens that ran this block, and itself
-        a = kernels.attention(q[t : t + 1], k[visible], v[visible], block.n_head)  # all visible are <= t
-        f[t] = block.out(a)[0]
-        r[t] = residual_ratio(x[t : t + 1], f[t : t + 1], kind)[0]
-        keep[t] = decide(np.array([t]), r[t : t + 1])[0]
-    return f, r, keep
+def decide_block(b, block, x, pos, decide, kv_rule, kind, keep, ratios, observe=None):
+    """Block b on every row of one sequence, each row kept or skipped by `decide`: fills keep [T] and ratios [T],
+    returns the new states [T, E]. One step of `run_sequence`, also driven block-major by `stream.py`."""
+    if isinstance(block, AttentionBlock) and kv_rule == "drop":
+
+        def keeps(t, f_t):  # the drop rule runs token by token inside the block
+            ratios[t] = residual_ratio(x[t : t + 1], f_t, kind)[0]
+            return decide(b, np.array([t]), ratios[t : t + 1])[0]
+
+        f, keep[:] = block.branch_dropping(x, keeps)
+    else:
+        f = block.branch(x, Step(pos))  # fill: every token's keys/values from the state passing by
+        ratios[:] = residual_ratio(x, f, kind)
+        keep[:] = decide(b, np.arange(len(x)), ratios)
+    y = np.where(keep[:, None], block.residual(x, f), x)  # a skipped row passes its state on unchanged
+    if observe is not None:
+        observe(b, block, x, f, y)
+    return y
 
 
 def simulate(model, sequences, decide, kv_rule: str = "fill", kind: str = "output", progress=None) -> Run:

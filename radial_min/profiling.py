@@ -26,17 +26,19 @@ def residual_ratio(x, f, kind: str = "output"):
 
 
 class RatioRecorder:
-    """An `observe` callback collecting each block's ratios: `rows()` -> [tokens, blocks]."""
+    """An observer (see `blocks.run_blocks`) collecting each block's ratios: `rows()` -> [tokens, blocks].
+    One row per token that entered the blocks; NaN where the token did not run the block (routed execution)."""
 
     def __init__(self, n_blocks: int, kind: str = "output"):
         if kind not in KINDS:
             raise ValueError(f"ratio kind must be one of {KINDS}, got {kind!r}")
         self.n_blocks, self.kind, self.chunks, self.current = n_blocks, kind, [], None
 
+    def begin(self, x):
+        self.current = np.full((len(x), self.n_blocks), np.nan)  # [T, blocks]
+        self.chunks.append(self.current)
+
     def __call__(self, i, block, x, f, y):
-        if i == 0:
-            self.current = np.zeros((len(x), self.n_blocks))
-            self.chunks.append(self.current)
         self.current[:, i] = residual_ratio(x, f, self.kind)
 
     def rows(self) -> np.ndarray:

@@ -12,7 +12,7 @@ this token-by-token engine.
 """
 import numpy as np
 
-from .blocks import Step
+from .blocks import Step, begin, run_block
 from .cache import UnifiedKVCache
 
 
@@ -37,17 +37,14 @@ class RadialNetwork:
     def route_token(self, token: int, pos: int, cache, observe=None):
         """Run one token through the blocks its router picks; returns its final hidden state [1, E]."""
         x = self.model.embed(np.array([token]), np.array([pos]))  # [1, E]
+        begin(observe, x)
         prev, route, exit_ = -1, [], len(self.blocks)
         while len(route) < self.max_depth:
             nxt = int(self.router.choose(x, [prev], [len(route)], pos=[pos])[0])
             if nxt == exit_:
                 break
-            block = self.blocks[nxt]
-            f = block.branch(x, Step(np.array([pos]), cache, hop=len(route)))
-            y = block.residual(x, f)
-            if observe is not None:
-                observe(nxt, block, x, f, y)
-            x, prev = y, nxt
+            x = run_block(nxt, self.blocks[nxt], x, Step(np.array([pos]), cache, hop=len(route)), observe)
+            prev = nxt
             route.append(nxt)
         self.routes.append(route)
         return x

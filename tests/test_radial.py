@@ -171,3 +171,23 @@ def test_memory_against_dense():
     assert len(cache) == 2 + 1 + 3 + 0
     assert cache.nbytes == 6 * (2 * E * 4 + 3 * 8)
     assert dense_cache_bytes(3, 4, E) == 3 * 4 * (2 * E * 4 + 8)
+
+
+def test_one_observe_contract_for_every_walk():
+    """The profiler's RatioRecorder works on routed execution (it crashed with a TypeError) and on the oracle:
+    on the blocks a token ran, the ratios both record are the oracle's; NaN where the router skipped."""
+    from radial_min.profiling import RatioRecorder
+
+    model = random_opt(seed=3, num_hidden_layers=3)
+    ids = np.arange(3, 15)
+    keep = np.random.default_rng(2).random((len(ids), len(model.blocks))) < 0.6
+    keep[0, 0] = False  # the first token skips block 0: the recorder must not rely on seeing block 0
+    seen = RatioRecorder(len(model.blocks))
+    _, _, ratios = oracle.run_sequence(model, ids, oracle.forced(keep), "drop", observe=seen)
+    np.testing.assert_allclose(seen.rows(), ratios, rtol=1e-6)
+    routed = RatioRecorder(len(model.blocks))
+    radial = RadialNetwork(model, ScriptedRouter([np.flatnonzero(k).tolist() for k in keep], len(model.blocks)))
+    radial.forward(ids, observe=routed)
+    rows = routed.rows()
+    assert rows.shape == keep.shape and np.isnan(rows[~keep]).all()
+    np.testing.assert_allclose(rows[keep], ratios[keep], rtol=1e-5)
