@@ -179,12 +179,21 @@ def cmd_profile(args):
 
     out = Path(args.out)
     hist, layer_summaries, csv_rows, report = {}, {}, [], {}
+    streamed_any = False
     for source in args.model:
-        model = _load(source, None)
+        model, streamed = _load_maybe_streamed(source, args.stream)
+        streamed_any |= streamed
         label = model.path.name
         names = profiling.block_names(model)
         phases = {}
-        if model.config.model_type == "opt":
+        if streamed:
+            from radial_min import stream
+
+            seqs, tok = _sequences(model, args)
+            if args.generate:
+                raise RadialError(f"--generate: generation runs every block per token, it needs {label} loaded whole (no --stream)")
+            phases["prefill"] = stream.profile_text(model, seqs, args.kind, out / f".stream-{label}", _block_bar(label, names))
+        elif model.config.model_type == "opt":
             seqs, tok = _sequences(model, args)
             phases["prefill"] = profiling.profile_text(model, seqs, args.kind, progress=_bar(f"profile {label}", "seq"))
             if args.generate:
@@ -211,6 +220,50 @@ def cmd_profile(args):
     write_csv(out / "summary.csv", csv_rows)
     made = [plots.ratio_histogram(hist, out / "ratio_hist.png", args.kind), plots.layer_profile(layer_summaries, out / "layer_profile.png")]
     print(f"\nresults in {out}/" + ("" if all(made) else " (no plots: pip install matplotlib)"))
+    if streamed_any:
+        from radial_min.stream import peak_rss_bytes
+
+        print(f"peak memory (VmHWM) {peak_rss_bytes() / 2**20:,.0f} MiB")
+
+
+def _load_maybe_streamed(source, want_stream: bool):
+    """(model, streamed): weights streamed block by block with --stream, or automatically when the whole model
+    would not fit in the memory available; a checkpoint that cannot be streamed is loaded whole if it fits."""
+    from radial_min import stream
+
+    need, avail = stream.model_bytes(source), stream.available_bytes()
+    if not want_stream and need <= avail:
+        return _load(source, None), False
+    why = "--stream" if want_stream else f"automatic: the model needs {need / 2**30:.1f} GiB as float32, {avail / 2**30:.1f} GiB available"
+    try:
+        model = stream.StreamedOPT(source)
+    except stream.NotStreamable as e:
+        if need > avail:
+            raise RadialError(f"--model {source}: does not fit in memory and cannot be streamed: {e}") from None
+        print(f"not streaming ({e}); it fits, loading it whole", file=sys.stderr)
+        return _load(source, None), False
+    big = max(model.block_bytes(b) for b in range(len(model.blocks)))
+    print(f"{model.path.name}: streaming weights block by block ({why}); largest block {big / 2**20:,.1f} MiB as float32",
+          file=sys.stderr)  # fmt: skip
+    return model, True
+
+
+def _block_bar(label, names):
+    """A progress bar over the sequences of each block, with the time left for the whole run in its title."""
+    from tqdm import tqdm
+
+    t0, first = time.perf_counter(), []
+
+    def bar(items, b):
+        if not first:
+            first.append(b)
+        done = b - first[0]
+        left = (time.perf_counter() - t0) / done * (len(names) - b) if done else float("nan")
+        eta = f", about {left / 60:.1f} min left" if done else ""
+        return tqdm(items, desc=f"{label} {names[b]} ({b + 1}/{len(names)}{eta})", unit="seq", leave=False,
+                    dynamic_ncols=True, disable=None)  # fmt: skip
+
+    return bar
 
 
 def cmd_simulate(args):
@@ -414,6 +467,10 @@ def build_parser():
     pr.add_argument("--tau", type=float, default=0.05, help="threshold for the trace and depth plots (default: %(default)s)")
     pr.add_argument("--trace-tokens", type=_positive_int, default=128, help="tokens shown in the routing trace (default: %(default)s)")
     pr.add_argument("--out", default="runs/profile", help="output folder (default: %(default)s)")
+    pr.add_argument("--stream", action="store_true",
+                    help="read each block's weights from the checkpoint just before it runs and free them after (OPT, "
+                    "safetensors): memory bounded by the largest block, not the model; automatic when the model "
+                    "would not fit; an interrupted run resumes at its block (state in <out>/.stream-<model>/)")  # fmt: skip
     pr.set_defaults(func=cmd_profile)
 
     si = sub.add_parser("simulate", help="the oracle: skip blocks with ratio < tau; depth and perplexity over a sweep of tau")

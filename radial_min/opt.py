@@ -54,6 +54,22 @@ def normalize_name(name: str) -> str:
     return name[len("model.") :] if name.startswith("model.") else name
 
 
+def make_block(cfg: OPTConfig, t: dict, i: int, kind: str):
+    """Layer i's attention ("att") or FFN ("ffn") block from tensors `t` (consumed); `stream.py` builds one block
+    at a time with it."""
+    p, pre = f"decoder.layers.{i}.", cfg.do_layer_norm_before
+    if kind == "att":
+        qkv = Linear(  # popped: the separate copies are freed as the stacked one is made (peak memory)
+            np.concatenate([t.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+            np.concatenate([t.pop(p + f"self_attn.{x}_proj.bias") for x in "qkv"]) if cfg.enable_bias else None,
+        )
+        out = Linear.from_tensors(t, p + "self_attn.out_proj")
+        norm = LayerNorm.from_tensors(t, p + "self_attn_layer_norm", LN_EPS)
+        return AttentionBlock(i, norm, pre, qkv, out, cfg.num_attention_heads)
+    fc1, fc2 = Linear.from_tensors(t, p + "fc1"), Linear.from_tensors(t, p + "fc2")
+    return FFNBlock(i, LayerNorm.from_tensors(t, p + "final_layer_norm", LN_EPS), pre, fc1, fc2, cfg.activation_function)
+
+
 class OPT:
     """An OPT causal language model as a list of residual blocks. Built from tensors `t` (consumed)."""
 
@@ -66,18 +82,7 @@ class OPT:
         self.project_out = Linear(t["decoder.project_out.weight"]) if "decoder.project_out.weight" in t else None
         self.final_norm = LayerNorm.from_tensors(t, "decoder.final_layer_norm", LN_EPS) if cfg.has_final_layer_norm else None
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else t["lm_head.weight"]
-        self.blocks = []
-        for i in range(self.n_layer):
-            p = f"decoder.layers.{i}."
-            qkv = Linear(  # popped: the separate copies are freed as the stacked one is made (peak memory)
-                np.concatenate([t.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
-                np.concatenate([t.pop(p + f"self_attn.{x}_proj.bias") for x in "qkv"]) if cfg.enable_bias else None,
-            )
-            out = Linear.from_tensors(t, p + "self_attn.out_proj")
-            pre = cfg.do_layer_norm_before
-            self.blocks.append(AttentionBlock(i, LayerNorm.from_tensors(t, p + "self_attn_layer_norm", LN_EPS), pre, qkv, out, cfg.num_attention_heads))
-            fc1, fc2 = Linear.from_tensors(t, p + "fc1"), Linear.from_tensors(t, p + "fc2")
-            self.blocks.append(FFNBlock(i, LayerNorm.from_tensors(t, p + "final_layer_norm", LN_EPS), pre, fc1, fc2, cfg.activation_function))
+        self.blocks = [make_block(cfg, t, i, kind) for i in range(self.n_layer) for kind in ("att", "ffn")]
 
     # --------------------------------------------------------------------------------------------- pieces
 
