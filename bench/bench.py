@@ -80,7 +80,7 @@ from numba import njit, prange  # noqa: E402
 import radial_min  # noqa: E402
 from radial_min import kernels  # noqa: E402
 from radial_min.radial import RadialNetwork  # noqa: E402
-from radial_min.router import ScriptedRouter  # noqa: E402
+from radial_min.testing import ScriptedRouter  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- sizes and stats

@@ -12,6 +12,7 @@ Which kernel runs where (measured on this project's 2-core AVX2 machine, see doc
   back, so the comparison can be rerun (bench/bench.py --matmul blas).
 """
 import math
+import types
 
 import numpy as np
 from numba import njit, prange
@@ -32,6 +33,28 @@ def set_backend(matmul: str) -> None:
     _BACKEND["matmul"] = matmul
 
 
+# Small work runs on one thread. Waking Numba's pool costs microseconds on an idle machine but milliseconds on a
+# busy one (each parallel call waits until both threads get a core). Measured on this machine under a load
+# average of ~14: a [256] x [1024, 256] matvec took 2.5 ms with the pool against 55 us without it, the shipped
+# model's LM head [8192, 256] 5.6 ms against 1.0 ms. So calls under SERIAL_BELOW multiply-adds (all of the
+# shipped model's decode, OPT-125M's decode except the LM head) run a serial copy of the kernel.
+SERIAL_BELOW = 1 << 22
+
+
+def _one_thread(kernel):
+    """`kernel` compiled again without the thread pool (prange runs as range), under its own name so Numba's
+    disk cache keeps the two apart."""
+    f = kernel.py_func
+    g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+    g.__qualname__ = g.__name__
+    return njit(fastmath=kernel.targetoptions.get("fastmath", False), cache=True)(g)
+
+
+def _sized(kernel, serial, work: int):
+    """The parallel kernel for work worth two threads, else its serial copy."""
+    return kernel if work >= SERIAL_BELOW else serial
+
+
 # ---------------------------------------------------------------------------------------------------- linear
 
 
@@ -49,6 +72,9 @@ def matvec(x, w, b, out):  # [in], [out, in], [out] or [0] -> out [out]
         for k in range(n_in):
             acc += x[k] * w[n, k]
         out[n] = acc + b[n] if b.size else acc
+
+
+matvec_serial = _one_thread(matvec)
 
 
 @njit(fastmath=True, inline="always")
@@ -128,6 +154,9 @@ def matvec_half(x, w, b, is_bf16, out):  # [in], [out, in] uint16 bits, [out] or
             out[n] = acc + b[n] if b.size else acc
 
 
+matvec_half_serial = _one_thread(matvec_half)
+
+
 def to_float32(w) -> np.ndarray:
     """Weights in any storage dtype as float32: float16 directly, bfloat16 bits (uint16) by shifting."""
     if w.dtype == np.uint16:
@@ -162,9 +191,9 @@ def linear(x, w, b=None):
     if x.shape[0] == 1:
         out = np.empty((1, w.shape[0]), np.float32)
         if w.dtype == np.float32:
-            matvec(x[0], w, bias, out[0])  # [1, in] -> [1, out]
+            _sized(matvec, matvec_serial, w.size)(x[0], w, bias, out[0])  # [1, in] -> [1, out]
         else:
-            matvec_half(x[0], w.view(np.uint16), bias, w.dtype == np.uint16, out[0])
+            _sized(matvec_half, matvec_half_serial, w.size)(x[0], w.view(np.uint16), bias, w.dtype == np.uint16, out[0])
         return out
     if w.dtype != np.float32:
         w = to_float32(w)  # prefill is compute-bound: widen once, then sgemm
@@ -208,10 +237,14 @@ def _layernorm(x, w, b, eps, out):  # [T, E], [E] or [0], [E] or [0] -> out [T, 
             out[i, k] = y * w[k] + b[k] if w.size else y
 
 
+_layernorm_serial = _one_thread(_layernorm)
+
+
 def layernorm(x, w, b, eps):
     """Normalise each row to zero mean and unit variance (population), then scale and shift if affine."""
     out = np.empty_like(x)
-    _layernorm(x, _NO_BIAS if w is None else w, _NO_BIAS if b is None else b, eps, out)
+    kernel = _sized(_layernorm, _layernorm_serial, 4 * x.size)
+    kernel(x, _NO_BIAS if w is None else w, _NO_BIAS if b is None else b, eps, out)
     return out
 
 
@@ -243,12 +276,12 @@ def _gelu(x):  # [T, F] in place; no fastmath so erf keeps its precision
             x[i, k] = 0.5 * v * (1.0 + math.erf(v * 0.7071067811865476))
 
 
-ACTIVATIONS = {"relu": _relu, "gelu": _gelu}
+ACTIVATIONS = {"relu": (_relu, _one_thread(_relu)), "gelu": (_gelu, _one_thread(_gelu))}
 
 
 def activation(name, x):
     """Apply an activation in place and return x; names as in Hugging Face configs."""
-    ACTIVATIONS[name](x)
+    _sized(*ACTIVATIONS[name], 4 * x.size)(x)
     return x
 
 
@@ -338,6 +371,7 @@ def _attention(q, k, v, rows, n_keys, q_pos, k_pos, causal, out):  # [H, T, D], 
             out[h, i, d] = acc[d] / total
 
 
+_attention_serial = _one_thread(_attention)
 _NO_POS = np.zeros(0, np.int64)
 
 
@@ -371,5 +405,6 @@ def attention(q, k, v, n_head, q_pos=None, k_pos=None, rows=None):
     qh = split_heads(q, n_head)
     out = np.empty_like(qh)
     rows = _NO_POS if rows is None else rows
-    _attention(qh, k, v, rows, n_keys, q_pos if causal else _NO_POS, k_pos if causal else _NO_POS, causal, out)
+    kernel = _sized(_attention, _attention_serial, 2 * qh.size * n_keys)  # q.k and p.v per visible key
+    kernel(qh, k, v, rows, n_keys, q_pos if causal else _NO_POS, k_pos if causal else _NO_POS, causal, out)
     return merge_heads(out)

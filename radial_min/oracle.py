@@ -51,11 +51,24 @@ def next_token_nll(logits, ids) -> np.ndarray:
     return -logp[np.arange(len(ids) - 1), ids[1:]]
 
 
+class Decisions:
+    """A decision rule with state, for `run_sequence`: called as `decide(b, rows, ratios) -> keep [len(rows)] bool`
+    at block b, and `after(b, x, ran)` sees the states [T, E] after the embedding (b = -1, ran = None) and after
+    each block, with ran [T] the tokens that ran it. Plain functions (`threshold`, `static`, `forced`) are the
+    stateless case: they have no `after`."""
+
+    def __call__(self, b, rows, ratios):
+        raise NotImplementedError
+
+    def after(self, b, x, ran):
+        pass
+
+
 def run_sequence(model, ids, decide, kv_rule: str = "fill", kind: str = "output", observe=None):
     """One sequence through the blocks with per-token decisions; returns (logits [T, V], keep, ratios).
 
-    `decide(b, rows, ratios) -> keep` gets a block index, the token rows being decided and their ratios. If it
-    has an `after(b, x, ran)` method, that sees the states after the embedding (b = -1) and after each block.
+    `decide(b, rows, ratios) -> keep` gets a block index, the token rows being decided and their ratios; a
+    `Decisions` also sees the states after the embedding and after each block.
     `observe` follows the contract of `blocks.run_blocks`; here y = x for the rows that skip the block.
     """
     if kv_rule not in KV_RULES:

@@ -14,6 +14,7 @@ import numpy as np
 
 from .blocks import Step, begin, run_block
 from .cache import UnifiedKVCache
+from .oracle import Decisions
 
 
 class RadialNetwork:
@@ -40,7 +41,7 @@ class RadialNetwork:
         begin(observe, x)
         prev, route, exit_ = -1, [], len(self.blocks)
         while len(route) < self.max_depth:
-            nxt = int(self.router.choose(x, [prev], [len(route)], pos=[pos])[0])
+            nxt = int(self.router.choose(x, [prev], [len(route)])[0])
             if nxt == exit_:
                 break
             x = run_block(nxt, self.blocks[nxt], x, Step(np.array([pos]), cache, hop=len(route)), observe)
@@ -62,8 +63,8 @@ class RadialNetwork:
     __call__ = forward
 
 
-class RouterDecisions:
-    """A forward-only router as the `decide`/`after` pair of `oracle.run_sequence`: at block b, the tokens
+class RouterDecisions(Decisions):
+    """A forward-only router as the `Decisions` of `oracle.run_sequence`: at block b, the tokens
     whose chosen next block is b run it, then choose again from their new state."""
 
     def __init__(self, router, max_depth: int | None = None):

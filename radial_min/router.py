@@ -15,10 +15,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from numba import njit
 
 from . import backprop as bp
 from .checkpoint import SafetensorsFile, write_safetensors
 from .errors import CheckpointError
+from .oracle import Decisions
 from .outputs import write_json
 
 NEG = -1e9  # logit of a forbidden move: exp underflows to exactly 0, without the NaN that -inf - (-inf) gives
@@ -96,6 +98,47 @@ def loss_and_grads(params, z, allowed, labels):
     return float(loss), {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
 
 
+@njit(fastmath=True, cache=True)
+def _choose(x, prev, depth, w1, b1, w2, b2, forward_only, depth_limit, out):  # [N, E], [N], [N] -> out [N]
+    """`features`, `allowed_moves`, `forward` and argmax for one row at a time, in float32 (statistics in float64),
+    with no temporaries: the onehot of prev is one column of W1 added instead of a product. Ties go to the
+    first block, as argmax. Serial: a decision is ~E * hidden multiply-adds, less than waking a thread pool."""
+    n_rows, E = x.shape
+    hidden, n_moves = w1.shape[0], w2.shape[0]
+    exit_ = n_moves - 1
+    xn = np.empty(E, np.float32)
+    h = np.empty(hidden, np.float32)
+    for i in range(n_rows):
+        if depth[i] >= depth_limit:
+            out[i] = exit_
+            continue
+        mean = 0.0
+        for k in range(E):
+            mean += x[i, k]
+        mean /= E
+        var = 0.0
+        for k in range(E):
+            var += (x[i, k] - mean) ** 2
+        rstd = 1.0 / np.sqrt(var / E + 1e-5)
+        for k in range(E):
+            xn[k] = (x[i, k] - mean) * rstd
+        for j in range(hidden):  # relu(W1 [LN(x), onehot(prev)] + b1)
+            acc = b1[j] + w1[j, E + prev[i] + 1]
+            for k in range(E):
+                acc += w1[j, k] * xn[k]
+            h[j] = max(acc, np.float32(0.0))
+        best, best_logit = exit_, -np.inf
+        for m in range(n_moves):
+            if forward_only and m <= prev[i] and m != exit_:
+                continue
+            logit = b2[m]
+            for j in range(hidden):
+                logit += w2[m, j] * h[j]
+            if logit > best_logit:  # strict: the first of equal logits wins
+                best, best_logit = m, logit
+        out[i] = best
+
+
 class Router:
     """A trained MLP router: `choose(x, prev, depth)` for a batch of tokens."""
 
@@ -103,12 +146,18 @@ class Router:
         self.config, self.params = cfg, params
 
     def logits(self, x, prev, depth):
+        """The float64 path training uses: features, masked logits [N, n_blocks + 1]."""
         z = features(x, prev, self.config.n_blocks)
         return forward(self.params, z, allowed_moves(prev, depth, self.config))[0]
 
-    def choose(self, x, prev, depth, pos=None) -> np.ndarray:
-        """Next block for each token ([N] ints, n_blocks = EXIT)."""
-        return self.logits(x, prev, depth).argmax(-1)
+    def choose(self, x, prev, depth) -> np.ndarray:
+        """Next block for each token ([N] ints, n_blocks = EXIT): `logits(...).argmax(-1)`, fused (`_choose`)."""
+        p, cfg = self.params, self.config
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty(len(x), np.int64)
+        _choose(x, np.asarray(prev, np.int64), np.asarray(depth, np.int64), p["w1"], p["b1"], p["w2"], p["b2"],
+                cfg.forward_only, cfg.depth_limit, out)  # fmt: skip
+        return out
 
     def save(self, path):
         """`path`.safetensors and `path`.json (its config)."""
@@ -146,34 +195,10 @@ def _router_files(path):
     return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
 
 
-class SequentialRouter:
-    """Always the next block in order: a radial network that reproduces the sequential model."""
-
-    def __init__(self, n_blocks: int, max_depth: int | None = None):
-        self.config = RouterConfig(width=0, n_blocks=n_blocks, max_depth=max_depth)
-
-    def choose(self, x, prev, depth, pos=None):
-        nxt = np.asarray(prev) + 1
-        return np.where(np.asarray(depth) >= self.config.depth_limit, self.config.exit, nxt)
-
-
-class ScriptedRouter:
-    """Follows given routes, `routes[pos]` being the blocks of the token at position pos in order (any order,
-    repeats allowed); used to replay decisions in tests."""
-
-    def __init__(self, routes: list, n_blocks: int):
-        self.routes = routes
-        forward = all(all(a < b for a, b in zip(r, r[1:])) for r in routes)  # every route moves forward only
-        self.config = RouterConfig(width=0, n_blocks=n_blocks, forward_only=forward, max_depth=max(map(len, routes), default=0) + 1)
-
-    def choose(self, x, prev, depth, pos=None):
-        return np.array([self.routes[p][d] if d < len(self.routes[p]) else self.config.exit for p, d in zip(pos, depth)])
-
-
 # -------------------------------------------------------------------------------------------- distillation
 
 
-class _Recorder:
+class _Recorder(Decisions):
     """Wraps an oracle decision rule to keep every state it passes: states[b + 1] is the state after block b."""
 
     def __init__(self, decide):

@@ -14,7 +14,7 @@ import radial_min
 from radial_min import oracle
 from radial_min.cache import KVCache, UnifiedKVCache, dense_cache_bytes, step_encoding
 from radial_min.radial import RadialNetwork, RouterDecisions
-from radial_min.router import ScriptedRouter, SequentialRouter
+from radial_min.testing import ScriptedRouter, SequentialRouter
 
 configs = st.fixed_dictionaries({
     "seed": st.integers(0, 10_000),
@@ -88,23 +88,16 @@ def test_router_decisions_match_token_by_token_engine():
     routes = [sorted(rng.choice(len(model.blocks), size=rng.integers(0, 7), replace=False).tolist()) for _ in ids]
     router = ScriptedRouter(routes, len(model.blocks))
 
-    class ByPosition:  # RouterDecisions routes all tokens at once; give ScriptedRouter each row's position
-        config = router.config
-
-        def choose(self, x, prev, depth, pos=None):
-            rows = self.rows
-            return router.choose(x, prev, depth, pos=rows)
-
-    by_pos = ByPosition()
-    decisions = RouterDecisions(by_pos)
+    decisions = RouterDecisions(router)
     original_after = decisions.after
 
-    def after(b, x, ran):
-        by_pos.rows = np.arange(len(x)) if b < 0 else np.flatnonzero(ran)
+    def after(b, x, ran):  # RouterDecisions routes all tokens at once: tell the script which token each row is
+        router.rows = np.arange(len(x)) if b < 0 else np.flatnonzero(ran)
         original_after(b, x, ran)
 
     decisions.after = after
     logits, keep, _ = oracle.run_sequence(model, ids, decisions, "drop")
+    router.rows = None
     radial = RadialNetwork(model, router)
     assert close(radial.forward(ids), logits)
     assert [np.flatnonzero(k).tolist() for k in keep] == routes
