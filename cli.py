@@ -5,9 +5,11 @@
     python cli.py generate "Hello" --model facebook/opt-125m --temperature 0.8 --top-p 0.9
     python cli.py classify photo.jpg --model weights/vit-base-patch16-224
     python cli.py info
-    python cli.py train --out runs/opt-kjv-wiki --export weights/opt-kjv-wiki
+    python cli.py train --out runs/opt-kjv-wiki --export runs/opt-kjv-wiki/export
 
-Bad input ends with one line on stderr naming what is wrong, and exit code 2.
+Results go under runs/ by default; a command refuses to replace files that exist unless given --overwrite.
+Bad input ends with one line on stderr naming what is wrong, and exit code 2; anything else is a bug and keeps
+its traceback.
 """
 import argparse
 import json
@@ -16,31 +18,52 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+import radial_min
+from radial_min import data, images, oracle, plots, profiling, stream
+from radial_min import router as R
+from radial_min import train as tr
+from radial_min.cache import POLICIES
+from radial_min.checkpoint import SafetensorsFile
 from radial_min.data import SHARED
 from radial_min.errors import RadialError
+from radial_min.generation import check_sampling
 from radial_min.hub import DEFAULT_MODEL
+from radial_min.kernels import softmax
+from radial_min.outputs import write_csv, write_json, write_npz
+from radial_min.radial import RadialNetwork, RouterDecisions, format_routing
+from radial_min.tokenizer import Streamer
+
+TAU = 0.2  # the default threshold: the shipped router's; on the shipped model 0.05 skips almost nothing
+DTYPES = ("float32", "float16", "bfloat16")
+MIN_VOCAB = 260  # a byte-level BPE: 256 bytes + 4 special tokens
+
+
+# ----------------------------------------------------------------------------------------------- generate
 
 
 def cmd_generate(args):
-    import radial_min
-
-    radial_min.generation.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                         args.repetition_penalty)  # before loading  # fmt: skip
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    _warn_without_effect(args)
     model = _load(args.model, "opt", args.weights_dtype)
     tok = radial_min.Tokenizer(model.path)
     ids = tok.encode(args.prompt)
+    room = model.config.max_position_embeddings - len(ids) + 1
+    if args.max_new_tokens > room:
+        _warn(f"--max-new-tokens {args.max_new_tokens}: the model's context of {model.config.max_position_embeddings} "
+              f"tokens leaves room for {max(0, room)} after the {len(ids)}-token prompt; generation stops there")
     runner = model if args.router is None else _radial_network(model, args)
     write = sys.stdout.write
     if not args.quiet:
         write(args.prompt)
         sys.stdout.flush()
-    stream = streamer = radial_min.tokenizer.Streamer(tok, lambda s: (write(s), sys.stdout.flush()))
+    stream = streamer = Streamer(tok, lambda s: (write(s), sys.stdout.flush()))
     if args.router is not None and not args.quiet:
         stream = _depth_streamer(stream, runner, args.show_depth, write)
     t0 = time.perf_counter()
     new = radial_min.generate(runner, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                              on_token=None if args.quiet else stream, repetition_penalty=args.repetition_penalty)  # fmt: skip
+                              on_token=None if args.quiet else stream, repetition_penalty=args.repetition_penalty)
     dt = time.perf_counter() - t0
     if args.quiet:
         write(tok.decode(new))
@@ -48,63 +71,74 @@ def cmd_generate(args):
         streamer.finish()  # a character the last token left incomplete: printed as --quiet would print it
     write("\n")
     if args.stats:
-        print(f"[{len(ids)} prompt + {len(new)} new tokens in {dt:.2f} s, {len(new) / dt:.1f} tokens/s]", file=sys.stderr)
+        print(f"[{_count(len(ids), 'prompt token')} + {_count(len(new), 'new token')} in {dt:.2f} s, "
+              f"{len(new) / dt:.1f} tokens/s]", file=sys.stderr)
     if args.router is not None:
         sys.stdout.flush()
-        print(_routing_summary(runner, len(ids)), file=sys.stderr)
+        print(format_routing(runner, len(ids)), file=sys.stderr)
+
+
+def _warn_without_effect(args):
+    """Options that would silently do nothing, named (as transformers warns about unused generation flags)."""
+    if args.temperature <= 0 and (args.top_k is not None or args.top_p is not None):
+        _warn("--top-k/--top-p have no effect at --temperature 0 (greedy decoding); set --temperature > 0 to sample")
+    if args.router is None:
+        unused = [f"--{k.replace('_', '-')}" for k in ("max_depth", "cache_policy", "step_encoding_scale", "show_depth")
+                  if getattr(args, k) is not None]
+        if unused:
+            _warn(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect without --router")
 
 
 def _radial_network(model, args):
-    from radial_min.radial import RadialNetwork
-    from radial_min.router import Router
-
-    router = Router.load(args.router)
+    router = R.Router.load(_router_path(args.router))
     if router.config.width != model.config.hidden_size or router.config.n_blocks != len(model.blocks):
-        raise RadialError(f"--router {args.router}: routes {router.config.n_blocks} blocks of width {router.config.width}, "
-                          f"but the model has {len(model.blocks)} blocks of width {model.config.hidden_size}")  # fmt: skip
-    return RadialNetwork(model, router, args.max_depth, args.cache_policy, args.step_encoding_scale)
+        raise RadialError(f"--router {args.router}: routes {router.config.n_blocks} blocks of width "
+                          f"{router.config.width}, but the model has {len(model.blocks)} blocks of width "
+                          f"{model.config.hidden_size}")
+    scale = 1.0 if args.step_encoding_scale is None else args.step_encoding_scale
+    return RadialNetwork(model, router, args.max_depth, args.cache_policy or POLICIES[0], scale)
+
+
+def _router_path(path):
+    """A router: `train-router --out`'s folder (its router.json/.safetensors) or the files' common prefix."""
+    return Path(path) / "router" if Path(path).is_dir() else path
 
 
 _SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
 
 
 def _depth_streamer(stream, radial, style, write):
-    """Stream text with the depth that produced each token: a subscript count, or a grey shade (darker = deeper)."""
+    """Stream text with the depth that produced each token: a subscript count, or a grey shade (darker = deeper).
+    By default markers appear only on a terminal, so piped text stays plain."""
     n = len(radial.blocks)
-    if style == "auto":
-        style = "shade" if sys.stdout.isatty() else "count"
+    if style in (None, "auto"):
+        style = "shade" if sys.stdout.isatty() else "none"
 
     def on_token(token):
         piece, depth = stream.push(token), len(radial.routes[-1])
         if style == "count":
             piece += str(depth).translate(_SUBSCRIPT)
         elif style == "shade" and piece:
-            grey = 255 - round(20 * depth / max(1, n))  # ANSI 256-colour greys 235..255
-            piece = f"\x1b[48;5;{grey}m\x1b[38;5;16m{piece}\x1b[0m"
+            write(shade(piece, depth, n))
+            return sys.stdout.flush()
         write(piece)
         sys.stdout.flush()
 
     return on_token
 
 
-def _routing_summary(radial, n_prompt):
-    from radial_min.cache import dense_cache_bytes
+def shade(piece, depth, n_blocks):
+    """`piece` on a grey background, white (depth 0) to near-black (all blocks): ANSI 256-colour greys 255..232,
+    all 24 used, so neighbouring depths of a 12-block model are two steps apart; light text on the dark half."""
+    grey = 255 - round(23 * depth / max(1, n_blocks))
+    ink = 16 if grey >= 244 else 231
+    return f"\x1b[48;5;{grey}m\x1b[38;5;{ink}m{piece}\x1b[0m"
 
-    if not radial.routes:
-        return "[routing: no token was routed]"
-    depths = np.array([len(r) for r in radial.routes])
-    producing = depths[n_prompt - 1 :]  # each new token comes from the pass over the token before it
-    n = len(radial.blocks)
-    cache = radial.cache
-    dense = dense_cache_bytes(radial.model.n_layer, cache.n_tokens, radial.config.hidden_size)
-    return (f"[routing: {depths.mean():.2f} of {n} blocks per token ({1 - depths.mean() / n:.1%} saved; new tokens produced "
-            f"by {producing.mean():.2f}, min {depths.min()}, max {depths.max()}); KV cache {cache.nbytes / 1024:.1f} KiB "
-            f"unified ({cache.policy}) vs {dense / 1024:.1f} KiB dense per-layer]")  # fmt: skip
+
+# ------------------------------------------------------------------------------------------- classify, info
 
 
 def cmd_classify(args):
-    from radial_min import images
-
     if args.top < 1:
         raise RadialError(f"--top must be >= 1, got {args.top}")
     model = _load(args.model, "vit")
@@ -115,8 +149,6 @@ def cmd_classify(args):
         if model.classifier is None:
             print(f"{path}: {args.model} is a ViTModel without a classifier; pooled output has {out.size} features")
             continue
-        from radial_min.kernels import softmax
-
         probs = softmax(out[None])[0]
         print(f"{path}:")
         for i in probs.argsort()[::-1][: args.top]:
@@ -124,81 +156,128 @@ def cmd_classify(args):
 
 
 def cmd_info(args):
-    import radial_min
-
     model = radial_min.load(args.model)
+    print(format_info(model))
+
+
+def format_info(model):
     cfg = model.config
-    n_bytes = model.n_params * 4
-    print(f"model       {model.path}")
-    print(f"type        {cfg.model_type}  ({type(model).__name__})")
-    print(f"parameters  {model.n_params:,}")
-    print(f"on disk     {', '.join(f'{n} tensors {d}' for d, n in sorted(model.dtypes_on_disk.items()))}")
-    print(f"in memory   {n_bytes / 2**20:.1f} MiB float32")
-    print(f"blocks      {len(model.blocks)} ({model.n_layer} layers x attention + FFN)")
+    lines = [f"model       {model.path}",
+             f"type        {cfg.model_type}  ({type(model).__name__})",
+             f"parameters  {model.n_params:,}",
+             f"on disk     {', '.join(f'{n} tensors {d}' for d, n in sorted(model.dtypes_on_disk.items()))}",
+             f"in memory   {model.n_params * 4 / 2**20:.1f} MiB float32",
+             f"blocks      {len(model.blocks)} ({_count(model.n_layer, 'layer')} x attention + FFN)"]
     if cfg.model_type == "opt":
-        print(f"width       hidden {cfg.hidden_size}, ffn {cfg.ffn_dim}, heads {cfg.num_attention_heads}, vocab {cfg.vocab_size}")
-        print(f"layout      {'pre' if cfg.do_layer_norm_before else 'post'}-LN, {cfg.activation_function}, context {cfg.max_position_embeddings}")
+        lines += [f"width       hidden {cfg.hidden_size}, ffn {cfg.ffn_dim}, heads {cfg.num_attention_heads}, "
+                  f"vocab {cfg.vocab_size}",
+                  f"layout      {'pre' if cfg.do_layer_norm_before else 'post'}-LN, {cfg.activation_function}, "
+                  f"context {cfg.max_position_embeddings}"]
     else:
-        print(f"width       hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}, heads {cfg.num_attention_heads}")
-        print(f"image       {cfg.image_size}px, patch {cfg.patch_size}, {cfg.num_patches} patches, labels {cfg.num_labels}")
+        lines += [f"width       hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}, heads {cfg.num_attention_heads}",
+                  f"image       {cfg.image_size}px, patch {cfg.patch_size}, {cfg.num_patches} patches, "
+                  f"labels {cfg.num_labels}"]
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------- train
 
 
 def cmd_train(args):
-    from radial_min import train as tr
-
     cfg = tr.TrainConfig(out=args.out, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads, ffn_dim=args.ffn_dim or 4 * args.hidden_size,
-                         seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, lr=args.lr, warmup=args.warmup,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         ffn_dim=args.ffn_dim or 4 * args.hidden_size, seq_len=args.seq_len,
+                         batch_size=args.batch_size, steps=args.steps, lr=args.lr, warmup=args.warmup,
                          weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
-                         save_every=args.save_every, seed=args.seed)  # fmt: skip
+                         save_every=args.save_every, seed=args.seed)
+    check_train_settings(cfg)
+    done = _saved_step(Path(cfg.out) / "state.safetensors")
+    if args.export and not args.overwrite and _nonempty(args.export):
+        if done is not None and done >= cfg.steps:
+            print(f"{cfg.out}: already finished (step {done} of {cfg.steps}) and exported to {args.export}; nothing "
+                  "to do (--overwrite redoes the export and evaluation)", file=sys.stderr)
+            return
+        raise RadialError(f"--export {args.export}: the folder exists and is not empty; pass --overwrite to replace it")
     print(f"preparing corpus and tokenizer in {cfg.out} ...", file=sys.stderr)
     train_ids, val_streams = tr.prepare_corpus(cfg.out, cfg.vocab_size)
     val = {k: tr.validation_sequences(s, cfg.seq_len, cfg.eval_sequences) for k, s in val_streams.items()}
-    print(f"train {len(train_ids):,} tokens; validation {', '.join(f'{k} {len(s):,}' for k, s in val_streams.items())}", file=sys.stderr)
+    print(f"train {len(train_ids):,} tokens; validation {', '.join(f'{k} {len(s):,}' for k, s in val_streams.items())}",
+          file=sys.stderr)
+    if done is not None:
+        print(f"{cfg.out}: resuming at step {done} of {cfg.steps}" if done < cfg.steps else
+              f"{cfg.out}: training already finished at step {done}", file=sys.stderr)
     params = tr.train(cfg, train_ids, val)
-    from radial_min import plots
-
     log = [json.loads(line) for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines() if line.strip()]
     plots.training_curve(log, Path(cfg.out) / "loss.png")
     if args.export:
-        import radial_min
-        from radial_min.outputs import write_json
-
         tr.export_checkpoint(params, cfg.model_config(), cfg.out, args.export, args.dtype)
-        print(f"exported {args.export}; validation perplexity on the full held-out streams:", file=sys.stderr)
+        print(f"exported {args.export}; validation perplexity on the full held-out streams "
+              f"(one forward pass over each, about a minute at the default size) ...", file=sys.stderr)
         rep = tr.report(radial_min.load(args.export), train_ids, val_streams, cfg.seq_len)
         write_json(Path(cfg.out) / "report.json", rep)
-        print(f"{'split':<8}{'tokens':>10}{'model':>10}{'unigram':>10}{'bigram':>10}")
-        for name, r in rep.items():
-            print(f"{name:<8}{r['tokens']:>10,}{r['model']:10.2f}{r['unigram']:10.2f}{r['bigram']:10.2f}")
+        print(format_train_report(rep))
+
+
+def check_train_settings(cfg):
+    """Every setting `train` would trip over later, checked before any work: one error naming the option."""
+    problems = []
+    if cfg.vocab_size < MIN_VOCAB:
+        problems.append(f"--vocab-size {cfg.vocab_size}: a byte-level BPE needs at least {MIN_VOCAB} "
+                        "(256 bytes + 4 special tokens)")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        problems.append(f"--heads {cfg.num_attention_heads} must divide --hidden-size {cfg.hidden_size}")
+    if cfg.seq_len < 2:
+        problems.append(f"--seq-len {cfg.seq_len}: training needs at least 2 tokens per sequence")
+    for name, value in (("--lr", cfg.lr), ("--weight-decay", cfg.weight_decay), ("--grad-clip", cfg.grad_clip)):
+        if not (value >= 0 and np.isfinite(value)):
+            problems.append(f"{name} must be a finite number >= 0, got {value}")
+    if cfg.lr == 0:
+        problems.append("--lr must be > 0")
+    if problems:
+        raise RadialError("; ".join(problems))
+
+
+def _saved_step(state_path):
+    """The step a run's saved state reached, or None if there is none."""
+    return int(SafetensorsFile(state_path).metadata["step"]) if Path(state_path).is_file() else None
+
+
+def format_train_report(rep):
+    lines = [f"{'split':<8}{'tokens':>10}{'model':>10}{'unigram':>10}{'bigram':>10}"]
+    for name, r in rep.items():
+        lines.append(f"{name:<8}{r['tokens']:>10,}{r['model']:10.2f}{r['unigram']:10.2f}{r['bigram']:10.2f}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------- profile, simulate
 
 
 def cmd_profile(args):
-    from radial_min import images, plots, profiling
-    from radial_min.outputs import write_csv, write_json, write_npz
-
     out = Path(args.out)
+    models = args.model or [str(DEFAULT_MODEL)]
+    _check_free(out, ["summary.json", "summary.csv"], args.overwrite)
     hist, layer_summaries, csv_rows, report = {}, {}, [], {}
     streamed_any = False
-    for source in args.model:
+    for source in models:
         model, streamed = _load_maybe_streamed(source, args.stream)
         streamed_any |= streamed
         label = model.path.name
         names = profiling.block_names(model)
         phases = {}
         if streamed:
-            from radial_min import stream
-
             seqs, tok = _sequences(model, args)
             if args.generate:
-                raise RadialError(f"--generate: generation runs every block per token, it needs {label} loaded whole (no --stream)")
-            phases["prefill"] = stream.profile_text(model, seqs, args.kind, out / f".stream-{label}", _block_bar(label, names))
+                raise RadialError(f"--generate: generation runs every block per token, it needs {label} loaded whole "
+                                  "(no --stream)")
+            phases["prefill"] = stream.profile_text(model, seqs, args.kind, out / f".stream-{label}",
+                                                    _block_bar(label, names))
         elif model.config.model_type == "opt":
             seqs, tok = _sequences(model, args)
             phases["prefill"] = profiling.profile_text(model, seqs, args.kind, progress=_bar(f"profile {label}", "seq"))
             if args.generate:
                 prompts = [s[: args.prompt_len] for s in seqs[: args.generate_prompts]]
-                phases["generation"], _ = profiling.profile_generation(model, prompts, args.generate, args.kind, _bar(f"generate {label}", "prompt"))
+                phases["generation"], _ = profiling.profile_generation(model, prompts, args.generate, args.kind,
+                                                                       _bar(f"generate {label}", "prompt"))
         else:
             settings = images.read_preprocessor(model.path, model.config.image_size)
             files = images.list_images(args.images)
@@ -206,35 +285,38 @@ def cmd_profile(args):
             phases["images"] = profiling.profile_images(model, pixels, args.kind, _bar(f"profile {label}", "image"))
         for phase, ratios in phases.items():
             summary = profiling.summarize(ratios, names)
-            print(profiling.format_summary(summary, f"\n{label}, {phase}: residual ratio ({args.kind}) over {len(ratios):,} tokens"))
+            title = f"\n{label}, {phase}: residual ratio ({args.kind}) over {_count(len(ratios), 'token')}"
+            print(profiling.format_summary(summary, title))
             print(f"overall median {summary['overall']['median']:.4f}")
             report[f"{label}/{phase}"] = summary
-            csv_rows += [{"model": label, "phase": phase, "block": b, **s} for b, s in [*summary["blocks"].items(), *((f"all_{k}", v) for k, v in summary["types"].items()), ("overall", summary["overall"])]]
+            rows = [*summary["blocks"].items(), *((f"all_{k}", v) for k, v in summary["types"].items()),
+                    ("overall", summary["overall"])]
+            csv_rows += [{"model": label, "phase": phase, "block": b, **s} for b, s in rows]
             write_npz(out / f"ratios_{label}_{phase}.npz", ratios=ratios.astype("float32"), blocks=names)
         main_phase = next(iter(phases))
         hist[label], layer_summaries[label] = phases[main_phase], report[f"{label}/{main_phase}"]
         keep = phases[main_phase] >= args.tau  # each block judged on the sequential path, not the oracle's (`simulate`)
-        plots.routing_trace(keep[: args.trace_tokens], names, out / f"routing_trace_{label}.png", f"{label}, ratio >= {args.tau}")
-        plots.depth_histogram({f"{label}, tau={args.tau}": np.bincount(keep.sum(1), minlength=len(names) + 1)}, out / f"depth_hist_{label}.png")
+        plots.routing_trace(keep[: args.trace_tokens], names, out / f"routing_trace_{label}.png",
+                            f"{label}, ratio >= {args.tau}")
+        plots.depth_histogram({f"{label}, tau={args.tau}": np.bincount(keep.sum(1), minlength=len(names) + 1)},
+                              out / f"depth_hist_{label}.png")
     write_json(out / "summary.json", report)
     write_csv(out / "summary.csv", csv_rows)
-    made = [plots.ratio_histogram(hist, out / "ratio_hist.png", args.kind), plots.layer_profile(layer_summaries, out / "layer_profile.png")]
+    made = [plots.ratio_histogram(hist, out / "ratio_hist.png", args.kind),
+            plots.layer_profile(layer_summaries, out / "layer_profile.png")]
     print(f"\nresults in {out}/" + ("" if all(made) else " (no plots: pip install matplotlib)"))
     if streamed_any:
-        from radial_min.stream import peak_rss_bytes
-
-        print(f"peak memory (VmHWM) {peak_rss_bytes() / 2**20:,.0f} MiB")
+        print(f"peak memory (VmHWM) {stream.peak_rss_bytes() / 2**20:,.0f} MiB")
 
 
 def _load_maybe_streamed(source, want_stream: bool):
     """(model, streamed): weights streamed block by block with --stream, or automatically when the whole model
     would not fit in the memory available; a checkpoint that cannot be streamed is loaded whole if it fits."""
-    from radial_min import stream
-
     need, avail = stream.model_bytes(source), stream.available_bytes()
     if not want_stream and need <= avail:
         return _load(source, None), False
-    why = "--stream" if want_stream else f"automatic: the model needs {need / 2**30:.1f} GiB as float32, {avail / 2**30:.1f} GiB available"
+    why = ("--stream" if want_stream else
+           f"automatic: the model needs {need / 2**30:.1f} GiB as float32, {avail / 2**30:.1f} GiB available")
     try:
         model = stream.StreamedOPT(source)
     except stream.NotStreamable as e:
@@ -243,15 +325,13 @@ def _load_maybe_streamed(source, want_stream: bool):
         print(f"not streaming ({e}); it fits, loading it whole", file=sys.stderr)
         return _load(source, None), False
     big = max(model.block_bytes(b) for b in range(len(model.blocks)))
-    print(f"{model.path.name}: streaming weights block by block ({why}); largest block {big / 2**20:,.1f} MiB as float32",
-          file=sys.stderr)  # fmt: skip
+    print(f"{model.path.name}: streaming weights block by block ({why}); largest block {big / 2**20:,.1f} MiB "
+          "as float32", file=sys.stderr)
     return model, True
 
 
 def _block_bar(label, names):
     """A progress bar over the sequences of each block, with the time left for the whole run in its title."""
-    from tqdm import tqdm
-
     t0, first = time.perf_counter(), []
 
     def bar(items, b):
@@ -261,42 +341,35 @@ def _block_bar(label, names):
         left = (time.perf_counter() - t0) / done * (len(names) - b) if done else float("nan")
         eta = f", about {left / 60:.1f} min left" if done else ""
         return tqdm(items, desc=f"{label} {names[b]} ({b + 1}/{len(names)}{eta})", unit="seq", leave=False,
-                    dynamic_ncols=True, disable=None)  # fmt: skip
+                    dynamic_ncols=True, disable=None)
 
     return bar
 
 
 def cmd_simulate(args):
-    from radial_min import oracle, plots, profiling
-    from radial_min.outputs import write_csv, write_json
-
-    model = _load(args.model, "opt")
-    seqs, _ = _sequences(model, args)
-    taus = [float(t) for t in args.taus.split(",")]
     rules = args.kv_rule.split(",")
     for r in rules:
         if r not in oracle.KV_RULES:
             raise RadialError(f"--kv-rule: {r!r} is not one of {', '.join(oracle.KV_RULES)}")
-    print(f"{model.path.name}: {len(seqs)} sequences x {seqs.shape[1]} tokens, {len(model.blocks)} blocks", file=sys.stderr)
-    res = oracle.sweep(model, seqs, taus, rules, args.kind, progress=_bar("simulate", "seq"))
-    n = len(model.blocks)
-    head = f"{'rule':<6}{'tau':>6}{'ppl':>10}{'depth':>8}{'min':>5}{'max':>5}{'k':>4}{'static ppl':>12}{'exit ppl':>10}"
-    print(head + "\n" + "-" * len(head))
-    for row in res["rows"]:
-        print(f"{row['rule']:<6}{row['tau']:6.3f}{row['ppl']:10.3f}{row['mean_depth']:8.2f}{row['min_depth']:5d}{row['max_depth']:5d}"
-              f"{row['static_k']:4d}{row['static_lowest_ppl']:12.3f}{row['early_exit_ppl']:10.3f}")  # fmt: skip
-    print(f"(depth: blocks executed per token, of {n}; k: blocks the static baselines drop for the same mean depth;\n"
-          " static: the k blocks of lowest mean ratio; exit: the last k blocks)")  # fmt: skip
-    print("skip rate per block at each setting:")
-    names = profiling.block_names(model)
-    print(f"{'':<12}" + "".join(f"{b:>8}" for b in names))
-    for row in res["rows"]:
-        print(f"{row['rule']} {row['tau']:<7.3f}" + "".join(f"{s:8.2f}" for s in row["skip_rate"]))
     out = Path(args.out)
-    write_json(out / "simulate.json", {"model": str(model.path), "sequences": int(len(seqs)), "seq_len": int(seqs.shape[1]),
-                                       "blocks": names, "mean_ratio": res["mean_ratio"], "rows": res["rows"],
-                                       "depth_hist": {f"{r}/{t}": h for (r, t), h in res["depth_hist"].items()}})  # fmt: skip
-    write_csv(out / "simulate.csv", [{k: v for k, v in r.items() if k not in ("skip_rate", "static_lowest_blocks")} for r in res["rows"]])
+    _check_free(out, ["simulate.json", "simulate.csv"], args.overwrite)
+    model = _load(args.model, "opt")
+    seqs, _ = _sequences(model, args)
+    taus = args.taus
+    print(f"{model.path.name}: {_count(len(seqs), 'sequence')} x {seqs.shape[1]} tokens, "
+          f"{_count(len(model.blocks), 'block')}", file=sys.stderr)
+    passes = ["tau=0 (sequential)"] + [f"tau={t:g}, {r}" for r in rules for t in taus if t != 0]
+    with _sweep_bar(passes, len(seqs)) as progress:
+        res = oracle.sweep(model, seqs, taus, rules, args.kind, progress=progress)
+    names = profiling.block_names(model)
+    n = len(model.blocks)
+    print(format_sweep(res["rows"], names))
+    write_json(out / "simulate.json", {"model": str(model.path), "sequences": int(len(seqs)),
+                                       "seq_len": int(seqs.shape[1]), "blocks": names,
+                                       "mean_ratio": res["mean_ratio"], "rows": res["rows"],
+                                       "depth_hist": {f"{r}/{t}": h for (r, t), h in res["depth_hist"].items()}})
+    write_csv(out / "simulate.csv", [{k: v for k, v in r.items() if k not in ("skip_rate", "static_lowest_blocks")}
+                                     for r in res["rows"]])
     curves = {}
     for rule in rules:
         rows = [r for r in res["rows"] if r["rule"] == rule]
@@ -305,66 +378,117 @@ def cmd_simulate(args):
     curves["static: lowest-ratio blocks"] = ([n - r["static_k"] for r in fill], [r["static_lowest_ppl"] for r in fill])
     curves["static: early exit"] = ([n - r["static_k"] for r in fill], [r["early_exit_ppl"] for r in fill])
     made = plots.ppl_vs_depth(curves, n, out / "ppl_vs_depth.png")
-    plots.depth_histogram({f"{r}, tau={t}": h for (r, t), h in res["depth_hist"].items() if t in (args.trace_tau,) or t == max(taus)}, out / "depth_hist.png")
+    plots.depth_histogram({f"{r}, tau={t}": h for (r, t), h in res["depth_hist"].items()
+                           if t == args.trace_tau or t == max(taus)}, out / "depth_hist.png")
     trace = oracle.simulate(model, seqs[:1], oracle.threshold(args.trace_tau), rules[0], args.kind)
     plots.routing_trace(trace.keep[0], names, out / "routing_trace.png", f"oracle, tau={args.trace_tau}, {rules[0]}")
     print(f"results in {out}/" + ("" if made else " (no plots: pip install matplotlib)"))
 
 
-def cmd_train_router(args):
-    from radial_min import data, oracle, plots
-    from radial_min import router as R
-    from radial_min.outputs import write_json
-    from radial_min.radial import RouterDecisions
+def format_sweep(rows, names):
+    """`oracle.sweep`'s rows: perplexity and depth per (rule, tau) beside the static baselines, then skip rates."""
+    head = f"{'rule':<6}{'tau':>6}{'ppl':>10}{'depth':>8}{'min':>5}{'max':>5}{'k':>4}{'static ppl':>12}{'exit ppl':>10}"
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        lines.append(f"{row['rule']:<6}{row['tau']:6.3f}{row['ppl']:10.3f}{row['mean_depth']:8.2f}"
+                     f"{row['min_depth']:5d}{row['max_depth']:5d}{row['static_k']:4d}"
+                     f"{row['static_lowest_ppl']:12.3f}{row['early_exit_ppl']:10.3f}")
+    lines += [f"(depth: blocks executed per token, of {len(names)}; k: blocks the static baselines drop for the same "
+              "mean depth;\n static: the k blocks of lowest mean ratio; exit: the last k blocks)",
+              "skip rate per block at each setting:",
+              f"{'':<12}" + "".join(f"{b:>8}" for b in names)]
+    lines += [f"{row['rule']} {row['tau']:<7.3f}" + "".join(f"{s:8.2f}" for s in row["skip_rate"]) for row in rows]
+    return "\n".join(lines)
 
+
+class _sweep_bar:
+    """One progress bar over every pass of a sweep, labelled with the pass that runs: `progress(items)` is
+    called once per pass, in the order of `passes`."""
+
+    def __init__(self, passes, per_pass):
+        self.passes, self.i = passes, 0
+        self.bar = tqdm(total=len(passes) * per_pass, unit="seq", leave=False, dynamic_ncols=True, disable=None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+    def __call__(self, items):
+        self.bar.set_description(f"simulate {self.passes[min(self.i, len(self.passes) - 1)]}")
+        self.i += 1
+        for item in items:
+            yield item
+            self.bar.update(1)
+
+
+# ------------------------------------------------------------------------------------------- train-router
+
+
+def cmd_train_router(args):
+    out = Path(args.out or f"runs/router-tau{args.tau:g}")
+    _check_free(out, ["router.safetensors", "router.json", "train_router.json"], args.overwrite)
     model = _load(args.model, "opt")
     train_seqs, _ = _sequences(model, args, args.train_text or data.default_text("valid"), args.max_sequences)
     test_seqs, _ = _sequences(model, args, args.test_text or data.default_text("test"), args.test_sequences)
     n = len(model.blocks)
-    print(f"{model.path.name}: oracle labels (tau={args.tau}, {args.kv_rule}) from {len(train_seqs)} x {train_seqs.shape[1]} tokens", file=sys.stderr)
+    print(f"{model.path.name}: oracle labels (tau={args.tau}, {args.kv_rule}) from "
+          f"{_count(len(train_seqs), 'sequence')} x {train_seqs.shape[1]} tokens", file=sys.stderr)
     ex = R.oracle_examples(model, train_seqs, args.tau, args.kv_rule, args.kind, _bar("oracle labels", "seq"))
     cfg = R.RouterConfig(width=model.config.hidden_size, n_blocks=n, hidden=args.hidden, max_depth=args.max_depth,
-                         tau=args.tau, kv_rule=args.kv_rule, model=model.path.name)  # fmt: skip
+                         tau=args.tau, kv_rule=args.kv_rule, model=model.path.name)
     router = R.train_router(ex, cfg, args.epochs, args.lr, args.batch_size, args.seed)
-    out = Path(args.out or model.path / f"router-tau{args.tau:g}")
-    router.save(out)
+    router.save(out / "router")
     test_ex = R.oracle_examples(model, test_seqs, args.tau, args.kv_rule, args.kind, _bar("held-out labels", "seq"))
     acc_train, acc_test = R.accuracy(router, ex), R.accuracy(router, test_ex)
+    oracle_name = f"oracle (tau={args.tau}, {args.kv_rule})"
     runs = {
         "sequential": oracle.simulate(model, test_seqs, oracle.threshold(0.0), "fill", args.kind),
-        f"oracle (tau={args.tau}, {args.kv_rule})": oracle.simulate(model, test_seqs, oracle.threshold(args.tau), args.kv_rule, args.kind),
-        "router": oracle.simulate(model, test_seqs, RouterDecisions(router), args.kv_rule, args.kind, _bar("router on test", "seq")),
-    }  # fmt: skip
+        oracle_name: oracle.simulate(model, test_seqs, oracle.threshold(args.tau), args.kv_rule, args.kind),
+        "router": oracle.simulate(model, test_seqs, RouterDecisions(router), args.kv_rule, args.kind,
+                                  _bar("router on test", "seq")),
+    }
     mean_ratio = runs["sequential"].ratios.reshape(-1, n).mean(0)
     k = int(round(n - runs["router"].depth.mean()))
-    runs[f"static: lowest-ratio {k} dropped"] = oracle.simulate(model, test_seqs, oracle.static(oracle.lowest_ratio_blocks(mean_ratio, k)))
-    runs[f"static: last {k} dropped"] = oracle.simulate(model, test_seqs, oracle.static(oracle.last_blocks(n, k)))
-    print(f"\nrouter saved to {out}.safetensors (+ .json)")
-    print(f"accuracy against the oracle: decisions {acc_test['decision']:.1%} held-out ({acc_train['decision']:.1%} train); "
-          f"whole routes {acc_test['route']:.1%}; EXIT {acc_test['exit']:.1%}, next block {acc_test['block']:.1%}")  # fmt: skip
-    print(f"\n{'on ' + str(len(test_seqs)) + ' held-out sequences':<36}{'ppl':>10}{'blocks/token':>14}{'min':>5}{'max':>5}")
-    for name, run in runs.items():
-        print(f"{name:<36}{run.ppl:10.3f}{run.depth.mean():14.2f}{run.depth.min():5d}{run.depth.max():5d}")
-    report = {"router": str(out), "config": cfg.__dict__, "accuracy_train": acc_train, "accuracy_test": acc_test,
+    lowest, last = oracle.static(oracle.lowest_ratio_blocks(mean_ratio, k)), oracle.static(oracle.last_blocks(n, k))
+    runs[f"static: lowest-ratio {k} dropped"] = oracle.simulate(model, test_seqs, lowest)
+    runs[f"static: last {k} dropped"] = oracle.simulate(model, test_seqs, last)
+    print(f"\nrouter saved to {out / 'router'}.safetensors (+ .json)")
+    print(format_router_report(acc_train, acc_test, runs, len(test_seqs)))
+    hists = {name: np.bincount(r.depth, minlength=n + 1) for name, r in runs.items()}
+    report = {"router": str(out / "router"), "config": cfg.__dict__, "accuracy_train": acc_train,
+              "accuracy_test": acc_test,
               "runs": {name: {"ppl": r.ppl, "mean_depth": float(r.depth.mean()), "min_depth": int(r.depth.min()),
-                              "max_depth": int(r.depth.max()), "depth_hist": np.bincount(r.depth, minlength=n + 1)}
-                       for name, r in runs.items()}}  # fmt: skip
-    report_dir = Path(args.report)
-    write_json(report_dir / "train_router.json", report)
-    plots.ppl_vs_depth({name: ([r.depth.mean()], [r.ppl]) for name, r in runs.items()}, n, report_dir / "router_ppl_vs_depth.png")
-    plots.depth_histogram({name: np.bincount(r.depth, minlength=n + 1) for name, r in runs.items() if "static" not in name and name != "sequential"},
-                          report_dir / "router_depth_hist.png")  # fmt: skip
-    plots.routing_trace(runs["router"].keep[0], [b.name for b in model.blocks], report_dir / "router_trace.png", "router")
-    print(f"report in {report_dir}/")
+                              "max_depth": int(r.depth.max()), "depth_hist": hists[name]}
+                       for name, r in runs.items()}}
+    write_json(out / "train_router.json", report)
+    plots.ppl_vs_depth({name: ([r.depth.mean()], [r.ppl]) for name, r in runs.items()}, n,
+                       out / "router_ppl_vs_depth.png")
+    plots.depth_histogram({name: h for name, h in hists.items() if "static" not in name and name != "sequential"},
+                          out / "router_depth_hist.png")
+    plots.routing_trace(runs["router"].keep[0], [b.name for b in model.blocks], out / "router_trace.png", "router")
+    print(f"report in {out}/")
+
+
+def format_router_report(acc_train, acc_test, runs, n_test):
+    lines = [f"accuracy against the oracle: decisions {acc_test['decision']:.1%} held-out "
+             f"({acc_train['decision']:.1%} train); whole routes {acc_test['route']:.1%}; EXIT {acc_test['exit']:.1%}, "
+             f"next block {acc_test['block']:.1%}",
+             f"\n{'on ' + _count(n_test, 'held-out sequence'):<36}{'ppl':>10}{'blocks/token':>14}{'min':>5}{'max':>5}"]
+    for name, run in runs.items():
+        lines.append(f"{name:<36}{run.ppl:10.3f}{run.depth.mean():14.2f}{run.depth.min():5d}{run.depth.max():5d}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
 
 
 def _sequences(model, args, text=None, max_sequences=None):
     """The text of --text (default WikiText-2 test), tokenized with the model's tokenizer and packed."""
-    import radial_min
-    from radial_min import data
-
     if args.seq_len > model.config.max_position_embeddings:
-        raise RadialError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings {model.config.max_position_embeddings}")
+        raise RadialError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
+                          f"{model.config.max_position_embeddings}")
     tok = radial_min.Tokenizer(args.tokenizer or model.path)
     text = data.read_text(text or getattr(args, "text", None) or data.default_text("test"))
     ids = tok.encode(text)
@@ -373,139 +497,213 @@ def _sequences(model, args, text=None, max_sequences=None):
     return data.pack(ids, args.seq_len, max_sequences or args.max_sequences), tok
 
 
-def _bar(desc, unit):
-    from tqdm import tqdm
+def _check_free(folder, names, overwrite):
+    """Refuse to replace results already in `folder` (or anything the project ships) without --overwrite."""
+    taken = [n for n in names if (Path(folder) / n).exists()]
+    if taken and not overwrite:
+        raise RadialError(f"--out {folder}: already holds {', '.join(taken)}; pass --overwrite to replace "
+                          "them, or choose another --out")
 
+
+def _nonempty(folder):
+    return Path(folder).is_dir() and any(Path(folder).iterdir()) or Path(folder).is_file()
+
+
+def _count(n, noun):
+    """'1 sequence', '3 sequences'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def _warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _bar(desc, unit):
     return lambda items: tqdm(items, desc=desc, unit=unit, leave=False, dynamic_ncols=True, disable=None)
 
 
 def _load(source, kind, weights_dtype="float32"):
-    import radial_min
-
     model = radial_min.load(source, weights_dtype=weights_dtype)
     if kind is not None and model.config.model_type != kind:
-        raise RadialError(f"--model {source}: is a {model.config.model_type} checkpoint, this command needs {kind}")
+        article = "an" if model.config.model_type[0] in "aeiou" else "a"
+        raise RadialError(f"--model {source}: is {article} {model.config.model_type} checkpoint, "
+                          f"this command needs {kind}")
     return model
+
+
+# ------------------------------------------------------------------------------------------------- parser
 
 
 def build_parser():
     p = _Parser(prog="cli.py", description="radial_min: Radial Networks on the CPU, in NumPy + Numba")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    g = sub.add_parser("generate", help="continue a prompt with an OPT model")
+    def command(name, help, description=None):
+        return sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".")
+
+    model_help = "checkpoint folder or Hub id (default: the shipped model, weights/opt-kjv-wiki)"
+    g = command("generate", "continue a prompt with an OPT model",
+                "Continue a prompt with an OPT model, streaming the text. Greedy by default; --temperature > 0 "
+                "samples. With --router, tokens run only the blocks a trained router chooses.")
     g.add_argument("prompt", nargs="?", default="In the beginning", help="text to continue (default: %(default)r)")
-    g.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder or Hub id (default: the shipped model)")
-    g.add_argument("--max-new-tokens", type=int, default=60, help="tokens to generate (default: %(default)s)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
-    g.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    g.add_argument("--top-p", type=float, default=None, help="sample only within the smallest set of mass p (nucleus)")
-    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--model", default=str(DEFAULT_MODEL), help=model_help)
+    g.add_argument("--max-new-tokens", type=int, default=60,
+                   help="tokens to generate; stops earlier at EOS or the model's context (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; higher = more random (default: 0)")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="with --temperature: sample among the k most likely (default: off)")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="with --temperature: sample within the smallest set of mass p, nucleus (default: off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: a fresh one each run)")
     g.add_argument("--repetition-penalty", type=float, default=1.2,
                    help="divide the logits of tokens already in the text by this (transformers' rule); 1 = off. "
-                        "The default 1.2 keeps a small model's greedy text from looping (default: %(default)s)")  # fmt: skip
+                        "The default 1.2 keeps a small model's greedy text from looping (default: %(default)s)")
     g.add_argument("--quiet", action="store_true", help="print only the new text at the end, no streaming")
     g.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
-    g.add_argument("--weights-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                   help="keep weight matrices in this precision in memory; compute stays float32 (default: %(default)s)")  # fmt: skip
-    g.add_argument("--router", default=None, help="route tokens with this trained router (a .json/.safetensors pair)")
-    g.add_argument("--max-depth", type=_positive_int, default=None, help="with --router: most blocks a token may run (default: the router's)")
-    g.add_argument("--cache-policy", choices=["per-layer", "global"], default="per-layer",
-                   help="with --router: what a query attends to in the unified KV cache (default: %(default)s)")  # fmt: skip
-    g.add_argument("--step-encoding-scale", type=float, default=1.0, help="with --cache-policy global: weight of the sinusoidal step codes")
-    g.add_argument("--show-depth", choices=["auto", "count", "shade", "none"], default="auto",
-                   help="with --router: mark each token with the blocks that produced it (auto: shade on a terminal)")  # fmt: skip
+    g.add_argument("--weights-dtype", choices=DTYPES, default="float32",
+                   help="keep weight matrices in this precision in memory; compute stays float32 "
+                        "(default: %(default)s)")
+    g.add_argument("--router", default=None,
+                   help="route tokens with this trained router: a train-router --out folder or a .json/.safetensors "
+                        "pair (default: none, every block runs)")
+    g.add_argument("--max-depth", type=_positive_int, default=None,
+                   help="with --router: most blocks a token may run (default: the router's)")
+    g.add_argument("--cache-policy", choices=POLICIES, default=None,
+                   help=f"with --router: what a query attends to in the unified KV cache (default: {POLICIES[0]})")
+    g.add_argument("--step-encoding-scale", type=float, default=None,
+                   help="with --router --cache-policy global: weight of the sinusoidal step codes (default: 1)")
+    g.add_argument("--show-depth", choices=["auto", "count", "shade", "none"], default=None,
+                   help="with --router: mark each token with the blocks that produced it, as a subscript count or "
+                        "a grey shade (default: auto = shade on a terminal, none when piped)")
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("classify", help="top labels of a ViT classifier for an image file or folder")
+    c = command("classify", "top labels of a ViT classifier for an image file or folder")
     c.add_argument("image", help="PNG/JPEG (needs Pillow) or .npy [H, W(, C)] in 0..255, or a folder of them")
-    c.add_argument("--model", required=True, help="ViTForImageClassification folder or Hub id")
+    c.add_argument("--model", required=True, help="ViTForImageClassification folder or Hub id (required)")
     c.add_argument("--top", type=int, default=5, help="labels to show (default: %(default)s)")
     c.set_defaults(func=cmd_classify)
 
-    i = sub.add_parser("info", help="parameters, blocks, dtype on disk and memory of a checkpoint")
-    i.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder or Hub id (default: the shipped model)")
+    i = command("info", "parameters, blocks, dtype on disk and memory of a checkpoint")
+    i.add_argument("--model", default=str(DEFAULT_MODEL), help=model_help)
     i.set_defaults(func=cmd_info)
 
-    t = sub.add_parser("train", help="train an OPT from scratch in NumPy (KJV + WikiText-2 by default); resumes if interrupted",
-                       description="Trains a byte-level BPE and an OPT-architecture model on the KJV (every 20th chapter "
-                       "held out) plus WikiText-2 valid.txt, validating on the held-out KJV and WikiText-2 test.txt. "
-                       "State is saved atomically every --save-every steps and on Ctrl-C; rerun the same command to resume.")  # fmt: skip
-    t.add_argument("--out", default="runs/opt-kjv-wiki", help="run folder: tokenizer, tokens, state, log (default: %(default)s)")
-    t.add_argument("--export", default=None, help="after training, write a Hugging Face OPT checkpoint here")
-    t.add_argument("--dtype", default="float16", choices=["float32", "float16"], help="dtype of the exported weights")
-    t.add_argument("--vocab-size", type=_positive_int, default=8192, help="BPE vocabulary (default: %(default)s)")
+    t = command("train", "train an OPT from scratch in NumPy (KJV + WikiText-2 by default); resumes if interrupted",
+                "Trains a byte-level BPE and an OPT-architecture model on the KJV (every 20th chapter held out) plus "
+                "WikiText-2 valid.txt, validating on the held-out KJV and WikiText-2 test.txt (read from "
+                "../shared/data when present). State is saved atomically every --save-every steps and on Ctrl-C; "
+                "rerun the same command to resume.")
+    t.add_argument("--out", default="runs/opt-kjv-wiki",
+                   help="run folder: tokenizer, tokens, state, log (default: %(default)s)")
+    t.add_argument("--export", default=None,
+                   help="after training, write a Hugging Face OPT checkpoint to this folder (default: none)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --export folder")
+    t.add_argument("--dtype", default="float16", choices=DTYPES[:2],
+                   help="dtype of the exported weights (default: %(default)s)")
+    t.add_argument("--vocab-size", type=_positive_int, default=8192,
+                   help=f"BPE vocabulary, >= {MIN_VOCAB} (default: %(default)s)")
     t.add_argument("--hidden-size", type=_positive_int, default=256, help="model width E (default: %(default)s)")
-    t.add_argument("--layers", type=_positive_int, default=6, help="transformer layers, two blocks each (default: %(default)s)")
-    t.add_argument("--heads", type=_positive_int, default=8, help="attention heads (default: %(default)s)")
+    t.add_argument("--layers", type=_positive_int, default=6,
+                   help="transformer layers, two blocks each (default: %(default)s)")
+    t.add_argument("--heads", type=_positive_int, default=8,
+                   help="attention heads, dividing the width (default: %(default)s)")
     t.add_argument("--ffn-dim", type=_positive_int, default=None, help="FFN width (default: 4 x hidden size)")
-    t.add_argument("--seq-len", type=_positive_int, default=256, help="training context, also the model's max positions (default: %(default)s)")
+    t.add_argument("--seq-len", type=_positive_int, default=256,
+                   help="training context, also the model's max positions (default: %(default)s)")
     t.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per step (default: %(default)s)")
     t.add_argument("--steps", type=_positive_int, default=1200, help="optimizer steps (default: %(default)s)")
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
     t.add_argument("--warmup", type=_nonneg_int, default=60, help="linear warm-up steps (default: %(default)s)")
     t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (default: %(default)s)")
-    t.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip, 0 = off (default: %(default)s)")
-    t.add_argument("--eval-every", type=_positive_int, default=100, help="steps between validation losses (default: %(default)s)")
-    t.add_argument("--save-every", type=_positive_int, default=50, help="steps between checkpoints (default: %(default)s)")
+    t.add_argument("--grad-clip", type=float, default=1.0,
+                   help="global gradient-norm clip, 0 = off (default: %(default)s)")
+    t.add_argument("--eval-every", type=_positive_int, default=100,
+                   help="steps between validation losses (default: %(default)s)")
+    t.add_argument("--save-every", type=_positive_int, default=50,
+                   help="steps between checkpoints (default: %(default)s)")
     t.add_argument("--seed", type=int, default=0, help="seed for init and batches (default: %(default)s)")
     t.set_defaults(func=cmd_train)
-    def add_text_args(q, max_sequences):
-        q.add_argument("--text", default=None, help="text file to pack (default: ../shared/data/wikitext-2/test.txt, else fetched)")
-        q.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
-        q.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per packed sequence, batch size 1 (default: %(default)s)")
-        q.add_argument("--max-sequences", type=_positive_int, default=max_sequences, help="use at most this many sequences (default: %(default)s)")
-        q.add_argument("--kind", choices=["output", "sum"], default="output", help="ratio: ||f||/||x+f|| (output) or ||f||/(||x||+||f||) (sum)")
 
-    pr = sub.add_parser("profile", help="residual ratio of every block and token: tables, .npz/CSV/JSON, plots")
-    pr.add_argument("--model", action="append", default=None, help="checkpoint folder or Hub id; repeat to compare models (default: the shipped model)")
+    def add_text_args(q, max_sequences):
+        q.add_argument("--text", default=None,
+                       help="text file to pack (default: ../shared/data/wikitext-2/test.txt, else fetched "
+                            "from the Hub)")
+        q.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+        q.add_argument("--seq-len", type=_positive_int, default=256,
+                       help="tokens per packed sequence, batch size 1 (default: %(default)s)")
+        q.add_argument("--max-sequences", type=_positive_int, default=max_sequences,
+                       help=f"use at most this many sequences (default: {max_sequences or 'all'})")
+        q.add_argument("--kind", choices=profiling.KINDS, default=profiling.KINDS[0],
+                       help="ratio: ||f||/||x+f|| (output) or ||f||/(||x||+||f||) (sum) (default: %(default)s)")
+        q.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+
+    pr = command("profile", "residual ratio of every block and token: tables, .npz/CSV/JSON, plots")
+    pr.add_argument("--model", action="append", default=None,
+                    help="checkpoint folder or Hub id; repeat to compare models (default: the shipped model)")
     add_text_args(pr, None)
     pr.add_argument("--images", default=str(SHARED / "images"), help="ViT: image file or folder (default: %(default)s)")
     pr.add_argument("--generate", type=_generate_count, default=0,
-                    help="also profile N >= 2 greedily generated tokens per prompt; the N - 1 fed back are profiled (default: off)")  # fmt: skip
-    pr.add_argument("--generate-prompts", type=_positive_int, default=8, help="prompts for --generate: the first tokens of this many sequences")
-    pr.add_argument("--prompt-len", type=_positive_int, default=32, help="prompt length for --generate (default: %(default)s)")
-    pr.add_argument("--tau", type=float, default=0.05, help="threshold for the trace and depth plots (default: %(default)s)")
-    pr.add_argument("--trace-tokens", type=_positive_int, default=128, help="tokens shown in the routing trace (default: %(default)s)")
+                    help="also profile N >= 2 greedily generated tokens per prompt; the N - 1 fed back are profiled "
+                         "(default: off)")
+    pr.add_argument("--generate-prompts", type=_positive_int, default=8,
+                    help="prompts for --generate: the first tokens of this many sequences (default: %(default)s)")
+    pr.add_argument("--prompt-len", type=_positive_int, default=32,
+                    help="prompt length for --generate (default: %(default)s)")
+    pr.add_argument("--tau", type=_tau, default=TAU,
+                    help="threshold for the trace and depth plots (default: %(default)s)")
+    pr.add_argument("--trace-tokens", type=_positive_int, default=128,
+                    help="tokens shown in the routing trace (default: %(default)s)")
     pr.add_argument("--out", default="runs/profile", help="output folder (default: %(default)s)")
     pr.add_argument("--stream", action="store_true",
                     help="read each block's weights from the checkpoint just before it runs and free them after (OPT, "
-                    "safetensors): memory bounded by the largest block, not the model; automatic when the model "
-                    "would not fit; an interrupted run resumes at its block (state in <out>/.stream-<model>/)")  # fmt: skip
+                         "safetensors): memory bounded by the largest block, not the model; automatic when the model "
+                         "would not fit; an interrupted run resumes at its block (state in <out>/.stream-<model>/)")
     pr.set_defaults(func=cmd_profile)
 
-    si = sub.add_parser("simulate", help="the oracle: skip blocks with ratio < tau; depth and perplexity over a sweep of tau")
-    si.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder or Hub id (default: the shipped model)")
+    si = command("simulate", "the oracle: skip blocks with ratio < tau; depth and perplexity over a sweep of tau")
+    si.add_argument("--model", default=str(DEFAULT_MODEL), help=model_help)
     add_text_args(si, 32)
-    si.add_argument("--taus", default="0,0.01,0.02,0.05,0.1,0.2", help="comma-separated thresholds (default: %(default)s)")
-    si.add_argument("--kv-rule", default="fill,drop", help="keys/values of skipped attention: fill, drop or both (default: %(default)s)")
-    si.add_argument("--trace-tau", type=float, default=0.05, help="threshold of the routing-trace plot (default: %(default)s)")
+    si.add_argument("--taus", type=_tau_list, default=_tau_list("0,0.01,0.02,0.05,0.1,0.2"),
+                    help="comma-separated thresholds >= 0 (default: 0,0.01,0.02,0.05,0.1,0.2)")
+    si.add_argument("--kv-rule", default=",".join(oracle.KV_RULES),
+                    help=f"keys/values of skipped attention: one or more of {', '.join(oracle.KV_RULES)}, "
+                         "comma-separated (default: %(default)s)")
+    si.add_argument("--trace-tau", type=_tau, default=TAU,
+                    help="threshold of the routing-trace plot (default: %(default)s)")
     si.add_argument("--out", default="runs/simulate", help="output folder (default: %(default)s)")
     si.set_defaults(func=cmd_simulate)
 
-    tr = sub.add_parser("train-router", help="distill a router from the oracle; report its accuracy, depth and perplexity",
-                        description="Labels: the greedy oracle's routes (the next block it runs, or EXIT) on --train-text "
-                        "(default WikiText-2 valid.txt). Evaluation on --test-text (default test.txt): accuracy against the "
-                        "oracle, and perplexity against mean blocks per token for router, oracle and static baselines.")  # fmt: skip
-    tr.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder or Hub id (default: the shipped model)")
-    tr.add_argument("--tau", type=float, default=0.05, help="oracle threshold the router imitates (default: %(default)s)")
-    tr.add_argument("--kv-rule", choices=["drop", "fill"], default="drop",
-                    help="oracle's rule for skipped attention; drop is what routed execution does (default: %(default)s)")  # fmt: skip
-    tr.add_argument("--kind", choices=["output", "sum"], default="output", help="residual ratio definition (default: %(default)s)")
-    tr.add_argument("--train-text", default=None, help="text for the labels (default: wikitext-2/valid.txt)")
-    tr.add_argument("--test-text", default=None, help="held-out text (default: wikitext-2/test.txt)")
-    tr.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
-    tr.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per packed sequence (default: %(default)s)")
-    tr.add_argument("--max-sequences", type=_positive_int, default=64, help="training sequences (default: %(default)s)")
-    tr.add_argument("--test-sequences", type=_positive_int, default=32, help="held-out sequences (default: %(default)s)")
-    tr.add_argument("--hidden", type=_positive_int, default=64, help="router hidden units (default: %(default)s)")
-    tr.add_argument("--max-depth", type=_positive_int, default=None, help="most blocks a token may run (default: all)")
-    tr.add_argument("--epochs", type=_positive_int, default=8, help="passes over the labels (default: %(default)s)")
-    tr.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
-    tr.add_argument("--batch-size", type=_positive_int, default=512, help="decisions per step (default: %(default)s)")
-    tr.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
-    tr.add_argument("--out", default=None, help="router path without suffix (default: <model>/router-tau<tau>)")
-    tr.add_argument("--report", default="runs/router", help="folder for the report and plots (default: %(default)s)")
-    tr.set_defaults(func=cmd_train_router)
+    tr_ = command("train-router", "distill a router from the oracle; report its accuracy, depth and perplexity",
+                  "Labels: the greedy oracle's routes (the next block it runs, or EXIT) on --train-text (default "
+                  "WikiText-2 valid.txt). Evaluation on --test-text (default test.txt): accuracy against the oracle, "
+                  "and perplexity against mean blocks per token for router, oracle and static baselines. The router "
+                  "and its report go to the --out folder.")
+    tr_.add_argument("--model", default=str(DEFAULT_MODEL), help=model_help)
+    tr_.add_argument("--tau", type=_tau, default=TAU,
+                     help="oracle threshold the router imitates (default: %(default)s)")
+    tr_.add_argument("--kv-rule", choices=oracle.KV_RULES, default="drop",
+                     help="oracle's rule for skipped attention; drop is what routed execution does "
+                          "(default: %(default)s)")
+    tr_.add_argument("--kind", choices=profiling.KINDS, default=profiling.KINDS[0],
+                     help="residual ratio definition (default: %(default)s)")
+    tr_.add_argument("--train-text", default=None, help="text for the labels (default: wikitext-2/valid.txt)")
+    tr_.add_argument("--test-text", default=None, help="held-out text (default: wikitext-2/test.txt)")
+    tr_.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+    tr_.add_argument("--seq-len", type=_positive_int, default=256,
+                     help="tokens per packed sequence (default: %(default)s)")
+    tr_.add_argument("--max-sequences", type=_positive_int, default=64,
+                     help="training sequences (default: %(default)s)")
+    tr_.add_argument("--test-sequences", type=_positive_int, default=32,
+                     help="held-out sequences (default: %(default)s)")
+    tr_.add_argument("--hidden", type=_positive_int, default=64, help="router hidden units (default: %(default)s)")
+    tr_.add_argument("--max-depth", type=_positive_int, default=None, help="most blocks a token may run (default: all)")
+    tr_.add_argument("--epochs", type=_positive_int, default=8, help="passes over the labels (default: %(default)s)")
+    tr_.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
+    tr_.add_argument("--batch-size", type=_positive_int, default=512, help="decisions per step (default: %(default)s)")
+    tr_.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    tr_.add_argument("--out", default=None,
+                     help="folder for router.json/.safetensors, the report and plots (default: runs/router-tau<tau>)")
+    tr_.add_argument("--overwrite", action="store_true", help="replace a router or report already in --out")
+    tr_.set_defaults(func=cmd_train_router)
     return p
 
 
@@ -526,8 +724,23 @@ def _nonneg_int(text):
 def _generate_count(text):
     value = int(text)
     if value == 1 or value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 (off) or an integer >= 2, got {text}: the last token is never fed back")
+        raise argparse.ArgumentTypeError(f"expected 0 (off) or an integer >= 2, got {text}: "
+                                         "the last token is never fed back")
     return value
+
+
+def _tau(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a threshold >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite threshold >= 0, got {text}")
+    return value
+
+
+def _tau_list(text):
+    return [_tau(t) for t in text.split(",")]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -540,11 +753,9 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if getattr(args, "model", "") is None:
-        args.model = [str(DEFAULT_MODEL)]
     try:
         args.func(args)
-    except (RadialError, ValueError, OSError) as e:
+    except RadialError as e:  # bad input; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

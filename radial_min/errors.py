@@ -11,3 +11,7 @@ class RadialError(Exception):
 
 class CheckpointError(RadialError):
     """A checkpoint folder or weight file is missing, truncated, corrupt or does not match its config."""
+
+
+class SettingError(RadialError, ValueError):
+    """An argument outside its meaningful range; also a ValueError, for API callers who catch that."""

@@ -5,6 +5,8 @@ temperature 0 it is greedy (argmax, first index on ties, as torch.argmax).
 """
 import numpy as np
 
+from .errors import SettingError
+
 
 def sample(logits, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, rng=None) -> int:
     """Pick the next token from one row of logits [V]."""
@@ -40,13 +42,13 @@ def penalize_repeats(logits, seen, penalty: float):
 def check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty=1.0):
     """Refuse sampling settings that have no meaning, naming the argument."""
     if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        raise SettingError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise SettingError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not temperature >= 0:  # also refuses NaN
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise SettingError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise SettingError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 

@@ -13,7 +13,7 @@ this token-by-token engine.
 import numpy as np
 
 from .blocks import Step, begin, run_block
-from .cache import UnifiedKVCache
+from .cache import UnifiedKVCache, dense_cache_bytes
 from .oracle import Decisions
 
 
@@ -88,3 +88,16 @@ class RouterDecisions(Decisions):
         if len(rows):
             choice = self.router.choose(x[rows], np.full(len(rows), b), self.depth[rows])
             self.next[rows] = np.where(self.depth[rows] >= self.max_depth, self.router.config.exit, choice)
+
+
+def format_routing(radial, n_prompt: int) -> str:
+    """One line on what routing saved in a generation: blocks per token and the unified KV cache's size."""
+    if not radial.routes:
+        return "[routing: no token was routed]"
+    depths = np.array([len(r) for r in radial.routes])
+    producing = depths[n_prompt - 1 :]  # each new token comes from the pass over the token before it
+    n, cache = len(radial.blocks), radial.cache
+    dense = dense_cache_bytes(radial.model.n_layer, cache.n_tokens, radial.config.hidden_size)
+    return (f"[routing: {depths.mean():.2f} of {n} blocks per token ({1 - depths.mean() / n:.1%} saved; new tokens "
+            f"produced by {producing.mean():.2f}, min {depths.min()}, max {depths.max()}); KV cache "
+            f"{cache.nbytes / 1024:.1f} KiB unified ({cache.policy}) vs {dense / 1024:.1f} KiB dense per-layer]")

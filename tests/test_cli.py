@@ -138,7 +138,7 @@ def test_generate_repetition_penalty_option(capsys, opt_with_tokenizer):
 def test_generate_stats_and_zero_tokens(capsys, opt_with_tokenizer):
     code, out, err = call(capsys, "generate", "Hi", "--model", opt_with_tokenizer, "--max-new-tokens", 0, "--stats")
     assert code == 0 and out == "Hi\n"
-    assert re.fullmatch(r"\[\d+ prompt \+ 0 new tokens in [\d.]+ s, [\d.]+ tokens/s\]\n", err), err
+    assert re.fullmatch(r"\[\d+ prompt tokens \+ 0 new tokens in [\d.]+ s, [\d.]+ tokens/s\]\n", err), err
 
 
 def test_generate_as_a_subprocess(opt_with_tokenizer):
@@ -255,7 +255,7 @@ def bad_inputs(tmp_path, corrupt, good_opt):
         "negative temperature": (["generate", "Hi", "--model", good_opt, "--temperature", "-1"], "temperature must be >= 0"),
         "top-k 0": (["generate", "Hi", "--model", good_opt, "--top-k", "0"], "top_k must be >= 1"),
         "image does not exist": (["classify", tmp_path / "nope.jpg", "--model", FIXTURES / "vit-cls"], "no such image file or folder"),
-        "classify an OPT": (["classify", FIXTURES / "vit-cls", "--model", FIXTURES / "opt-pre"], "is a opt checkpoint, this command needs vit"),
+        "classify an OPT": (["classify", FIXTURES / "vit-cls", "--model", FIXTURES / "opt-pre"], "is an opt checkpoint, this command needs vit"),
         "generate with a ViT": (["generate", "--model", FIXTURES / "vit-cls"], "is a vit checkpoint, this command needs opt"),
         "model without tokenizer": (["generate", "--model", FIXTURES / "opt-pre"], "no tokenizer"),
         "a file as model": (["info", "--model", FIXTURES / "opt-pre" / "config.json"], "is a file"),
@@ -378,13 +378,14 @@ def test_train_router_then_generate_with_it(capsys, tiny_random_opt, tmp_path):
     model_dir, text = tiny_random_opt
     ratios = np.load(profile_ratios(capsys, model_dir, text, tmp_path))["ratios"]
     tau = float(np.median(ratios))  # a threshold that really splits this random model's blocks
-    router = tmp_path / "r" / "router"
-    code, out, err = call(capsys, "train-router", "--model", model_dir, "--train-text", text, "--test-text", text, "--tau", tau,
-                          "--seq-len", 32, "--max-sequences", 3, "--test-sequences", 1, "--epochs", 2, "--out", router,
-                          "--report", tmp_path / "report")  # fmt: skip
+    router = tmp_path / "r"
+    args = ["train-router", "--model", model_dir, "--train-text", text, "--test-text", text, "--tau", tau,
+            "--seq-len", 32, "--max-sequences", 3, "--test-sequences", 1, "--epochs", 2, "--out", router]
+    code, out, err = call(capsys, *args)
     assert code == 0, err
-    assert "accuracy against the oracle: decisions" in out and f"router saved to {router}.safetensors" in out
-    report = json.loads((tmp_path / "report" / "train_router.json").read_text())
+    assert "accuracy against the oracle: decisions" in out and f"router saved to {router / 'router'}.safetensors" in out
+    assert "on 1 held-out sequence " in out
+    report = json.loads((router / "train_router.json").read_text())
     assert 0 <= report["accuracy_test"]["decision"] <= 1 and report["config"]["tau"] == tau
     assert set(report["runs"]) >= {"sequential", "router"} and report["runs"]["sequential"]["mean_depth"] == 4
     code, out, err = call(capsys, "generate", "The quick", "--model", model_dir, "--router", router, "--max-new-tokens", 6,
@@ -395,6 +396,11 @@ def test_train_router_then_generate_with_it(capsys, tiny_random_opt, tmp_path):
     assert re.search(r"\[routing: [\d.]+ of 4 blocks per token .* KV cache [\d.]+ KiB unified \(per-layer\)", err)
     code, _, err = call(capsys, "generate", "The quick", "--model", model_dir, "--router", router, "--max-depth", 0)
     assert_one_line_error(code, err)
+    before = (router / "router.safetensors").read_bytes()
+    code, _, err = call(capsys, *args)  # the same --out again: refused, the router untouched
+    assert_one_line_error(code, err)
+    assert "already holds router.safetensors" in err and "--overwrite" in err
+    assert (router / "router.safetensors").read_bytes() == before
 
 
 def profile_ratios(capsys, model_dir, text, tmp_path):
@@ -433,6 +439,99 @@ def test_train_exports_a_checkpoint_that_generates(capsys, tmp_path):
     assert report["kjv"]["model"] > 1 and report["kjv"]["unigram"] > 1
     assert [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()] == [1, 2]
     assert radial_min.load(export).config.hidden_size == 16 and radial_min.Tokenizer(export).encode("In")[0] == 2
-    code, _, err = call(capsys, *args[:-12], "--vocab-size", 500)  # the run folder's tokenizer has 300 tokens
+    code, _, err = call(capsys, *args)  # finished and exported: said so, nothing redone
+    assert code == 0 and "already finished (step 2 of 2) and exported" in err and "evaluation" in err
+    code, _, err = call(capsys, *args, "--steps", 3)  # more steps, but the export exists: refused before any work
+    assert_one_line_error(code, err)
+    assert f"--export {export}: the folder exists" in err
+    code, _, err = call(capsys, *args[:-12], "--vocab-size", 500, "--overwrite")  # the run's tokenizer: 300 tokens
     assert code == 2 and "Traceback" not in err  # after the progress line, one error line
     assert err.splitlines()[-1].startswith("error: ") and "prepared with a vocabulary of 300, not 500" in err
+
+
+# ------------------------------------------------------------------------------------------- newcomer's trips
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--vocab-size", 100], "--vocab-size 100: a byte-level BPE needs at least 260"),
+    (["--hidden-size", 32, "--heads", 3], "--heads 3 must divide --hidden-size 32"),
+    (["--seq-len", 1], "--seq-len 1"), (["--lr", 0], "--lr must be > 0")])
+def test_train_checks_settings_before_any_work(capsys, tmp_path, args, fragment):
+    code, _, err = call(capsys, "train", "--out", tmp_path / "run", *args)
+    assert_one_line_error(code, err)
+    assert fragment in err and not (tmp_path / "run").exists()  # refused before the corpus is prepared
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["simulate", "--taus", "0.1,abc"], "argument --taus: expected a threshold >= 0, got 'abc'"),
+    (["simulate", "--taus", "0.1,-1"], "expected a finite threshold >= 0, got -1"),
+    (["train-router", "--tau", "-0.2"], "--tau"), (["profile", "--tau", "nan"], "--tau")])
+def test_bad_taus_are_named(capsys, args, fragment):
+    code, _, err = call(capsys, *args)
+    assert_one_line_error(code, err)
+    assert fragment in err
+
+
+def test_generate_warns_about_options_without_effect(capsys, opt_with_tokenizer):
+    code, out, err = call(capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 2,
+                          "--top-p", 0.9, "--cache-policy", "global", "--max-depth", 3)
+    assert code == 0
+    assert "warning: --top-k/--top-p have no effect at --temperature 0" in err
+    assert "warning: --max-depth, --cache-policy have no effect without --router" in err
+    code, out, err = call(capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 2,
+                          "--temperature", 1, "--top-p", 0.9, "--seed", 0)
+    assert code == 0 and "warning" not in err
+
+
+def test_generate_says_when_the_context_cuts_it_short(capsys, opt_with_tokenizer):
+    context = radial_min.load(opt_with_tokenizer).config.max_position_embeddings
+    code, _, err = call(capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", context + 5,
+                        "--quiet", "--repetition-penalty", 1)
+    assert code == 0 and f"--max-new-tokens {context + 5}: the model's context of {context} tokens" in err
+
+
+def test_depth_markers_only_on_a_terminal_and_shades_distinct(monkeypatch):
+    class Stream:
+        def push(self, token):
+            return "ab"
+
+    class Radial:
+        blocks, routes = [0] * 12, [[0, 1, 2]]
+
+    written = []
+    on_token = cli._depth_streamer(Stream(), Radial(), None, written.append)  # pytest's stdout is not a terminal
+    on_token(5)
+    assert written == ["ab"]
+    shades = {cli.shade("x", d, 12) for d in range(13)}
+    greys = [int(re.search(r"48;5;(\d+)m", s).group(1)) for s in sorted(shades)]
+    assert len(shades) == 13 and min(np.diff(sorted(greys))) >= 1
+
+
+def test_results_already_there_are_not_replaced(capsys, tiny_random_opt, tmp_path):
+    model_dir, text = tiny_random_opt
+    args = ["simulate", "--model", model_dir, "--text", text, "--seq-len", 32, "--max-sequences", 1,
+            "--taus", "0,0.5", "--out", tmp_path]
+    (tmp_path / "simulate.json").write_text("mine")
+    code, _, err = call(capsys, *args)
+    assert_one_line_error(code, err)
+    assert "already holds simulate.json" in err and (tmp_path / "simulate.json").read_text() == "mine"
+    code, out, err = call(capsys, *args, "--overwrite")
+    assert code == 0 and json.loads((tmp_path / "simulate.json").read_text())["sequences"] == 1
+    assert "1 sequence x 32 tokens, 4 blocks" in err
+
+
+def test_every_option_has_help_and_a_stated_default():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        assert p.description, name
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help and "None" not in action.help % vars(action), (name, action.dest)
+    assert "fill, drop" in sub.choices["simulate"].format_help()
+    router_help = sub.choices["train-router"]
+    assert router_help.get_default("out") is None and "runs/router-tau<tau>" in router_help.format_help()
+
+
+def test_count_grammar():
+    assert cli._count(1, "sequence") == "1 sequence" and cli._count(2, "layer") == "2 layers"
