@@ -50,7 +50,7 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty
     if top_k is not None and top_k < 1:
         raise SettingError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise SettingError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,

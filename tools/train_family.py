@@ -38,7 +38,8 @@ def train(E, L, H, runs: Path, weights: Path):
 
 
 def profile(folders, out: Path, max_sequences):
-    cmd = [sys.executable, str(ROOT / "cli.py"), "profile", "--out", str(out), "--max-sequences", str(max_sequences)]
+    cmd = [sys.executable, str(ROOT / "cli.py"), "profile", "--out", str(out), "--max-sequences", str(max_sequences),
+           "--overwrite"]  # this tool regenerates its own report
     for f in folders:
         cmd += ["--model", str(f)]
     print("$", " ".join(cmd[1:]), flush=True)
