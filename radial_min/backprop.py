@@ -10,12 +10,15 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from . import kernels
+from .opt import POSITION_OFFSET
+
 # ------------------------------------------------------------------------------------------------ embedding
 
 
 def embedding_forward(ids, wte, wpe, pos):
-    """Token row plus position row: OPT's learned positions are looked up at pos + 2."""
-    return wte[ids] + wpe[pos + 2], (ids, pos)  # [B, T] -> [B, T, E]
+    """Token row plus position row: OPT's learned positions are looked up at pos + POSITION_OFFSET."""
+    return wte[ids] + wpe[pos + POSITION_OFFSET], (ids, pos)  # [B, T] -> [B, T, E]
 
 
 def embedding_backward(dx, cache, wte_shape, wpe_shape):
@@ -23,7 +26,7 @@ def embedding_backward(dx, cache, wte_shape, wpe_shape):
     dwte = np.zeros(wte_shape, dx.dtype)
     np.add.at(dwte, ids.ravel(), dx.reshape(-1, dx.shape[-1]))  # rows of repeated tokens accumulate
     dwpe = np.zeros(wpe_shape, dx.dtype)
-    dwpe[pos + 2] = dx.sum(0)  # [B, T, E] -> [T, E]; positions are distinct within a sequence
+    dwpe[pos + POSITION_OFFSET] = dx.sum(0)  # [B, T, E] -> [T, E]; positions are distinct within a sequence
     return dwte, dwpe
 
 
@@ -31,9 +34,7 @@ def embedding_backward(dx, cache, wte_shape, wpe_shape):
 
 
 def layernorm_forward(x, w, b, eps=1e-5):
-    mean = x.mean(-1, keepdims=True)
-    rstd = 1.0 / np.sqrt(x.var(-1, keepdims=True) + eps)
-    xhat = (x - mean) * rstd  # [..., E]
+    xhat, rstd = kernels.normalize(x, eps)  # [..., E]: the inference reference's normalisation
     return xhat * w + b, (xhat, rstd, w)
 
 
@@ -183,6 +184,53 @@ def attention_backward_fast(dy, cache):
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
     _attention_backward_nb(dy, q, k, v, att, dq, dk, dv)
     return np.concatenate([g.reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, H * D) for g in (dq, dk, dv)], axis=-1)
+
+
+# ------------------------------------------------------------------------------------------------- blocks
+# One level up, the residual blocks of blocks.py, each forward beside its backward and mirroring it op by op.
+# `w` holds one block's weights under short names (see train.block_weights); the backward returns dx and the
+# gradients under the same names. `attention` is a (forward, backward) pair: NumPy (any dtype) or Numba (float32).
+
+ATTENTION_NUMPY = (attention_forward, attention_backward)
+ATTENTION_FAST = (attention_forward_fast, attention_backward_fast)
+
+
+def attention_block_forward(x, w, n_head, attention=ATTENTION_NUMPY):
+    """y = x + out(attn(qkv(ln(x)))): [B, T, E] -> [B, T, E]."""
+    h, c_ln = layernorm_forward(x, w["ln.w"], w["ln.b"])
+    qkv, c_qkv = linear_forward(h, w["qkv.w"], w["qkv.b"])  # [B, T, E] -> [B, T, 3E]
+    a, c_att = attention[0](qkv, n_head)
+    o, c_out = linear_forward(a, w["out.w"], w["out.b"])
+    return x + o, (c_ln, c_qkv, c_att, c_out, attention[1])
+
+
+def attention_block_backward(dy, cache):
+    c_ln, c_qkv, c_att, c_out, att_backward = cache
+    g = {}
+    da, g["out.w"], g["out.b"] = linear_backward(dy, c_out)
+    dqkv = att_backward(da, c_att)
+    dh, g["qkv.w"], g["qkv.b"] = linear_backward(dqkv, c_qkv)
+    dx, g["ln.w"], g["ln.b"] = layernorm_backward(dh, c_ln)
+    return dy + dx, g  # the residual passes dy straight through
+
+
+def ffn_block_forward(x, w):
+    """y = x + fc2(relu(fc1(ln(x)))): [B, T, E] -> [B, T, E]."""
+    h, c_ln = layernorm_forward(x, w["ln.w"], w["ln.b"])
+    u, c_fc1 = linear_forward(h, w["fc1.w"], w["fc1.b"])  # [B, T, E] -> [B, T, F]
+    r, c_relu = relu_forward(u)
+    o, c_fc2 = linear_forward(r, w["fc2.w"], w["fc2.b"])  # [B, T, F] -> [B, T, E]
+    return x + o, (c_ln, c_fc1, c_relu, c_fc2)
+
+
+def ffn_block_backward(dy, cache):
+    c_ln, c_fc1, c_relu, c_fc2 = cache
+    g = {}
+    dr, g["fc2.w"], g["fc2.b"] = linear_backward(dy, c_fc2)
+    du = relu_backward(dr, c_relu)
+    dh, g["fc1.w"], g["fc1.b"] = linear_backward(du, c_fc1)
+    dx, g["ln.w"], g["ln.b"] = layernorm_backward(dh, c_ln)
+    return dy + dx, g
 
 
 # ------------------------------------------------------------------------------------------- cross-entropy

@@ -210,10 +210,16 @@ def linear(x, w, b=None):
 # ------------------------------------------------------------------------------------------------- layernorm
 
 
-def layernorm_ref(x, w, b, eps):
+def normalize(x, eps):
+    """Rows to zero mean and unit (population) variance, and 1/std: the one NumPy definition of the layer norm,
+    shared by layernorm_ref, the trainer (backprop.layernorm_forward) and the router's features."""
     mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    y = (x - mean) / np.sqrt(var + eps)  # [T, E] -> [T, E]
+    rstd = 1.0 / np.sqrt(x.var(-1, keepdims=True) + eps)
+    return (x - mean) * rstd, rstd  # [..., E], [..., 1]
+
+
+def layernorm_ref(x, w, b, eps):
+    y, _ = normalize(x, eps)  # [T, E] -> [T, E]
     if w is not None:
         y = y * w + b
     return y.astype(np.float32)

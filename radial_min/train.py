@@ -64,36 +64,64 @@ def check_trainable(cfg: OPTConfig):
 # ---------------------------------------------------------------------------------- forward and backward
 
 
+# Each residual block's weights under the short names backprop's block functions use, and back.
+_BLOCK_NAMES = {
+    "att": {"ln.w": "self_attn_layer_norm.weight", "ln.b": "self_attn_layer_norm.bias",
+            "out.w": "self_attn.out_proj.weight", "out.b": "self_attn.out_proj.bias"},
+    "ffn": {"ln.w": "final_layer_norm.weight", "ln.b": "final_layer_norm.bias", "fc1.w": "fc1.weight",
+            "fc1.b": "fc1.bias", "fc2.w": "fc2.weight", "fc2.b": "fc2.bias"},
+}  # fmt: skip
+
+
+def blocks_of(cfg: OPTConfig) -> list[tuple[int, str]]:
+    """The sequential model's blocks in order, (layer, kind), as OPT.blocks lists them."""
+    return [(i, kind) for i in range(cfg.num_hidden_layers) for kind in ("att", "ffn")]
+
+
+def block_weights(P: dict, layer: int, kind: str) -> dict:
+    pre = f"decoder.layers.{layer}."
+    w = {short: P[pre + name] for short, name in _BLOCK_NAMES[kind].items()}
+    if kind == "att":  # q, k and v projections stacked, as blocks.AttentionBlock holds them: [3E, E]
+        w["qkv.w"] = np.concatenate([P[pre + f"self_attn.{c}_proj.weight"] for c in "qkv"])
+        w["qkv.b"] = np.concatenate([P[pre + f"self_attn.{c}_proj.bias"] for c in "qkv"])
+    return w
+
+
+def store_block_grads(G: dict, g: dict, layer: int, kind: str) -> None:
+    """Add one block's gradients (short names) into G (Hugging Face names); added, so a reused block sums."""
+    pre = f"decoder.layers.{layer}."
+    named = {pre + name: g[short] for short, name in _BLOCK_NAMES[kind].items()}
+    if kind == "att":
+        for c, dw, db in zip("qkv", np.split(g["qkv.w"], 3), np.split(g["qkv.b"], 3)):
+            named[pre + f"self_attn.{c}_proj.weight"], named[pre + f"self_attn.{c}_proj.bias"] = dw, db
+    for name, grad in named.items():
+        G[name] = G[name] + grad if name in G else grad
+
+
+def block_forward(x, w, kind, cfg: OPTConfig, attention):
+    if kind == "att":
+        return bp.attention_block_forward(x, w, cfg.num_attention_heads, attention)
+    return bp.ffn_block_forward(x, w)
+
+
+def block_backward(dy, cache, kind):
+    return (bp.attention_block_backward if kind == "att" else bp.ffn_block_backward)(dy, cache)
+
+
 def loss_and_grads(params: dict, cfg: OPTConfig, batch: np.ndarray, need_grads: bool = True, fast: bool = True):
     """Mean next-token cross-entropy over a batch [B, T + 1] of token ids, and its gradient for every parameter.
 
-    `fast` uses the Numba attention kernels (float32); the NumPy ones run in any dtype (float64 for checks)."""
+    The forward is a loop over the residual blocks and the backward the same loop reversed. `fast` uses the
+    Numba attention kernels (float32); the NumPy ones run in any dtype (float64 for checks)."""
     P = params
-    attention_forward, attention_backward = (
-        (bp.attention_forward_fast, bp.attention_backward_fast) if fast else (bp.attention_forward, bp.attention_backward)
-    )
+    attention = bp.ATTENTION_FAST if fast else bp.ATTENTION_NUMPY
     ids, targets = batch[:, :-1], batch[:, 1:]
     B, T = ids.shape
-    pos = np.arange(T)
-    x, emb_cache = bp.embedding_forward(ids, P["decoder.embed_tokens.weight"], P["decoder.embed_positions.weight"], pos)
+    x, emb_cache = bp.embedding_forward(ids, P["decoder.embed_tokens.weight"], P["decoder.embed_positions.weight"], np.arange(T))
     caches = []
-    for i in range(cfg.num_hidden_layers):
-        pre = f"decoder.layers.{i}."
-        w_qkv = np.concatenate([P[pre + f"self_attn.{c}_proj.weight"] for c in "qkv"])  # [3E, E]
-        b_qkv = np.concatenate([P[pre + f"self_attn.{c}_proj.bias"] for c in "qkv"])
-        # attention block: x + out(attn(qkv(ln(x))))
-        h, c_ln1 = bp.layernorm_forward(x, P[pre + "self_attn_layer_norm.weight"], P[pre + "self_attn_layer_norm.bias"])
-        qkv, c_qkv = bp.linear_forward(h, w_qkv, b_qkv)  # [B, T, E] -> [B, T, 3E]
-        a, c_att = attention_forward(qkv, cfg.num_attention_heads)
-        o, c_out = bp.linear_forward(a, P[pre + "self_attn.out_proj.weight"], P[pre + "self_attn.out_proj.bias"])
-        x = x + o
-        # FFN block: x + fc2(relu(fc1(ln(x))))
-        h, c_ln2 = bp.layernorm_forward(x, P[pre + "final_layer_norm.weight"], P[pre + "final_layer_norm.bias"])
-        u, c_fc1 = bp.linear_forward(h, P[pre + "fc1.weight"], P[pre + "fc1.bias"])  # [B, T, E] -> [B, T, F]
-        r, c_relu = bp.relu_forward(u)
-        o, c_fc2 = bp.linear_forward(r, P[pre + "fc2.weight"], P[pre + "fc2.bias"])  # [B, T, F] -> [B, T, E]
-        x = x + o
-        caches.append((c_ln1, c_qkv, c_att, c_out, c_ln2, c_fc1, c_relu, c_fc2))
+    for layer, kind in blocks_of(cfg):
+        x, cache = block_forward(x, block_weights(P, layer, kind), kind, cfg, attention)  # [B, T, E]
+        caches.append(cache)
     h, c_lnf = bp.layernorm_forward(x, P["decoder.final_layer_norm.weight"], P["decoder.final_layer_norm.bias"])
     logits, c_head = bp.linear_forward(h, P["decoder.embed_tokens.weight"])  # tied head: [B, T, E] -> [B, T, V]
     loss, c_ce = bp.crossentropy_forward(logits.reshape(B * T, -1), targets.ravel())
@@ -102,27 +130,15 @@ def loss_and_grads(params: dict, cfg: OPTConfig, batch: np.ndarray, need_grads: 
 
     G = {}
     dlogits = bp.crossentropy_backward(c_ce).reshape(B, T, -1)
-    dh, G["decoder.embed_tokens.weight"], _ = bp.linear_backward(dlogits, c_head)
+    dh, dwte_head, _ = bp.linear_backward(dlogits, c_head)
     dx, G["decoder.final_layer_norm.weight"], G["decoder.final_layer_norm.bias"] = bp.layernorm_backward(dh, c_lnf)
-    for i in reversed(range(cfg.num_hidden_layers)):
-        pre = f"decoder.layers.{i}."
-        c_ln1, c_qkv, c_att, c_out, c_ln2, c_fc1, c_relu, c_fc2 = caches[i]
-        dr, G[pre + "fc2.weight"], G[pre + "fc2.bias"] = bp.linear_backward(dx, c_fc2)
-        du = bp.relu_backward(dr, c_relu)
-        dh, G[pre + "fc1.weight"], G[pre + "fc1.bias"] = bp.linear_backward(du, c_fc1)
-        dh, G[pre + "final_layer_norm.weight"], G[pre + "final_layer_norm.bias"] = bp.layernorm_backward(dh, c_ln2)
-        dx = dx + dh  # the residual passes the gradient straight through
-        da, G[pre + "self_attn.out_proj.weight"], G[pre + "self_attn.out_proj.bias"] = bp.linear_backward(dx, c_out)
-        dqkv = attention_backward(da, c_att)
-        dh, dw_qkv, db_qkv = bp.linear_backward(dqkv, c_qkv)
-        for c, dw, db in zip("qkv", np.split(dw_qkv, 3), np.split(db_qkv, 3)):
-            G[pre + f"self_attn.{c}_proj.weight"], G[pre + f"self_attn.{c}_proj.bias"] = dw, db
-        dh, G[pre + "self_attn_layer_norm.weight"], G[pre + "self_attn_layer_norm.bias"] = bp.layernorm_backward(dh, c_ln1)
-        dx = dx + dh
+    for (layer, kind), cache in zip(reversed(blocks_of(cfg)), reversed(caches)):
+        dx, g = block_backward(dx, cache, kind)
+        store_block_grads(G, g, layer, kind)
     dwte, G["decoder.embed_positions.weight"] = bp.embedding_backward(
         dx, emb_cache, P["decoder.embed_tokens.weight"].shape, P["decoder.embed_positions.weight"].shape
     )
-    G["decoder.embed_tokens.weight"] += dwte  # tied: the head's gradient and the lookup's add up
+    G["decoder.embed_tokens.weight"] = dwte_head + dwte  # tied: the head's gradient and the lookup's add up
     return float(loss), G
 
 

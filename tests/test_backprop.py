@@ -110,6 +110,44 @@ def test_crossentropy():
     assert_grad(dlogits, lambda: bp.crossentropy_forward(logits.copy(), targets)[0], logits)
 
 
+def _block_weights(kind, E=8, F=12):
+    if kind == "att":
+        shapes = {"ln.w": (E,), "ln.b": (E,), "qkv.w": (3 * E, E), "qkv.b": (3 * E,), "out.w": (E, E), "out.b": (E,)}
+    else:
+        shapes = {"ln.w": (E,), "ln.b": (E,), "fc1.w": (F, E), "fc1.b": (F,), "fc2.w": (E, F), "fc2.b": (E,)}
+    return {k: RNG.standard_normal(s) * 0.5 for k, s in shapes.items()}
+
+
+@pytest.mark.parametrize("kind", ["att", "ffn"])
+def test_block_forward_backward(kind):
+    """A whole residual block, y = x + f(x), against finite differences for its input and every weight."""
+    B, T, E, H = 2, 4, 8, 2
+    x, w, R = RNG.standard_normal((B, T, E)), _block_weights(kind), projection((B, T, E))
+    forward = (lambda: bp.attention_block_forward(x, w, H)) if kind == "att" else (lambda: bp.ffn_block_forward(x, w))
+    y, cache = forward()
+    dx, g = (bp.attention_block_backward if kind == "att" else bp.ffn_block_backward)(R, cache)
+    assert set(g) == set(w)
+    for analytic, arr in ((dx, x), *((g[k], w[k]) for k in w)):
+        assert_grad(analytic, lambda: (forward()[0] * R).sum(), arr)
+
+
+def test_block_forward_is_the_engine_block(tiny_model):
+    """Training's block forward and the inference engine's block (blocks.py, Numba kernels) agree."""
+    from radial_min.opt import OPT
+    from radial_min.blocks import Step
+    from radial_min.train import block_forward, block_weights, blocks_of
+
+    cfg, params, batch = tiny_model
+    model = OPT(cfg, {k: v.astype(np.float32) for k, v in params.items()})
+    x = RNG.standard_normal((1, 6, cfg.hidden_size))
+    for block, (layer, kind) in zip(model.blocks, blocks_of(cfg)):
+        assert (block.layer, block.kind) == (layer, kind)
+        y, _ = block_forward(x, block_weights(params, layer, kind), kind, cfg, bp.ATTENTION_NUMPY)
+        y_engine = block(x[0].astype(np.float32), Step(np.arange(6)))
+        np.testing.assert_allclose(y_engine, y[0], rtol=1e-4, atol=1e-4)
+        x = y
+
+
 def test_fast_attention_matches_numpy():
     """The Numba attention kernels used in training agree with the NumPy ones checked above."""
     B, T, E, H = 3, 17, 32, 4
