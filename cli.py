@@ -199,8 +199,8 @@ def cmd_train(args):
             return
         raise RadialError(f"--export {args.export}: the folder exists and is not empty; pass --overwrite to replace it")
     print(f"preparing corpus and tokenizer in {cfg.out} ...", file=sys.stderr)
-    train_ids, val_streams = tr.prepare_corpus(cfg.out, cfg.vocab_size)
-    val = {k: tr.validation_sequences(s, cfg.seq_len, cfg.eval_sequences) for k, s in val_streams.items()}
+    train_ids, val_streams = data.prepare_corpus(cfg.out, cfg.vocab_size)
+    val = {k: data.validation_sequences(s, cfg.seq_len, cfg.eval_sequences) for k, s in val_streams.items()}
     print(f"train {len(train_ids):,} tokens; validation {', '.join(f'{k} {len(s):,}' for k, s in val_streams.items())}",
           file=sys.stderr)
     if done is not None:

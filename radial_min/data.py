@@ -1,15 +1,18 @@
-"""Text corpora from `../shared/data`, and packing token streams into fixed-length sequences.
+"""Text corpora from `../shared/data`, the training corpus and its tokenizer, and packing token streams into
+fixed-length sequences.
 
 The paper profiles on WikiText-2 "packed without padding at batch size 1": the whole text is tokenized as one
 stream and cut into consecutive sequences of `seq_len` tokens, each starting a fresh context.
 """
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import RadialError
+from .outputs import write_json, write_npz
 
 SHARED = Path(os.environ.get("RADIAL_MIN_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
 WIKITEXT_TEST = SHARED / "wikitext-2" / "test.txt"
@@ -78,3 +81,96 @@ def pack(tokens: np.ndarray, seq_len: int, max_sequences: int | None = None) -> 
     if n == 0:
         raise RadialError(f"text has {len(tokens)} tokens, fewer than one sequence of {seq_len}")
     return np.asarray(tokens[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir) -> None:
+    """A byte-level BPE in OPT's layout: `<s>`, `<pad>`, `</s>`, `<unk>` as ids 0-3, vocab.json + merges.txt,
+    and the tokenizer_config that makes `</s>` the BOS, as facebook/opt-* ship it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # written whole, then moved into place
+        tok.model.save(tmp)  # vocab.json, merges.txt
+        for name in ("vocab.json", "merges.txt"):
+            os.replace(Path(tmp) / name, out_dir / name)
+    special = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"}
+    write_json(out_dir / "special_tokens_map.json", special)
+    config = {**special, "add_bos_token": True, "add_prefix_space": False, "errors": "replace",
+              "tokenizer_class": "GPT2Tokenizer", "model_max_length": 1_000_000}  # fmt: skip
+    write_json(out_dir / "tokenizer_config.json", config)
+
+
+# ------------------------------------------------------------------------------------------------ corpus
+
+
+def _wikitext_articles(text: str) -> list[str]:
+    """Split WikiText at its top-level headings (" = Title = ") into one string per article."""
+    articles, current = [], []
+    for line in text.splitlines(keepends=True):
+        if re.match(r"^ = [^=].* = $", line.rstrip("\n")) and current:
+            articles.append("".join(current))
+            current = []
+        current.append(line)
+    if current:
+        articles.append("".join(current))
+    return [a for a in articles if a.strip()]
+
+
+def default_corpus() -> tuple[list[str], dict]:
+    """Training documents and validation documents of the default recipe.
+
+    Train: the KJV with every 20th chapter held out, plus WikiText-2 valid.txt (the train split is not
+    available here). The KJV gives volume and fluent text; WikiText-2 is there because the paper profiles on it,
+    so the model must know its register for residual ratios on it to mean anything. Validate on the held-out
+    KJV chapters and on WikiText-2 test.txt, which the profiling and routing experiments then use."""
+    train_kjv, held_kjv = split_kjv(kjv_chapters())
+    wiki_train = _wikitext_articles(read_text(WIKITEXT_VALID))
+    wiki_test = _wikitext_articles(read_text(WIKITEXT_TEST))
+    return train_kjv + wiki_train, {"kjv": held_kjv, "wiki": wiki_test}
+
+
+def tokenize_documents(tokenizer, docs: list[str]) -> np.ndarray:
+    """One stream: each document starts with BOS (`</s>`), as OPT's pre-training packs documents."""
+    ids = [tokenizer.encode(d) for d in docs]
+    return np.concatenate(ids).astype(np.int32)
+
+
+def prepare_corpus(out, vocab_size: int, docs=None, val_docs=None) -> tuple[np.ndarray, dict]:
+    """Train the tokenizer (once) and tokenize the corpus into `out`, returning (train stream, val streams)."""
+    from .tokenizer import Tokenizer
+
+    out = Path(out)
+    cached = out / "tokens.npz"
+    if cached.is_file() and (out / "vocab.json").is_file():
+        z = np.load(cached)
+        if "vocab_size" in z.files and int(z["vocab_size"]) != vocab_size:
+            raise RadialError(f"{out}: prepared with a vocabulary of {int(z['vocab_size'])}, not {vocab_size}; "
+                              "use the same --vocab-size or a new --out")  # fmt: skip
+        return z["train"], {k[4:]: z[k] for k in z.files if k.startswith("val_")}
+    if docs is None:
+        docs, val_docs = default_corpus()
+    out.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(docs, vocab_size, out)
+    tok = Tokenizer(out)
+    train_ids = tokenize_documents(tok, docs)
+    val_ids = {name: tokenize_documents(tok, d) for name, d in val_docs.items()}
+    write_npz(cached, train=train_ids, vocab_size=np.int64(vocab_size), **{"val_" + k: a for k, a in val_ids.items()})
+    return train_ids, val_ids
+
+
+def validation_sequences(stream: np.ndarray, seq_len: int, n: int) -> np.ndarray:
+    """n windows of seq_len + 1 tokens spread evenly over a validation stream (fixed, so evaluations compare)."""
+    starts = np.linspace(0, len(stream) - seq_len - 1, n).astype(np.int64)
+    return np.stack([stream[s : s + seq_len + 1] for s in starts]).astype(np.int64)

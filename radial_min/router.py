@@ -8,7 +8,7 @@ it is in its route, and picks the next block to run, or EXIT.
 
 A router distilled from a sequential model may only move forward (to a later block or EXIT); the mask is
 applied to the logits in training and in use. Training is plain supervised learning on the oracle's choices,
-with forward/backward pairs from `backprop` and AdamW from `train`; no autograd.
+with forward/backward pairs from `backprop` and AdamW from `optim`; no autograd.
 """
 import json
 from dataclasses import asdict, dataclass
@@ -254,7 +254,7 @@ def train_router(ex: dict, cfg: RouterConfig, epochs: int = 8, lr: float = 3e-3,
     """Fit the router to the oracle's choices with AdamW on softmax cross-entropy."""
     from tqdm import tqdm
 
-    from .train import adamw_step, lr_at
+    from .optim import adamw_step, lr_at
 
     params = init_router(cfg, seed)
     m = {k: np.zeros_like(v) for k, v in params.items()}

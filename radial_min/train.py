@@ -1,15 +1,13 @@
-"""Training an OPT-architecture model from scratch in NumPy: the whole decoder's forward and backward, AdamW,
-a warm-up + cosine schedule, and a trainer that checkpoints atomically and resumes without losing progress.
+"""Training an OPT-architecture model from scratch in NumPy: the whole decoder's forward and backward (a loop
+over its residual blocks) and a trainer that checkpoints atomically and resumes without losing progress. AdamW and
+its schedule are in optim.py, the corpus and its tokenizer in data.py.
 
 Parameters live in a dict under Hugging Face's names (`decoder.layers.0.fc1.weight`, ...), so the result is
 saved as a genuine OPT checkpoint. Only the pre-LN, tied-embedding OPT layout (OPT-125m and up) is trained.
 """
 import json
 import math
-import os
-import re
 import signal
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from . import backprop as bp
-from . import data
 from .checkpoint import SafetensorsFile, write_safetensors
 from .config import OPTConfig, config_to_dict
 from .errors import RadialError
-from .outputs import write_bytes, write_json, write_npz
+from .optim import adamw_step, clip_grads, lr_at
+from .outputs import write_bytes, write_json
 
 # --------------------------------------------------------------------------------------------- parameters
 
@@ -117,7 +115,8 @@ def loss_and_grads(params: dict, cfg: OPTConfig, batch: np.ndarray, need_grads: 
     attention = bp.ATTENTION_FAST if fast else bp.ATTENTION_NUMPY
     ids, targets = batch[:, :-1], batch[:, 1:]
     B, T = ids.shape
-    x, emb_cache = bp.embedding_forward(ids, P["decoder.embed_tokens.weight"], P["decoder.embed_positions.weight"], np.arange(T))
+    wte, wpe = P["decoder.embed_tokens.weight"], P["decoder.embed_positions.weight"]
+    x, emb_cache = bp.embedding_forward(ids, wte, wpe, np.arange(T))  # [B, T] -> [B, T, E]
     caches = []
     for layer, kind in blocks_of(cfg):
         x, cache = block_forward(x, block_weights(P, layer, kind), kind, cfg, attention)  # [B, T, E]
@@ -140,132 +139,6 @@ def loss_and_grads(params: dict, cfg: OPTConfig, batch: np.ndarray, need_grads: 
     )
     G["decoder.embed_tokens.weight"] = dwte_head + dwte  # tied: the head's gradient and the lookup's add up
     return float(loss), G
-
-
-# ----------------------------------------------------------------------------------------------- optimizer
-
-
-def adamw_step(params, grads, m, v, step, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1):
-    """AdamW (Loshchilov & Hutter): Adam's update plus decay applied to matrices only, not to norms or biases."""
-    for name, g in grads.items():
-        m[name] = beta1 * m[name] + (1 - beta1) * g
-        v[name] = beta2 * v[name] + (1 - beta2) * g * g
-        m_hat = m[name] / (1 - beta1**step)
-        v_hat = v[name] / (1 - beta2**step)
-        p = params[name]
-        if p.ndim == 2:
-            p -= lr * weight_decay * p
-        p -= (lr * m_hat / (np.sqrt(v_hat) + eps)).astype(p.dtype)
-
-
-def clip_grads(grads, max_norm):
-    """Scale all gradients together so their global L2 norm is at most `max_norm`; return the norm before."""
-    norm = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values()))
-    if max_norm > 0 and norm > max_norm:
-        for g in grads.values():
-            g *= max_norm / norm
-    return norm
-
-
-def lr_at(step, max_lr, warmup, total, min_ratio=0.1):
-    """Linear warm-up to `max_lr`, then cosine decay to `min_ratio * max_lr` at `total`."""
-    if step < warmup:
-        return max_lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# --------------------------------------------------------------------------------------------- tokenizer
-
-
-def train_tokenizer(texts: list[str], vocab_size: int, out_dir) -> None:
-    """A byte-level BPE in OPT's layout: `<s>`, `<pad>`, `</s>`, `<unk>` as ids 0-3, vocab.json + merges.txt,
-    and the tokenizer_config that makes `</s>` the BOS, as facebook/opt-* ship it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
-    tok.train_from_iterator(texts, trainer)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # written whole, then moved into place
-        tok.model.save(tmp)  # vocab.json, merges.txt
-        for name in ("vocab.json", "merges.txt"):
-            os.replace(Path(tmp) / name, out_dir / name)
-    special = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"}
-    write_json(out_dir / "special_tokens_map.json", special)
-    config = {**special, "add_bos_token": True, "add_prefix_space": False, "errors": "replace",
-              "tokenizer_class": "GPT2Tokenizer", "model_max_length": 1_000_000}  # fmt: skip
-    write_json(out_dir / "tokenizer_config.json", config)
-
-
-# ------------------------------------------------------------------------------------------------ corpus
-
-
-def _wikitext_articles(text: str) -> list[str]:
-    """Split WikiText at its top-level headings (" = Title = ") into one string per article."""
-    articles, current = [], []
-    for line in text.splitlines(keepends=True):
-        if re.match(r"^ = [^=].* = $", line.rstrip("\n")) and current:
-            articles.append("".join(current))
-            current = []
-        current.append(line)
-    if current:
-        articles.append("".join(current))
-    return [a for a in articles if a.strip()]
-
-
-def default_corpus() -> tuple[list[str], dict]:
-    """Training documents and validation documents of the default recipe.
-
-    Train: the KJV with every 20th chapter held out, plus WikiText-2 valid.txt (the train split is not
-    available here). The KJV gives volume and fluent text; WikiText-2 is there because the paper profiles on it,
-    so the model must know its register for residual ratios on it to mean anything. Validate on the held-out
-    KJV chapters and on WikiText-2 test.txt, which the profiling and routing experiments then use."""
-    train_kjv, held_kjv = data.split_kjv(data.kjv_chapters())
-    wiki_train = _wikitext_articles(data.read_text(data.WIKITEXT_VALID))
-    wiki_test = _wikitext_articles(data.read_text(data.WIKITEXT_TEST))
-    return train_kjv + wiki_train, {"kjv": held_kjv, "wiki": wiki_test}
-
-
-def tokenize_documents(tokenizer, docs: list[str]) -> np.ndarray:
-    """One stream: each document starts with BOS (`</s>`), as OPT's pre-training packs documents."""
-    ids = [tokenizer.encode(d) for d in docs]
-    return np.concatenate(ids).astype(np.int32)
-
-
-def prepare_corpus(out, vocab_size: int, docs=None, val_docs=None) -> tuple[np.ndarray, dict]:
-    """Train the tokenizer (once) and tokenize the corpus into `out`, returning (train stream, val streams)."""
-    from .tokenizer import Tokenizer
-
-    out = Path(out)
-    cached = out / "tokens.npz"
-    if cached.is_file() and (out / "vocab.json").is_file():
-        z = np.load(cached)
-        if "vocab_size" in z.files and int(z["vocab_size"]) != vocab_size:
-            raise RadialError(f"{out}: prepared with a vocabulary of {int(z['vocab_size'])}, not {vocab_size}; "
-                              "use the same --vocab-size or a new --out")  # fmt: skip
-        return z["train"], {k[4:]: z[k] for k in z.files if k.startswith("val_")}
-    if docs is None:
-        docs, val_docs = default_corpus()
-    out.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(docs, vocab_size, out)
-    tok = Tokenizer(out)
-    train_ids = tokenize_documents(tok, docs)
-    val_ids = {name: tokenize_documents(tok, d) for name, d in val_docs.items()}
-    write_npz(cached, train=train_ids, vocab_size=np.int64(vocab_size), **{"val_" + k: a for k, a in val_ids.items()})
-    return train_ids, val_ids
-
-
-def validation_sequences(stream: np.ndarray, seq_len: int, n: int) -> np.ndarray:
-    """n windows of seq_len + 1 tokens spread evenly over a validation stream (fixed, so evaluations compare)."""
-    starts = np.linspace(0, len(stream) - seq_len - 1, n).astype(np.int64)
-    return np.stack([stream[s : s + seq_len + 1] for s in starts]).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------- trainer

@@ -20,7 +20,7 @@ import radial_min
 from radial_min import images
 from radial_min.data import SHARED
 from radial_min.kernels import softmax_ref
-from radial_min.train import train_tokenizer
+from radial_min.data import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 import radial_min
+from radial_min import data
+from radial_min import optim
 from radial_min import train as tr
 from radial_min.checkpoint import SafetensorsFile
 
@@ -20,7 +22,7 @@ def tiny(tmp_path, steps):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
-    train_ids, val = tr.prepare_corpus(folder, 300, docs=TEXTS, val_docs={"held": TEXTS[:2]})
+    train_ids, val = data.prepare_corpus(folder, 300, docs=TEXTS, val_docs={"held": TEXTS[:2]})
     return folder, train_ids, val
 
 
@@ -37,7 +39,7 @@ def test_tokenizer_in_opt_layout(corpus):
 def test_resume_gives_the_same_model(corpus, tmp_path):
     """Stop after 3 steps and resume to 6: the same parameters, bit for bit, as 6 steps straight."""
     _, train_ids, val_streams = corpus
-    val = {k: tr.validation_sequences(s, 16, 2) for k, s in val_streams.items()}
+    val = {k: data.validation_sequences(s, 16, 2) for k, s in val_streams.items()}
     straight = tr.train(tiny(tmp_path / "a", 6), train_ids, val, progress=False)
     tr.train(tiny(tmp_path / "b", 6), train_ids, val, progress=False, stop_after=3)
     assert SafetensorsFile(tmp_path / "b" / "state.safetensors").metadata["step"] == "3"
@@ -50,11 +52,11 @@ def test_resume_gives_the_same_model(corpus, tmp_path):
 
 
 def test_schedule_and_clipping():
-    lrs = [tr.lr_at(s, 1.0, 10, 100) for s in range(100)]
+    lrs = [optim.lr_at(s, 1.0, 10, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     grads = {"a": np.full(4, 3.0), "b": np.full(4, 4.0)}
-    norm = tr.clip_grads(grads, 1.0)
+    norm = optim.clip_grads(grads, 1.0)
     assert norm == pytest.approx(10.0)
     assert np.sqrt(sum((g**2).sum() for g in grads.values())) == pytest.approx(1.0)
 
