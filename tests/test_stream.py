@@ -9,7 +9,7 @@ from conftest import FIXTURES
 
 import radial_min
 from radial_min import profiling, stream
-from radial_min.train import train_tokenizer
+from radial_min.data import train_tokenizer
 
 sys.path.insert(0, str(FIXTURES.parent.parent))
 import cli  # noqa: E402
