@@ -26,6 +26,29 @@ class LayerNorm:
 
 
 @dataclass
+class RMSNorm:
+    """Llama's norm: rows scaled to unit root mean square, then by `weight` (no mean, no bias)."""
+
+    weight: np.ndarray  # [E]
+    eps: float = 1e-6
+
+    def __call__(self, x):
+        return kernels.rmsnorm(x, self.weight, self.eps)  # [T, E] -> [T, E]
+
+
+@dataclass
+class Rotary:
+    """Rotary position embeddings (Su et al.): each head's query and key pairs rotated by position x frequency."""
+
+    head_dim: int
+    theta: float = 10000.0
+
+    def __call__(self, x, n_head, pos):  # [T, H*D], [T] -> [T, H*D]
+        cos, sin = kernels.rope_angles(pos, self.head_dim, self.theta)  # [T, D/2] each
+        return kernels.rope(x, n_head, cos, sin)
+
+
+@dataclass
 class Linear:
     weight: np.ndarray  # [out, in], as nn.Linear stores it
     bias: np.ndarray | None = None  # [out]
@@ -75,27 +98,35 @@ class Block:
 
 
 class AttentionBlock(Block):
-    """Multi-head self-attention. Causal over a KV cache for OPT; full attention over the image for ViT."""
+    """Multi-head self-attention. Causal over a KV cache for OPT and Llama; full attention over the image for ViT.
+    Llama adds rotary embeddings to queries and keys (the cache stores keys rotated) and grouped-query attention:
+    n_kv_head key/value heads, each shared by n_head // n_kv_head query heads."""
 
     kind = "att"
 
-    def __init__(self, layer, norm, pre_norm, qkv: Linear, out: Linear, n_head: int):
+    def __init__(self, layer, norm, pre_norm, qkv: Linear, out: Linear, n_head: int, n_kv_head: int | None = None,
+                 rotary: Rotary | None = None):  # fmt: skip
         super().__init__(layer, norm, pre_norm)
-        self.qkv, self.out, self.n_head = qkv, out, n_head  # qkv: q, k and v projections stacked, [3E, E]
+        self.qkv, self.out, self.n_head = qkv, out, n_head  # qkv: q, k and v projections stacked, [E + 2Ekv, E]
+        self.n_kv_head, self.rotary = n_kv_head or n_head, rotary
 
-    def project_qkv(self, x):
-        """The block's queries, keys and values for rows x; also what the `fill` rule caches for skipped tokens."""
+    def project_qkv(self, x, pos=None):
+        """The block's queries, keys and values for rows x at positions `pos` (rotated if the model is rotary);
+        also what the `fill` rule caches for skipped tokens."""
         h = self.norm(x) if self.pre_norm else x
-        qkv = self.qkv(h)  # [T, E] -> [T, 3E]
-        q, k, v = np.split(qkv, 3, axis=1)  # -> 3 x [T, E]
-        return q, k, v
+        qkv = self.qkv(h)  # [T, E] -> [T, E + 2Ekv]
+        kv = (qkv.shape[1] * self.n_kv_head) // (self.n_head + 2 * self.n_kv_head)  # Ekv
+        q, k, v = np.split(qkv, [qkv.shape[1] - 2 * kv, qkv.shape[1] - kv], axis=1)  # -> [T, E], 2 x [T, Ekv]
+        if self.rotary is not None:
+            q, k = self.rotary(q, self.n_head, pos), self.rotary(k, self.n_kv_head, pos)
+        return q, k, np.ascontiguousarray(v)
 
     def branch(self, x, step: Step):
-        q, k, v = self.project_qkv(x)
+        q, k, v = self.project_qkv(x, step.pos)
         k_pos, rows = step.pos, None
         if step.cache is not None:  # store the new keys/values; get back everything this query may see
             q, k, v, k_pos, rows = step.cache.update(self.layer, q, k, v, step.pos, step.hop)
-        a = kernels.attention(q, k, v, self.n_head, step.pos, k_pos, rows)  # [T, E]
+        a = kernels.attention(q, k, v, self.n_head, step.pos, k_pos, rows, self.n_kv_head)  # [T, E]
         return self.out(a)  # [T, E] -> [T, E]
 
     def branch_dropping(self, x, keeps):
@@ -104,29 +135,33 @@ class AttentionBlock(Block):
         Token by token, since whether token t is seen by later tokens depends on its own decision:
         `keeps(t, f_t) -> bool` decides token t from its branch f_t [1, E]. Returns f [T, E] and keep [T]."""
         T = len(x)
-        q, k, v = self.project_qkv(x)
+        q, k, v = self.project_qkv(x, np.arange(T))  # one sequence from position 0
         f = np.empty_like(x)
         keep = np.zeros(T, bool)
         for t in range(T):
             visible = np.append(np.flatnonzero(keep[:t]), t)  # tokens that ran this block, and itself
-            a = kernels.attention(q[t : t + 1], k[visible], v[visible], self.n_head)  # all visible are <= t
+            a = kernels.attention(q[t : t + 1], k[visible], v[visible], self.n_head, n_kv_head=self.n_kv_head)  # all <= t
             f[t] = self.out(a)[0]
             keep[t] = keeps(t, f[t : t + 1])
         return f, keep
 
 
 class FFNBlock(Block):
-    """Position-wise feed-forward: fc2(act(fc1(x))). ReLU in OPT, exact GELU in ViT."""
+    """Position-wise feed-forward: fc2(act(fc1(x))). ReLU in OPT, exact GELU in ViT. Gated (Llama's SwiGLU) when
+    `gate` is given: fc2(act(gate(x)) * fc1(x)), with fc1 as the "up" and fc2 as the "down" projection."""
 
     kind = "ffn"
 
-    def __init__(self, layer, norm, pre_norm, fc1: Linear, fc2: Linear, act: str):
+    def __init__(self, layer, norm, pre_norm, fc1: Linear, fc2: Linear, act: str, gate: Linear | None = None):
         super().__init__(layer, norm, pre_norm)
-        self.fc1, self.fc2, self.act = fc1, fc2, act
+        self.fc1, self.fc2, self.act, self.gate = fc1, fc2, act, gate
 
     def branch(self, x, step: Step = None):
         h = self.norm(x) if self.pre_norm else x
-        h = kernels.activation(self.act, self.fc1(h))  # [T, E] -> [T, F]
+        if self.gate is None:
+            h = kernels.activation(self.act, self.fc1(h))  # [T, E] -> [T, F]
+        else:
+            h = kernels.activation(self.act, self.gate(h)) * self.fc1(h)  # [T, E] -> [T, F]
         return self.fc2(h)  # [T, F] -> [T, E]
 
 

@@ -108,8 +108,9 @@ class UnifiedKVCache:
 
     def update(self, layer: int, q, k, v, pos, hop: int = 0):
         if self.policy == "global" and self.scale:
-            enc = self.scale * step_encoding(hop, self.width)
-            q, k = q + enc, k + enc
+            enc = self.scale * step_encoding(hop, self.width)  # [Ekv]
+            group = q.shape[1] // k.shape[1]  # grouped-query: each query head gets its key/value head's encoding
+            q, k = q + np.repeat(enc.reshape(self.rows.n_head, -1), group, axis=0).reshape(-1), k + enc
         first = self.rows.n
         self.rows.append(k, v, pos=pos, layer=layer, hop=hop)
         if self.policy == "global":  # tokens arrive in order, so everything stored is visible

@@ -85,6 +85,92 @@ class ViTConfig:
         return len(self.id2label)
 
 
+@dataclass
+class LlamaConfig:
+    """Llama (SmolLM2, TinyLlama, Llama 3.2) and Qwen2, which is Llama with biases on the q, k and v projections."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # grouped-query attention; None: as many as the query heads
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0  # transformers 5 writes it inside `rope_parameters`
+    attention_bias: bool = False  # qwen2: always True (q, k, v; never o)
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    dtype: str = "float32"
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and isinstance(self.hidden_size, int) and isinstance(self.num_attention_heads, int):
+            self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias or self.model_type == "qwen2"
+
+
+_LLAMA_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings")  # fmt: skip
+
+
+def _llama_fields(d: dict, source: str) -> dict:
+    """Flatten transformers 5's `rope_parameters` and refuse what changes the computation and is not implemented."""
+    d = dict(d)
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = d.pop(key, None)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise CheckpointError(f"{source}: {key} must be an object, got {rope!r}")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise CheckpointError(f"{source}: {key} of type {kind!r} is not supported (only plain rotary, rope_type 'default')")
+        if "rope_theta" in rope:
+            d["rope_theta"] = rope["rope_theta"]
+    if d.get("use_sliding_window"):
+        raise CheckpointError(f"{source}: use_sliding_window true is not supported (full attention only)")
+    if d.get("pretraining_tp", 1) != 1:
+        raise CheckpointError(f"{source}: pretraining_tp {d['pretraining_tp']} is not supported (expected 1)")
+    if isinstance(d.get("eos_token_id"), list):  # several stop tokens: we stop at the first listed
+        d["eos_token_id"] = d["eos_token_id"][0] if d["eos_token_id"] else None
+    return d
+
+
+def _check_llama(cfg: LlamaConfig, source: str):
+    for name in _LLAMA_INTS:
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise CheckpointError(f"{source}: {name} must be a positive integer, got {v!r}")
+    for name in ("rms_norm_eps", "rope_theta"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            raise CheckpointError(f"{source}: {name} must be a positive number, got {v!r}")
+    for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise CheckpointError(f"{source}: {name} must be true or false, got {getattr(cfg, name)!r}")
+    for name in ("bos_token_id", "eos_token_id"):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < cfg.vocab_size):
+            raise CheckpointError(f"{source}: {name} must be a token id in [0, {cfg.vocab_size}), got {v!r}")
+    if cfg.hidden_act != "silu":
+        raise CheckpointError(f"{source}: hidden_act {cfg.hidden_act!r} is not supported (expected 'silu')")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise CheckpointError(f"{source}: num_attention_heads {cfg.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads {cfg.num_key_value_heads}")  # fmt: skip
+    if cfg.head_dim % 2:
+        raise CheckpointError(f"{source}: head_dim {cfg.head_dim} must be even (rotary embeddings rotate pairs)")
+
+
 # Hub spellings that differ from our field names.
 _RENAMES = {"_remove_final_layer_norm": "remove_final_layer_norm", "torch_dtype": "dtype"}
 _ACTIVATIONS = {"relu", "gelu"}
@@ -93,10 +179,12 @@ _ACTIVATIONS = {"relu", "gelu"}
 def config_from_dict(d: dict, source: str = "config.json"):
     """Build an OPTConfig or ViTConfig from a parsed config.json, refusing what we cannot compute."""
     model_type = d.get("model_type")
-    classes = {"opt": OPTConfig, "vit": ViTConfig}
+    classes = {"opt": OPTConfig, "vit": ViTConfig, "llama": LlamaConfig, "qwen2": LlamaConfig}
     if model_type not in classes:
-        raise CheckpointError(f"{source}: model_type {model_type!r} is not supported (expected 'opt' or 'vit')")
+        raise CheckpointError(f"{source}: model_type {model_type!r} is not supported (expected one of {sorted(classes)})")
     cls = classes[model_type]
+    if cls is LlamaConfig:
+        d = _llama_fields(d, source)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in d.items():
@@ -110,7 +198,7 @@ def config_from_dict(d: dict, source: str = "config.json"):
         cfg = cls(**kwargs)
     except TypeError as e:
         raise CheckpointError(f"{source}: {e}") from None
-    _check(cfg, source)
+    _check_llama(cfg, source) if cls is LlamaConfig else _check(cfg, source)
     return cfg
 
 

@@ -254,6 +254,72 @@ def layernorm(x, w, b, eps):
     return out
 
 
+# --------------------------------------------------------------------------------------------------- rmsnorm
+
+
+def rmsnorm_ref(x, w, eps):
+    """Llama's RMSNorm: divide each row by its root mean square (no centring), then scale."""
+    y = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps)  # [T, E] -> [T, E]
+    return (y * w).astype(np.float32)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _rmsnorm(x, w, eps, out):  # [T, E], [E] -> out [T, E]
+    n_rows, n = x.shape
+    for i in prange(n_rows):
+        ss = 0.0
+        for k in range(n):
+            ss += x[i, k] * x[i, k]
+        r = np.float32(1.0 / math.sqrt(ss / n + eps))
+        for k in range(n):
+            out[i, k] = w[k] * (x[i, k] * r)
+
+
+def rmsnorm(x, w, eps):
+    out = np.empty_like(x)
+    _rmsnorm(np.ascontiguousarray(x), w, eps, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- rotary
+
+
+def rope_angles(pos, head_dim, theta):
+    """cos and sin of position x frequency, [T, D/2] each; the frequencies as transformers computes them (float32)."""
+    inv_freq = (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)).astype(np.float32)
+    angle = np.asarray(pos, np.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+    return np.cos(angle), np.sin(angle)
+
+
+def rope_ref(x, n_head, cos, sin):
+    """Rotate each head's pairs (i, i + D/2) by its position's angles (the `rotate_half` layout of transformers)."""
+    T, E = x.shape
+    h = x.reshape(T, n_head, E // n_head)  # [T, H, D]
+    x1, x2 = np.split(h, 2, axis=-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).reshape(T, E).astype(np.float32)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _rope(x, n_head, cos, sin, out):  # [T, E], [T, D/2] x2 -> out [T, E]
+    T, E = x.shape
+    D = E // n_head
+    half = D // 2
+    for task in prange(T * n_head):
+        t, h = task // n_head, task % n_head
+        o = h * D
+        for i in range(half):
+            a, b = x[t, o + i], x[t, o + i + half]
+            out[t, o + i] = a * cos[t, i] - b * sin[t, i]
+            out[t, o + i + half] = b * cos[t, i] + a * sin[t, i]
+
+
+def rope(x, n_head, cos, sin):
+    out = np.empty_like(x)
+    _rope(np.ascontiguousarray(x), n_head, cos, sin, out)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- activations
 
 
@@ -282,7 +348,19 @@ def _gelu(x):  # [T, F] in place; no fastmath so erf keeps its precision
             x[i, k] = 0.5 * v * (1.0 + math.erf(v * 0.7071067811865476))
 
 
-ACTIVATIONS = {"relu": (_relu, _one_thread(_relu)), "gelu": (_gelu, _one_thread(_gelu))}
+def silu_ref(x):
+    return (x / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _silu(x):  # [T, F] in place
+    for i in prange(x.shape[0]):
+        for k in range(x.shape[1]):
+            v = x[i, k]
+            x[i, k] = v / (np.float32(1.0) + math.exp(-v))
+
+
+ACTIVATIONS = {"relu": (_relu, _one_thread(_relu)), "gelu": (_gelu, _one_thread(_gelu)), "silu": (_silu, _one_thread(_silu))}
 
 
 def activation(name, x):
@@ -325,13 +403,15 @@ def softmax(x):
 # ------------------------------------------------------------------------------------------------- attention
 
 
-def attention_ref(q, k, v, n_head, q_pos=None, k_pos=None):
-    """Multi-head attention; with positions, a query sees only keys at positions <= its own (causal)."""
+def attention_ref(q, k, v, n_head, q_pos=None, k_pos=None, n_kv_head=None):
+    """Multi-head attention; with positions, a query sees only keys at positions <= its own (causal).
+    Grouped-query: n_kv_head key/value heads, each shared by n_head // n_kv_head query heads."""
     T, E = q.shape
     D = E // n_head
+    group = n_head // (n_kv_head or n_head)
     qh = q.reshape(T, n_head, D).transpose(1, 0, 2)  # [T, E] -> [H, T, D]
-    kh = k.reshape(-1, n_head, D).transpose(1, 0, 2)  # [N, E] -> [H, N, D]
-    vh = v.reshape(-1, n_head, D).transpose(1, 0, 2)
+    kh = np.repeat(k.reshape(len(k), -1, D).transpose(1, 0, 2), group, axis=0)  # [N, Hkv*D] -> [H, N, D]
+    vh = np.repeat(v.reshape(len(v), -1, D).transpose(1, 0, 2), group, axis=0)
     scores = qh @ kh.transpose(0, 2, 1) / np.sqrt(D)  # [H, T, N]
     if q_pos is not None:
         scores = np.where(k_pos[None, None, :] > q_pos[None, :, None], -np.inf, scores)
@@ -340,18 +420,20 @@ def attention_ref(q, k, v, n_head, q_pos=None, k_pos=None):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _attention(q, k, v, rows, n_keys, q_pos, k_pos, causal, out):  # [H, T, D], [H, >=N, D] x2 -> out [H, T, D]
+def _attention(q, k, v, rows, n_keys, q_pos, k_pos, causal, out):  # [H, T, D], [Hkv, >=N, D] x2 -> out [H, T, D]
     """One task per (head, query): scores against the visible keys, softmax, weighted sum of values.
 
     Head-major layout keeps each head's keys contiguous, so the dot products stream and vectorize. Keys are in
     position order, so a causal query's visible keys are a prefix: nothing masked is touched. `rows` picks the
     keys out of a larger store without copying them (the unified cache's per-layer view); empty = the first
-    n_keys rows."""
+    n_keys rows. Grouped-query attention: query head h reads key/value head h // (H / Hkv)."""
     n_head, n_q, d_head = q.shape
+    group = n_head // k.shape[0]
     scale = np.float32(1.0 / math.sqrt(d_head))
     picked = rows.size > 0
     for task in prange(n_head * n_q):
         h, i = task // n_q, task % n_q
+        g = h // group
         n_vis = np.searchsorted(k_pos[:n_keys], q_pos[i], side="right") if causal else n_keys
         scores = np.empty(n_vis, np.float32)
         best = np.float32(-np.inf)
@@ -359,7 +441,7 @@ def _attention(q, k, v, rows, n_keys, q_pos, k_pos, causal, out):  # [H, T, D], 
             r = rows[j] if picked else j
             s = np.float32(0.0)
             for d in range(d_head):
-                s += q[h, i, d] * k[h, r, d]
+                s += q[h, i, d] * k[g, r, d]
             scores[j] = s * scale
             best = max(best, scores[j])
         total = np.float32(0.0)
@@ -372,7 +454,7 @@ def _attention(q, k, v, rows, n_keys, q_pos, k_pos, causal, out):  # [H, T, D], 
             r = rows[j] if picked else j
             p = scores[j]
             for d in range(d_head):
-                acc[d] += p * v[h, r, d]
+                acc[d] += p * v[g, r, d]
         for d in range(d_head):
             out[h, i, d] = acc[d] / total
 
@@ -393,20 +475,20 @@ def merge_heads(x):
     return x.transpose(1, 0, 2).reshape(T, H * D)
 
 
-def attention(q, k, v, n_head, q_pos=None, k_pos=None, rows=None):
+def attention(q, k, v, n_head, q_pos=None, k_pos=None, rows=None, n_kv_head=None):
     """Scaled dot-product attention of T queries [T, E] over N keys/values; returns [T, E].
 
     Keys and values come token-major [N, E], or head-major [H, capacity, D] straight from a cache's storage:
     the first len(k_pos) rows, or the rows listed in `rows` (with k_pos their positions). Given positions, attention is causal: query i sees key j only if
     k_pos[j] <= q_pos[i]; keys must be in position order (every cache appends in token order). Positions
     rather than an offset let one kernel serve the dense cache, a cache with holes (skipped tokens) and the
-    unified cache.
+    unified cache. With n_kv_head < n_head (grouped-query attention) keys and values have n_kv_head heads.
     """
     causal = q_pos is not None
     if causal and len(k_pos) > 1 and (np.diff(k_pos) < 0).any():
         raise ValueError("attention: key positions must be in increasing order")
     if k.ndim == 2:
-        k, v = split_heads(k, n_head), split_heads(v, n_head)
+        k, v = split_heads(k, n_kv_head or n_head), split_heads(v, n_kv_head or n_head)
     n_keys = len(k_pos) if causal else k.shape[1]
     qh = split_heads(q, n_head)
     out = np.empty_like(qh)

@@ -1,4 +1,4 @@
-"""`load(source)`: a checkpoint folder or Hub id -> an OPT or ViT model, checked tensor by tensor.
+"""`load(source)`: a checkpoint folder or Hub id -> an OPT, ViT, Llama or Qwen2 model, checked tensor by tensor.
 
 Every tensor name and shape is checked against what the config implies *before* any data is read, so a
 checkpoint that does not match its config fails with one message listing all that is wrong, never half-loaded.
@@ -8,22 +8,25 @@ from pathlib import Path
 
 import numpy as np
 
-from . import opt, vit
+from . import llama, opt, vit
 from .checkpoint import open_checkpoint
 from .kernels import to_storage
 from .config import read_config
 from .errors import CheckpointError
+from .gguf_file import is_gguf, load_gguf
 from .hub import resolve
 
-ARCHITECTURES = {"opt": (opt, opt.OPT), "vit": (vit, vit.ViT)}
+ARCHITECTURES = {"opt": (opt, opt.OPT), "vit": (vit, vit.ViT), "llama": (llama, llama.Llama), "qwen2": (llama, llama.Llama)}
 
 
 def load(source, *, weights_dtype: str = "float32"):
-    """Load a model from a local folder (config.json + weights) or a Hub id such as "facebook/opt-125m".
+    """Load a model from a local folder (config.json + weights), a .gguf file, or a Hub id such as "facebook/opt-125m".
 
     `weights_dtype` "float16" or "bfloat16" keeps the weight matrices in half precision in memory (half the
     memory; decode ~1.5x faster at OPT-125M); everything is still computed in float32."""
     to_storage(np.zeros(1, np.float32), weights_dtype)  # refuse an unknown dtype before reading anything
+    if is_gguf(source):  # a single llama.cpp file (optional `gguf` package)
+        return load_gguf(source, weights_dtype)
     folder = resolve(source)
     cfg = read_config(folder)
     module, cls = ARCHITECTURES[cfg.model_type]
@@ -63,7 +66,8 @@ def _match(store, cfg, module) -> dict:
         for ours, theirs in found.items()
         if ours in expected and tuple(store.shape(theirs)) != tuple(expected[ours])
     ]
-    not_float = [theirs for ours, theirs in found.items() if ours in expected and store.dtype(theirs) not in _FLOATS]
+    floats = _FLOATS | getattr(store, "float_types", set())  # a GGUF store adds its quantized types
+    not_float = [theirs for ours, theirs in found.items() if ours in expected and store.dtype(theirs) not in floats]
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes), ("not a float tensor", not_float)):
         if items:

@@ -104,6 +104,11 @@ class OPT:
             x = self.project_out(x)  # [T, E] -> [T, P]
         return kernels.linear(x, self.lm_head)  # [T, P] -> [T, V]
 
+    @property
+    def kv_shape(self) -> tuple[int, int]:
+        """(width, heads) of the keys and values a cache stores."""
+        return self.config.hidden_size, self.config.num_attention_heads
+
     def new_cache(self) -> KVCache:
         return KVCache(self.n_layer, self.config.hidden_size, self.config.num_attention_heads)
 

@@ -31,8 +31,8 @@ class RadialNetwork:
         self.cache = None  # the latest cache made by new_cache (for memory reports)
 
     def new_cache(self) -> UnifiedKVCache:
-        cfg = self.config
-        self.cache = UnifiedKVCache(cfg.hidden_size, cfg.num_attention_heads, self.cache_policy, self.step_encoding_scale)
+        width, n_kv_head = self.model.kv_shape  # keys/values are narrower than the model under grouped-query attention
+        self.cache = UnifiedKVCache(width, n_kv_head, self.cache_policy, self.step_encoding_scale)
         return self.cache
 
     def route_token(self, token: int, pos: int, cache, observe=None):

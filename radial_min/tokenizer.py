@@ -15,6 +15,12 @@ from .errors import CheckpointError
 
 class Tokenizer:
     def __init__(self, folder):
+        if str(folder).lower().endswith(".gguf"):  # a llama.cpp file carries its own tokenizer
+            from .gguf_file import read_tokenizer
+
+            self.backend, self.bos_id, self.eos_id, self.add_bos = read_tokenizer(folder)
+            self.vocab_size = self.backend.get_vocab_size()
+            return
         folder = Path(folder)
         settings = _read_json(folder / "tokenizer_config.json")
         special = _read_json(folder / "special_tokens_map.json")

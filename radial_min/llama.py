@@ -1,0 +1,104 @@
+"""Llama (Touvron et al., 2023) and Qwen2: token embeddings, a list of residual blocks, a final RMSNorm and an LM
+head (tied to the embeddings in SmolLM2, separate in most others).
+
+The same two residual blocks as OPT, with three differences inside them: RMSNorm instead of LayerNorm, rotary
+position embeddings applied to queries and keys (no position table), grouped-query attention (fewer key/value heads
+than query heads) and a gated FFN, fc2(silu(gate(x)) * up(x)). Qwen2 adds biases to the q, k and v projections.
+Follow one token: `embed` looks up its row; each block adds its branch; `head` normalises and projects to logits.
+"""
+import numpy as np
+
+from . import kernels
+from .blocks import AttentionBlock, FFNBlock, Linear, RMSNorm, Rotary, Step, run_blocks
+from .cache import KVCache
+from .config import LlamaConfig
+from .opt import _check_ids
+
+
+def expected_tensors(cfg: LlamaConfig) -> tuple[dict, dict, dict]:
+    """Tensor shapes by name, (required, optional, accepted but not read), as transformers saves them."""
+    E, F, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    Q, KV = cfg.num_attention_heads * D, cfg.num_key_value_heads * D
+    req = {"embed_tokens.weight": (cfg.vocab_size, E), "norm.weight": (E,)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        for name, shape, bias in (("q", (Q, E), cfg.qkv_bias), ("k", (KV, E), cfg.qkv_bias), ("v", (KV, E), cfg.qkv_bias),
+                                  ("o", (E, Q), cfg.attention_bias and cfg.model_type == "llama")):  # fmt: skip
+            req[p + f"self_attn.{name}_proj.weight"] = shape
+            if bias:
+                req[p + f"self_attn.{name}_proj.bias"] = shape[:1]
+        for name, shape in (("gate", (F, E)), ("up", (F, E)), ("down", (E, F))):
+            req[p + f"mlp.{name}_proj.weight"] = shape
+            if cfg.mlp_bias:
+                req[p + f"mlp.{name}_proj.bias"] = shape[:1]
+        req[p + "input_layernorm.weight"] = (E,)
+        req[p + "post_attention_layernorm.weight"] = (E,)
+    lm_head = {"lm_head.weight": (cfg.vocab_size, E)}
+    if cfg.tie_word_embeddings:
+        return req, {}, lm_head  # tied: a stored copy is not read, as transformers ignores it
+    return {**req, **lm_head}, {}, {}
+
+
+def normalize_name(name: str) -> str:
+    """transformers saves `model.layers.*`, `model.norm.*` and a bare `lm_head.weight`."""
+    return name[len("model.") :] if name.startswith("model.") else name
+
+
+class Llama:
+    """A Llama or Qwen2 causal language model as a list of residual blocks. Built from tensors `t` (consumed)."""
+
+    def __init__(self, cfg: LlamaConfig, t: dict):
+        self.config = cfg
+        self.n_layer = cfg.num_hidden_layers
+        self.embed_tokens = t["embed_tokens.weight"]  # [V, E]
+        self.final_norm = RMSNorm(t["norm.weight"], cfg.rms_norm_eps)
+        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else t["lm_head.weight"]
+        rotary = Rotary(cfg.head_dim, float(cfg.rope_theta))
+        H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.blocks = []
+        for i in range(self.n_layer):
+            p = f"layers.{i}."
+            qkv = Linear(  # q, k, v stacked: [H*D + 2*Hkv*D, E]
+                np.concatenate([t.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+                np.concatenate([t.pop(p + f"self_attn.{x}_proj.bias") for x in "qkv"]) if cfg.qkv_bias else None,
+            )
+            out = Linear.from_tensors(t, p + "self_attn.o_proj")
+            norm = RMSNorm(t[p + "input_layernorm.weight"], cfg.rms_norm_eps)
+            self.blocks.append(AttentionBlock(i, norm, True, qkv, out, H, Hkv, rotary))
+            up, gate, down = (Linear.from_tensors(t, p + f"mlp.{x}_proj") for x in ("up", "gate", "down"))
+            norm = RMSNorm(t[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+            self.blocks.append(FFNBlock(i, norm, True, up, down, cfg.hidden_act, gate=gate))
+
+    # --------------------------------------------------------------------------------------------- pieces
+
+    def embed(self, input_ids, pos):
+        """Token rows; positions enter inside attention (rotary), so `pos` is only checked here."""
+        input_ids = _check_ids(input_ids, self.config.vocab_size)
+        if np.min(pos) < 0:
+            raise ValueError(f"positions must be >= 0, got {np.min(pos)}")
+        return kernels.to_float32(self.embed_tokens[input_ids])  # [T] -> [T, E]
+
+    def head(self, x):
+        return kernels.linear(self.final_norm(x), self.lm_head)  # [T, E] -> [T, V]
+
+    @property
+    def kv_shape(self) -> tuple[int, int]:
+        """(width, heads) of the keys and values a cache stores: Hkv heads under grouped-query attention."""
+        return self.config.num_key_value_heads * self.config.head_dim, self.config.num_key_value_heads
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.n_layer, *self.kv_shape)
+
+    # -------------------------------------------------------------------------------------------- forward
+
+    def forward(self, input_ids, cache: KVCache | None = None, last_only: bool = False, observe=None):
+        """Logits for each of `input_ids` ([T] ints) -> [T, V] float32, or [1, V] with `last_only`; as OPT.forward."""
+        start = cache.n_tokens if cache is not None else 0
+        pos = np.arange(start, start + len(np.atleast_1d(input_ids)))
+        x = self.embed(input_ids, pos)  # [T] -> [T, E]
+        x = run_blocks(self.blocks, x, Step(pos, cache), observe)
+        if cache is not None:
+            cache.n_tokens += len(pos)
+        return self.head(x[-1:] if last_only else x)
+
+    __call__ = forward
