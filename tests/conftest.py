@@ -1,12 +1,44 @@
-"""Shared helpers: random OPT models of any supported layout, built in memory from the loader's own spec."""
+"""Shared helpers: random OPT models of any supported layout, built in memory from the loader's own spec;
+the one way a test asks for ../shared/data; the matmul backend, restored after every test that changes it."""
+import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from radial_min import kernels
 from radial_min.config import OPTConfig
+from radial_min.data import SHARED
 from radial_min.opt import OPT, expected_tensors
 
 FIXTURES = Path(__file__).parent / "fixtures"
+SHARED_REASON = f"needs-shared-data: {SHARED} (../shared/data, or $RADIAL_MIN_DATA) is incomplete"  # the one skip reason
+
+
+def shared(*parts) -> Path:
+    """SHARED/parts, or skip with SHARED_REASON if it is missing. Under CI (env CI set, which has the data) a missing
+    file fails the test instead: a skip there would hide that tokenizer parity and the real-data tests did not run."""
+    path = SHARED.joinpath(*map(str, parts))
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but {path} is missing ({SHARED_REASON})", pytrace=False)
+        pytest.skip(SHARED_REASON)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _restore_matmul_backend():
+    """Every test leaves the matmul backend as it found it (the default "numba"), whatever it switched to."""
+    before = kernels.get_backend()
+    yield
+    kernels.set_backend(before)
+
+
+@pytest.fixture(params=["numba", "blas"])
+def matmul_backend(request):
+    """Run a test under both many-row matmul backends (restored afterwards by _restore_matmul_backend)."""
+    kernels.set_backend(request.param)
+    return request.param
 
 
 def random_opt(seed=0, **overrides) -> OPT:

@@ -18,6 +18,7 @@ import pytest
 
 import radial_min
 from radial_min import images
+from conftest import shared
 from radial_min.data import SHARED
 from radial_min.kernels import softmax_ref
 from radial_min.data import train_tokenizer
@@ -75,8 +76,7 @@ def opt_with_tokenizer(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_random_opt(tmp_path_factory):
     """A 2-layer random OPT with OPT's real vocabulary and tokenizer, from tools/make_random_opt.py."""
-    if not (SHARED / "opt-tokenizer" / "vocab.json").is_file():
-        pytest.skip("../shared/data/opt-tokenizer is not available")
+    shared("opt-tokenizer", "vocab.json")
     base = tmp_path_factory.mktemp("random-opt")
     out = base / "rnd"
     p = subprocess.run([sys.executable, str(ROOT / "tools" / "make_random_opt.py"), "--layers", "2", "--hidden", "32", "--heads", "2",
@@ -177,8 +177,7 @@ def parse_classify(out):
 
 
 def test_classify_photo(capsys):
-    if not PHOTO.is_file():
-        pytest.skip(f"{PHOTO} is not available")
+    shared("images", "chelsea.png")
     code, out, err = call(capsys, "classify", PHOTO, "--model", FIXTURES / "vit-cls")
     assert code == 0 and err == ""
     head, rows = parse_classify(out)
@@ -427,8 +426,7 @@ def test_more_bad_inputs(capsys, tmp_path, args, fragment):
 
 def test_train_exports_a_checkpoint_that_generates(capsys, tmp_path):
     """`train` end to end on the default corpus with a tiny model: resumable state, log, loss curve, export, report."""
-    if not (SHARED / "kjv" / "kjv.txt").is_file():
-        pytest.skip("../shared/data is not available")
+    shared("kjv", "kjv.txt")
     run_dir, export = tmp_path / "run", tmp_path / "export"
     args = ["train", "--out", run_dir, "--export", export, "--vocab-size", 300, "--hidden-size", 16, "--layers", 1, "--heads", 2,
             "--seq-len", 16, "--batch-size", 2, "--steps", 2, "--eval-every", 1, "--save-every", 1, "--warmup", 1]  # fmt: skip

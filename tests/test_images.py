@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 from radial_min import images
-from radial_min.data import SHARED
+from conftest import shared
 from radial_min.errors import RadialError
 
-PHOTOS = SHARED / "images"
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
@@ -19,10 +18,7 @@ def pil():
 
 
 def photo(name):
-    path = PHOTOS / name
-    if not path.is_file():
-        pytest.skip(f"{path} is not available")
-    return path
+    return shared("images", name)
 
 
 def pillow_resize(a, height, width):

@@ -32,17 +32,19 @@ def test_matvec_matches_reference(n_in, n_out):
     np.testing.assert_allclose(out, kernels.linear_ref(x[None], w, b)[0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["blas", "numba"])
+@pytest.mark.parametrize("backend", ["numba", "blas"])  # "blas" last: test_default_backend_is_numba checks
 @pytest.mark.parametrize("rows", [1, 2, 9])
 def test_linear_dispatch(backend, rows):
     """linear() picks matvec for one row and the chosen backend otherwise; all give the reference."""
     x, w, b = randn(rows, 33), randn(17, 33), randn(17)
-    kernels.set_backend(backend)
-    try:
-        np.testing.assert_allclose(kernels.linear(x, w, b), kernels.linear_ref(x, w, b), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(kernels.linear(x, w), kernels.linear_ref(x, w), rtol=1e-5, atol=1e-5)
-    finally:
-        kernels.set_backend("blas")
+    kernels.set_backend(backend)  # conftest's autouse fixture restores the previous backend afterwards
+    np.testing.assert_allclose(kernels.linear(x, w, b), kernels.linear_ref(x, w, b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kernels.linear(x, w), kernels.linear_ref(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_default_backend_is_numba():
+    """Runs after test_linear_dispatch in file order: a test that left "blas" behind would show here."""
+    assert kernels.get_backend() == "numba"
 
 
 def test_set_backend_rejects_unknown():

@@ -1,6 +1,7 @@
 """Parity with transformers on random-weight checkpoints of every supported layout (tools/make_reference.py).
 
-The bar, as in minGPT's HF-import test: logits within 1e-4 * max|logit|, and the same greedy tokens.
+The bar, as in minGPT's HF-import test: logits within 1e-4 * max|logit|, and the same greedy tokens; under both
+many-row matmul backends (conftest's matmul_backend fixture).
 """
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 import radial_min
-import radial_min.data
+from conftest import shared
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OPT_FIXTURES = ["opt-pre", "opt-fp16-sharded", "opt-bf16-hub", "opt-350m-style", "opt-nobias-gelu", "opt-hub-bin"]
@@ -20,7 +21,7 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("name", OPT_FIXTURES)
-def test_opt_logits_and_greedy_tokens(name):
+def test_opt_logits_and_greedy_tokens(name, matmul_backend):
     model = radial_min.load(FIXTURES / name)
     ref = np.load(FIXTURES / name / "reference.npz")
     logits = model.forward(ref["input_ids"])
@@ -49,7 +50,7 @@ def test_fixtures_cover_the_variants():
 
 
 @pytest.mark.parametrize("name", VIT_FIXTURES)
-def test_vit_outputs(name):
+def test_vit_outputs(name, matmul_backend):
     model = radial_min.load(FIXTURES / name)
     ref = np.load(FIXTURES / name / "reference.npz")
     out = model.forward(ref["pixel_values"])
@@ -66,15 +67,13 @@ def test_vit_photo_preprocessing_matches_transformers():
     ref = np.load(folder / "reference.npz")
     settings = images.read_preprocessor(folder, 32)
     for name, expected in zip(ref["photos"], ref["photo_pixels"]):
-        path = Path(radial_min.data.SHARED) / "images" / str(name)
-        if not path.is_file():
-            pytest.skip(f"{path} not available")
+        path = shared("images", str(name))
         ours = images.preprocess(images.read_image(path), settings)
         np.testing.assert_allclose(ours, expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["opt-pre", "opt-350m-style"])
-def test_kv_cache_decode_equals_full_forward(name):
+def test_kv_cache_decode_equals_full_forward(name, matmul_backend):
     """Prefill a prefix, then feed the rest one token at a time: the same logits as one full pass."""
     model = radial_min.load(FIXTURES / name)
     ids = np.load(FIXTURES / name / "reference.npz")["input_ids"]

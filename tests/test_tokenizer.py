@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import radial_min
+from conftest import shared
 from radial_min.data import SHARED
 from radial_min.errors import CheckpointError
 from radial_min.tokenizer import Streamer
@@ -19,8 +20,11 @@ FIXTURES = Path(__file__).parent / "fixtures"
 OPT_TOKENIZER = SHARED / "opt-tokenizer"
 MIXED = "Naïve café — “quotes” 日本語 and emoji 🙂👍🏽, Ελληνικά, Ærøskøbing."
 
-if not (OPT_TOKENIZER / "vocab.json").is_file():
-    pytest.skip(f"{OPT_TOKENIZER} is not available", allow_module_level=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_opt_tokenizer():
+    shared("opt-tokenizer", "vocab.json")
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +34,7 @@ def ref():
 
 @pytest.fixture(scope="module")
 def lines(ref):
-    path = SHARED / ref["wikitext_file"]
-    if not path.is_file():
-        pytest.skip(f"{path} is not available")
+    path = shared(ref["wikitext_file"])
     return path.read_text(encoding="utf-8").split("\n")
 
 
