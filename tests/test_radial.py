@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import radial_min
-from radial_min import oracle
+from radial_min import kernels, oracle
 from radial_min.cache import KVCache, UnifiedKVCache, dense_cache_bytes, step_encoding
 from radial_min.radial import RadialNetwork, RouterDecisions
 from radial_min.testing import ScriptedRouter, SequentialRouter
@@ -184,3 +184,62 @@ def test_one_observe_contract_for_every_walk():
     rows = routed.rows()
     assert rows.shape == keep.shape and np.isnan(rows[~keep]).all()
     np.testing.assert_allclose(rows[keep], ratios[keep], rtol=1e-5)
+
+
+def test_global_policy_end_to_end_with_step_encodings():
+    """Global cache with step encodings on: the engine's logits equal the policy applied by hand (each attention
+    entry's key and the query both shifted by the step's encoding; every entry so far visible)."""
+    model = random_opt(seed=3, num_hidden_layers=2)
+    routes = [[0, 1, 2, 3], [0, 2, 3], [1, 0, 1, 3], [0, 1, 2, 3, 0, 1], [2, 0]]
+    ids = np.array([5, 9, 2, 7, 11])
+    radial = RadialNetwork(model, ScriptedRouter(routes, 4), cache_policy="global", step_encoding_scale=1.0)
+    got = radial.forward(ids)
+    E, keys, vals, states = model.config.hidden_size, [], [], []
+    for pos, (tok, route) in enumerate(zip(ids, routes)):
+        x = model.embed(np.array([tok]), np.array([pos]))  # [1, E]
+        for hop, b in enumerate(route):
+            blk = model.blocks[b]
+            if blk.kind != "att":
+                x = blk.residual(x, blk.branch(x))
+                continue
+            q, k, v = blk.project_qkv(x)
+            enc = step_encoding(hop, E)
+            keys.append(k + enc), vals.append(v)
+            a = kernels.attention_ref(q + enc, np.concatenate(keys), np.concatenate(vals), blk.n_head)
+            x = blk.residual(x, blk.out(a))
+        states.append(x)
+    np.testing.assert_allclose(got, model.head(np.concatenate(states)), rtol=1e-5, atol=1e-5)
+    plain = RadialNetwork(model, ScriptedRouter(routes, 4), cache_policy="global", step_encoding_scale=0.0)
+    assert np.abs(plain.forward(ids) - got).max() > 1e-3  # the encodings matter on this model
+
+
+class _RecordingRouter(ScriptedRouter):
+    """A scripted router that keeps the (prev, depth) it was asked with."""
+
+    def choose(self, x, prev, depth, pos=None):
+        self.asked = getattr(self, "asked", []) + [(int(prev[0]), int(depth[0]))]
+        return super().choose(x, prev, depth, pos)
+
+
+def test_router_is_told_the_block_just_run():
+    model = random_opt(seed=1, num_hidden_layers=3)
+    router = _RecordingRouter([[4, 1, 5, 0]], 6)
+    RadialNetwork(model, router).forward(np.array([3]))
+    assert router.asked == [(-1, 0), (4, 1), (1, 2), (5, 3), (0, 4)]
+
+
+def test_max_depth_bounds_every_route():
+    """max_depth stops a token even when its router would go on: in the token-by-token engine and block by block."""
+    model = random_opt(seed=1, num_hidden_layers=3)
+    ids = np.array([3, 8, 1])
+    radial = RadialNetwork(model, SequentialRouter(6), max_depth=2)
+    got = radial.forward(ids)
+    assert radial.routes == [[0, 1]] * 3
+    two = RadialNetwork(model, ScriptedRouter([[0, 1]] * 3, 6))
+    np.testing.assert_allclose(got, two.forward(ids), rtol=1e-6, atol=1e-6)
+    decisions = RouterDecisions(SequentialRouter(6), max_depth=2)
+    decisions.after(-1, np.zeros((3, model.config.hidden_size), np.float32), None)
+    for b in range(6):
+        ran = decisions(b, np.arange(3), None)
+        decisions.after(b, np.zeros((3, model.config.hidden_size), np.float32), ran)
+    assert decisions.depth.tolist() == [2, 2, 2] and (decisions.next == 6).all()
