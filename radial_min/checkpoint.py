@@ -1,24 +1,28 @@
 """Weight files as Hugging Face writes them: safetensors (single or sharded) and PyTorch's pytorch_model.bin.
 
-We parse safetensors ourselves (an 8-byte header length, a JSON header, raw little-endian data) because NumPy
-has no bfloat16 and because checking every header before reading any data is what lets a truncated or corrupt
-file fail with one clear message instead of a half-loaded model. Tensors are read one at a time straight into
-float32 arrays, so peak memory is the model plus one tensor (a pytorch_model.bin is unpickled whole first).
+We parse safetensors ourselves (an 8-byte header length, a JSON header, raw little-endian data), so the
+`safetensors` package is not a dependency: its NumPy API cannot return bfloat16 tensors (NumPy has no bfloat16),
+and reading the header ourselves lets every check name the file and tensor in one line. The header rules are the
+package's own (tests/test_fuzz.py checks that we accept exactly what it accepts). Tensors are read one at a time
+straight into float32 arrays, so peak memory is the model plus one tensor; a pytorch_model.bin likewise, each
+tensor cut out of its storage only after the names and shapes have been checked against the config.
 """
 import json
+import math
 import os
 import struct
 from pathlib import Path
 
 import numpy as np
 
+from .dtypes import bf16_to_float32, to_float32, to_storage  # noqa: F401 (bf16_to_float32 re-exported)
 from .errors import CheckpointError
 
 # safetensors dtype codes -> NumPy dtype as stored
 _ST_DTYPES = {
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
-    "BF16": np.dtype("<u2"),  # raw bits; see `to_float32`
+    "BF16": np.dtype("<u2"),  # raw bits; see dtypes.to_float32
     "F64": np.dtype("<f8"),
     "I64": np.dtype("<i8"),
     "I32": np.dtype("<i4"),
@@ -29,19 +33,17 @@ _FLOAT_CODES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "
 _DTYPE_NAMES = {**_FLOAT_CODES, "I64": "int64", "I32": "int32", "U8": "uint8", "BOOL": "bool"}
 
 
-def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 is the top half of a float32: shift the 16 stored bits up and reinterpret."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+_MAX_HEADER = 100_000_000  # bytes, the safetensors package's limit
 
 
-def to_float32(raw: np.ndarray, code: str) -> np.ndarray:
-    if code == "BF16":
-        return bf16_to_float32(raw)
-    return raw.astype(np.float32, copy=False)
+def quote(name) -> str:
+    """A tensor name (or any file-supplied text) safe to print: repr escapes newlines and terminal escapes."""
+    return repr(name)
 
 
 class SafetensorsFile:
-    """The header of one .safetensors file, checked against the file's size; tensors are read on demand."""
+    """The header of one .safetensors file, checked as the safetensors package checks it (every rule below is one
+    of its `SafeTensorError`s): tensors are read on demand, and no header field is trusted before it is checked."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -51,30 +53,69 @@ class SafetensorsFile:
             if len(head) < 8:
                 raise CheckpointError(f"{self.path}: too short to be a safetensors file ({size} bytes)")
             (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
+            if n > _MAX_HEADER:
+                raise CheckpointError(f"{self.path}: header length {n} is over the {_MAX_HEADER}-byte limit: not safetensors")
+            if n > size - 8:
                 raise CheckpointError(f"{self.path}: header length {n} exceeds the file ({size} bytes): truncated or not safetensors")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise CheckpointError(f"{self.path}: header is not valid JSON: corrupt or not safetensors") from None
+            header = self._parse_header(f.read(n))
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise CheckpointError(f"{self.path}: header __metadata__ must be an object of strings")
         self.data_start = 8 + n
-        self.entries = {}
-        for name, e in header.items():
-            try:
-                code, shape, (begin, end) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry") from None
-            if code not in _ST_DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {code}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * _ST_DTYPES[code].itemsize
-            if end - begin != nbytes or begin < 0:
-                raise CheckpointError(f"{self.path}: tensor {name!r} spans {end - begin} bytes, expected {nbytes} for {code}{list(shape)}")
-            if self.data_start + end > size:
+        self.entries = {name: self._entry(name, e) for name, e in header.items()}
+        end = 0  # the tensors must tile the data exactly: sorted by offset, each begins where the previous ended
+        for name, (code, shape, begin, stop) in sorted(self.entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+            if begin != end:
+                what = "overlaps the previous tensor" if begin < end else f"leaves a gap (bytes {end}..{begin})"
+                raise CheckpointError(f"{self.path}: tensor {quote(name)} starts at data byte {begin} and {what}")
+            if self.data_start + stop > size:
                 raise CheckpointError(
-                    f"{self.path}: tensor {name!r} ends at byte {self.data_start + end} but the file has {size}: truncated"
+                    f"{self.path}: tensor {quote(name)} ends at byte {self.data_start + stop} but the file has {size}: truncated"
                 )
-            self.entries[name] = (code, shape, begin)
+            end = stop
+        if self.data_start + end != size:
+            raise CheckpointError(
+                f"{self.path}: the tensors cover {end} data bytes but the file holds {size - self.data_start}: "
+                "trailing bytes after the last tensor"
+            )
+        self.entries = {name: (code, shape, begin) for name, (code, shape, begin, _) in self.entries.items()}
+
+    def _parse_header(self, raw: bytes) -> dict:
+        def no_duplicates(pairs):
+            keys = [k for k, _ in pairs]
+            if len(set(keys)) != len(keys):
+                dup = next(k for k in keys if keys.count(k) > 1)
+                raise CheckpointError(f"{self.path}: header names {quote(dup)} twice")
+            return dict(pairs)
+
+        if not raw.startswith(b"{"):
+            raise CheckpointError(f"{self.path}: header does not start with '{{': corrupt or not safetensors")
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{self.path}: header is not UTF-8: corrupt or not safetensors") from None
+        except (json.JSONDecodeError, RecursionError):
+            raise CheckpointError(f"{self.path}: header is not valid JSON: corrupt or not safetensors") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: header is not a JSON object")
+        return header
+
+    def _entry(self, name, e):
+        bad = f"{self.path}: tensor {quote(name)}"
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise CheckpointError(f"{bad}: header entry must be an object with exactly dtype, shape, data_offsets")
+        code, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(code, str) or code not in _ST_DTYPES:
+            raise CheckpointError(f"{bad} has unsupported dtype {quote(code)} (expected one of {', '.join(_ST_DTYPES)})")
+        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+            raise CheckpointError(f"{bad}: shape must be a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
+            raise CheckpointError(f"{bad}: data_offsets must be two non-negative integers")
+        begin, stop = offsets
+        nbytes = math.prod(shape) * _ST_DTYPES[code].itemsize  # Python ints: no overflow
+        if stop < begin or stop - begin != nbytes:
+            raise CheckpointError(f"{bad} spans {stop - begin} bytes, expected {nbytes} for {code}{shape} (offsets {begin}..{stop})")
+        return code, tuple(shape), begin, stop
 
     def dtype(self, name) -> str:
         return _DTYPE_NAMES[self.entries[name][0]]
@@ -90,31 +131,22 @@ class SafetensorsFile:
         if raw.size != count:
             raise CheckpointError(f"{self.path}: tensor {name!r} is truncated")
         raw = raw.reshape(shape)
-        return to_float32(raw, code) if code in _FLOAT_CODES else raw
+        return to_float32(raw) if code in _FLOAT_CODES else raw
 
 
-class InMemoryFile:
-    """Tensors already in memory (from pytorch_model.bin), with the same interface as SafetensorsFile."""
+def _safe(name: str) -> str:
+    return name if name.isprintable() else quote(name)
 
-    def __init__(self, path, tensors: dict, dtypes: dict):
-        self.path, self.entries, self.dtypes = Path(path), tensors, dtypes
 
-    def dtype(self, name) -> str:
-        return self.dtypes[name]
-
-    def shape(self, name) -> tuple:
-        return tuple(self.entries[name].shape)
-
-    def read(self, name) -> np.ndarray:
-        a = self.entries[name]
-        return a.astype(np.float32, copy=False) if a.dtype.kind == "f" else a
+def _is_uint(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64
 
 
 class TensorStore:
     """All tensors of a checkpoint folder behind one interface, whatever files they live in."""
 
     def __init__(self, files: dict, where: dict, description: str):
-        self.files = files  # file name -> SafetensorsFile or InMemoryFile
+        self.files = files  # file name -> SafetensorsFile or torch_pickle.TorchFile
         self.where = where  # tensor name -> file name
         self.description = description
 
@@ -145,10 +177,7 @@ def open_checkpoint(folder) -> TensorStore:
         return _open_sharded(folder, index, SafetensorsFile)
     bin_single, bin_index = folder / "pytorch_model.bin", folder / "pytorch_model.bin.index.json"
     if bin_single.is_file() or bin_index.is_file():
-        from .torch_pickle import load_torch_file
-
-        def open_bin(path):
-            return InMemoryFile(path, *load_torch_file(path))
+        from .torch_pickle import TorchFile as open_bin
 
         if bin_single.is_file():
             f = open_bin(bin_single)
@@ -160,25 +189,34 @@ def open_checkpoint(folder) -> TensorStore:
 def _open_sharded(folder: Path, index_path: Path, opener) -> TensorStore:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"{index_path}: expected JSON with a 'weight_map' of tensor name -> shard file") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: 'weight_map' must be an object of tensor name -> shard file name")
     files = {}
     for shard in sorted(set(weight_map.values())):
-        path = folder / shard
+        path = _shard_path(folder, shard, index_path)
         if not path.is_file():
-            raise CheckpointError(f"{index_path}: shard {shard} is listed but {path} does not exist")
+            raise CheckpointError(f"{index_path}: shard {_safe(shard)} is listed but {path} does not exist")
         files[shard] = opener(path)
     for name, shard in weight_map.items():
         if name not in files[shard].entries:
-            raise CheckpointError(f"{folder / shard}: tensor {name!r} is listed in {index_path.name} but not in the shard")
+            raise CheckpointError(f"{folder / shard}: tensor {quote(name)} is listed in {index_path.name} but not in the shard")
     return TensorStore(files, dict(weight_map), str(index_path))
+
+
+def _shard_path(folder: Path, shard: str, index_path: Path) -> Path:
+    """A shard is a plain file name in the checkpoint folder: no absolute path, no directory, no '..'. (A symlink
+    placed in the folder is followed: that is how the Hugging Face cache lays out snapshots.)"""
+    path = folder / shard
+    if Path(shard).name != shard or shard in ("", ".", "..") or "\\" in shard or "/" in shard:
+        raise CheckpointError(f"{index_path}: shard {quote(shard)} is not a file name inside {folder}: refused")
+    return path
 
 
 def write_safetensors(path, tensors: dict, metadata: dict | None = None, bfloat16=()) -> None:
     """Write float32/float16/int arrays as safetensors, atomically (a temporary file renamed into place).
     Tensors named in `bfloat16` are float32 arrays stored as BF16 (rounded to nearest even)."""
-    from .kernels import to_storage
-
     dtype_codes = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64", np.dtype("int32"): "I32"}
     header, offset, arrays = {}, 0, []
     if metadata:

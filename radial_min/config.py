@@ -5,6 +5,7 @@ given (an activation we have no kernel for, say) are refused by name rather than
 """
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,31 +176,100 @@ def _check_llama(cfg: LlamaConfig, source: str):
 _RENAMES = {"_remove_final_layer_norm": "remove_final_layer_norm", "torch_dtype": "dtype"}
 _ACTIVATIONS = {"relu", "gelu"}
 
+# Every field we read, with its type and range: (kind, low, high) for numbers, (kind,) otherwise. The upper bounds
+# are generous (several times the largest public model of each family) but finite, so a hostile config.json cannot
+# make us allocate or loop without end before its tensors are even looked at.
+_SIZE, _VOCAB, _TOKEN_ID = (int, 1, 1 << 16), (int, 1, 1 << 22), (int, -1, 1 << 22)
+FIELDS = {
+    OPTConfig: {
+        "vocab_size": _VOCAB, "hidden_size": _SIZE, "num_hidden_layers": (int, 1, 1024),
+        "num_attention_heads": (int, 1, 1024), "ffn_dim": (int, 1, 1 << 18), "max_position_embeddings": (int, 1, 1 << 20),
+        "word_embed_proj_dim": _SIZE, "do_layer_norm_before": (bool,), "remove_final_layer_norm": (bool,),
+        "enable_bias": (bool,), "layer_norm_elementwise_affine": (bool,), "activation_function": (str,),
+        "tie_word_embeddings": (bool,), "pad_token_id": _TOKEN_ID, "bos_token_id": _TOKEN_ID,
+        "eos_token_id": _TOKEN_ID, "dtype": (str,), "model_type": (str,),
+    },
+    ViTConfig: {
+        "hidden_size": _SIZE, "num_hidden_layers": (int, 1, 1024), "num_attention_heads": (int, 1, 1024),
+        "intermediate_size": (int, 1, 1 << 18), "hidden_act": (str,), "layer_norm_eps": (float, 1e-30, 1.0),
+        "image_size": (int, 1, 4096), "patch_size": (int, 1, 4096), "num_channels": (int, 1, 16),
+        "qkv_bias": (bool,), "pooler_act": (str,), "pooler_output_size": _SIZE, "id2label": (dict,),
+        "architectures": (list,), "dtype": (str,), "model_type": (str,),
+    },
+}
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
+               list: "a list"}
+
+
+def check_field(source: str, name: str, value, kind, low=None, high=None):
+    """One config.json field, checked for type (JSON's: true is not 1, "1" is not 1) and range; returns it as
+    `kind`. Shared by every config class (OPT, ViT, Llama): `FIELDS` lists each class's (kind, low, high)."""
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise CheckpointError(f"{source}: field {name!r} is {shown}, expected {_KIND_NAMES[kind]}")
+    if low is not None and not low <= value <= high:
+        raise CheckpointError(f"{source}: field {name!r} is {value}, expected {low} to {high}")
+    return float(value) if kind is float else value
+
 
 def config_from_dict(d: dict, source: str = "config.json"):
     """Build an OPTConfig or ViTConfig from a parsed config.json, refusing what we cannot compute."""
     model_type = d.get("model_type")
     classes = {"opt": OPTConfig, "vit": ViTConfig, "llama": LlamaConfig, "qwen2": LlamaConfig}
-    if model_type not in classes:
-        raise CheckpointError(f"{source}: model_type {model_type!r} is not supported (expected one of {sorted(classes)})")
+    if not isinstance(model_type, str) or model_type not in classes:
+        shown = repr(model_type) if len(repr(model_type)) <= 40 else repr(model_type)[:37] + "..."
+        raise CheckpointError(f"{source}: model_type {shown} is not supported (expected one of {sorted(classes)})")
     cls = classes[model_type]
     if cls is LlamaConfig:
-        d = _llama_fields(d, source)
-    names = {f.name for f in dataclasses.fields(cls)}
+        return _llama_from_dict(d, source)
+    kwargs = {}
+    for key, value in d.items():
+        key = _RENAMES.get(key, key)
+        if key in FIELDS[cls] and value is not None:
+            if key == "dtype" and isinstance(value, str):
+                value = value.replace("torch.", "")
+            kwargs[key] = check_field(source, key, value, *FIELDS[cls][key])
+    if "id2label" in kwargs:
+        kwargs["id2label"] = _labels(kwargs["id2label"], source)
+    if "architectures" in kwargs and not all(isinstance(a, str) for a in kwargs["architectures"]):
+        raise CheckpointError(f"{source}: field 'architectures' must be a list of strings")
+    cfg = cls(**kwargs)
+    _check(cfg, source)
+    return cfg
+
+
+def _llama_from_dict(d: dict, source: str):
+    """LlamaConfig's fields, checked by _llama_fields and _check_llama."""
+    d = _llama_fields(d, source)
+    names = {f.name for f in dataclasses.fields(LlamaConfig)}
     kwargs = {}
     for key, value in d.items():
         key = _RENAMES.get(key, key)
         if key in names and value is not None:
             kwargs[key] = value
     kwargs["dtype"] = str(kwargs.get("dtype", "float32")).replace("torch.", "")
-    if "id2label" in kwargs:
-        kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
     try:
-        cfg = cls(**kwargs)
+        cfg = LlamaConfig(**kwargs)
     except TypeError as e:
         raise CheckpointError(f"{source}: {e}") from None
-    _check_llama(cfg, source) if cls is LlamaConfig else _check(cfg, source)
+    _check_llama(cfg, source)
     return cfg
+
+
+def _labels(id2label: dict, source: str) -> dict:
+    try:
+        labels = {int(k): v for k, v in id2label.items()}
+    except ValueError:
+        raise CheckpointError(f"{source}: field 'id2label' must map integer strings to labels") from None
+    if not all(isinstance(v, str) for v in labels.values()) or len(labels) > 1 << 20:
+        raise CheckpointError(f"{source}: field 'id2label' must map class numbers to label strings")
+    if sorted(labels) != list(range(len(labels))):
+        raise CheckpointError(f"{source}: field 'id2label' must number its classes 0 to {len(labels) - 1}")
+    return labels
 
 
 def _check(cfg, source):
@@ -223,7 +293,7 @@ def read_config(folder: Path):
         raise CheckpointError(f"{path}: not found (a checkpoint folder needs config.json beside its weights)")
     try:
         d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: expected a JSON object")

@@ -17,7 +17,7 @@ import types
 import numpy as np
 from numba import njit, prange
 
-from .checkpoint import bf16_to_float32
+from .dtypes import to_float32, to_storage  # noqa: F401 (kernels.to_storage is public API)
 
 _BACKEND = {"matmul": "numba"}
 
@@ -155,29 +155,6 @@ def matvec_half(x, w, b, is_bf16, out):  # [in], [out, in] uint16 bits, [out] or
 
 
 matvec_half_serial = _one_thread(matvec_half)
-
-
-def to_float32(w) -> np.ndarray:
-    """Weights in any storage dtype as float32: float16 directly, bfloat16 bits (uint16) by shifting."""
-    if w.dtype == np.uint16:
-        return bf16_to_float32(w)
-    return w.astype(np.float32, copy=False)
-
-
-def to_storage(w, dtype: str) -> np.ndarray:
-    """float32 weights in the storage dtype: "float32", "float16", or "bfloat16" (as uint16 bits, rounded to nearest)."""
-    if dtype == "float32":
-        return w.astype(np.float32, copy=False)
-    if dtype == "float16":
-        return w.astype(np.float16)
-    if dtype == "bfloat16":  # round half to even, a million values at a time (no full-size temporaries)
-        bits = np.ascontiguousarray(w, dtype=np.float32).reshape(-1).view(np.uint32)
-        out = np.empty(bits.size, np.uint16)
-        for i in range(0, bits.size, 1 << 20):
-            b = bits[i : i + (1 << 20)]
-            out[i : i + len(b)] = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-        return out.reshape(w.shape)
-    raise ValueError(f"weights dtype must be float32, float16 or bfloat16, got {dtype!r}")
 
 
 _NO_BIAS = np.zeros(0, np.float32)

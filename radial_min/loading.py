@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from . import llama, opt, vit
-from .checkpoint import open_checkpoint
-from .kernels import to_storage
+from .checkpoint import open_checkpoint, quote
+from .dtypes import to_storage
 from .config import read_config
 from .errors import CheckpointError
 from .gguf_file import is_gguf, load_gguf
@@ -35,6 +35,9 @@ def load(source, *, weights_dtype: str = "float32"):
     tensors = {}
     for ours, theirs in names.items():  # one tensor at a time, narrowed as read: peak memory = model + one tensor
         a = store.read(theirs)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            bad = int(a.size - np.isfinite(a).sum())
+            raise CheckpointError(f"{store.description}: tensor {quote(theirs)} has {bad} NaN or infinite values of {a.size}")
         tensors[ours] = to_storage(a, weights_dtype) if _is_matrix(ours, a) else a
     n_params = sum(a.size for a in tensors.values())
     model = cls(cfg, tensors)
@@ -57,17 +60,19 @@ def _match(store, cfg, module) -> dict:
     for theirs in store.names():
         ours = module.normalize_name(theirs)
         if ours in found:
-            raise CheckpointError(f"{store.description}: tensors {found[ours]!r} and {theirs!r} are the same tensor twice")
+            raise CheckpointError(
+                f"{store.description}: tensors {quote(found[ours])} and {quote(theirs)} are the same tensor twice"
+            )
         found[ours] = theirs
-    missing = [n for n in required if n not in found]
-    unexpected = [theirs for ours, theirs in found.items() if ours not in expected]
+    missing = [_safe(n) for n in required if n not in found]
+    unexpected = [_safe(theirs) for ours, theirs in found.items() if ours not in expected]
     shapes = [
-        f"{theirs} is {list(store.shape(theirs))}, expected {list(expected[ours])}"
+        f"{_safe(theirs)} is {list(store.shape(theirs))}, expected {list(expected[ours])}"
         for ours, theirs in found.items()
         if ours in expected and tuple(store.shape(theirs)) != tuple(expected[ours])
     ]
     floats = _FLOATS | getattr(store, "float_types", set())  # a GGUF store adds its quantized types
-    not_float = [theirs for ours, theirs in found.items() if ours in expected and store.dtype(theirs) not in floats]
+    not_float = [_safe(theirs) for ours, theirs in found.items() if ours in expected and store.dtype(theirs) not in floats]
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes), ("not a float tensor", not_float)):
         if items:
@@ -75,10 +80,15 @@ def _match(store, cfg, module) -> dict:
             problems.append(f"{label}: {shown}")
     pairs = [p for p in ("pooler.dense.weight", "pooler.dense.bias") if p in found]
     if len(pairs) == 1:
-        problems.append(f"pooler: {found[pairs[0]]} present without its partner")
+        problems.append(f"pooler: {_safe(found[pairs[0]])} present without its partner")
     if problems:
         raise CheckpointError(f"{store.description} does not match its config.json ({cfg.model_type}): " + " | ".join(problems))
     return {ours: theirs for ours, theirs in found.items() if ours in required or ours in optional}
+
+
+def _safe(name: str) -> str:
+    """A name as is if it is plain printable text, else quoted (escapes newlines and terminal control codes)."""
+    return name if name.isprintable() else quote(name)
 
 
 _FLOATS = {"float32", "float16", "bfloat16", "float64"}

@@ -19,6 +19,7 @@ import _compat_pickle
 import io
 import math
 import pickle
+import pickletools
 import re
 import zipfile
 import zlib
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .checkpoint import bf16_to_float32
+from .dtypes import bf16_to_float32
 from .errors import CheckpointError
 
 # torch dtype name -> NumPy dtype of the stored elements, byte order still to be set. bfloat16 is kept as raw
@@ -296,6 +297,33 @@ def load_torch_file(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         return _materialize(zf, folder, refs, big_endian, path)
 
 
+class TorchFile:
+    """A pytorch_model.bin opened lazily, with SafetensorsFile's interface: the pickle is read and checked at once,
+    each tensor is cut out of its storage only when read, so names and shapes can be checked against the config
+    before any tensor is built (a hostile pickle's sizes cost nothing until they have been checked)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        with _open_zip(self.path) as zf:
+            self.folder = _archive_folder(zf, self.path)
+            self.big_endian = _is_big_endian(zf, self.folder, self.path)
+            self.entries = _tensor_refs(_unpickle(zf, self.folder + "data.pkl", self.path), self.path)
+
+    def dtype(self, name) -> str:
+        return self.entries[name].dtype
+
+    def shape(self, name) -> tuple:
+        return self.entries[name].shape
+
+    def read(self, name) -> np.ndarray:
+        """The tensor as float32 (floats) or its stored integer type."""
+        ref = self.entries[name]
+        with _open_zip(self.path) as zf:
+            raw = _read_storage(zf, self.folder, ref.storage, name, self.path)
+            out = _cut_tensor(raw, ref, self.big_endian, name, self.path)
+        return out.astype(np.float32, copy=False) if out.dtype.kind == "f" else out
+
+
 def _open_zip(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
@@ -341,8 +369,15 @@ def _has_record(zf: zipfile.ZipFile, name: str) -> bool:
 
 
 def _read_record(zf: zipfile.ZipFile, name: str, path: Path) -> bytes:
-    """Read one record whole; the zip's CRC check catches corrupt data."""
+    """Read one record whole; the zip's CRC check catches corrupt data. torch.save stores records uncompressed, so
+    a record that would inflate beyond the archive's own size is refused before it is read (a zip bomb)."""
     try:
+        size, limit = zf.getinfo(name).file_size, path.stat().st_size
+        if size > limit:
+            raise CheckpointError(
+                f"{path}: record {name} would inflate to {size} bytes, more than the whole archive ({limit} bytes): "
+                "torch.save never compresses, so this file is corrupt or hostile (a zip bomb?)"
+            )
         return zf.read(name)
     except KeyError:
         raise CheckpointError(f"{path}: record {name} is missing from the zip archive") from None
@@ -356,12 +391,29 @@ def _is_big_endian(zf: zipfile.ZipFile, folder: str, path: Path) -> bool:
         return False  # files from before the record existed were written on little-endian machines
     order = _read_record(zf, folder + "byteorder", path)
     if order not in (b"little", b"big"):
-        raise CheckpointError(f"{path}: {folder}byteorder says {order[:20]!r}, expected 'little' or 'big'")
+        raise CheckpointError(f"{path}: record {folder}byteorder has {len(order)} bytes, expected 'little' or 'big'")
     return order == b"big"
+
+
+def _check_memo(data: bytes, path: Path, record: str) -> None:
+    """The C unpickler grows its memo to the largest index a PUT names (LONG_BINPUT 2**28 allocates gigabytes):
+    refuse any memo index beyond what a pickle of this length can have filled, before unpickling."""
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in _MEMO_OPS and isinstance(arg, int) and not 0 <= arg < len(data):
+                raise CheckpointError(f"{path}: {record} uses memo index {arg} in a {len(data)}-byte pickle: corrupt or hostile")
+            if op.name == "STOP":
+                return
+    except (ValueError, UnicodeDecodeError):
+        return  # malformed from here on: the unpickler stops at the same place, with its own message
+
+
+_MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
 
 
 def _unpickle(zf: zipfile.ZipFile, record: str, path: Path):
     data = _read_record(zf, record, path)
+    _check_memo(data, path, record)
     try:
         return _SafeUnpickler(data, path, record).load()
     except CheckpointError:
@@ -395,8 +447,16 @@ def _kind(value) -> str:
 # Cutting tensors out of storages.
 
 
+_MAX_EXPANDED = 1 << 20  # elements an expanded (zero-stride) tensor may have beyond its storage's
+
+
 def _materialize(zf, folder, refs: dict, big_endian: bool, path: Path):
     """Read each storage once and copy out every tensor on it, so peak memory is the tensors plus one storage."""
+    distinct = {id(ref): ref for ref in refs.values()}.values()
+    total = sum(math.prod(r.shape) * np.dtype(_ELEMENT_DTYPES[r.dtype]).itemsize for r in distinct if min(r.shape, default=1) >= 0)
+    budget = 2 * path.stat().st_size + (1 << 24)  # tied weights saved as two views of one storage: twice the file
+    if total > budget:
+        raise CheckpointError(f"{path}: its tensors would take {total} bytes, far more than the file holds: refused")
     users = {}  # storage key -> [(name, ref)] in file order
     for name, ref in refs.items():
         users.setdefault(ref.storage.key, []).append((name, ref))
@@ -417,6 +477,11 @@ def _read_storage(zf, folder, storage: _StorageRef, first_user: str, path: Path)
     record = f"{folder}data/{storage.key}"
     if not _has_record(zf, record):
         raise CheckpointError(f"{path}: storage record {record} (for tensor {first_user!r}) is missing from the zip")
+    held = zf.getinfo(record).file_size
+    if held < storage.nbytes:
+        raise CheckpointError(
+            f"{path}: storage record {record} holds {held} bytes, expected {storage.nbytes} (truncated or corrupt)"
+        )
     data = _read_record(zf, record, path)
     if len(data) < storage.nbytes:
         raise CheckpointError(
@@ -437,6 +502,11 @@ def _cut_tensor(raw: np.ndarray, ref: _TensorRef, big_endian: bool, name: str, p
         else:
             elements = raw[: raw.size - raw.size % stored.itemsize].view(stored)  # storage as elements, 1-D
             _check_bounds(ref, elements.size, name, path)
+            if math.prod(ref.shape) > max(elements.size, _MAX_EXPANDED):  # only overlapping (zero-stride) views can
+                raise CheckpointError(  # exceed their storage: small expanded buffers are fine, a bomb is not
+                    f"{path}: tensor {name!r} of size {list(ref.shape)} has more elements than its storage "
+                    f"{ref.storage.key!r} ({elements.size}) through overlapping strides {list(ref.strides)}: refused"
+                )
             view = as_strided(
                 elements[ref.offset :],
                 shape=ref.shape,

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from radial_min.errors import CheckpointError
-from radial_min.torch_pickle import load_torch_file
+from radial_min.torch_pickle import TorchFile, load_torch_file
 
 FIXTURES = Path(__file__).parent / "fixtures" / "torch_bin"
 GOOD = FIXTURES / "state_dict.bin"
@@ -381,3 +381,47 @@ def p_tensor(size, stride, offset, numel) -> bytes:
     hooks = p_global("collections", "OrderedDict") + b")R"
     args = b"(" + storage + p_int(offset) + p_tuple(size) + p_tuple(stride) + b"\x89" + hooks + b"t"
     return p_global("torch._utils", "_rebuild_tensor_v2") + args + b"R"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory bombs: every size is bounded by what the archive really holds before anything is allocated.
+
+
+def test_zero_stride_bomb_is_refused_before_allocating(tmp_path):
+    pkl = b"\x80\x02}" + p_str("w") + p_tensor((30000, 30000), (0, 0), 0, numel=1) + b"s."  # 3.6 GB from 4 bytes
+    path = torch_like_zip(tmp_path, pkl, {"0": np.zeros(1, "<f4").tobytes()})
+    assert_refused(path, "far more than the file holds")  # load_torch_file: the whole file's budget
+    assert TorchFile(path).shape("w") == (30000, 30000)  # the lazy reader (radial_min.load's) only describes it...
+    with pytest.raises(CheckpointError, match=r"overlapping strides \[0, 0\]"):  # ...and refuses to build it
+        TorchFile(path).read("w")
+
+
+def test_small_expanded_tensor_still_reads(tmp_path):
+    pkl = b"\x80\x02}" + p_str("w") + p_tensor((3, 4), (1, 0), 0, numel=3) + b"s."
+    path = torch_like_zip(tmp_path, pkl, {"0": np.arange(3, dtype="<f4").tobytes()})
+    assert load_torch_file(path)[0]["w"].tolist() == [[0.0] * 4, [1.0] * 4, [2.0] * 4]
+
+
+def test_zip_bomb_record_is_refused_before_inflating(tmp_path):
+    numel = 5 << 20  # 20 MB of zeros deflate to ~20 KB
+    pkl = b"\x80\x02}" + p_str("w") + p_tensor((numel,), (1,), 0, numel=numel) + b"s."
+    path = tmp_path / "bomb.bin"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("archive/data.pkl", pkl)
+        zf.writestr("archive/data/0", bytes(4 * numel))
+    assert path.stat().st_size < 100_000
+    with pytest.raises(CheckpointError, match="record archive/data/0 would inflate to 20971520 bytes"):
+        TorchFile(path).read("w")
+
+
+def test_huge_memo_index_is_refused_before_unpickling(tmp_path):
+    pkl = b"\x80\x02}r" + struct.pack("<I", 1 << 24) + b"."  # LONG_BINPUT 2**24: the C unpickler's memo grows to it
+    assert_refused(torch_like_zip(tmp_path, pkl), "memo index 16777216")
+
+
+def test_many_views_of_one_storage_are_refused(tmp_path):
+    """A small storage viewed by many names would copy it once per name: bounded by the file's size."""
+    n, numel = 600, 1 << 14
+    body = b"".join(p_str(f"w{i}") + p_tensor((numel,), (1,), 0, numel=numel) for i in range(n))
+    path = torch_like_zip(tmp_path, b"\x80\x02}(" + body + b"u.", {"0": np.zeros(numel, "<f4").tobytes()})
+    assert_refused(path, "far more than the file holds")
