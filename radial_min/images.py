@@ -7,6 +7,7 @@ when shrinking, computed in 22-bit fixed point on 8-bit images. We reimplement t
 to decode PNG/JPEG files.
 """
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,9 @@ from .errors import RadialError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy"}
 _PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit resampling
+
+
+MAX_PIXELS = 50_000_000  # ~7000x7000; Pillow's own bomb limit is 89M (warning) and 179M (error)
 
 
 def read_image(path) -> np.ndarray:
@@ -36,9 +40,13 @@ def read_image(path) -> np.ndarray:
         except ImportError:
             raise RadialError(f"{path}: reading {path.suffix} images needs Pillow (pip install 'radial_min[images]'), or pass a .npy array") from None
         try:
-            with Image.open(path) as im:
-                a = np.asarray(im.convert("RGB"))
-        except OSError as e:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we say it ourselves, below
+                with Image.open(path) as im:  # reads the header only: bound the pixels before decoding any
+                    if im.width * im.height > MAX_PIXELS:
+                        raise RadialError(f"{path}: image is {im.width}x{im.height}, over the {MAX_PIXELS:,}-pixel limit")
+                    a = np.asarray(im.convert("RGB"))
+        except (OSError, Image.DecompressionBombError) as e:
             raise RadialError(f"{path}: not a readable image ({e})") from None
     if a.ndim == 2:
         a = np.repeat(a[:, :, None], 3, axis=2)

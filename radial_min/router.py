@@ -20,6 +20,7 @@ from numba import njit
 from . import backprop as bp
 from .checkpoint import SafetensorsFile, write_safetensors
 from .errors import CheckpointError
+from .config import check_field
 from .oracle import Decisions
 from .outputs import write_json
 
@@ -171,11 +172,13 @@ class Router:
         """From `path`.json and `path`.safetensors (`path` may name either file)."""
         weights, config = _router_files(path)
         try:
-            cfg = RouterConfig(**json.loads(config.read_text()))
+            d = json.loads(config.read_text())
+            cfg = RouterConfig(**d)
         except FileNotFoundError:
             raise CheckpointError(f"{config}: not found (a router is a .json config beside its .safetensors)") from None
-        except (TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (TypeError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise CheckpointError(f"{config}: not a router config ({e})") from None
+        _check_router_config(d, str(config))
         if not weights.is_file():
             raise CheckpointError(f"{weights}: not found (a router is a .json config beside its .safetensors)")
         f = SafetensorsFile(weights)
@@ -184,6 +187,25 @@ class Router:
         if found != expected:
             raise CheckpointError(f"{weights}: tensors {found} do not match the config, expected {expected}")
         return cls(cfg, {n: f.read(n) for n in f.entries})
+
+
+MAX_PASSES = 4  # a router may run at most 4 * n_blocks blocks per token (forward_only routers: n_blocks)
+
+
+def _check_router_config(d: dict, source: str) -> None:
+    """Every field of a router's .json typed and in range, before any weight is read. max_depth is bounded by the
+    model (MAX_PASSES passes over its blocks), so a router that never chooses EXIT cannot loop without end."""
+    limits = {"width": (int, 1, 1 << 16), "n_blocks": (int, 1, 4096), "hidden": (int, 1, 1 << 16), "forward_only": (bool,)}
+    for name, spec in limits.items():
+        if name in d:
+            check_field(source, name, d[name], *spec)
+    if d.get("max_depth") is not None:
+        check_field(source, "max_depth", d["max_depth"], int, 0, MAX_PASSES * d["n_blocks"])
+    if d.get("tau") is not None:
+        check_field(source, "tau", d["tau"], float)
+    for name in ("kv_rule", "model"):
+        if d.get(name) is not None:
+            check_field(source, name, d[name], str)
 
 
 def _router_files(path):

@@ -172,3 +172,41 @@ def test_config_fields_are_checked_before_use(tmp_path, base, field, value, expe
     assert str(e.value) == f"{folder / 'config.json'}: {expect}" or str(e.value).startswith(
         f"{folder / 'config.json'}: {expect}"
     ), str(e.value)
+
+
+def test_image_bomb_is_refused_from_its_header(tmp_path):
+    """A 12000x12000 PNG header (the audit's 17 KB file took 7.3 GB): refused before any pixel is decoded."""
+    pytest.importorskip("PIL")
+    import zlib
+
+    from radial_min.errors import RadialError
+    from radial_min.images import read_image
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    path = tmp_path / "bomb.png"
+    ihdr = struct.pack(">IIBBBBB", 12000, 12000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    with pytest.raises(RadialError, match=r"bomb.png: image is 12000x12000, over the 50,000,000-pixel limit"):
+        read_image(path)
+
+
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        ({"forward_only": False, "max_depth": 10**7}, "field 'max_depth' is 10000000, expected 0 to 8"),
+        ({"width": "64"}, "field 'width' is '64', expected an integer"),
+        ({"forward_only": "false"}, "field 'forward_only' is 'false', expected true or false"),
+        ({"hidden": 0}, "field 'hidden' is 0, expected 1 to 65536"),
+    ],
+)
+def test_router_config_is_checked(tmp_path, change, expect):
+    from radial_min.router import Router, RouterConfig, init_router
+
+    cfg = RouterConfig(width=8, n_blocks=2, hidden=4)
+    Router(cfg, init_router(cfg)).save(tmp_path / "r")
+    d = json.loads((tmp_path / "r.json").read_text())
+    (tmp_path / "r.json").write_text(json.dumps({**d, **change}))
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'r.json'}: {expect}$"):
+        Router.load(tmp_path / "r")
