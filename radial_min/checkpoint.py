@@ -54,7 +54,7 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path}: too short to be a safetensors file ({size} bytes)")
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER:
-                raise CheckpointError(f"{self.path}: header length {n} is over the {_MAX_HEADER}-byte limit: not safetensors")
+                raise CheckpointError(f"{self.path}: header length {n} is over the {_MAX_HEADER}-byte limit")
             if n > size - 8:
                 raise CheckpointError(f"{self.path}: header length {n} exceeds the file ({size} bytes): truncated or not safetensors")
             header = self._parse_header(f.read(n))
@@ -70,7 +70,8 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path}: tensor {quote(name)} starts at data byte {begin} and {what}")
             if self.data_start + stop > size:
                 raise CheckpointError(
-                    f"{self.path}: tensor {quote(name)} ends at byte {self.data_start + stop} but the file has {size}: truncated"
+                    f"{self.path}: tensor {quote(name)} ends at byte {self.data_start + stop} "
+                    f"but the file has {size}: truncated"
                 )
             end = stop
         if self.data_start + end != size:
@@ -106,7 +107,8 @@ class SafetensorsFile:
             raise CheckpointError(f"{bad}: header entry must be an object with exactly dtype, shape, data_offsets")
         code, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
         if not isinstance(code, str) or code not in _ST_DTYPES:
-            raise CheckpointError(f"{bad} has unsupported dtype {quote(code)} (expected one of {', '.join(_ST_DTYPES)})")
+            expected = ", ".join(_ST_DTYPES)
+            raise CheckpointError(f"{bad} has unsupported dtype {quote(code)} (expected one of {expected})")
         if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
             raise CheckpointError(f"{bad}: shape must be a list of non-negative integers")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
@@ -114,7 +116,9 @@ class SafetensorsFile:
         begin, stop = offsets
         nbytes = math.prod(shape) * _ST_DTYPES[code].itemsize  # Python ints: no overflow
         if stop < begin or stop - begin != nbytes:
-            raise CheckpointError(f"{bad} spans {stop - begin} bytes, expected {nbytes} for {code}{shape} (offsets {begin}..{stop})")
+            raise CheckpointError(
+                f"{bad} spans {stop - begin} bytes, expected {nbytes} for {code}{shape} (offsets {begin}..{stop})"
+            )
         return code, tuple(shape), begin, stop
 
     def dtype(self, name) -> str:
@@ -201,7 +205,9 @@ def _open_sharded(folder: Path, index_path: Path, opener) -> TensorStore:
         files[shard] = opener(path)
     for name, shard in weight_map.items():
         if name not in files[shard].entries:
-            raise CheckpointError(f"{folder / shard}: tensor {quote(name)} is listed in {index_path.name} but not in the shard")
+            raise CheckpointError(
+                f"{folder / shard}: tensor {quote(name)} is listed in {index_path.name} but not in the shard"
+            )
     return TensorStore(files, dict(weight_map), str(index_path))
 
 

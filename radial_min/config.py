@@ -183,7 +183,8 @@ _SIZE, _VOCAB, _TOKEN_ID = (int, 1, 1 << 16), (int, 1, 1 << 22), (int, -1, 1 << 
 FIELDS = {
     OPTConfig: {
         "vocab_size": _VOCAB, "hidden_size": _SIZE, "num_hidden_layers": (int, 1, 1024),
-        "num_attention_heads": (int, 1, 1024), "ffn_dim": (int, 1, 1 << 18), "max_position_embeddings": (int, 1, 1 << 20),
+        "num_attention_heads": (int, 1, 1024), "ffn_dim": (int, 1, 1 << 18),
+        "max_position_embeddings": (int, 1, 1 << 20),
         "word_embed_proj_dim": _SIZE, "do_layer_norm_before": (bool,), "remove_final_layer_norm": (bool,),
         "enable_bias": (bool,), "layer_norm_elementwise_affine": (bool,), "activation_function": (str,),
         "tie_word_embeddings": (bool,), "pad_token_id": _TOKEN_ID, "bos_token_id": _TOKEN_ID,

@@ -21,7 +21,7 @@ def to_float32(w: np.ndarray) -> np.ndarray:
 
 
 def to_storage(w: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 weights in the storage dtype: "float32", "float16", or "bfloat16" (as uint16 bits, rounded to nearest)."""
+    """float32 weights in the storage dtype: "float32", "float16", or "bfloat16" (uint16 bits, rounded to nearest)."""
     if dtype == "float32":
         return w.astype(np.float32, copy=False)
     if dtype == "float16":

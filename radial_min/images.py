@@ -44,7 +44,8 @@ def read_image(path) -> np.ndarray:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we say it ourselves, below
                 with Image.open(path) as im:  # reads the header only: bound the pixels before decoding any
                     if im.width * im.height > MAX_PIXELS:
-                        raise RadialError(f"{path}: image is {im.width}x{im.height}, over the {MAX_PIXELS:,}-pixel limit")
+                        size = f"{im.width}x{im.height}"
+                        raise RadialError(f"{path}: image is {size}, over the {MAX_PIXELS:,}-pixel limit")
                     a = np.asarray(im.convert("RGB"))
         except (OSError, Image.DecompressionBombError) as e:
             raise RadialError(f"{path}: not a readable image ({e})") from None

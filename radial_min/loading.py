@@ -37,7 +37,9 @@ def load(source, *, weights_dtype: str = "float32"):
         a = store.read(theirs)
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             bad = int(a.size - np.isfinite(a).sum())
-            raise CheckpointError(f"{store.description}: tensor {quote(theirs)} has {bad} NaN or infinite values of {a.size}")
+            raise CheckpointError(
+                f"{store.description}: tensor {quote(theirs)} has {bad} NaN or infinite values of {a.size}"
+            )
         tensors[ours] = to_storage(a, weights_dtype) if _is_matrix(ours, a) else a
     n_params = sum(a.size for a in tensors.values())
     model = cls(cfg, tensors)
@@ -72,7 +74,9 @@ def _match(store, cfg, module) -> dict:
         if ours in expected and tuple(store.shape(theirs)) != tuple(expected[ours])
     ]
     floats = _FLOATS | getattr(store, "float_types", set())  # a GGUF store adds its quantized types
-    not_float = [_safe(theirs) for ours, theirs in found.items() if ours in expected and store.dtype(theirs) not in floats]
+    not_float = [
+        _safe(theirs) for ours, theirs in found.items() if ours in expected and store.dtype(theirs) not in floats
+    ]
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes), ("not a float tensor", not_float)):
         if items:

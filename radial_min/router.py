@@ -195,7 +195,8 @@ MAX_PASSES = 4  # a router may run at most 4 * n_blocks blocks per token (forwar
 def _check_router_config(d: dict, source: str) -> None:
     """Every field of a router's .json typed and in range, before any weight is read. max_depth is bounded by the
     model (MAX_PASSES passes over its blocks), so a router that never chooses EXIT cannot loop without end."""
-    limits = {"width": (int, 1, 1 << 16), "n_blocks": (int, 1, 4096), "hidden": (int, 1, 1 << 16), "forward_only": (bool,)}
+    limits = {"width": (int, 1, 1 << 16), "n_blocks": (int, 1, 4096), "hidden": (int, 1, 1 << 16),
+              "forward_only": (bool,)}  # fmt: skip
     for name, spec in limits.items():
         if name in d:
             check_field(source, name, d[name], *spec)

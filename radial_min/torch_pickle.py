@@ -401,7 +401,9 @@ def _check_memo(data: bytes, path: Path, record: str) -> None:
     try:
         for op, arg, _ in pickletools.genops(data):
             if op.name in _MEMO_OPS and isinstance(arg, int) and not 0 <= arg < len(data):
-                raise CheckpointError(f"{path}: {record} uses memo index {arg} in a {len(data)}-byte pickle: corrupt or hostile")
+                raise CheckpointError(
+                    f"{path}: {record} uses memo index {arg} in a {len(data)}-byte pickle: corrupt or hostile"
+                )
             if op.name == "STOP":
                 return
     except (ValueError, UnicodeDecodeError):
@@ -453,7 +455,8 @@ _MAX_EXPANDED = 1 << 20  # elements an expanded (zero-stride) tensor may have be
 def _materialize(zf, folder, refs: dict, big_endian: bool, path: Path):
     """Read each storage once and copy out every tensor on it, so peak memory is the tensors plus one storage."""
     distinct = {id(ref): ref for ref in refs.values()}.values()
-    total = sum(math.prod(r.shape) * np.dtype(_ELEMENT_DTYPES[r.dtype]).itemsize for r in distinct if min(r.shape, default=1) >= 0)
+    sizes = [math.prod(r.shape) * np.dtype(_ELEMENT_DTYPES[r.dtype]).itemsize for r in distinct]
+    total = sum(n for n in sizes if n > 0)
     budget = 2 * path.stat().st_size + (1 << 24)  # tied weights saved as two views of one storage: twice the file
     if total > budget:
         raise CheckpointError(f"{path}: its tensors would take {total} bytes, far more than the file holds: refused")

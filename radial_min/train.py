@@ -19,7 +19,7 @@ from .checkpoint import SafetensorsFile, write_safetensors
 from .config import OPTConfig, config_to_dict
 from .errors import RadialError
 from .optim import adamw_step, clip_grads, lr_at
-from .outputs import write_bytes, write_json
+from .outputs import write_bytes, write_json, write_npz, write_text
 
 # --------------------------------------------------------------------------------------------- parameters
 
@@ -172,6 +172,61 @@ class TrainConfig:
 
 
 _MODEL_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "seq_len")
+# Settings a resume must keep for the run to be the one that was started (the batches and the updates it makes).
+_RESUME_FIELDS = (*_MODEL_FIELDS, "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "seed")
+
+
+def _check_resume(state_path: Path, config_path: Path, cfg: TrainConfig) -> None:
+    """A saved state resumes only with the settings it was trained with, read from train_config.json."""
+    if not config_path.is_file():
+        raise RadialError(f"{config_path}: missing beside {state_path.name}, so the run's settings are unknown: "
+                          "restore it or use a new --out")  # fmt: skip
+    try:
+        saved = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise RadialError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(saved, dict):
+        raise RadialError(f"{config_path}: expected a JSON object of training settings")
+    changed = [k for k in _RESUME_FIELDS if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise RadialError(f"{state_path}: saved with {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}; "
+                          "resume with the same settings or use a new --out")  # fmt: skip
+
+
+def _repair_log(log_path: Path, step: int) -> None:
+    """Keep log.jsonl's whole records of steps 1..`step` (the saved state): a partial last line (a full disk or a
+    kill mid-write) and the records of steps lost since the last save are dropped, so steps are never duplicated."""
+    if not log_path.is_file():
+        return
+    kept, seen = [], set()
+    for line in log_path.read_text(errors="replace").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        whole = line.endswith("\n") and isinstance(record, dict) and isinstance(record.get("step"), int)
+        if whole and record["step"] <= step and record["step"] not in seen:
+            kept.append(line)
+            seen.add(record["step"])
+    write_text(log_path, "".join(kept))
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Temporary files (.NAME.tmpPID) left by a killed run: removed when process PID no longer exists."""
+    for tmp in out.glob(".*.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def batch_at(tokens: np.ndarray, step: int, cfg: TrainConfig) -> np.ndarray:
@@ -201,7 +256,10 @@ def load_state(path: Path):
     for name in f.entries:
         target = m if name.startswith("adam.m.") else v if name.startswith("adam.v.") else params
         target[name.removeprefix("adam.m.").removeprefix("adam.v.")] = f.read(name)
-    return params, m, v, int(f.metadata["step"])
+    step = f.metadata.get("step", "")
+    if not step.isdigit():
+        raise RadialError(f"{path}: metadata 'step' is {step!r}, expected the number of steps done")
+    return params, m, v, int(step)
 
 
 def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: bool = True, stop_after: int | None = None):
@@ -215,15 +273,13 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: 
     check_trainable(model_cfg)
     state_path, log_path = out / "state.safetensors", out / "log.jsonl"
     config_path = out / "train_config.json"
-    if state_path.is_file() and config_path.is_file():  # resuming: the model must be the one that was saved
-        saved = json.loads(config_path.read_text())
-        changed = [k for k in _MODEL_FIELDS if saved.get(k) != getattr(cfg, k)]
-        if changed:
-            raise RadialError(f"{state_path}: saved with {', '.join(f'{k}={saved.get(k)}' for k in changed)}; "
-                              "resume with the same model settings or use a new --out")  # fmt: skip
+    _remove_stale_temps(out)
+    if state_path.is_file():  # resuming: the run must be the one that was saved
+        _check_resume(state_path, config_path, cfg)
     write_json(config_path, asdict(cfg))
     if state_path.is_file():
         params, m, v, step = load_state(state_path)
+        _repair_log(log_path, step)
     else:
         params, step = init_params(model_cfg, cfg.seed), 0
         m = {k: np.zeros_like(a) for k, a in params.items()}
@@ -247,8 +303,12 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: 
                         record[f"val_{name}"] = round(evaluate(params, model_cfg, seqs), 4)
                 rate = tokens_done / (time.perf_counter() - t0)
                 record["tok_s"] = round(rate)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                try:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                except OSError as e:  # a full disk: the state saved so far is intact, a rerun repairs the log
+                    why = e.strerror or e
+                    raise RadialError(f"{log_path}: cannot write ({why}); free space and rerun to resume") from None
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", **{k: v_ for k, v_ in record.items() if k.startswith("val_")})
                 bar.update(1)
                 if step - last_save >= cfg.save_every or step == cfg.steps:

@@ -96,7 +96,8 @@ OPT_FIELDS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_h
 
 
 @FUZZ
-@given(model_type=st.sampled_from(["opt", "vit"]), changes=st.dictionaries(st.sampled_from(OPT_FIELDS), JSON, max_size=3))
+@given(model_type=st.sampled_from(["opt", "vit"]),
+       changes=st.dictionaries(st.sampled_from(OPT_FIELDS), JSON, max_size=3))
 def test_config_mutants(tmp_path, model_type, changes):
     d = {"model_type": model_type, "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 2, **changes}
     (tmp_path / "config.json").write_text(json.dumps(d))

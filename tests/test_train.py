@@ -76,3 +76,30 @@ def test_exported_checkpoint_is_an_opt_checkpoint(corpus, tmp_path):
     logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
     assert -logp[np.arange(16), batch[0, 1:]].mean() == pytest.approx(loss, rel=1e-5)
     assert radial_min.Tokenizer(tmp_path / "export").encode("the")[0] == 2
+
+
+def test_resume_repairs_the_log_refuses_changed_settings_and_cleans_stale_temps(corpus, tmp_path):
+    """A partial last line (full disk, kill mid-write) and steps logged after the last save are dropped on resume,
+    so no step is logged twice; a resume with another seed/lr/batch size or without train_config.json is refused;
+    temporary files of dead processes are removed."""
+    from radial_min.errors import RadialError
+
+    _, train_ids, val_streams = corpus
+    val = {k: tr.validation_sequences(s, 16, 2) for k, s in val_streams.items()}
+    out = tmp_path / "run"
+    tr.train(tiny(out, 6), train_ids, val, progress=False, stop_after=4)
+    log_path = out / "log.jsonl"
+    lines = log_path.read_text().splitlines(keepends=True)
+    log_path.write_text("".join(lines) + lines[-1] + '{"step": 5, "lo')  # step 4 twice (lost save), then a cut line
+    (out / ".state.safetensors.tmp999999999").write_bytes(b"x" * 100)  # no such pid
+    for change in ({"seed": 1}, {"lr": 1e-3}, {"batch_size": 8}):
+        with pytest.raises(RadialError, match=f"state.safetensors: saved with {next(iter(change))}="):
+            tr.train(tr.TrainConfig(**{**tr.asdict(tiny(out, 6)), **change}), train_ids, val, progress=False)
+    config = (out / "train_config.json").read_text()
+    (out / "train_config.json").unlink()
+    with pytest.raises(RadialError, match="train_config.json: missing beside state.safetensors"):
+        tr.train(tiny(out, 6), train_ids, val, progress=False)
+    (out / "train_config.json").write_text(config)
+    tr.train(tiny(out, 6), train_ids, val, progress=False)
+    assert [json.loads(line)["step"] for line in log_path.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert not list(out.glob(".*.tmp*"))
