@@ -49,7 +49,7 @@ class _Rows:
         self.raw = np.memmap(f.path, dtype=_ST_DTYPES[code], mode="r", offset=f.data_start + begin, shape=shape)
 
     def __getitem__(self, ids):
-        return to_float32(np.asarray(self.raw[ids]), self.code)  # [T] -> [T, P]
+        return to_float32(np.asarray(self.raw[ids]))  # [T] -> [T, P] (uint16 rows are bfloat16 bits)
 
 
 class StreamedOPT:
