@@ -46,7 +46,7 @@ MIN_VOCAB = 260  # a byte-level BPE: 256 bytes + 4 special tokens
 def cmd_generate(args):
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     _warn_without_effect(args)
-    model = _load(args.model, "opt", args.weights_dtype)
+    model = _load(args.model, "lm", args.weights_dtype)
     tok = radial_min.Tokenizer(model.path)
     ids = tok.encode(args.prompt)
     room = model.config.max_position_embeddings - len(ids) + 1
@@ -173,6 +173,12 @@ def format_info(model):
                   f"vocab {cfg.vocab_size}",
                   f"layout      {'pre' if cfg.do_layer_norm_before else 'post'}-LN, {cfg.activation_function}, "
                   f"context {cfg.max_position_embeddings}"]
+    elif cfg.model_type in ("llama", "qwen2"):
+        lines += [f"width       hidden {cfg.hidden_size}, ffn {cfg.intermediate_size} (SwiGLU), "
+                  f"heads {cfg.num_attention_heads} ({cfg.num_key_value_heads} key/value), vocab {cfg.vocab_size}",
+                  f"layout      RMSNorm, rotary theta {cfg.rope_theta:g}, "
+                  f"{'tied' if cfg.tie_word_embeddings else 'untied'} head, context {cfg.max_position_embeddings}"
+                  f"{', qkv biases' if cfg.qkv_bias else ''}"]
     else:
         lines += [f"width       hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}, heads {cfg.num_attention_heads}",
                   f"image       {cfg.image_size}px, patch {cfg.patch_size}, {cfg.num_patches} patches, "
@@ -353,7 +359,7 @@ def cmd_simulate(args):
             raise RadialError(f"--kv-rule: {r!r} is not one of {', '.join(oracle.KV_RULES)}")
     out = Path(args.out)
     _check_free(out, ["simulate.json", "simulate.csv"], args.overwrite)
-    model = _load(args.model, "opt")
+    model = _load(args.model, "lm")
     seqs, _ = _sequences(model, args)
     taus = args.taus
     print(f"{model.path.name}: {_count(len(seqs), 'sequence')} x {seqs.shape[1]} tokens, "
@@ -429,7 +435,7 @@ class _sweep_bar:
 def cmd_train_router(args):
     out = Path(args.out or f"runs/router-tau{args.tau:g}")
     _check_free(out, ["router.safetensors", "router.json", "train_router.json"], args.overwrite)
-    model = _load(args.model, "opt")
+    model = _load(args.model, "lm")
     train_seqs, _ = _sequences(model, args, args.train_text or data.default_text("valid"), args.max_sequences)
     test_seqs, _ = _sequences(model, args, args.test_text or data.default_text("test"), args.test_sequences)
     n = len(model.blocks)
@@ -524,10 +530,11 @@ def _bar(desc, unit):
 
 def _load(source, kind, weights_dtype="float32"):
     model = radial_min.load(source, weights_dtype=weights_dtype)
-    if kind is not None and model.config.model_type != kind:
+    kinds = {"lm": ("opt", "llama", "qwen2")}.get(kind, (kind,))  # "lm": any causal language model
+    if kind is not None and model.config.model_type not in kinds:
         article = "an" if model.config.model_type[0] in "aeiou" else "a"
         raise RadialError(f"--model {source}: is {article} {model.config.model_type} checkpoint, "
-                          f"this command needs {kind}")
+                          f"this command needs {' or '.join(kinds)}")
     return model
 
 
@@ -542,9 +549,9 @@ def build_parser():
         return sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".")
 
     model_help = "checkpoint folder or Hub id (default: the shipped model, weights/opt-kjv-wiki)"
-    g = command("generate", "continue a prompt with an OPT model",
-                "Continue a prompt with an OPT model, streaming the text. Greedy by default; --temperature > 0 "
-                "samples. With --router, tokens run only the blocks a trained router chooses.")
+    g = command("generate", "continue a prompt with a language model (OPT, Llama, Qwen2; a folder or a .gguf file)",
+                "Continue a prompt with a language model (OPT, Llama, Qwen2; a folder or a .gguf file), streaming "
+                "the text. Greedy by default; --temperature > 0 samples. With --router, tokens run only the blocks a trained router chooses.")
     g.add_argument("prompt", nargs="?", default="In the beginning", help="text to continue (default: %(default)r)")
     g.add_argument("--model", default=str(DEFAULT_MODEL), help=model_help)
     g.add_argument("--max-new-tokens", type=int, default=60,

@@ -255,7 +255,7 @@ def bad_inputs(tmp_path, corrupt, good_opt):
         "top-k 0": (["generate", "Hi", "--model", good_opt, "--top-k", "0"], "top_k must be >= 1"),
         "image does not exist": (["classify", tmp_path / "nope.jpg", "--model", FIXTURES / "vit-cls"], "no such image file or folder"),
         "classify an OPT": (["classify", FIXTURES / "vit-cls", "--model", FIXTURES / "opt-pre"], "is an opt checkpoint, this command needs vit"),
-        "generate with a ViT": (["generate", "--model", FIXTURES / "vit-cls"], "is a vit checkpoint, this command needs opt"),
+        "generate with a ViT": (["generate", "--model", FIXTURES / "vit-cls"], "is a vit checkpoint, this command needs opt or llama or qwen2"),
         "model without tokenizer": (["generate", "--model", FIXTURES / "opt-pre"], "no tokenizer"),
         "a file as model": (["info", "--model", FIXTURES / "opt-pre" / "config.json"], "is a file"),
         "not an image": (["classify", FIXTURES / "vit-cls" / "config.json", "--model", FIXTURES / "vit-cls"], "not a readable image"),
