@@ -551,7 +551,8 @@ def build_parser():
     model_help = "checkpoint folder or Hub id (default: the shipped model, weights/opt-kjv-wiki)"
     g = command("generate", "continue a prompt with a language model (OPT, Llama, Qwen2; a folder or a .gguf file)",
                 "Continue a prompt with a language model (OPT, Llama, Qwen2; a folder or a .gguf file), streaming "
-                "the text. Greedy by default; --temperature > 0 samples. With --router, tokens run only the blocks a trained router chooses.")
+                "the text. Greedy by default; --temperature > 0 samples. With --router, tokens run only the blocks "
+                "a trained router chooses.")
     g.add_argument("prompt", nargs="?", default="In the beginning", help="text to continue (default: %(default)r)")
     g.add_argument("--model", default=str(DEFAULT_MODEL), help=model_help)
     g.add_argument("--max-new-tokens", type=int, default=60,
