@@ -79,7 +79,7 @@ def test_missing_shard(tmp_path):
 
 def test_config_problems(opt_copy, tmp_path):
     cfg = json.loads((opt_copy / "config.json").read_text())
-    for change, pattern in [({"model_type": "llama"}, "model_type 'llama' is not supported"),
+    for change, pattern in [({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
                             ({"activation_function": "silu"}, "activation 'silu' is not supported"),
                             ({"num_attention_heads": 5}, "not divisible")]:  # fmt: skip
         (opt_copy / "config.json").write_text(json.dumps({**cfg, **change}))
