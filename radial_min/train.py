@@ -7,6 +7,7 @@ saved as a genuine OPT checkpoint. Only the pre-LN, tied-embedding OPT layout (O
 """
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -19,7 +20,7 @@ from .checkpoint import SafetensorsFile, write_safetensors
 from .config import OPTConfig, config_to_dict
 from .errors import RadialError
 from .optim import adamw_step, clip_grads, lr_at
-from .outputs import write_bytes, write_json, write_npz, write_text
+from .outputs import write_bytes, write_json, write_text
 
 # --------------------------------------------------------------------------------------------- parameters
 

@@ -216,9 +216,9 @@ def test_global_policy_end_to_end_with_step_encodings():
 class _RecordingRouter(ScriptedRouter):
     """A scripted router that keeps the (prev, depth) it was asked with."""
 
-    def choose(self, x, prev, depth, pos=None):
+    def choose(self, x, prev, depth):
         self.asked = getattr(self, "asked", []) + [(int(prev[0]), int(depth[0]))]
-        return super().choose(x, prev, depth, pos)
+        return super().choose(x, prev, depth)
 
 
 def test_router_is_told_the_block_just_run():

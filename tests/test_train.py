@@ -85,7 +85,7 @@ def test_resume_repairs_the_log_refuses_changed_settings_and_cleans_stale_temps(
     from radial_min.errors import RadialError
 
     _, train_ids, val_streams = corpus
-    val = {k: tr.validation_sequences(s, 16, 2) for k, s in val_streams.items()}
+    val = {k: data.validation_sequences(s, 16, 2) for k, s in val_streams.items()}
     out = tmp_path / "run"
     tr.train(tiny(out, 6), train_ids, val, progress=False, stop_after=4)
     log_path = out / "log.jsonl"
