@@ -4,12 +4,12 @@ Unknown fields are ignored (Hub configs carry many training-only ones); fields w
 given (an activation we have no kernel for, say) are refused by name rather than silently computed wrong.
 """
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError
+from .outputs import read_json
 
 
 @dataclass
@@ -292,13 +292,7 @@ def read_config(folder: Path):
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (a checkpoint folder needs config.json beside its weights)")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return config_from_dict(d, str(path))
+    return config_from_dict(read_json(path, CheckpointError), str(path))
 
 
 def config_to_dict(cfg) -> dict:

@@ -6,13 +6,13 @@ when shrinking, computed in 22-bit fixed point on 8-bit images. We reimplement t
 `.npy` images need no Pillow and 8-bit photos come out bit-identical to Pillow's resize. Pillow is only needed
 to decode PNG/JPEG files.
 """
-import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .errors import RadialError
+from .outputs import read_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy"}
 _PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit resampling
@@ -116,12 +116,7 @@ def resize(image, height: int, width: int) -> np.ndarray:
 def read_preprocessor(folder, image_size: int) -> dict:
     """The settings of `preprocessor_config.json` we use, with ViTImageProcessor's defaults."""
     path = Path(folder) / "preprocessor_config.json"
-    try:
-        d = json.loads(path.read_text()) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RadialError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise RadialError(f"{path}: expected a JSON object of settings, got {type(d).__name__}")
+    d = read_json(path, RadialError, "a JSON object of settings") if path.is_file() else {}
     if d.get("resample", 2) != 2:
         raise RadialError(f"{path}: resample {d['resample']} is not supported (only 2, Pillow's bilinear, as ViT uses)")
     size = d.get("size", image_size)

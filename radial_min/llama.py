@@ -9,10 +9,10 @@ Follow one token: `embed` looks up its row; each block adds its branch; `head` n
 import numpy as np
 
 from . import kernels
-from .blocks import AttentionBlock, FFNBlock, Linear, RMSNorm, Rotary, Step, run_blocks
+from .blocks import AttentionBlock, FFNBlock, Linear, RMSNorm, Rotary
 from .cache import KVCache
 from .config import LlamaConfig
-from .opt import _check_ids
+from .opt import OPT, _check_ids
 
 
 def expected_tensors(cfg: LlamaConfig) -> tuple[dict, dict, dict]:
@@ -91,14 +91,5 @@ class Llama:
 
     # -------------------------------------------------------------------------------------------- forward
 
-    def forward(self, input_ids, cache: KVCache | None = None, last_only: bool = False, observe=None):
-        """Logits for each of `input_ids` ([T] ints) -> [T, V] float32, or [1, V] with `last_only`; as OPT.forward."""
-        start = cache.n_tokens if cache is not None else 0
-        pos = np.arange(start, start + len(np.atleast_1d(input_ids)))
-        x = self.embed(input_ids, pos)  # [T] -> [T, E]
-        x = run_blocks(self.blocks, x, Step(pos, cache), observe)
-        if cache is not None:
-            cache.n_tokens += len(pos)
-        return self.head(x[-1:] if last_only else x)
-
+    forward = OPT.forward  # the same walk: embed, every block in order over the cache, head
     __call__ = forward

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import RadialError
+
 
 def write_bytes(path, data: bytes) -> Path:
     path = Path(path)
@@ -27,6 +29,17 @@ def write_text(path, text: str) -> Path:
 
 def write_json(path, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2, default=_plain) + "\n")
+
+
+def read_json(path, error=RadialError, what: str = "a JSON object") -> dict:
+    """A JSON object from `path`, or one `error` line naming the file: the reading twin of write_json."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise error(f"{path}: expected {what}, got {type(d).__name__}")
+    return d
 
 
 def write_csv(path, rows: list[dict]) -> Path:

@@ -20,7 +20,7 @@ from .checkpoint import SafetensorsFile, write_safetensors
 from .config import OPTConfig, config_to_dict
 from .errors import RadialError
 from .optim import adamw_step, clip_grads, lr_at
-from .outputs import write_bytes, write_json, write_text
+from .outputs import read_json, write_bytes, write_json, write_text
 
 # --------------------------------------------------------------------------------------------- parameters
 
@@ -182,12 +182,7 @@ def _check_resume(state_path: Path, config_path: Path, cfg: TrainConfig) -> None
     if not config_path.is_file():
         raise RadialError(f"{config_path}: missing beside {state_path.name}, so the run's settings are unknown: "
                           "restore it or use a new --out")  # fmt: skip
-    try:
-        saved = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise RadialError(f"{config_path}: not valid JSON ({e})") from None
-    if not isinstance(saved, dict):
-        raise RadialError(f"{config_path}: expected a JSON object of training settings")
+    saved = read_json(config_path, RadialError, "a JSON object of training settings")
     changed = [k for k in _RESUME_FIELDS if saved.get(k) != getattr(cfg, k)]
     if changed:
         raise RadialError(f"{state_path}: saved with {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}; "
