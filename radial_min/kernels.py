@@ -202,19 +202,25 @@ def layernorm_ref(x, w, b, eps):
     return y.astype(np.float32)
 
 
+@njit(fastmath=True, cache=True)
+def mean_rstd(row, eps):  # [n] -> the row's mean and 1 / sqrt(var + eps), statistics in float64
+    n = row.size
+    mean = 0.0
+    for k in range(n):
+        mean += row[k]
+    mean /= n
+    var = 0.0
+    for k in range(n):
+        d = row[k] - mean
+        var += d * d
+    return mean, 1.0 / math.sqrt(var / n + eps)
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _layernorm(x, w, b, eps, out):  # [T, E], [E] or [0], [E] or [0] -> out [T, E]
     n_rows, n = x.shape
     for i in prange(n_rows):
-        mean = 0.0
-        for k in range(n):
-            mean += x[i, k]
-        mean /= n
-        var = 0.0
-        for k in range(n):
-            d = x[i, k] - mean
-            var += d * d
-        rstd = 1.0 / math.sqrt(var / n + eps)
+        mean, rstd = mean_rstd(x[i], eps)
         for k in range(n):
             y = (x[i, k] - mean) * rstd
             out[i, k] = y * w[k] + b[k] if w.size else y

@@ -20,6 +20,7 @@ from numba import njit
 from . import backprop as bp
 from .checkpoint import SafetensorsFile, write_safetensors
 from .errors import CheckpointError
+from .kernels import mean_rstd
 from .config import check_field
 from .oracle import Decisions
 from .outputs import write_json
@@ -113,14 +114,7 @@ def _choose(x, prev, depth, w1, b1, w2, b2, forward_only, depth_limit, out):  # 
         if depth[i] >= depth_limit:
             out[i] = exit_
             continue
-        mean = 0.0
-        for k in range(E):
-            mean += x[i, k]
-        mean /= E
-        var = 0.0
-        for k in range(E):
-            var += (x[i, k] - mean) ** 2
-        rstd = 1.0 / np.sqrt(var / E + 1e-5)
+        mean, rstd = mean_rstd(x[i], 1e-5)
         for k in range(E):
             xn[k] = (x[i, k] - mean) * rstd
         for j in range(hidden):  # relu(W1 [LN(x), onehot(prev)] + b1)
