@@ -165,9 +165,12 @@ class FFNBlock(Block):
         return self.fc2(h)  # [T, F] -> [T, E]
 
 
-def run_block(i, block, x, step: Step, observe=None):
-    """Block i on rows x: its branch, its residual add, and the observer told (see `run_blocks`)."""
+def run_block(i, block, x, step: Step, observe=None, gate=None):
+    """Block i on rows x: its branch, scaled by `gate` [T] if given (a co-trained Radial Network's router
+    probability, see radial_train.py), its residual add, and the observer told (see `run_blocks`)."""
     f = block.branch(x, step)  # [T, E]
+    if gate is not None:
+        f = gate[:, None] * f  # y = x + p f(x)
     y = block.residual(x, f)  # [T, E]
     if observe is not None:
         observe(i, block, x, f, y)

@@ -9,16 +9,19 @@ caches have holes and no fixed shape, so every key/value pair any executed atten
 global store, tagged with (token position, layer, routing step). Memory grows with the attention blocks
 actually run, not with layers x tokens. A query chooses what it sees by a named policy:
 
-- per-layer: the entries written by the same layer. With nothing skipped this is exactly the sequential
-  cache; with skips it is the oracle's `drop` rule (a token that skipped a layer offers no keys there).
+- per-layer: the entries written by the same layer (the paper's per-block policy: a layer has one attention
+  block, and only attention blocks write). With nothing skipped this is exactly the sequential cache; with skips
+  it is the oracle's `drop` rule (a token that skipped a layer offers no keys there).
+- per-step: the entries written at the same routing step, whichever block wrote them (Mixture-of-Recursions'
+  recursion-wise caching): step s of a token reads step s of the tokens before it, and its own.
 - global: every entry so far, i.e. all previous tokens' entries and the current token's earlier steps.
   Entries from different steps are told apart by a sinusoidal encoding of the step added to keys and
   queries, so q.k gains a term PE(s_q).PE(s_k) that is largest for equal steps. A model trained sequentially
-  never learned this mixing; the policy is meant for networks trained with it, and its cost on ours is measured.
+  never learned this mixing; the policy is meant for networks trained with it (radial_train.py).
 """
 import numpy as np
 
-POLICIES = ("per-layer", "global")
+POLICIES = ("per-layer", "per-step", "global")
 
 
 class _Rows:
@@ -103,7 +106,7 @@ class UnifiedKVCache:
             raise ValueError(f"cache policy must be one of {POLICIES}, got {policy!r}")
         self.width, self.policy, self.scale = width, policy, step_encoding_scale
         self.rows = _Rows(width, n_head, tags=("pos", "layer", "hop"))
-        self.by_layer = {}  # layer -> (growable int64 array of entry indices, count): the per-layer view, kept as we go
+        self.views = {}  # layer (per-layer) or step (per-step) -> (growable int64 array of entry indices, count)
         self.n_tokens = 0
 
     def update(self, layer: int, q, k, v, pos, hop: int = 0):
@@ -115,12 +118,13 @@ class UnifiedKVCache:
         self.rows.append(k, v, pos=pos, layer=layer, hop=hop)
         if self.policy == "global":  # tokens arrive in order, so everything stored is visible
             return (q, *self.rows.view(), None)
-        index, n = self.by_layer.get(layer, (np.empty(16, np.int64), 0))
+        key = layer if self.policy == "per-layer" else hop  # the view this query reads, kept as entries arrive
+        index, n = self.views.get(key, (np.empty(16, np.int64), 0))
         if n + len(pos) > len(index):
             index = _grow(index, n, max(2 * len(index), n + len(pos)))
         index[n : n + len(pos)] = np.arange(first, self.rows.n)
         n += len(pos)
-        self.by_layer[layer] = (index, n)
+        self.views[key] = (index, n)
         return q, self.rows.k, self.rows.v, self.rows.tag("pos")[index[:n]], index[:n]
 
     def __len__(self) -> int:

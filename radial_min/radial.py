@@ -19,7 +19,7 @@ from .oracle import Decisions
 
 class RadialNetwork:
     def __init__(self, model, router, max_depth: int | None = None, cache_policy: str = "per-layer",
-                 step_encoding_scale: float = 1.0):  # fmt: skip
+                 step_encoding_scale: float = 1.0, gate: bool = False):  # fmt: skip
         self.model, self.router = model, router
         self.config = model.config
         self.blocks = model.blocks
@@ -27,6 +27,7 @@ class RadialNetwork:
         if self.max_depth < 0:
             raise ValueError(f"max_depth must be >= 0, got {self.max_depth}")
         self.cache_policy, self.step_encoding_scale = cache_policy, step_encoding_scale
+        self.gate = gate  # co-trained networks scale each block's branch by the router's probability of it
         self.routes = []  # one list of block indices per token processed
         self.cache = None  # the latest cache made by new_cache (for memory reports)
 
@@ -35,16 +36,24 @@ class RadialNetwork:
         self.cache = UnifiedKVCache(width, n_kv_head, self.cache_policy, self.step_encoding_scale)
         return self.cache
 
+    def decide(self, x, prev, depth):
+        """The router's next moves for rows x [N, E] ([N] ints, n_blocks = EXIT) and the gates [N] that scale the
+        blocks' branches: the router's probabilities of its moves if the network was trained with them, else None."""
+        if self.gate:
+            return self.router.decide(x, prev, depth)
+        return self.router.choose(x, prev, depth), None
+
     def route_token(self, token: int, pos: int, cache, observe=None):
         """Run one token through the blocks its router picks; returns its final hidden state [1, E]."""
         x = self.model.embed(np.array([token]), np.array([pos]))  # [1, E]
         begin(observe, x)
         prev, route, exit_ = -1, [], len(self.blocks)
         while len(route) < self.max_depth:
-            nxt = int(self.router.choose(x, [prev], [len(route)])[0])
+            moves, gate = self.decide(x, [prev], [len(route)])
+            nxt = int(moves[0])
             if nxt == exit_:
                 break
-            x = run_block(nxt, self.blocks[nxt], x, Step(np.array([pos]), cache, hop=len(route)), observe)
+            x = run_block(nxt, self.blocks[nxt], x, Step(np.array([pos]), cache, hop=len(route)), observe, gate)
             prev = nxt
             route.append(nxt)
         self.routes.append(route)

@@ -101,18 +101,20 @@ def loss_and_grads(params, z, allowed, labels):
 
 
 @njit(fastmath=True, cache=True)
-def _choose(x, prev, depth, w1, b1, w2, b2, forward_only, depth_limit, out):  # [N, E], [N], [N] -> out [N]
-    """`features`, `allowed_moves`, `forward` and argmax for one row at a time, in float32 (statistics in float64),
-    with no temporaries: the onehot of prev is one column of W1 added instead of a product. Ties go to the
-    first block, as argmax. Serial: a decision is ~E * hidden multiply-adds, less than waking a thread pool."""
+def _decide(x, prev, depth, w1, b1, w2, b2, forward_only, depth_limit, out, prob):  # [N, E], [N], [N] -> [N], [N]
+    """`features`, `allowed_moves`, `forward`, argmax and the softmax probability of the chosen move, one row at a
+    time, in float32 (statistics in float64), with no temporaries: the onehot of prev is one column of W1 added
+    instead of a product. Ties go to the first block, as argmax. Serial: a decision is ~E * hidden multiply-adds,
+    less than waking a thread pool."""
     n_rows, E = x.shape
     hidden, n_moves = w1.shape[0], w2.shape[0]
     exit_ = n_moves - 1
     xn = np.empty(E, np.float32)
     h = np.empty(hidden, np.float32)
+    logits = np.empty(n_moves, np.float32)
     for i in range(n_rows):
         if depth[i] >= depth_limit:
-            out[i] = exit_
+            out[i], prob[i] = exit_, 1.0
             continue
         mean, rstd = mean_rstd(x[i], 1e-5)
         for k in range(E):
@@ -124,14 +126,20 @@ def _choose(x, prev, depth, w1, b1, w2, b2, forward_only, depth_limit, out):  # 
             h[j] = max(acc, np.float32(0.0))
         best, best_logit = exit_, -np.inf
         for m in range(n_moves):
+            logits[m] = -np.inf
             if forward_only and m <= prev[i] and m != exit_:
                 continue
             logit = b2[m]
             for j in range(hidden):
                 logit += w2[m, j] * h[j]
+            logits[m] = logit
             if logit > best_logit:  # strict: the first of equal logits wins
                 best, best_logit = m, logit
-        out[i] = best
+        total = np.float32(0.0)  # softmax over the allowed moves, read at the chosen one: 1 / sum exp(l - max)
+        for m in range(n_moves):
+            if logits[m] > -np.inf:
+                total += np.exp(logits[m] - best_logit)
+        out[i], prob[i] = best, 1.0 / total
 
 
 class Router:
@@ -146,13 +154,18 @@ class Router:
         return forward(self.params, z, allowed_moves(prev, depth, self.config))[0]
 
     def choose(self, x, prev, depth) -> np.ndarray:
-        """Next block for each token ([N] ints, n_blocks = EXIT): `logits(...).argmax(-1)`, fused (`_choose`)."""
+        """Next block for each token ([N] ints, n_blocks = EXIT): `logits(...).argmax(-1)`, fused (`_decide`)."""
+        return self.decide(x, prev, depth)[0]
+
+    def decide(self, x, prev, depth):
+        """The moves of `choose` and the router's softmax probability of each ([N] float32): a co-trained network
+        scales the chosen block's branch by it (the gate, see radial_train.py); 1 when the depth limit forces EXIT."""
         p, cfg = self.params, self.config
         x = np.ascontiguousarray(x, dtype=np.float32)
-        out = np.empty(len(x), np.int64)
-        _choose(x, np.asarray(prev, np.int64), np.asarray(depth, np.int64), p["w1"], p["b1"], p["w2"], p["b2"],
-                cfg.forward_only, cfg.depth_limit, out)  # fmt: skip
-        return out
+        moves, prob = np.empty(len(x), np.int64), np.empty(len(x), np.float32)
+        _decide(x, np.asarray(prev, np.int64), np.asarray(depth, np.int64), p["w1"], p["b1"], p["w2"], p["b2"],
+                cfg.forward_only, cfg.depth_limit, moves, prob)  # fmt: skip
+        return moves, prob
 
     def save(self, path):
         """`path`.safetensors and `path`.json (its config)."""

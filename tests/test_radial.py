@@ -186,31 +186,83 @@ def test_one_observe_contract_for_every_walk():
     np.testing.assert_allclose(rows[keep], ratios[keep], rtol=1e-5)
 
 
-def test_global_policy_end_to_end_with_step_encodings():
-    """Global cache with step encodings on: the engine's logits equal the policy applied by hand (each attention
-    entry's key and the query both shifted by the step's encoding; every entry so far visible)."""
-    model = random_opt(seed=3, num_hidden_layers=2)
-    routes = [[0, 1, 2, 3], [0, 2, 3], [1, 0, 1, 3], [0, 1, 2, 3, 0, 1], [2, 0]]
-    ids = np.array([5, 9, 2, 7, 11])
-    radial = RadialNetwork(model, ScriptedRouter(routes, 4), cache_policy="global", step_encoding_scale=1.0)
-    got = radial.forward(ids)
-    E, keys, vals, states = model.config.hidden_size, [], [], []
-    for pos, (tok, route) in enumerate(zip(ids, routes)):
-        x = model.embed(np.array([tok]), np.array([pos]))  # [1, E]
-        for hop, b in enumerate(route):
-            blk = model.blocks[b]
-            if blk.kind != "att":
-                x = blk.residual(x, blk.branch(x))
-                continue
-            q, k, v = blk.project_qkv(x)
-            enc = step_encoding(hop, E)
-            keys.append(k + enc), vals.append(v)
-            a = kernels.attention_ref(q + enc, np.concatenate(keys), np.concatenate(vals), blk.n_head)
-            x = blk.residual(x, blk.out(a))
+def _policy_by_hand(model, ids, policy, scale, choose):
+    """Routed execution computed the slow, obvious way: every attention entry kept in a list with its (layer,
+    step); a query attends to the entries its policy shows (global: all so far, its key and the query both shifted
+    by the step's encoding; per-layer: the same layer's; per-step: the same step's). `choose(pos, x, prev, hop)`
+    gives the next block (len(blocks) = EXIT) and the gate that scales its branch. Returns (logits, routes)."""
+    E, n, entries, states, routes = model.config.hidden_size, len(model.blocks), [], [], []
+    for pos, tok in enumerate(ids):
+        x, prev, route = model.embed(np.array([tok]), np.array([pos])), -1, []  # [1, E]
+        while True:
+            b, gate = choose(pos, x, prev, len(route))
+            if b == n:
+                break
+            hop, blk = len(route), model.blocks[b]
+            if blk.kind == "att":
+                q, k, v = blk.project_qkv(x)
+                enc = scale * step_encoding(hop, E) if policy == "global" else 0.0
+                entries.append((blk.layer, hop, k + enc, v))
+                seen = [(K, V) for layer, h, K, V in entries if policy == "global" or
+                        (layer == blk.layer if policy == "per-layer" else h == hop)]  # fmt: skip
+                keys, vals = (np.concatenate(a) for a in zip(*seen))
+                f = blk.out(kernels.attention_ref(q + enc, keys, vals, blk.n_head))
+            else:
+                f = blk.branch(x)
+            x, prev = blk.residual(x, gate * f), b
+            route.append(b)
         states.append(x)
-    np.testing.assert_allclose(got, model.head(np.concatenate(states)), rtol=1e-5, atol=1e-5)
-    plain = RadialNetwork(model, ScriptedRouter(routes, 4), cache_policy="global", step_encoding_scale=0.0)
-    assert np.abs(plain.forward(ids) - got).max() > 1e-3  # the encodings matter on this model
+        routes.append(route)
+    return model.head(np.concatenate(states)), routes
+
+
+def _scripted(routes, n):
+    return lambda pos, x, prev, hop: (routes[pos][hop] if hop < len(routes[pos]) else n, 1.0)
+
+
+@pytest.mark.parametrize("policy", ["global", "per-layer", "per-step"])
+def test_every_policy_end_to_end(policy):
+    """Each cache policy, with routes that skip, reorder and reuse blocks: the engine's logits equal the policy
+    applied by hand. Global runs with its step encodings on, and they matter on this model."""
+    model = random_opt(seed=3, num_hidden_layers=2)
+    routes = [[0, 1, 2, 3], [0, 2, 3], [1, 0, 1, 3], [0, 1, 2, 3, 0, 1], [2, 0], [0, 2, 0, 2]]
+    ids = np.array([5, 9, 2, 7, 11, 4])
+    radial = RadialNetwork(model, ScriptedRouter(routes, 4), cache_policy=policy, step_encoding_scale=1.0)
+    got = radial.forward(ids)
+    want, _ = _policy_by_hand(model, ids, policy, 1.0, _scripted(routes, 4))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for other in {"global", "per-layer", "per-step"} - {policy}:  # the policies differ on these routes
+        assert np.abs(_policy_by_hand(model, ids, other, 1.0, _scripted(routes, 4))[0] - got).max() > 1e-3
+    if policy == "global":
+        plain = RadialNetwork(model, ScriptedRouter(routes, 4), cache_policy="global", step_encoding_scale=0.0)
+        assert np.abs(plain.forward(ids) - got).max() > 1e-3  # the encodings matter on this model
+
+
+def test_gate_scales_each_branch_by_the_routers_probability():
+    """A gated (co-trained) network adds p * f(x), p the router's softmax probability of the block it chose,
+    here from the float64 reference path (`Router.logits`); the same routes ungated differ."""
+    from radial_min import router as R
+
+    model = random_opt(seed=4, num_hidden_layers=2)
+    cfg = R.RouterConfig(width=16, n_blocks=4, hidden=8, forward_only=False, max_depth=5)
+    rng = np.random.default_rng(0)
+    params = {k: v + 0.5 * rng.standard_normal(v.shape).astype(np.float32) for k, v in R.init_router(cfg).items()}
+    params["b2"][cfg.exit] -= 1.0  # routes of a few blocks rather than immediate exits
+    router = R.Router(cfg, params)
+
+    def reference(pos, x, prev, hop):
+        logits = router.logits(x, [prev], [hop])[0]
+        p = np.exp(logits - logits.max())
+        return int(logits.argmax()), float(p.max() / p.sum())
+
+    ids = np.array([5, 9, 2, 7, 3])
+    gated = RadialNetwork(model, router, cache_policy="global", gate=True)
+    got = gated.forward(ids)
+    want, routes = _policy_by_hand(model, ids, "global", 1.0, reference)
+    assert gated.routes == routes and len({tuple(r) for r in routes}) > 1 and max(map(len, routes)) > 1
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    ungated = RadialNetwork(model, ScriptedRouter(routes, 4), cache_policy="global")
+    assert np.abs(ungated.forward(ids) - got).max() > 1e-3
 
 
 class _RecordingRouter(ScriptedRouter):

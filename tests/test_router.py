@@ -105,8 +105,8 @@ def test_distilled_router_learns_the_oracle():
 
 
 def test_fused_choose_is_the_float64_reference():
-    """`Router.choose` (the float32 Numba kernel) picks what the float64 training path's masked argmax picks,
-    over random states, every previous block and depths up to past the limit, for both mask kinds."""
+    """`Router.decide` (the float32 Numba kernel) picks what the float64 training path's masked argmax picks,
+    with the softmax's probability of it, over random states, every previous block and depths up to past the limit, for both mask kinds."""
     rng = np.random.default_rng(3)
     for forward_only in (True, False):
         cfg = R.RouterConfig(width=16, n_blocks=6, hidden=8, forward_only=forward_only, max_depth=5)
@@ -118,7 +118,12 @@ def test_fused_choose_is_the_float64_reference():
         ref = router.logits(x, prev, depth)
         top2 = np.sort(ref, -1)[:, -2:]
         clear = top2[:, 1] - top2[:, 0] > 1e-4  # float32 may flip only near-exact ties
-        got = router.choose(x, prev, depth)
+        got, prob = router.decide(x, prev, depth)
         assert clear.mean() > 0.95
         np.testing.assert_array_equal(got[clear], ref.argmax(-1)[clear])
+        np.testing.assert_array_equal(router.choose(x, prev, depth), got)
         assert (got[depth >= 5] == cfg.exit).all()
+        softmax = np.exp(ref - ref.max(-1, keepdims=True))
+        softmax /= softmax.sum(-1, keepdims=True)  # the gate: the probability of the chosen move
+        np.testing.assert_allclose(prob[clear], softmax.max(-1)[clear], rtol=1e-5)
+        assert (prob[depth >= 5] == 1).all() and (prob > 0).all() and (prob <= 1 + 1e-6).all()
