@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 import radial_min
-from radial_min import data, images, oracle, plots, profiling, stream
+from radial_min import data, images, kernels, oracle, plots, profiling, stream
 from radial_min import router as R
 from radial_min import train as tr
 from radial_min.cache import POLICIES
@@ -54,11 +54,13 @@ def cmd_generate(args):
         _warn(f"--max-new-tokens {args.max_new_tokens}: the model's context of {model.config.max_position_embeddings} "
               f"tokens leaves room for {max(0, room)} after the {len(ids)}-token prompt; generation stops there")
     runner = model if args.router is None else _radial_network(model, args)
-    write = sys.stdout.write
-    if not args.quiet:
-        write(args.prompt)
+    pending = [] if args.quiet else [args.prompt]  # echoed with the first new text, after any compile notice
+
+    def write(text):
+        sys.stdout.write((pending.pop() if pending else "") + text)
         sys.stdout.flush()
-    stream = streamer = Streamer(tok, lambda s: (write(s), sys.stdout.flush()))
+
+    stream = streamer = Streamer(tok, write)
     if args.router is not None and not args.quiet:
         stream = _depth_streamer(stream, runner, args.show_depth, write)
     t0 = time.perf_counter()
@@ -69,7 +71,7 @@ def cmd_generate(args):
         write(tok.decode(new))
     else:
         streamer.finish()  # a character the last token left incomplete: printed as --quiet would print it
-    write("\n")
+    write("\n")  # (with the prompt, if no new text came)
     if args.stats:
         print(f"[{_count(len(ids), 'prompt token')} + {_count(len(new), 'new token')} in {dt:.2f} s, "
               f"{len(new) / dt:.1f} tokens/s]", file=sys.stderr)
@@ -119,10 +121,8 @@ def _depth_streamer(stream, radial, style, write):
         if style == "count":
             piece += str(depth).translate(_SUBSCRIPT)
         elif style == "shade" and piece:
-            write(shade(piece, depth, n))
-            return sys.stdout.flush()
+            return write(shade(piece, depth, n))
         write(piece)
-        sys.stdout.flush()
 
     return on_token
 
@@ -759,10 +759,15 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+COMPILE_NOTICE = ("compiling radial_min's Numba kernels for this machine: once, on the first run after installing "
+                  "or editing them (cached for later runs) ...")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with kernels.on_first_compile(lambda: print(COMPILE_NOTICE, file=sys.stderr, flush=True)):
+            args.func(args)
     except RadialError as e:  # bad input; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

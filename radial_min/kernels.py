@@ -11,11 +11,13 @@ Which kernel runs where (measured on this project's 2-core AVX2 machine, see doc
   calls: a 512-token prefill took 1.25 s with sgemm against 0.7 s with ours. `set_backend("blas")` switches
   back, so the comparison can be rerun (bench/bench.py --matmul blas).
 """
+import contextlib
 import math
 import types
 
 import numpy as np
 from numba import njit, prange
+from numba.core import event
 
 from .dtypes import to_float32, to_storage  # noqa: F401 (kernels.to_storage is public API)
 
@@ -31,6 +33,32 @@ def set_backend(matmul: str) -> None:
     if matmul not in ("blas", "numba"):
         raise ValueError(f"matmul backend must be 'blas' or 'numba', got {matmul!r}")
     _BACKEND["matmul"] = matmul
+
+
+class _FirstCompile(event.Listener):
+    def __init__(self, callback):
+        self.callback = callback
+
+    def on_start(self, event):
+        callback, self.callback = self.callback, None
+        if callback is not None:
+            callback()
+
+    def on_end(self, event):
+        pass
+
+
+@contextlib.contextmanager
+def on_first_compile(callback):
+    """Within the block, call `callback()` once, when Numba really compiles a kernel (every kernel is
+    `cache=True`, so that happens on the first run after installing or editing the code, not when the disk cache
+    has it)."""
+    listener = _FirstCompile(callback)
+    event.register("numba:compile", listener)
+    try:
+        yield
+    finally:
+        event.unregister("numba:compile", listener)
 
 
 # Small work runs on one thread. Waking Numba's pool costs microseconds on an idle machine but milliseconds on a

@@ -40,8 +40,11 @@ cli = _import_cli()
 
 
 def run(*args):
-    """`python cli.py ARGS` in the repository root."""
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    """`python cli.py ARGS` in the repository root (stderr without the compile notice, see `call`)."""
+    p = subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    p.stderr = without_compile_notice(p.stderr)
+    return p
 
 
 def call(capsys, *args):
@@ -51,7 +54,12 @@ def call(capsys, *args):
     except SystemExit as e:
         code = e.code
     out, err = capsys.readouterr()
-    return code, out, err
+    return code, out, without_compile_notice(err)
+
+
+def without_compile_notice(err):
+    """The one line a cold Numba cache adds (a fresh clone's first run: test_compile_notice checks it)."""
+    return err.replace(cli.COMPILE_NOTICE + "\n", "")
 
 
 def assert_one_line_error(code, err):
@@ -145,6 +153,27 @@ def test_generate_as_a_subprocess(opt_with_tokenizer):
     p = run("generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 8)
     assert p.returncode == 0 and p.stderr == ""
     assert p.stdout == PROMPT + expected_generation(opt_with_tokenizer, PROMPT, 8) + "\n"
+
+
+def test_compile_notice_only_when_numba_compiles(capsys, monkeypatch, opt_with_tokenizer):
+    """One line when a kernel really compiles (a cold cache), none when every kernel is already compiled."""
+    from numba import njit
+
+    @njit(cache=False)
+    def fresh(x):  # never compiled before this test: stands for a cold disk cache
+        return x + 1
+
+    format_info = cli.format_info
+    monkeypatch.setattr(cli, "format_info", lambda model: format_info(model) + str(fresh(1) + fresh(2.5)))
+    capsys.readouterr()
+    assert cli.main(["info", "--model", str(opt_with_tokenizer)]) == 0
+    out, err = capsys.readouterr()
+    assert out.endswith("5.5\n") and err == cli.COMPILE_NOTICE + "\n"  # two compiles (int, float), one notice
+    assert cli.main(["info", "--model", str(opt_with_tokenizer)]) == 0
+    out, err = capsys.readouterr()
+    assert out.endswith("5.5\n") and err == ""  # compiled now: silent
+    fresh(3j)  # compiled outside the CLI: no listener left behind
+    assert capsys.readouterr().err == ""
 
 
 # ------------------------------------------------------------------------------------------------ info, classify
