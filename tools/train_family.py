@@ -3,9 +3,11 @@ ratio fall as models grow, as the paper found for OPT-125M..66B?
 
     python tools/train_family.py                 # trains what is missing (resumable), then profiles and reports
     python tools/train_family.py --report-only   # profiles the exported models only
+    python tools/train_family.py --seed 1        # a second seed: runs/family-seed1/ (weights not shipped)
 
 Budget rule: every size gets the same 600 steps of 16 x 256 tokens (2.5M tokens) of the default corpus, with
-the same optimizer settings; only width, depth and heads change. Models go to weights/family/opt-<E>x<L>/.
+the same optimizer settings; only width, depth and heads change. Models go to weights/family/opt-<E>x<L>/
+(seed 0, shipped); another --seed changes the initialisation and the batches and goes under runs/family-seed<N>/.
 """
 import argparse
 import json
@@ -26,12 +28,13 @@ def name(E, L):
     return f"opt-{E}x{L}"
 
 
-def train(E, L, H, runs: Path, weights: Path):
+def train(E, L, H, runs: Path, weights: Path, seed: int):
     out = weights / name(E, L)
     if (out / "model.safetensors").is_file():
         return out
     cmd = [sys.executable, str(ROOT / "cli.py"), "train", "--out", str(runs / name(E, L)), "--export", str(out),
-           "--hidden-size", str(E), "--layers", str(L), "--heads", str(H), "--steps", str(STEPS), "--warmup", "30"]  # fmt: skip
+           "--hidden-size", str(E), "--layers", str(L), "--heads", str(H), "--steps", str(STEPS), "--warmup", "30",
+           "--seed", str(seed)]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     return out
@@ -49,14 +52,21 @@ def profile(folders, out: Path, max_sequences):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", default=str(ROOT / "runs" / "family"))
-    p.add_argument("--weights", default=str(ROOT / "weights" / "family"))
-    p.add_argument("--profile-out", default=str(ROOT / "runs" / "family-profile"))
+    p.add_argument("--seed", type=int, default=0, help="init and batch seed (default: 0, the shipped family)")
+    p.add_argument("--runs", default=None, help="training runs (default: runs/family, or runs/family-seed<N>/runs)")
+    p.add_argument("--weights", default=None,
+                   help="exported models (default: weights/family, or runs/family-seed<N>/weights)")
+    p.add_argument("--profile-out", default=None,
+                   help="profile and family.json (default: runs/family-profile, or runs/family-seed<N>/profile)")
     p.add_argument("--max-sequences", type=int, default=400, help="WikiText-2 test sequences to profile")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
-    runs, weights = Path(args.runs), Path(args.weights)
-    folders = [weights / name(E, L) if args.report_only else train(E, L, H, runs, weights) for E, L, H in SIZES]
+    home = ROOT / "runs" / f"family-seed{args.seed}"
+    runs = Path(args.runs or (ROOT / "runs" / "family" if args.seed == 0 else home / "runs"))
+    weights = Path(args.weights or (ROOT / "weights" / "family" if args.seed == 0 else home / "weights"))
+    args.profile_out = args.profile_out or str(ROOT / "runs" / "family-profile" if args.seed == 0 else home / "profile")
+    folders = [weights / name(E, L) if args.report_only else train(E, L, H, runs, weights, args.seed)
+               for E, L, H in SIZES]
     summary = profile(folders, Path(args.profile_out), args.max_sequences)
     rows = []
     for (E, L, H), folder in zip(SIZES, folders):
