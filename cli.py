@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 import radial_min
-from radial_min import data, images, kernels, oracle, plots, profiling, stream
+from radial_min import data, images, kernels, oracle, plots, profiling, progress, stream
 from radial_min import router as R
 from radial_min import train as tr
 from radial_min.cache import POLICIES
@@ -217,9 +216,9 @@ def cmd_train(args):
     plots.training_curve(log, Path(cfg.out) / "loss.png")
     if args.export:
         tr.export_checkpoint(params, cfg.model_config(), cfg.out, args.export, args.dtype)
-        print(f"exported {args.export}; validation perplexity on the full held-out streams "
-              f"(one forward pass over each, about a minute at the default size) ...", file=sys.stderr)
-        rep = tr.report(radial_min.load(args.export), train_ids, val_streams, cfg.seq_len)
+        print(f"exported {args.export}; validation perplexity on the full held-out streams ...", file=sys.stderr)
+        with progress.Bar(0, "evaluate", "seq", leave=False) as bar:
+            rep = tr.report(radial_min.load(args.export), train_ids, val_streams, cfg.seq_len, bar)
         write_json(Path(cfg.out) / "report.json", rep)
         print(format_train_report(rep))
 
@@ -276,7 +275,7 @@ def cmd_profile(args):
                 raise RadialError(f"--generate: generation runs every block per token, it needs {label} loaded whole "
                                   "(no --stream)")
             phases["prefill"] = stream.profile_text(model, seqs, args.kind, out / f".stream-{label}",
-                                                    _block_bar(label, names))
+                                                    _block_bar(label, names, len(seqs)))
         elif model.config.model_type == "opt":
             seqs, tok = _sequences(model, args)
             phases["prefill"] = profiling.profile_text(model, seqs, args.kind, progress=_bar(f"profile {label}", "seq"))
@@ -336,20 +335,19 @@ def _load_maybe_streamed(source, want_stream: bool):
     return model, True
 
 
-def _block_bar(label, names):
-    """A progress bar over the sequences of each block, with the time left for the whole run in its title."""
-    t0, first = time.perf_counter(), []
+def _block_bar(label, names, n_seq):
+    """One bar over every block's pass over the sequences, labelled with the block; a resumed run starts at its
+    block (and counts only the blocks it runs in its rate)."""
+    bar = []
 
-    def bar(items, b):
-        if not first:
-            first.append(b)
-        done = b - first[0]
-        left = (time.perf_counter() - t0) / done * (len(names) - b) if done else float("nan")
-        eta = f", about {left / 60:.1f} min left" if done else ""
-        return tqdm(items, desc=f"{label} {names[b]} ({b + 1}/{len(names)}{eta})", unit="seq", leave=False,
-                    dynamic_ncols=True, disable=None)
+    def track(items, b):
+        if not bar:
+            bar.append(progress.Bar(len(names) * n_seq, label, "seq", initial=b * n_seq, leave=False))
+        yield from bar[0].track(items, f"{names[b]} (block {b + 1}/{len(names)})")
+        if b == len(names) - 1:
+            bar[0].close()
 
-    return bar
+    return track
 
 
 def cmd_simulate(args):
@@ -364,25 +362,23 @@ def cmd_simulate(args):
     taus = args.taus
     print(f"{model.path.name}: {_count(len(seqs), 'sequence')} x {seqs.shape[1]} tokens, "
           f"{_count(len(model.blocks), 'block')}", file=sys.stderr)
-    passes = ["tau=0 (sequential)"] + [f"tau={t:g}, {r}" for r in rules for t in taus if t != 0]
-    with _sweep_bar(passes, len(seqs)) as progress:
-        res = oracle.sweep(model, seqs, taus, rules, args.kind, progress=progress)
+    with progress.Bar(0, "simulate", "seq", final=False, leave=False) as bar:
+        res = oracle.sweep(model, seqs, taus, rules, args.kind, bar)
     names = profiling.block_names(model)
     n = len(model.blocks)
-    print(format_sweep(res["rows"], names))
+    print(format_sweep(res["rows"], res["static"], names, rules))
     write_json(out / "simulate.json", {"model": str(model.path), "sequences": int(len(seqs)),
                                        "seq_len": int(seqs.shape[1]), "blocks": names,
-                                       "mean_ratio": res["mean_ratio"], "rows": res["rows"],
+                                       "mean_ratio": res["mean_ratio"], "rows": res["rows"], "static": res["static"],
                                        "depth_hist": {f"{r}/{t}": h for (r, t), h in res["depth_hist"].items()}})
-    write_csv(out / "simulate.csv", [{k: v for k, v in r.items() if k not in ("skip_rate", "static_lowest_blocks")}
-                                     for r in res["rows"]])
+    write_csv(out / "simulate.csv", [{k: v for k, v in r.items() if k != "skip_rate"} for r in res["rows"]])
     curves = {}
     for rule in rules:
-        rows = [r for r in res["rows"] if r["rule"] == rule]
-        curves[f"oracle ({rule})"] = ([r["mean_depth"] for r in rows], [r["ppl"] for r in rows])
-    fill = [r for r in res["rows"] if r["rule"] == rules[0]]
-    curves["static: lowest-ratio blocks"] = ([n - r["static_k"] for r in fill], [r["static_lowest_ppl"] for r in fill])
-    curves["static: early exit"] = ([n - r["static_k"] for r in fill], [r["early_exit_ppl"] for r in fill])
+        rows = sorted((r["mean_depth"], r["ppl"]) for r in res["rows"] if r["rule"] == rule)
+        curves[f"oracle ({rule})"] = ([d for d, _ in rows], [p for _, p in rows])
+    for kind, label in (("lowest", "static: lowest-ratio blocks"), ("exit", "static: early exit")):
+        points = sorted((r["depth"], r["ppl"]) for r in res["static"] if r["baseline"] == kind)
+        curves[label] = ([d for d, _ in points], [p for _, p in points])
     made = plots.ppl_vs_depth(curves, n, out / "ppl_vs_depth.png")
     plots.depth_histogram({f"{r}, tau={t}": h for (r, t), h in res["depth_hist"].items()
                            if t == args.trace_tau or t == max(taus)}, out / "depth_hist.png")
@@ -391,42 +387,42 @@ def cmd_simulate(args):
     print(f"results in {out}/" + ("" if made else " (no plots: pip install matplotlib)"))
 
 
-def format_sweep(rows, names):
-    """`oracle.sweep`'s rows: perplexity and depth per (rule, tau) beside the static baselines, then skip rates."""
-    head = f"{'rule':<6}{'tau':>6}{'ppl':>10}{'depth':>8}{'min':>5}{'max':>5}{'k':>4}{'static ppl':>12}{'exit ppl':>10}"
-    lines = [head, "-" * len(head)]
+def format_sweep(rows, statics, names, rules):
+    """`oracle.sweep`'s rows: perplexity and depth per (rule, tau) beside the static baselines and the other
+    rule, all at the row's mean depth; then the baselines' own runs, then skip rates."""
+    other = {r: next((o for o in rules if o != r), None) for r in rules}
+    head = (f"{'rule':<6}{'tau':>6}{'ppl':>10}{'depth':>8}{'min':>5}{'max':>5}{'lowest-ratio':>14}{'early exit':>12}"
+            + (f"{'other rule':>12}" if len(rules) > 1 else ""))
+    lines = ["perplexity at the oracle's mean depth (blocks per token): the oracle, the static baselines and the "
+             "other rule", head, "-" * len(head)]
     for row in rows:
-        lines.append(f"{row['rule']:<6}{row['tau']:6.3f}{row['ppl']:10.3f}{row['mean_depth']:8.2f}"
-                     f"{row['min_depth']:5d}{row['max_depth']:5d}{row['static_k']:4d}"
-                     f"{row['static_lowest_ppl']:12.3f}{row['early_exit_ppl']:10.3f}")
-    lines += [f"(depth: blocks executed per token, of {len(names)}; k: blocks the static baselines drop for the same "
-              "mean depth;\n static: the k blocks of lowest mean ratio; exit: the last k blocks)",
-              "skip rate per block at each setting:",
-              f"{'':<12}" + "".join(f"{b:>8}" for b in names)]
+        line = (f"{row['rule']:<6}{row['tau']:6.3f}{row['ppl']:10.3f}{row['mean_depth']:8.2f}{row['min_depth']:5d}"
+                f"{row['max_depth']:5d}{_num(row['static_lowest_ppl'], 14)}{_num(row['early_exit_ppl'], 12)}")
+        if other[row["rule"]]:
+            line += _num(row[f"{other[row['rule']]}_ppl_at_depth"], 12)
+        lines.append(line)
+    lines += [f"(depth: of {len(names)} blocks; lowest-ratio: the k blocks of lowest mean ratio dropped for every "
+              "token; early exit: the last k;",
+              " at a depth between whole k, or between two taus of the other rule: the mean NLL interpolated, the "
+              "score of mixing",
+              " the two settings over sequences; '-': outside the depths measured)",
+              "",
+              "static baselines run (whole blocks dropped for every token):",
+              f"{'k':>3}{'depth':>7}{'lowest-ratio':>14}{'early exit':>12}  lowest-ratio blocks dropped"]
+    by_k = {}
+    for r in statics:
+        by_k.setdefault(r["k"], {})[r["baseline"]] = r
+    for k, b in sorted(by_k.items()):
+        dropped = ", ".join(names[i] for i in b["lowest"]["dropped"]) or "-"
+        lines.append(f"{k:3d}{len(names) - k:7d}{b['lowest']['ppl']:14.3f}{b['exit']['ppl']:12.3f}  {dropped}")
+    lines += ["", "skip rate per block at each setting:", f"{'':<12}" + "".join(f"{b:>8}" for b in names)]
     lines += [f"{row['rule']} {row['tau']:<7.3f}" + "".join(f"{s:8.2f}" for s in row["skip_rate"]) for row in rows]
     return "\n".join(lines)
 
 
-class _sweep_bar:
-    """One progress bar over every pass of a sweep, labelled with the pass that runs: `progress(items)` is
-    called once per pass, in the order of `passes`."""
-
-    def __init__(self, passes, per_pass):
-        self.passes, self.i = passes, 0
-        self.bar = tqdm(total=len(passes) * per_pass, unit="seq", leave=False, dynamic_ncols=True, disable=None)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.close()
-
-    def __call__(self, items):
-        self.bar.set_description(f"simulate {self.passes[min(self.i, len(self.passes) - 1)]}")
-        self.i += 1
-        for item in items:
-            yield item
-            self.bar.update(1)
+def _num(value, width, digits=3):
+    """A right-aligned number, or '-' for None (a value outside what was measured)."""
+    return f"{'-':>{width}}" if value is None else f"{value:{width}.{digits}f}"
 
 
 # ------------------------------------------------------------------------------------------- train-router
@@ -448,23 +444,29 @@ def cmd_train_router(args):
     router.save(out / "router")
     test_ex = R.oracle_examples(model, test_seqs, args.tau, args.kv_rule, args.kind, _bar("held-out labels", "seq"))
     acc_train, acc_test = R.accuracy(router, ex), R.accuracy(router, test_ex)
-    oracle_name = f"oracle (tau={args.tau}, {args.kv_rule})"
-    runs = {
-        "sequential": oracle.simulate(model, test_seqs, oracle.threshold(0.0), "fill", args.kind),
-        oracle_name: oracle.simulate(model, test_seqs, oracle.threshold(args.tau), args.kv_rule, args.kind),
-        "router": oracle.simulate(model, test_seqs, RouterDecisions(router), args.kv_rule, args.kind,
-                                  _bar("router on test", "seq")),
-    }
-    mean_ratio = runs["sequential"].ratios.reshape(-1, n).mean(0)
-    k = int(round(n - runs["router"].depth.mean()))
-    lowest, last = oracle.static(oracle.lowest_ratio_blocks(mean_ratio, k)), oracle.static(oracle.last_blocks(n, k))
-    runs[f"static: lowest-ratio {k} dropped"] = oracle.simulate(model, test_seqs, lowest)
-    runs[f"static: last {k} dropped"] = oracle.simulate(model, test_seqs, last)
+    sequential = oracle.simulate(model, test_seqs, oracle.threshold(0.0), "fill", args.kind,
+                                 _bar("sequential on test", "seq"))
+    routed = oracle.simulate(model, test_seqs, RouterDecisions(router), args.kv_rule, args.kind,
+                             _bar("router on test", "seq"))
+    depth = float(routed.depth.mean())
+    oracles = _oracle_around(model, test_seqs, args, depth, sequential)
+    runs = {"sequential": sequential, **{f"oracle (tau={t:g}, {args.kv_rule})": r for t, r in oracles.items() if t},
+            "router": routed}
+    statics = oracle.StaticBaselines(model, test_seqs, runs["sequential"].ratios.reshape(-1, n).mean(0),
+                                     runs["sequential"], progress.Passes("seq"))
+    at_depth = {"router": runs["router"].ppl,
+                "oracle": oracle.at_depth([(r.depth.mean(), r.nll.mean()) for r in oracles.values()], depth),
+                "static lowest-ratio": statics.ppl_at("lowest", depth),
+                "static early exit": statics.ppl_at("exit", depth)}
+    for (kind, k), (_, run) in statics.runs.items():
+        if k:
+            runs[f"static: {statics.NAMES[kind]} {k} dropped"] = run
+    own = oracle.agreement(runs["router"], args.tau)
     print(f"\nrouter saved to {out / 'router'}.safetensors (+ .json)")
-    print(format_router_report(acc_train, acc_test, runs, len(test_seqs)))
+    print(format_router_report(acc_train, acc_test, own, runs, len(test_seqs), depth, at_depth))
     hists = {name: np.bincount(r.depth, minlength=n + 1) for name, r in runs.items()}
     report = {"router": str(out / "router"), "config": cfg.__dict__, "accuracy_train": acc_train,
-              "accuracy_test": acc_test,
+              "accuracy_test": acc_test, "agreement_own_states": own, "at_router_depth": at_depth,
               "runs": {name: {"ppl": r.ppl, "mean_depth": float(r.depth.mean()), "min_depth": int(r.depth.min()),
                               "max_depth": int(r.depth.max()), "depth_hist": hists[name]}
                        for name, r in runs.items()}}
@@ -477,13 +479,36 @@ def cmd_train_router(args):
     print(f"report in {out}/")
 
 
-def format_router_report(acc_train, acc_test, runs, n_test):
+def _oracle_around(model, seqs, args, depth, sequential, step=0.02, most=5):
+    """The oracle at --tau and, to compare with the router at its own depth, at thresholds `step` apart toward
+    that depth until two of them bracket it (tau = 0 is the sequential model): {tau: Run}."""
+    runs = {0.0: sequential}
+    tau = args.tau
+    for _ in range(most):
+        if tau not in runs:
+            runs[tau] = oracle.simulate(model, seqs, oracle.threshold(tau), args.kv_rule, args.kind,
+                                        _bar(f"oracle tau={tau:g} on test", "seq"))
+        depths = [r.depth.mean() for r in runs.values()]
+        if min(depths) <= depth <= max(depths) and len(runs) > 2 or tau == 0:
+            break
+        tau = max(0.0, round(tau - step if depth > runs[tau].depth.mean() else tau + step, 6))
+    return dict(sorted(runs.items()))
+
+
+def format_router_report(acc_train, acc_test, own, runs, n_test, depth, at_depth):
     lines = [f"accuracy against the oracle: decisions {acc_test['decision']:.1%} held-out "
              f"({acc_train['decision']:.1%} train); whole routes {acc_test['route']:.1%}; EXIT {acc_test['exit']:.1%}, "
              f"next block {acc_test['block']:.1%}",
+             "  (on the oracle's states: the router fed the oracle's routes, one decision at a time)",
+             f"on the router's own states (its own routes, each decision against the oracle's rule on the state it "
+             f"reached):\n  decisions {own['move']:.1%}; whole routes {own['route']:.1%}; keep/skip per block "
+             f"{own['block']:.1%}",
              f"\n{'on ' + _count(n_test, 'held-out sequence'):<36}{'ppl':>10}{'blocks/token':>14}{'min':>5}{'max':>5}"]
     for name, run in runs.items():
         lines.append(f"{name:<36}{run.ppl:10.3f}{run.depth.mean():14.2f}{run.depth.min():5d}{run.depth.max():5d}")
+    lines.append(f"\nat the router's {depth:.2f} blocks per token (mean NLL interpolated between the two runs above "
+                 "that bracket it):")
+    lines.append("  " + "; ".join(f"{name} {_num(ppl, 0, 1).strip()}" for name, ppl in at_depth.items()))
     return "\n".join(lines)
 
 
@@ -524,8 +549,8 @@ def _warn(message):
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _bar(desc, unit):
-    return lambda items: tqdm(items, desc=desc, unit=unit, leave=False, dynamic_ncols=True, disable=None)
+def _bar(label, unit):
+    return lambda items: progress.track(items, label, unit)
 
 
 def _load(source, kind, weights_dtype="float32"):

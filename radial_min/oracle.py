@@ -136,6 +136,22 @@ def forced(keep):
     return lambda b, rows, r: keep[rows, b]
 
 
+def agreement(run: Run, tau: float) -> dict:
+    """How often the decisions of `run` (a router's, say) are the oracle's on the states they produced: at each
+    block a token reaches, the oracle at `tau` keeps it iff its ratio there, on that very state, is >= tau.
+    Counted per move, in the units the router is trained in (from the start and after each block it runs, the
+    next block or EXIT: a move agrees when the oracle would skip every block it skips and run the one it runs),
+    per block, and per token (its whole route)."""
+    keep = run.keep.reshape(-1, run.keep.shape[-1])  # [N, B]
+    same = keep == (run.ratios.reshape(keep.shape) >= tau)
+    move = np.cumsum(keep, 1) - keep  # [N, B]: blocks run before b = the move deciding b (after the last: EXIT's)
+    wrong = np.zeros((len(keep), keep.shape[1] + 1), bool)  # [N, B + 1]: move m disagrees on some block
+    np.logical_or.at(wrong, (np.broadcast_to(np.arange(len(keep))[:, None], keep.shape), move), ~same)
+    moves = keep.sum() + len(keep)  # one per block run, plus the first
+    return {"move": float(1 - wrong.sum() / moves), "block": float(same.mean()), "route": float(same.all(1).mean()),
+            "moves": int(moves)}
+
+
 def lowest_ratio_blocks(mean_ratio: np.ndarray, k: int) -> list[int]:
     """The k blocks with the smallest mean ratio: the best static guess at what the oracle skips."""
     return sorted(np.argsort(mean_ratio, kind="stable")[:k].tolist())
@@ -146,31 +162,92 @@ def last_blocks(n_blocks: int, k: int) -> list[int]:
     return list(range(n_blocks - k, n_blocks))
 
 
-def sweep(model, sequences, taus, kv_rules=KV_RULES, kind: str = "output", progress=None) -> dict:
-    """Perplexity against mean depth for the oracle at each tau and rule, and for the two static baselines at
-    the same (rounded) mean depth. Returns rows for a table plus the depth histograms."""
-    n_blocks = len(model.blocks)
-    full = simulate(model, sequences, threshold(0.0), "fill", kind, progress)  # tau = 0: the sequential model
+def at_depth(points, depth: float) -> float | None:
+    """Perplexity at `depth` blocks per token from measured (mean depth, mean NLL) points: the mean NLL is
+    interpolated linearly between the two nearest measured depths. That is exactly the expected score of a
+    policy that exists: run one of the two settings on each sequence, at random, in the proportion that gives
+    `depth` on average. None outside the measured range (never extrapolated)."""
+    points, eps = sorted(points), 1e-9  # eps: a mean depth that is whole up to rounding counts as whole
+    for (d0, l0), (d1, l1) in zip(points, points[1:] + points[-1:]):
+        if d0 - eps <= depth <= d1 + eps:
+            w = 0.0 if d1 == d0 else min(1.0, max(0.0, (depth - d0) / (d1 - d0)))
+            return float(np.exp(l0 + w * (l1 - l0)))
+    return None
+
+
+def bracketing_ks(n_blocks: int, depth: float) -> list[int]:
+    """The whole numbers of dropped blocks k whose depths n - k bracket `depth`: one k when it is whole."""
+    return sorted({int(np.floor(n_blocks - depth + 1e-9)), int(np.ceil(n_blocks - depth - 1e-9))})
+
+
+class StaticBaselines:
+    """The two static baselines (the k blocks of lowest mean ratio, or the last k: early exit) at whole k, run
+    once each when first needed, and their perplexity at any depth between (`at_depth`)."""
+
+    NAMES = {"lowest": "lowest-ratio", "exit": "last"}
+
+    def __init__(self, model, sequences, mean_ratio, full: Run, bar=None):
+        self.model, self.sequences, self.mean_ratio, self.bar = model, sequences, mean_ratio, bar
+        self.n = len(model.blocks)
+        self.runs = {("lowest", 0): ([], full), ("exit", 0): ([], full)}  # k = 0: the sequential model itself
+
+    def blocks(self, kind: str, k: int) -> list[int]:
+        return lowest_ratio_blocks(self.mean_ratio, k) if kind == "lowest" else last_blocks(self.n, k)
+
+    def missing(self, depths) -> list[tuple[str, int]]:
+        """The (kind, k) runs that `ppl_at` would need for these depths and that have not run yet."""
+        need = {(kind, k) for d in depths for k in bracketing_ks(self.n, d) for kind in self.NAMES}
+        return sorted(need - set(self.runs))
+
+    def run(self, kind: str, k: int) -> Run:
+        if (kind, k) not in self.runs:
+            blocks = self.blocks(kind, k)
+            label = f"static, {self.NAMES[kind]} {k} dropped"
+            progress = None if self.bar is None else (lambda items: self.bar.track(items, label))
+            run = simulate(self.model, self.sequences, static(blocks), "fill", progress=progress)
+            self.runs[(kind, k)] = (blocks, run)
+        return self.runs[(kind, k)][1]
+
+    def ppl_at(self, kind: str, depth: float) -> float:
+        """Perplexity of baseline `kind` at `depth` blocks per token, between its two bracketing whole k."""
+        return at_depth([(self.n - k, float(self.run(kind, k).nll.mean())) for k in bracketing_ks(self.n, depth)],
+                        depth)
+
+    def rows(self) -> list[dict]:
+        """Every baseline run so far: k, its depth, its perplexity and the blocks it drops."""
+        return [{"baseline": kind, "k": k, "depth": self.n - k, "ppl": run.ppl, "dropped": blocks}
+                for (kind, k), (blocks, run) in sorted(self.runs.items())]
+
+
+def sweep(model, sequences, taus, kv_rules=KV_RULES, kind: str = "output", bar=None) -> dict:
+    """Perplexity against mean depth for the oracle at each tau and rule, with everything compared at the same
+    mean depth: each static baseline at the oracle's depth (between the whole block counts around it, `at_depth`),
+    and the other rule's oracle curve at that depth. Returns rows for a table, the baseline runs, the depth
+    histograms. `bar` (a `progress.Bar`) counts every pass; the baselines' passes are added once known."""
+    n_blocks, n_seq = len(model.blocks), len(sequences)
+    passes = [(rule, tau) for rule in kv_rules for tau in taus if tau != 0]
+    track = (lambda label: None) if bar is None else (lambda label: lambda items: bar.track(items, label))
+    if bar is not None:
+        bar.extend((1 + len(passes)) * n_seq, final=False)
+    full = simulate(model, sequences, threshold(0.0), "fill", kind, track("tau=0 (sequential)"))
+    runs = {(rule, tau): full if tau == 0 else None for rule in kv_rules for tau in taus}
+    for rule, tau in passes:
+        runs[(rule, tau)] = simulate(model, sequences, threshold(tau), rule, kind, track(f"oracle tau={tau:g}, {rule}"))
     mean_ratio = full.ratios.reshape(-1, n_blocks).mean(0)
-    baseline_cache = {}
-
-    def baseline(kind_, k):
-        if (kind_, k) not in baseline_cache:
-            blocks = lowest_ratio_blocks(mean_ratio, k) if kind_ == "lowest" else last_blocks(n_blocks, k)
-            baseline_cache[(kind_, k)] = (simulate(model, sequences, static(blocks), "fill", kind).ppl, blocks)
-        return baseline_cache[(kind_, k)]
-
-    rows, depths = [], {}
-    for rule in kv_rules:
-        for tau in taus:
-            run = full if tau == 0 else simulate(model, sequences, threshold(tau), rule, kind, progress)  # tau 0: no skips
-            k = int(round(n_blocks - run.depth.mean()))
-            (low_ppl, low_blocks), (exit_ppl, _) = baseline("lowest", k), baseline("exit", k)
-            rows.append({
-                "tau": tau, "rule": rule, "ppl": run.ppl, "mean_depth": float(run.depth.mean()),
-                "min_depth": int(run.depth.min()), "max_depth": int(run.depth.max()),
-                "skip_rate": [round(float(s), 4) for s in run.skip_rate], "static_k": k,
-                "static_lowest_ppl": low_ppl, "static_lowest_blocks": low_blocks, "early_exit_ppl": exit_ppl,
-            })  # fmt: skip
-            depths[(rule, tau)] = np.bincount(run.depth, minlength=n_blocks + 1)
-    return {"rows": rows, "depth_hist": depths, "mean_ratio": mean_ratio, "full": full}
+    statics = StaticBaselines(model, sequences, mean_ratio, full, bar)
+    depths = [float(r.depth.mean()) for r in runs.values()]
+    if bar is not None:
+        bar.extend(len(statics.missing(depths)) * n_seq, final=True)
+    curves = {rule: [(float(r.depth.mean()), float(r.nll.mean())) for (ru, _), r in runs.items() if ru == rule]
+              for rule in kv_rules}
+    rows, hists = [], {}
+    for (rule, tau), run in runs.items():
+        depth = float(run.depth.mean())
+        same_depth = {f"{r}_ppl_at_depth": at_depth(curves[r], depth) for r in kv_rules}  # own rule: its own ppl
+        rows.append({"tau": tau, "rule": rule, "ppl": run.ppl, "mean_depth": depth,
+                     "min_depth": int(run.depth.min()), "max_depth": int(run.depth.max()),
+                     "skip_rate": [round(float(s), 4) for s in run.skip_rate],
+                     "static_lowest_ppl": statics.ppl_at("lowest", depth),
+                     "early_exit_ppl": statics.ppl_at("exit", depth), **same_depth})
+        hists[(rule, tau)] = np.bincount(run.depth, minlength=n_blocks + 1)
+    return {"rows": rows, "static": statics.rows(), "depth_hist": hists, "mean_ratio": mean_ratio, "full": full}

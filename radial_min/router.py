@@ -282,7 +282,7 @@ def accuracy(router: "Router", ex: dict) -> dict:
 def train_router(ex: dict, cfg: RouterConfig, epochs: int = 8, lr: float = 3e-3, batch_size: int = 512, seed: int = 0,
                  weight_decay: float = 0.0, progress: bool = True) -> Router:  # fmt: skip
     """Fit the router to the oracle's choices with AdamW on softmax cross-entropy."""
-    from tqdm import tqdm
+    from .progress import tqdm
 
     from .optim import adamw_step, lr_at
 

@@ -261,7 +261,7 @@ def load_state(path: Path):
 def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: bool = True, stop_after: int | None = None):
     """Train (or resume) into `cfg.out`; returns the parameters. Interrupting (Ctrl-C, SIGTERM) saves the state
     after the current step, so a rerun of the same command continues where it stopped."""
-    from tqdm import tqdm
+    from .progress import Bar
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -282,7 +282,7 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: 
         v = {k: np.zeros_like(a) for k, a in params.items()}
     interrupted = []
     handlers = {s: signal.signal(s, lambda *_: interrupted.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = Bar(cfg.steps, "train", "step", initial=step, enabled=progress)
     last_save, t0, tokens_done = step, time.perf_counter(), 0
     try:  # signals only raise a flag, so a step is never cut in half; the loop ends after a whole step
         with open(log_path, "a") as log:
@@ -355,20 +355,25 @@ def ngram_perplexities(train_ids: np.ndarray, sequences: np.ndarray, vocab_size:
     return {"unigram": float(np.exp(-np.log(uni[nxt]).mean())), "bigram": best[0], "bigram_lambda": round(float(best[1]), 2)}
 
 
-def perplexity(model, sequences: np.ndarray) -> float:
+def perplexity(model, sequences: np.ndarray, progress=None) -> float:
     """exp of the mean next-token NLL over packed sequences, computed by the inference engine."""
     from .oracle import next_token_nll
 
-    return float(np.exp(np.concatenate([next_token_nll(model.forward(s), s) for s in sequences]).mean()))
+    seqs = sequences if progress is None else progress(sequences)
+    return float(np.exp(np.concatenate([next_token_nll(model.forward(s), s) for s in seqs]).mean()))
 
 
-def report(model, train_ids, val_streams: dict, seq_len: int) -> dict:
-    """Validation perplexity of `model` on every full validation stream, beside the n-gram baselines."""
+def report(model, train_ids, val_streams: dict, seq_len: int, bar=None) -> dict:
+    """Validation perplexity of `model` on every full validation stream, beside the n-gram baselines; `bar` (a
+    `progress.Bar`) counts the sequences."""
     from .data import pack
 
     out = {}
-    for name, stream in val_streams.items():
-        seqs = pack(stream, seq_len)
-        out[name] = {"tokens": int(seqs[:, 1:].size), "model": perplexity(model, seqs),
+    packed = {name: pack(stream, seq_len) for name, stream in val_streams.items()}
+    if bar is not None:
+        bar.extend(sum(len(s) for s in packed.values()))
+    for name, seqs in packed.items():
+        track = None if bar is None else (lambda items, name=name: bar.track(items, name))
+        out[name] = {"tokens": int(seqs[:, 1:].size), "model": perplexity(model, seqs, track),
                      **ngram_perplexities(train_ids, seqs, model.config.vocab_size)}  # fmt: skip
     return out

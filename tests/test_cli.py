@@ -457,10 +457,15 @@ def test_train_exports_a_checkpoint_that_generates(capsys, tmp_path):
     """`train` end to end on the default corpus with a tiny model: resumable state, log, loss curve, export, report."""
     shared("kjv", "kjv.txt")
     run_dir, export = tmp_path / "run", tmp_path / "export"
-    args = ["train", "--out", run_dir, "--export", export, "--vocab-size", 300, "--hidden-size", 16, "--layers", 1, "--heads", 2,
-            "--seq-len", 16, "--batch-size", 2, "--steps", 2, "--eval-every", 1, "--save-every", 1, "--warmup", 1]  # fmt: skip
+    size = ["--vocab-size", 300, "--hidden-size", 16, "--layers", 1, "--heads", 2, "--seq-len", 16, "--batch-size", 2,
+            "--eval-every", 1, "--save-every", 1, "--warmup", 1]
+    code, _, err = call(capsys, "train", "--out", run_dir, *size, "--steps", 1)  # one step, no export
+    assert code == 0 and "resuming" not in err and not export.exists(), err
+    args = ["train", "--out", run_dir, "--export", export, "--steps", 2, *size]
     code, out, err = call(capsys, *args)
     assert code == 0, err
+    assert f"{run_dir}: resuming at step 1 of 2" in err and re.search(r"^train  2/2 step \(100%\)", err, re.M)
+    assert re.search(r"^evaluate  ([\d,]+)/\1 seq \(100%\).* in \d+:\d\d$", err, re.M), err  # the evaluation's bar
     assert re.search(r"^kjv\s+[\d,]+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M) and re.search(r"^wiki\s+", out, re.M)
     report = json.loads((run_dir / "report.json").read_text())
     assert report["kjv"]["model"] > 1 and report["kjv"]["unigram"] > 1
@@ -471,7 +476,7 @@ def test_train_exports_a_checkpoint_that_generates(capsys, tmp_path):
     code, _, err = call(capsys, *args, "--steps", 3)  # more steps, but the export exists: refused before any work
     assert_one_line_error(code, err)
     assert f"--export {export}: the folder exists" in err
-    code, _, err = call(capsys, *args[:-12], "--vocab-size", 500, "--overwrite")  # the run's tokenizer: 300 tokens
+    code, _, err = call(capsys, *args[:7], "--vocab-size", 500, "--overwrite")  # the run's tokenizer: 300 tokens
     assert code == 2 and "Traceback" not in err  # after the progress line, one error line
     assert err.splitlines()[-1].startswith("error: ") and "prepared with a vocabulary of 300, not 500" in err
 

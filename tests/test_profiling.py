@@ -95,15 +95,69 @@ def test_drop_rule_hides_skipped_tokens_from_later_ones(model):
     assert np.abs(fill[5:] - drop[5:]).max() > 1e-3
 
 
-def test_sweep_rows_and_baselines(model):
-    res = oracle.sweep(model, SEQS[:2], [0.0, median_ratio(model)], ["fill"])
+def test_sweep_compares_at_the_oracles_depth(model):
+    """Baselines and the other rule are scored at each oracle row's own mean depth: the mean NLL interpolated
+    between the runs that bracket it, recomputed here from simulations of our own."""
+    tau = median_ratio(model)
+    res = oracle.sweep(model, SEQS[:2], [0.0, tau / 2, tau], ["fill", "drop"])
     n = len(model.blocks)
-    first, second = res["rows"]
-    assert first["mean_depth"] == n and first["static_k"] == 0 and first["ppl"] == pytest.approx(first["early_exit_ppl"])
-    assert second["static_k"] == round(n - second["mean_depth"])
-    assert second["static_lowest_blocks"] == oracle.lowest_ratio_blocks(res["mean_ratio"], second["static_k"])
+    rows = {(r["rule"], r["tau"]): r for r in res["rows"]}
+    first = rows[("fill", 0.0)]
+    assert first["mean_depth"] == n and first["ppl"] == first["early_exit_ppl"] == first["static_lowest_ppl"]
+    for (rule, t), row in rows.items():
+        assert row[f"{rule}_ppl_at_depth"] == pytest.approx(row["ppl"], rel=1e-5)  # its own curve: itself (up to
+        # rounding when two taus skip nothing: drop runs attention token by token)
+        depth = row["mean_depth"]
+        for baseline, blocks_of in (("static_lowest_ppl", lambda k: oracle.lowest_ratio_blocks(res["mean_ratio"], k)),
+                                    ("early_exit_ppl", lambda k: oracle.last_blocks(n, k))):
+            k_hi = int(np.ceil(n - depth - 1e-9))
+            nll = [oracle.simulate(model, SEQS[:2], oracle.static(blocks_of(k))).nll.mean() for k in (k_hi - 1, k_hi)]
+            w = (n - k_hi + 1) - depth  # weight of the deeper run's complement: depth = (n - k_hi + 1) - w
+            expected = np.exp(nll[0] + w * (nll[1] - nll[0])) if k_hi > 0 else np.exp(nll[1])
+            assert row[baseline] == pytest.approx(expected, rel=1e-9), (rule, t, baseline)
+    other = rows[("drop", tau)]  # fill's curve at drop's depth, interpolated between fill's own taus
+    points = sorted((r["mean_depth"], np.log(r["ppl"])) for (ru, _), r in rows.items() if ru == "fill")
+    expected = np.exp(np.interp(other["mean_depth"], [d for d, _ in points], [v for _, v in points]))
+    if points[0][0] <= other["mean_depth"]:
+        assert other["fill_ppl_at_depth"] == pytest.approx(expected, rel=1e-9)
+    else:
+        assert other["fill_ppl_at_depth"] is None  # outside what fill measured: not extrapolated
+    ks = {r["k"] for r in res["static"]}
+    assert ks >= {0, int(np.floor(n - rows[("fill", tau)]["mean_depth"]))}
     assert res["depth_hist"][("fill", 0.0)][n] == 32
     assert oracle.last_blocks(6, 2) == [4, 5]
+
+
+def test_at_depth_interpolates_the_mean_nll():
+    points = [(12.0, np.log(100.0)), (11.0, np.log(200.0)), (8.0, np.log(400.0))]
+    assert oracle.at_depth(points, 11.5) == pytest.approx(np.sqrt(100 * 200))  # halfway in NLL: geometric mean
+    assert oracle.at_depth(points, 12.0) == pytest.approx(100.0) and oracle.at_depth(points, 8.0) == pytest.approx(400)
+    assert oracle.at_depth(points, 10.0) == pytest.approx(200 * 2 ** (1 / 3))
+    assert oracle.at_depth(points, 7.9) is None and oracle.at_depth(points, 12.1) is None
+    assert oracle.bracketing_ks(12, 7.75) == [4, 5] and oracle.bracketing_ks(12, 8.0) == [4]
+
+
+def test_agreement_on_a_runs_own_states(model):
+    """Decisions judged against the oracle's rule on the states they produced, in the router's units (moves)."""
+    keep = np.array([[[True, False, True]]])  # one token: runs block 0, skips 1, runs 2, exits
+    run = oracle.Run(keep, np.full((1, 1, 3), 0.5), np.zeros((1, 0)))
+    a = oracle.agreement(run, 0.3)  # the oracle would have run block 1: the move after block 0 disagrees
+    assert (a["moves"], a["move"], a["block"], a["route"]) == (3, pytest.approx(2 / 3), pytest.approx(2 / 3), 0.0)
+    a = oracle.agreement(oracle.Run(keep, np.array([[[0.5, 0.1, 0.2]]]), np.zeros((1, 0))), 0.3)
+    assert (a["move"], a["block"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3))  # runs 2 where the oracle exits
+    a = oracle.agreement(oracle.Run(keep, np.array([[[0.5, 0.1, 0.3]]]), np.zeros((1, 0))), 0.3)
+    assert (a["move"], a["block"], a["route"]) == (1.0, 1.0, 1.0)  # a ratio equal to tau: kept, as the oracle does
+    early = np.array([[[True, False, False], [False, False, True]]])  # two tokens, 1 block each: 2 + 2 moves
+    a = oracle.agreement(oracle.Run(early, np.array([[[0.5, 0.1, 0.9], [0.1, 0.1, 0.9]]]), np.zeros((1, 0))), 0.3)
+    assert (a["moves"], a["move"], a["route"]) == (4, pytest.approx(3 / 4), 0.5)  # token 0's EXIT skips block 2
+    one = np.array([[[False, True, False]]])  # its first move skips block 0 and runs 1: two wrong blocks, one move
+    a = oracle.agreement(oracle.Run(one, np.array([[[0.5, 0.1, 0.1]]]), np.zeros((1, 0))), 0.3)
+    assert (a["moves"], a["move"], a["block"]) == (2, 0.5, pytest.approx(1 / 3))
+    tau = median_ratio(model)  # the oracle agrees with itself everywhere, on its own states
+    a = oracle.agreement(oracle.simulate(model, SEQS, oracle.threshold(tau), "drop"), tau)
+    assert (a["move"], a["block"], a["route"]) == (1.0, 1.0, 1.0)
+    static = oracle.simulate(model, SEQS, oracle.static([0]), "drop")  # never runs block 0
+    assert oracle.agreement(static, tau)["block"] < 1
 
 
 def test_summary_statistics():

@@ -1,0 +1,151 @@
+"""Progress bars: a label, a count, a rate and an honest time left, on one line of stderr.
+
+    with Bar(total=600, label="train", unit="step") as bar:
+        for step in ...:
+            bar.update(1, info="loss 3.21")
+    for ids in track(sequences, "profile", "seq"):   # the same, around an iterable
+        ...
+
+On a terminal the line is redrawn in place (at most 10 times a second, cut to the terminal's width); when
+stderr is a file or a pipe, a plain line is written every PLAIN_EVERY seconds and one at the end, so a log
+shows progress without a wall of carriage returns. The rate counts only the work done in this process (a
+resumed run does not count the steps it starts from as fast ones), the time left is shown only once there is
+a rate, and while the total may still grow (`final=False`, e.g. passes that a sweep decides later) it reads
+"at least ...".
+"""
+import shutil
+import sys
+import time
+
+PLAIN_EVERY = 30.0  # seconds between plain lines when stderr is not a terminal
+REDRAW_EVERY = 0.1  # seconds between redraws on a terminal
+
+
+def duration(seconds: float) -> str:
+    """'0:07', '12:34', '1:02:03'."""
+    s = int(round(seconds))
+    h, m, s = s // 3600, s // 60 % 60, s % 60
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Bar:
+    """A progress line for `total` items of `unit`, starting at `initial` (work a resumed run already has).
+    `enabled=False` prints nothing; `leave=False` erases the line at the end on a terminal."""
+
+    def __init__(self, total: int, label: str = "", unit: str = "it", initial: int = 0, enabled: bool = True,
+                 final: bool = True, leave: bool = True, stream=None):
+        self.total, self.label, self.unit, self.final, self.leave = total, label, unit, final, leave
+        self.n = self.start = initial
+        self.stage = self.info = ""
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and self.stream.isatty()
+        self.t0 = self.shown = time.perf_counter()
+        self._draw(force=self.tty)
+
+    def update(self, n: int = 1, info: str | None = None, stage: str | None = None):
+        self.n += n
+        if info is not None:
+            self.info = info
+        if stage is not None:
+            self.stage = stage
+        self._draw()
+
+    def set(self, stage: str | None = None, info: str | None = None):
+        """What runs now (shown after the label, e.g. 'tau=0.2, drop') or info (loss, ...), at the next redraw."""
+        self.update(0, info, stage)
+
+    def set_postfix(self, **values):
+        """Named values after the count ('loss 3.210  tok_s 1950'), as tqdm's set_postfix."""
+        self.set(info="  ".join(f"{k} {v}" for k, v in values.items()))
+
+    def extend(self, n: int, final: bool = True):
+        """`n` more items than planned: for work that becomes known on the way; final=False if more may follow."""
+        self.total += n
+        self.final = final
+        self._draw()
+
+    def track(self, items, stage: str | None = None):
+        """Iterate over `items`, counting each one after it is processed, with `stage` saying what runs."""
+        if stage is not None:
+            self.set(stage)
+        for item in items:
+            yield item
+            self.update(1)
+
+    def close(self):
+        if not self.enabled:
+            return
+        if self.tty and not self.leave:
+            self.stream.write("\r\x1b[K")
+        else:
+            self.stream.write(("\r\x1b[K" if self.tty else "") + self.line(done=True) + "\n")
+        self.stream.flush()
+        self.enabled = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def line(self, done: bool = False) -> str:
+        """'simulate: tau=0.2, drop  340/1,000 seq (34%)  8.12 seq/s  0:42, about 1:21 left  info'; at the end,
+        the label alone with the time it all took."""
+        elapsed = time.perf_counter() - self.t0
+        rate = (self.n - self.start) / elapsed if elapsed > 0 else 0.0
+        count = f"{self.n:,}" + (f"/{self.total:,}{'' if self.final else '+'}" if self.total else "") + f" {self.unit}"
+        if self.total:
+            count += f" ({self.n / self.total:.0%})"
+        label = self.label + (f": {self.stage}" if self.stage and not done else "")
+        parts = [label, count] if label else [count]
+        if rate > 0:
+            parts.append(f"{rate:.3g} {self.unit}/s" if rate >= 1 else f"{1 / rate:.3g} s/{self.unit}")
+        if done:
+            parts.append(f"in {duration(elapsed)}")
+        elif rate > 0 and self.total >= self.n > 0:
+            left = duration((self.total - self.n) / rate)
+            parts.append(f"{duration(elapsed)}, {'about' if self.final else 'at least'} {left} left")
+        else:
+            parts.append(duration(elapsed))
+        if self.info:
+            parts.append(self.info)
+        return "  ".join(parts)
+
+    def _draw(self, force: bool = False):
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not force and now - self.shown < (REDRAW_EVERY if self.tty else PLAIN_EVERY):
+            return
+        self.shown = now
+        if self.tty:
+            width = shutil.get_terminal_size((120, 24)).columns - 1
+            self.stream.write("\r\x1b[K" + self.line()[:width])
+        else:
+            self.stream.write(self.line() + "\n")
+        self.stream.flush()
+
+
+def track(items, label: str = "", unit: str = "it", enabled: bool = True, leave: bool = False):
+    """A bar around an iterable (its len() is the total when it has one); erased at the end on a terminal."""
+    total = len(items) if hasattr(items, "__len__") else 0
+    with Bar(total, label, unit, enabled=enabled, leave=leave) as bar:
+        yield from bar.track(items)
+
+
+class Passes:
+    """A fresh bar for each pass, `track(items, label)`, when how many passes will run is not known up front."""
+
+    def __init__(self, unit: str = "it", enabled: bool = True):
+        self.unit, self.enabled = unit, enabled
+
+    def track(self, items, stage: str = ""):
+        yield from track(items, stage, self.unit, self.enabled)
+
+
+def tqdm(total: int = 0, desc: str = "", unit: str = "it", initial: int = 0, disable: bool = False,
+         dynamic_ncols: bool = True) -> Bar:
+    """A `Bar` from the keywords of `tqdm.tqdm` that radial_min's call sites were written with, so such a call
+    site changes by its import only (the line always fits the terminal: `dynamic_ncols` is accepted, not needed)."""
+    return Bar(total, desc, unit, initial, enabled=not disable)

@@ -1,0 +1,81 @@
+"""Progress bars: the counts, rates and time left they print, on a terminal and in a log."""
+import io
+
+import pytest
+
+from radial_min import progress
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(progress.time, "perf_counter", c)
+    return c
+
+
+def test_rate_and_time_left_count_only_this_runs_work(clock):
+    """A resumed run starts at step 100 of 200: 10 steps in 5 s is 2 steps/s and 45 s left, not 22/s."""
+    bar = progress.Bar(200, "train", "step", initial=100, stream=Terminal())
+    for _ in range(10):
+        clock.t += 0.5
+        bar.update(1)
+    assert bar.line() == "train  110/200 step (55%)  2 step/s  0:05, about 0:45 left"
+
+
+def test_growing_total_reads_at_least_and_stage_follows_the_label(clock):
+    out = Terminal()
+    bar = progress.Bar(0, "simulate", "seq", final=False, stream=out)
+    bar.extend(4, final=False)
+    for _ in bar.track(range(2), "tau=0.2, drop"):
+        clock.t += 2.0
+    assert bar.line() == "simulate: tau=0.2, drop  2/4+ seq (50%)  2 s/seq  0:04, at least 0:04 left"
+    bar.extend(2, final=True)
+    assert "2/6 seq (33%)" in bar.line() and "about 0:08 left" in bar.line()
+    assert out.getvalue().startswith("\r\x1b[Ksimulate")  # redrawn in place on a terminal
+    bar.close()
+    assert out.getvalue().endswith("\r\x1b[Ksimulate  2/6 seq (33%)  2 s/seq  in 0:04\n")  # the label alone
+
+
+def test_plain_lines_when_not_a_terminal(clock):
+    """In a log: nothing for the first PLAIN_EVERY seconds, then one line, and one at the end."""
+    log = io.StringIO()
+    bar = progress.Bar(100, "profile", "seq", stream=log)
+    clock.t += 1.0
+    bar.update(10)
+    assert log.getvalue() == ""
+    clock.t += progress.PLAIN_EVERY
+    bar.update(10, info="loss 3.2")
+    assert log.getvalue() == "profile  20/100 seq (20%)  1.55 s/seq  0:31, about 2:04 left  loss 3.2\n"
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("profile  20/100 seq (20%)") and "\r" not in log.getvalue()
+
+
+def test_disabled_and_erased_bars_print_nothing(clock):
+    quiet = Terminal()
+    with progress.tqdm(total=5, desc="x", disable=True) as bar:
+        bar.update(5)
+    assert quiet.getvalue() == ""
+    term = Terminal()
+    for _ in progress.Bar(3, "tmp", leave=False, stream=term).track(range(3)):
+        clock.t += 1
+    bar = progress.Bar(3, "tmp", leave=False, stream=term)
+    bar.close()
+    assert term.getvalue().endswith("\r\x1b[K")  # the line is erased, nothing left behind
+
+
+def test_duration():
+    assert [progress.duration(s) for s in (0, 7.4, 754, 3723)] == ["0:00", "0:07", "12:34", "1:02:03"]
