@@ -149,18 +149,27 @@ class GGUFStore:
         return _unpermute(w, self.heads[kind]) if kind in self.heads else w
 
 
-def load_gguf(path, weights_dtype: str = "float32"):
-    """A Llama/Qwen2 model from a .gguf file, every tensor dequantized to float32 (then stored as asked)."""
+def open_gguf(path):
+    """(config, store, names): a .gguf file opened and its tensors checked against the config, nothing dequantized
+    yet; `names` maps transformers' tensor names to the file's."""
     from . import llama
     from .config import config_from_dict
-    from .kernels import to_storage
-    from .loading import _is_matrix, _match
+    from .loading import _match
 
     reader = open_reader(path)
     cfg = config_from_dict(config_dict(reader), f"{path} (metadata)")
     store = GGUFStore(reader, cfg.num_attention_heads, cfg.num_key_value_heads)
     renamed = _Renamed(store)
-    store_names = {ours: renamed.gguf[theirs] for ours, theirs in _match(renamed, cfg, llama).items()}
+    return cfg, store, {ours: renamed.gguf[theirs] for ours, theirs in _match(renamed, cfg, llama).items()}
+
+
+def load_gguf(path, weights_dtype: str = "float32"):
+    """A Llama/Qwen2 model from a .gguf file, every tensor dequantized to float32 (then stored as asked)."""
+    from . import llama
+    from .kernels import to_storage
+    from .loading import _is_matrix
+
+    cfg, store, store_names = open_gguf(path)
     tensors = {}
     for ours, theirs in store_names.items():
         a = store.read(theirs)
@@ -170,7 +179,7 @@ def load_gguf(path, weights_dtype: str = "float32"):
     model.dtypes_on_disk = Counter(store.dtype(theirs) for theirs in store_names.values())
     model.n_params = sum(a.size for a in tensors.values())
     model.weights_dtype = weights_dtype
-    model.file_type = field(reader, "general.file_type")
+    model.file_type = field(store.reader, "general.file_type")
     return model
 
 

@@ -44,6 +44,24 @@ def normalize_name(name: str) -> str:
     return name[len("model.") :] if name.startswith("model.") else name
 
 
+def make_block(cfg: LlamaConfig, t: dict, i: int, kind: str):
+    """Layer i's attention ("att") or FFN ("ffn") block from tensors `t` (consumed); `stream.py` builds one block
+    at a time with it."""
+    p = f"layers.{i}."
+    if kind == "att":
+        qkv = Linear(  # q, k, v stacked: [H*D + 2*Hkv*D, E]; popped, so the separate copies are freed (peak memory)
+            np.concatenate([t.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+            np.concatenate([t.pop(p + f"self_attn.{x}_proj.bias") for x in "qkv"]) if cfg.qkv_bias else None,
+        )
+        out = Linear.from_tensors(t, p + "self_attn.o_proj")
+        norm = RMSNorm(t[p + "input_layernorm.weight"], cfg.rms_norm_eps)
+        rotary = Rotary(cfg.head_dim, float(cfg.rope_theta))
+        return AttentionBlock(i, norm, True, qkv, out, cfg.num_attention_heads, cfg.num_key_value_heads, rotary)
+    up, gate, down = (Linear.from_tensors(t, p + f"mlp.{x}_proj") for x in ("up", "gate", "down"))
+    norm = RMSNorm(t[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+    return FFNBlock(i, norm, True, up, down, cfg.hidden_act, gate=gate)
+
+
 class Llama:
     """A Llama or Qwen2 causal language model as a list of residual blocks. Built from tensors `t` (consumed)."""
 
@@ -53,21 +71,7 @@ class Llama:
         self.embed_tokens = t["embed_tokens.weight"]  # [V, E]
         self.final_norm = RMSNorm(t["norm.weight"], cfg.rms_norm_eps)
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else t["lm_head.weight"]
-        rotary = Rotary(cfg.head_dim, float(cfg.rope_theta))
-        H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.blocks = []
-        for i in range(self.n_layer):
-            p = f"layers.{i}."
-            qkv = Linear(  # q, k, v stacked: [H*D + 2*Hkv*D, E]
-                np.concatenate([t.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
-                np.concatenate([t.pop(p + f"self_attn.{x}_proj.bias") for x in "qkv"]) if cfg.qkv_bias else None,
-            )
-            out = Linear.from_tensors(t, p + "self_attn.o_proj")
-            norm = RMSNorm(t[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-            self.blocks.append(AttentionBlock(i, norm, True, qkv, out, H, Hkv, rotary))
-            up, gate, down = (Linear.from_tensors(t, p + f"mlp.{x}_proj") for x in ("up", "gate", "down"))
-            norm = RMSNorm(t[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-            self.blocks.append(FFNBlock(i, norm, True, up, down, cfg.hidden_act, gate=gate))
+        self.blocks = [make_block(cfg, t, i, kind) for i in range(self.n_layer) for kind in ("att", "ffn")]
 
     # --------------------------------------------------------------------------------------------- pieces
 
@@ -78,8 +82,12 @@ class Llama:
             raise ValueError(f"positions must be >= 0, got {np.min(pos)}")
         return kernels.to_float32(self.embed_tokens[input_ids])  # [T] -> [T, E]
 
+    def final(self, x):
+        """What the LM head multiplies: the last states normalised."""
+        return self.final_norm(x)
+
     def head(self, x):
-        return kernels.linear(self.final_norm(x), self.lm_head)  # [T, E] -> [T, V]
+        return kernels.linear(self.final(x), self.lm_head)  # [T, E] -> [T, V]
 
     @property
     def kv_shape(self) -> tuple[int, int]:

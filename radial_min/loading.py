@@ -27,26 +27,35 @@ def load(source, *, weights_dtype: str = "float32"):
     to_storage(np.zeros(1, np.float32), weights_dtype)  # refuse an unknown dtype before reading anything
     if is_gguf(source):  # a single llama.cpp file (optional `gguf` package)
         return load_gguf(source, weights_dtype)
-    folder = resolve(source)
-    cfg = read_config(folder)
-    module, cls = ARCHITECTURES[cfg.model_type]
-    store = open_checkpoint(folder)
-    names = _match(store, cfg, module)
+    folder, cfg, store, names = open_checkpoint_folder(source)
     tensors = {}
     for ours, theirs in names.items():  # one tensor at a time, narrowed as read: peak memory = model + one tensor
-        a = store.read(theirs)
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            bad = int(a.size - np.isfinite(a).sum())
-            raise CheckpointError(
-                f"{store.description}: tensor {quote(theirs)} has {bad} NaN or infinite values of {a.size}"
-            )
+        a = read_checked(store, theirs)
         tensors[ours] = to_storage(a, weights_dtype) if _is_matrix(ours, a) else a
     n_params = sum(a.size for a in tensors.values())
-    model = cls(cfg, tensors)
+    model = ARCHITECTURES[cfg.model_type][1](cfg, tensors)
     model.path = Path(folder)
     model.dtypes_on_disk = Counter(store.dtype(theirs) for theirs in names.values())
     model.n_params, model.weights_dtype = n_params, weights_dtype
     return model
+
+
+def open_checkpoint_folder(source):
+    """(folder, config, store, names): a checkpoint folder (or Hub id) opened and every tensor name and shape checked
+    against its config, nothing read yet; `names` maps our tensor names to the checkpoint's."""
+    folder = resolve(source)
+    cfg = read_config(folder)
+    store = open_checkpoint(folder)
+    return folder, cfg, store, _match(store, cfg, ARCHITECTURES[cfg.model_type][0])
+
+
+def read_checked(store, theirs) -> np.ndarray:
+    """One tensor, read and refused if it holds NaN or infinite values."""
+    a = store.read(theirs)
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        bad = int(a.size - np.isfinite(a).sum())
+        raise CheckpointError(f"{store.description}: tensor {quote(theirs)} has {bad} NaN or infinite values of {a.size}")
+    return a
 
 
 def _is_matrix(name, a) -> bool:

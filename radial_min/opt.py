@@ -97,12 +97,16 @@ class OPT:
             x = self.project_in(x)  # [T, P] -> [T, E]
         return x + self.embed_positions[pos + POSITION_OFFSET]  # [T, E]
 
-    def head(self, x):
+    def final(self, x):
+        """What the LM head multiplies: the last states normalised (and projected back to the embedding width)."""
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.project_out is not None:
             x = self.project_out(x)  # [T, E] -> [T, P]
-        return kernels.linear(x, self.lm_head)  # [T, P] -> [T, V]
+        return x
+
+    def head(self, x):
+        return kernels.linear(self.final(x), self.lm_head)  # [T, E] -> [T, V]
 
     @property
     def kv_shape(self) -> tuple[int, int]:
