@@ -223,20 +223,28 @@ def _shard_path(folder: Path, shard: str, index_path: Path) -> Path:
 def write_safetensors(path, tensors: dict, metadata: dict | None = None, bfloat16=()) -> None:
     """Write float32/float16/int arrays as safetensors, atomically (a temporary file renamed into place).
     Tensors named in `bfloat16` are float32 arrays stored as BF16 (rounded to nearest even)."""
-    dtype_codes = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64", np.dtype("int32"): "I32"}
-    header, offset, arrays = {}, 0, []
+    specs = {name: (np.asarray(a).dtype, np.shape(a)) for name, a in tensors.items()}
+    write_safetensors_from(path, specs, lambda name: tensors[name], metadata, bfloat16)
+
+
+_WRITE_CODES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64", np.dtype("int32"): "I32"}
+
+
+def write_safetensors_from(path, specs: dict, read, metadata: dict | None = None, bfloat16=()) -> None:
+    """`write_safetensors` one tensor at a time: `specs` gives each name's (dtype, shape) for the header, `read(name)`
+    the array when its turn comes, so peak memory is one tensor (converting a checkpoint larger than memory)."""
+    header, offset, order = {}, 0, []
     if metadata:
         header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
-        code = dtype_codes.get(a.dtype)
-        if name in bfloat16 and a.dtype == np.float32:
-            a, code = to_storage(a, "bfloat16"), "BF16"
+    for name in sorted(specs):
+        dtype, shape = np.dtype(specs[name][0]), tuple(specs[name][1])
+        code = "BF16" if name in bfloat16 and dtype == np.float32 else _WRITE_CODES.get(dtype)
         if code is None:
-            raise ValueError(f"tensor {name!r}: cannot write dtype {a.dtype}")
-        header[name] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-        arrays.append(a)
+            raise ValueError(f"tensor {name!r}: cannot write dtype {dtype}")
+        nbytes = math.prod(shape) * _ST_DTYPES[code].itemsize
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        order.append((name, code, shape))
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # align the data to 8 bytes, as the reference writer does
     path = Path(path)
@@ -245,8 +253,12 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None, bfloat1
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(head)))
             f.write(head)
-            for a in arrays:
-                f.write(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+            for name, code, shape in order:
+                a = np.ascontiguousarray(read(name))
+                if a.shape != shape:
+                    raise ValueError(f"tensor {name!r}: read {a.shape}, the header says {shape}")
+                a = to_storage(a, "bfloat16") if code == "BF16" else a.astype(_ST_DTYPES[code], copy=False)
+                f.write(a.tobytes())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -76,24 +76,41 @@ def _has_safetensors(folder: Path) -> bool:
 
 
 def ensure_safetensors(folder: Path) -> None:
-    """Convert pytorch_model.bin (single or sharded) to model.safetensors once, then remove the pickles."""
+    """Convert pytorch_model.bin (single or sharded) to safetensors once, shard by shard and tensor by tensor (so a
+    checkpoint larger than memory converts), then remove the pickles. A sharded .bin becomes model-*.safetensors
+    with an index, written last: until it exists the conversion is redone."""
     folder = Path(folder)
     if _has_safetensors(folder):
         return
+    from .checkpoint import open_checkpoint, write_safetensors_from
+    from .outputs import write_json
+
     bins = sorted(folder.glob("pytorch_model*.bin"))
     if not bins:
         raise CheckpointError(
             f"{folder}: has no usable weights; expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
         )
-    from .checkpoint import write_safetensors
-    from .torch_pickle import load_torch_file
-
-    tensors, bf16 = {}, set()
-    for b in bins:
-        t, dtypes = load_torch_file(b)
-        tensors.update({k: a.astype(np.float32) if a.dtype.kind == "f" and a.dtype != np.float16 else a for k, a in t.items()})
-        bf16 |= {k for k, d in dtypes.items() if d == "bfloat16"}  # upcast on reading; stored as bf16 again, exactly
-    write_safetensors(folder / "model.safetensors", tensors, {"format": "pt", "converted_from": "pytorch_model.bin"}, bf16)
+    store = open_checkpoint(folder)  # the pickles' names and shapes only: storages are read one tensor at a time
+    weight_map = {}
+    for name, f in store.files.items():
+        target = "model.safetensors" if len(store.files) == 1 else name.replace("pytorch_model", "model").replace(".bin", ".safetensors")
+        names = [n for n, where in store.where.items() if where == name]
+        specs = {n: (_stored_dtype(f.dtype(n)), f.shape(n)) for n in names}
+        bf16 = {n for n in names if f.dtype(n) == "bfloat16"}  # widened on reading; stored as bf16 again, exactly
+        write_safetensors_from(folder / target, specs, lambda n, f=f: _as_stored(f.read_stored(n)),
+                               {"format": "pt", "converted_from": name}, bf16)  # fmt: skip
+        weight_map.update({n: target for n in names})
+    if len(store.files) > 1:
+        write_json(folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
     for b in bins:
         b.unlink()
     (folder / "pytorch_model.bin.index.json").unlink(missing_ok=True)
+
+
+def _stored_dtype(name: str):
+    """The dtype a .bin tensor is written as: float16 stays, other floats become float32 (bfloat16 then BF16)."""
+    return np.float16 if name == "float16" else np.float32 if name in ("float32", "float64", "bfloat16") else np.dtype(name)
+
+
+def _as_stored(a):
+    return a.astype(np.float32) if a.dtype.kind == "f" and a.dtype != np.float16 else a

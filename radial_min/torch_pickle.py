@@ -317,11 +317,50 @@ class TorchFile:
 
     def read(self, name) -> np.ndarray:
         """The tensor as float32 (floats) or its stored integer type."""
+        out = self.read_stored(name)
+        return out.astype(np.float32, copy=False) if out.dtype.kind == "f" else out
+
+    def read_stored(self, name) -> np.ndarray:
+        """The tensor in its stored dtype (bfloat16 widened to float32, as `load_torch_file` does)."""
         ref = self.entries[name]
         with _open_zip(self.path) as zf:
             raw = _read_storage(zf, self.folder, ref.storage, name, self.path)
-            out = _cut_tensor(raw, ref, self.big_endian, name, self.path)
-        return out.astype(np.float32, copy=False) if out.dtype.kind == "f" else out
+            return _cut_tensor(raw, ref, self.big_endian, name, self.path)
+
+    def storage(self, name) -> str:
+        """The key of the storage record the tensor is cut from (tensors that share one name the same key)."""
+        return self.entries[name].storage.key
+
+    def span(self, name):
+        """(byte offset in the .bin file, stored dtype; bfloat16 as uint16 bits) of a row-major tensor whose
+        record torch.save stored uncompressed, so rows can be read straight from the file (once the record's CRC
+        has been checked, in pieces); None for any other layout. `stream.py` reads embedding rows this way."""
+        ref = self.entries[name]
+        stored = np.dtype(_ELEMENT_DTYPES[ref.dtype]).newbyteorder(">" if self.big_endian else "<")
+        contiguous = tuple(math.prod(ref.shape[i + 1 :]) for i in range(len(ref.shape)))
+        if math.prod(ref.shape) == 0 or tuple(ref.strides) != contiguous:
+            return None
+        record = f"{self.folder}data/{ref.storage.key}"
+        with _open_zip(self.path) as zf:
+            if not _has_record(zf, record):
+                raise CheckpointError(f"{self.path}: storage record {record} (for {name!r}) is missing from the zip")
+            info = zf.getinfo(record)
+            _check_bounds(ref, info.file_size // stored.itemsize, name, self.path)
+            if info.compress_type != zipfile.ZIP_STORED:
+                return None
+            with zf.open(info) as f:  # the CRC of the whole record, 16 MiB at a time
+                try:
+                    while f.read(1 << 24):
+                        pass
+                except zipfile.BadZipFile as e:
+                    raise CheckpointError(f"{self.path}: record {record} is unreadable ({e}): truncated or corrupt") from None
+        with open(self.path, "rb") as f:  # the record's data follows its local header (30 bytes, name, extra field)
+            f.seek(info.header_offset)
+            head = f.read(30)
+        if len(head) < 30 or head[:4] != b"PK\x03\x04":
+            raise CheckpointError(f"{self.path}: record {record} has no local header where the zip directory says")
+        n_name, n_extra = int.from_bytes(head[26:28], "little"), int.from_bytes(head[28:30], "little")
+        return info.header_offset + 30 + n_name + n_extra + ref.offset * stored.itemsize, stored
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:

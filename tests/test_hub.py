@@ -10,6 +10,7 @@ import pytest
 import radial_min
 import radial_min.checkpoint
 import radial_min.hub
+import radial_min.torch_pickle
 from radial_min.errors import CheckpointError
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
@@ -138,8 +139,9 @@ def test_bin_only_repo_is_converted_once_to_safetensors(weights, tmp_path, monke
     hub = FakeHub(repo)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
     writes = []
-    real_write = radial_min.checkpoint.write_safetensors
-    monkeypatch.setattr(radial_min.checkpoint, "write_safetensors", lambda *a, **k: (writes.append(a[0]), real_write(*a, **k)))
+    real_write = radial_min.checkpoint.write_safetensors_from
+    monkeypatch.setattr(radial_min.checkpoint, "write_safetensors_from",
+                        lambda *a, **k: (writes.append(a[0]), real_write(*a, **k)))  # fmt: skip
 
     model = radial_min.load("facebook/opt-hub-bin")
     local = weights / "opt-hub-bin"
@@ -189,6 +191,27 @@ def test_an_interrupted_download_is_resumed(weights, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
     assert radial_min.load("org/opt-pre").config.num_hidden_layers == 3
     assert len(hub.calls) == 1
+
+
+def test_sharded_bin_repo_is_converted_shard_by_shard(weights, tmp_path, monkeypatch):
+    """The Hub's large OPT repos hold sharded pickles: each shard becomes a safetensors shard, read one tensor at a
+    time (never the whole model), with an index written last."""
+    names = sorted(p.name for p in (FIXTURES / "opt-bin-sharded").iterdir())
+    repo = fake_repo(tmp_path, *names, source="opt-bin-sharded")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(repo))
+    monkeypatch.setattr(radial_min.torch_pickle, "load_torch_file", lambda *a: pytest.fail("a whole shard was loaded"))
+    reads = []
+    real_read = radial_min.torch_pickle.TorchFile.read_stored
+    monkeypatch.setattr(radial_min.torch_pickle.TorchFile, "read_stored", lambda f, n: (reads.append(n), real_read(f, n))[1])
+    model = radial_min.load("facebook/opt-bin-sharded")
+    local = weights / "opt-bin-sharded"
+    assert sorted(p.name for p in local.iterdir() if not p.name.startswith(".")) == [
+        "config.json", "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors", "model.safetensors.index.json"]  # fmt: skip
+    assert sorted(reads) == sorted(set(reads))  # each tensor read once, on its own
+    ref = np.load(FIXTURES / "opt-hub-bin" / "reference.npz")
+    want = radial_min.load(FIXTURES / "opt-hub-bin").forward(ref["input_ids"])
+    np.testing.assert_array_equal(model.forward(ref["input_ids"]), want)
 
 
 def test_bfloat16_survives_conversion(tmp_path):
