@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import radial_min
-from radial_min import data, images, kernels, oracle, plots, profiling, progress, stream
+from radial_min import data, images, kernels, layer_major, oracle, plots, profiling, progress, stream
 from radial_min import router as R
 from radial_min import train as tr
 from radial_min.cache import POLICIES
@@ -262,22 +262,18 @@ def cmd_profile(args):
     models = args.model or [str(DEFAULT_MODEL)]
     _check_free(out, ["summary.json", "summary.csv"], args.overwrite)
     hist, layer_summaries, csv_rows, report = {}, {}, [], {}
-    streamed_any = False
+    streamed = []
     for source in models:
-        model, streamed = _load_maybe_streamed(source, args.stream)
-        streamed_any |= streamed
+        model = _load_maybe_streamed(source, args.stream, None, out / ".stream-{}")
         label = model.path.name
         names = profiling.block_names(model)
         phases = {}
-        if streamed:
+        if model.config.model_type != "vit":
             seqs, tok = _sequences(model, args)
-            if args.generate:
+            streamed += [(model, seqs.size)] if getattr(model, "layer_major", False) else []
+            if args.generate and getattr(model, "layer_major", False):
                 raise RadialError(f"--generate: generation runs every block per token, it needs {label} loaded whole "
                                   "(no --stream)")
-            phases["prefill"] = stream.profile_text(model, seqs, args.kind, out / f".stream-{label}",
-                                                    _block_bar(label, names, len(seqs)))
-        elif model.config.model_type == "opt":
-            seqs, tok = _sequences(model, args)
             phases["prefill"] = profiling.profile_text(model, seqs, args.kind, progress=_bar(f"profile {label}", "seq"))
             if args.generate:
                 prompts = [s[: args.prompt_len] for s in seqs[: args.generate_prompts]]
@@ -310,44 +306,68 @@ def cmd_profile(args):
     made = [plots.ratio_histogram(hist, out / "ratio_hist.png", args.kind),
             plots.layer_profile(layer_summaries, out / "layer_profile.png")]
     print(f"\nresults in {out}/" + ("" if all(made) else " (no plots: pip install matplotlib)"))
-    if streamed_any:
-        print(f"peak memory (VmHWM) {stream.peak_rss_bytes() / 2**20:,.0f} MiB")
+    for model, _ in streamed:
+        layer_major.clear(model.state_dir)
+    if streamed:
+        print(_memory_report(streamed))
 
 
-def _load_maybe_streamed(source, want_stream: bool):
-    """(model, streamed): weights streamed block by block with --stream, or automatically when the whole model
-    would not fit in the memory available; a checkpoint that cannot be streamed is loaded whole if it fits."""
+def _load_maybe_streamed(source, want_stream: bool, kind: str, state_dir: Path):
+    """The model, with its weights streamed block by block (a `stream.StreamedModel`) with --stream or
+    automatically when the whole model would not fit in the memory available, else loaded whole. A checkpoint
+    that cannot be streamed is loaded whole if it fits. `state_dir` (with {} for the model's name) is where a
+    streamed run checkpoints, so that running the command again resumes it."""
     need, avail = stream.model_bytes(source), stream.available_bytes()
     if not want_stream and need <= avail:
-        return _load(source, None), False
+        return _load(source, kind)
     why = ("--stream" if want_stream else
            f"automatic: the model needs {need / 2**30:.1f} GiB as float32, {avail / 2**30:.1f} GiB available")
     try:
-        model = stream.StreamedOPT(source)
+        model = stream.StreamedModel(source)
     except stream.NotStreamable as e:
         if need > avail:
             raise RadialError(f"--model {source}: does not fit in memory and cannot be streamed: {e}") from None
         print(f"not streaming ({e}); it fits, loading it whole", file=sys.stderr)
-        return _load(source, None), False
-    big = max(model.block_bytes(b) for b in range(len(model.blocks)))
-    print(f"{model.path.name}: streaming weights block by block ({why}); largest block {big / 2**20:,.1f} MiB "
-          "as float32", file=sys.stderr)
-    return model, True
+        return _load(source, kind)
+    model.state_dir = Path(str(state_dir).format(model.path.name))
+    model.progress = _BlockBar(model.path.name)
+    print(f"{model.path.name}: streaming weights block by block ({why}); largest block "
+          f"{model.largest_block_bytes() / 2**20:,.1f} MiB as float32; checkpoints in {model.state_dir}/",
+          file=sys.stderr)
+    return model
 
 
-def _block_bar(label, names, n_seq):
-    """One bar over every block's pass over the sequences, labelled with the block; a resumed run starts at its
-    block (and counts only the blocks it runs in its rate)."""
-    bar = []
+def _memory_report(models, extra=""):
+    """The peak resident memory of a streamed command beside what bounds it: two blocks' weights and the states
+    ([(model, tokens)], the largest of each)."""
+    two = max(sum(sorted(m.block_bytes(b) for b in range(len(m.blocks)))[-2:]) for m, _ in models)
+    states = max(n_tokens * m.config.hidden_size * 4 for m, n_tokens in models)
+    return (f"peak memory (VmHWM) {stream.peak_rss_bytes() / 2**20:,.0f} MiB; two largest blocks "
+            f"{two / 2**20:,.1f} MiB as float32, hidden states {states / 2**20:,.1f} MiB{extra}")
 
-    def track(items, b):
-        if not bar:
-            bar.append(progress.Bar(len(names) * n_seq, label, "seq", initial=b * n_seq, leave=False))
-        yield from bar[0].track(items, f"{names[b]} (block {b + 1}/{len(names)})")
-        if b == len(names) - 1:
-            bar[0].close()
 
-    return track
+class _BlockBar:
+    """Progress of streamed passes (layer_major.py): one bar per pass over its blocks (and head) x sequences,
+    labelled with the pass and the block that runs, with the time left for the pass. A resumed pass starts at its
+    block and counts only the blocks it runs in its rate."""
+
+    def __init__(self, model_name):
+        self.model_name, self.n_pass, self.bar = model_name, 0, None
+
+    def begin(self, label, steps, start):
+        self.n_pass += 1
+        self.label, self.steps = f"{self.model_name} pass {self.n_pass} ({label})", steps
+        self.bar, self.n_seq = None, None
+        self.start = start or 0
+
+    def __call__(self, items, i):
+        if self.bar is None:
+            self.n_seq = len(items)
+            self.bar = progress.Bar(len(self.steps) * self.n_seq, self.label, "seq", initial=self.start * self.n_seq,
+                                    leave=False)  # fmt: skip
+        yield from self.bar.track(items, f"{self.steps[i]} ({i + 1}/{len(self.steps)})")
+        if i == len(self.steps) - 1:
+            self.bar.close()
 
 
 def cmd_simulate(args):
@@ -357,13 +377,17 @@ def cmd_simulate(args):
             raise RadialError(f"--kv-rule: {r!r} is not one of {', '.join(oracle.KV_RULES)}")
     out = Path(args.out)
     _check_free(out, ["simulate.json", "simulate.csv"], args.overwrite)
-    model = _load(args.model, "lm")
+    model = _load_maybe_streamed(args.model, args.stream, "lm", out / ".stream")
+    streamed = getattr(model, "layer_major", False)
     seqs, _ = _sequences(model, args)
     taus = args.taus
     print(f"{model.path.name}: {_count(len(seqs), 'sequence')} x {seqs.shape[1]} tokens, "
           f"{_count(len(model.blocks), 'block')}", file=sys.stderr)
-    with progress.Bar(0, "simulate", "seq", final=False, leave=False) as bar:
-        res = oracle.sweep(model, seqs, taus, rules, args.kind, bar)
+    if streamed:  # one pass over the weights per setting, each with its own bar by block (_BlockBar)
+        res = oracle.sweep(model, seqs, taus, rules, args.kind)
+    else:
+        with progress.Bar(0, "simulate", "seq", final=False, leave=False) as bar:
+            res = oracle.sweep(model, seqs, taus, rules, args.kind, bar)
     names = profiling.block_names(model)
     n = len(model.blocks)
     print(format_sweep(res["rows"], res["static"], names, rules))
@@ -385,6 +409,9 @@ def cmd_simulate(args):
     trace = oracle.simulate(model, seqs[:1], oracle.threshold(args.trace_tau), rules[0], args.kind)
     plots.routing_trace(trace.keep[0], names, out / "routing_trace.png", f"oracle, tau={args.trace_tau}, {rules[0]}")
     print(f"results in {out}/" + ("" if made else " (no plots: pip install matplotlib)"))
+    if streamed:
+        layer_major.clear(model.state_dir)
+        print(_memory_report([(model, seqs.size)]))
 
 
 def format_sweep(rows, statics, names, rules):
@@ -431,7 +458,8 @@ def _num(value, width, digits=3):
 def cmd_train_router(args):
     out = Path(args.out or f"runs/router-tau{args.tau:g}")
     _check_free(out, ["router.safetensors", "router.json", "train_router.json"], args.overwrite)
-    model = _load(args.model, "lm")
+    model = _load_maybe_streamed(args.model, args.stream, "lm", out / ".stream")
+    streamed = getattr(model, "layer_major", False)
     train_seqs, _ = _sequences(model, args, args.train_text or data.default_text("valid"), args.max_sequences)
     test_seqs, _ = _sequences(model, args, args.test_text or data.default_text("test"), args.test_sequences)
     n = len(model.blocks)
@@ -477,6 +505,10 @@ def cmd_train_router(args):
                           out / "router_depth_hist.png")
     plots.routing_trace(runs["router"].keep[0], [b.name for b in model.blocks], out / "router_trace.png", "router")
     print(f"report in {out}/")
+    if streamed:
+        layer_major.clear(model.state_dir)
+        labels = (ex["x"].nbytes + test_ex["x"].nbytes) / 2**20
+        print(_memory_report([(model, max(train_seqs.size, test_seqs.size))], f", oracle labels {labels:,.1f} MiB"))
 
 
 def _oracle_around(model, seqs, args, depth, sequential, step=0.02, most=5):
@@ -669,6 +701,14 @@ def build_parser():
                        help="ratio: ||f||/||x+f|| (output) or ||f||/(||x||+||f||) (sum) (default: %(default)s)")
         q.add_argument("--overwrite", action="store_true", help="replace results already in --out")
 
+    def add_stream_arg(q, where):
+        q.add_argument("--stream", action="store_true",
+                       help="read each block's weights from the checkpoint just before it runs over all sequences and "
+                            "free them after (OPT, Llama, Qwen2; safetensors, pytorch_model.bin, GGUF): memory bounded "
+                            "by the largest blocks and the hidden states, not the model; automatic when the model would "
+                            f"not fit in memory. Run the same command again to resume an interrupted run at its block "
+                            f"(checkpoints in {where})")
+
     pr = command("profile", "residual ratio of every block and token: tables, .npz/CSV/JSON, plots")
     pr.add_argument("--model", action="append", default=None,
                     help="checkpoint folder or Hub id; repeat to compare models (default: the shipped model)")
@@ -686,10 +726,7 @@ def build_parser():
     pr.add_argument("--trace-tokens", type=_positive_int, default=128,
                     help="tokens shown in the routing trace (default: %(default)s)")
     pr.add_argument("--out", default="runs/profile", help="output folder (default: %(default)s)")
-    pr.add_argument("--stream", action="store_true",
-                    help="read each block's weights from the checkpoint just before it runs and free them after (OPT, "
-                         "safetensors): memory bounded by the largest block, not the model; automatic when the model "
-                         "would not fit; an interrupted run resumes at its block (state in <out>/.stream-<model>/)")
+    add_stream_arg(pr, "<out>/.stream-<model>/")
     pr.set_defaults(func=cmd_profile)
 
     si = command("simulate", "the oracle: skip blocks with ratio < tau; depth and perplexity over a sweep of tau")
@@ -703,6 +740,7 @@ def build_parser():
     si.add_argument("--trace-tau", type=_tau, default=TAU,
                     help="threshold of the routing-trace plot (default: %(default)s)")
     si.add_argument("--out", default="runs/simulate", help="output folder (default: %(default)s)")
+    add_stream_arg(si, "<out>/.stream/")
     si.set_defaults(func=cmd_simulate)
 
     tr_ = command("train-router", "distill a router from the oracle; report its accuracy, depth and perplexity",
@@ -736,6 +774,7 @@ def build_parser():
     tr_.add_argument("--out", default=None,
                      help="folder for router.json/.safetensors, the report and plots (default: runs/router-tau<tau>)")
     tr_.add_argument("--overwrite", action="store_true", help="replace a router or report already in --out")
+    add_stream_arg(tr_, "<out>/.stream/")
     tr_.set_defaults(func=cmd_train_router)
     return p
 

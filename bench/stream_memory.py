@@ -49,7 +49,7 @@ def floor_mib(limit_bytes):
 
 
 def gflops(model_dir, tokens, seconds):
-    m = stream.StreamedOPT(model_dir)
+    m = stream.StreamedModel(model_dir)
     block_params = sum(m.block_bytes(b) for b in range(len(m.blocks))) / 4
     return 2 * block_params * tokens / seconds / 1e9
 
@@ -69,7 +69,7 @@ def main():
         subprocess.run([sys.executable, str(ROOT / "tools" / "make_big_random_opt.py"), "--layers", "2", "--out", str(small)], check=True)
     limit = int(args.limit_gib * 2**30)
     tokens = args.seq_len * args.sequences
-    m = stream.StreamedOPT(big)
+    m = stream.StreamedModel(big)
     blocks = sorted(m.block_bytes(b) for b in range(len(m.blocks)))
     two_blocks = (blocks[-1] + blocks[-2]) / 2**20
     states = tokens * m.config.hidden_size * 4 / 2**20

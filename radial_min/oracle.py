@@ -111,6 +111,10 @@ def decide_block(b, block, x, pos, decide, kv_rule, kind, keep, ratios, observe=
 
 def simulate(model, sequences, decide, kv_rule: str = "fill", kind: str = "output", progress=None) -> Run:
     """Run every packed sequence [n_seq, T] under `decide`, scoring the next-token likelihood."""
+    if getattr(model, "layer_major", False):  # weights streamed block by block (stream.py): the same Run
+        from .layer_major import simulate as streamed
+
+        return streamed(model, sequences, decide, kv_rule, kind)
     keeps, ratios, nlls = [], [], []
     for ids in sequences if progress is None else progress(sequences):
         logits, keep, r = run_sequence(model, ids, decide, kv_rule, kind)

@@ -51,6 +51,10 @@ def block_names(model) -> list[str]:
 
 def profile_text(model, sequences, kind: str = "output", progress=None) -> np.ndarray:
     """Ratios of every block for every token of packed sequences (teacher forcing): [n_seq * T, n_blocks]."""
+    if getattr(model, "layer_major", False):  # weights streamed block by block (stream.py): the same ratios
+        from .layer_major import profile_text as streamed
+
+        return streamed(model, sequences, kind)
     rec = RatioRecorder(len(model.blocks), kind)
     for seq in sequences if progress is None else progress(sequences):
         model.forward(seq, observe=rec)

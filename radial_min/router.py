@@ -246,26 +246,36 @@ def oracle_examples(model, sequences, tau: float, kv_rule: str = "drop", kind: s
     state it has then, the block it came from, its depth so far, and the oracle's next block (or EXIT)."""
     from .oracle import run_sequence, threshold
 
-    n = len(model.blocks)
+    if getattr(model, "layer_major", False):  # weights streamed block by block: the same examples, loops swapped
+        from .layer_major import oracle_examples as streamed
+
+        return streamed(model, sequences, tau, kv_rule, kind)
     out = {"x": [], "prev": [], "depth": [], "label": [], "token": []}
     base = 0
     for ids in sequences if progress is None else progress(sequences):
         rec = _Recorder(threshold(tau))
         _, keep, _ = run_sequence(model, ids, rec, kv_rule, kind)
         states = np.stack(rec.states)  # [n + 1, T, E]
-        T = len(ids)
-        nxt = np.full((T, n + 1), n)  # nxt[t, b + 1]: first kept block after b (n = EXIT); column 0 is START
-        for b in range(n - 1, -1, -1):
-            nxt[:, b] = np.where(keep[:, b], b, nxt[:, b + 1])
-        t_idx, b_idx = np.nonzero(np.concatenate([np.ones((T, 1), bool), keep], axis=1))  # START, then kept blocks
-        prev = b_idx - 1  # -1 = START
+        t_idx, b_idx, prev, depth, label = routes_from_keep(keep)
         out["x"].append(states[b_idx, t_idx])
         out["prev"].append(prev)
-        out["depth"].append(np.cumsum(np.concatenate([np.zeros((T, 1), int), keep], axis=1), axis=1)[t_idx, b_idx])
-        out["label"].append(nxt[t_idx, b_idx])
+        out["depth"].append(depth)
+        out["label"].append(label)
         out["token"].append(base + t_idx)
-        base += T
+        base += len(ids)
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def routes_from_keep(keep):
+    """One sequence's decisions keep [T, n] as examples: (token, column, prev, depth, label) for the start (column
+    0) and after each kept block b (column b + 1), in token order; label is the next kept block or EXIT (= n)."""
+    T, n = keep.shape
+    nxt = np.full((T, n + 1), n)  # nxt[t, b + 1]: first kept block after b (n = EXIT); column 0 is START
+    for b in range(n - 1, -1, -1):
+        nxt[:, b] = np.where(keep[:, b], b, nxt[:, b + 1])
+    t_idx, b_idx = np.nonzero(np.concatenate([np.ones((T, 1), bool), keep], axis=1))  # START, then kept blocks
+    depth = np.cumsum(np.concatenate([np.zeros((T, 1), int), keep], axis=1), axis=1)[t_idx, b_idx]
+    return t_idx, b_idx, b_idx - 1, depth, nxt[t_idx, b_idx]  # prev = b_idx - 1: -1 is START
 
 
 def accuracy(router: "Router", ex: dict) -> dict:

@@ -1,28 +1,40 @@
-"""Layer-major execution with streamed weights: profile models larger than memory, one block at a time.
+"""Streamed weights: a checkpoint opened without reading its blocks, each block read when asked.
 
-The in-memory path runs sequence by sequence, every block in turn. Profiling only ever needs one block at a time,
-so here the loops are swapped: every sequence is embedded first, then for each block its weights are read from
-the checkpoint, the block runs over all sequences' hidden states, and the weights are dropped before the next
-block is read. Same blocks, same kernels (`opt.make_block`, `blocks.run_block`): only where the weights come from
-and when they go changes, so the ratios are identical to `profiling.profile_text`'s.
+`StreamedModel` stands where a loaded model stands for profiling, the oracle and the router's labels, but its
+`blocks` are placeholders: `load_block(b)` reads block b's tensors from the checkpoint and builds it with the
+model's own `make_block` (opt.py, llama.py), so the very same blocks and kernels run. The embedding matrix and the
+LM head stay on disk: embedding rows are read when asked, the head in pieces no larger than half a block.
+Safetensors (single or sharded), pytorch_model.bin (each tensor cut from its own storage record) and GGUF.
 
-Hidden states [n_seq, T, E] stay in memory, or in a memory-mapped scratch file when they would not fit. After each
-block the states and ratios so far are checkpointed atomically, so an interrupted run resumes at that block.
+    model = StreamedModel("facebook/opt-13b", state_dir="runs/x/.stream")   # reads headers only
+    ratios = profiling.profile_text(model, sequences)                        # these three stream it block-major
+    run = oracle.simulate(model, sequences, oracle.threshold(0.2), "drop")   # (layer_major.py)
+    ex = router.oracle_examples(model, sequences, 0.2)
 """
-import hashlib
+import mmap
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from . import opt
-from .blocks import Step, run_block
-from .checkpoint import _ST_DTYPES, SafetensorsFile, open_checkpoint, to_float32
-from .config import read_config
+from . import llama, opt
+from .checkpoint import _ST_DTYPES, SafetensorsFile, quote
+from .dtypes import to_float32
 from .errors import CheckpointError
-from .hub import resolve
-from .loading import _match
-from .profiling import residual_ratio
+from .gguf_file import GGUFStore, is_gguf
+from .kernels import linear
+
+# model type -> (module, layer prefix, the names of each block's tensors start with these after the prefix)
+_LAYOUT = {
+    "opt": (opt, "decoder.layers.{}.", {"att": ("self_attn.", "self_attn_layer_norm."),
+                                        "ffn": ("fc1.", "fc2.", "final_layer_norm.")}),
+    "llama": (llama, "layers.{}.", {"att": ("self_attn.", "input_layernorm."),
+                                    "ffn": ("mlp.", "post_attention_layernorm.")}),
+}  # fmt: skip
+_LAYOUT["qwen2"] = _LAYOUT["llama"]
+_ROWS = ("embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")  # [V, P] matrices left on disk
+HEAD_ROWS_ALIGN = 64  # the LM head is read in pieces of a multiple of 64 rows: the matmul kernel's column tasks
 
 
 class NotStreamable(CheckpointError):
@@ -40,62 +52,235 @@ class _Slot:
         return f"L{self.layer}.{self.kind}"
 
 
-class _Rows:
-    """An embedding matrix left on disk: indexing reads only the rows asked for, widened to float32."""
-
-    def __init__(self, f: SafetensorsFile, name: str):
-        code, shape, begin = f.entries[name]
-        self.code, self.shape = code, shape
-        self.raw = np.memmap(f.path, dtype=_ST_DTYPES[code], mode="r", offset=f.data_start + begin, shape=shape)
-
-    def __getitem__(self, ids):
-        return to_float32(np.asarray(self.raw[ids]))  # [T] -> [T, P] (uint16 rows are bfloat16 bits)
+# ---------------------------------------------------------------------------------------------- matrices on disk
 
 
-class StreamedOPT:
-    """An OPT checkpoint opened without reading its blocks: `load_block(b)` reads block b's weights when asked.
-    `embed` is OPT's own, on an embedding matrix whose rows are read on demand."""
+class _FileRows:
+    """A [V, P] matrix left in its file: `[ids]` and `rows(lo, hi)` read only those rows, widened to float32.
+    Read with pread, not mapped, so rows read once do not stay in the process's resident memory."""
 
-    def __init__(self, source):
-        folder = resolve(source)
-        self.config = cfg = read_config(folder)
-        if cfg.model_type != "opt":
-            raise NotStreamable(f"{folder}: streaming covers OPT checkpoints, this is {cfg.model_type}")
-        self.store = open_checkpoint(folder)
-        if not all(isinstance(f, SafetensorsFile) for f in self.store.files.values()):
-            raise NotStreamable(f"{self.store.description}: a pytorch_model.bin is unpickled whole, it cannot be streamed")
-        self.names = _match(self.store, cfg, opt)  # every name and shape checked before anything is read
-        self.path, self.n_layer = Path(folder), cfg.num_hidden_layers
+    def __init__(self, path, stored: np.dtype, offset: int, shape: tuple):
+        self.path, self.stored, self.offset, self.shape = Path(path), np.dtype(stored), offset, tuple(shape)
+        self.row_bytes = self.shape[1] * self.stored.itemsize
+
+    def _widen(self, raw):
+        return to_float32(raw.astype(raw.dtype.newbyteorder("="), copy=False))  # uint16 rows are bfloat16 bits
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        with open(self.path, "rb") as f:
+            data = os.pread(f.fileno(), (hi - lo) * self.row_bytes, self.offset + lo * self.row_bytes)
+        return self._widen(np.frombuffer(data, self.stored).reshape(hi - lo, self.shape[1]))  # [hi - lo, P]
+
+    def __getitem__(self, ids) -> np.ndarray:
+        ids = np.asarray(ids)
+        out = np.empty((len(ids), self.shape[1]), np.float32)
+        with open(self.path, "rb") as f:
+            for i, row in enumerate(ids.tolist()):
+                data = os.pread(f.fileno(), self.row_bytes, self.offset + row * self.row_bytes)
+                out[i] = self._widen(np.frombuffer(data, self.stored))
+        return out  # [T] -> [T, P]
+
+
+class _GGUFRows:
+    """A [V, P] GGUF tensor (quantized or not): rows dequantized when read. GGUF files are memory-mapped, so the
+    pages read are handed back to the kernel afterwards (`release`), as after each block."""
+
+    def __init__(self, store: GGUFStore, name: str):
+        self.store, self.t, self.shape = store, store.tensors[name], store.shape(name)
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        return self[np.arange(lo, hi)]  # [hi - lo, P]
+
+    def __getitem__(self, ids) -> np.ndarray:
+        ids = np.asarray(ids)
+        w = self.store.quants.dequantize(np.asarray(self.t.data[ids]), self.t.tensor_type)
+        _release_mapped(self.store)
+        return np.asarray(w, np.float32).reshape(len(ids), self.shape[1])  # [T] -> [T, P]
+
+
+def drop_pages(m):
+    """A memory-mapped file's pages out of this process's resident set (the page cache keeps them)."""
+    mm = getattr(m, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_DONTNEED)
+
+
+def _release_mapped(store):
+    """Hand the pages of a memory-mapped GGUF file back (they stay in the page cache): after each block or piece."""
+    data = getattr(getattr(store, "reader", None), "data", None)
+    if data is not None:
+        drop_pages(data)
+
+
+def _row_chunks(n_rows: int, row_bytes: int, budget: int):
+    """(lo, hi) pieces of a matrix, each a multiple of HEAD_ROWS_ALIGN rows and at most `budget` bytes as float32
+    (at least one aligned piece)."""
+    step = max(HEAD_ROWS_ALIGN, budget // max(1, row_bytes) // HEAD_ROWS_ALIGN * HEAD_ROWS_ALIGN)
+    return [(lo, min(n_rows, lo + step)) for lo in range(0, n_rows, step)]
+
+
+# ---------------------------------------------------------------------------------------------- the streamed model
+
+
+class StreamedModel:
+    """An OPT, Llama or Qwen2 checkpoint opened without reading its blocks: `load_block(b)` reads block b's weights
+    when asked. `embed`, `final` and the small tensors are the model's own (a model of zero layers), on an embedding
+    matrix and an LM head left on disk. Safetensors (single or sharded), pytorch_model.bin and GGUF.
+
+    `state_dir`: where passes checkpoint (None: nothing is kept); `progress`: see `_layer_major`;
+    `scratch_limit`: hidden states larger than this many bytes go to a memory-mapped file (default: a quarter of
+    the memory available)."""
+
+    layer_major = True  # profiling.profile_text, oracle.simulate and router.oracle_examples hand it to this module
+
+    def __init__(self, source, state_dir=None, progress=None, scratch_limit: int | None = None):
+        from .loading import open_checkpoint_folder, read_checked
+
+        if is_gguf(source):
+            from .gguf_file import open_gguf
+
+            self.config, self.store, self.names = open_gguf(source)
+            self.path = Path(source)
+        else:
+            self.path, self.config, self.store, self.names = open_checkpoint_folder(source)
+            self.path = Path(self.path)
+        cfg = self.config
+        if cfg.model_type not in _LAYOUT:
+            raise NotStreamable(f"{self.path}: streaming covers OPT, Llama and Qwen2 checkpoints, this is {cfg.model_type}")
+        self.module, prefix, self.parts = _LAYOUT[cfg.model_type]
+        self.prefix, self.n_layer = prefix, cfg.num_hidden_layers
         self.blocks = [_Slot(i, kind) for i in range(self.n_layer) for kind in ("att", "ffn")]
+        self.block_names = [self._block_tensors(b) for b in range(len(self.blocks))]
+        self._check_partition()
+        self._check_storages()
         self.n_params = sum(int(np.prod(self.store.shape(t), dtype=np.int64)) for t in self.names.values())
-        self.embed_tokens = _Rows(self.store.files[self.store.where[self.names["decoder.embed_tokens.weight"]]],
-                                  self.names["decoder.embed_tokens.weight"])  # fmt: skip
-        self.embed_positions = self._read("decoder.embed_positions.weight")
-        self.project_in = opt.Linear(self._read("decoder.project_in.weight")) if "decoder.project_in.weight" in self.names else None
+        self._read = lambda ours: read_checked(self.store, self.names[ours])
+        small = {o: self._read(o) for o in self._top() if o not in _ROWS}  # norms, positions, projections
+        small.update({o: self._rows(o) for o in self._top() if o in _ROWS})
+        cls = opt.OPT if cfg.model_type == "opt" else llama.Llama
+        self.shell = cls(replace(cfg, num_hidden_layers=0), small)  # the model's embed and final, no blocks
+        self.shell.config = cfg
+        self.state_dir = None if state_dir is None else Path(state_dir)
+        self.progress, self.scratch_limit = progress, scratch_limit
 
-    def _read(self, ours):
-        return self.store.read(self.names[ours])
+    # ------------------------------------------------------------------------------------- what is read when
 
-    def embed(self, input_ids, pos):
-        return opt.OPT.embed(self, input_ids, pos)  # [T] -> [T, E]
-
-    def block_bytes(self, b: int) -> int:
-        """Block b's weights as float32 in memory."""
-        return 4 * sum(int(np.prod(self.store.shape(self.names[n]), dtype=np.int64)) for n in self._block_tensors(b))
+    def _top(self):
+        return [o for o in self.names if not o.startswith(self.prefix.split("{")[0])]
 
     def _block_tensors(self, b):
         slot = self.blocks[b]
-        p = f"decoder.layers.{slot.layer}."
-        mine = ("self_attn.", "self_attn_layer_norm.") if slot.kind == "att" else ("fc1.", "fc2.", "final_layer_norm.")
-        return [n for n in self.names if n.startswith(p) and n[len(p) :].startswith(mine)]
+        p = self.prefix.format(slot.layer)
+        return [n for n in self.names if n.startswith(p) and n[len(p) :].startswith(self.parts[slot.kind])]
+
+    def _check_partition(self):
+        """Every tensor the model reads belongs to exactly one block or to the embedding/head side."""
+        owners = {}
+        for b, names in enumerate(self.block_names):
+            for n in names:
+                owners.setdefault(n, []).append(b)
+        top = set(self._top())
+        stray = [n for n in self.names if n not in owners and n not in top]
+        twice = [n for n, bs in owners.items() if len(bs) > 1]
+        if stray or twice:
+            raise NotStreamable(f"{self.path}: tensors {', '.join(map(quote, (stray + twice)[:3]))} belong to no block "
+                                "or to two: this layout cannot be streamed")
+
+    def _check_storages(self):
+        """A pytorch_model.bin tensor is cut out of its storage record, read whole: when one storage holds tensors
+        of several blocks, each block would read them all, so such a checkpoint is not streamed."""
+        users = {}
+        for group, names in [("embeddings and head", self._top()), *((self.blocks[b].name, ns)
+                                                                     for b, ns in enumerate(self.block_names))]:
+            for ours in names:
+                theirs = self.names[ours]
+                f = self._file(theirs)
+                if hasattr(f, "storage"):
+                    users.setdefault((f.path.name, f.storage(theirs)), set()).add(group)
+        shared = [(k, g) for k, g in users.items() if len(g) > 1]
+        if shared:
+            (file, key), groups = shared[0]
+            raise NotStreamable(f"{self.path / file}: storage {key!r} holds tensors of {' and '.join(sorted(groups)[:2])}"
+                                f"{' and more' if len(groups) > 2 else ''}: it would be read whole for each block")
+
+    def _file(self, theirs):
+        files = getattr(self.store, "files", None)
+        return files[self.store.where[theirs]] if files is not None else self.store
+
+    def _rows(self, ours):
+        """An embedding or LM-head matrix left on disk (its values checked for NaN/Inf piece by piece)."""
+        theirs = self.names[ours]
+        f = self._file(theirs)
+        if isinstance(f, GGUFStore):
+            rows = _GGUFRows(f, theirs)
+        elif isinstance(f, SafetensorsFile):
+            code, shape, begin = f.entries[theirs]
+            rows = _FileRows(f.path, _ST_DTYPES[code], f.data_start + begin, shape)
+        else:  # a pytorch_model.bin record stored uncompressed
+            span = f.span(theirs)
+            if span is None:
+                raise NotStreamable(f"{f.path}: tensor {quote(theirs)} is not stored as plain rows in an uncompressed "
+                                    "record, so its rows cannot be read one by one")
+            rows = _FileRows(f.path, span[1], span[0], f.shape(theirs))
+        for lo, hi in _row_chunks(rows.shape[0], rows.shape[1] * 4, 1 << 26):
+            if not np.isfinite(rows.rows(lo, hi)).all():
+                raise CheckpointError(f"{self.store.description}: tensor {quote(theirs)} has NaN or infinite values")
+        return rows
+
+    def block_bytes(self, b: int) -> int:
+        """Block b's weights as float32 in memory."""
+        return 4 * sum(int(np.prod(self.store.shape(self.names[n]), dtype=np.int64)) for n in self.block_names[b])
+
+    def largest_block_bytes(self) -> int:
+        return max(self.block_bytes(b) for b in range(len(self.blocks)))
 
     def load_block(self, b: int):
         """Block b, read from the checkpoint now; it owns its arrays, so dropping it frees them."""
-        return opt.make_block(self.config, {n: self._read(n) for n in self._block_tensors(b)}, self.blocks[b].layer, self.blocks[b].kind)
+        slot = self.blocks[b]
+        block = self.module.make_block(self.config, {n: self._read(n) for n in self.block_names[b]}, slot.layer, slot.kind)
+        _release_mapped(self.store)
+        return block
+
+    # ------------------------------------------------------------------------------------------- embed, head
+
+    def embed(self, input_ids, pos):
+        return self.shell.embed(input_ids, pos)  # [T] -> [T, E]
+
+    def head_pieces(self):
+        """The LM head's (lo, hi) row ranges, each no larger than half the largest block as float32 (the logits
+        they make are bounded the same way, so the head never holds more than a block)."""
+        V, P = self.shell.lm_head.shape
+        return _row_chunks(V, P * 4, self.largest_block_bytes() // 2)
+
+    def heads(self, xs) -> list:
+        """Logits [T, V] for each of several final states [T, E], the head read once in pieces for all of them:
+        equal to the in-memory `model.head(x)` (the matmul's columns do not interact)."""
+        hs = [self.shell.final(x) for x in xs]  # [T, P] each
+        out = [np.empty((len(h), self.shell.lm_head.shape[0]), np.float32) for h in hs]
+        for lo, hi in self.head_pieces():
+            w = self.shell.lm_head.rows(lo, hi)  # [hi - lo, P]
+            for h, logits in zip(hs, out):
+                logits[:, lo:hi] = linear(h, w)
+            del w
+        return out
+
+    def head(self, x):
+        return self.heads([x])[0]  # [T, E] -> [T, V]
+
+
+# --------------------------------------------------------------------------------------------------- memory
 
 
 def model_bytes(source) -> int:
     """What the whole model takes in memory as float32, from the headers alone."""
+    if is_gguf(source):
+        from .gguf_file import open_reader
+
+        reader = open_reader(source)
+        return 4 * sum(int(np.prod([int(n) for n in t.shape], dtype=np.int64)) for t in reader.tensors)
+    from .checkpoint import open_checkpoint
+    from .hub import resolve
+
     store = open_checkpoint(resolve(source))
     return 4 * sum(int(np.prod(store.shape(n), dtype=np.int64)) for n in store.names())
 
@@ -124,98 +309,3 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return 0
-
-
-def _fingerprint(model, sequences, kind) -> str:
-    h = hashlib.sha256(str(model.path.resolve()).encode() + kind.encode())
-    h.update(np.ascontiguousarray(sequences, np.int64).tobytes())
-    return h.hexdigest()[:16]
-
-
-def profile_text(model: StreamedOPT, sequences, kind: str = "output", state_dir=None, progress=None,
-                 scratch_limit: int | None = None) -> np.ndarray:  # fmt: skip
-    """Ratios of every block for every token, block-major: equal to `profiling.profile_text` on the loaded model.
-    [n_seq, T] ids -> [n_seq * T, n_blocks]. With `state_dir`, resumes from and checkpoints to it after each block;
-    the hidden states go to a memory-mapped file there when they exceed `scratch_limit` bytes (default: a quarter
-    of the memory available)."""
-    sequences = np.asarray(sequences)
-    n_seq, T = sequences.shape
-    n = len(model.blocks)
-    E = model.config.hidden_size
-    state_dir = Path(state_dir) if state_dir is not None else None
-    key = _fingerprint(model, sequences, kind)
-    start, x, ratios = _resume(state_dir, key, (n_seq, T, E), n)
-    if x is None:
-        limit = available_bytes() // 4 if scratch_limit is None else scratch_limit
-        x = _states(state_dir, (n_seq, T, E), n_seq * T * E * 4 > limit)
-        for s, ids in enumerate(sequences):
-            x[s] = model.embed(ids, np.arange(T))
-        ratios = np.zeros((n_seq * T, n))
-    pos = np.arange(T)
-    record = _RatioRows(ratios, kind)
-    for b in range(start, n):
-        block = model.load_block(b)  # read just before it runs ...
-        for s in range(n_seq) if progress is None else progress(range(n_seq), b):
-            record.rows = slice(s * T, (s + 1) * T)
-            x[s] = run_block(b, block, x[s], Step(pos), record)
-        del block  # ... and released after
-        if state_dir is not None:
-            _checkpoint(state_dir, key, b + 1, x, ratios)
-    if state_dir is not None:
-        _clear(state_dir)
-    return ratios
-
-
-class _RatioRows:
-    """An observer writing block i's ratios for the rows of one sequence into the shared table."""
-
-    def __init__(self, ratios, kind):
-        self.ratios, self.kind, self.rows = ratios, kind, None
-
-    def __call__(self, i, block, x, f, y):
-        self.ratios[self.rows, i] = residual_ratio(x, f, self.kind)
-
-
-def _states(state_dir, shape, to_disk: bool):
-    if not to_disk or state_dir is None:
-        return np.zeros(shape, np.float32)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    return np.lib.format.open_memmap(state_dir / "scratch.npy", mode="w+", dtype=np.float32, shape=shape)
-
-
-def _checkpoint(state_dir: Path, key: str, next_block: int, x, ratios):
-    """Write states, ratios and the block to resume at as one file, renamed into place: all or nothing."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / "state.npz"
-    tmp = state_dir / f".state.npz.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, x=x, ratios=ratios, next_block=next_block, key=key)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _resume(state_dir, key, shape, n_blocks):
-    """(next block, states, ratios) from a checkpoint of this very run, else (0, None, None)."""
-    path = None if state_dir is None else state_dir / "state.npz"
-    if path is None or not path.is_file():
-        return 0, None, None
-    try:
-        with np.load(path) as z:
-            if str(z["key"]) != key or z["x"].shape != shape or z["ratios"].shape[1] != n_blocks:
-                return 0, None, None  # another run's state: start over (it is replaced at the first block)
-            return int(z["next_block"]), z["x"], z["ratios"]
-    except (OSError, ValueError, KeyError):
-        return 0, None, None
-
-
-def _clear(state_dir: Path):
-    for name in ("state.npz", "scratch.npy"):
-        (state_dir / name).unlink(missing_ok=True)
-    try:
-        state_dir.rmdir()
-    except OSError:
-        pass

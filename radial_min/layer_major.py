@@ -1,0 +1,457 @@
+"""Layer-major execution: every sequence through one block before the next block is read (stream.py's models).
+
+The in-memory path runs sequence by sequence, every block in turn. Profiling, the oracle and the router's labels
+only ever need one block at a time, so here the loops are swapped: every sequence is embedded first, then for
+each block its weights are read, the block runs over all sequences' hidden states, and the weights are dropped
+before the next block is read. The per-sequence steps are the in-memory path's own (`blocks.run_block`,
+`oracle.decide_block`), so every number is identical to it.
+
+Memory: one block's weights at a time, the hidden states [n_seq, T, E] (in two memory-mapped scratch files when
+they would not fit) and what the pass records per token. Resumption: with the model's `state_dir`, the states and
+everything recorded so far are checkpointed atomically after each block, and each finished pass is kept, so an
+interrupted command run again resumes at the block it was in.
+"""
+import copy
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .blocks import Step, run_block
+from .profiling import residual_ratio
+from .stream import StreamedModel, available_bytes, drop_pages
+
+
+
+class _Pass:
+    """What one layer-major pass does besides carrying the hidden states. `arrays` (name -> array) is everything it
+    records, checkpointed with the states after each block; `key` names the pass's settings for its checkpoint."""
+
+    label = "pass"
+    head = False  # True: `finish` gets each sequence's logits
+
+    def __init__(self, model, sequences, what):
+        self.model, self.sequences = model, np.asarray(sequences)
+        self.key = _fingerprint(model, self.sequences, what)
+        self.arrays = {}
+
+    def embedded(self, s, x):
+        """Sequence s's states [T, E], just embedded."""
+
+    def block(self, b, block, s, x, pos):
+        """Block b on sequence s's states x [T, E]: returns the new states."""
+        raise NotImplementedError
+
+    def finish(self, s, x, logits):
+        """Sequence s after the last block: its states [T, E] and, if `head`, its logits [T, V]."""
+
+    def state(self) -> dict:
+        """What must be saved besides `arrays` to resume (e.g. stateful decision rules)."""
+        return {}
+
+    def restore(self, saved: dict):
+        pass
+
+
+def _layer_major(job: _Pass):
+    """Run `job` block-major: embed every sequence, then for each block read it, run it on every sequence and drop
+    it, checkpointing after each block; then the head (if the job wants logits) and `finish`, sequence by sequence.
+
+    A model's `progress(items, i)` wraps the sequences of step i (a block, then the head) and may have
+    `begin(label, steps, start)`, told which steps the pass has and where it starts."""
+    model, seqs = job.model, job.sequences
+    n_seq, T = seqs.shape
+    n = len(model.blocks)
+    store = _States(model.state_dir, job.key, (n_seq, T, model.config.hidden_size), model.scratch_limit)
+    if store.done(job):
+        return job
+    start = store.resume(job)
+    pos = np.arange(T)
+    steps = [b.name for b in model.blocks] + (["head"] if job.head else [])
+    progress = model.progress or (lambda items, i: items)
+    begin = getattr(progress, "begin", None)
+    if begin is not None:
+        begin(job.label, steps, start)
+    if start is None:  # a fresh pass
+        for s, ids in enumerate(seqs):
+            x = model.embed(ids, pos)
+            store.x[s] = x
+            job.embedded(s, x)
+        start = 0
+    for b in range(start, n):
+        block = model.load_block(b)  # read just before it runs ...
+        for s in progress(range(n_seq), b):
+            store.out[s] = job.block(b, block, s, np.asarray(store.x[s]), pos)
+        del block  # ... and released after
+        store.checkpoint(job, b + 1)
+    _finish(job, store, progress, n)
+    store.finished(job)
+    return job
+
+
+def _finish(job, store, progress, n):
+    """The head and `finish`, in groups of sequences whose logits together stay within half a block's size."""
+    model, seqs = job.model, job.sequences
+    n_seq, T = seqs.shape
+    if not job.head:
+        for s in range(n_seq):
+            job.finish(s, np.array(store.x[s]), None)
+        return
+    group = max(1, model.largest_block_bytes() // 2 // (T * model.shell.lm_head.shape[0] * 4))
+    done = set()
+    for s in progress(range(n_seq), n):
+        if s in done:
+            continue
+        members = list(range(s, min(n_seq, s + group)))
+        xs = [np.array(store.x[i]) for i in members]
+        for i, x, logits in zip(members, xs, model.heads(xs)):
+            job.finish(i, x, logits)
+            done.add(i)
+
+
+class _States:
+    """The hidden states of a pass and its checkpoints.
+
+    In memory, the states are updated in place and saved with the pass's arrays in one file, replaced atomically
+    after each block. Too large for memory, they live in two memory-mapped scratch files: a block reads one and
+    writes the other, and the checkpoint (written after, atomically) says which is current, so an interruption in
+    the middle of a block leaves the last checkpoint's states intact. A finished pass's arrays are kept as
+    `pass-<key>.npz` until the command that made them clears the folder (`clear`)."""
+
+    def __init__(self, state_dir, key, shape, scratch_limit):
+        self.dir, self.key, self.shape = state_dir, key, shape
+        limit = available_bytes() // 4 if scratch_limit is None else scratch_limit
+        self.on_disk = int(np.prod(shape, dtype=np.int64)) * 4 > limit
+        self.current, self.x, self.out, self._tmp = 0, None, None, None
+
+    def _scratch(self, i) -> Path:
+        if self.dir is None and self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="radial-min-states-")
+        folder = self.dir if self.dir is not None else Path(self._tmp.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"states-{i}.npy"
+
+    def _map(self, i, fresh: bool):
+        if fresh:
+            return np.lib.format.open_memmap(self._scratch(i), mode="w+", dtype=np.float32, shape=self.shape)
+        m = np.load(self._scratch(i), mmap_mode="r+")
+        if m.shape != self.shape or m.dtype != np.float32:
+            raise ValueError("scratch file of another shape")
+        return m
+
+    def done(self, job) -> bool:
+        """A pass already finished by an earlier run of the same command: its arrays restored."""
+        saved = self._saved(f"pass-{self.key}.npz")
+        if saved is None:
+            return False
+        _restore(job, saved)
+        return True
+
+    def _saved(self, name):
+        path = None if self.dir is None else self.dir / name
+        return _load(path, self.key) if path is not None and path.is_file() else None
+
+    def resume(self, job):
+        """The block to resume at (states and arrays restored from this pass's checkpoint), or None: a fresh start."""
+        saved = self._saved("state.npz")
+        if saved is not None:
+            try:
+                if bool(saved["on_disk"]):  # the mode the checkpoint was made in, whatever memory says now
+                    self.on_disk, self.current = True, int(saved["current"])
+                    self.x, self.out = self._map(self.current, False), self._map(1 - self.current, False)
+                else:
+                    self.on_disk, self.x = False, np.array(saved["x"])
+                    self.out = self.x
+                if self.x.shape == self.shape:
+                    _restore(job, saved)
+                    return int(saved["next_block"])
+            except (OSError, ValueError, KeyError):
+                pass  # a checkpoint that cannot be used: start the pass over
+        self.current = 0
+        if self.on_disk:
+            self.x, self.out = self._map(0, True), self._map(1, True)
+        else:
+            self.x = self.out = np.zeros(self.shape, np.float32)
+        return None
+
+    def checkpoint(self, job, next_block: int):
+        if self.on_disk:  # the block wrote `out`: it becomes the current states
+            self.out.flush()
+            self.current, self.x, self.out = 1 - self.current, self.out, self.x
+            for m in (self.x, self.out):
+                drop_pages(m)
+        if self.dir is None:
+            return
+        extra = {"current": self.current, "on_disk": True} if self.on_disk else {"x": self.x, "on_disk": False}
+        _save(self.dir / "state.npz", self.key, next_block=next_block, **extra, **_arrays(job))
+
+    def finished(self, job):
+        if self.dir is not None:
+            _save(self.dir / f"pass-{self.key}.npz", self.key, **_arrays(job))
+            (self.dir / "state.npz").unlink(missing_ok=True)
+        if self.on_disk:
+            self.x = self.out = None
+            for i in (0, 1):
+                self._scratch(i).unlink(missing_ok=True)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _arrays(job) -> dict:
+    return {**{f"a.{k}": v for k, v in job.arrays.items()}, **{f"s.{k}": v for k, v in job.state().items()}}
+
+
+def _restore(job, saved):
+    for k in job.arrays:
+        job.arrays[k][...] = saved[f"a.{k}"]
+    job.restore({k[2:]: v for k, v in saved.items() if k.startswith("s.")})
+
+
+def _save(path: Path, key: str, **arrays):
+    """Arrays and the key of the pass they belong to, as one file renamed into place: all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, key=key, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load(path: Path, key: str):
+    """The arrays of a checkpoint of this very pass, else None (another pass's file is replaced later)."""
+    try:
+        with np.load(path) as z:
+            if str(z["key"]) != key:
+                return None
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
+def clear(state_dir) -> None:
+    """Remove a command's checkpoints once it has written its results."""
+    state_dir = Path(state_dir)
+    if not state_dir.is_dir():
+        return
+    for p in state_dir.iterdir():
+        if p.name in ("state.npz", "states-0.npy", "states-1.npy") or p.name.startswith(("pass-", "labels-", ".")):
+            p.unlink()
+    try:
+        state_dir.rmdir()
+    except OSError:
+        pass
+
+
+def _fingerprint(model, sequences, what) -> str:
+    """A name for one pass: the model, the sequences and everything that decides what the pass computes."""
+    h = hashlib.sha256(str(model.path.resolve()).encode())
+    h.update(np.ascontiguousarray(sequences, np.int64).tobytes())
+    _digest(h, what, 0)
+    return h.hexdigest()[:16]
+
+
+def _digest(h, obj, depth):
+    """Feed a decision rule (a closure, an object with arrays, a router ...) into a hash, by value."""
+    if depth > 40:
+        raise ValueError("decision rule too deeply nested to fingerprint")
+    if isinstance(obj, np.ndarray):
+        h.update(f"array{obj.dtype}{obj.shape}".encode())
+        h.update(np.ascontiguousarray(obj).tobytes())
+    elif isinstance(obj, (str, int, float, bool, type(None), np.generic)):
+        h.update(repr(obj).encode())
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for o in obj:
+            _digest(h, o, depth + 1)
+        h.update(b"]")
+    elif isinstance(obj, (set, frozenset)):
+        _digest(h, sorted(obj, key=repr), depth + 1)
+    elif isinstance(obj, dict):
+        _digest(h, sorted(obj.items(), key=lambda kv: repr(kv[0])), depth + 1)
+    elif callable(obj) and hasattr(obj, "__code__"):  # a function: its name and the values it closes over
+        h.update(obj.__qualname__.encode())
+        _digest(h, [c.cell_contents for c in obj.__closure__ or ()], depth + 1)
+    elif hasattr(obj, "__dict__"):
+        h.update(type(obj).__qualname__.encode())
+        _digest(h, vars(obj), depth + 1)
+    else:
+        h.update(repr(obj).encode())
+
+
+def _describe(decide) -> str:
+    """A short label for a decision rule, for the progress bar: `threshold(0.2)`, `static({3, 5})`, `RouterDecisions`."""
+    name = getattr(decide, "__qualname__", type(decide).__name__).split(".")[0]
+    cells = [c.cell_contents for c in getattr(decide, "__closure__", None) or ()]
+    shown = [repr(sorted(c)) if isinstance(c, (set, frozenset)) else repr(c) for c in cells
+             if not isinstance(c, np.ndarray)]  # fmt: skip
+    return f"{name}({', '.join(shown)})" if cells else name
+
+
+# ------------------------------------------------------------------------------------------------ the passes
+
+
+class _Profile(_Pass):
+    """Residual ratios of every block for every token: rows [n_seq * T, n_blocks]."""
+
+    def __init__(self, model, sequences, kind):
+        super().__init__(model, sequences, ("profile", kind))
+        n_seq, T = self.sequences.shape
+        self.kind, self.T, self.label = kind, T, f"profile ({kind})"
+        self.arrays["ratios"] = np.zeros((n_seq * T, len(model.blocks)))
+        self.rows = None
+
+    def block(self, b, block, s, x, pos):
+        self.rows = slice(s * self.T, (s + 1) * self.T)
+        return run_block(b, block, x, Step(pos), self)
+
+    def __call__(self, i, block, x, f, y):  # the observer of run_block
+        self.arrays["ratios"][self.rows, i] = residual_ratio(x, f, self.kind)
+
+
+def profile_text(model: StreamedModel, sequences, kind: str = "output") -> np.ndarray:
+    """Ratios of every block for every token, block-major: equal to `profiling.profile_text` on the loaded model.
+    [n_seq, T] ids -> [n_seq * T, n_blocks]."""
+    return _layer_major(_Profile(model, sequences, kind)).arrays["ratios"]
+
+
+class _Simulation(_Pass):
+    """`oracle.simulate`, block-major: each sequence keeps its own copy of a stateful decision rule."""
+
+    head = True
+
+    def __init__(self, model, sequences, decide, kv_rule, kind):
+        from .oracle import KV_RULES
+
+        if kv_rule not in KV_RULES:
+            raise ValueError(f"kv rule must be one of {KV_RULES}, got {kv_rule!r}")
+        super().__init__(model, sequences, ("simulate", kv_rule, kind, decide))
+        n_seq, T = self.sequences.shape
+        n = len(model.blocks)
+        self.kv_rule, self.kind, self.label = kv_rule, kind, f"{_describe(decide)}, {kv_rule}"
+        self.arrays.update(keep=np.zeros((n_seq, T, n), bool), ratios=np.zeros((n_seq, T, n)),
+                           nll=np.zeros((n_seq, T - 1)))  # fmt: skip
+        stateful = getattr(decide, "after", None) is not None
+        self.decide = [copy.copy(decide) if stateful else decide for _ in range(n_seq)]
+
+    def embedded(self, s, x):
+        after = getattr(self.decide[s], "after", None)
+        if after is not None:
+            after(-1, x, None)
+
+    def block(self, b, block, s, x, pos):
+        from .oracle import decide_block
+
+        keep, ratios = self.arrays["keep"][s, :, b], self.arrays["ratios"][s, :, b]
+        y = decide_block(b, block, x, pos, self.decide[s], self.kv_rule, self.kind, keep, ratios)
+        after = getattr(self.decide[s], "after", None)
+        if after is not None:
+            after(b, y, keep)
+        return y
+
+    def finish(self, s, x, logits):
+        from .oracle import next_token_nll
+
+        self.arrays["nll"][s] = next_token_nll(logits, self.sequences[s])
+
+    def state(self):
+        """A stateful rule's state is its array attributes (a RouterDecisions' next block and depth per token)."""
+        return {f"{s}.{k}": v for s, d in enumerate(self.decide) if hasattr(d, "after")
+                for k, v in vars(d).items() if isinstance(v, np.ndarray)}  # fmt: skip
+
+    def restore(self, saved):
+        for name, v in saved.items():
+            s, attr = name.split(".", 1)
+            setattr(self.decide[int(s)], attr, np.array(v))
+
+
+def simulate(model: StreamedModel, sequences, decide, kv_rule: str = "fill", kind: str = "output"):
+    """`oracle.simulate` with streamed weights: the same Run, block-major."""
+    from .oracle import Run
+
+    a = _layer_major(_Simulation(model, sequences, decide, kv_rule, kind)).arrays
+    return Run(a["keep"], a["ratios"], a["nll"])
+
+
+class _Labels(_Simulation):
+    """The oracle's run plus the states its routes pass through, for `router.oracle_examples`: column 0 is every
+    token's embedding (START), column b + 1 the states after block b of the tokens that ran it, rows in (sequence,
+    token) order. Columns go to files in the state folder as they are made (else they stay in memory)."""
+
+    head = False
+
+    def __init__(self, model, sequences, tau, kv_rule, kind):
+        from .oracle import threshold
+
+        super().__init__(model, sequences, threshold(tau), kv_rule, kind)
+        self.key = _fingerprint(model, self.sequences, ("labels", tau, kv_rule, kind))
+        self.label = f"oracle labels (tau={tau:g}, {kv_rule})"
+        self.columns, self.pending = {}, []
+
+    def embedded(self, s, x):
+        super().embedded(s, x)
+        self.pending.append(np.array(x))
+        if s == len(self.sequences) - 1:
+            self._column(0)
+
+    def block(self, b, block, s, x, pos):
+        y = super().block(b, block, s, x, pos)
+        self.pending.append(y[self.arrays["keep"][s, :, b]])
+        if s == len(self.sequences) - 1:
+            self._column(b + 1)
+        return y
+
+    def _column(self, c):
+        rows, self.pending = np.concatenate(self.pending), []
+        d = self.model.state_dir
+        if d is None:
+            self.columns[c] = rows
+            return
+        path = d / f"labels-{self.key}-{c}.npy"
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, rows)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.columns[c] = path
+
+    def column(self, c) -> np.ndarray:
+        got = self.columns.get(c)
+        if got is None:  # made by the interrupted run
+            got = self.model.state_dir / f"labels-{self.key}-{c}.npy"
+        return np.load(got, mmap_mode="r") if isinstance(got, Path) else got
+
+    def finish(self, s, x, logits):
+        pass
+
+
+def oracle_examples(model: StreamedModel, sequences, tau: float, kv_rule: str = "drop", kind: str = "output") -> dict:
+    """`router.oracle_examples` with streamed weights: the same examples in the same order, block-major."""
+    from .router import routes_from_keep
+
+    job = _layer_major(_Labels(model, sequences, tau, kv_rule, kind))
+    keep = job.arrays["keep"]  # [n_seq, T, n]
+    n_seq, T, n = keep.shape
+    out = {"prev": [], "depth": [], "label": [], "token": []}
+    for s in range(n_seq):
+        t_idx, b_idx, prev, depth, label = routes_from_keep(keep[s])
+        out["prev"].append(prev)
+        out["depth"].append(depth)
+        out["label"].append(label)
+        out["token"].append(s * T + t_idx)
+    ex = {k: np.concatenate(v) for k, v in out.items()}
+    mask = np.concatenate([np.ones((n_seq, T, 1), bool), keep], axis=2)  # [n_seq, T, n + 1]: START, kept blocks
+    _, _, c_idx = np.nonzero(mask)  # the order of the in-memory examples: sequence, token, column
+    x = np.empty((len(c_idx), model.config.hidden_size), np.float32)
+    for c in range(n + 1):
+        x[c_idx == c] = job.column(c)
+    ex["x"] = x
+    return {k: ex[k] for k in ("x", "prev", "depth", "label", "token")}
