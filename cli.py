@@ -703,11 +703,11 @@ def build_parser():
 
     def add_stream_arg(q, where):
         q.add_argument("--stream", action="store_true",
-                       help="read each block's weights from the checkpoint just before it runs over all sequences and "
-                            "free them after (OPT, Llama, Qwen2; safetensors, pytorch_model.bin, GGUF): memory bounded "
-                            "by the largest blocks and the hidden states, not the model; automatic when the model would "
-                            f"not fit in memory. Run the same command again to resume an interrupted run at its block "
-                            f"(checkpoints in {where})")
+                       help="read each block's weights from the checkpoint just before it runs over all sequences "
+                            "and free them after (OPT, Llama, Qwen2; safetensors, pytorch_model.bin, GGUF): memory "
+                            "bounded by the largest blocks and the hidden states, not the model; automatic when the "
+                            "model would not fit in memory. Run the same command again to resume an interrupted run at "
+                            f"its block (checkpoints in {where})")
 
     pr = command("profile", "residual ratio of every block and token: tables, .npz/CSV/JSON, plots")
     pr.add_argument("--model", action="append", default=None,

@@ -227,7 +227,8 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None, bfloat1
     write_safetensors_from(path, specs, lambda name: tensors[name], metadata, bfloat16)
 
 
-_WRITE_CODES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64", np.dtype("int32"): "I32"}
+_WRITE_CODES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64",
+                np.dtype("int32"): "I32"}  # fmt: skip
 
 
 def write_safetensors_from(path, specs: dict, read, metadata: dict | None = None, bfloat16=()) -> None:

@@ -93,14 +93,14 @@ def ensure_safetensors(folder: Path) -> None:
     store = open_checkpoint(folder)  # the pickles' names and shapes only: storages are read one tensor at a time
     weight_map = {}
     for name, f in store.files.items():
-        target = "model.safetensors" if len(store.files) == 1 else name.replace("pytorch_model", "model").replace(".bin", ".safetensors")
+        target = name.replace("pytorch_model", "model")[: -len(".bin")] + ".safetensors"  # model-00001-of-00003
         names = [n for n, where in store.where.items() if where == name]
         specs = {n: (_stored_dtype(f.dtype(n)), f.shape(n)) for n in names}
         bf16 = {n for n in names if f.dtype(n) == "bfloat16"}  # widened on reading; stored as bf16 again, exactly
         write_safetensors_from(folder / target, specs, lambda n, f=f: _as_stored(f.read_stored(n)),
                                {"format": "pt", "converted_from": name}, bf16)  # fmt: skip
         weight_map.update({n: target for n in names})
-    if len(store.files) > 1:
+    if set(weight_map.values()) != {"model.safetensors"}:  # shards: the index, written last, completes them
         write_json(folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
     for b in bins:
         b.unlink()
@@ -109,7 +109,8 @@ def ensure_safetensors(folder: Path) -> None:
 
 def _stored_dtype(name: str):
     """The dtype a .bin tensor is written as: float16 stays, other floats become float32 (bfloat16 then BF16)."""
-    return np.float16 if name == "float16" else np.float32 if name in ("float32", "float64", "bfloat16") else np.dtype(name)
+    floats = ("float32", "float64", "bfloat16")
+    return np.float16 if name == "float16" else np.float32 if name in floats else np.dtype(name)
 
 
 def _as_stored(a):

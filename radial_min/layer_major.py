@@ -285,7 +285,7 @@ def _digest(h, obj, depth):
 
 
 def _describe(decide) -> str:
-    """A short label for a decision rule, for the progress bar: `threshold(0.2)`, `static({3, 5})`, `RouterDecisions`."""
+    """A short label for a decision rule, for progress bars: `threshold(0.2)`, `static([3, 5])`, `RouterDecisions`."""
     name = getattr(decide, "__qualname__", type(decide).__name__).split(".")[0]
     cells = [c.cell_contents for c in getattr(decide, "__closure__", None) or ()]
     shown = [repr(sorted(c)) if isinstance(c, (set, frozenset)) else repr(c) for c in cells

@@ -54,7 +54,8 @@ def read_checked(store, theirs) -> np.ndarray:
     a = store.read(theirs)
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         bad = int(a.size - np.isfinite(a).sum())
-        raise CheckpointError(f"{store.description}: tensor {quote(theirs)} has {bad} NaN or infinite values of {a.size}")
+        raise CheckpointError(f"{store.description}: tensor {quote(theirs)} has {bad} NaN or infinite values of "
+                              f"{a.size}")
     return a
 
 

@@ -146,7 +146,7 @@ class StreamedModel:
             self.path = Path(self.path)
         cfg = self.config
         if cfg.model_type not in _LAYOUT:
-            raise NotStreamable(f"{self.path}: streaming covers OPT, Llama and Qwen2 checkpoints, this is {cfg.model_type}")
+            raise NotStreamable(f"{self.path}: streaming covers OPT, Llama and Qwen2, this is {cfg.model_type}")
         self.module, prefix, self.parts = _LAYOUT[cfg.model_type]
         self.prefix, self.n_layer = prefix, cfg.num_hidden_layers
         self.blocks = [_Slot(i, kind) for i in range(self.n_layer) for kind in ("att", "ffn")]
@@ -200,8 +200,9 @@ class StreamedModel:
         shared = [(k, g) for k, g in users.items() if len(g) > 1]
         if shared:
             (file, key), groups = shared[0]
-            raise NotStreamable(f"{self.path / file}: storage {key!r} holds tensors of {' and '.join(sorted(groups)[:2])}"
-                                f"{' and more' if len(groups) > 2 else ''}: it would be read whole for each block")
+            named = " and ".join(sorted(groups)[:2]) + (" and more" if len(groups) > 2 else "")
+            raise NotStreamable(f"{self.path / file}: storage {key!r} holds tensors of {named}: it would be read "
+                                "whole for each block")
 
     def _file(self, theirs):
         files = getattr(self.store, "files", None)
@@ -237,7 +238,9 @@ class StreamedModel:
     def load_block(self, b: int):
         """Block b, read from the checkpoint now; it owns its arrays, so dropping it frees them."""
         slot = self.blocks[b]
-        block = self.module.make_block(self.config, {n: self._read(n) for n in self.block_names[b]}, slot.layer, slot.kind)
+        tensors = {n: self._read(n) for n in self.block_names[b]}
+        block = self.module.make_block(self.config, tensors, slot.layer, slot.kind)
+        del tensors  # consumed by make_block
         _release_mapped(self.store)
         return block
 

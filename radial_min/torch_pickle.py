@@ -353,7 +353,8 @@ class TorchFile:
                     while f.read(1 << 24):
                         pass
                 except zipfile.BadZipFile as e:
-                    raise CheckpointError(f"{self.path}: record {record} is unreadable ({e}): truncated or corrupt") from None
+                    why = f"record {record} is unreadable ({e})"
+                    raise CheckpointError(f"{self.path}: {why}: truncated or corrupt") from None
         with open(self.path, "rb") as f:  # the record's data follows its local header (30 bytes, name, extra field)
             f.seek(info.header_offset)
             head = f.read(30)

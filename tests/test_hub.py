@@ -202,7 +202,8 @@ def test_sharded_bin_repo_is_converted_shard_by_shard(weights, tmp_path, monkeyp
     monkeypatch.setattr(radial_min.torch_pickle, "load_torch_file", lambda *a: pytest.fail("a whole shard was loaded"))
     reads = []
     real_read = radial_min.torch_pickle.TorchFile.read_stored
-    monkeypatch.setattr(radial_min.torch_pickle.TorchFile, "read_stored", lambda f, n: (reads.append(n), real_read(f, n))[1])
+    monkeypatch.setattr(radial_min.torch_pickle.TorchFile, "read_stored",
+                        lambda f, n: (reads.append(n), real_read(f, n))[1])  # fmt: skip
     model = radial_min.load("facebook/opt-bin-sharded")
     local = weights / "opt-bin-sharded"
     assert sorted(p.name for p in local.iterdir() if not p.name.startswith(".")) == [

@@ -126,7 +126,8 @@ def run_again(model):
 def test_interrupted_simulation_resumes_at_its_block(tmp_path, on_disk):
     """In memory, or with the states in two memory-mapped scratch files (interrupted halfway through a block,
     after one sequence's states were overwritten): the resumed run gives the uninterrupted run's numbers."""
-    model = stream.StreamedModel(FIXTURES / "opt-pre", state_dir=tmp_path / "state", scratch_limit=0 if on_disk else None)
+    limit = 0 if on_disk else None
+    model = stream.StreamedModel(FIXTURES / "opt-pre", state_dir=tmp_path / "state", scratch_limit=limit)
     full = oracle.simulate(radial_min.load(FIXTURES / "opt-pre"), SEQS, oracle.threshold(TAU), "drop")
     model.progress = interrupt_at(3, after_sequences=1)
     with pytest.raises(KeyboardInterrupt):
@@ -195,11 +196,12 @@ def test_a_sweep_resumed_does_not_run_finished_passes_again(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         oracle.sweep(model, SEQS, [0, TAU], ["fill", "drop"])
     first = model.progress.begun
-    assert first == [("threshold(0.0), fill", None), ("static([]), fill", None), (f"threshold({TAU}), fill", None)]
+    labels = ["threshold(0.0), fill", f"threshold({TAU}), fill", f"threshold({TAU}), drop"]
+    assert [label for label, _ in first] == labels
     model.progress = Passes()
     got = oracle.sweep(model, SEQS, [0, TAU], ["fill", "drop"])
     again = model.progress.begun
-    assert again[0] == (f"threshold({TAU}), fill", 2)  # passes 1-2 kept, pass 3 resumed at its block
+    assert again[0] == (f"threshold({TAU}), drop", 2)  # passes 1-2 kept, pass 3 resumed at its block
     assert not set(first[:2]) & set(again)
     assert got["rows"] == want["rows"]
     np.testing.assert_array_equal(got["mean_ratio"], want["mean_ratio"])
@@ -221,7 +223,8 @@ def test_a_compressed_or_corrupt_bin_embedding(tmp_path):
     for name, compression in (("deflated", zipfile.ZIP_DEFLATED), ("corrupt", zipfile.ZIP_STORED)):
         (tmp_path / name).mkdir()
         shutil.copy(FIXTURES / "opt-hub-bin" / "config.json", tmp_path / name)
-        with zipfile.ZipFile(src) as zin, zipfile.ZipFile(tmp_path / name / "pytorch_model.bin", "w", compression) as zout:
+        dst = tmp_path / name / "pytorch_model.bin"
+        with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression) as zout:
             for info in zin.infolist():
                 zout.writestr(info.filename, zin.read(info))
     path = tmp_path / "corrupt" / "pytorch_model.bin"
@@ -300,15 +303,15 @@ def test_cli_stream_writes_the_same_files(capsys, tmp_path, with_tokenizer, name
     folders, text = with_tokenizer
     code, _, _ = run_cli(capsys, command(name, folders["opt-fp16-sharded"], text, tmp_path / "memory"))
     assert code == 0
-    code, out, err = run_cli(capsys, command(name, folders["opt-fp16-sharded"], text, tmp_path / "stream") + ["--stream"])
+    code, out, err = run_cli(capsys, command(name, folders["opt-fp16-sharded"], text, tmp_path / "st") + ["--stream"])
     assert code == 0
     assert "streaming weights block by block (--stream)" in err and "peak memory (VmHWM)" in out
     report = {"train-router": "train_router.json"}.get(name)  # it names its own folder
-    names = assert_same_files(tmp_path / "memory", tmp_path / "stream", skip=(report,))
+    names = assert_same_files(tmp_path / "memory", tmp_path / "st", skip=(report,))
     assert len(names) >= 5 and not any(n.startswith(".stream") for n in names)  # checkpoints cleared at the end
     if report:
-        a, b = ((tmp_path / d / report).read_text() for d in ("memory", "stream"))
-        assert a.replace(str(tmp_path / "memory"), "") == b.replace(str(tmp_path / "stream"), "")
+        a, b = ((tmp_path / d / report).read_text() for d in ("memory", "st"))
+        assert a.replace(str(tmp_path / "memory"), "") == b.replace(str(tmp_path / "st"), "")
 
 
 def test_interrupted_simulate_command_resumes_with_the_same_files(capsys, tmp_path, with_tokenizer, monkeypatch):
@@ -343,7 +346,8 @@ def test_streaming_switches_on_when_the_model_would_not_fit(capsys, tmp_path, wi
 def test_a_checkpoint_that_cannot_be_streamed_is_loaded_whole_if_it_fits(capsys, tmp_path, with_tokenizer, monkeypatch):
     folders, text = with_tokenizer
     code, _, err = run_cli(capsys, command("profile", folders["opt-bin-shared"], text, tmp_path / "a") + ["--stream"])
-    assert code == 0 and "not streaming (" in err and "storage '0' holds tensors of" in err and "loading it whole" in err
+    assert code == 0 and "not streaming (" in err and "storage '0' holds tensors of" in err
+    assert "loading it whole" in err
     monkeypatch.setattr(stream, "available_bytes", lambda: 10_000)
     code, _, err = run_cli(capsys, command("profile", folders["opt-bin-shared"], text, tmp_path / "b"))
     assert code == 2 and err.startswith("error: --model") and "does not fit in memory and cannot be streamed" in err
