@@ -35,7 +35,7 @@ from radial_min.radial import RadialNetwork, RouterDecisions, format_routing
 from radial_min.tokenizer import Streamer
 
 TAU = 0.2  # the default threshold: the shipped router's; on the shipped model 0.05 skips almost nothing
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "int8")
 MIN_VOCAB = 260  # a byte-level BPE: 256 bytes + 4 special tokens
 
 

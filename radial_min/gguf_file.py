@@ -173,7 +173,7 @@ def load_gguf(path, weights_dtype: str = "float32"):
     tensors = {}
     for ours, theirs in store_names.items():
         a = store.read(theirs)
-        tensors[ours] = to_storage(a, weights_dtype) if _is_matrix(ours, a) else a
+        tensors[ours] = to_storage(a, weights_dtype) if _is_matrix(ours, a.ndim) else a
     model = llama.Llama(cfg, tensors)
     model.path = Path(path)
     model.dtypes_on_disk = Counter(store.dtype(theirs) for theirs in store_names.values())

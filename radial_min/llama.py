@@ -12,6 +12,7 @@ from . import kernels
 from .blocks import AttentionBlock, FFNBlock, Linear, RMSNorm, Rotary
 from .cache import KVCache
 from .config import LlamaConfig
+from .dtypes import stack_rows
 from .opt import OPT, _check_ids
 
 
@@ -50,7 +51,7 @@ def make_block(cfg: LlamaConfig, t: dict, i: int, kind: str):
     p = f"layers.{i}."
     if kind == "att":
         qkv = Linear(  # q, k, v stacked: [H*D + 2*Hkv*D, E]; popped, so the separate copies are freed (peak memory)
-            np.concatenate([t.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+            stack_rows([t.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
             np.concatenate([t.pop(p + f"self_attn.{x}_proj.bias") for x in "qkv"]) if cfg.qkv_bias else None,
         )
         out = Linear.from_tensors(t, p + "self_attn.o_proj")

@@ -10,9 +10,9 @@ import numpy as np
 
 from . import llama, opt, vit
 from .checkpoint import open_checkpoint, quote
-from .dtypes import to_storage
+from .dtypes import check_storage_dtype, to_storage
 from .config import read_config
-from .errors import CheckpointError
+from .errors import CheckpointError, SettingError
 from .gguf_file import is_gguf, load_gguf
 from .hub import resolve
 
@@ -23,15 +23,17 @@ def load(source, *, weights_dtype: str = "float32"):
     """Load a model from a local folder (config.json + weights), a .gguf file, or a Hub id such as "facebook/opt-125m".
 
     `weights_dtype` "float16" or "bfloat16" keeps the weight matrices in half precision in memory (half the
-    memory; decode ~1.5x faster at OPT-125M); everything is still computed in float32."""
-    to_storage(np.zeros(1, np.float32), weights_dtype)  # refuse an unknown dtype before reading anything
+    memory; decode ~1.5x faster at OPT-125M), "int8" in 8 bits with a float32 scale per row (a quarter; see
+    dtypes.Int8Matrix); everything is still computed in float32."""
+    check_storage_dtype(weights_dtype)  # refuse an unknown dtype before reading anything
     if is_gguf(source):  # a single llama.cpp file (optional `gguf` package)
         return load_gguf(source, weights_dtype)
     folder, cfg, store, names = open_checkpoint_folder(source)
+    check_quantizable(store, names, weights_dtype)
     tensors = {}
     for ours, theirs in names.items():  # one tensor at a time, narrowed as read: peak memory = model + one tensor
         a = read_checked(store, theirs)
-        tensors[ours] = to_storage(a, weights_dtype) if _is_matrix(ours, a) else a
+        tensors[ours] = to_storage(a, weights_dtype) if _is_matrix(ours, a.ndim) else a
     n_params = sum(a.size for a in tensors.values())
     model = ARCHITECTURES[cfg.model_type][1](cfg, tensors)
     model.path = Path(folder)
@@ -59,9 +61,22 @@ def read_checked(store, theirs) -> np.ndarray:
     return a
 
 
-def _is_matrix(name, a) -> bool:
+def _is_matrix(name, ndim: int) -> bool:
     """Weights that go through a matmul (or the tied embedding/LM head); norms, biases and positions stay float32."""
-    return a.ndim >= 2 and name.endswith(".weight") and "position" not in name
+    return ndim >= 2 and name.endswith(".weight") and "position" not in name
+
+
+def check_quantizable(store, names: dict, weights_dtype: str) -> None:
+    """int8 quantizes [out, in] matrices row by row: refuse, before anything is read, a checkpoint whose weight
+    matrices are not all 2-D (a ViT's patch embedding is a 4-D convolution kernel)."""
+    if weights_dtype != "int8":
+        return
+    for ours, theirs in names.items():
+        shape = tuple(store.shape(theirs))
+        if _is_matrix(ours, len(shape)) and len(shape) != 2:
+            raise SettingError(f"{store.description}: weights_dtype int8 quantizes 2-D [out, in] matrices row by row, "
+                               f"but tensor {_safe(theirs)} is {len(shape)}-D {list(shape)}; use float32, float16 or "
+                               "bfloat16 for this checkpoint")  # fmt: skip
 
 
 def _match(store, cfg, module) -> dict:

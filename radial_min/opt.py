@@ -9,6 +9,7 @@ import numpy as np
 from . import kernels
 from .blocks import AttentionBlock, FFNBlock, LayerNorm, Linear, Step, run_blocks
 from .cache import KVCache
+from .dtypes import stack_rows
 from .config import OPTConfig
 
 LN_EPS = 1e-5  # nn.LayerNorm's default; OPT configs do not set it
@@ -60,7 +61,7 @@ def make_block(cfg: OPTConfig, t: dict, i: int, kind: str):
     p, pre = f"decoder.layers.{i}.", cfg.do_layer_norm_before
     if kind == "att":
         qkv = Linear(  # popped: the separate copies are freed as the stacked one is made (peak memory)
-            np.concatenate([t.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+            stack_rows([t.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
             np.concatenate([t.pop(p + f"self_attn.{x}_proj.bias") for x in "qkv"]) if cfg.enable_bias else None,
         )
         out = Linear.from_tensors(t, p + "self_attn.out_proj")

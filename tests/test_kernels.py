@@ -13,23 +13,60 @@ def randn(*shape):
     return RNG.standard_normal(shape).astype(np.float32)
 
 
+NONE = np.zeros(0, np.float32)  # an absent bias or scale
+
+
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 13), n_in=st.integers(1, 40), n_out=st.integers(1, 23), bias=st.booleans())
-def test_matmul_matches_reference(rows, n_in, n_out, bias):
-    """The 4x4-tiled kernel, including ragged row and column tails."""
+@given(rows=st.integers(1, 13), n_in=st.integers(1, 40), n_out=st.integers(1, 23), bias=st.booleans(),
+       cols_per_task=st.sampled_from([4, 8, 64]), k_block=st.sampled_from([3, 8, 1024]), int8=st.booleans())  # fmt: skip
+def test_matmul_matches_reference(rows, n_in, n_out, bias, cols_per_task, k_block, int8):
+    """The 4x4-tiled kernel, including ragged row and column tails, several tasks, slices of the reduction, and
+    int8 weights against float32 math on their dequantized values."""
     a, w = randn(rows, n_in), randn(n_out, n_in)
     b = randn(n_out) if bias else None
+    q = kernels.Int8Matrix.quantize(w)
     out = np.empty((rows, n_out), np.float32)
-    kernels.matmul(a, w, b if bias else np.zeros(0, np.float32), out)
-    np.testing.assert_allclose(out, kernels.linear_ref(a, w, b), rtol=1e-5, atol=1e-5)
+    kernels.matmul(a, q.q if int8 else w, q.scale if int8 else NONE, NONE if b is None else b, out, cols_per_task, k_block)
+    np.testing.assert_allclose(out, kernels.linear_ref(a, q.dequantize() if int8 else w, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("n_in,n_out", [(1, 1), (7, 5), (768, 3072)])
-def test_matvec_matches_reference(n_in, n_out):
+def test_matvec_matches_reference(n_in, n_out, int8):
     x, w, b = randn(n_in), randn(n_out, n_in), randn(n_out)
+    q = kernels.Int8Matrix.quantize(w)
     out = np.empty(n_out, np.float32)
-    kernels.matvec(x, w, b, out)
-    np.testing.assert_allclose(out, kernels.linear_ref(x[None], w, b)[0], rtol=1e-4, atol=1e-4)
+    kernels.matvec(x, q.q if int8 else w, q.scale if int8 else NONE, b, out)
+    np.testing.assert_allclose(out, kernels.linear_ref(x[None], q.dequantize() if int8 else w, b)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_int8_quantization_per_row():
+    """Symmetric per-row int8: each row's largest |weight| is exact, every weight within half a step of its row's
+    scale, all-zero rows stay zero; rows picked from the matrix (an embedding lookup) keep their scales."""
+    w = randn(6, 50) * np.array([1e-3, 1, 10, 0, 1, 5], np.float32)[:, None]
+    q = kernels.Int8Matrix.quantize(w)
+    assert q.q.dtype == np.int8 and q.scale.dtype == np.float32 and q.shape == (6, 50) and q.nbytes == 6 * 50 + 6 * 4
+    assert np.abs(q.q).max() == 127 and q.q.min() >= -127
+    back = q.dequantize()
+    big = np.abs(w).argmax(1)
+    np.testing.assert_allclose(back[np.arange(6), big], w[np.arange(6), big], rtol=1e-6)
+    assert (np.abs(back - w) <= q.scale[:, None] / 2 * (1 + 1e-5)).all()
+    assert (back[3] == 0).all()
+    np.testing.assert_array_equal(kernels.to_float32(q[np.array([4, 1])]), back[[4, 1]])
+    with pytest.raises(ValueError, match="matrices"):
+        kernels.Int8Matrix.quantize(randn(2, 3, 4))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 9])
+def test_linear_on_int8_weights(rows):
+    """linear() on an Int8Matrix (matvec for one row, matmul for more, serial or parallel) equals float32 math on
+    the dequantized weights."""
+    x, w, b = randn(rows, 300), randn(4100, 300), randn(4100)  # 9 x 4100 x 300 multiply-adds: the parallel kernel
+    q = kernels.to_storage(w, "int8")
+    np.testing.assert_allclose(kernels.linear(x, q, b), kernels.linear_ref(x, q.dequantize(), b), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(kernels.linear(x[:, :7], kernels.to_storage(w[:9, :7], "int8")),
+                               kernels.linear_ref(x[:, :7], kernels.Int8Matrix.quantize(w[:9, :7]).dequantize()),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", ["numba", "blas"])  # "blas" last: test_default_backend_is_numba checks
@@ -146,7 +183,7 @@ def test_bfloat16_rounds_to_nearest_even():
     back = kernels.to_float32(kernels.to_storage(x, "bfloat16"))
     np.testing.assert_array_equal(back, np.array([1.0, 1.0 + 4 * 2**-8, 1.0], np.float32))
     with pytest.raises(ValueError, match="weights dtype"):
-        kernels.to_storage(x, "int8")
+        kernels.to_storage(x, "int4")
 
 
 def test_attention_over_picked_rows():
