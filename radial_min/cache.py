@@ -35,13 +35,17 @@ class _Rows:
         self.tags = {t: np.empty(capacity, np.int64) for t in tags}
         self.n = 0
 
-    def append(self, k, v, **tags):  # [T, E], [T, E], each tag [T] or a scalar
-        T = len(k)
-        need = self.n + T
+    def reserve(self, need: int):
+        """Room for `need` rows in all (one copy, instead of doublings each copying everything so far)."""
         if need > self.k.shape[1]:
             cap = max(need, 2 * self.k.shape[1])
             self.k, self.v = _grow(self.k, self.n, cap, axis=1), _grow(self.v, self.n, cap, axis=1)
             self.tags = {t: _grow(a, self.n, cap) for t, a in self.tags.items()}
+
+    def append(self, k, v, **tags):  # [T, E], [T, E], each tag [T] or a scalar
+        T = len(k)
+        need = self.n + T
+        self.reserve(need)
         self.k[:, self.n : need] = k.reshape(T, self.n_head, self.d_head).transpose(1, 0, 2)
         self.v[:, self.n : need] = v.reshape(T, self.n_head, self.d_head).transpose(1, 0, 2)
         for t, value in tags.items():
@@ -126,6 +130,10 @@ class UnifiedKVCache:
         n += len(pos)
         self.views[key] = (index, n)
         return q, self.rows.k, self.rows.v, self.rows.tag("pos")[index[:n]], index[:n]
+
+    def reserve(self, n_more: int):
+        """Room for n_more entries beyond those stored (a prompt's tokens x attention blocks, say)."""
+        self.rows.reserve(self.rows.n + n_more)
 
     def __len__(self) -> int:
         return self.rows.n

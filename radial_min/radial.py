@@ -2,13 +2,16 @@
 which block to run next, until the router says EXIT or the token reaches the maximum depth.
 
 `RadialNetwork` wraps a sequential model's blocks with a router and a unified KV cache, and offers the same
-`forward(input_ids, cache, last_only)` / `new_cache()` interface as the model, so `generate` runs either. Every
-token is routed on its own, prompt tokens included; `routes` records the blocks each token ran.
+`forward(input_ids, cache, last_only)` / `new_cache()` interface as the model, so `generate` runs either.
+`routes` records the blocks each token ran.
 
-The engine allows any order and reuse of blocks; a router distilled from a sequential model is masked to move
-forward only. `RouterDecisions` evaluates such a forward-only router on whole sequences at once (block by
-block, as the oracle does), which is how perplexity over long texts stays fast; the tests check it against
-this token-by-token engine.
+Follow one token through `route_token`: embed it, ask the router, run the block it picked over the cache, ask
+again, until EXIT. The engine allows any order and reuse of blocks. When the router may only move forward and each
+query reads only its own layer's keys (the per-layer policy), many tokens can go together (`route_tokens`, block
+by block: at block b, the tokens that chose b run it as one batch), which is how a prompt's prefill and the
+perplexity of a long text (`forward` over the whole text, e.g. train.perplexity) stay fast; each token then runs
+exactly the blocks, over exactly the keys, it would have alone (tests/test_radial.py). `RouterDecisions` is the
+same router inside the oracle's simulation, which also measures the ratios at the blocks a token skips.
 """
 import numpy as np
 
@@ -43,6 +46,13 @@ class RadialNetwork:
             return self.router.decide(x, prev, depth)
         return self.router.choose(x, prev, depth), None
 
+    @property
+    def routes_together(self) -> bool:
+        """Whether many tokens may be routed at once, block by block: true when no token can come back to a block it
+        has passed (a forward-only router) and a query reads only its own layer's entries (per-layer policy), so
+        every key a token may see at block b was written before block b ran, or by block b itself."""
+        return self.router.config.forward_only and self.cache_policy == "per-layer"
+
     def route_token(self, token: int, pos: int, cache, observe=None):
         """Run one token through the blocks its router picks; returns its final hidden state [1, E]."""
         x = self.model.embed(np.array([token]), np.array([pos]))  # [1, E]
@@ -59,15 +69,50 @@ class RadialNetwork:
         self.routes.append(route)
         return x
 
+    def route_tokens(self, ids, pos, cache):
+        """Route tokens ids [T] at positions pos [T] together, block by block (needs `routes_together`): at block b
+        the tokens whose router chose b run it as one batch and choose again from their new states, so block b
+        runs once, over every token that visits it. Returns the final hidden states [T, E]."""
+        x = self.model.embed(ids, pos)  # [T, E]
+        cache.reserve(len(ids) * self.model.n_layer)  # at most one entry per token and attention block
+        exit_, depth = len(self.blocks), np.zeros(len(ids), np.int64)
+        moves, gates = np.full(len(ids), exit_), np.ones(len(ids), np.float32)  # next block, gate of that block
+        routes = [[] for _ in ids]
+
+        def decide(rows, prev):  # as route_token: a token at max_depth is not asked, it exits
+            rows = rows[depth[rows] < self.max_depth]
+            if len(rows):
+                moves[rows], gate = self.decide(x[rows], np.full(len(rows), prev), depth[rows])
+                gates[rows] = 1.0 if gate is None else gate
+
+        decide(np.arange(len(ids)), -1)
+        for b, block in enumerate(self.blocks):
+            rows = np.flatnonzero(moves == b)
+            if len(rows) == 0:
+                continue
+            gate = gates[rows] if self.gate else None
+            x[rows] = run_block(b, block, x[rows], Step(pos[rows], cache, hop=depth[rows]), gate=gate)  # [rows, E]
+            moves[rows] = exit_
+            depth[rows] += 1
+            for r in rows:
+                routes[r].append(b)
+            decide(rows, b)
+        self.routes += routes
+        return x
+
     def forward(self, input_ids, cache: UnifiedKVCache | None = None, last_only: bool = False, observe=None):
-        """Logits for `input_ids` continuing `cache` (a fresh one if None), each token routed alone."""
+        """Logits for `input_ids` continuing `cache` (a fresh one if None). Several tokens go together when the
+        router allows it (`routes_together`) and nobody observes; otherwise, and for an observer, which follows one
+        token's walk at a time (see blocks.run_blocks), each token is routed alone."""
         cache = cache if cache is not None else self.new_cache()
-        states = []
-        for token in np.asarray(input_ids):
-            states.append(self.route_token(int(token), cache.n_tokens, cache, observe))
-            cache.n_tokens += 1
-        x = np.concatenate(states[-1:] if last_only else states)
-        return self.model.head(x)
+        ids = np.asarray(input_ids)
+        pos = cache.n_tokens + np.arange(len(ids))
+        if len(ids) > 1 and self.routes_together and observe is None:
+            x = self.route_tokens(ids, pos, cache)
+        else:
+            x = np.concatenate([self.route_token(int(t), int(p), cache, observe) for t, p in zip(ids, pos)])
+        cache.n_tokens += len(ids)
+        return self.model.head(x[-1:] if last_only else x)
 
     __call__ = forward
 

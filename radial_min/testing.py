@@ -19,17 +19,24 @@ class SequentialRouter:
 class ScriptedRouter:
     """Follows given routes, `routes[t]` being the blocks of token t in order (any order, repeats allowed).
 
-    Token by token (`RadialNetwork`), a decision at depth 0 starts the next token. Evaluating many tokens at once
-    (`RouterDecisions`), set `rows` to the token index of each row before each decision."""
+    It tells the tokens apart as the engines call it: a call where every row is at depth 0 brings the next tokens
+    (one, token by token; several, routed together); a later call is about the tokens of that group that just ran
+    block `prev` (in token order: routed together, a token visits a block at most once). Routes must fit the
+    network's max_depth (a token stopped early would still be expected)."""
 
     def __init__(self, routes: list, n_blocks: int):
-        self.routes, self.token, self.rows = routes, -1, None
+        self.routes, self.group, self.next_token = routes, [], 0
         forward = all(all(a < b for a, b in zip(r, r[1:])) for r in routes)  # every route moves forward only
         self.config = RouterConfig(width=0, n_blocks=n_blocks, forward_only=forward,
                                    max_depth=max(map(len, routes), default=0) + 1)  # fmt: skip
 
     def choose(self, x, prev, depth):
-        if self.rows is None:
-            self.token += int(depth[0] == 0)
-        tokens = [self.token] * len(depth) if self.rows is None else self.rows
+        prev, depth = np.asarray(prev), np.asarray(depth)
+        if (depth == 0).all():
+            self.group = list(range(self.next_token, self.next_token + len(depth)))
+            self.next_token += len(depth)
+            tokens = self.group
+        else:
+            tokens = [t for t in self.group if prev[0] in self.routes[t]]
+        assert len(tokens) == len(depth), "ScriptedRouter: calls out of the order it expects"
         return np.array([self.routes[t][d] if d < len(self.routes[t]) else self.config.exit for t, d in zip(tokens, depth)])

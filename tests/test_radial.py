@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import radial_min
+import radial_min.radial
 from radial_min import kernels, oracle
 from radial_min.cache import KVCache, UnifiedKVCache, dense_cache_bytes, step_encoding
 from radial_min.radial import RadialNetwork, RouterDecisions
@@ -81,26 +82,17 @@ def test_routed_execution_replaying_decisions_equals_the_oracle(cfg, prompt, p_k
 
 
 def test_router_decisions_match_token_by_token_engine():
-    """The fast block-by-block evaluation of a forward-only router equals routing token by token."""
+    """The oracle's block-by-block evaluation of a forward-only router (RouterDecisions) equals routing token by
+    token."""
     model = random_opt(seed=5, num_hidden_layers=3)
     ids = np.arange(3, 20)
     rng = np.random.default_rng(1)
     routes = [sorted(rng.choice(len(model.blocks), size=rng.integers(0, 7), replace=False).tolist()) for _ in ids]
-    router = ScriptedRouter(routes, len(model.blocks))
-
-    decisions = RouterDecisions(router)
-    original_after = decisions.after
-
-    def after(b, x, ran):  # RouterDecisions routes all tokens at once: tell the script which token each row is
-        router.rows = np.arange(len(x)) if b < 0 else np.flatnonzero(ran)
-        original_after(b, x, ran)
-
-    decisions.after = after
-    logits, keep, _ = oracle.run_sequence(model, ids, decisions, "drop")
-    router.rows = None
-    radial = RadialNetwork(model, router)
-    assert close(radial.forward(ids), logits)
-    assert [np.flatnonzero(k).tolist() for k in keep] == routes
+    logits, keep, _ = oracle.run_sequence(model, ids, RouterDecisions(ScriptedRouter(routes, len(model.blocks))), "drop")
+    radial = RadialNetwork(model, ScriptedRouter(routes, len(model.blocks)))
+    cache = radial.new_cache()
+    assert close(np.concatenate([radial.forward(ids[t : t + 1], cache) for t in range(len(ids))]), logits)  # one by one
+    assert [np.flatnonzero(k).tolist() for k in keep] == routes == radial.routes
 
 
 def test_router_decisions_refuse_routers_that_may_move_back():
@@ -295,3 +287,59 @@ def test_max_depth_bounds_every_route():
         ran = decisions(b, np.arange(3), None)
         decisions.after(b, np.zeros((3, model.config.hidden_size), np.float32), ran)
     assert decisions.depth.tolist() == [2, 2, 2] and (decisions.next == 6).all()
+
+
+def _random_router(model, seed, forward_only=True, exit_bias=-3.0):
+    """A Router MLP with random weights (the fused decision kernel, softmax gates), for routes of a few blocks."""
+    from radial_min import router as R
+
+    cfg = R.RouterConfig(width=model.config.hidden_size, n_blocks=len(model.blocks), hidden=8, forward_only=forward_only)
+    rng = np.random.default_rng(seed)
+    params = {k: v + 0.5 * rng.standard_normal(v.shape).astype(np.float32) for k, v in R.init_router(cfg, seed).items()}
+    params["b2"][cfg.exit] += exit_bias
+    return R.Router(cfg, params)
+
+
+@SETTINGS
+@given(cfg=configs, prompt=st.lists(st.integers(3, 60), min_size=2, max_size=12), gate=st.booleans(),
+       n_new=st.integers(1, 5), max_depth=st.sampled_from([None, 2]))  # fmt: skip
+def test_routed_prefill_together_equals_token_by_token(cfg, prompt, gate, n_new, max_depth):
+    """A forward-only router's prompt routed together, block by block (one batch per block), gives the logits and
+    routes of routing it one token at a time, gated or not; generation continues identically from either cache."""
+    model = random_opt(**cfg)
+    router = _random_router(model, cfg["seed"])
+    ids = np.array(prompt)
+    together, alone = RadialNetwork(model, router, max_depth, gate=gate), RadialNetwork(model, router, max_depth, gate=gate)
+    assert together.routes_together
+    got = together.forward(ids)
+    cache = alone.new_cache()
+    want = np.concatenate([alone.forward(ids[t : t + 1], cache) for t in range(len(ids))])
+    assert together.routes == alone.routes
+    assert close(got, want)
+    assert len(together.cache) == len(cache)  # one entry per attention block run, either way
+    for t in range(n_new):  # greedy decoding goes on identically from either cache
+        nxt = np.array([int(got[-1].argmax())])
+        assert int(got[-1].argmax()) == int(want[-1].argmax())
+        got, want = together.forward(nxt, together.cache), alone.forward(nxt, cache)
+        assert close(got, want)
+    assert together.routes == alone.routes
+
+
+def test_routing_together_runs_each_block_once(monkeypatch):
+    """Routed together, a block runs at most once per forward, over all the tokens that chose it; the router is
+    asked once at the start and once after each block that ran. A router that may move back, or a policy that
+    reads other layers' or steps' keys, routes token by token."""
+    model = random_opt(seed=3, num_hidden_layers=3)
+    router = _random_router(model, 1)
+    calls = []
+    run_block = radial_min.radial.run_block
+    monkeypatch.setattr(radial_min.radial, "run_block", lambda i, b, x, *a, **k: calls.append((i, len(x))) or run_block(i, b, x, *a, **k))
+    net = RadialNetwork(model, router)
+    net.forward(np.arange(3, 23))
+    ran = [i for i, _ in calls]
+    assert ran == sorted(set(ran)) and max(n for _, n in calls) > 1
+    assert 0 < sum(map(len, net.routes)) < 20 * len(model.blocks)  # some blocks skipped, some run
+    assert sum(n for _, n in calls) == sum(map(len, net.routes))
+    assert not RadialNetwork(model, _random_router(model, 1, forward_only=False)).routes_together
+    assert not RadialNetwork(model, router, cache_policy="per-step").routes_together
+    assert not RadialNetwork(model, router, cache_policy="global").routes_together
