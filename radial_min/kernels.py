@@ -111,7 +111,7 @@ matvec_serial = _one_thread(matvec)
 @njit(fastmath=True, inline="always")
 def _dot(a, i, w, j, n_in):
     acc = np.float32(0.0)
-    for k in range(n_in):
+    for k in range(np.uint64(n_in)):
         acc += a[i, k] * np.float32(w[j, k])
     return acc
 
@@ -137,28 +137,36 @@ def _tile_4x4(a, i, w, j, k_lo, k_hi, out):
     out[i + 3, j] += c30; out[i + 3, j + 1] += c31; out[i + 3, j + 2] += c32; out[i + 3, j + 3] += c33  # noqa: E702
 
 
+@njit(fastmath=True, cache=True)
+def _gemm(a, w, out, n_in, k_block=1024):  # [T, >=n_in], [n, >=n_in] f32 or int8 -> out[:T, :n] (serial)
+    """out[:T, :n] = a[:, :n_in] @ w[:, :n_in].T in 4x4 register tiles, the sum over n_in in slices of k_block so
+    that the eight rows a tile reads (4 of a, 4 of w) stay in L1 (fc2's 3072-wide rows would not)."""
+    n_rows, n_out = a.shape[0], w.shape[0]
+    i_full, j_full = n_rows // 4 * 4, n_out // 4 * 4
+    out[:i_full, :j_full] = 0.0
+    for k_lo in range(0, n_in, k_block):
+        for i in range(0, i_full, 4):
+            for j in range(0, j_full, 4):
+                _tile_4x4(a, i, w, j, k_lo, min(n_in, k_lo + k_block), out)
+    for i in range(n_rows):  # ragged last rows and columns
+        for j in range(j_full if i < i_full else 0, n_out):
+            out[i, j] = _dot(a, i, w, j, n_in)
+
+
 @njit(parallel=True, fastmath=True, cache=True)
-def matmul(a, w, scale, b, out, cols_per_task=64, k_block=1024):  # [T, in], [out, in] f32 or int8, [out]|[0] x2 -> [T, out]
-    """a @ w.T. Each task owns 64 output columns, whose weight rows stay in L2 while every 4-row slice of `a`
-    streams past, in 4x4 register tiles. The sum over `in` runs in slices of k_block, so the eight rows a tile
-    reads (4 of a, 4 of w) stay in L1 (fc2's 3072-wide rows would not). int8 weights are widened as they are
-    read; each output column is multiplied by its row's scale at the end, then the bias is added."""
+def matmul(a, w, scale, b, out, cols_per_task=64):  # [T, in], [out, in] f32 or int8, [out] or [0] x2 -> [T, out]
+    """a @ w.T. Each task owns 64 output columns, whose weight rows stay in L2 while `a` streams past (`_gemm`).
+    int8 weights are widened as they are read; each output column is multiplied by its row's scale at the end,
+    then the bias is added."""
     n_rows, n_in = a.shape
     n_out = w.shape[0]
     for t in prange((n_out + cols_per_task - 1) // cols_per_task):
         j_lo = t * cols_per_task
         j_hi = min(n_out, j_lo + cols_per_task)
-        j_full, i_full = j_lo + (j_hi - j_lo) // 4 * 4, n_rows // 4 * 4
-        out[:, j_lo:j_full] = 0.0
-        for k_lo in range(0, n_in, k_block):
-            for i in range(0, i_full, 4):
-                for j in range(j_lo, j_full, 4):
-                    _tile_4x4(a, i, w, j, k_lo, min(n_in, k_lo + k_block), out)
-        for i in range(n_rows):  # ragged last columns and rows, and the scales and bias of every column
+        _gemm(a, w[j_lo:j_hi], out[:, j_lo:j_hi], n_in)
+        for i in range(n_rows):
             for j in range(j_lo, j_hi):
-                y = out[i, j] if i < i_full and j < j_full else _dot(a, i, w, j, n_in)
-                if scale.size:
-                    y *= scale[j]
+                y = out[i, j] * scale[j] if scale.size else out[i, j]
                 out[i, j] = y + b[j] if b.size else y
 
 
@@ -487,6 +495,48 @@ def _attention(q, k, v, rows, n_keys, q_pos, k_pos, causal, out):  # [H, T, D], 
 
 
 _attention_serial = _one_thread(_attention)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _attention_blocked(q, k, v, rows, n_keys, q_pos, k_pos, causal, out, queries_per_block=32):  # as _attention
+    """`_attention` for many queries (a prefill): one task per head, whose visible keys are gathered once into
+    kb [N, D] and its values, transposed, into vt [D, N]; then for each block of 32 queries the scores Q K^T and
+    the output P V are two calls of matmul's tiled core (`_gemm`). A causal block scores the keys its last query
+    sees; each query's row is softmaxed over its own visible prefix and zero beyond."""
+    n_head, n_q, d_head = q.shape
+    group = n_head // k.shape[0]
+    scale = np.float32(1.0 / math.sqrt(d_head))
+    picked = rows.size > 0
+    for h in prange(n_head):
+        g = h // group
+        n_all = np.searchsorted(k_pos[:n_keys], q_pos[n_q - 1], side="right") if causal else n_keys
+        kb, vt = np.empty((n_all, d_head), np.float32), np.empty((d_head, n_all), np.float32)
+        for j in range(n_all):
+            r = rows[j] if picked else j
+            for d in range(d_head):
+                kb[j, d], vt[d, j] = k[g, r, d], v[g, r, d]
+        scores = np.empty((queries_per_block, n_all), np.float32)
+        for i_lo in range(0, n_q, queries_per_block):
+            n_rows = min(queries_per_block, n_q - i_lo)
+            n_vis = np.searchsorted(k_pos[:n_keys], q_pos[i_lo + n_rows - 1], side="right") if causal else n_keys
+            p = scores[:n_rows]  # [rows, N]
+            _gemm(q[h, i_lo : i_lo + n_rows], kb[:n_vis], p, d_head)  # Q K^T
+            for i in range(n_rows):
+                n_i = np.searchsorted(k_pos[:n_keys], q_pos[i_lo + i], side="right") if causal else n_keys
+                best = np.float32(-np.inf)
+                for j in range(n_i):
+                    best = max(best, p[i, j])
+                total = np.float32(0.0)
+                for j in range(n_i):
+                    p[i, j] = np.float32(math.exp((p[i, j] - best) * scale))
+                    total += p[i, j]
+                for j in range(n_i):
+                    p[i, j] /= total
+                p[i, n_i:n_vis] = 0.0
+            _gemm(p, vt, out[h, i_lo : i_lo + n_rows], n_vis)  # P V
+
+
+BLOCKED_FROM = 32  # queries from which `attention` runs _attention_blocked (its register tiles need rows to fill)
 _NO_POS = np.zeros(0, np.int64)
 
 
@@ -520,6 +570,9 @@ def attention(q, k, v, n_head, q_pos=None, k_pos=None, rows=None, n_kv_head=None
     qh = split_heads(q, n_head)
     out = np.empty_like(qh)
     rows = _NO_POS if rows is None else rows
-    kernel = _sized(_attention, _attention_serial, 2 * qh.size * n_keys)  # q.k and p.v per visible key
+    if len(q) >= BLOCKED_FROM:
+        kernel = _attention_blocked
+    else:
+        kernel = _sized(_attention, _attention_serial, 2 * qh.size * n_keys)  # q.k and p.v per visible key
     kernel(qh, k, v, rows, n_keys, q_pos if causal else _NO_POS, k_pos if causal else _NO_POS, causal, out)
     return merge_heads(out)

@@ -18,16 +18,28 @@ NONE = np.zeros(0, np.float32)  # an absent bias or scale
 
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(1, 13), n_in=st.integers(1, 40), n_out=st.integers(1, 23), bias=st.booleans(),
-       cols_per_task=st.sampled_from([4, 8, 64]), k_block=st.sampled_from([3, 8, 1024]), int8=st.booleans())  # fmt: skip
-def test_matmul_matches_reference(rows, n_in, n_out, bias, cols_per_task, k_block, int8):
-    """The 4x4-tiled kernel, including ragged row and column tails, several tasks, slices of the reduction, and
-    int8 weights against float32 math on their dequantized values."""
+       cols_per_task=st.sampled_from([4, 8, 64]), int8=st.booleans())  # fmt: skip
+def test_matmul_matches_reference(rows, n_in, n_out, bias, cols_per_task, int8):
+    """The 4x4-tiled kernel, including ragged row and column tails, several tasks, and int8 weights against
+    float32 math on their dequantized values."""
     a, w = randn(rows, n_in), randn(n_out, n_in)
     b = randn(n_out) if bias else None
     q = kernels.Int8Matrix.quantize(w)
     out = np.empty((rows, n_out), np.float32)
-    kernels.matmul(a, q.q if int8 else w, q.scale if int8 else NONE, NONE if b is None else b, out, cols_per_task, k_block)
+    kernels.matmul(a, q.q if int8 else w, q.scale if int8 else NONE, NONE if b is None else b, out, cols_per_task)
     np.testing.assert_allclose(out, kernels.linear_ref(a, q.dequantize() if int8 else w, b), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 11), n_in=st.integers(1, 30), extra=st.integers(0, 5), n_out=st.integers(1, 13),
+       k_block=st.sampled_from([1, 3, 8, 1024]))  # fmt: skip
+def test_gemm_matches_reference(rows, n_in, extra, n_out, k_block):
+    """The serial tiled core of matmul and attention: the first n_in columns of wider rows, summed in slices."""
+    a, w = randn(rows, n_in + extra), randn(n_out, n_in + extra)
+    out = np.full((rows, n_out + 2), 7.0, np.float32)
+    kernels._gemm(a, w, out, n_in, k_block)
+    np.testing.assert_allclose(out[:, :n_out], a[:, :n_in] @ w[:, :n_in].T, rtol=1e-5, atol=1e-5)
+    assert (out[:, n_out:] == 7.0).all()
 
 
 @pytest.mark.parametrize("int8", [False, True])
@@ -195,3 +207,29 @@ def test_attention_over_picked_rows():
     out = kernels.attention(q, split_heads(k, 2), split_heads(v, 2), 2, np.array([3, 4]), k_pos, rows)
     ref = kernels.attention_ref(q, k[rows], v[rows], 2, np.array([3, 4]), k_pos)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_q=st.integers(1, 80), n_past=st.integers(0, 40), n_head=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2]),
+       causal=st.booleans(), picked=st.booleans(), seed=st.integers(0, 1000))  # fmt: skip
+def test_blocked_attention_matches_reference(n_q, n_past, n_head, group, causal, picked, seed):
+    """The prefill kernel (_attention_blocked, one task per head, scores and outputs through _gemm) against the
+    reference: causal or not, grouped-query, over keys picked out of a larger store with holes in the positions,
+    query blocks with ragged ends."""
+    rng = np.random.default_rng(seed)
+    d, n_kv = 8, max(1, n_head // group)
+    n = n_past + n_q
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((n_q, n_head * d), (n, n_kv * d), (n, n_kv * d)))
+    k_pos = np.sort(rng.choice(3 * n + 1, n, replace=False))
+    q_pos = k_pos[n_past:]  # each query sees its own key and the earlier ones
+    ref = kernels.attention_ref(q, k, v, n_head, q_pos if causal else None, k_pos if causal else None, n_kv)
+    store = np.concatenate([k, rng.standard_normal((5, n_kv * d)).astype(np.float32)])  # extra rows never read
+    rows = rng.permutation(len(store))[:n] if picked else np.arange(n)
+    rows = np.sort(rows) if picked else rows
+    ks, vs = np.zeros_like(store), np.zeros_like(store)
+    ks[rows], vs[rows] = k, v
+    kh, vh = kernels.split_heads(ks, n_kv), kernels.split_heads(vs, n_kv)
+    out = np.empty((n_head, n_q, d), np.float32)
+    kernels._attention_blocked(kernels.split_heads(q, n_head), kh, vh, rows if picked else np.zeros(0, np.int64), n,
+                               q_pos if causal else k_pos[:0], k_pos, causal, out, 16)  # fmt: skip
+    np.testing.assert_allclose(kernels.merge_heads(out), ref, rtol=1e-5, atol=1e-5)
