@@ -1,9 +1,13 @@
 """Weight files as Hugging Face writes them: safetensors (single or sharded) and PyTorch's pytorch_model.bin.
 
-We parse safetensors ourselves (an 8-byte header length, a JSON header, raw little-endian data), so the
-`safetensors` package is not a dependency: its NumPy API cannot return bfloat16 tensors (NumPy has no bfloat16),
-and reading the header ourselves lets every check name the file and tensor in one line. The header rules are the
-package's own (tests/test_fuzz.py checks that we accept exactly what it accepts). Tensors are read one at a time
+The `safetensors` package writes the .safetensors files we make from tensors in memory (`write_safetensors`: its
+serializer, our atomic rename: routers, training states, exports) and is the reference our reader is fuzzed
+against (tests/test_fuzz.py: we accept exactly what it accepts, with the same values). A checkpoint converted tensor
+by tensor, larger than memory, is written by `write_safetensors_from`, since the package's serializer takes every
+tensor at once. Reading is our own, for two reasons the package cannot serve: its NumPy API has no
+bfloat16 (NumPy has no such dtype; we widen the raw bits to float32, see dtypes.py), and its errors do not name
+the file and tensor at fault, while ours check every header rule of the package (each one of its
+`SafeTensorError`s) in one line naming both, before anything is allocated. Tensors are read one at a time
 straight into float32 arrays, so peak memory is the model plus one tensor; a pytorch_model.bin likewise, each
 tensor cut out of its storage only after the names and shapes have been checked against the config.
 """
@@ -14,9 +18,11 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import safetensors
 
 from .dtypes import bf16_to_float32, to_float32, to_storage  # noqa: F401 (bf16_to_float32 re-exported)
 from .errors import CheckpointError
+from .outputs import write_bytes
 
 # safetensors dtype codes -> NumPy dtype as stored
 _ST_DTYPES = {
@@ -221,10 +227,26 @@ def _shard_path(folder: Path, shard: str, index_path: Path) -> Path:
 
 
 def write_safetensors(path, tensors: dict, metadata: dict | None = None, bfloat16=()) -> None:
-    """Write float32/float16/int arrays as safetensors, atomically (a temporary file renamed into place).
-    Tensors named in `bfloat16` are float32 arrays stored as BF16 (rounded to nearest even)."""
-    specs = {name: (np.asarray(a).dtype, np.shape(a)) for name, a in tensors.items()}
-    write_safetensors_from(path, specs, lambda name: tensors[name], metadata, bfloat16)
+    """Write float32/float16/int arrays as safetensors: the package's serializer makes the bytes, `write_bytes` puts
+    them in place atomically (a temporary file renamed, named so a killed run's leftovers are found and removed).
+    Tensors named in `bfloat16` are float32 arrays stored as BF16 (rounded to nearest even). The whole file is
+    built in memory first: peak memory is the tensors plus the file."""
+    specs, alive = {}, []  # the serializer reads raw pointers: every array stays alive until it is done
+    for name, a in tensors.items():
+        a = np.ascontiguousarray(a)
+        dtype = a.dtype.name
+        if name in bfloat16 and a.dtype == np.float32:
+            a, dtype = to_storage(a, "bfloat16"), "bfloat16"  # the uint16 bits
+        if dtype not in _WRITABLE:
+            raise ValueError(f"tensor {name!r}: cannot write dtype {a.dtype}")
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        alive.append(a)
+        specs[name] = safetensors.TensorSpec(dtype=dtype, shape=a.shape, data_ptr=a.ctypes.data, data_len=a.nbytes)
+    data = safetensors.serialize(specs, metadata={k: str(v) for k, v in metadata.items()} if metadata else None)
+    write_bytes(path, data)
+
+
+_WRITABLE = {"float32", "float16", "bfloat16", "int64", "int32"}
 
 
 _WRITE_CODES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64",
@@ -233,7 +255,9 @@ _WRITE_CODES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype
 
 def write_safetensors_from(path, specs: dict, read, metadata: dict | None = None, bfloat16=()) -> None:
     """`write_safetensors` one tensor at a time: `specs` gives each name's (dtype, shape) for the header, `read(name)`
-    the array when its turn comes, so peak memory is one tensor (converting a checkpoint larger than memory)."""
+    the array when its turn comes, so peak memory is one tensor (converting a checkpoint larger than memory). The
+    package's serializer cannot do this (it takes every tensor at once), so this writes the format itself, by the
+    rules our reader checks; tests/test_loading.py reads its files back with the package."""
     header, offset, order = {}, 0, []
     if metadata:
         header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
@@ -261,5 +285,7 @@ def write_safetensors_from(path, specs: dict, read, metadata: dict | None = None
                 a = to_storage(a, "bfloat16") if code == "BF16" else a.astype(_ST_DTYPES[code], copy=False)
                 f.write(a.tobytes())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only folder: name the file
+        raise CheckpointError(f"{path}: cannot write ({e.strerror or e})") from None
     finally:
         tmp.unlink(missing_ok=True)

@@ -12,12 +12,16 @@ from .errors import RadialError
 
 
 def write_bytes(path, data: bytes) -> Path:
+    """`data` into `path` through a temporary `.NAME.tmpPID` beside it; a failed write (a full disk, a read-only
+    folder) leaves `path` as it was and says which file could not be written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_bytes(data)
         os.replace(tmp, path)
+    except OSError as e:
+        raise RadialError(f"{path}: cannot write ({e.strerror or e})") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path

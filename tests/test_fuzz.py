@@ -13,7 +13,7 @@ from radial_min.checkpoint import SafetensorsFile, write_safetensors
 from radial_min.config import read_config
 from radial_min.errors import CheckpointError
 
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
+import safetensors.numpy as safetensors_numpy  # noqa: E402 (a runtime dependency: the reference reader)
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 TENSORS = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float16), "c": np.zeros(0, np.float32)}

@@ -10,7 +10,7 @@ import pytest
 import radial_min
 from radial_min.checkpoint import SafetensorsFile, bf16_to_float32, write_safetensors
 from radial_min.config import config_from_dict
-from radial_min.errors import CheckpointError
+from radial_min.errors import CheckpointError, RadialError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -124,13 +124,13 @@ def test_write_safetensors_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="cannot write dtype"):
         write_safetensors(path, {"a": np.zeros(2, np.complex64)})
 
-    import radial_min.checkpoint as ckpt
+    import radial_min.outputs as outputs
 
     def disk_full(*args):  # the new file was written out, then the rename fails
-        raise OSError("No space left on device")
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt.os, "replace", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    monkeypatch.setattr(outputs.os, "replace", disk_full)
+    with pytest.raises(RadialError, match=f"^{path}: cannot write \\(No space left on device\\)$"):
         write_safetensors(path, {"a": np.zeros(4, np.float32)})
     monkeypatch.undo()
     assert SafetensorsFile(path).read("a").tolist() == [[0, 1, 2], [3, 4, 5]]  # the old file is intact
