@@ -38,6 +38,8 @@ def f32(name, begin, n=2):
         ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8), "shape must be a list"),
         ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": 1}}, bytes(8), "exactly dtype"),
         ({"a": [1, 2]}, bytes(8), "exactly dtype"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, bytes(12), "spans 12 bytes, expected 8"),
+        ({"a": {"dtype": "F16", "shape": [3], "data_offsets": [0, 4]}}, bytes(4), "spans 4 bytes, expected 6"),
         ({"__metadata__": {"k": 1}, **f32("a", 0)}, bytes(8), "__metadata__ must be an object of strings"),
         ({"a\n\x1b[31merror: forged": f32("a", 0)["a"]}, bytes(7), "'a\\n\\x1b[31merror: forged'"),
     ],

@@ -1,5 +1,6 @@
-"""Llama and Qwen2 against transformers on random-weight fixtures (tools/make_llama_reference.py), their kernels
-against NumPy references, and the radial machinery (oracle, unified cache) on a grouped-query model."""
+"""Llama and Qwen2 against transformers on random-weight fixtures (tools/make_llama_reference.py, under both many-row
+matmul backends), their kernels against NumPy references, and the radial machinery (oracle, unified cache) on a
+grouped-query model."""
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +23,7 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("name", LLAMA_FIXTURES)
-def test_llama_logits_and_greedy_tokens(name):
+def test_llama_logits_and_greedy_tokens(name, matmul_backend):
     model = radial_min.load(FIXTURES / name)
     ref = np.load(FIXTURES / name / "reference.npz")
     logits = model.forward(ref["input_ids"])
@@ -78,6 +79,19 @@ def test_unified_cache_with_grouped_query_attention(policy):
     assert len(cache) == len(ids) * model.n_layer
     err = rel_err(out, model.forward(ids))
     assert err <= 1e-5 if policy == "per-layer" else 1e-3 < err
+
+
+def test_global_step_encoding_follows_the_query_heads_key_head():
+    """Under grouped-query attention (4 query heads, 2 key/value heads of 8 dims) the global policy adds the step code
+    of key/value head g to its keys and to every query head h with h // 2 == g, so q.k gains PE.PE within a group."""
+    from radial_min.cache import step_encoding
+
+    cache = UnifiedKVCache(16, 2, "global", step_encoding_scale=1.0)
+    q, k, v = np.zeros((1, 32), np.float32), np.zeros((1, 16), np.float32), np.zeros((1, 16), np.float32)
+    q_out, k_store, _, _, _ = cache.update(0, q, k, v, np.array([0]), hop=3)
+    enc = step_encoding(3, 16).reshape(2, 8)  # [Hkv, D]
+    np.testing.assert_array_equal(q_out.reshape(4, 8), enc[[0, 0, 1, 1]])
+    np.testing.assert_array_equal(k_store[:, 0], enc)  # head-major storage: [Hkv, rows, D]
 
 
 def test_rmsnorm_kernel_matches_reference():

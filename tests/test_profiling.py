@@ -52,6 +52,20 @@ def test_tau_zero_is_the_sequential_model(model):
     assert drop.keep.all() and drop.ppl == pytest.approx(run.ppl, rel=1e-5)
 
 
+def test_a_ratio_equal_to_tau_keeps_its_block(model):
+    """The oracle keeps a block when its ratio is *at least* tau: with tau set to exactly the ratio one token sees at
+    block 0 (which no earlier skip can change), that token keeps block 0, and a hair above it, skips it."""
+    assert oracle.threshold(0.25)(0, np.arange(3), np.array([0.25, np.nextafter(0.25, 0), 0.26])).tolist() == [
+        True, False, True]  # fmt: skip
+    ids = SEQS[0]
+    _, _, full = oracle.run_sequence(model, ids, oracle.threshold(0.0), "fill")
+    t = int(np.argmin(full[:, 0]))  # the lowest ratio at block 0: every other token's is higher
+    _, keep, ratios = oracle.run_sequence(model, ids, oracle.threshold(full[t, 0]), "fill")
+    assert ratios[t, 0] == full[t, 0] and keep[:, 0].all()
+    _, keep, _ = oracle.run_sequence(model, ids, oracle.threshold(np.nextafter(full[t, 0], np.inf)), "fill")
+    assert not keep[t, 0] and keep[:, 0].sum() == len(ids) - 1
+
+
 def test_tau_above_every_ratio_skips_every_block(model):
     run = oracle.simulate(model, SEQS, oracle.threshold(np.inf), "drop")
     assert not run.keep.any() and (run.depth == 0).all()

@@ -61,6 +61,20 @@ def test_unified_cache_per_layer_policy_is_the_per_layer_cache(cfg, prompt, n_de
     assert close(outs[1], outs[0])  # not bitwise: SIMD reductions may split differently with array alignment
 
 
+def test_caches_grow_past_their_first_capacity_without_losing_rows():
+    """100 tokens decoded one at a time: both caches grow their key/value tables (64 rows at first) and the unified
+    cache its per-layer index (16 at first) several times, and every row written survives each growth."""
+    model = random_opt(seed=3, max_position_embeddings=128)
+    ids = np.random.default_rng(1).integers(3, 60, 100)
+    E, H = model.config.hidden_size, model.config.num_attention_heads
+    full = model.forward(ids)
+    for cache in (KVCache(model.n_layer, E, H), UnifiedKVCache(E, H, "per-layer")):
+        steps = [model.forward(ids[:3], cache)] + [model.forward(ids[t : t + 1], cache) for t in range(3, 100)]
+        out = np.concatenate(steps)
+        assert close(out, full)
+    assert len(cache) == 100 * model.n_layer and cache.rows.k.shape[1] >= 100 * model.n_layer
+
+
 @SETTINGS
 @given(cfg=configs, prompt=st.lists(st.integers(3, 60), min_size=2, max_size=9), p_keep=st.floats(0.2, 0.9))
 def test_routed_execution_replaying_decisions_equals_the_oracle(cfg, prompt, p_keep):
