@@ -13,6 +13,7 @@ its traceback.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,9 +25,8 @@ from radial_min import data, images, kernels, layer_major, oracle, plots, profil
 from radial_min import router as R
 from radial_min import train as tr
 from radial_min.cache import POLICIES
-from radial_min.checkpoint import SafetensorsFile
 from radial_min.data import SHARED
-from radial_min.errors import RadialError
+from radial_min.errors import RadialError, SettingError
 from radial_min.generation import check_sampling
 from radial_min.hub import DEFAULT_MODEL
 from radial_min.kernels import softmax
@@ -43,17 +43,26 @@ MIN_VOCAB = 260  # a byte-level BPE: 256 bytes + 4 special tokens
 
 
 def cmd_generate(args):
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    except SettingError as e:  # "top_k must be >= 1, ..." names the API's argument: name the option instead
+        name, rest = str(e).split(" ", 1)
+        raise RadialError(f"--{name.replace('_', '-')} {rest}") from None
     _warn_without_effect(args)
+    prompt = _utf8(args.prompt, "the prompt")
     model = _load(args.model, "lm", args.weights_dtype)
     tok = radial_min.Tokenizer(model.path)
-    ids = tok.encode(args.prompt)
-    room = model.config.max_position_embeddings - len(ids) + 1
+    ids = _check_vocab(tok.encode(prompt), model, tok.source)
+    context = model.config.max_position_embeddings
+    if not 0 < len(ids) <= context:
+        raise RadialError(f"the prompt is {_count(len(ids), 'token')} long; the model takes 1 to {context}"
+                          + ("" if len(ids) else " (its tokenizer adds no BOS to an empty prompt)"))
+    room = context - len(ids) + 1
     if args.max_new_tokens > room:
         _warn(f"--max-new-tokens {args.max_new_tokens}: the model's context of {model.config.max_position_embeddings} "
               f"tokens leaves room for {max(0, room)} after the {len(ids)}-token prompt; generation stops there")
     runner = model if args.router is None else _radial_network(model, args)
-    pending = [] if args.quiet else [args.prompt]  # echoed with the first new text, after any compile notice
+    pending = [] if args.quiet else [prompt]  # echoed with the first new text, after any compile notice
 
     def write(text):
         sys.stdout.write((pending.pop() if pending else "") + text)
@@ -143,7 +152,7 @@ def cmd_classify(args):
     model = _load(args.model, "vit")
     settings = images.read_preprocessor(model.path, model.config.image_size)
     for path in images.list_images(args.image):
-        pixels = images.preprocess(images.read_image(path), settings)[None]
+        pixels = images.model_pixels(path, settings, model.config.image_size)[None]
         out = model.forward(pixels)[0]
         if model.classifier is None:
             print(f"{path}: {args.model} is a ViTModel without a classifier; pooled output has {out.size} features")
@@ -205,6 +214,10 @@ def cmd_train(args):
         raise RadialError(f"--export {args.export}: the folder exists and is not empty; pass --overwrite to replace it")
     print(f"preparing corpus and tokenizer in {cfg.out} ...", file=sys.stderr)
     train_ids, val_streams = data.prepare_corpus(cfg.out, cfg.vocab_size)
+    short = [k for k, ids in {"train": train_ids, **val_streams}.items() if len(ids) < cfg.seq_len + 2]
+    if short:
+        raise RadialError(f"{Path(cfg.out) / 'tokens.npz'}: the {', '.join(short)} stream holds fewer than --seq-len "
+                          f"+ 2 = {cfg.seq_len + 2} tokens")
     val = {k: data.validation_sequences(s, cfg.seq_len, cfg.eval_sequences) for k, s in val_streams.items()}
     print(f"train {len(train_ids):,} tokens; validation {', '.join(f'{k} {len(s):,}' for k, s in val_streams.items())}",
           file=sys.stderr)
@@ -226,6 +239,12 @@ def cmd_train(args):
 def check_train_settings(cfg):
     """Every setting `train` would trip over later, checked before any work: one error naming the option."""
     problems = []
+    need, avail = _training_bytes(cfg), stream.available_bytes()
+    if need > avail:
+        problems.append(f"--hidden-size {cfg.hidden_size} --layers {cfg.num_hidden_layers} --ffn-dim {cfg.ffn_dim} "
+                        f"--vocab-size {cfg.vocab_size} --seq-len {cfg.seq_len} --batch-size {cfg.batch_size}: "
+                        f"training would need about {need / 2**30:,.1f} GiB (weights, gradients, Adam moments and a "
+                        f"batch's activations), {avail / 2**30:,.1f} GiB are available")
     if cfg.vocab_size < MIN_VOCAB:
         problems.append(f"--vocab-size {cfg.vocab_size}: a byte-level BPE needs at least {MIN_VOCAB} "
                         "(256 bytes + 4 special tokens)")
@@ -242,9 +261,19 @@ def check_train_settings(cfg):
         raise RadialError("; ".join(problems))
 
 
+def _training_bytes(cfg) -> int:
+    """A rough float32 budget of `train`: four copies of the weights (weights, gradients, two Adam moments) and the
+    activations backprop keeps for one batch, attention scores and logits included."""
+    E, F, L, V, T, B, H = (cfg.hidden_size, cfg.ffn_dim, cfg.num_hidden_layers, cfg.vocab_size, cfg.seq_len,
+                           cfg.batch_size, cfg.num_attention_heads)  # fmt: skip
+    weights = V * E + (T + 2) * E + L * (4 * E * E + 2 * E * F + 10 * E)
+    activations = B * T * (L * (12 * E + 3 * F + 2 * H * T) + 3 * V)
+    return 4 * (4 * weights + activations)
+
+
 def _saved_step(state_path):
     """The step a run's saved state reached, or None if there is none."""
-    return int(SafetensorsFile(state_path).metadata["step"]) if Path(state_path).is_file() else None
+    return tr.saved_step(state_path) if Path(state_path).is_file() else None
 
 
 def format_train_report(rep):
@@ -282,7 +311,7 @@ def cmd_profile(args):
         else:
             settings = images.read_preprocessor(model.path, model.config.image_size)
             files = images.list_images(args.images)
-            pixels = [images.preprocess(images.read_image(f), settings) for f in files]
+            pixels = [images.model_pixels(f, settings, model.config.image_size) for f in files]
             phases["images"] = profiling.profile_images(model, pixels, args.kind, _bar(f"profile {label}", "image"))
         for phase, ratios in phases.items():
             summary = profiling.summarize(ratios, names)
@@ -456,6 +485,10 @@ def _num(value, width, digits=3):
 
 
 def cmd_train_router(args):
+    if args.hidden > 1 << 16:
+        raise RadialError(f"--hidden {args.hidden}: a router has at most {1 << 16} hidden units")
+    if not (args.lr > 0 and np.isfinite(args.lr)):
+        raise RadialError(f"--lr must be a finite number > 0, got {args.lr}")
     out = Path(args.out or f"runs/router-tau{args.tau:g}")
     _check_free(out, ["router.safetensors", "router.json", "train_router.json"], args.overwrite)
     model = _load_maybe_streamed(args.model, args.stream, "lm", out / ".stream")
@@ -463,6 +496,9 @@ def cmd_train_router(args):
     train_seqs, _ = _sequences(model, args, args.train_text or data.default_text("valid"), args.max_sequences)
     test_seqs, _ = _sequences(model, args, args.test_text or data.default_text("test"), args.test_sequences)
     n = len(model.blocks)
+    if args.max_depth is not None and args.max_depth > n:
+        raise RadialError(f"--max-depth {args.max_depth}: a forward-only router runs each of the {n} blocks at most "
+                          "once")
     print(f"{model.path.name}: oracle labels (tau={args.tau}, {args.kv_rule}) from "
           f"{_count(len(train_seqs), 'sequence')} x {train_seqs.shape[1]} tokens", file=sys.stderr)
     ex = R.oracle_examples(model, train_seqs, args.tau, args.kv_rule, args.kind, _bar("oracle labels", "seq"))
@@ -553,11 +589,31 @@ def _sequences(model, args, text=None, max_sequences=None):
         raise RadialError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
                           f"{model.config.max_position_embeddings}")
     tok = radial_min.Tokenizer(args.tokenizer or model.path)
-    text = data.read_text(text or getattr(args, "text", None) or data.default_text("test"))
-    ids = tok.encode(text)
-    if ids.max() >= model.config.vocab_size:
-        raise RadialError(f"--tokenizer: ids up to {ids.max()} but the model's vocab_size is {model.config.vocab_size}")
-    return data.pack(ids, args.seq_len, max_sequences or args.max_sequences), tok
+    path = text or getattr(args, "text", None) or data.default_text("test")
+    ids = _check_vocab(tok.encode(data.read_text(path)), model, tok.source)
+    return data.pack(ids, args.seq_len, max_sequences or args.max_sequences, source=path), tok
+
+
+def _check_vocab(ids, model, tokenizer_file):
+    """Token ids the model has embeddings for, or one error naming the tokenizer file that made them."""
+    if len(ids) and ids.max() >= model.config.vocab_size:
+        raise RadialError(f"{tokenizer_file}: the tokenizer gives id {ids.max()}, but the model's vocab_size is "
+                          f"{model.config.vocab_size}: not this model's tokenizer")
+    return ids
+
+
+def _utf8(text, what):
+    """Command-line text as Python got it (bytes that are not UTF-8 arrive as surrogate escapes), checked."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = os.fsencode(text)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RadialError(f"{what} is not valid UTF-8 (byte {raw[e.start]:#04x} at position {e.start})") from None
+        raise RadialError(f"{what} has characters that cannot be encoded as UTF-8 (lone surrogates)") from None
+    return text
 
 
 def _check_free(folder, names, overwrite):
@@ -619,7 +675,8 @@ def build_parser():
                    help="with --temperature: sample among the k most likely (default: off)")
     g.add_argument("--top-p", type=float, default=None,
                    help="with --temperature: sample within the smallest set of mass p, nucleus (default: off)")
-    g.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: a fresh one each run)")
+    g.add_argument("--seed", type=_nonneg_int, default=None,
+                   help="random seed for sampling (default: a fresh one each run)")
     g.add_argument("--repetition-penalty", type=float, default=1.2,
                    help="divide the logits of tokens already in the text by this (transformers' rule); 1 = off. "
                         "The default 1.2 keeps a small model's greedy text from looping (default: %(default)s)")
@@ -635,7 +692,7 @@ def build_parser():
                    help="with --router: most blocks a token may run (default: the router's)")
     g.add_argument("--cache-policy", choices=POLICIES, default=None,
                    help=f"with --router: what a query attends to in the unified KV cache (default: {POLICIES[0]})")
-    g.add_argument("--step-encoding-scale", type=float, default=None,
+    g.add_argument("--step-encoding-scale", type=_finite(1e6), default=None,
                    help="with --router --cache-policy global: weight of the sinusoidal step codes (default: 1)")
     g.add_argument("--show-depth", choices=["auto", "count", "shade", "none"], default=None,
                    help="with --router: mark each token with the blocks that produced it, as a subscript count or "
@@ -685,7 +742,7 @@ def build_parser():
                    help="steps between validation losses (default: %(default)s)")
     t.add_argument("--save-every", type=_positive_int, default=50,
                    help="steps between checkpoints (default: %(default)s)")
-    t.add_argument("--seed", type=int, default=0, help="seed for init and batches (default: %(default)s)")
+    t.add_argument("--seed", type=_nonneg_int, default=0, help="seed for init and batches (default: %(default)s)")
     t.set_defaults(func=cmd_train)
 
     def add_text_args(q, max_sequences):
@@ -770,7 +827,7 @@ def build_parser():
     tr_.add_argument("--epochs", type=_positive_int, default=8, help="passes over the labels (default: %(default)s)")
     tr_.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
     tr_.add_argument("--batch-size", type=_positive_int, default=512, help="decisions per step (default: %(default)s)")
-    tr_.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    tr_.add_argument("--seed", type=_nonneg_int, default=0, help="seed (default: %(default)s)")
     tr_.add_argument("--out", default=None,
                      help="folder for router.json/.safetensors, the report and plots (default: runs/router-tau<tau>)")
     tr_.add_argument("--overwrite", action="store_true", help="replace a router or report already in --out")
@@ -801,6 +858,21 @@ def _generate_count(text):
     return value
 
 
+def _finite(bound):
+    """An argparse type: a float of magnitude at most `bound` (NaN and infinities refused)."""
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not abs(value) <= bound:
+            raise argparse.ArgumentTypeError(f"expected a number between -{bound:g} and {bound:g}, got {text}")
+        return value
+
+    return parse
+
+
 def _tau(text):
     try:
         value = float(text)
@@ -813,6 +885,11 @@ def _tau(text):
 
 def _tau_list(text):
     return [_tau(t) for t in text.split(",")]
+
+
+def _one_line(message):
+    """The last guard against a forged second `error:` line: control characters from a file or argument escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -833,7 +910,7 @@ def main(argv=None):
         with kernels.on_first_compile(lambda: print(COMPILE_NOTICE, file=sys.stderr, flush=True)):
             args.func(args)
     except RadialError as e:  # bad input; anything else is a bug and keeps its traceback
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"\ninterrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)

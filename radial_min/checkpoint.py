@@ -207,7 +207,7 @@ def _open_sharded(folder: Path, index_path: Path, opener) -> TensorStore:
     for shard in sorted(set(weight_map.values())):
         path = _shard_path(folder, shard, index_path)
         if not path.is_file():
-            raise CheckpointError(f"{index_path}: shard {_safe(shard)} is listed but {path} does not exist")
+            raise CheckpointError(f"{index_path}: shard {_safe(shard)} is listed but is not a file in {folder}")
         files[shard] = opener(path)
     for name, shard in weight_map.items():
         if name not in files[shard].entries:

@@ -120,8 +120,9 @@ class LlamaConfig:
         return self.attention_bias or self.model_type == "qwen2"
 
 
-_LLAMA_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "num_key_value_heads", "head_dim", "max_position_embeddings")  # fmt: skip
+_LLAMA_INTS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_hidden_layers": 1024,
+               "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 1 << 12,
+               "max_position_embeddings": 1 << 24}  # upper bounds, as in FIELDS below  # fmt: skip
 
 
 def _llama_fields(d: dict, source: str) -> dict:
@@ -132,10 +133,11 @@ def _llama_fields(d: dict, source: str) -> dict:
         if rope is None:
             continue
         if not isinstance(rope, dict):
-            raise CheckpointError(f"{source}: {key} must be an object, got {rope!r}")
+            raise CheckpointError(f"{source}: {key} must be an object, got {_shown(rope)}")
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind != "default":
-            raise CheckpointError(f"{source}: {key} of type {kind!r} is not supported (only plain rotary, rope_type 'default')")
+            raise CheckpointError(f"{source}: {key} of type {_shown(kind)} is not supported (only plain rotary, "
+                                  "rope_type 'default')")
         if "rope_theta" in rope:
             d["rope_theta"] = rope["rope_theta"]
     if d.get("use_sliding_window"):
@@ -148,23 +150,23 @@ def _llama_fields(d: dict, source: str) -> dict:
 
 
 def _check_llama(cfg: LlamaConfig, source: str):
-    for name in _LLAMA_INTS:
+    for name, high in _LLAMA_INTS.items():
         v = getattr(cfg, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise CheckpointError(f"{source}: {name} must be a positive integer, got {v!r}")
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= high:
+            raise CheckpointError(f"{source}: {name} must be a positive integer up to {high}, got {_shown(v)}")
     for name in ("rms_norm_eps", "rope_theta"):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
-            raise CheckpointError(f"{source}: {name} must be a positive number, got {v!r}")
+            raise CheckpointError(f"{source}: {name} must be a positive number, got {_shown(v)}")
     for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
         if not isinstance(getattr(cfg, name), bool):
-            raise CheckpointError(f"{source}: {name} must be true or false, got {getattr(cfg, name)!r}")
+            raise CheckpointError(f"{source}: {name} must be true or false, got {_shown(getattr(cfg, name))}")
     for name in ("bos_token_id", "eos_token_id"):
         v = getattr(cfg, name)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < cfg.vocab_size):
-            raise CheckpointError(f"{source}: {name} must be a token id in [0, {cfg.vocab_size}), got {v!r}")
+            raise CheckpointError(f"{source}: {name} must be a token id in [0, {cfg.vocab_size}), got {_shown(v)}")
     if cfg.hidden_act != "silu":
-        raise CheckpointError(f"{source}: hidden_act {cfg.hidden_act!r} is not supported (expected 'silu')")
+        raise CheckpointError(f"{source}: hidden_act {_shown(cfg.hidden_act)} is not supported (expected 'silu')")
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         raise CheckpointError(f"{source}: num_attention_heads {cfg.num_attention_heads} is not a multiple of "
                               f"num_key_value_heads {cfg.num_key_value_heads}")  # fmt: skip
@@ -210,11 +212,16 @@ def check_field(source: str, name: str, value, kind, low=None, high=None):
     else:
         ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
     if not ok:
-        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        raise CheckpointError(f"{source}: field {name!r} is {shown}, expected {_KIND_NAMES[kind]}")
+        raise CheckpointError(f"{source}: field {name!r} is {_shown(value)}, expected {_KIND_NAMES[kind]}")
     if low is not None and not low <= value <= high:
         raise CheckpointError(f"{source}: field {name!r} is {value}, expected {low} to {high}")
     return float(value) if kind is float else value
+
+
+def _shown(value) -> str:
+    """A file-supplied value in a message: repr (escapes newlines and terminal codes), cut to 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def config_from_dict(d: dict, source: str = "config.json"):
@@ -222,8 +229,8 @@ def config_from_dict(d: dict, source: str = "config.json"):
     model_type = d.get("model_type")
     classes = {"opt": OPTConfig, "vit": ViTConfig, "llama": LlamaConfig, "qwen2": LlamaConfig}
     if not isinstance(model_type, str) or model_type not in classes:
-        shown = repr(model_type) if len(repr(model_type)) <= 40 else repr(model_type)[:37] + "..."
-        raise CheckpointError(f"{source}: model_type {shown} is not supported (expected one of {sorted(classes)})")
+        raise CheckpointError(f"{source}: model_type {_shown(model_type)} is not supported (expected one of "
+                              f"{sorted(classes)})")
     cls = classes[model_type]
     if cls is LlamaConfig:
         return _llama_from_dict(d, source)
@@ -276,7 +283,8 @@ def _labels(id2label: dict, source: str) -> dict:
 def _check(cfg, source):
     act = cfg.activation_function if isinstance(cfg, OPTConfig) else cfg.hidden_act
     if act not in _ACTIVATIONS:
-        raise CheckpointError(f"{source}: activation {act!r} is not supported (expected one of {sorted(_ACTIVATIONS)})")
+        raise CheckpointError(f"{source}: activation {_shown(act)} is not supported (expected one of "
+                              f"{sorted(_ACTIVATIONS)})")
     if cfg.hidden_size % cfg.num_attention_heads:
         raise CheckpointError(
             f"{source}: hidden_size {cfg.hidden_size} is not divisible by num_attention_heads {cfg.num_attention_heads}"
@@ -285,7 +293,7 @@ def _check(cfg, source):
         if cfg.image_size % cfg.patch_size:
             raise CheckpointError(f"{source}: image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
         if cfg.pooler_act != "tanh":
-            raise CheckpointError(f"{source}: pooler_act {cfg.pooler_act!r} is not supported (expected 'tanh')")
+            raise CheckpointError(f"{source}: pooler_act {_shown(cfg.pooler_act)} is not supported (expected 'tanh')")
 
 
 def read_config(folder: Path):

@@ -7,12 +7,14 @@ stream and cut into consecutive sequences of `seq_len` tokens, each starting a f
 import os
 import re
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from .errors import RadialError
-from .outputs import write_json, write_npz
+from .outputs import npy_header, write_json, write_npz
 
 SHARED = Path(os.environ.get("RADIAL_MIN_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
 WIKITEXT_TEST = SHARED / "wikitext-2" / "test.txt"
@@ -69,7 +71,7 @@ def default_text(split: str = "test") -> Path:
     return path if path.is_file() else wikitext_fetch(split)
 
 
-def pack(tokens: np.ndarray, seq_len: int, max_sequences: int | None = None) -> np.ndarray:
+def pack(tokens: np.ndarray, seq_len: int, max_sequences: int | None = None, source="text") -> np.ndarray:
     """Cut a token stream into consecutive, non-overlapping rows of `seq_len`; the ragged tail is dropped."""
     if seq_len < 1:
         raise RadialError(f"--seq-len must be >= 1, got {seq_len}")
@@ -79,7 +81,8 @@ def pack(tokens: np.ndarray, seq_len: int, max_sequences: int | None = None) -> 
     if max_sequences is not None:
         n = min(n, max_sequences)
     if n == 0:
-        raise RadialError(f"text has {len(tokens)} tokens, fewer than one sequence of {seq_len}")
+        raise RadialError(f"{source}: {len(tokens)} token{'' if len(tokens) == 1 else 's'}, fewer than one sequence of "
+                          f"{seq_len} (--seq-len)")
     return np.asarray(tokens[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
 
 
@@ -154,11 +157,11 @@ def prepare_corpus(out, vocab_size: int, docs=None, val_docs=None) -> tuple[np.n
     out = Path(out)
     cached = out / "tokens.npz"
     if cached.is_file() and (out / "vocab.json").is_file():
-        z = np.load(cached)
-        if "vocab_size" in z.files and int(z["vocab_size"]) != vocab_size:
-            raise RadialError(f"{out}: prepared with a vocabulary of {int(z['vocab_size'])}, not {vocab_size}; "
+        z = read_tokens(cached)
+        if z["vocab_size"] != vocab_size:
+            raise RadialError(f"{cached}: prepared with a vocabulary of {z['vocab_size']}, not {vocab_size}; "
                               "use the same --vocab-size or a new --out")  # fmt: skip
-        return z["train"], {k[4:]: z[k] for k in z.files if k.startswith("val_")}
+        return z["train"], {k[4:]: z[k] for k in z if k.startswith("val_")}
     if docs is None:
         docs, val_docs = default_corpus()
     out.mkdir(parents=True, exist_ok=True)
@@ -168,6 +171,32 @@ def prepare_corpus(out, vocab_size: int, docs=None, val_docs=None) -> tuple[np.n
     val_ids = {name: tokenize_documents(tok, d) for name, d in val_docs.items()}
     write_npz(cached, train=train_ids, vocab_size=np.int64(vocab_size), **{"val_" + k: a for k, a in val_ids.items()})
     return train_ids, val_ids
+
+
+def read_tokens(path: Path) -> dict:
+    """A run's tokens.npz, checked before use: 1-D integer streams `train` and `val_*` with ids inside the
+    vocabulary it records (`vocab_size`). Each array's size is bounded by its zip record before it is inflated."""
+    again = "delete it to prepare the corpus again"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                with zf.open(info) as f:
+                    npy_header(f, info.file_size)
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
+        why = f"{type(e).__name__}: {str(e)[:80]!r}"
+        raise RadialError(f"{path}: not a readable token cache ({why}); {again}") from None
+    size = arrays.get("vocab_size")
+    if size is None or size.shape != () or size.dtype.kind not in "iu" or not 0 < size <= 1 << 22:
+        raise RadialError(f"{path}: 'vocab_size' is missing or not a vocabulary size; {again}")
+    streams = {k: a for k, a in arrays.items() if k == "train" or k.startswith("val_")}
+    if "train" not in streams or len(streams) < 2:
+        raise RadialError(f"{path}: expected a 'train' stream and 'val_*' streams, found {sorted(arrays)}; {again}")
+    for k, a in streams.items():
+        if a.ndim != 1 or a.dtype.kind not in "iu" or (a.size and not 0 <= a.min() <= a.max() < size):
+            raise RadialError(f"{path}: '{k}' is not a 1-D stream of token ids below {int(size)}; {again}")
+    return {**streams, "vocab_size": int(size)}
 
 
 def validation_sequences(stream: np.ndarray, seq_len: int, n: int) -> np.ndarray:

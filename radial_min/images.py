@@ -6,13 +6,15 @@ when shrinking, computed in 22-bit fixed point on 8-bit images. We reimplement t
 `.npy` images need no Pillow and 8-bit photos come out bit-identical to Pillow's resize. Pillow is only needed
 to decode PNG/JPEG files.
 """
+import math
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from .config import check_field
 from .errors import RadialError
-from .outputs import read_json
+from .outputs import npy_header, read_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy"}
 _PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit resampling
@@ -31,6 +33,10 @@ def read_image(path) -> np.ndarray:
         raise RadialError(f"{path}: no such image file")
     if path.suffix.lower() == ".npy":
         try:
+            with open(path, "rb") as f:
+                shape, _ = npy_header(f, path.stat().st_size)  # before anything is allocated for it
+            if math.prod(shape[:2]) > MAX_PIXELS:
+                raise RadialError(f"{path}: image is {shape[1]}x{shape[0]}, over the {MAX_PIXELS:,}-pixel limit")
             a = np.load(path, allow_pickle=False)
         except (ValueError, EOFError, OSError) as e:  # an empty file is an EOFError
             raise RadialError(f"{path}: not a readable .npy array ({e})") from None
@@ -55,6 +61,8 @@ def read_image(path) -> np.ndarray:
         raise RadialError(f"{path}: expected an [H, W], [H, W, 3] or [H, W, 4] image, got {a.dtype}{list(a.shape)}")
     if a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise RadialError(f"{path}: has NaN or infinite pixel values")
     return a[:, :, :3]
 
 
@@ -114,25 +122,43 @@ def resize(image, height: int, width: int) -> np.ndarray:
 
 
 def read_preprocessor(folder, image_size: int) -> dict:
-    """The settings of `preprocessor_config.json` we use, with ViTImageProcessor's defaults."""
+    """The settings of `preprocessor_config.json` we use, with ViTImageProcessor's defaults, each checked."""
     path = Path(folder) / "preprocessor_config.json"
     d = read_json(path, RadialError, "a JSON object of settings") if path.is_file() else {}
     if d.get("resample", 2) != 2:
-        raise RadialError(f"{path}: resample {d['resample']} is not supported (only 2, Pillow's bilinear, as ViT uses)")
+        raise RadialError(f"{path}: resample {d['resample']!r:.40} is not supported (only 2, Pillow's bilinear, as "
+                          "ViT uses)")
     size = d.get("size", image_size)
-    if isinstance(size, dict):
+    if isinstance(size, dict) and set(size) <= {"height", "width"}:
         size = (size.get("height", image_size), size.get("width", image_size))
-    elif isinstance(size, int):
+    elif isinstance(size, int) and not isinstance(size, bool):
         size = (size, size)
-    return {
-        "size": tuple(size),
-        "do_resize": d.get("do_resize", True),
-        "do_rescale": d.get("do_rescale", True),
-        "rescale_factor": d.get("rescale_factor", 1 / 255),
-        "do_normalize": d.get("do_normalize", True),
-        "mean": np.array(d.get("image_mean", [0.5, 0.5, 0.5]), np.float32),
-        "std": np.array(d.get("image_std", [0.5, 0.5, 0.5]), np.float32),
-    }
+    if not (isinstance(size, (list, tuple)) and len(size) == 2):
+        raise RadialError(f"{path}: field 'size' is {size!r:.40}, expected an integer, [height, width] or "
+                          "{\"height\": .., \"width\": ..}")
+    size = tuple(check_field(str(path), "size", n, int, 1, 4096) for n in size)
+    out = {"size": size}
+    for key in ("do_resize", "do_rescale", "do_normalize"):
+        out[key] = check_field(str(path), key, d.get(key, True), bool)
+    factor = d.get("rescale_factor", 1 / 255)
+    out["rescale_factor"] = check_field(str(path), "rescale_factor", factor, float, 1e-30, 1e6)
+    for key, name, low in (("image_mean", "mean", -1e6), ("image_std", "std", 1e-6)):  # finite pixels, always
+        values = d.get(key, [0.5, 0.5, 0.5])
+        values = [values] * 3 if isinstance(values, (int, float)) else values
+        if not isinstance(values, list) or len(values) != 3:
+            raise RadialError(f"{path}: field {key!r} is {values!r:.40}, expected 3 numbers (one per channel)")
+        out[name] = np.array([check_field(str(path), key, v, float, low, 1e6) for v in values], np.float32)
+    return out
+
+
+def model_pixels(path, settings: dict, image_size: int) -> np.ndarray:
+    """The image file at `path` as a ViT of `image_size` takes it, [3, S, S], or one error naming the file."""
+    x = preprocess(read_image(path), settings)
+    if x.shape[1:] != (image_size, image_size):
+        why = "its field 'size' is" if settings["do_resize"] else "do_resize is false, and the image is"
+        raise RadialError(f"{path}: the model takes {image_size}x{image_size} pixels; preprocessor_config.json: {why} "
+                          f"{x.shape[2]}x{x.shape[1]}")
+    return x
 
 
 def preprocess(image: np.ndarray, settings: dict) -> np.ndarray:

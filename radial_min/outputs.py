@@ -3,6 +3,7 @@ interrupted or failed run never leaves a half-written file behind."""
 import csv
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def read_json(path, error=RadialError, what: str = "a JSON object") -> dict:
         d = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise error(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:  # a folder, a file without read permission
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(d, dict):
         raise error(f"{path}: expected {what}, got {type(d).__name__}")
     return d
@@ -52,6 +55,17 @@ def write_csv(path, rows: list[dict]) -> Path:
     writer.writeheader()
     writer.writerows(rows)
     return write_text(path, buf.getvalue())
+
+
+def npy_header(f, nbytes: int):
+    """The (shape, dtype) a .npy stream declares, read from its header only; ValueError unless it is a plain array
+    that fits in the `nbytes` the file (or zip record) holds, so nothing is allocated for a lying header."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    if dtype.hasobject or any(n < 0 for n in shape) or math.prod(shape) * dtype.itemsize > nbytes:
+        raise ValueError(f"the header declares {dtype}{list(shape)}, more than the {nbytes} bytes it holds")
+    return shape, dtype
 
 
 def write_npz(path, **arrays) -> Path:

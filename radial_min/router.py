@@ -183,6 +183,8 @@ class Router:
             cfg = RouterConfig(**d)
         except FileNotFoundError:
             raise CheckpointError(f"{config}: not found (a router is a .json config beside its .safetensors)") from None
+        except OSError as e:
+            raise CheckpointError(f"{config}: cannot read ({e.strerror or e})") from None
         except (TypeError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise CheckpointError(f"{config}: not a router config ({e})") from None
         _check_router_config(d, str(config))
@@ -192,8 +194,12 @@ class Router:
         expected = {k: v.shape for k, v in init_router(cfg).items()}
         found = {n: f.shape(n) for n in f.entries}
         if found != expected:
-            raise CheckpointError(f"{weights}: tensors {found} do not match the config, expected {expected}")
-        return cls(cfg, {n: f.read(n) for n in f.entries})
+            raise CheckpointError(f"{weights}: tensors {found} do not match {config.name}, expected {expected}")
+        params = {n: f.read(n) for n in f.entries}
+        for n, a in params.items():
+            if a.dtype.kind != "f" or not np.isfinite(a).all():
+                raise CheckpointError(f"{weights}: tensor {n!r} is not all finite floats ({a.dtype})")
+        return cls(cfg, params)
 
 
 MAX_PASSES = 4  # a router may run at most 4 * n_blocks blocks per token (forward_only routers: n_blocks)

@@ -19,23 +19,25 @@ class Tokenizer:
             from .gguf_file import read_tokenizer
 
             self.backend, self.bos_id, self.eos_id, self.add_bos = read_tokenizer(folder)
+            self.source = Path(folder)  # the file that numbers the vocabulary
             self.vocab_size = self.backend.get_vocab_size()
             return
         folder = Path(folder)
-        settings = _read_json(folder / "tokenizer_config.json")
-        special = _read_json(folder / "special_tokens_map.json")
+        settings = _special_tokens(folder / "tokenizer_config.json")
+        special = _special_tokens(folder / "special_tokens_map.json")
         settings = {**special, **settings}
         vocab, merges, whole = folder / "vocab.json", folder / "merges.txt", folder / "tokenizer.json"
         if whole.is_file():
-            self.backend = _build(whole, lambda: HFTokenizer.from_file(str(whole)))
+            self.backend, self.source = _build(whole, lambda: HFTokenizer.from_file(str(whole))), whole
         elif vocab.is_file() and merges.is_file():
             bpe = _build(f"{vocab} with merges.txt", lambda: models.BPE.from_file(str(vocab), str(merges)))
+            self.source = vocab
             self.backend = HFTokenizer(bpe)
             self.backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             self.backend.decoder = decoders.ByteLevel()
         else:
             raise CheckpointError(f"{folder}: no tokenizer (expected tokenizer.json, or vocab.json and merges.txt)")
-        names = [_content(settings.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
+        names = [_content(settings.get(k)) for k in SPECIAL]
         names = [n for n in dict.fromkeys(names) if n] or ["</s>", "<pad>"]
         self.backend.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
         self.bos_id = self._id(_content(settings.get("bos_token")) or "</s>", folder)
@@ -105,9 +107,27 @@ def _read_json(path: Path) -> dict:
         return {}
     try:
         d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     return d if isinstance(d, dict) else {}
+
+
+SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _special_tokens(path: Path) -> dict:
+    """A tokenizer settings file, its special tokens checked: each a string or {"content": string} (or null)."""
+    d = _read_json(path)
+    for key in SPECIAL:
+        token = _content(d.get(key))
+        if token is not None and not isinstance(token, str):
+            shown = repr(d[key]) if len(repr(d[key])) <= 40 else repr(d[key])[:37] + "..."
+            raise CheckpointError(f"{path}: {key} is {shown}, expected a token (a string or {{\"content\": string}})")
+    if not isinstance(d.get("add_bos_token", True), bool):
+        raise CheckpointError(f"{path}: add_bos_token is {d['add_bos_token']!r:.40}, expected true or false")
+    return d
 
 
 def _content(token) -> str | None:

@@ -235,10 +235,15 @@ def _allowed_global(module, name):
 def _python3_name(module, name) -> str:
     """Protocol 0-2 pickles spell some globals the Python 2 way (pickling subprocess.Popen writes
     "commands Popen", builtins.eval "__builtin__ eval"); name both so the message says what would have run."""
-    written = f"{module}.{name}"
+    written = _shown(f"{module}.{name}")
     py3 = _compat_pickle.NAME_MAPPING.get((module, name))
     py3 = py3 or (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
     return written if py3 == (module, name) else f"{written} (= {py3[0]}.{py3[1]})"
+
+
+def _shown(text: str) -> str:
+    """A name from the file, safe to print in one line: as is if printable, else quoted (repr escapes it)."""
+    return text if text.isprintable() else repr(text)
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -253,8 +258,8 @@ class _SafeUnpickler(pickle.Unpickler):
         found = _allowed_global(module, name)
         if found is None:
             raise CheckpointError(
-                f"{self.path}: refused to load global {_python3_name(module, name)} named in {self.record}: a state "
-                "dict needs only tensors, so this file may be malicious (refused before it could run)"
+                f"{self.path}: refused to load global {_python3_name(module, name)} named in {_shown(self.record)}: "
+                "a state dict needs only tensors, so this file may be malicious (refused before it could run)"
             )
         return found
 
@@ -393,7 +398,7 @@ def _archive_folder(zf: zipfile.ZipFile, path: Path) -> str:
     """The top folder holding data.pkl ("archive/", "pytorch_model/", ...)."""
     pickles = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
-        found = "none" if not pickles else ", ".join(pickles)
+        found = "none" if not pickles else ", ".join(map(_shown, pickles))
         raise CheckpointError(
             f"{path}: expected one <folder>/data.pkl record in the zip, found {found}: not a torch.save checkpoint"
         )
@@ -415,14 +420,15 @@ def _read_record(zf: zipfile.ZipFile, name: str, path: Path) -> bytes:
         size, limit = zf.getinfo(name).file_size, path.stat().st_size
         if size > limit:
             raise CheckpointError(
-                f"{path}: record {name} would inflate to {size} bytes, more than the whole archive ({limit} bytes): "
+                f"{path}: record {_shown(name)} would inflate to {size} bytes, more than the whole archive "
+                f"({limit} bytes): "
                 "torch.save never compresses, so this file is corrupt or hostile (a zip bomb?)"
             )
         return zf.read(name)
     except KeyError:
-        raise CheckpointError(f"{path}: record {name} is missing from the zip archive") from None
+        raise CheckpointError(f"{path}: record {_shown(name)} is missing from the zip archive") from None
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError, ValueError) as e:
-        why = f"{name} is unreadable ({e or type(e).__name__})"
+        why = f"{_shown(name)} is unreadable ({_shown(str(e)) or type(e).__name__})"
         raise CheckpointError(f"{path}: record {why}: the file is truncated or corrupt") from None
 
 
@@ -431,7 +437,9 @@ def _is_big_endian(zf: zipfile.ZipFile, folder: str, path: Path) -> bool:
         return False  # files from before the record existed were written on little-endian machines
     order = _read_record(zf, folder + "byteorder", path)
     if order not in (b"little", b"big"):
-        raise CheckpointError(f"{path}: record {folder}byteorder has {len(order)} bytes, expected 'little' or 'big'")
+        raise CheckpointError(
+            f"{path}: record {_shown(folder)}byteorder has {len(order)} bytes, expected 'little' or 'big'"
+        )
     return order == b"big"
 
 
@@ -463,7 +471,10 @@ def _unpickle(zf: zipfile.ZipFile, record: str, path: Path):
     except _FormatError as e:
         raise CheckpointError(f"{path}: {e}") from None
     except Exception as e:  # whatever a malformed pickle makes the unpickler raise
-        raise CheckpointError(f"{path}: {record} is not a valid state-dict pickle ({type(e).__name__}: {e})") from None
+        why = _shown(str(e))
+        raise CheckpointError(
+            f"{path}: {_shown(record)} is not a valid state-dict pickle ({type(e).__name__}: {why})"
+        ) from None
 
 
 def _tensor_refs(state, path: Path) -> dict:
@@ -517,15 +528,16 @@ def _materialize(zf, folder, refs: dict, big_endian: bool, path: Path):
 
 def _read_storage(zf, folder, storage: _StorageRef, first_user: str, path: Path) -> np.ndarray:
     """The storage's bytes (uint8), checked to hold at least what data.pkl declares."""
-    record = f"{folder}data/{storage.key}"
-    if not _has_record(zf, record):
+    record = _shown(f"{folder}data/{storage.key}")
+    name = f"{folder}data/{storage.key}"
+    if not _has_record(zf, name):
         raise CheckpointError(f"{path}: storage record {record} (for tensor {first_user!r}) is missing from the zip")
-    held = zf.getinfo(record).file_size
+    held = zf.getinfo(name).file_size
     if held < storage.nbytes:
         raise CheckpointError(
             f"{path}: storage record {record} holds {held} bytes, expected {storage.nbytes} (truncated or corrupt)"
         )
-    data = _read_record(zf, record, path)
+    data = _read_record(zf, name, path)
     if len(data) < storage.nbytes:
         raise CheckpointError(
             f"{path}: storage record {record} holds {len(data)} bytes, expected {storage.nbytes} (truncated or corrupt)"

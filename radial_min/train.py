@@ -19,6 +19,7 @@ from . import backprop as bp
 from .checkpoint import SafetensorsFile, write_safetensors
 from .config import OPTConfig, config_to_dict
 from .errors import RadialError
+from .opt import expected_tensors
 from .optim import adamw_step, clip_grads, lr_at
 from .outputs import read_json, write_bytes, write_json, write_text
 
@@ -185,8 +186,9 @@ def _check_resume(state_path: Path, config_path: Path, cfg: TrainConfig) -> None
     saved = read_json(config_path, RadialError, "a JSON object of training settings")
     changed = [k for k in _RESUME_FIELDS if saved.get(k) != getattr(cfg, k)]
     if changed:
-        raise RadialError(f"{state_path}: saved with {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}; "
-                          "resume with the same settings or use a new --out")  # fmt: skip
+        was = ", ".join(f"{k}={saved.get(k)!r:.24} (now {getattr(cfg, k)!r})" for k in changed[:4])
+        raise RadialError(f"{config_path}: {state_path.name} was saved with {was}; resume with the same settings "
+                          "or use a new --out")  # fmt: skip
 
 
 def _repair_log(log_path: Path, step: int) -> None:
@@ -246,16 +248,30 @@ def save_state(path: Path, params, m, v, step: int) -> None:
     write_safetensors(path, tensors, {"step": step})
 
 
-def load_state(path: Path):
+def saved_step(path: Path, f: SafetensorsFile | None = None) -> int:
+    """The number of steps a saved state reached, from its metadata (checked)."""
+    step = (f or SafetensorsFile(path)).metadata.get("step", "")
+    if not (step.isascii() and step.isdigit() and len(step) < 19):
+        raise RadialError(f"{path}: metadata 'step' is {step!r:.40}, expected the number of steps done")
+    return int(step)
+
+
+def load_state(path: Path, model_cfg: OPTConfig):
+    """Parameters, Adam moments and step of a saved state, its tensors checked against the run's model first."""
     f = SafetensorsFile(path)
+    step = saved_step(path, f)
+    shapes = expected_tensors(model_cfg)[0]  # the loader's spec: the names and shapes init_params makes
+    expected = {**shapes, **{f"adam.{m}.{k}": s for m in "mv" for k, s in shapes.items()}}
+    found = {name: f.shape(name) for name in f.entries}
+    wrong = sorted(set(expected) ^ set(found)) + [n for n in expected if n in found and found[n] != expected[n]]
+    if wrong:
+        shown = ", ".join(map(repr, wrong[:3])) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+        raise RadialError(f"{path}: tensors missing, unexpected or of the wrong shape for this run's model: {shown}")
     params, m, v = {}, {}, {}
     for name in f.entries:
         target = m if name.startswith("adam.m.") else v if name.startswith("adam.v.") else params
         target[name.removeprefix("adam.m.").removeprefix("adam.v.")] = f.read(name)
-    step = f.metadata.get("step", "")
-    if not step.isdigit():
-        raise RadialError(f"{path}: metadata 'step' is {step!r}, expected the number of steps done")
-    return params, m, v, int(step)
+    return params, m, v, step
 
 
 def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: bool = True, stop_after: int | None = None):
@@ -274,7 +290,7 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: 
         _check_resume(state_path, config_path, cfg)
     write_json(config_path, asdict(cfg))
     if state_path.is_file():
-        params, m, v, step = load_state(state_path)
+        params, m, v, step = load_state(state_path, model_cfg)
         _repair_log(log_path, step)
     else:
         params, step = init_params(model_cfg, cfg.seed), 0

@@ -1,8 +1,16 @@
-"""Fuzzing the readers of untrusted files: every mutant is either read correctly or refused with a CheckpointError
-naming the file; never another exception, never a hang, and never more lenient than the safetensors package."""
+"""Fuzzing the readers of untrusted files (safetensors headers and bytes, config.json, routers, pytorch_model.bin
+pickles): every mutant is either read correctly or refused with one CheckpointError line naming the file; never
+another exception, never a hang (bounded time), never an allocation beyond what the file can hold (tracemalloc's
+peak, which sees NumPy's buffers), and never more lenient than the safetensors package."""
+import io
 import json
+import pickletools
 import struct
 import time
+import tracemalloc
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +20,32 @@ from hypothesis import strategies as st
 from radial_min.checkpoint import SafetensorsFile, write_safetensors
 from radial_min.config import read_config
 from radial_min.errors import CheckpointError
+from radial_min.router import MAX_PASSES, Router, RouterConfig, init_router
+from radial_min.torch_pickle import TorchFile
 
 import safetensors.numpy as safetensors_numpy  # noqa: E402 (a runtime dependency: the reference reader)
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@contextmanager
+def bounded(*paths, seconds=2.0, factor=4, slack=1 << 20):
+    """The reads inside take under `seconds` and allocate at most `factor` x the files' bytes (+ `slack`)."""
+    budget = factor * sum(Path(p).stat().st_size for p in paths) + slack
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert time.perf_counter() - start < seconds
+    assert peak <= budget, f"allocated {peak} bytes reading {budget - slack} bytes of files"
+
+
+def assert_one_line(error, *paths):
+    msg = str(error)
+    assert msg.startswith(tuple(f"{p}: " for p in paths)) and "\n" not in msg and "\x1b" not in msg, msg
 
 TENSORS = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float16), "c": np.zeros(0, np.float32)}
 
@@ -28,14 +59,13 @@ def reference(path):
 
 
 def ours(path):
-    start = time.perf_counter()
-    try:
-        f = SafetensorsFile(path)
-        out = {name: f.read(name) for name in f.entries}
-    except CheckpointError as e:
-        assert str(e).startswith(f"{path}: ") and "\n" not in str(e), str(e)
-        out = None
-    assert time.perf_counter() - start < 2.0
+    out = None
+    with bounded(path, factor=3):  # float16 data read as float32: twice the bytes, plus the header
+        try:
+            f = SafetensorsFile(path)
+            out = {name: f.read(name) for name in f.entries}
+        except CheckpointError as e:
+            assert_one_line(e, path)
     return out
 
 
@@ -92,18 +122,147 @@ JSON = st.recursive(
 )
 OPT_FIELDS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "model_type",
               "max_position_embeddings", "word_embed_proj_dim", "do_layer_norm_before", "activation_function",
-              "image_size", "patch_size", "layer_norm_eps", "id2label", "architectures", "torch_dtype"]
+              "image_size", "patch_size", "layer_norm_eps", "id2label", "architectures", "torch_dtype",
+              "intermediate_size", "num_key_value_heads", "head_dim", "rope_theta", "rope_parameters", "rms_norm_eps",
+              "tie_word_embeddings", "eos_token_id"]
 
 
 @FUZZ
-@given(model_type=st.sampled_from(["opt", "vit"]),
+@given(model_type=st.sampled_from(["opt", "vit", "llama", "qwen2"]),
        changes=st.dictionaries(st.sampled_from(OPT_FIELDS), JSON, max_size=3))
 def test_config_mutants(tmp_path, model_type, changes):
-    d = {"model_type": model_type, "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 2, **changes}
+    d = {"model_type": model_type, "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 2, "vocab_size": 16,
+         "intermediate_size": 16, **changes}  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(d))
     try:
-        cfg = read_config(tmp_path)
+        with bounded(tmp_path / "config.json"):
+            cfg = read_config(tmp_path)
     except CheckpointError as e:
-        assert str(e).startswith(str(tmp_path / "config.json")) and "\n" not in str(e), str(e)
+        assert_one_line(e, tmp_path / "config.json")
     else:
-        assert 1 <= cfg.num_hidden_layers <= 1024 and cfg.hidden_size % cfg.num_attention_heads == 0
+        assert 1 <= cfg.num_hidden_layers <= 1024 and 1 <= cfg.hidden_size <= 1 << 16
+        assert cfg.hidden_size % cfg.num_attention_heads == 0 or model_type in ("llama", "qwen2")
+
+
+# ------------------------------------------------------------------------------------------------- routers
+
+ROUTER = RouterConfig(width=8, n_blocks=3, hidden=4, max_depth=3)
+ROUTER_FIELDS = ["width", "n_blocks", "hidden", "forward_only", "max_depth", "tau", "kv_rule", "model", "extra"]
+
+
+@pytest.fixture(scope="module")
+def router_files(tmp_path_factory):
+    path = tmp_path_factory.mktemp("router") / "r"
+    Router(ROUTER, init_router(ROUTER)).save(path)
+    return path.with_suffix(".json").read_bytes(), path.with_suffix(".safetensors").read_bytes()
+
+
+def load_router_bounded(folder, config: bytes, weights: bytes):
+    (folder / "r.json").write_bytes(config)
+    (folder / "r.safetensors").write_bytes(weights)
+    try:
+        with bounded(folder / "r.json", folder / "r.safetensors", factor=3):
+            router = Router.load(folder / "r")
+    except CheckpointError as e:
+        assert_one_line(e, folder / "r.json", folder / "r.safetensors")
+        return None
+    cfg = router.config  # what is accepted can be used: bounded depth, weights of the config's shapes, finite
+    assert 1 <= cfg.n_blocks <= 4096 and 0 <= cfg.depth_limit <= MAX_PASSES * cfg.n_blocks
+    assert {k: v.shape for k, v in router.params.items()} == {k: v.shape for k, v in init_router(cfg).items()}
+    assert all(np.isfinite(v).all() for v in router.params.values())
+    return router
+
+
+@FUZZ
+@given(changes=st.dictionaries(st.sampled_from(ROUTER_FIELDS), JSON, max_size=3))
+def test_router_config_mutants(router_files, tmp_path, changes):
+    config, weights = router_files
+    load_router_bounded(tmp_path, json.dumps({**json.loads(config), **changes}).encode(), weights)
+
+
+@FUZZ
+@given(which=st.sampled_from(["config", "weights"]),
+       flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
+       cut=st.integers(-40, 8))
+def test_router_byte_mutants(router_files, tmp_path, which, flips, cut):
+    files = dict(zip(["config", "weights"], router_files))
+    data = bytearray(files[which])
+    for position, xor in flips:
+        data[position % len(data)] ^= xor
+    files[which] = bytes(data[: len(data) + cut]) if cut < 0 else bytes(data) + bytes(cut)
+    load_router_bounded(tmp_path, files["config"], files["weights"])
+
+
+# ------------------------------------------------------------------------------------------ pytorch pickles
+
+BIN = FIXTURES / "torch_bin" / "state_dict.bin"
+
+
+def rezip(records: dict) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for name, data in records.items():
+            z.writestr(name, data)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pickle_parts():
+    with zipfile.ZipFile(BIN) as z:
+        records = {name: z.read(name) for name in z.namelist()}
+    pkl = next(name for name in records if name.endswith("/data.pkl"))
+    ints = [(pos, op.name) for op, _, pos in pickletools.genops(records[pkl]) if op.name in ("BININT1", "BININT")]
+    return records, pkl, ints
+
+
+def read_pickle_bounded(path):
+    try:
+        with bounded(path, factor=3):  # float16 storages come back as float32
+            f = TorchFile(path)
+            return {name: f.read(name) for name in f.entries}
+    except CheckpointError as e:
+        assert_one_line(e, path)
+
+
+@FUZZ
+@given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
+       cut=st.integers(-40, 0))
+def test_pickle_byte_mutants(pickle_parts, tmp_path, flips, cut):
+    """data.pkl's bytes flipped or cut, inside a well-formed zip: the unpickler's every path."""
+    records, pkl, _ = pickle_parts
+    data = bytearray(records[pkl])
+    for position, xor in flips:
+        data[position % len(data)] ^= xor
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(rezip({**records, pkl: bytes(data[: len(data) + cut])}))
+    read_pickle_bounded(path)
+
+
+@FUZZ
+@given(picks=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from([-1, 0, 1, 7, 2**31 - 1, 2**40, 2**62])),
+                      min_size=1, max_size=3))  # fmt: skip
+def test_pickle_integer_mutants(pickle_parts, tmp_path, picks):
+    """A size, stride, offset, numel or memo index replaced by an absurd value (as LONG1, so any value fits):
+    refused from the pickle and the archive's real sizes, before anything of that size is allocated."""
+    records, pkl, ints = pickle_parts
+    data = records[pkl]
+    for i, value in sorted(picks, key=lambda p: -ints[p[0] % len(ints)][0]):  # from the end: positions stay valid
+        pos, name = ints[i % len(ints)]
+        width = 1 if name == "BININT1" else 4
+        data = data[:pos] + b"\x8a\x08" + value.to_bytes(8, "little", signed=True) + data[pos + 1 + width :]
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(rezip({**records, pkl: data}))
+    read_pickle_bounded(path)
+
+
+@FUZZ
+@given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
+       cut=st.integers(-200, 0))
+def test_pickle_zip_mutants(tmp_path, flips, cut):
+    """The archive itself damaged: local headers, the central directory, the storages."""
+    data = bytearray(BIN.read_bytes())
+    for position, xor in flips:
+        data[position % len(data)] ^= xor
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(bytes(data[: len(data) + cut]))
+    read_pickle_bounded(path)

@@ -26,6 +26,37 @@ def corpus(tmp_path_factory):
     return folder, train_ids, val
 
 
+def test_adamw_first_steps_move_each_parameter_by_lr():
+    """Adam's bias correction makes the first update lr * g / |g| whatever the gradient's scale (and again with a
+    constant gradient); decay shrinks matrices only, by lr * decay * p. Without the correction the first update
+    would be sqrt(1 - beta2) / (1 - beta1) = 2.24 times smaller."""
+    g = {"w": np.array([[1e-3, -2.0], [50.0, -1e-4]]), "b": np.array([3.0, -0.5])}
+    p = {"w": np.ones((2, 2)), "b": np.zeros(2)}
+    m, v = {k: np.zeros_like(a) for k, a in p.items()}, {k: np.zeros_like(a) for k, a in p.items()}
+    lr, wd = 0.01, 0.1
+    for step in (1, 2):
+        before = {k: a.copy() for k, a in p.items()}
+        optim.adamw_step(p, g, m, v, step, lr, weight_decay=wd, eps=1e-12)
+        np.testing.assert_allclose(p["w"], before["w"] * (1 - lr * wd) - lr * np.sign(g["w"]), rtol=1e-9)
+        np.testing.assert_allclose(p["b"], before["b"] - lr * np.sign(g["b"]), rtol=1e-9, atol=1e-12)
+
+
+def test_batches_are_a_function_of_seed_and_step(corpus, tmp_path):
+    """Each step draws its own windows from (seed, step) alone: a resumed run sees the same batches, and no two
+    steps (or seeds) repeat one."""
+    _, train_ids, _ = corpus
+    cfg = tiny(tmp_path, 4)
+    batches = [tr.batch_at(train_ids, step, cfg) for step in range(4)]
+    assert all(b.shape == (cfg.batch_size, cfg.seq_len + 1) for b in batches)
+    assert len({b.tobytes() for b in batches}) == 4
+    np.testing.assert_array_equal(tr.batch_at(train_ids, 2, cfg), batches[2])
+    other = tr.batch_at(train_ids, 2, tr.TrainConfig(**{**tr.asdict(cfg), "seed": 1}))
+    assert not np.array_equal(other, batches[2])
+    starts = [int(np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(train_ids, cfg.seq_len + 1) == row,
+                                        axis=1))[0]) for row in batches[0]]  # fmt: skip
+    assert all(0 <= s <= len(train_ids) - cfg.seq_len - 1 for s in starts)  # windows of the stream itself
+
+
 def test_tokenizer_in_opt_layout(corpus):
     folder, train_ids, _ = corpus
     vocab = json.loads((folder / "vocab.json").read_text())
@@ -93,7 +124,8 @@ def test_resume_repairs_the_log_refuses_changed_settings_and_cleans_stale_temps(
     log_path.write_text("".join(lines) + lines[-1] + '{"step": 5, "lo')  # step 4 twice (lost save), then a cut line
     (out / ".state.safetensors.tmp999999999").write_bytes(b"x" * 100)  # no such pid
     for change in ({"seed": 1}, {"lr": 1e-3}, {"batch_size": 8}):
-        with pytest.raises(RadialError, match=f"state.safetensors: saved with {next(iter(change))}="):
+        saved = f"train_config.json: state.safetensors was saved with {next(iter(change))}="
+        with pytest.raises(RadialError, match=saved):
             tr.train(tr.TrainConfig(**{**tr.asdict(tiny(out, 6)), **change}), train_ids, val, progress=False)
     config = (out / "train_config.json").read_text()
     (out / "train_config.json").unlink()

@@ -1,0 +1,273 @@
+"""Hostile inputs through the command line, one of each kind tools/hostile_inputs.py found a traceback or a vague
+line for: each now ends with exactly one `error:` line naming the file (or option) at fault, and exit code 2."""
+
+import json
+import shutil
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from radial_min import data
+from radial_min.router import Router, RouterConfig, init_router
+from test_cli import call
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TEXT = "In the beginning God created the heaven and the earth. And the earth was without form, and void.\n" * 40
+TRAIN = [
+    "train",
+    "--vocab-size",
+    "300",
+    "--hidden-size",
+    "16",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--seq-len",
+    "8",
+    "--batch-size",
+    "2",
+    "--eval-every",
+    "1",
+    "--save-every",
+    "1",
+    "--warmup",
+    "1",
+]
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    opt = root / "opt"
+    shutil.copytree(FIXTURES / "opt-pre", opt)
+    data.train_tokenizer(TEXT.splitlines() * 5, 384, opt)
+    (opt / "text.txt").write_text(TEXT)
+    cfg = RouterConfig(width=32, n_blocks=6, hidden=8)
+    Router(cfg, init_router(cfg)).save(opt / "router")
+    shutil.copytree(FIXTURES / "vit-cls", root / "vit")
+    np.save(root / "vit" / "img.npy", np.zeros((40, 48, 3), np.uint8))
+    run = root / "run"
+    docs = TEXT.split(". ")
+    data.prepare_corpus(run, 300, docs=docs, val_docs={"kjv": docs[:20], "wiki": docs[20:]})
+    shutil.copytree(FIXTURES / "llama-gqa-tied", root / "llama")
+    return root
+
+
+@pytest.fixture
+def case(bases, tmp_path, capsys):
+    """A fresh copy of a base folder; `run(*argv)` calls the CLI ("{d}" is the copy) and returns its stderr."""
+
+    def make(base):
+        d = tmp_path / base
+        shutil.copytree(bases / base, d)
+        return d
+
+    return make
+
+
+def refused(capsys, argv, *expect):
+    code, _, err = call(capsys, *argv)
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err, err
+    for fragment in expect:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def edit_json(path, **changes):
+    d = json.loads(path.read_text())
+    d.update(changes)
+    path.write_text(json.dumps(d))
+
+
+def generate(d, *extra):
+    return ["generate", "In the", "--model", d, "--max-new-tokens", "2", *extra]
+
+
+def test_tokenizer_settings_of_the_wrong_type(case, capsys):
+    d = case("opt")
+    good = (d / "tokenizer_config.json").read_text()
+    edit_json(d / "tokenizer_config.json", bos_token=5)
+    refused(capsys, generate(d), "tokenizer_config.json: bos_token is 5, expected a token")
+    (d / "tokenizer_config.json").write_text(good)
+    (d / "special_tokens_map.json").write_text("[" * 1000 + "]" * 1000)
+    refused(capsys, generate(d), "special_tokens_map.json: not valid JSON")
+
+
+def test_a_tokenizer_larger_than_the_model(case, capsys):
+    d = case("opt")
+    vocab = json.loads((d / "vocab.json").read_text())
+    vocab["Ġthe"] = 10**6
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    refused(
+        capsys, generate(d, "--temperature", "0"), "the tokenizer gives id 1000000, but the model's vocab_size is 384"
+    )
+
+
+def test_prompts_the_model_cannot_take(case, capsys):
+    d = case("opt")
+    refused(
+        capsys, ["generate", "\udcff\udcfe", "--model", d], "the prompt is not valid UTF-8 (byte 0xff at position 0)"
+    )
+    refused(capsys, ["generate", "word " * 200, "--model", d], "the model takes 1 to 64")
+
+
+@pytest.mark.parametrize(
+    "option, value, expect",
+    [
+        ("--seed", "-1", "argument --seed: expected an integer >= 0, got -1"),
+        ("--top-k", "0", "--top-k must be >= 1, got 0"),
+        ("--max-new-tokens", "-1", "--max-new-tokens must be >= 0"),
+        ("--repetition-penalty", "nan", "--repetition-penalty must be > 0, got nan"),
+    ],
+)
+def test_sampling_options_are_named_as_options(case, capsys, option, value, expect):
+    refused(capsys, generate(case("opt"), option, value), expect)
+
+
+def test_router_files(case, capsys):
+    d = case("opt")
+    refused(
+        capsys,
+        generate(d, "--router", d / "router", "--cache-policy", "global", "--step-encoding-scale", "nan"),
+        "argument --step-encoding-scale: expected a number between -1e+06 and 1e+06, got nan",
+    )
+    edit_json(d / "router.json", hidden=4)
+    refused(capsys, generate(d, "--router", d / "router"), "router.safetensors: tensors", "do not match router.json")
+    (d / "router.json").unlink()
+    (d / "router.json").mkdir()
+    refused(capsys, generate(d, "--router", d / "router"), "router.json: cannot read (Is a directory)")
+
+
+def test_router_weights_must_be_finite(case, capsys):
+    d = case("opt")
+    cfg = RouterConfig(width=32, n_blocks=6, hidden=8)
+    params = init_router(cfg)
+    params["w2"][0, 0] = np.nan
+    Router(cfg, params).save(d / "router")
+    refused(capsys, generate(d, "--router", d / "router"), "router.safetensors: tensor 'w2' is not all finite")
+
+
+def test_empty_text_names_the_file(case, capsys):
+    d = case("opt")
+    (d / "text.txt").write_text("")
+    refused(
+        capsys,
+        ["profile", "--model", d, "--text", d / "text.txt", "--seq-len", "8", "--out", d / "out"],
+        f"{d / 'text.txt'}: 1 token, fewer than one sequence of 8 (--seq-len)",
+    )
+
+
+def test_images_and_their_preprocessing(case, capsys):
+    d = case("vit")
+    raw = (d / "img.npy").read_bytes()
+    end = raw.index(b"\n", 10) + 1
+    header = b"{'descr': '|u1', 'fortran_order': False, 'shape': (100000, 100000, 3), }"
+    (d / "bomb.npy").write_bytes(raw[:8] + struct.pack("<H", len(header) + 1) + header + b"\n" + raw[end:])
+    refused(
+        capsys,
+        ["classify", d / "bomb.npy", "--model", d],
+        "bomb.npy: not a readable .npy array",
+        "the header declares uint8[100000, 100000, 3], more than the",
+    )
+    np.save(d / "nan.npy", np.full((4, 4, 3), np.nan))
+    refused(capsys, ["classify", d / "nan.npy", "--model", d], "nan.npy: has NaN or infinite pixel values")
+    pre = d / "preprocessor_config.json"
+    pre.write_text(json.dumps({"image_std": [0, 0, 0]}))
+    refused(capsys, ["classify", d / "img.npy", "--model", d], "field 'image_std' is 0, expected 1e-06 to 1000000.0")
+    pre.write_text(json.dumps({"do_resize": False}))
+    refused(
+        capsys, ["classify", d / "img.npy", "--model", d], "img.npy: the model takes 32x32 pixels; preprocessor_config.json: do_resize is false"
+    )
+    pre.write_text(json.dumps({"size": 48}))
+    refused(capsys, ["classify", d / "img.npy", "--model", d], "preprocessor_config.json: its field 'size' is 48x48")
+
+
+def test_a_llama_config_with_two_billion_layers(case, capsys):
+    d = case("llama")
+    edit_json(d / "config.json", num_hidden_layers=2**31)
+    refused(capsys, ["info", "--model", d], "config.json: num_hidden_layers must be a positive integer up to 1024")
+
+
+def test_training_settings_that_cannot_fit(case, capsys):
+    d = case("run")
+    refused(capsys, TRAIN + ["--out", d, "--hidden-size", str(10**6)], "training would need about", "GiB are available")
+
+
+@pytest.fixture
+def trained(case, capsys):
+    d = case("run")
+    code, _, err = call(capsys, *TRAIN, "--out", d, "--steps", "2")
+    assert code == 0, err
+    return d
+
+
+def test_a_run_folder_with_broken_files(trained, capsys):
+    d, resume = trained, TRAIN + ["--out", trained, "--steps", "3"]
+    state = (d / "state.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", state[:8])
+    header = json.loads(state[8 : 8 + n])
+    header["__metadata__"] = {"format": "pt"}
+    head = json.dumps(header).encode()
+    (d / "state.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + state[8 + n :])
+    refused(capsys, resume, "state.safetensors: metadata 'step' is '', expected the number of steps done")
+    (d / "state.safetensors").write_bytes(state)
+    edit_json(d / "train_config.json", lr=0.5)
+    refused(capsys, resume, "train_config.json: state.safetensors was saved with lr=0.5")
+
+
+def test_state_tensors_are_checked_against_the_run(trained, capsys):
+    from radial_min.checkpoint import SafetensorsFile, write_safetensors
+
+    f = SafetensorsFile(trained / "state.safetensors")
+    tensors = {n: f.read(n) for n in f.entries if n != "adam.v.decoder.final_layer_norm.bias"}
+    write_safetensors(trained / "state.safetensors", tensors, f.metadata)
+    refused(
+        capsys,
+        TRAIN + ["--out", trained, "--steps", "3"],
+        "state.safetensors: tensors missing, unexpected or of "
+        "the wrong shape for this run's model: 'adam.v.decoder.final_layer_norm.bias'",
+    )
+
+
+@pytest.mark.parametrize(
+    "damage, expect",
+    [
+        (lambda z: z.update(train=z["train"] + 10_000), "'train' is not a 1-D stream of token ids below 300"),
+        (lambda z: z.update(train=z["train"][:5]), "the train stream holds fewer than --seq-len + 2 = 10 tokens"),
+        (lambda z: z.pop("train"), "expected a 'train' stream"),
+        (lambda z: z.update(vocab_size=np.array("x")), "'vocab_size' is missing or not a vocabulary size"),
+        (None, "not a readable token cache (BadZipFile"),
+    ],
+)
+def test_a_broken_token_cache(case, capsys, damage, expect):
+    d = case("run")
+    path = d / "tokens.npz"
+    if damage is None:
+        path.write_bytes(path.read_bytes()[:-20])
+    else:
+        z = dict(np.load(path))
+        damage(z)
+        np.savez(path, **z)
+    refused(capsys, TRAIN + ["--out", d, "--steps", "2"], "tokens.npz", expect)
+
+
+def test_control_characters_never_reach_the_terminal(capsys, monkeypatch):
+    """The last guard: whatever a message carries, the error line is one line without terminal escapes."""
+    import test_cli
+
+    from radial_min.errors import RadialError
+
+    def forged(args):
+        raise RadialError("x.bin: tensor a\nerror: all good\x1b[0m")
+
+    parser = test_cli.cli.build_parser()
+    monkeypatch.setattr(test_cli.cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv: SimpleNamespace(func=forged))
+    line = refused(capsys, ["info"], "x.bin: tensor a\\nerror: all good\\x1b[0m")
+    assert "\x1b" not in line
