@@ -45,9 +45,8 @@ MIN_VOCAB = 260  # a byte-level BPE: 256 bytes + 4 special tokens
 def cmd_generate(args):
     try:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    except SettingError as e:  # "top_k must be >= 1, ..." names the API's argument: name the option instead
-        name, rest = str(e).split(" ", 1)
-        raise RadialError(f"--{name.replace('_', '-')} {rest}") from None
+    except SettingError as e:  # "top_k must be >= 1, ..." names the API's argument: name the option too
+        raise RadialError(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
     _warn_without_effect(args)
     prompt = _utf8(args.prompt, "the prompt")
     model = _load(args.model, "lm", args.weights_dtype)

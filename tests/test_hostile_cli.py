@@ -1,6 +1,9 @@
 """Hostile inputs through the command line, one of each kind tools/hostile_inputs.py found a traceback or a vague
 line for: each now ends with exactly one `error:` line naming the file (or option) at fault, and exit code 2."""
 
+import contextlib
+import importlib.util
+import io
 import json
 import shutil
 import struct
@@ -10,60 +13,30 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from radial_min import data
 from radial_min.router import Router, RouterConfig, init_router
 from test_cli import call
 
-FIXTURES = Path(__file__).parent / "fixtures"
-TEXT = "In the beginning God created the heaven and the earth. And the earth was without form, and void.\n" * 40
-TRAIN = [
-    "train",
-    "--vocab-size",
-    "300",
-    "--hidden-size",
-    "16",
-    "--layers",
-    "1",
-    "--heads",
-    "2",
-    "--seq-len",
-    "8",
-    "--batch-size",
-    "2",
-    "--eval-every",
-    "1",
-    "--save-every",
-    "1",
-    "--warmup",
-    "1",
-]
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("hostile_inputs", ROOT / "tools" / "hostile_inputs.py")
+hostile_inputs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(hostile_inputs)
+TRAIN = hostile_inputs.TRAIN
 
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
-    opt = root / "opt"
-    shutil.copytree(FIXTURES / "opt-pre", opt)
-    data.train_tokenizer(TEXT.splitlines() * 5, 384, opt)
-    (opt / "text.txt").write_text(TEXT)
-    cfg = RouterConfig(width=32, n_blocks=6, hidden=8)
-    Router(cfg, init_router(cfg)).save(opt / "router")
-    shutil.copytree(FIXTURES / "vit-cls", root / "vit")
-    np.save(root / "vit" / "img.npy", np.zeros((40, 48, 3), np.uint8))
-    run = root / "run"
-    docs = TEXT.split(". ")
-    data.prepare_corpus(run, 300, docs=docs, val_docs={"kjv": docs[:20], "wiki": docs[20:]})
-    shutil.copytree(FIXTURES / "llama-gqa-tied", root / "llama")
-    return root
+    """The battery's own tiny inputs: opt (+ tokenizer, router, text.txt), vit (+ img.npy), llama, run (2 steps)."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return hostile_inputs.build_bases(tmp_path_factory.mktemp("hostile"))
 
 
 @pytest.fixture
 def case(bases, tmp_path, capsys):
-    """A fresh copy of a base folder; `run(*argv)` calls the CLI ("{d}" is the copy) and returns its stderr."""
+    """`case(base)`: a fresh copy of one of the base folders, to damage."""
 
     def make(base):
         d = tmp_path / base
-        shutil.copytree(bases / base, d)
+        shutil.copytree(bases[base], d)
         return d
 
     return make
@@ -121,9 +94,9 @@ def test_prompts_the_model_cannot_take(case, capsys):
     "option, value, expect",
     [
         ("--seed", "-1", "argument --seed: expected an integer >= 0, got -1"),
-        ("--top-k", "0", "--top-k must be >= 1, got 0"),
-        ("--max-new-tokens", "-1", "--max-new-tokens must be >= 0"),
-        ("--repetition-penalty", "nan", "--repetition-penalty must be > 0, got nan"),
+        ("--top-k", "0", "--top-k: top_k must be >= 1, got 0"),
+        ("--max-new-tokens", "-1", "--max-new-tokens: max_new_tokens must be >= 0"),
+        ("--repetition-penalty", "nan", "--repetition-penalty: repetition_penalty must be > 0, got nan"),
     ],
 )
 def test_sampling_options_are_named_as_options(case, capsys, option, value, expect):

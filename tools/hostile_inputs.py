@@ -111,76 +111,15 @@ def build_bases(root: Path) -> dict:
     return bases
 
 
-TRAIN = [
-    "train",
-    "--vocab-size",
-    "300",
-    "--hidden-size",
-    "16",
-    "--layers",
-    "1",
-    "--heads",
-    "2",
-    "--seq-len",
-    "8",
-    "--batch-size",
-    "2",
-    "--eval-every",
-    "1",
-    "--save-every",
-    "1",
-    "--warmup",
-    "1",
-]
+TRAIN = ("train --vocab-size 300 --hidden-size 16 --layers 1 --heads 2 --seq-len 8 --batch-size 2 --eval-every 1 "
+         "--save-every 1 --warmup 1").split()
+TEXT_ARGS = "--seq-len 8 --max-sequences 2 --out {o}".split()
 INFO = ("info", "--model", "{d}")
 GENERATE = ("generate", "In the", "--model", "{d}", "--max-new-tokens", "3")
-PROFILE = (
-    "profile",
-    "--model",
-    "{d}",
-    "--text",
-    "{d}/text.txt",
-    "--seq-len",
-    "8",
-    "--max-sequences",
-    "2",
-    "--out",
-    "{o}",
-)
-SIMULATE = (
-    "simulate",
-    "--model",
-    "{d}",
-    "--text",
-    "{d}/text.txt",
-    "--seq-len",
-    "8",
-    "--max-sequences",
-    "2",
-    "--taus",
-    "0,0.3",
-    "--out",
-    "{o}",
-)
-ROUTER_TRAIN = (
-    "train-router",
-    "--model",
-    "{d}",
-    "--train-text",
-    "{d}/text.txt",
-    "--test-text",
-    "{d}/text.txt",
-    "--seq-len",
-    "8",
-    "--max-sequences",
-    "2",
-    "--test-sequences",
-    "1",
-    "--epochs",
-    "1",
-    "--out",
-    "{o}",
-)
+PROFILE = tuple("profile --model {d} --text {d}/text.txt".split() + TEXT_ARGS)
+SIMULATE = tuple("simulate --model {d} --text {d}/text.txt --taus 0,0.3".split() + TEXT_ARGS)
+ROUTER_TRAIN = tuple("train-router --model {d} --train-text {d}/text.txt --test-text {d}/text.txt --test-sequences 1 "
+                     "--epochs 1".split() + TEXT_ARGS)
 CLASSIFY = ("classify", "{d}/img.npy", "--model", "{d}")
 RESUME = tuple(TRAIN + ["--out", "{d}", "--steps", "3"])
 
