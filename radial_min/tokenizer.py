@@ -4,6 +4,8 @@ OPT numbers the vocabulary the fairseq way (`<s>`=0, `<pad>`=1, `</s>`=2, `<unk>
 so "Hello world" is [2, 31414, 232]. Special tokens named in the folder's config are matched whole in text.
 """
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +55,7 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool | None = None) -> np.ndarray:
         """Token ids for `text`, with BOS in front unless told otherwise: [T] int64."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        ids = _build(self.source, lambda: self.backend.encode(text, add_special_tokens=False).ids, "failed on the text")
         if self.add_bos if bos is None else bos:
             ids = [self.bos_id] + ids
         return np.array(ids, dtype=np.int64)
@@ -93,13 +95,25 @@ class Streamer:
         return piece
 
 
-def _build(path, make):
-    """The `tokenizers` library raises a bare Exception on a malformed file; name the file instead."""
+def _build(path, make, what="not a usable tokenizer file"):
+    """The `tokenizers` library raises a bare Exception on a malformed file, and a hostile one can make its Rust code
+    panic (PanicException, a BaseException, after a backtrace on file descriptor 2): name the file instead, in one
+    line, with the library's own report kept off the terminal."""
+    saved = os.dup(2)
     try:
-        return make()
-    except Exception as e:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                return make()
+            finally:
+                os.dup2(saved, 2)
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a usable tokenizer file ({reason})") from None
+        raise CheckpointError(f"{path}: {what} ({reason})") from None
+    finally:
+        os.close(saved)
 
 
 def _read_json(path: Path) -> dict:

@@ -31,7 +31,7 @@ def bases(tmp_path_factory):
 
 
 @pytest.fixture
-def case(bases, tmp_path, capsys):
+def case(bases, tmp_path):
     """`case(base)`: a fresh copy of one of the base folders, to damage."""
 
     def make(base):
@@ -70,6 +70,19 @@ def test_tokenizer_settings_of_the_wrong_type(case, capsys):
     (d / "tokenizer_config.json").write_text(good)
     (d / "special_tokens_map.json").write_text("[" * 1000 + "]" * 1000)
     refused(capsys, generate(d), "special_tokens_map.json: not valid JSON")
+
+
+def test_a_tokenizer_json_that_makes_the_library_panic(case, capfd):
+    """A Replace normalizer whose regex matches the empty string makes the tokenizers library's Rust code panic at
+    encode time (a PanicException, which `except Exception` does not catch, after a backtrace on stderr)."""
+    d = case("opt")
+    from radial_min.tokenizer import Tokenizer
+
+    hf = json.loads(Tokenizer(d).backend.to_str())
+    hf["normalizer"] = {"type": "Replace", "pattern": {"Regex": ""}, "content": "xx"}
+    (d / "tokenizer.json").write_text(json.dumps(hf))
+    code, _, err = call(capfd, *generate(d))  # capfd: what reaches file descriptor 2 too, not only sys.stderr
+    assert code == 2 and len(err.splitlines()) == 1 and "tokenizer.json: failed on the text (index out of" in err, err
 
 
 def test_a_tokenizer_larger_than_the_model(case, capsys):
