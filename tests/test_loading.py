@@ -118,6 +118,30 @@ def test_tied_lm_head_is_not_read(tmp_path):
     assert model.lm_head is model.embed_tokens
 
 
+def test_both_writers_make_files_the_safetensors_package_reads(tmp_path):
+    """write_safetensors (the package's serializer) and write_safetensors_from (ours, one tensor at a time) write
+    the same tensors, bfloat16 included; the package opens both (its NumPy API cannot return bfloat16: `b` is read by
+    ours alone) and gives the same values and metadata."""
+    from safetensors import safe_open
+
+    from radial_min.checkpoint import write_safetensors_from
+
+    t = {"b": np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5, "a": np.ones(3, np.float16), "i": np.arange(4)}
+    write_safetensors(tmp_path / "one.safetensors", t, {"step": 3}, bfloat16={"b"})
+    specs = {k: (a.dtype, a.shape) for k, a in t.items()}
+    write_safetensors_from(tmp_path / "two.safetensors", specs, t.__getitem__, {"step": 3}, bfloat16={"b"})
+    for name in ("one", "two"):
+        path = tmp_path / f"{name}.safetensors"
+        ours = SafetensorsFile(path)
+        with safe_open(str(path), framework="np") as theirs:
+            assert sorted(theirs.keys()) == ["a", "b", "i"] and theirs.metadata() == ours.metadata == {"step": "3"}
+            for k in ("a", "i"):
+                np.testing.assert_array_equal(theirs.get_tensor(k), t[k])
+        assert ours.dtype("b") == "bfloat16"
+        for k in t:
+            np.testing.assert_array_equal(ours.read(k), t[k])  # -2.5 .. 2.5 in halves: exact in bfloat16
+
+
 def test_write_safetensors_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "x.safetensors"
     write_safetensors(path, {"a": np.arange(6, dtype=np.float32).reshape(2, 3)})
