@@ -507,6 +507,8 @@ def cases(bases: dict, rng: random.Random):
         ("unknown model type", {"model": {"type": "Nope"}}),
         ("model a list", {"model": [1]}),
         ("added_tokens a string", {"added_tokens": "x"}),
+        ("a normalizer that makes the library panic", {"normalizer": {"type": "Replace", "pattern": {"Regex": ""},
+                                                                        "content": "xx"}}),
     ]
     tj_mutants = [(label, dumps({**hf, **change})) for label, change in tj] + list(
         json_mutants(hf, rng, fields=["model"])
