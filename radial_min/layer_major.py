@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .blocks import Step, run_block
-from .profiling import residual_ratio
+from .profiling import block_ratio
 from .stream import StreamedModel, available_bytes, drop_pages
 
 
@@ -311,7 +311,7 @@ class _Profile(_Pass):
         return run_block(b, block, x, Step(pos), self)
 
     def __call__(self, i, block, x, f, y):  # the observer of run_block
-        self.arrays["ratios"][self.rows, i] = residual_ratio(x, f, self.kind)
+        self.arrays["ratios"][self.rows, i] = block_ratio(block, x, f, self.kind)
 
 
 def profile_text(model: StreamedModel, sequences, kind: str = "output") -> np.ndarray:

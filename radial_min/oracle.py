@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .blocks import AttentionBlock, Step, begin
-from .profiling import residual_ratio
+from .profiling import block_ratio
 
 KV_RULES = ("fill", "drop")
 
@@ -95,13 +95,13 @@ def decide_block(b, block, x, pos, decide, kv_rule, kind, keep, ratios, observe=
     if isinstance(block, AttentionBlock) and kv_rule == "drop":
 
         def keeps(t, f_t):  # the drop rule runs token by token inside the block
-            ratios[t] = residual_ratio(x[t : t + 1], f_t, kind)[0]
+            ratios[t] = block_ratio(block, x[t : t + 1], f_t, kind)[0]
             return decide(b, np.array([t]), ratios[t : t + 1])[0]
 
         f, keep[:] = block.branch_dropping(x, keeps)
     else:
         f = block.branch(x, Step(pos))  # fill: every token's keys/values from the state passing by
-        ratios[:] = residual_ratio(x, f, kind)
+        ratios[:] = block_ratio(block, x, f, kind)
         keep[:] = decide(b, np.arange(len(x)), ratios)
     y = np.where(keep[:, None], block.residual(x, f), x)  # a skipped row passes its state on unchanged
     if observe is not None:

@@ -5,8 +5,10 @@
 
 x is the residual stream entering the block and f(x) its branch before the residual add. A small r means
 y = x + f(x) is close to x, so skipping the block (y = x) changes little. Post-LN blocks (OPT-350m) compute
-y = LN(x + f(x)); there we measure the same ratio on the sum before the LN: the LN rescales x and f(x) alike,
-and a skipped block passes x on unchanged.
+y = LN(x + f(x)), and skipping one skips its LN too: y = x. So there the ratio is taken of what running the
+block changes, d = y - x, in place of f(x) (r = ||y - x|| / ||y||), which is what predicts the skip's effect.
+The same formula on f(x) before the LN would not: with the LN's learned gains LN(x + 0) is not x (see
+docs/profiling.md). For pre-LN blocks d = f(x) exactly, so the two readings agree there.
 
 Profiling hooks into the model's `observe` callback, which costs nothing when it is not given.
 """
@@ -25,6 +27,13 @@ def residual_ratio(x, f, kind: str = "output"):
     raise ValueError(f"ratio kind must be one of {KINDS}, got {kind!r}")
 
 
+def block_ratio(block, x, f, kind: str = "output"):
+    """The residual ratio of `block` on rows x from its branch f: of f for a pre-LN block, of the change
+    LN(x + f) - x that running it makes for a post-LN one (recomputed here: an observer's y is x for rows that
+    skip the block): [T, E], [T, E] -> [T]."""
+    return residual_ratio(x, f if block.pre_norm else block.residual(x, f) - x, kind)
+
+
 class RatioRecorder:
     """An observer (see `blocks.run_blocks`) collecting each block's ratios: `rows()` -> [tokens, blocks].
     One row per token that entered the blocks; NaN where the token did not run the block (routed execution)."""
@@ -39,7 +48,7 @@ class RatioRecorder:
         self.chunks.append(self.current)
 
     def __call__(self, i, block, x, f, y):
-        self.current[:, i] = residual_ratio(x, f, self.kind)
+        self.current[:, i] = block_ratio(block, x, f, self.kind)
 
     def rows(self) -> np.ndarray:
         return np.concatenate(self.chunks) if self.chunks else np.zeros((0, self.n_blocks))

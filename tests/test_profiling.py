@@ -4,7 +4,7 @@ import pytest
 from conftest import FIXTURES, random_opt
 
 import radial_min
-from radial_min import oracle, profiling
+from radial_min import kernels, oracle, profiling
 from radial_min.blocks import Step
 
 SEQS = np.random.default_rng(0).integers(3, 60, size=(3, 16))
@@ -27,17 +27,37 @@ def test_hooks_leave_logits_unchanged(model):
 
 
 def test_recorded_ratio_equals_direct_computation(model):
-    """Run each block by hand on its own input and compute ||f|| / ||x + f|| (and the `sum` variant) in NumPy."""
+    """Run each block by hand on its own input and compute ||d|| / ||x + d|| (and the `sum` variant) in NumPy,
+    with d = f for pre-LN blocks and d = LN(x + f) - x for post-LN ones (the layer norm by its reference)."""
     for kind in profiling.KINDS:
         rec = profiling.RatioRecorder(len(model.blocks), kind)
         model.forward(SEQS[0], observe=rec)
         x = model.embed(SEQS[0], np.arange(16))
         for i, block in enumerate(model.blocks):
             f = block.branch(x, Step(np.arange(16)))
-            fx, xx, sx = (np.linalg.norm(a.astype(np.float64), axis=1) for a in (f, x, x + f))
-            expected = fx / sx if kind == "output" else fx / (xx + fx)
-            np.testing.assert_allclose(rec.rows()[:, i], expected, rtol=1e-6)
+            y = x + f if block.pre_norm else kernels.layernorm_ref(x + f, block.norm.weight, block.norm.bias, 1e-5)
+            dx, xx, yx = (np.linalg.norm(a.astype(np.float64), axis=1) for a in (y - x, x, y))
+            expected = dx / yx if kind == "output" else dx / (xx + dx)
+            np.testing.assert_allclose(rec.rows()[:, i], expected, rtol=2e-5)
             x = block.residual(x, f)
+
+
+def test_post_ln_ratio_is_the_share_a_skip_removes(model):
+    """Skipping a post-LN block skips its LN too (y = x), so the ratio is ||y - x|| / ||y||: the relative change a
+    skip makes. The ratio of f before the LN would not say that: LN(x + 0) is far from x with these gains."""
+    if model.blocks[0].pre_norm:
+        pytest.skip("pre-LN: d = f exactly, covered above")
+    x = model.embed(SEQS[0], np.arange(16))
+    for block in model.blocks:
+        f = block.branch(x, Step(np.arange(16)))
+        y = block.residual(x, f)
+        skip_effect = np.linalg.norm(y - x, axis=1) / np.linalg.norm(y, axis=1)  # running vs skipping the block
+        np.testing.assert_allclose(profiling.block_ratio(block, x, f), skip_effect, rtol=1e-5)
+        before_ln = profiling.residual_ratio(x, f)  # the old reading: the same formula on f, before the LN
+        assert np.abs(before_ln - skip_effect).max() > 0.05
+        x = y
+    ln_of_x = block.norm(x)
+    assert np.median(np.linalg.norm(ln_of_x - x, axis=1) / np.linalg.norm(x, axis=1)) > 0.1  # LN(x + 0) != x
 
 
 def test_tau_zero_is_the_sequential_model(model):
@@ -50,6 +70,10 @@ def test_tau_zero_is_the_sequential_model(model):
     assert run.ppl == pytest.approx(np.exp(nll.mean()), rel=1e-12)
     drop = oracle.simulate(model, SEQS, oracle.threshold(0.0), "drop")  # per-token attention: equal to rounding
     assert drop.keep.all() and drop.ppl == pytest.approx(run.ppl, rel=1e-5)
+    rec = profiling.RatioRecorder(len(model.blocks))
+    model.forward(SEQS[0], observe=rec)  # the oracle decides on the ratio profiling reports, under both rules
+    np.testing.assert_allclose(run.ratios[0], rec.rows(), rtol=1e-6)
+    np.testing.assert_allclose(drop.ratios[0], rec.rows(), rtol=1e-4)
 
 
 def test_a_ratio_equal_to_tau_keeps_its_block(model):
