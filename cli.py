@@ -492,8 +492,10 @@ def cmd_train_router(args):
     _check_free(out, ["router.safetensors", "router.json", "train_router.json"], args.overwrite)
     model = _load_maybe_streamed(args.model, args.stream, "lm", out / ".stream")
     streamed = getattr(model, "layer_major", False)
-    train_seqs, _ = _sequences(model, args, args.train_text or data.default_text("valid"), args.max_sequences)
-    test_seqs, _ = _sequences(model, args, args.test_text or data.default_text("test"), args.test_sequences)
+    train_seqs, _ = _sequences(model, args, args.train_text or data.default_text("valid", "--train-text"),
+                               args.max_sequences)
+    test_seqs, _ = _sequences(model, args, args.test_text or data.default_text("test", "--test-text"),
+                              args.test_sequences)
     n = len(model.blocks)
     if args.max_depth is not None and args.max_depth > n:
         raise RadialError(f"--max-depth {args.max_depth}: a forward-only router runs each of the {n} blocks at most "

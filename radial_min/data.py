@@ -50,25 +50,34 @@ def split_kjv(chapters: list[str], every: int = 20):
     return train, held
 
 
-def wikitext_fetch(split: str = "test") -> Path:
-    """WikiText-2 from the Hub when `../shared/data` is not there (needs network, and pyarrow for parquet)."""
-    try:
-        from huggingface_hub import hf_hub_download
+WIKITEXT_REPO = "Salesforce/wikitext"
 
-        path = hf_hub_download("Salesforce/wikitext", f"wikitext-2-v1/{split}-00000-of-00001.parquet", repo_type="dataset")
+
+def wikitext_fetch(split: str = "test", option: str = "--text") -> Path:
+    """WikiText-2 from the Hub when `../shared/data` is not there (needs network, and pyarrow for parquet).
+    Offline it fails at once with one line naming `option`, the way to pass a text file instead."""
+    name = f"wikitext-2-v1/{split}-00000-of-00001.parquet"
+    try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise RadialError("reading WikiText-2 from the Hub needs pyarrow (pip install pyarrow); or pass --text FILE") from None
-    except Exception as e:
-        raise RadialError(f"WikiText-2 is not in {SHARED} and fetching it from the Hub failed ({type(e).__name__}); pass --text FILE") from None
-    out = Path(path).with_suffix(".txt")
+        raise RadialError(f"WikiText-2 is not in {SHARED}; reading it from the Hub needs pyarrow (pip install "
+                          f"pyarrow), or pass {option} FILE") from None
+    try:
+        from huggingface_hub import snapshot_download  # one look-up, no retries: offline fails at once
+
+        path = Path(snapshot_download(WIKITEXT_REPO, repo_type="dataset", allow_patterns=[name])) / name
+    except Exception as e:  # offline, no access, ...: all end the same way for the user
+        raise RadialError(f"WikiText-2 is not in {SHARED} (or $RADIAL_MIN_DATA) and fetching it from the Hub "
+                          f"failed ({type(e).__name__}); pass {option} FILE") from None
+    out = path.with_suffix(".txt")
     out.write_text("".join(pq.read_table(path).column("text").to_pylist()), encoding="utf-8")
     return out
 
 
-def default_text(split: str = "test") -> Path:
+def default_text(split: str = "test", option: str = "--text") -> Path:
+    """WikiText-2's `split` from `../shared/data`, else from the Hub; `option` is the user's way around both."""
     path = SHARED / "wikitext-2" / f"{split}.txt"
-    return path if path.is_file() else wikitext_fetch(split)
+    return path if path.is_file() else wikitext_fetch(split, option)
 
 
 def pack(tokens: np.ndarray, seq_len: int, max_sequences: int | None = None, source="text") -> np.ndarray:

@@ -11,13 +11,14 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import radial_min
-from radial_min import images
+from radial_min import data, images
 from conftest import shared
 from radial_min.data import SHARED
 from radial_min.kernels import softmax_ref
@@ -362,6 +363,30 @@ def test_simulate_end_to_end(capsys, tiny_random_opt, tmp_path):
     assert full[0] == pytest.approx(full[1], rel=1e-6)  # nothing skipped: the KV rule cannot matter
     csv_rows = (out / "simulate.csv").read_text().splitlines()
     assert len(csv_rows) == 5 and csv_rows[0].startswith("tau,rule,ppl,mean_depth")
+
+
+def test_without_shared_data_one_fast_line_names_the_option(capsys, monkeypatch, tmp_path, tiny_random_opt):
+    """No ../shared/data: WikiText-2 would come from the Hub; without pyarrow, or offline, one line at once that
+    names the command's own option for a text file."""
+    import huggingface_hub
+
+    model_dir, _ = tiny_random_opt
+    monkeypatch.setattr(data, "SHARED", tmp_path / "no-shared-data")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # not installed
+    code, _, err = call(capsys, "simulate", "--model", model_dir, "--seq-len", 32, "--out", tmp_path / "s")
+    assert_one_line_error(code, err)
+    assert "needs pyarrow (pip install pyarrow), or pass --text FILE" in err
+    monkeypatch.setitem(sys.modules, "pyarrow", types.ModuleType("pyarrow"))  # installed, but offline
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", types.ModuleType("pyarrow.parquet"))
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    for args, option in ((["simulate"], "--text"), (["train-router"], "--train-text"), (["profile"], "--text")):
+        code, _, err = call(capsys, *args, "--model", model_dir, "--seq-len", 32, "--out", tmp_path / "o")
+        assert_one_line_error(code, err)
+        assert f"fetching it from the Hub failed (ConnectionError); pass {option} FILE" in err, err
 
 
 def test_profile_text_too_short(capsys, tiny_random_opt, tmp_path):
