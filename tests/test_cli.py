@@ -156,6 +156,15 @@ def test_generate_as_a_subprocess(opt_with_tokenizer):
     assert p.stdout == PROMPT + expected_generation(opt_with_tokenizer, PROMPT, 8) + "\n"
 
 
+def test_a_reader_that_leaves_early_ends_it_quietly(opt_with_tokenizer):
+    """`generate ... | head`: the pipe closes before the text is written; exit 141 (SIGPIPE), no traceback."""
+    p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "generate", PROMPT, "--model", str(opt_with_tokenizer),
+                          "--max-new-tokens", "8"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # the reader is gone before the first write
+    err = without_compile_notice(p.stderr.read())
+    assert p.wait(timeout=300) == 141 and err == ""
+
+
 def test_compile_notice_only_when_numba_compiles(capsys, monkeypatch, opt_with_tokenizer):
     """One line when a kernel really compiles (a cold cache), none when every kernel is already compiled."""
     from numba import njit
