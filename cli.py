@@ -207,7 +207,7 @@ def cmd_train(args):
     done = _saved_step(Path(cfg.out) / "state.safetensors")
     if args.export and not args.overwrite and _nonempty(args.export):
         if done is not None and done >= cfg.steps:
-            print(f"{cfg.out}: already finished (step {done} of {cfg.steps}) and exported to {args.export}; nothing "
+            print(f"{cfg.out}: already finished (step {done:,} of {cfg.steps:,}) and exported to {args.export}; nothing "
                   "to do (--overwrite redoes the export and evaluation)", file=sys.stderr)
             return
         raise RadialError(f"--export {args.export}: the folder exists and is not empty; pass --overwrite to replace it")
@@ -221,8 +221,8 @@ def cmd_train(args):
     print(f"train {len(train_ids):,} tokens; validation {', '.join(f'{k} {len(s):,}' for k, s in val_streams.items())}",
           file=sys.stderr)
     if done is not None:
-        print(f"{cfg.out}: resuming at step {done} of {cfg.steps}" if done < cfg.steps else
-              f"{cfg.out}: training already finished at step {done}", file=sys.stderr)
+        print(f"{cfg.out}: resuming at step {done:,} of {cfg.steps:,}" if done < cfg.steps else
+              f"{cfg.out}: training already finished at step {done:,}", file=sys.stderr)
     params = tr.train(cfg, train_ids, val)
     log = [json.loads(line) for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines() if line.strip()]
     plots.training_curve(log, Path(cfg.out) / "loss.png")
