@@ -207,8 +207,8 @@ def cmd_train(args):
     done = _saved_step(Path(cfg.out) / "state.safetensors")
     if args.export and not args.overwrite and _nonempty(args.export):
         if done is not None and done >= cfg.steps:
-            print(f"{cfg.out}: already finished (step {done:,} of {cfg.steps:,}) and exported to {args.export}; nothing "
-                  "to do (--overwrite redoes the export and evaluation)", file=sys.stderr)
+            print(f"{cfg.out}: already finished (step {done:,} of {cfg.steps:,}) and exported to {args.export}; "
+                  "nothing to do (--overwrite redoes the export and evaluation)", file=sys.stderr)
             return
         raise RadialError(f"--export {args.export}: the folder exists and is not empty; pass --overwrite to replace it")
     print(f"preparing corpus and tokenizer in {cfg.out} ...", file=sys.stderr)

@@ -140,7 +140,7 @@ class AttentionBlock(Block):
         keep = np.zeros(T, bool)
         for t in range(T):
             visible = np.append(np.flatnonzero(keep[:t]), t)  # tokens that ran this block, and itself
-            a = kernels.attention(q[t : t + 1], k[visible], v[visible], self.n_head, n_kv_head=self.n_kv_head)  # all <= t
+            a = kernels.attention(q[t : t + 1], k[visible], v[visible], self.n_head, n_kv_head=self.n_kv_head)  # <= t
             f[t] = self.out(a)[0]
             keep[t] = keeps(t, f[t : t + 1])
         return f, keep

@@ -61,7 +61,8 @@ def download(repo_id: str, local: Path) -> Path:
             f"vocab.json and merges.txt for OPT, in {local}/ and pass --model {local}"
         ) from None
     if not (local / "config.json").is_file():
-        raise CheckpointError(f"{repo_id}: the Hub repo has no config.json; place a Hugging Face checkpoint in {local}/")
+        raise CheckpointError(f"{repo_id}: the Hub repo has no config.json; place a Hugging Face checkpoint in "
+                              f"{local}/")
     ensure_safetensors(local)
     (local / HUB_MARKER).write_text(repo_id + "\n")  # written last: marks a complete download
     return local
@@ -87,9 +88,8 @@ def ensure_safetensors(folder: Path) -> None:
 
     bins = sorted(folder.glob("pytorch_model*.bin"))
     if not bins:
-        raise CheckpointError(
-            f"{folder}: has no usable weights; expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
-        )
+        raise CheckpointError(f"{folder}: has no usable weights; expected model.safetensors, "
+                              "model.safetensors.index.json or pytorch_model.bin")
     store = open_checkpoint(folder)  # the pickles' names and shapes only: storages are read one tensor at a time
     weight_map = {}
     for name, f in store.files.items():

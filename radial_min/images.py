@@ -44,7 +44,8 @@ def read_image(path) -> np.ndarray:
         try:
             from PIL import Image
         except ImportError:
-            raise RadialError(f"{path}: reading {path.suffix} images needs Pillow (pip install 'radial_min[images]'), or pass a .npy array") from None
+            raise RadialError(f"{path}: reading {path.suffix} images needs Pillow (pip install 'radial_min[images]'), "
+                              "or pass a .npy array") from None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we say it ourselves, below

@@ -68,7 +68,8 @@ def make_block(cfg: OPTConfig, t: dict, i: int, kind: str):
         norm = LayerNorm.from_tensors(t, p + "self_attn_layer_norm", LN_EPS)
         return AttentionBlock(i, norm, pre, qkv, out, cfg.num_attention_heads)
     fc1, fc2 = Linear.from_tensors(t, p + "fc1"), Linear.from_tensors(t, p + "fc2")
-    return FFNBlock(i, LayerNorm.from_tensors(t, p + "final_layer_norm", LN_EPS), pre, fc1, fc2, cfg.activation_function)
+    norm = LayerNorm.from_tensors(t, p + "final_layer_norm", LN_EPS)
+    return FFNBlock(i, norm, pre, fc1, fc2, cfg.activation_function)
 
 
 class OPT:
@@ -81,7 +82,8 @@ class OPT:
         self.embed_positions = t["decoder.embed_positions.weight"]  # [max_pos + 2, E]
         self.project_in = Linear(t["decoder.project_in.weight"]) if "decoder.project_in.weight" in t else None
         self.project_out = Linear(t["decoder.project_out.weight"]) if "decoder.project_out.weight" in t else None
-        self.final_norm = LayerNorm.from_tensors(t, "decoder.final_layer_norm", LN_EPS) if cfg.has_final_layer_norm else None
+        final = cfg.has_final_layer_norm
+        self.final_norm = LayerNorm.from_tensors(t, "decoder.final_layer_norm", LN_EPS) if final else None
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else t["lm_head.weight"]
         self.blocks = [make_block(cfg, t, i, kind) for i in range(self.n_layer) for kind in ("att", "ffn")]
 
@@ -92,7 +94,8 @@ class OPT:
         so ids and positions are checked here."""
         input_ids = _check_ids(input_ids, self.config.vocab_size)
         if np.max(pos) >= self.config.max_position_embeddings or np.min(pos) < 0:
-            raise ValueError(f"positions up to {np.max(pos)} exceed max_position_embeddings {self.config.max_position_embeddings}")
+            raise ValueError(f"positions up to {np.max(pos)} exceed max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
         x = kernels.to_float32(self.embed_tokens[input_ids])  # [T] -> [T, P] (weights may be stored in half)
         if self.project_in is not None:
             x = self.project_in(x)  # [T, P] -> [T, E]

@@ -99,7 +99,8 @@ def summarize(ratios: np.ndarray, names: list[str]) -> dict:
     def stats(a):
         a = np.asarray(a, np.float64).ravel()
         p10, p50, p90 = np.percentile(a, [10, 50, 90])
-        return {"mean": float(a.mean()), "std": float(a.std()), "median": float(p50), "p10": float(p10), "p90": float(p90), "n": int(a.size)}
+        return {"mean": float(a.mean()), "std": float(a.std()), "median": float(p50), "p10": float(p10),
+                "p90": float(p90), "n": int(a.size)}
 
     kinds = np.array([n.split(".")[1] for n in names])
     return {

@@ -36,7 +36,8 @@ def expected_tensors(cfg: ViTConfig) -> tuple[dict, dict, dict]:
         req["classifier.weight"] = (cfg.num_labels, E)
         req["classifier.bias"] = (cfg.num_labels,)
     else:
-        optional.update({"pooler.dense.weight": (cfg.pooler_output_size, E), "pooler.dense.bias": (cfg.pooler_output_size,)})
+        optional.update({"pooler.dense.weight": (cfg.pooler_output_size, E),
+                         "pooler.dense.bias": (cfg.pooler_output_size,)})
     return req, optional, unused
 
 
@@ -66,7 +67,8 @@ class ViT:
                 np.concatenate([t.pop(n + ".bias") for n in names]) if cfg.qkv_bias else None,
             )
             out = Linear.from_tensors(t, p + "attention.output.dense")
-            ln1, ln2 = LayerNorm.from_tensors(t, p + "layernorm_before", cfg.layer_norm_eps), LayerNorm.from_tensors(t, p + "layernorm_after", cfg.layer_norm_eps)
+            ln1 = LayerNorm.from_tensors(t, p + "layernorm_before", cfg.layer_norm_eps)
+            ln2 = LayerNorm.from_tensors(t, p + "layernorm_after", cfg.layer_norm_eps)
             self.blocks.append(AttentionBlock(i, ln1, True, qkv, out, cfg.num_attention_heads))
             fc1, fc2 = Linear.from_tensors(t, p + "intermediate.dense"), Linear.from_tensors(t, p + "output.dense")
             self.blocks.append(FFNBlock(i, ln2, True, fc1, fc2, cfg.hidden_act))

@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import radial_min  # noqa: E402
 
 TEXTS = ["In the beginning God created the heaven and the earth.",
-         " = Valkyria Chronicles III = \n Senjō no Valkyria 3 : <unk> Chronicles ( Japanese : 戦場のヴァルキュリア3 )"]  # fmt: skip
+         " = Valkyria Chronicles III = \n Senjō no Valkyria 3 : <unk> Chronicles "
+         "( Japanese : 戦場のヴァルキュリア3 )"]
 
 
 def main(folder):
@@ -35,7 +36,8 @@ def main(folder):
         mine = radial_min.generate(ours, ids, 20)
         assert np.array_equal(greedy, mine), f"greedy tokens differ: {greedy} vs {mine}"
         print(f"{len(ids):4d} tokens: max |logit diff| / max |logit| = {err:.2e}; 20 greedy tokens equal; ids equal")
-    print(f"OK: {folder} loads in transformers {__import__('transformers').__version__} with equal logits (worst {worst:.2e})")
+    version = __import__("transformers").__version__
+    print(f"OK: {folder} loads in transformers {version} with equal logits (worst {worst:.2e})")
 
 
 if __name__ == "__main__":

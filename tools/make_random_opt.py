@@ -30,8 +30,8 @@ def main(argv=None):
     p.add_argument("--max-positions", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    cfg = OPTConfig(vocab_size=50272, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                    ffn_dim=4 * args.hidden, max_position_embeddings=args.max_positions)  # fmt: skip
+    cfg = OPTConfig(vocab_size=50272, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                    num_attention_heads=args.heads, ffn_dim=4 * args.hidden, max_position_embeddings=args.max_positions)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     params = init_params(cfg, args.seed)

@@ -81,7 +81,7 @@ def make_opt(name, seed, dtype=torch.float32, layout="save_pretrained", shard=No
     folder = OUT / name
     shutil.rmtree(folder, ignore_errors=True)
     base = dict(vocab_size=384, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=64,
-                max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2, eos_token_id=2)  # fmt: skip
+                max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2, eos_token_id=2)
     base.update(cfg)
     torch.manual_seed(seed)
     model = randomize(OPTForCausalLM(OPTConfig(**base)), seed).eval()
@@ -123,7 +123,8 @@ def make_vit(name, seed, cls, dtype=torch.float32, processor=False, pool=True, *
         proc = ViTImageProcessor(size={"height": 32, "width": 32}, do_convert_rgb=True)
         proc.save_pretrained(folder)
         photos = ["chelsea.png", "brick.png", "rocket.jpg"]
-        photo_pixels = np.concatenate([proc(images=Image.open(SHARED / "images" / p), return_tensors="np")["pixel_values"] for p in photos])
+        photo_pixels = np.concatenate([proc(images=Image.open(SHARED / "images" / p),
+                                            return_tensors="np")["pixel_values"] for p in photos])
         ref["photo_pixels"], ref["photos"] = photo_pixels, np.array(photos)
         pixels = np.concatenate([pixels, photo_pixels])
     with torch.no_grad():
@@ -143,7 +144,8 @@ def make_tokenizer_reference(n_lines=400):
     tok = AutoTokenizer.from_pretrained(SHARED / "opt-tokenizer")
     lines = (SHARED / "wikitext-2" / "test.txt").read_text(encoding="utf-8").split("\n")
     picked = [i for i, line in enumerate(lines) if line.strip()][:n_lines]
-    extra = ["Hello world", "a </s> b <pad> <unk> <s>", "  leading spaces", "naïve café — “quotes” 日本語 🙂", "line\nbreak\ttab"]
+    extra = ["Hello world", "a </s> b <pad> <unk> <s>", "  leading spaces", "naïve café — “quotes” 日本語 🙂",
+             "line\nbreak\ttab"]
     ref = {
         "tokenizer": type(tok).__name__,
         "versions": VERSIONS,

@@ -29,7 +29,8 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
     rng = np.random.default_rng(0)
-    ref = {"prompts": np.array(PROMPTS), "version_torch": torch.__version__, "version_transformers": transformers.__version__}
+    ref = {"prompts": np.array(PROMPTS), "version_torch": torch.__version__,
+           "version_transformers": transformers.__version__}
     for i, text in enumerate(PROMPTS):
         ids = tok(text, add_special_tokens=False).input_ids
         with torch.no_grad():

@@ -71,16 +71,19 @@ def main(argv=None):
     rows = []
     for (E, L, H), folder in zip(SIZES, folders):
         s = summary[f"{folder.name}/prefill"]
-        rep = json.loads((runs / folder.name / "report.json").read_text()) if (runs / folder.name / "report.json").is_file() else {}
+        report = runs / folder.name / "report.json"
+        rep = json.loads(report.read_text()) if report.is_file() else {}
         n_params = radial_min.load(folder).n_params
         rows.append({"model": folder.name, "width": E, "layers": L, "blocks": 2 * L, "params": n_params,
                      "median_ratio": s["overall"]["median"], "median_att": s["types"]["att"]["median"],
                      "median_ffn": s["types"]["ffn"]["median"],
-                     "ppl_wiki": rep.get("wiki", {}).get("model"), "ppl_kjv": rep.get("kjv", {}).get("model")})  # fmt: skip
-    print(f"\n{'model':<12}{'params':>10}{'blocks':>8}{'median r':>10}{'att':>8}{'ffn':>8}{'ppl wiki':>10}{'ppl kjv':>9}")
+                     "ppl_wiki": rep.get("wiki", {}).get("model"), "ppl_kjv": rep.get("kjv", {}).get("model")})
+    print(f"\n{'model':<12}{'params':>10}{'blocks':>8}{'median r':>10}{'att':>8}{'ffn':>8}{'ppl wiki':>10}"
+          f"{'ppl kjv':>9}")
     for r in rows:
+        ppl = [float("nan") if r[k] is None else r[k] for k in ("ppl_wiki", "ppl_kjv")]
         print(f"{r['model']:<12}{r['params']:>10,}{r['blocks']:>8}{r['median_ratio']:10.3f}{r['median_att']:8.3f}"
-              f"{r['median_ffn']:8.3f}{r['ppl_wiki'] or float('nan'):10.1f}{r['ppl_kjv'] or float('nan'):9.1f}")  # fmt: skip
+              f"{r['median_ffn']:8.3f}{ppl[0]:10.1f}{ppl[1]:9.1f}")
     Path(args.profile_out, "family.json").write_text(json.dumps(rows, indent=2))
 
 
