@@ -99,13 +99,19 @@ def _warn_without_effect(args):
 
 
 def _radial_network(model, args):
-    router = R.Router.load(_router_path(args.router))
-    if router.config.width != model.config.hidden_size or router.config.n_blocks != len(model.blocks):
-        raise RadialError(f"--router {args.router}: routes {router.config.n_blocks} blocks of width "
-                          f"{router.config.width}, but the model has {len(model.blocks)} blocks of width "
-                          f"{model.config.hidden_size}")
+    router = _load_router(model, args.router, "--router")
     scale = 1.0 if args.step_encoding_scale is None else args.step_encoding_scale
     return RadialNetwork(model, router, args.max_depth, args.cache_policy or POLICIES[0], scale)
+
+
+def _load_router(model, path, option):
+    """The router at `path` (a folder or the files' prefix), refused unless it routes this model's blocks."""
+    router = R.Router.load(_router_path(path))
+    if router.config.width != model.config.hidden_size or router.config.n_blocks != len(model.blocks):
+        raise RadialError(f"{option} {path}: routes {router.config.n_blocks} blocks of width "
+                          f"{router.config.width}, but the model has {len(model.blocks)} blocks of width "
+                          f"{model.config.hidden_size}")
+    return router
 
 
 def _router_path(path):
@@ -489,26 +495,34 @@ def cmd_train_router(args):
     if not (args.lr > 0 and np.isfinite(args.lr)):
         raise RadialError(f"--lr must be a finite number > 0, got {args.lr}")
     out = Path(args.out or f"runs/router-tau{args.tau:g}")
-    _check_free(out, ["router.safetensors", "router.json", "train_router.json"], args.overwrite)
+    _check_free(out, ([] if args.evaluate else ["router.safetensors", "router.json"]) + ["train_router.json"],
+                args.overwrite)
     model = _load_maybe_streamed(args.model, args.stream, "lm", out / ".stream")
     streamed = getattr(model, "layer_major", False)
-    train_seqs, _ = _sequences(model, args, args.train_text or data.default_text("valid", "--train-text"),
-                               args.max_sequences)
+    n = len(model.blocks)
+    train_seqs = None
+    if args.evaluate:  # an existing router, judged against the oracle it was distilled from
+        router = _load_router(model, args.evaluate, "--evaluate")
+        if router.config.tau is None or router.config.kv_rule is None:
+            raise RadialError(f"--evaluate {args.evaluate}: its router.json records no tau/kv_rule to compare with")
+        args.tau, args.kv_rule, ex, cfg = router.config.tau, router.config.kv_rule, None, router.config
+    else:
+        if args.max_depth is not None and args.max_depth > n:
+            raise RadialError(f"--max-depth {args.max_depth}: a forward-only router runs each of the {n} blocks at "
+                              "most once")
+        train_seqs, _ = _sequences(model, args, args.train_text or data.default_text("valid", "--train-text"),
+                                   args.max_sequences)
+        print(f"{model.path.name}: oracle labels (tau={args.tau}, {args.kv_rule}) from "
+              f"{_count(len(train_seqs), 'sequence')} x {train_seqs.shape[1]} tokens", file=sys.stderr)
+        ex = R.oracle_examples(model, train_seqs, args.tau, args.kv_rule, args.kind, _bar("oracle labels", "seq"))
+        cfg = R.RouterConfig(width=model.config.hidden_size, n_blocks=n, hidden=args.hidden,
+                             max_depth=args.max_depth, tau=args.tau, kv_rule=args.kv_rule, model=model.path.name)
+        router = R.train_router(ex, cfg, args.epochs, args.lr, args.batch_size, args.seed)
+        router.save(out / "router")
     test_seqs, _ = _sequences(model, args, args.test_text or data.default_text("test", "--test-text"),
                               args.test_sequences)
-    n = len(model.blocks)
-    if args.max_depth is not None and args.max_depth > n:
-        raise RadialError(f"--max-depth {args.max_depth}: a forward-only router runs each of the {n} blocks at most "
-                          "once")
-    print(f"{model.path.name}: oracle labels (tau={args.tau}, {args.kv_rule}) from "
-          f"{_count(len(train_seqs), 'sequence')} x {train_seqs.shape[1]} tokens", file=sys.stderr)
-    ex = R.oracle_examples(model, train_seqs, args.tau, args.kv_rule, args.kind, _bar("oracle labels", "seq"))
-    cfg = R.RouterConfig(width=model.config.hidden_size, n_blocks=n, hidden=args.hidden, max_depth=args.max_depth,
-                         tau=args.tau, kv_rule=args.kv_rule, model=model.path.name)
-    router = R.train_router(ex, cfg, args.epochs, args.lr, args.batch_size, args.seed)
-    router.save(out / "router")
     test_ex = R.oracle_examples(model, test_seqs, args.tau, args.kv_rule, args.kind, _bar("held-out labels", "seq"))
-    acc_train, acc_test = R.accuracy(router, ex), R.accuracy(router, test_ex)
+    acc_train, acc_test = None if ex is None else R.accuracy(router, ex), R.accuracy(router, test_ex)
     sequential = oracle.simulate(model, test_seqs, oracle.threshold(0.0), "fill", args.kind,
                                  _bar("sequential on test", "seq"))
     routed = oracle.simulate(model, test_seqs, RouterDecisions(router), args.kv_rule, args.kind,
@@ -527,10 +541,11 @@ def cmd_train_router(args):
         if k:
             runs[f"static: {statics.NAMES[kind]} {k} dropped"] = run
     own = oracle.agreement(runs["router"], args.tau)
-    print(f"\nrouter saved to {out / 'router'}.safetensors (+ .json)")
+    print(f"\nrouter {args.evaluate} evaluated" if args.evaluate else
+          f"\nrouter saved to {out / 'router'}.safetensors (+ .json)")
     print(format_router_report(acc_train, acc_test, own, runs, len(test_seqs), depth, at_depth))
     hists = {name: np.bincount(r.depth, minlength=n + 1) for name, r in runs.items()}
-    report = {"router": str(out / "router"), "config": cfg.__dict__, "accuracy_train": acc_train,
+    report = {"router": str(args.evaluate or out / "router"), "config": cfg.__dict__, "accuracy_train": acc_train,
               "accuracy_test": acc_test, "agreement_own_states": own, "at_router_depth": at_depth,
               "runs": {name: {"ppl": r.ppl, "mean_depth": float(r.depth.mean()), "min_depth": int(r.depth.min()),
                               "max_depth": int(r.depth.max()), "depth_hist": hists[name]}
@@ -544,8 +559,9 @@ def cmd_train_router(args):
     print(f"report in {out}/")
     if streamed:
         layer_major.clear(model.state_dir)
-        labels = (ex["x"].nbytes + test_ex["x"].nbytes) / 2**20
-        print(_memory_report([(model, max(train_seqs.size, test_seqs.size))], f", oracle labels {labels:,.1f} MiB"))
+        labels = ((0 if ex is None else ex["x"].nbytes) + test_ex["x"].nbytes) / 2**20
+        tokens = max(0 if train_seqs is None else train_seqs.size, test_seqs.size)
+        print(_memory_report([(model, tokens)], f", oracle labels {labels:,.1f} MiB"))
 
 
 def _oracle_around(model, seqs, args, depth, sequential, step=0.02, most=5):
@@ -565,9 +581,9 @@ def _oracle_around(model, seqs, args, depth, sequential, step=0.02, most=5):
 
 
 def format_router_report(acc_train, acc_test, own, runs, n_test, depth, at_depth):
-    lines = [f"accuracy against the oracle: decisions {acc_test['decision']:.1%} held-out "
-             f"({acc_train['decision']:.1%} train); whole routes {acc_test['route']:.1%}; EXIT {acc_test['exit']:.1%}, "
-             f"next block {acc_test['block']:.1%}",
+    train = "" if acc_train is None else f" ({acc_train['decision']:.1%} train)"
+    lines = [f"accuracy against the oracle: decisions {acc_test['decision']:.1%} held-out{train}; whole routes "
+             f"{acc_test['route']:.1%}; EXIT {acc_test['exit']:.1%}, next block {acc_test['block']:.1%}",
              "  (on the oracle's states: the router fed the oracle's routes, one decision at a time)",
              f"on the router's own states (its own routes, each decision against the oracle's rule on the state it "
              f"reached):\n  decisions {own['move']:.1%}; whole routes {own['route']:.1%}; keep/skip per block "
@@ -832,6 +848,9 @@ def build_parser():
     tr_.add_argument("--out", default=None,
                      help="folder for router.json/.safetensors, the report and plots (default: runs/router-tau<tau>)")
     tr_.add_argument("--overwrite", action="store_true", help="replace a router or report already in --out")
+    tr_.add_argument("--evaluate", default=None, metavar="ROUTER",
+                     help="train nothing: evaluate this router (a folder or .json/.safetensors pair) against the "
+                          "oracle of the tau and rule it records (default: train one)")
     add_stream_arg(tr_, "<out>/.stream/")
     tr_.set_defaults(func=cmd_train_router)
     return p

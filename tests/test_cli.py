@@ -450,6 +450,13 @@ def test_train_router_then_generate_with_it(capsys, tiny_random_opt, tmp_path):
     report = json.loads((router / "train_router.json").read_text())
     assert 0 <= report["accuracy_test"]["decision"] <= 1 and report["config"]["tau"] == tau
     assert set(report["runs"]) >= {"sequential", "router"} and report["runs"]["sequential"]["mean_depth"] == 4
+    own, at = report["agreement_own_states"], report["at_router_depth"]
+    assert 0 <= own["route"] <= own["move"] <= 1 and at["router"] == report["runs"]["router"]["ppl"]
+    code, out, err = call(capsys, *args[:-1], tmp_path / "e", "--evaluate", router)  # the same router, not retrained
+    assert code == 0 and f"router {router} evaluated" in out and "train)" not in out, err
+    again = json.loads((tmp_path / "e" / "train_router.json").read_text())
+    assert again["accuracy_test"] == report["accuracy_test"] and again["runs"] == report["runs"]
+    assert not (tmp_path / "e" / "router.json").exists()
     code, out, err = call(capsys, "generate", "The quick", "--model", model_dir, "--router", router, "--max-new-tokens", 6,
                           "--show-depth", "count")  # fmt: skip
     assert code == 0, err
