@@ -321,8 +321,7 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: 
                 except OSError as e:  # a full disk: the state saved so far is intact, a rerun repairs the log
                     why = e.strerror or e
                     raise RadialError(f"{log_path}: cannot write ({why}); free space and rerun to resume") from None
-                val = {k: v_ for k, v_ in record.items() if k.startswith("val_")}
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", **val)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", **{k: v_ for k, v_ in record.items() if k.startswith("val_")})
                 bar.update(1)
                 if step - last_save >= cfg.save_every or step == cfg.steps:
                     save_state(state_path, params, m, v, step)
