@@ -4,6 +4,7 @@ ratio fall as models grow, as the paper found for OPT-125M..66B?
     python tools/train_family.py                 # trains what is missing (resumable), then profiles and reports
     python tools/train_family.py --report-only   # profiles the exported models only
     python tools/train_family.py --seed 1        # a second seed: runs/family-seed1/ (weights not shipped)
+    python tools/train_family.py --seed 1 --sizes 64x2,128x3   # some sizes only
 
 Budget rule: every size gets the same 600 steps of 16 x 256 tokens (2.5M tokens) of the default corpus, with
 the same optimizer settings; only width, depth and heads change. Models go to weights/family/opt-<E>x<L>/
@@ -60,16 +61,21 @@ def main(argv=None):
                    help="profile and family.json (default: runs/family-profile, or runs/family-seed<N>/profile)")
     p.add_argument("--max-sequences", type=int, default=400, help="WikiText-2 test sequences to profile")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--sizes", default=",".join(name(E, L)[4:] for E, L, _ in SIZES),
+                   help="which sizes, as WIDTHxLAYERS (default: all four)")
     args = p.parse_args(argv)
+    sizes = [s for s in SIZES if name(s[0], s[1])[4:] in args.sizes.split(",")]
+    if not sizes:
+        p.error(f"--sizes {args.sizes}: none of {', '.join(name(E, L)[4:] for E, L, _ in SIZES)}")
     home = ROOT / "runs" / f"family-seed{args.seed}"
     runs = Path(args.runs or (ROOT / "runs" / "family" if args.seed == 0 else home / "runs"))
     weights = Path(args.weights or (ROOT / "weights" / "family" if args.seed == 0 else home / "weights"))
     args.profile_out = args.profile_out or str(ROOT / "runs" / "family-profile" if args.seed == 0 else home / "profile")
     folders = [weights / name(E, L) if args.report_only else train(E, L, H, runs, weights, args.seed)
-               for E, L, H in SIZES]
+               for E, L, H in sizes]
     summary = profile(folders, Path(args.profile_out), args.max_sequences)
     rows = []
-    for (E, L, H), folder in zip(SIZES, folders):
+    for (E, L, H), folder in zip(sizes, folders):
         s = summary[f"{folder.name}/prefill"]
         report = runs / folder.name / "report.json"
         rep = json.loads(report.read_text()) if report.is_file() else {}
