@@ -295,7 +295,7 @@ def cmd_profile(args):
     out = Path(args.out)
     models = args.model or [str(DEFAULT_MODEL)]
     _check_free(out, ["summary.json", "summary.csv"], args.overwrite)
-    hist, layer_summaries, csv_rows, report = {}, {}, [], {}
+    hist, layer_summaries, csv_rows, report, sizes = {}, {}, [], {}, {}
     streamed = []
     for source in models:
         model = _load_maybe_streamed(source, args.stream, None, out / ".stream-{}")
@@ -330,6 +330,9 @@ def cmd_profile(args):
             write_npz(out / f"ratios_{label}_{phase}.npz", ratios=ratios.astype("float32"), blocks=names)
         main_phase = next(iter(phases))
         hist[label], layer_summaries[label] = phases[main_phase], report[f"{label}/{main_phase}"]
+        medians = {k: s["median"] for k, s in [("overall", layer_summaries[label]["overall"]),
+                                                *layer_summaries[label]["types"].items()]}  # fmt: skip
+        sizes[label] = (model.n_params, medians)
         keep = phases[main_phase] >= args.tau  # each block judged on the sequential path, not the oracle's (`simulate`)
         plots.routing_trace(keep[: args.trace_tokens], names, out / f"routing_trace_{label}.png",
                             f"{label}, ratio >= {args.tau}")
@@ -339,11 +342,25 @@ def cmd_profile(args):
     write_csv(out / "summary.csv", csv_rows)
     made = [plots.ratio_histogram(hist, out / "ratio_hist.png", args.kind),
             plots.layer_profile(layer_summaries, out / "layer_profile.png")]
+    if len(sizes) > 1:  # the paper's curve: median ratio against parameters
+        print("\n" + format_sizes(sizes))
+        write_csv(out / "sizes.csv", [{"model": label, "parameters": p, **{f"median_{k}": v for k, v in m.items()}}
+                                      for label, (p, m) in sorted(sizes.items(), key=lambda kv: kv[1][0])])  # fmt: skip
+        made.append(plots.median_by_size(sizes, out / "median_by_size.png"))
     print(f"\nresults in {out}/" + ("" if all(made) else " (no plots: pip install matplotlib)"))
     for model, _ in streamed:
         layer_major.clear(model.state_dir)
     if streamed:
         print(_memory_report(streamed))
+
+
+def format_sizes(sizes):
+    """Median ratio per model, smallest first: {label: (parameters, {"overall", "att", "ffn": median})}."""
+    lines = [f"{'model':<24}{'parameters':>16}{'median':>8}{'att':>8}{'ffn':>8}"]
+    for label, (p, m) in sorted(sizes.items(), key=lambda kv: kv[1][0]):
+        lines.append(f"{label:<24}{p:>16,}{m['overall']:8.3f}{m.get('att', float('nan')):8.3f}"
+                     f"{m.get('ffn', float('nan')):8.3f}")
+    return "\n".join(lines)
 
 
 def _load_maybe_streamed(source, want_stream: bool, kind: str, state_dir: Path):

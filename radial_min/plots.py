@@ -69,6 +69,27 @@ def layer_profile(summaries: dict, path):
     return _save(fig, plt, path)
 
 
+def median_by_size(points: dict, path):
+    """The paper's curve: median residual ratio (attention, FFN, all blocks) against parameters, log scale.
+    `points`: label -> (parameters, {"overall": median, "att": median, "ffn": median})."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    order = sorted(points.items(), key=lambda kv: kv[1][0])
+    params = [p for _, (p, _) in order]
+    for key, style in (("overall", "-o"), ("att", "--s"), ("ffn", ":^")):
+        ax.plot(params, [m[key] for _, (_, m) in order], style, markersize=4, label=key if key != "overall" else "all")
+    for label, (p, m) in order:
+        ax.annotate(label, (p, m["overall"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("median residual ratio")
+    ax.set_title("Median residual ratio against model size")
+    ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
 def routing_trace(keep: np.ndarray, names: list, path, title: str = "Routing trace"):
     """Tokens x blocks: dark = executed, light = skipped."""
     plt = _pyplot()

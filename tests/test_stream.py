@@ -2,6 +2,7 @@
 files as the in-memory path on every fixture layout, each block read just before it runs and freed after, the LM
 head in pieces, resumption after an interruption, and one-line refusals for checkpoints that cannot be streamed."""
 import gc
+import json
 import shutil
 import sys
 import weakref
@@ -312,6 +313,26 @@ def test_cli_stream_writes_the_same_files(capsys, tmp_path, with_tokenizer, name
     if report:
         a, b = ((tmp_path / d / report).read_text() for d in ("memory", "st"))
         assert a.replace(str(tmp_path / "memory"), "") == b.replace(str(tmp_path / "st"), "")
+
+
+def test_profile_overlays_streamed_and_loaded_models_by_size(capsys, tmp_path, with_tokenizer):
+    """`profile --model A --model B --stream`: A streamed, B (not streamable) loaded whole; the same files as
+    without --stream, with the median-ratio-by-size table, CSV and plot."""
+    folders, text = with_tokenizer
+    models = ["--model", folders["opt-fp16-sharded"], "--model", folders["opt-bin-shared"]]
+    argv = ["profile", *models, "--text", text, *COMMANDS["profile"]]
+    assert run_cli(capsys, [*argv, "--out", tmp_path / "memory"])[0] == 0
+    code, out, err = run_cli(capsys, [*argv, "--out", tmp_path / "st", "--stream"])
+    assert code == 0 and "opt-fp16-sharded: streaming weights" in err and "not streaming (" in err
+    names = assert_same_files(tmp_path / "memory", tmp_path / "st")
+    assert {"sizes.csv", "median_by_size.png", "ratio_hist.png"} <= set(names)
+    rows = (tmp_path / "st" / "sizes.csv").read_text().splitlines()
+    summary = json.loads((tmp_path / "st" / "summary.json").read_text())
+    for row in rows[1:]:
+        label, params, median = row.split(",")[:3]
+        assert int(params) == radial_min.load(folders[label]).n_params
+        assert float(median) == summary[f"{label}/prefill"]["overall"]["median"]
+    assert "median     att     ffn" in out
 
 
 def test_interrupted_simulate_command_resumes_with_the_same_files(capsys, tmp_path, with_tokenizer, monkeypatch):
