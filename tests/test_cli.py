@@ -88,11 +88,13 @@ def tiny_random_opt(tmp_path_factory):
     shared("opt-tokenizer", "vocab.json")
     base = tmp_path_factory.mktemp("random-opt")
     out = base / "rnd"
-    p = subprocess.run([sys.executable, str(ROOT / "tools" / "make_random_opt.py"), "--layers", "2", "--hidden", "32", "--heads", "2",
-                        "--max-positions", "128", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    make = [sys.executable, str(ROOT / "tools" / "make_random_opt.py"), "--layers", "2", "--hidden", "32",
+            "--heads", "2", "--max-positions", "128", "--out", str(out)]
+    p = subprocess.run(make, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     text = base / "text.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 20 + "Naïve café — 日本語.\n" * 5, encoding="utf-8")
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20 + "Naïve café — 日本語.\n" * 5,
+                    encoding="utf-8")
     return out, text
 
 
@@ -125,21 +127,25 @@ def test_generate_sampling_streamed_equals_quiet(capsys, opt_with_tokenizer):
     printed in the end is exactly the --quiet text, also when the last token leaves a character incomplete."""
     ends_split = 0
     for seed in range(4):
-        args = ["generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 30, "--temperature", 3.0, "--seed", seed,
-                "--repetition-penalty", 1]  # fmt: skip
+        args = ["generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 30, "--temperature", 3.0,
+                "--seed", seed, "--repetition-penalty", 1]
         code, streamed, _ = call(capsys, *args)
         assert code == 0
         code, quiet, _ = call(capsys, *args, "--quiet")
         assert code == 0
         assert streamed == PROMPT + quiet, seed
-        assert quiet == expected_generation(opt_with_tokenizer, PROMPT, 30, temperature=3.0, seed=seed, repetition_penalty=1.0) + "\n"
+        expected = expected_generation(opt_with_tokenizer, PROMPT, 30, temperature=3.0, seed=seed,
+                                       repetition_penalty=1.0)
+        assert quiet == expected + "\n"
         ends_split += quiet.endswith("\ufffd\n")
     assert ends_split >= 1  # the case that needs Streamer.finish() did come up
 
 
 def test_generate_repetition_penalty_option(capsys, opt_with_tokenizer):
-    code, out, _ = call(capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 12, "--repetition-penalty", 1)
-    assert code == 0 and out == PROMPT + expected_generation(opt_with_tokenizer, PROMPT, 12, repetition_penalty=1.0) + "\n"
+    code, out, _ = call(capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 12,
+                        "--repetition-penalty", 1)
+    expected = expected_generation(opt_with_tokenizer, PROMPT, 12, repetition_penalty=1.0)
+    assert code == 0 and out == PROMPT + expected + "\n"
     code, _, err = call(capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "--repetition-penalty", 0)
     assert code == 2 and err.startswith("error:") and "repetition_penalty" in err
 
@@ -288,17 +294,24 @@ def bad_inputs(tmp_path, corrupt, good_opt):
         "missing model folder": (["generate", "Hi", "--model", missing], f"{missing}: no such checkpoint folder"),
         "corrupt checkpoint": (["info", "--model", corrupt], "truncated"),
         "corrupt checkpoint, generate": (["generate", "--model", corrupt], "truncated"),
-        "negative max-new-tokens": (["generate", "Hi", "--model", good_opt, "--max-new-tokens", "-1"], "max_new_tokens must be >= 0"),
+        "negative max-new-tokens": (["generate", "Hi", "--model", good_opt, "--max-new-tokens", "-1"],
+                                    "max_new_tokens must be >= 0"),
         "top-p 2": (["generate", "Hi", "--model", good_opt, "--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
-        "negative temperature": (["generate", "Hi", "--model", good_opt, "--temperature", "-1"], "temperature must be >= 0"),
+        "negative temperature": (["generate", "Hi", "--model", good_opt, "--temperature", "-1"],
+                                 "temperature must be >= 0"),
         "top-k 0": (["generate", "Hi", "--model", good_opt, "--top-k", "0"], "top_k must be >= 1"),
-        "image does not exist": (["classify", tmp_path / "nope.jpg", "--model", FIXTURES / "vit-cls"], "no such image file or folder"),
-        "classify an OPT": (["classify", FIXTURES / "vit-cls", "--model", FIXTURES / "opt-pre"], "is an opt checkpoint, this command needs vit"),
-        "generate with a ViT": (["generate", "--model", FIXTURES / "vit-cls"], "is a vit checkpoint, this command needs opt or llama or qwen2"),
+        "image does not exist": (["classify", tmp_path / "nope.jpg", "--model", FIXTURES / "vit-cls"],
+                                 "no such image file or folder"),
+        "classify an OPT": (["classify", FIXTURES / "vit-cls", "--model", FIXTURES / "opt-pre"],
+                            "is an opt checkpoint, this command needs vit"),
+        "generate with a ViT": (["generate", "--model", FIXTURES / "vit-cls"],
+                                "is a vit checkpoint, this command needs opt or llama or qwen2"),
         "model without tokenizer": (["generate", "--model", FIXTURES / "opt-pre"], "no tokenizer"),
         "a file as model": (["info", "--model", FIXTURES / "opt-pre" / "config.json"], "is a file"),
-        "not an image": (["classify", FIXTURES / "vit-cls" / "config.json", "--model", FIXTURES / "vit-cls"], "not a readable image"),
-        "top -2": (["classify", FIXTURES / "vit-cls", "--model", FIXTURES / "vit-cls", "--top", "-2"], "--top must be >= 1, got -2"),
+        "not an image": (["classify", FIXTURES / "vit-cls" / "config.json", "--model", FIXTURES / "vit-cls"],
+                         "not a readable image"),
+        "top -2": (["classify", FIXTURES / "vit-cls", "--model", FIXTURES / "vit-cls", "--top", "-2"],
+                   "--top must be >= 1, got -2"),
     }
 
 
@@ -325,7 +338,8 @@ def test_bad_inputs_as_a_subprocess(tmp_path, corrupt_checkpoint, opt_with_token
 def test_profile_end_to_end(capsys, tiny_random_opt, tmp_path):
     model_dir, text = tiny_random_opt
     out = tmp_path / "profile"
-    code, stdout, err = call(capsys, "profile", "--model", model_dir, "--text", text, "--seq-len", 32, "--max-sequences", 2, "--out", out)
+    code, stdout, err = call(capsys, "profile", "--model", model_dir, "--text", text, "--seq-len", 32,
+                             "--max-sequences", 2, "--out", out)
     assert code == 0, err
     assert f"results in {out}/" in stdout
     label = model_dir.name
@@ -340,7 +354,8 @@ def test_profile_end_to_end(capsys, tiny_random_opt, tmp_path):
     assert ratios["ratios"].shape == (2 * 32, 4) and list(ratios["blocks"]) == ["L0.att", "L0.ffn", "L1.att", "L1.ffn"]
     summary = json.loads((out / "summary.json").read_text())
     s = summary[f"{label}/prefill"]
-    medians = [b["median"] for b in s["blocks"].values()] + [t["median"] for t in s["types"].values()] + [s["overall"]["median"]]
+    medians = ([b["median"] for b in s["blocks"].values()] + [t["median"] for t in s["types"].values()]
+               + [s["overall"]["median"]])
     assert len(s["blocks"]) == 4 and all(math.isfinite(m) and m > 0 for m in medians)
     assert s["overall"]["median"] == pytest.approx(float(np.median(ratios["ratios"])), rel=1e-5)
     assert s["blocks"]["L1.ffn"]["median"] == pytest.approx(float(np.median(ratios["ratios"][:, 3])), rel=1e-5)
@@ -351,7 +366,8 @@ def test_profile_end_to_end(capsys, tiny_random_opt, tmp_path):
 def test_simulate_end_to_end(capsys, tiny_random_opt, tmp_path):
     model_dir, text = tiny_random_opt
     out = tmp_path / "simulate"
-    args = ["simulate", "--model", model_dir, "--text", text, "--seq-len", 32, "--max-sequences", 2, "--taus", "0,0.5", "--out", out]
+    args = ["simulate", "--model", model_dir, "--text", text, "--seq-len", 32, "--max-sequences", 2, "--taus", "0,0.5",
+            "--out", out]
     code, stdout, err = call(capsys, *args)
     assert code == 0, err
     for name in ["simulate.json", "simulate.csv"]:
@@ -402,19 +418,23 @@ def test_profile_text_too_short(capsys, tiny_random_opt, tmp_path):
     model_dir, _ = tiny_random_opt
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    code, _, err = call(capsys, "profile", "--model", model_dir, "--text", short, "--seq-len", 32, "--out", tmp_path / "p")
+    code, _, err = call(capsys, "profile", "--model", model_dir, "--text", short, "--seq-len", 32,
+                        "--out", tmp_path / "p")
     assert_one_line_error(code, err)
     assert "fewer than one sequence of 32" in err
-    code, _, err = call(capsys, "profile", "--model", model_dir, "--text", tmp_path / "missing.txt", "--seq-len", 32, "--out", tmp_path / "p")
+    code, _, err = call(capsys, "profile", "--model", model_dir, "--text", tmp_path / "missing.txt", "--seq-len", 32,
+                        "--out", tmp_path / "p")
     assert_one_line_error(code, err)
     assert "no such text file" in err
 
 
-@pytest.mark.parametrize("option,value", [("--seq-len", 0), ("--seq-len", -4), ("--max-sequences", 0), ("--max-sequences", -1)])
+@pytest.mark.parametrize("option,value",
+                         [("--seq-len", 0), ("--seq-len", -4), ("--max-sequences", 0), ("--max-sequences", -1)])
 def test_profile_refuses_empty_packing(capsys, tiny_random_opt, tmp_path, option, value):
     model_dir, text = tiny_random_opt
     args = {"--seq-len": 16, "--max-sequences": 2, option: value}
-    code, _, err = call(capsys, "profile", "--model", model_dir, "--text", text, *[x for kv in args.items() for x in kv], "--out", tmp_path)
+    options = [x for kv in args.items() for x in kv]
+    code, _, err = call(capsys, "profile", "--model", model_dir, "--text", text, *options, "--out", tmp_path)
     assert_one_line_error(code, err)
     assert f"argument {option}: expected an integer >= 1, got {value}" in err
     assert not (tmp_path / "summary.json").exists()
@@ -425,7 +445,8 @@ def test_profile_without_matplotlib_still_prints_and_saves_tables(capsys, tiny_r
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     model_dir, text = tiny_random_opt
     out = tmp_path / "profile"
-    code, stdout, err = call(capsys, "profile", "--model", model_dir, "--text", text, "--seq-len", 32, "--max-sequences", 2, "--out", out)
+    code, stdout, err = call(capsys, "profile", "--model", model_dir, "--text", text, "--seq-len", 32,
+                             "--max-sequences", 2, "--out", out)
     assert code == 0, err
     assert "overall median" in stdout and "no plots: pip install matplotlib" in stdout
     assert (out / "summary.json").is_file() and (out / "summary.csv").is_file()
@@ -457,8 +478,8 @@ def test_train_router_then_generate_with_it(capsys, tiny_random_opt, tmp_path):
     again = json.loads((tmp_path / "e" / "train_router.json").read_text())
     assert again["accuracy_test"] == report["accuracy_test"] and again["runs"] == report["runs"]
     assert not (tmp_path / "e" / "router.json").exists()
-    code, out, err = call(capsys, "generate", "The quick", "--model", model_dir, "--router", router, "--max-new-tokens", 6,
-                          "--show-depth", "count")  # fmt: skip
+    code, out, err = call(capsys, "generate", "The quick", "--model", model_dir, "--router", router,
+                          "--max-new-tokens", 6, "--show-depth", "count")
     assert code == 0, err
     depths = [int(d.translate(str.maketrans("₀₁₂₃₄₅₆₇₈₉", "0123456789"))) for d in re.findall("[₀-₉]+", out)]
     assert 1 <= len(depths) <= 6 and all(0 <= d <= 4 for d in depths)
@@ -474,20 +495,23 @@ def test_train_router_then_generate_with_it(capsys, tiny_random_opt, tmp_path):
 
 def profile_ratios(capsys, model_dir, text, tmp_path):
     out = tmp_path / "prof"
-    assert call(capsys, "profile", "--model", model_dir, "--text", text, "--seq-len", 32, "--max-sequences", 2, "--out", out)[0] == 0
+    assert call(capsys, "profile", "--model", model_dir, "--text", text, "--seq-len", 32, "--max-sequences", 2,
+                "--out", out)[0] == 0
     return out / f"ratios_{model_dir.name}_prefill.npz"
 
 
 def test_router_for_another_model_is_refused(capsys, tiny_random_opt):
     model_dir, _ = tiny_random_opt
-    code, _, err = call(capsys, "generate", "x", "--model", model_dir, "--router", ROOT / "weights" / "opt-kjv-wiki" / "router-tau0.2")
+    shipped = ROOT / "weights" / "opt-kjv-wiki" / "router-tau0.2"
+    code, _, err = call(capsys, "generate", "x", "--model", model_dir, "--router", shipped)
     assert_one_line_error(code, err)
     assert "routes 12 blocks of width 256, but the model has 4 blocks of width 32" in err
 
 
-@pytest.mark.parametrize("args,fragment", [(["profile", "--generate", "1"], "--generate"),
-                                           (["simulate", "--seq-len", "300", "--max-sequences", "1"], "exceeds the model's max_position_embeddings"),
-                                           (["train", "--eval-every", "0"], "--eval-every")])  # fmt: skip
+@pytest.mark.parametrize("args,fragment", [
+    (["profile", "--generate", "1"], "--generate"),
+    (["simulate", "--seq-len", "300", "--max-sequences", "1"], "exceeds the model's max_position_embeddings"),
+    (["train", "--eval-every", "0"], "--eval-every")])
 def test_more_bad_inputs(capsys, tmp_path, args, fragment):
     code, _, err = call(capsys, *args, "--out", tmp_path / "o")
     assert_one_line_error(code, err)
