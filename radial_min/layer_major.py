@@ -24,7 +24,6 @@ from .profiling import block_ratio
 from .stream import StreamedModel, available_bytes, drop_pages
 
 
-
 class _Pass:
     """What one layer-major pass does besides carrying the hidden states. `arrays` (name -> array) is everything it
     records, checkpointed with the states after each block; `key` names the pass's settings for its checkpoint."""
@@ -249,8 +248,8 @@ def clear(state_dir) -> None:
 
 
 def _fingerprint(model, sequences, what) -> str:
-    """A name for one pass: the model, the sequences and everything that decides what the pass computes."""
-    h = hashlib.sha256(str(model.path.resolve()).encode())
+    """A name for one pass: the model's files, the sequences and everything that decides what the pass computes."""
+    h = hashlib.sha256(str(model.path.resolve()).encode() + model.signature().encode())
     h.update(np.ascontiguousarray(sequences, np.int64).tobytes())
     _digest(h, what, 0)
     return h.hexdigest()[:16]

@@ -83,7 +83,7 @@ class _FileRows:
 
 class _GGUFRows:
     """A [V, P] GGUF tensor (quantized or not): rows dequantized when read. GGUF files are memory-mapped, so the
-    pages read are handed back to the kernel afterwards (`release`), as after each block."""
+    pages read are handed back afterwards (`_release_mapped`), as after each block."""
 
     def __init__(self, store: GGUFStore, name: str):
         self.store, self.t, self.shape = store, store.tensors[name], store.shape(name)
@@ -131,7 +131,7 @@ class StreamedModel:
     `scratch_limit`: hidden states larger than this many bytes go to a memory-mapped file (default: a quarter of
     the memory available)."""
 
-    layer_major = True  # profiling.profile_text, oracle.simulate and router.oracle_examples hand it to this module
+    layer_major = True  # profiling.profile_text, oracle.simulate and router.oracle_examples hand it to layer_major.py
 
     def __init__(self, source, state_dir=None, progress=None, scratch_limit: int | None = None):
         from .loading import open_checkpoint_folder, read_checked
@@ -227,6 +227,13 @@ class StreamedModel:
             if not np.isfinite(rows.rows(lo, hi)).all():
                 raise CheckpointError(f"{self.store.description}: tensor {quote(theirs)} has NaN or infinite values")
         return rows
+
+    def signature(self) -> str:
+        """The weight files as they are now (name, size, modification time): a checkpoint of a pass over other
+        weights is never resumed."""
+        files = getattr(self.store, "files", None)
+        paths = [f.path for f in files.values()] if files is not None else [self.path]
+        return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths)
 
     def block_bytes(self, b: int) -> int:
         """Block b's weights as float32 in memory."""

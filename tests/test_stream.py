@@ -3,6 +3,7 @@ files as the in-memory path on every fixture layout, each block read just before
 head in pieces, resumption after an interruption, and one-line refusals for checkpoints that cannot be streamed."""
 import gc
 import json
+import os
 import shutil
 import sys
 import weakref
@@ -151,6 +152,21 @@ def test_interrupted_profile_resumes_and_clear_leaves_nothing(tmp_path):
     assert ran == list(range(2, len(model.blocks)))
     layer_major.clear(tmp_path / "state")
     assert not (tmp_path / "state").exists()
+
+
+def test_a_checkpoint_of_other_weights_is_not_resumed(tmp_path):
+    folder = tmp_path / "opt-pre"
+    shutil.copytree(FIXTURES / "opt-pre", folder)
+    model = stream.StreamedModel(folder, state_dir=tmp_path / "state")
+    model.progress = interrupt_at(2)
+    with pytest.raises(KeyboardInterrupt):
+        layer_major.profile_text(model, SEQS)
+    weights = folder / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # the file was replaced
+    model = stream.StreamedModel(folder, state_dir=tmp_path / "state")
+    ran = run_again(model)
+    layer_major.profile_text(model, SEQS)
+    assert ran == list(range(len(model.blocks)))  # started over
 
 
 def test_interrupted_router_decisions_and_labels_resume(tmp_path):
