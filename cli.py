@@ -47,9 +47,9 @@ def cmd_generate(args):
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     except SettingError as e:  # "top_k must be >= 1, ..." names the API's argument: name the option too
         raise RadialError(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
-    _warn_without_effect(args)
     prompt = _utf8(args.prompt, "the prompt")
     model = _load(args.model, "lm", args.weights_dtype)
+    _warn_without_effect(args, co_trained=isinstance(model, RadialNetwork))
     tok = radial_min.Tokenizer(model.path)
     ids = _check_vocab(tok.encode(prompt), model, tok.source)
     context = model.config.max_position_embeddings
@@ -60,7 +60,8 @@ def cmd_generate(args):
     if args.max_new_tokens > room:
         _warn(f"--max-new-tokens {args.max_new_tokens}: the model's context of {model.config.max_position_embeddings} "
               f"tokens leaves room for {max(0, room)} after the {len(ids)}-token prompt; generation stops there")
-    runner = model if args.router is None else _radial_network(model, args)
+    runner = _radial_network(model, args) if args.router is not None or isinstance(model, RadialNetwork) else model
+    routed = isinstance(runner, RadialNetwork)
     pending = [] if args.quiet else [prompt]  # echoed with the first new text, after any compile notice
 
     def write(text):
@@ -68,7 +69,7 @@ def cmd_generate(args):
         sys.stdout.flush()
 
     stream = streamer = Streamer(tok, write)
-    if args.router is not None and not args.quiet:
+    if routed and not args.quiet:
         stream = _depth_streamer(stream, runner, args.show_depth, write)
     t0 = time.perf_counter()
     new = radial_min.generate(runner, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
@@ -82,16 +83,16 @@ def cmd_generate(args):
     if args.stats:
         print(f"[{_count(len(ids), 'prompt token')} + {_count(len(new), 'new token')} in {dt:.2f} s, "
               f"{len(new) / dt:.1f} tokens/s]", file=sys.stderr)
-    if args.router is not None:
+    if routed:
         sys.stdout.flush()
         print(format_routing(runner, len(ids)), file=sys.stderr)
 
 
-def _warn_without_effect(args):
+def _warn_without_effect(args, co_trained=False):
     """Options that would silently do nothing, named (as transformers warns about unused generation flags)."""
     if args.temperature <= 0 and (args.top_k is not None or args.top_p is not None):
         _warn("--top-k/--top-p have no effect at --temperature 0 (greedy decoding); set --temperature > 0 to sample")
-    if args.router is None:
+    if args.router is None and not co_trained:
         unused = [f"--{k.replace('_', '-')}" for k in ("max_depth", "cache_policy", "step_encoding_scale", "show_depth")
                   if getattr(args, k) is not None]
         if unused:
@@ -99,6 +100,20 @@ def _warn_without_effect(args):
 
 
 def _radial_network(model, args):
+    """The routed network: a co-trained one as loaded (--max-depth and --cache-policy change it), or the model
+    with a distilled --router."""
+    if isinstance(model, RadialNetwork):
+        if args.router is not None:
+            raise RadialError(f"--router {args.router}: {args.model} was trained with its own router (radial.json)")
+        if args.cache_policy is not None and args.cache_policy != model.cache_policy:
+            _warn(f"--cache-policy {args.cache_policy}: {args.model} was trained with {model.cache_policy}, so its "
+                  "queries never learned to read another policy's keys")  # fmt: skip
+            model.cache_policy = args.cache_policy
+        if args.step_encoding_scale is not None:
+            model.step_encoding_scale = args.step_encoding_scale
+        if args.max_depth is not None:
+            model.max_depth = min(model.max_depth, args.max_depth)
+        return model
     router = _load_router(model, args.router, "--router")
     scale = 1.0 if args.step_encoding_scale is None else args.step_encoding_scale
     return RadialNetwork(model, router, args.max_depth, args.cache_policy or POLICIES[0], scale)
@@ -196,6 +211,12 @@ def format_info(model):
         lines += [f"width       hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}, heads {cfg.num_attention_heads}",
                   f"image       {cfg.image_size}px, patch {cfg.patch_size}, {cfg.num_patches} patches, "
                   f"labels {cfg.num_labels}"]
+    if isinstance(model, RadialNetwork):  # co-trained: its router and routing settings
+        rc = model.router.config
+        lines += [f"routing     co-trained router ({rc.hidden} hidden units), {'forward only' if rc.forward_only else 'any order, blocks reusable'}, "
+                  f"max depth {model.max_depth}",
+                  f"KV cache    unified, {model.cache_policy} policy"
+                  + (f", step encodings x{model.step_encoding_scale:g}" if model.cache_policy == "global" else "")]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -208,7 +229,7 @@ def cmd_train(args):
                          ffn_dim=args.ffn_dim or 4 * args.hidden_size, seq_len=args.seq_len,
                          batch_size=args.batch_size, steps=args.steps, lr=args.lr, warmup=args.warmup,
                          weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
-                         save_every=args.save_every, seed=args.seed)
+                         save_every=args.save_every, seed=args.seed, **_radial_settings(args))
     check_train_settings(cfg)
     done = _saved_step(Path(cfg.out) / "state.safetensors")
     if args.export and not args.overwrite and _nonempty(args.export):
@@ -233,12 +254,31 @@ def cmd_train(args):
     log = [json.loads(line) for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines() if line.strip()]
     plots.training_curve(log, Path(cfg.out) / "loss.png")
     if args.export:
-        tr.export_checkpoint(params, cfg.model_config(), cfg.out, args.export, args.dtype)
+        tr.export_checkpoint(params, cfg.model_config(), cfg.out, args.export, args.dtype, cfg.radial_config(),
+                             overwrite=args.overwrite)  # fmt: skip
         print(f"exported {args.export}; validation perplexity on the full held-out streams ...", file=sys.stderr)
         with progress.Bar(0, "evaluate", "seq", leave=False) as bar:
-            rep = tr.report(radial_min.load(args.export), train_ids, val_streams, cfg.seq_len, bar)
+            rep = tr.report(args.export, train_ids, val_streams, cfg.seq_len, bar)
         write_json(Path(cfg.out) / "report.json", rep)
         print(format_train_report(rep))
+
+
+_RADIAL_OPTIONS = ("max_depth", "forward_only", "cache_policy", "step_encoding_scale", "target_depth", "cost",
+                   "router_hidden", "in_order", "router_warmup")  # fmt: skip
+
+
+def _radial_settings(args) -> dict:
+    """`train --radial`'s routing options as TrainConfig fields; without --radial, naming any that was given."""
+    given = {k: getattr(args, k) for k in _RADIAL_OPTIONS if getattr(args, k) not in (None, False)}
+    if not args.radial:
+        if given:
+            raise RadialError(f"{', '.join('--' + k.replace('_', '-') for k in given)}: routing options need --radial")
+        return {}
+    if args.target_depth is not None and args.cost is not None:
+        raise RadialError("--target-depth and --cost: give one (the target sets the cost as training goes)")
+    if args.target_depth is None and args.cost is None:
+        raise RadialError("--radial needs a compute budget: --target-depth BLOCKS (blocks per token) or --cost C")
+    return {"radial": True, **given}
 
 
 def check_train_settings(cfg):
@@ -262,6 +302,22 @@ def check_train_settings(cfg):
             problems.append(f"{name} must be a finite number >= 0, got {value}")
     if cfg.lr == 0:
         problems.append("--lr must be > 0")
+    if cfg.radial:
+        n = 2 * cfg.num_hidden_layers
+        depth = n if cfg.max_depth is None else cfg.max_depth
+        if cfg.forward_only and depth > n:
+            problems.append(f"--max-depth {depth}: a --forward-only network runs each of its {n} blocks at most once")
+        elif depth > R.MAX_PASSES * n:
+            problems.append(f"--max-depth {depth}: at most {R.MAX_PASSES} passes over the {n} blocks")
+        if cfg.target_depth is not None and not 0 < cfg.target_depth <= depth:
+            problems.append(f"--target-depth {cfg.target_depth}: expected blocks per token in (0, {depth}]")
+        if not (cfg.cost >= 0 and np.isfinite(cfg.cost)):
+            problems.append(f"--cost must be a finite number >= 0, got {cfg.cost}")
+        if cfg.in_order and cfg.router_hidden < n + 1:
+            problems.append(f"--router-hidden {cfg.router_hidden}: routing {n} blocks in order needs >= {n + 1} "
+                            "(or --in-order 0)")  # fmt: skip
+        if not (0 <= cfg.step_encoding_scale < 1e3):
+            problems.append(f"--step-encoding-scale must be in [0, 1000), got {cfg.step_encoding_scale}")
     if problems:
         raise RadialError("; ".join(problems))
 
@@ -282,9 +338,11 @@ def _saved_step(state_path):
 
 
 def format_train_report(rep):
-    lines = [f"{'split':<8}{'tokens':>10}{'model':>10}{'unigram':>10}{'bigram':>10}"]
+    routed = any("blocks" in r for r in rep.values())  # a Radial Network: its blocks per token too
+    lines = [f"{'split':<8}{'tokens':>10}{'model':>10}{'unigram':>10}{'bigram':>10}" + (f"{'blocks':>10}" if routed else "")]
     for name, r in rep.items():
-        lines.append(f"{name:<8}{r['tokens']:>10,}{r['model']:10.2f}{r['unigram']:10.2f}{r['bigram']:10.2f}")
+        lines.append(f"{name:<8}{r['tokens']:>10,}{r['model']:10.2f}{r['unigram']:10.2f}{r['bigram']:10.2f}"
+                     + (f"{r['blocks']:10.2f}" if routed else ""))  # fmt: skip
     return "\n".join(lines)
 
 
@@ -777,6 +835,28 @@ def build_parser():
     t.add_argument("--save-every", type=_positive_int, default=50,
                    help="steps between checkpoints (default: %(default)s)")
     t.add_argument("--seed", type=_nonneg_int, default=0, help="seed for init and batches (default: %(default)s)")
+    rad = t.add_argument_group("a Radial Network trained from scratch with its router (--radial; docs/cotraining.md)")
+    rad.add_argument("--radial", action="store_true",
+                     help="train the router with the blocks; the export then routes by default (default: off)")
+    rad.add_argument("--target-depth", type=float, default=None,
+                     help="compute budget: the blocks per token the compute term steers to (default: none)")
+    rad.add_argument("--cost", type=float, default=None,
+                     help="compute budget instead: a fixed loss per expected block run (default: none)")
+    rad.add_argument("--max-depth", type=_positive_int, default=None,
+                     help="most blocks a token may run, > 2 x --layers to reuse blocks more (default: 2 x --layers)")
+    rad.add_argument("--forward-only", action="store_true",
+                     help="blocks in order, each at most once (default: any order, blocks may be reused)")
+    rad.add_argument("--cache-policy", choices=POLICIES, default=None,
+                     help="what attention reads in the unified KV cache (default: global)")
+    rad.add_argument("--step-encoding-scale", type=float, default=None,
+                     help="global policy: scale of the step encodings added to queries and keys (default: 1.0)")
+    rad.add_argument("--router-hidden", type=_positive_int, default=None,
+                     help="router hidden units, > 2 x --layers (default: 16)")
+    rad.add_argument("--in-order", type=float, default=None,
+                     help="the router starts routing the blocks in order with this logit margin, and learns from "
+                          "there; 0 = random routes (default: 6)")
+    rad.add_argument("--router-warmup", type=_nonneg_int, default=None,
+                     help="first steps in which only the blocks learn, the router waits (default: 100)")
     t.set_defaults(func=cmd_train)
 
     def add_text_args(q, max_sequences):

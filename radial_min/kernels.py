@@ -61,6 +61,32 @@ def on_first_compile(callback):
         event.unregister("numba:compile", listener)
 
 
+# Training kernels must give the same bits on every run, or a resumed run drifts from an uninterrupted one. With
+# fast-math's "reassoc" (and "contract"), LLVM may vectorize a loop or not depending on a run-time check of the
+# arrays' addresses, and the two paths sum in different orders. So training kernels leave both out, and write
+# their dot products as `dot8`: eight partial sums in a fixed order, which vectorize without reassociation.
+TRAINING_FASTMATH = {"nnan", "ninf", "nsz", "arcp"}
+
+
+@njit(fastmath=TRAINING_FASTMATH, inline="always")
+def dot8(a, b):  # [n], [n] -> sum of a * b, in the same order on every run
+    n8 = a.size - a.size % 8
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = a[0] * 0
+    for d in range(0, n8, 8):
+        s0 += a[d] * b[d]
+        s1 += a[d + 1] * b[d + 1]
+        s2 += a[d + 2] * b[d + 2]
+        s3 += a[d + 3] * b[d + 3]
+        s4 += a[d + 4] * b[d + 4]
+        s5 += a[d + 5] * b[d + 5]
+        s6 += a[d + 6] * b[d + 6]
+        s7 += a[d + 7] * b[d + 7]
+    total = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    for d in range(n8, a.size):
+        total += a[d] * b[d]
+    return total
+
+
 # Small work runs on one thread. Waking Numba's pool costs microseconds on an idle machine but milliseconds on a
 # busy one (each parallel call waits until both threads get a core). Measured on this machine under a load
 # average of ~14: a [256] x [1024, 256] matvec took 2.5 ms with the pool against 55 us without it, the shipped
@@ -242,9 +268,9 @@ def linear(x, w, b=None):
 def normalize(x, eps):
     """Rows to zero mean and unit (population) variance, and 1/std: the one NumPy definition of the layer norm,
     shared by layernorm_ref, the trainer (backprop.layernorm_forward) and the router's features."""
-    mean = x.mean(-1, keepdims=True)
-    rstd = 1.0 / np.sqrt(x.var(-1, keepdims=True) + eps)
-    return (x - mean) * rstd, rstd  # [..., E], [..., 1]
+    centred = x - x.mean(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt((centred * centred).mean(-1, keepdims=True) + eps)  # what x.var computes, in fewer calls
+    return centred * rstd, rstd  # [..., E], [..., 1]
 
 
 def layernorm_ref(x, w, b, eps):
@@ -438,6 +464,14 @@ def softmax(x):
 # ------------------------------------------------------------------------------------------------- attention
 
 
+def attention_weights(q, k, visible=True):
+    """softmax(q k^T / sqrt(D)) over the keys each query may see: the one NumPy definition of attention, shared
+    by `attention_ref` and the trainers (backprop.py). [..., Tq, D], [..., Tk, D], visible [..., Tq, Tk] bool
+    (broadcast; every query must see a key) -> [..., Tq, Tk]."""
+    scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])  # a Python float keeps float32 float32
+    return softmax_ref(np.where(visible, scores, -np.inf))
+
+
 def attention_ref(q, k, v, n_head, q_pos=None, k_pos=None, n_kv_head=None):
     """Multi-head attention; with positions, a query sees only keys at positions <= its own (causal).
     Grouped-query: n_kv_head key/value heads, each shared by n_head // n_kv_head query heads."""
@@ -447,10 +481,8 @@ def attention_ref(q, k, v, n_head, q_pos=None, k_pos=None, n_kv_head=None):
     qh = q.reshape(T, n_head, D).transpose(1, 0, 2)  # [T, E] -> [H, T, D]
     kh = np.repeat(k.reshape(len(k), -1, D).transpose(1, 0, 2), group, axis=0)  # [N, Hkv*D] -> [H, N, D]
     vh = np.repeat(v.reshape(len(v), -1, D).transpose(1, 0, 2), group, axis=0)
-    scores = qh @ kh.transpose(0, 2, 1) / np.sqrt(D)  # [H, T, N]
-    if q_pos is not None:
-        scores = np.where(k_pos[None, None, :] > q_pos[None, :, None], -np.inf, scores)
-    out = softmax_ref(scores) @ vh  # [H, T, D]
+    visible = True if q_pos is None else k_pos[None, None, :] <= q_pos[None, :, None]  # [1, T, N]
+    out = attention_weights(qh, kh, visible) @ vh  # [H, T, D]
     return out.transpose(1, 0, 2).reshape(T, E).astype(np.float32)
 
 

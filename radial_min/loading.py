@@ -15,12 +15,15 @@ from .config import read_config
 from .errors import CheckpointError, SettingError
 from .gguf_file import is_gguf, load_gguf
 from .hub import resolve
+from .radial import RADIAL_CONFIG, load_radial
 
 ARCHITECTURES = {"opt": (opt, opt.OPT), "vit": (vit, vit.ViT), "llama": (llama, llama.Llama), "qwen2": (llama, llama.Llama)}
 
 
 def load(source, *, weights_dtype: str = "float32"):
     """Load a model from a local folder (config.json + weights), a .gguf file, or a Hub id such as "facebook/opt-125m".
+    A folder with a radial.json (a network trained with its router, `cli.py train --radial`) loads as the routed
+    `RadialNetwork`.
 
     `weights_dtype` "float16" or "bfloat16" keeps the weight matrices in half precision in memory (half the
     memory; decode ~1.5x faster at OPT-125M), "int8" in 8 bits with a float32 scale per row (a quarter; see
@@ -39,6 +42,8 @@ def load(source, *, weights_dtype: str = "float32"):
     model.path = Path(folder)
     model.dtypes_on_disk = Counter(store.dtype(theirs) for theirs in names.values())
     model.n_params, model.weights_dtype = n_params, weights_dtype
+    if (Path(folder) / RADIAL_CONFIG).is_file():  # a network co-trained with its router: routed by default
+        return load_radial(model, folder)
     return model
 
 

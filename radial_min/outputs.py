@@ -5,6 +5,8 @@ import io
 import json
 import math
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,27 @@ def read_json(path, error=RadialError, what: str = "a JSON object") -> dict:
     if not isinstance(d, dict):
         raise error(f"{path}: expected {what}, got {type(d).__name__}")
     return d
+
+
+@contextmanager
+def write_folder(path, overwrite: bool = False):
+    """A folder written whole or not at all: the body fills the temporary folder this yields, which then takes
+    `path`'s place (an existing folder is replaced only with `overwrite`); on an error it is removed."""
+    path = Path(path)
+    if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
+        raise RadialError(f"{path}: exists and is not empty; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (path.with_name(f".{path.name}.{what}{os.getpid()}") for what in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)  # two renames: at no point is there a half-written `path`
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_csv(path, rows: list[dict]) -> Path:

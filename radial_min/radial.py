@@ -13,14 +13,24 @@ perplexity of a long text (`forward` over the whole text, e.g. train.perplexity)
 exactly the blocks, over exactly the keys, it would have alone (tests/test_radial.py). `RouterDecisions` is the
 same router inside the oracle's simulation, which also measures the ratios at the blocks a token skips.
 """
+from pathlib import Path
+
 import numpy as np
 
 from .blocks import Step, begin, run_block
-from .cache import UnifiedKVCache, dense_cache_bytes
+from .cache import POLICIES, UnifiedKVCache, dense_cache_bytes
+from .config import check_field
+from .errors import CheckpointError
 from .oracle import Decisions
+from .outputs import read_json, write_json
+from .router import MAX_PASSES, Router
+
+RADIAL_CONFIG = "radial.json"  # beside a co-trained network's checkpoint: its routing settings; the router beside
 
 
 class RadialNetwork:
+    """A model's blocks run in the order its router picks, token by token, over a unified KV cache."""
+
     def __init__(self, model, router, max_depth: int | None = None, cache_policy: str = "per-layer",
                  step_encoding_scale: float = 1.0, gate: bool = False):  # fmt: skip
         self.model, self.router = model, router
@@ -33,6 +43,7 @@ class RadialNetwork:
         self.gate = gate  # co-trained networks scale each block's branch by the router's probability of it
         self.routes = []  # one list of block indices per token processed
         self.cache = None  # the latest cache made by new_cache (for memory reports)
+        self.path = getattr(model, "path", None)  # a co-trained network's folder (its tokenizer is there)
 
     def new_cache(self) -> UnifiedKVCache:
         width, n_kv_head = self.model.kv_shape  # keys/values are narrower than the model under grouped-query attention
@@ -115,6 +126,52 @@ class RadialNetwork:
         return self.model.head(x[-1:] if last_only else x)
 
     __call__ = forward
+
+
+# ------------------------------------------------------------------------------ a co-trained network's files
+
+
+def write_radial(folder, router: Router, cache_policy: str, max_depth: int | None, step_encoding_scale: float):
+    """A co-trained network's routing beside its checkpoint: router.safetensors + router.json, and radial.json."""
+    folder = Path(folder)
+    router.save(folder / "router")
+    write_json(folder / RADIAL_CONFIG, {
+        "router": "router", "cache_policy": cache_policy, "max_depth": router.config.depth_limit,
+        "step_encoding_scale": step_encoding_scale, "gate": True, "n_blocks": router.config.n_blocks,
+        "width": router.config.width,
+        "trained": "router and blocks from scratch, together (cli.py train --radial)",
+    })  # fmt: skip
+
+
+def load_radial(model, folder) -> RadialNetwork:
+    """The routed network of a co-trained checkpoint `folder` (its radial.json and router), every field checked
+    against the router and the model: one error naming the file and the field if they disagree."""
+    path = Path(folder) / RADIAL_CONFIG
+    d = read_json(path, CheckpointError, "a co-trained network's routing settings")
+    n, width = len(model.blocks), model.config.hidden_size
+    src = str(path)
+    name = check_field(src, "router", d.get("router"), str)
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise CheckpointError(f"{path}: field 'router' is {name!r}, expected a file name in {folder}")
+    policy = check_field(src, "cache_policy", d.get("cache_policy"), str)
+    if policy not in POLICIES:
+        raise CheckpointError(f"{path}: field 'cache_policy' is {policy!r}, expected one of {', '.join(POLICIES)}")
+    max_depth = check_field(src, "max_depth", d.get("max_depth"), int, 1, MAX_PASSES * n)
+    scale = check_field(src, "step_encoding_scale", d.get("step_encoding_scale", 1.0), float, 0.0, 1e3)
+    gate = check_field(src, "gate", d.get("gate", True), bool)
+    for field, want in (("n_blocks", n), ("width", width)):
+        if field in d and check_field(src, field, d[field], int) != want:
+            raise CheckpointError(f"{path}: field {field!r} is {d[field]}, but the checkpoint has {want}")
+    router = Router.load(Path(folder) / name)
+    rc, rsrc = router.config, Path(folder) / (name + ".json")
+    for field, got, want in (("n_blocks", rc.n_blocks, n), ("width", rc.width, width), ("max_depth", rc.depth_limit, max_depth)):
+        if got != want:
+            whose = "radial.json" if field == "max_depth" else "the checkpoint"
+            raise CheckpointError(f"{rsrc}: field {field!r} is {got}, but {whose} has {want}")
+    net = RadialNetwork(model, router, max_depth, policy, scale, gate)
+    net.n_params = model.n_params + sum(a.size for a in router.params.values())
+    net.dtypes_on_disk, net.weights_dtype, net.n_layer = model.dtypes_on_disk, model.weights_dtype, model.n_layer
+    return net
 
 
 class RouterDecisions(Decisions):

@@ -53,22 +53,45 @@ class RouterConfig:
         return self.width + self.n_blocks + 1  # state + onehot(prev), prev in {START, 0..n_blocks-1}
 
 
-def init_router(cfg: RouterConfig, seed: int = 0) -> dict:
+def init_router(cfg: RouterConfig, seed: int = 0, in_order: float = 0.0) -> dict:
+    """Random weights; with `in_order` > 0, also a route through the blocks in order: hidden unit k fires when
+    the previous block is k - 1 (START: k = 0) and adds `in_order` to the logit of block k (EXIT after the last),
+    so the network starts as the sequential model, gates ~1 - 12 exp(-in_order), and learns from there to skip,
+    reorder, reuse and exit. Needs hidden >= n_blocks + 1."""
     rng = np.random.default_rng(seed)
-    return {
+    p = {
         "w1": (rng.standard_normal((cfg.hidden, cfg.n_in)) / np.sqrt(cfg.n_in)).astype(np.float32),
         "b1": np.zeros(cfg.hidden, np.float32),
         "w2": (rng.standard_normal((cfg.n_blocks + 1, cfg.hidden)) / np.sqrt(cfg.hidden)).astype(np.float32),
         "b2": np.zeros(cfg.n_blocks + 1, np.float32),
     }
+    if in_order:
+        k = cfg.n_blocks + 1
+        if cfg.hidden < k:
+            raise ValueError(f"a router that starts in order needs hidden >= {k} (n_blocks + 1), got {cfg.hidden}")
+        p["w1"][:k, cfg.width :] += in_order * np.eye(k, dtype=np.float32)  # onehot(prev) -> unit prev + 1
+        p["w2"][:, :k] += np.eye(k, dtype=np.float32)  # unit k -> move k
+    return p
+
+
+def features_forward(x, prev, n_blocks: int):
+    """[N, E] states and [N] previous blocks (-1 = START) -> router inputs [N, E + n_blocks + 1], in x's dtype,
+    and the normalisation's cache (a co-trained router's gradient flows back into the states)."""
+    xn, c_ln = bp.layernorm_forward(x, 1.0, 0.0)
+    onehot = np.zeros((len(prev), n_blocks + 1), x.dtype)
+    onehot[np.arange(len(prev)), np.asarray(prev) + 1] = 1.0
+    return np.concatenate([xn, onehot], axis=1), c_ln
+
+
+def features_backward(dz, c_ln):
+    """-> d states [N, E]; the onehot part has no gradient."""
+    dx, _, _ = bp.layernorm_backward(dz[:, : c_ln[0].shape[1]], c_ln)
+    return dx
 
 
 def features(x, prev, n_blocks: int):
-    """[N, E] states and [N] previous blocks (-1 = START) -> router inputs [N, E + n_blocks + 1]."""
-    xn, _ = bp.layernorm_forward(x.astype(np.float64), 1.0, 0.0)
-    onehot = np.zeros((len(prev), n_blocks + 1))
-    onehot[np.arange(len(prev)), np.asarray(prev) + 1] = 1.0
-    return np.concatenate([xn, onehot], axis=1)
+    """The router's inputs in float64, the reference the fused kernel is tested against."""
+    return features_forward(np.asarray(x, np.float64), prev, n_blocks)[0]
 
 
 def allowed_moves(prev, depth, cfg: RouterConfig):
@@ -89,15 +112,21 @@ def forward(params, z, allowed):
     return np.where(allowed, logits, NEG), (c1, c2, c3, allowed)
 
 
+def backward(dlogits, caches):
+    """-> d inputs [N, n_in] and the gradients for w1, b1, w2, b2. Forbidden logits are constants."""
+    c1, c2, c3, allowed = caches
+    da, dw2, db2 = bp.linear_backward(dlogits * allowed, c3)
+    dh = bp.relu_backward(da, c2)
+    dz, dw1, db1 = bp.linear_backward(dh, c1)
+    return dz, {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
+
+
 def loss_and_grads(params, z, allowed, labels):
     """Softmax cross-entropy against the oracle's choices, and gradients for w1, b1, w2, b2."""
-    logits, (c1, c2, c3, allowed) = forward(params, z, allowed)
+    logits, caches = forward(params, z, allowed)
     loss, c_ce = bp.crossentropy_forward(logits, labels)
-    dlogits = bp.crossentropy_backward(c_ce) * allowed  # forbidden logits are constants
-    da, dw2, db2 = bp.linear_backward(dlogits, c3)
-    dh = bp.relu_backward(da, c2)
-    _, dw1, db1 = bp.linear_backward(dh, c1)
-    return float(loss), {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
+    _, grads = backward(bp.crossentropy_backward(c_ce), caches)
+    return float(loss), grads
 
 
 @njit(fastmath=True, cache=True)

@@ -18,6 +18,7 @@ import numpy as np
 from . import backprop as bp
 from .checkpoint import SafetensorsFile, write_safetensors
 from .config import OPTConfig, config_to_dict
+from .dtypes import to_float32
 from .errors import RadialError
 from .opt import expected_tensors
 from .optim import adamw_step, clip_grads, lr_at
@@ -38,9 +39,10 @@ def init_params(cfg: OPTConfig, seed: int) -> dict:
     p = {
         "decoder.embed_tokens.weight": normal(cfg.vocab_size, E),
         "decoder.embed_positions.weight": normal(cfg.max_position_embeddings + 2, E, std=0.01),
-        "decoder.final_layer_norm.weight": np.ones(E, np.float32),
-        "decoder.final_layer_norm.bias": np.zeros(E, np.float32),
     }
+    if cfg.has_final_layer_norm:  # pre-LN models normalise the stream once more before the head
+        p["decoder.final_layer_norm.weight"] = np.ones(E, np.float32)
+        p["decoder.final_layer_norm.bias"] = np.zeros(E, np.float32)
     for i in range(L):
         pre = f"decoder.layers.{i}."
         for name, shape, std in (("self_attn.q_proj", (E, E), 0.02), ("self_attn.k_proj", (E, E), 0.02),
@@ -55,10 +57,10 @@ def init_params(cfg: OPTConfig, seed: int) -> dict:
 
 
 def check_trainable(cfg: OPTConfig):
-    if not (cfg.do_layer_norm_before and cfg.has_final_layer_norm and cfg.enable_bias and cfg.tie_word_embeddings
-            and cfg.layer_norm_elementwise_affine and cfg.word_embed_proj_dim == cfg.hidden_size
-            and cfg.activation_function == "relu"):  # fmt: skip
-        raise RadialError("training supports pre-LN OPT with biases, affine norms, ReLU and tied embeddings only")
+    if not (cfg.enable_bias and cfg.tie_word_embeddings and cfg.layer_norm_elementwise_affine
+            and cfg.word_embed_proj_dim == cfg.hidden_size and cfg.activation_function == "relu"
+            and cfg.has_final_layer_norm == cfg.do_layer_norm_before):  # fmt: skip
+        raise RadialError("training supports OPT with biases, affine norms, ReLU, tied embeddings and no projections")
 
 
 # ---------------------------------------------------------------------------------- forward and backward
@@ -100,12 +102,44 @@ def store_block_grads(G: dict, g: dict, layer: int, kind: str) -> None:
 
 def block_forward(x, w, kind, cfg: OPTConfig, attention):
     if kind == "att":
-        return bp.attention_block_forward(x, w, cfg.num_attention_heads, attention)
-    return bp.ffn_block_forward(x, w)
+        return bp.attention_block_forward(x, w, cfg.num_attention_heads, attention, cfg.do_layer_norm_before)
+    return bp.ffn_block_forward(x, w, cfg.do_layer_norm_before)
 
 
 def block_backward(dy, cache, kind):
     return (bp.attention_block_backward if kind == "att" else bp.ffn_block_backward)(dy, cache)
+
+
+def embed_forward(ids, P):
+    """Token rows plus position rows for sequences [B, T] starting at position 0 -> [B, T, E]."""
+    return bp.embedding_forward(ids, P["decoder.embed_tokens.weight"], P["decoder.embed_positions.weight"],
+                                np.arange(ids.shape[1]))  # fmt: skip
+
+
+def head_forward(x, P):
+    """The final layer norm (pre-LN models) and the LM head tied to the token embeddings: [..., E] -> [..., V]."""
+    c_lnf = None
+    if "decoder.final_layer_norm.weight" in P:
+        x, c_lnf = bp.layernorm_forward(x, P["decoder.final_layer_norm.weight"], P["decoder.final_layer_norm.bias"])
+    logits, c_lin = bp.linear_forward(x, P["decoder.embed_tokens.weight"])
+    return logits, (c_lnf, c_lin)
+
+
+def head_backward(dlogits, cache, G: dict):
+    """-> dx; the head's gradients go into G, the embedding's as the head's share (the lookup adds its own)."""
+    c_lnf, c_lin = cache
+    dx, G["decoder.embed_tokens.weight"], _ = bp.linear_backward(dlogits, c_lin)
+    if c_lnf is not None:
+        dx, G["decoder.final_layer_norm.weight"], G["decoder.final_layer_norm.bias"] = bp.layernorm_backward(dx, c_lnf)
+    return dx
+
+
+def embed_backward(dx, cache, P, G: dict) -> None:
+    """The token and position lookups' gradients; the token rows add to the tied head's share already in G."""
+    dwte, G["decoder.embed_positions.weight"] = bp.embedding_backward(
+        dx, cache, P["decoder.embed_tokens.weight"].shape, P["decoder.embed_positions.weight"].shape
+    )
+    G["decoder.embed_tokens.weight"] = G["decoder.embed_tokens.weight"] + dwte  # tied: head and lookup add up
 
 
 def loss_and_grads(params: dict, cfg: OPTConfig, batch: np.ndarray, need_grads: bool = True, fast: bool = True):
@@ -117,29 +151,23 @@ def loss_and_grads(params: dict, cfg: OPTConfig, batch: np.ndarray, need_grads: 
     attention = bp.ATTENTION_FAST if fast else bp.ATTENTION_NUMPY
     ids, targets = batch[:, :-1], batch[:, 1:]
     B, T = ids.shape
-    wte, wpe = P["decoder.embed_tokens.weight"], P["decoder.embed_positions.weight"]
-    x, emb_cache = bp.embedding_forward(ids, wte, wpe, np.arange(T))  # [B, T] -> [B, T, E]
+    x, emb_cache = embed_forward(ids, P)  # [B, T] -> [B, T, E]
     caches = []
     for layer, kind in blocks_of(cfg):
         x, cache = block_forward(x, block_weights(P, layer, kind), kind, cfg, attention)  # [B, T, E]
         caches.append(cache)
-    h, c_lnf = bp.layernorm_forward(x, P["decoder.final_layer_norm.weight"], P["decoder.final_layer_norm.bias"])
-    logits, c_head = bp.linear_forward(h, P["decoder.embed_tokens.weight"])  # tied head: [B, T, E] -> [B, T, V]
+    logits, c_head = head_forward(x, P)  # [B, T, E] -> [B, T, V]
     loss, c_ce = bp.crossentropy_forward(logits.reshape(B * T, -1), targets.ravel())
     if not need_grads:
         return float(loss), None
 
     G = {}
     dlogits = bp.crossentropy_backward(c_ce).reshape(B, T, -1)
-    dh, dwte_head, _ = bp.linear_backward(dlogits, c_head)
-    dx, G["decoder.final_layer_norm.weight"], G["decoder.final_layer_norm.bias"] = bp.layernorm_backward(dh, c_lnf)
+    dx = head_backward(dlogits, c_head, G)
     for (layer, kind), cache in zip(reversed(blocks_of(cfg)), reversed(caches)):
         dx, g = block_backward(dx, cache, kind)
         store_block_grads(G, g, layer, kind)
-    dwte, G["decoder.embed_positions.weight"] = bp.embedding_backward(
-        dx, emb_cache, P["decoder.embed_tokens.weight"].shape, P["decoder.embed_positions.weight"].shape
-    )
-    G["decoder.embed_tokens.weight"] = dwte_head + dwte  # tied: the head's gradient and the lookup's add up
+    embed_backward(dx, emb_cache, P, G)
     return float(loss), G
 
 
@@ -166,6 +194,28 @@ class TrainConfig:
     eval_sequences: int = 64  # per validation set, fixed across evaluations
     save_every: int = 50
     seed: int = 0
+    # radial = True trains a Radial Network from scratch, the router with the blocks (radial_train.py), with:
+    radial: bool = False
+    max_depth: int | None = None  # most blocks a token may run (None: as many as there are blocks)
+    forward_only: bool = False  # blocks in order, each at most once; else any order, with reuse
+    cache_policy: str = "global"  # what attention reads in the unified KV cache: per-layer, per-step or global
+    step_encoding_scale: float = 1.0  # global policy: the step encodings' scale
+    target_depth: float | None = None  # blocks/token the compute term steers to (None: a fixed `cost`)
+    cost: float = 0.0  # loss per expected block run; with target_depth, its starting value
+    router_hidden: int = 16
+    in_order: float = 6.0  # the router starts with this margin for the next block in order (0: random routes)
+    router_warmup: int = 100  # steps in which only the blocks learn (the router keeps its start, the cost its value)
+
+    def radial_config(self):
+        """The routing settings as radial_train reads them, or None for a plain sequential model."""
+        if not self.radial:
+            return None
+        from .radial_train import RadialTrainConfig
+
+        return RadialTrainConfig(max_depth=self.max_depth, forward_only=self.forward_only,
+                                 cache_policy=self.cache_policy, step_encoding_scale=self.step_encoding_scale,
+                                 cost=self.cost, target_depth=self.target_depth, router_hidden=self.router_hidden,
+                                 in_order=self.in_order)  # fmt: skip
 
     def model_config(self) -> OPTConfig:
         return OPTConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
@@ -175,7 +225,11 @@ class TrainConfig:
 
 _MODEL_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "seq_len")
 # Settings a resume must keep for the run to be the one that was started (the batches and the updates it makes).
-_RESUME_FIELDS = (*_MODEL_FIELDS, "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "seed")
+_RADIAL_FIELDS = ("radial", "max_depth", "forward_only", "cache_policy", "step_encoding_scale", "target_depth", "cost",
+                  "router_hidden", "in_order", "router_warmup")  # fmt: skip
+_RESUME_FIELDS = (*_MODEL_FIELDS, "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "seed",
+                  *_RADIAL_FIELDS)  # fmt: skip
+ROUTER = "router."  # the router's parameters in a Radial Network's training state: router.w1, ...
 
 
 def _check_resume(state_path: Path, config_path: Path, cfg: TrainConfig) -> None:
@@ -235,17 +289,39 @@ def batch_at(tokens: np.ndarray, step: int, cfg: TrainConfig) -> np.ndarray:
     return np.stack([tokens[s : s + cfg.seq_len + 1] for s in starts])  # [B, T + 1]
 
 
-def evaluate(params, model_cfg, sequences: np.ndarray, batch_size: int = 16) -> float:
-    """Mean next-token loss over fixed sequences [n, T + 1]."""
-    losses = [loss_and_grads(params, model_cfg, sequences[i : i + batch_size], need_grads=False)[0] * len(sequences[i : i + batch_size])
-              for i in range(0, len(sequences), batch_size)]  # fmt: skip
+def split_router(params: dict) -> tuple[dict, dict]:
+    """A Radial Network's parameters -> (the model's, under Hugging Face names; the router's: w1, b1, w2, b2)."""
+    model = {k: a for k, a in params.items() if not k.startswith(ROUTER)}
+    return model, {k[len(ROUTER) :]: a for k, a in params.items() if k.startswith(ROUTER)}
+
+
+def batch_grads(params, model_cfg, rcfg, batch, need_grads=True):
+    """One batch: (loss, gradients of every parameter, info). A plain model's info is {}; a Radial Network's
+    (rcfg not None) has its LM loss without the compute term, blocks/token and routes (radial_train)."""
+    if rcfg is None:
+        loss, G = loss_and_grads(params, model_cfg, batch, need_grads)
+        return loss, G, {"lm_loss": loss}
+    from .radial_train import loss_and_grads as radial_loss_and_grads
+
+    model, router = split_router(params)
+    loss, G, GR, info = radial_loss_and_grads(model, router, model_cfg, rcfg, batch, need_grads)
+    if need_grads:
+        G.update({ROUTER + k: g for k, g in GR.items()})
+    return loss, G, info
+
+
+def evaluate(params, model_cfg, sequences: np.ndarray, batch_size: int = 16, rcfg=None) -> float:
+    """Mean next-token loss over fixed sequences [n, T + 1] (a Radial Network's without the compute term)."""
+    losses = [batch_grads(params, model_cfg, rcfg, sequences[i : i + batch_size], need_grads=False)[2]["lm_loss"]
+              * len(sequences[i : i + batch_size]) for i in range(0, len(sequences), batch_size)]  # fmt: skip
     return float(sum(losses) / len(sequences))
 
 
-def save_state(path: Path, params, m, v, step: int) -> None:
-    """Parameters and Adam moments in one safetensors file, written atomically (temp file + rename)."""
+def save_state(path: Path, params, m, v, step: int, cost: float | None = None) -> None:
+    """Parameters and Adam moments in one safetensors file, written atomically (temp file + rename); a Radial
+    Network's current compute cost in the metadata (repr: the exact float, so a resume is bit-identical)."""
     tensors = {**params, **{"adam.m." + k: a for k, a in m.items()}, **{"adam.v." + k: a for k, a in v.items()}}
-    write_safetensors(path, tensors, {"step": step})
+    write_safetensors(path, tensors, {"step": step, **({} if cost is None else {"cost": repr(cost)})})
 
 
 def saved_step(path: Path, f: SafetensorsFile | None = None) -> int:
@@ -256,11 +332,16 @@ def saved_step(path: Path, f: SafetensorsFile | None = None) -> int:
     return int(step)
 
 
-def load_state(path: Path, model_cfg: OPTConfig):
-    """Parameters, Adam moments and step of a saved state, its tensors checked against the run's model first."""
+def load_state(path: Path, model_cfg: OPTConfig, rcfg=None):
+    """Parameters, Adam moments, step and a Radial Network's compute cost (None if the state has none) of a saved
+    state, its tensors checked against the run's model (and router) first."""
     f = SafetensorsFile(path)
     step = saved_step(path, f)
     shapes = expected_tensors(model_cfg)[0]  # the loader's spec: the names and shapes init_params makes
+    if rcfg is not None:
+        from .router import init_router
+
+        shapes.update({ROUTER + k: a.shape for k, a in init_router(rcfg.router_config(model_cfg)).items()})
     expected = {**shapes, **{f"adam.{m}.{k}": s for m in "mv" for k, s in shapes.items()}}
     found = {name: f.shape(name) for name in f.entries}
     wrong = sorted(set(expected) ^ set(found)) + [n for n in expected if n in found and found[n] != expected[n]]
@@ -271,7 +352,12 @@ def load_state(path: Path, model_cfg: OPTConfig):
     for name in f.entries:
         target = m if name.startswith("adam.m.") else v if name.startswith("adam.v.") else params
         target[name.removeprefix("adam.m.").removeprefix("adam.v.")] = f.read(name)
-    return params, m, v, step
+    cost = f.metadata.get("cost")
+    try:
+        cost = None if cost is None else float(cost)
+    except ValueError:
+        raise RadialError(f"{path}: metadata 'cost' is {cost!r:.40}, expected a number") from None
+    return params, m, v, step, cost
 
 
 def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: bool = True, stop_after: int | None = None):
@@ -281,7 +367,7 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: 
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_cfg = cfg.model_config()
+    model_cfg, rcfg = cfg.model_config(), cfg.radial_config()
     check_trainable(model_cfg)
     state_path, log_path = out / "state.safetensors", out / "log.jsonl"
     config_path = out / "train_config.json"
@@ -290,10 +376,17 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: 
         _check_resume(state_path, config_path, cfg)
     write_json(config_path, asdict(cfg))
     if state_path.is_file():
-        params, m, v, step = load_state(state_path, model_cfg)
+        params, m, v, step, cost = load_state(state_path, model_cfg, rcfg)
+        if rcfg is not None and cost is not None:
+            rcfg.cost = cost  # where the compute term's controller had got to
         _repair_log(log_path, step)
     else:
         params, step = init_params(model_cfg, cfg.seed), 0
+        if rcfg is not None:
+            from .router import init_router
+
+            router = init_router(rcfg.router_config(model_cfg), cfg.seed, rcfg.in_order)
+            params.update({ROUTER + k: a for k, a in router.items()})
         m = {k: np.zeros_like(a) for k, a in params.items()}
         v = {k: np.zeros_like(a) for k, a in params.items()}
     interrupted = []
@@ -304,15 +397,24 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: 
         with open(log_path, "a") as log:
             while step < cfg.steps and not interrupted and (stop_after is None or step < stop_after):
                 lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
-                loss, grads = loss_and_grads(params, model_cfg, batch_at(train_tokens, step, cfg))
+                loss, grads, info = batch_grads(params, model_cfg, rcfg, batch_at(train_tokens, step, cfg))
+                routing = rcfg is not None and step >= cfg.router_warmup
+                if rcfg is not None and not routing:  # warm-up: untrained blocks would teach the router to exit
+                    grads = {k: g for k, g in grads.items() if not k.startswith(ROUTER)}
                 norm = clip_grads(grads, cfg.grad_clip)
                 adamw_step(params, grads, m, v, step + 1, lr, weight_decay=cfg.weight_decay)
                 step += 1
                 tokens_done += cfg.batch_size * cfg.seq_len
                 record = {"step": step, "loss": round(loss, 4), "lr": lr, "grad_norm": round(norm, 3)}
+                if rcfg is not None:  # the LM loss, blocks/token, and the cost that the depth target sets
+                    record.update(lm_loss=round(info["lm_loss"], 4), blocks=round(info["blocks"], 3), cost=rcfg.cost)
+                    from .radial_train import update_cost
+
+                    if routing:
+                        update_cost(rcfg, info["blocks"])
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     for name, seqs in val_sets.items():
-                        record[f"val_{name}"] = round(evaluate(params, model_cfg, seqs), 4)
+                        record[f"val_{name}"] = round(evaluate(params, model_cfg, seqs, rcfg=rcfg), 4)
                 rate = tokens_done / (time.perf_counter() - t0)
                 record["tok_s"] = round(rate)
                 try:
@@ -324,10 +426,10 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: 
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", **{k: v_ for k, v_ in record.items() if k.startswith("val_")})
                 bar.update(1)
                 if step - last_save >= cfg.save_every or step == cfg.steps:
-                    save_state(state_path, params, m, v, step)
+                    save_state(state_path, params, m, v, step, rcfg and rcfg.cost)
                     last_save = step
         if step != last_save:
-            save_state(state_path, params, m, v, step)  # interrupted: keep every finished step
+            save_state(state_path, params, m, v, step, rcfg and rcfg.cost)  # interrupted: keep every finished step
     finally:
         bar.close()
         for s, h in handlers.items():
@@ -337,17 +439,28 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: 
     return params
 
 
-def export_checkpoint(params: dict, model_cfg: OPTConfig, tokenizer_dir, out_dir, dtype: str = "float16") -> None:
-    """Write a Hugging Face OPT checkpoint: config.json, model.safetensors (`model.decoder.*` keys, as
-    transformers' save_pretrained writes them), and the tokenizer files."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def export_checkpoint(params: dict, model_cfg: OPTConfig, tokenizer_dir, out_dir, dtype: str = "float16", rcfg=None,
+                      overwrite: bool = False) -> None:  # fmt: skip
+    """Write a Hugging Face OPT checkpoint, whole or not at all: config.json, model.safetensors (`model.decoder.*`
+    keys, as transformers' save_pretrained writes them), and the tokenizer files. A Radial Network (rcfg) adds its
+    router (float32) and radial.json, so `radial_min.load` returns the routed network; transformers still loads
+    the blocks as a plain OPT."""
+    from .outputs import write_folder
+
+    params, router = split_router(params)
     model_cfg.dtype = dtype
-    write_json(out_dir / "config.json", config_to_dict(model_cfg))
-    tensors = {"model." + k: a.astype(dtype) for k, a in params.items()}
-    write_safetensors(out_dir / "model.safetensors", tensors, {"format": "pt"})
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        write_bytes(out_dir / name, (Path(tokenizer_dir) / name).read_bytes())
+    with write_folder(out_dir, overwrite) as tmp:
+        write_json(tmp / "config.json", config_to_dict(model_cfg))
+        tensors = {"model." + k: a.astype(dtype) for k, a in params.items()}
+        write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"})
+        for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+            write_bytes(tmp / name, (Path(tokenizer_dir) / name).read_bytes())
+        if rcfg is not None:
+            from .radial import write_radial
+            from .router import Router
+
+            write_radial(tmp, Router(rcfg.router_config(model_cfg), router), rcfg.cache_policy, rcfg.max_depth,
+                         rcfg.step_encoding_scale)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -371,25 +484,54 @@ def ngram_perplexities(train_ids: np.ndarray, sequences: np.ndarray, vocab_size:
     return {"unigram": float(np.exp(-np.log(uni[nxt]).mean())), "bigram": best[0], "bigram_lambda": round(float(best[1]), 2)}
 
 
-def perplexity(model, sequences: np.ndarray, progress=None) -> float:
-    """exp of the mean next-token NLL over packed sequences, computed by the inference engine."""
-    from .oracle import next_token_nll
+def read_export(folder):
+    """An exported checkpoint as the trainer sees it: (params in float32 under Hugging Face names, the router's
+    as router.* for a co-trained network, OPTConfig, RadialTrainConfig or None)."""
+    from .config import read_config
+    from .radial import RADIAL_CONFIG
 
-    seqs = sequences if progress is None else progress(sequences)
-    return float(np.exp(np.concatenate([next_token_nll(model.forward(s), s) for s in seqs]).mean()))
+    folder = Path(folder)
+    cfg = read_config(folder)
+    f = SafetensorsFile(folder / "model.safetensors")
+    params = {k.removeprefix("model."): to_float32(f.read(k)) for k in f.entries}
+    if not (folder / RADIAL_CONFIG).is_file():
+        return params, cfg, None
+    from .radial_train import RadialTrainConfig
+    from .router import Router
+
+    radial = read_json(folder / RADIAL_CONFIG)
+    router = Router.load(folder / radial["router"])
+    rcfg = RadialTrainConfig(max_depth=router.config.max_depth, forward_only=router.config.forward_only,
+                             cache_policy=radial["cache_policy"], step_encoding_scale=radial["step_encoding_scale"],
+                             router_hidden=router.config.hidden)  # fmt: skip
+    return {**params, **{ROUTER + k: a for k, a in router.params.items()}}, cfg, rcfg
 
 
-def report(model, train_ids, val_streams: dict, seq_len: int, bar=None) -> dict:
-    """Validation perplexity of `model` on every full validation stream, beside the n-gram baselines; `bar` (a
-    `progress.Bar`) counts the sequences."""
+def report(export, train_ids, val_streams: dict, seq_len: int, bar=None, batch_size: int = 64) -> dict:
+    """Perplexity of the exported checkpoint `export` on every full validation stream, packed in sequences of
+    `seq_len`, beside the n-gram baselines, and a co-trained network's blocks per token. Scored by the training
+    forward in batches, which the tests hold equal to the inference engine (test_backprop, test_cotrained);
+    `bar` (a `progress.Bar`) counts the sequences."""
     from .data import pack
 
+    params, model_cfg, rcfg = read_export(export)
     out = {}
     packed = {name: pack(stream, seq_len) for name, stream in val_streams.items()}
     if bar is not None:
         bar.extend(sum(len(s) for s in packed.values()))
-    for name, seqs in packed.items():
-        track = None if bar is None else (lambda items, name=name: bar.track(items, name))
-        out[name] = {"tokens": int(seqs[:, 1:].size), "model": perplexity(model, seqs, track),
-                     **ngram_perplexities(train_ids, seqs, model.config.vocab_size)}  # fmt: skip
+    for name, seqs in packed.items():  # each row: tokens 0..T-2 predict 1..T-1, as the engine scores a sequence
+        nll, blocks = 0.0, 0.0
+        if bar is not None:
+            bar.set(name)
+        for i in range(0, len(seqs), batch_size):
+            batch = seqs[i : i + batch_size]
+            _, _, info = batch_grads(params, model_cfg, rcfg, batch, need_grads=False)
+            nll += info["lm_loss"] * len(batch)
+            blocks += info.get("blocks", 0.0) * len(batch)
+            if bar is not None:
+                bar.update(len(batch))
+        row = {"tokens": int(seqs[:, 1:].size), "model": float(np.exp(nll / len(seqs)))}
+        if rcfg is not None:
+            row["blocks"] = blocks / len(seqs)
+        out[name] = {**row, **ngram_perplexities(train_ids, seqs, model_cfg.vocab_size)}
     return out

@@ -118,12 +118,17 @@ def _block_weights(kind, E=8, F=12):
     return {k: RNG.standard_normal(s) * 0.5 for k, s in shapes.items()}
 
 
+@pytest.mark.parametrize("pre_norm", [True, False])
 @pytest.mark.parametrize("kind", ["att", "ffn"])
-def test_block_forward_backward(kind):
-    """A whole residual block, y = x + f(x), against finite differences for its input and every weight."""
+def test_block_forward_backward(kind, pre_norm):
+    """A whole residual block, y = x + f(x) (pre-LN) or LN(x + f(x)) (post-LN), against finite differences for
+    its input and every weight."""
     B, T, E, H = 2, 4, 8, 2
     x, w, R = RNG.standard_normal((B, T, E)), _block_weights(kind), projection((B, T, E))
-    forward = (lambda: bp.attention_block_forward(x, w, H)) if kind == "att" else (lambda: bp.ffn_block_forward(x, w))
+    if kind == "att":
+        forward = lambda: bp.attention_block_forward(x, w, H, bp.ATTENTION_NUMPY, pre_norm)  # noqa: E731
+    else:
+        forward = lambda: bp.ffn_block_forward(x, w, pre_norm)  # noqa: E731
     y, cache = forward()
     dx, g = (bp.attention_block_backward if kind == "att" else bp.ffn_block_backward)(R, cache)
     assert set(g) == set(w)
@@ -159,10 +164,10 @@ def test_fast_attention_matches_numpy():
     np.testing.assert_allclose(bp.attention_backward_fast(dy, c), bp.attention_backward(dy, c_ref), rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
+@pytest.fixture(scope="module", params=[True, False], ids=["pre-LN", "post-LN"])
+def tiny_model(request):
     cfg = OPTConfig(vocab_size=23, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, ffn_dim=12,
-                    max_position_embeddings=8, word_embed_proj_dim=8)  # fmt: skip
+                    max_position_embeddings=8, word_embed_proj_dim=8, do_layer_norm_before=request.param)  # fmt: skip
     params = {k: v.astype(np.float64) for k, v in init_params(cfg, seed=3).items()}
     for k, v in params.items():  # move off the init (zero biases, unit norms) so every term matters
         v += 0.3 * RNG.standard_normal(v.shape)
