@@ -63,28 +63,10 @@ def on_first_compile(callback):
 
 # Training kernels must give the same bits on every run, or a resumed run drifts from an uninterrupted one. With
 # fast-math's "reassoc" (and "contract"), LLVM may vectorize a loop or not depending on a run-time check of the
-# arrays' addresses, and the two paths sum in different orders. So training kernels leave both out, and write
-# their dot products as `dot8`: eight partial sums in a fixed order, which vectorize without reassociation.
+# arrays' addresses, and the two paths sum in different orders (seen: a resumed radial run 2e-8 off). So training
+# kernels leave both out, and arrange their loops so that the vectorized ones are elementwise (a dot product per
+# key is a sweep over the keys, accumulating one dimension at a time: see radial_train._dots).
 TRAINING_FASTMATH = {"nnan", "ninf", "nsz", "arcp"}
-
-
-@njit(fastmath=TRAINING_FASTMATH, inline="always")
-def dot8(a, b):  # [n], [n] -> sum of a * b, in the same order on every run
-    n8 = a.size - a.size % 8
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = a[0] * 0
-    for d in range(0, n8, 8):
-        s0 += a[d] * b[d]
-        s1 += a[d + 1] * b[d + 1]
-        s2 += a[d + 2] * b[d + 2]
-        s3 += a[d + 3] * b[d + 3]
-        s4 += a[d + 4] * b[d + 4]
-        s5 += a[d + 5] * b[d + 5]
-        s6 += a[d + 6] * b[d + 6]
-        s7 += a[d + 7] * b[d + 7]
-    total = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
-    for d in range(n8, a.size):
-        total += a[d] * b[d]
-    return total
 
 
 # Small work runs on one thread. Waking Numba's pool costs microseconds on an idle machine but milliseconds on a

@@ -142,10 +142,3 @@ class Passes:
 
     def track(self, items, stage: str = ""):
         yield from track(items, stage, self.unit, self.enabled)
-
-
-def tqdm(total: int = 0, desc: str = "", unit: str = "it", initial: int = 0, disable: bool = False,
-         dynamic_ncols: bool = True) -> Bar:
-    """A `Bar` from the keywords of `tqdm.tqdm` that radial_min's call sites were written with, so such a call
-    site changes by its import only (the line always fits the terminal: `dynamic_ncols` is accepted, not needed)."""
-    return Bar(total, desc, unit, initial, enabled=not disable)

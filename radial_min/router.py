@@ -54,10 +54,11 @@ class RouterConfig:
 
 
 def init_router(cfg: RouterConfig, seed: int = 0, in_order: float = 0.0) -> dict:
-    """Random weights; with `in_order` > 0, also a route through the blocks in order: hidden unit k fires when
-    the previous block is k - 1 (START: k = 0) and adds `in_order` to the logit of block k (EXIT after the last),
-    so the network starts as the sequential model, gates ~1 - 12 exp(-in_order), and learns from there to skip,
-    reorder, reuse and exit. Needs hidden >= n_blocks + 1."""
+    """Random weights (distillation). With `in_order` > 0 (co-training), the route through the blocks in order
+    instead: hidden unit k fires when the previous block is k - 1 (START: k = 0) and gives the logit of block k
+    (EXIT after the last) a margin of `in_order`, the state's weights are small and random, so the network
+    starts as the sequential model (gates ~1 - N exp(-in_order)) and learns from there to skip, reorder, reuse
+    and exit. Needs hidden >= n_blocks + 1."""
     rng = np.random.default_rng(seed)
     p = {
         "w1": (rng.standard_normal((cfg.hidden, cfg.n_in)) / np.sqrt(cfg.n_in)).astype(np.float32),
@@ -69,8 +70,9 @@ def init_router(cfg: RouterConfig, seed: int = 0, in_order: float = 0.0) -> dict
         k = cfg.n_blocks + 1
         if cfg.hidden < k:
             raise ValueError(f"a router that starts in order needs hidden >= {k} (n_blocks + 1), got {cfg.hidden}")
+        p["w1"] *= 0.1  # the state: small, so that the start is in order for every token
         p["w1"][:k, cfg.width :] += in_order * np.eye(k, dtype=np.float32)  # onehot(prev) -> unit prev + 1
-        p["w2"][:, :k] += np.eye(k, dtype=np.float32)  # unit k -> move k
+        p["w2"] = np.eye(cfg.n_blocks + 1, cfg.hidden, dtype=np.float32)  # unit k -> move k
     return p
 
 
@@ -327,7 +329,7 @@ def accuracy(router: "Router", ex: dict) -> dict:
 def train_router(ex: dict, cfg: RouterConfig, epochs: int = 8, lr: float = 3e-3, batch_size: int = 512, seed: int = 0,
                  weight_decay: float = 0.0, progress: bool = True) -> Router:  # fmt: skip
     """Fit the router to the oracle's choices with AdamW on softmax cross-entropy."""
-    from .progress import tqdm
+    from .progress import Bar
 
     from .optim import adamw_step, lr_at
 
@@ -340,7 +342,7 @@ def train_router(ex: dict, cfg: RouterConfig, epochs: int = 8, lr: float = 3e-3,
     rng = np.random.default_rng(seed)
     steps_per_epoch = max(1, len(labels) // batch_size)
     total, step = epochs * steps_per_epoch, 0
-    bar = tqdm(total=total, disable=not progress, unit="step", desc="train router", dynamic_ncols=True)
+    bar = Bar(total, "train router", "step", enabled=progress)
     for _ in range(epochs):
         order = rng.permutation(len(labels))
         for i in range(steps_per_epoch):

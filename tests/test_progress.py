@@ -66,7 +66,7 @@ def test_plain_lines_when_not_a_terminal(clock):
 
 def test_disabled_and_erased_bars_print_nothing(clock):
     quiet = Terminal()
-    with progress.tqdm(total=5, desc="x", disable=True) as bar:
+    with progress.Bar(5, "x", enabled=False, stream=quiet) as bar:
         bar.update(5)
     assert quiet.getvalue() == ""
     term = Terminal()

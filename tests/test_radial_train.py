@@ -224,3 +224,20 @@ def test_cost_follows_the_depth_target():
     fixed = rt.RadialTrainConfig(cost=0.05)
     rt.update_cost(fixed, 12.0)
     assert fixed.cost == 0.05
+
+
+@pytest.mark.parametrize("forward_only", [True, False])
+def test_router_starts_in_order(forward_only):
+    """A co-trained router starts as the sequential model: every token runs every block in order, the gates at
+    about 1 - N exp(-margin), whatever the states (large embeddings included); margin 0 is random routing."""
+    from radial_min.router import init_router
+
+    cfg, params, _, rcfg = tiny(forward_only=forward_only, cache_policy="per-layer", max_depth=N_BLOCKS)
+    rc = rcfg.router_config(cfg)
+    params = {k: v * (10 if "embed" in k else 1) for k, v in params.items()}
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, size=(3, 8))
+    _, net, _ = rt.forward(params, init_router(rc, 0, in_order=6.0), cfg, rcfg, ids, fast=False)
+    assert (net.routes == np.arange(N_BLOCKS)).all()
+    assert min(probs.max(-1).min() for _, probs, _ in net.decisions) > 1 - 2 * N_BLOCKS * np.exp(-6.0)
+    _, net, _ = rt.forward(params, init_router(rc, 0), cfg, rcfg, ids, fast=False)
+    assert not (net.routes == np.arange(N_BLOCKS)).all()
