@@ -3,16 +3,20 @@
 Everything is float32 in, float32 out. Shapes in the trailing comments use T for tokens (rows), E for the model
 width, N for keys in a cache and H, D for heads and head size.
 
-Which kernel runs where (measured on this project's 2-core AVX2 machine, see docs/performance.md):
-- one row (decode): `matvec`, ours. It streams the weight matrix once at ~33 GB/s (the machine's DRAM bandwidth);
-  OpenBLAS's sgemv reached ~25 GB/s on OPT-125M's LM head.
-- many rows (prefill, ViT): `matmul`, ours, 160-200 GFLOP/s on OPT-125M's shapes. Alone, OpenBLAS's sgemm is a
-  little faster (~195), but inside the engine its idle threads spin on the same two cores as Numba's between
-  calls: a 512-token prefill took 1.25 s with sgemm against 0.7 s with ours. `set_backend("blas")` switches
-  back, so the comparison can be rerun (bench/bench.py --matmul blas).
+Which kernel runs where (measured in docs/performance.md):
+- one row (decode): `matvec`, a dot product per output row, the rows split across the cores: bandwidth-bound.
+  Weights in float32 or int8 (an Int8Matrix, widened as read); `matvec_half` for 16-bit weights.
+- many rows (prefill, ViT): `matmul`, 4x4 register tiles over 64-column panels of the weights (`_gemm`). On one
+  core of this project's machine (AMD EPYC, Zen 5) 150-170 GFLOP/s on OPT-125M's prefill shapes, against ~120 for
+  NumPy's OpenBLAS sgemm and ~100 for torch's; inside the engine, OpenBLAS's threads would also spin on the cores
+  Numba's threads need. `set_backend("blas")` switches to NumPy, so the comparison can be rerun.
+- attention: one task per query and head for a few queries (decode), `_attention_blocked` for many (prefill).
+- anything small, or anything while the machine is busy, runs a serial copy of its kernel (SERIAL_BELOW).
 """
 import contextlib
 import math
+import os
+import time
 import types
 
 import numpy as np
@@ -69,12 +73,27 @@ def on_first_compile(callback):
 TRAINING_FASTMATH = {"nnan", "ninf", "nsz", "arcp"}
 
 
-# Small work runs on one thread. Waking Numba's pool costs microseconds on an idle machine but milliseconds on a
-# busy one (each parallel call waits until both threads get a core). Measured on this machine under a load
-# average of ~14: a [256] x [1024, 256] matvec took 2.5 ms with the pool against 55 us without it, the shipped
-# model's LM head [8192, 256] 5.6 ms against 1.0 ms. So calls under SERIAL_BELOW multiply-adds (all of the
-# shipped model's decode, OPT-125M's decode except the LM head) run a serial copy of the kernel.
-SERIAL_BELOW = 1 << 22
+# When to wake Numba's thread pool. On an idle machine a parallel call costs microseconds more than a serial one,
+# which pays from about a million multiply-adds (a 1024 x 1024 float32 matvec reads 4 MB, ~0.15 ms on one core).
+# On a busy machine it costs milliseconds: each parallel call waits until all its threads get a core. Measured
+# here at a load average of 23 on 2 cores: a [768] x [3072, 768] matvec took 36 ms with the pool against 0.13 ms
+# without it, and even OPT-125M's LM head [50272, 768] was faster serial (20 against 36 ms). So a kernel runs
+# its serial copy below SERIAL_BELOW multiply-adds, and always while the load average exceeds the CPUs by more
+# than one (our own two busy threads count; checked at most once a second).
+SERIAL_BELOW = 1 << 20
+_LOAD = {"checked": -1.0, "busy": False}
+
+
+def machine_busy() -> bool:
+    """Whether other work leaves this process's thread pool waiting for cores (see SERIAL_BELOW)."""
+    now = time.monotonic()
+    if now - _LOAD["checked"] > 1.0:
+        try:
+            busy = os.getloadavg()[0] > len(os.sched_getaffinity(0)) + 1
+        except (AttributeError, OSError):  # no load average (Windows) or no affinity (macOS): assume idle
+            busy = False
+        _LOAD.update(checked=now, busy=busy)
+    return _LOAD["busy"]
 
 
 def _one_thread(kernel):
@@ -87,8 +106,8 @@ def _one_thread(kernel):
 
 
 def _sized(kernel, serial, work: int):
-    """The parallel kernel for work worth two threads, else its serial copy."""
-    return kernel if work >= SERIAL_BELOW else serial
+    """The parallel kernel for work worth the thread pool on a machine with cores to spare, else its serial copy."""
+    return kernel if work >= SERIAL_BELOW and not machine_busy() else serial
 
 
 # ---------------------------------------------------------------------------------------------------- linear
@@ -289,6 +308,13 @@ def _layernorm(x, w, b, eps, out):  # [T, E], [E] or [0], [E] or [0] -> out [T, 
 _layernorm_serial = _one_thread(_layernorm)
 
 
+def start():
+    """Numba sets up its compiler on the first call of any kernel: ~0.1 s on an idle machine, even when every kernel
+    comes from its disk cache. `load` calls this, so that loading a model pays it, not its first token."""
+    x = np.zeros((1, 1), np.float32)
+    _layernorm_serial(x, _NO_BIAS, _NO_BIAS, 1e-5, np.empty_like(x))
+
+
 def layernorm(x, w, b, eps):
     """Normalise each row to zero mean and unit variance (population), then scale and shift if affine."""
     out = np.empty_like(x)
@@ -318,9 +344,12 @@ def _rmsnorm(x, w, eps, out):  # [T, E], [E] -> out [T, E]
             out[i, k] = w[k] * (x[i, k] * r)
 
 
+_rmsnorm_serial = _one_thread(_rmsnorm)
+
+
 def rmsnorm(x, w, eps):
     out = np.empty_like(x)
-    _rmsnorm(np.ascontiguousarray(x), w, eps, out)
+    _sized(_rmsnorm, _rmsnorm_serial, 4 * x.size)(np.ascontiguousarray(x), w, eps, out)
     return out
 
 
@@ -357,9 +386,12 @@ def _rope(x, n_head, cos, sin, out):  # [T, E], [T, D/2] x2 -> out [T, E]
             out[t, o + i + half] = b * cos[t, i] + a * sin[t, i]
 
 
+_rope_serial = _one_thread(_rope)
+
+
 def rope(x, n_head, cos, sin):
     out = np.empty_like(x)
-    _rope(np.ascontiguousarray(x), n_head, cos, sin, out)
+    _sized(_rope, _rope_serial, 4 * x.size)(np.ascontiguousarray(x), n_head, cos, sin, out)
     return out
 
 
@@ -511,8 +543,11 @@ def _attention(q, k, v, rows, n_keys, q_pos, k_pos, causal, out):  # [H, T, D], 
 _attention_serial = _one_thread(_attention)
 
 
+BLOCKED_FROM = 32  # queries from which `attention` runs _attention_blocked, in blocks of as many
+
+
 @njit(parallel=True, fastmath=True, cache=True)
-def _attention_blocked(q, k, v, rows, n_keys, q_pos, k_pos, causal, out, queries_per_block=32):  # as _attention
+def _attention_blocked(q, k, v, rows, n_keys, q_pos, k_pos, causal, out):  # as _attention
     """`_attention` for many queries (a prefill): one task per head, whose visible keys are gathered once into
     kb [N, D] and its values, transposed, into vt [D, N]; then for each block of 32 queries the scores Q K^T and
     the output P V are two calls of matmul's tiled core (`_gemm`). A causal block scores the keys its last query
@@ -520,7 +555,7 @@ def _attention_blocked(q, k, v, rows, n_keys, q_pos, k_pos, causal, out, queries
     n_head, n_q, d_head = q.shape
     group = n_head // k.shape[0]
     scale = np.float32(1.0 / math.sqrt(d_head))
-    picked = rows.size > 0
+    picked, queries_per_block = rows.size > 0, BLOCKED_FROM
     for h in prange(n_head):
         g = h // group
         n_all = np.searchsorted(k_pos[:n_keys], q_pos[n_q - 1], side="right") if causal else n_keys
@@ -550,7 +585,7 @@ def _attention_blocked(q, k, v, rows, n_keys, q_pos, k_pos, causal, out, queries
             _gemm(p, vt, out[h, i_lo : i_lo + n_rows], n_vis)  # P V
 
 
-BLOCKED_FROM = 32  # queries from which `attention` runs _attention_blocked (its register tiles need rows to fill)
+_attention_blocked_serial = _one_thread(_attention_blocked)
 _NO_POS = np.zeros(0, np.int64)
 
 
@@ -584,9 +619,10 @@ def attention(q, k, v, n_head, q_pos=None, k_pos=None, rows=None, n_kv_head=None
     qh = split_heads(q, n_head)
     out = np.empty_like(qh)
     rows = _NO_POS if rows is None else rows
+    work = 2 * qh.size * n_keys  # q.k and p.v per visible key
     if len(q) >= BLOCKED_FROM:
-        kernel = _attention_blocked
+        kernel = _sized(_attention_blocked, _attention_blocked_serial, work)
     else:
-        kernel = _sized(_attention, _attention_serial, 2 * qh.size * n_keys)  # q.k and p.v per visible key
+        kernel = _sized(_attention, _attention_serial, work)
     kernel(qh, k, v, rows, n_keys, q_pos if causal else _NO_POS, k_pos if causal else _NO_POS, causal, out)
     return merge_heads(out)

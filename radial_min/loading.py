@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import llama, opt, vit
+from . import kernels, llama, opt, vit
 from .checkpoint import open_checkpoint, quote
 from .dtypes import check_storage_dtype, to_storage
 from .config import read_config
@@ -30,7 +30,9 @@ def load(source, *, weights_dtype: str = "float32"):
     dtypes.Int8Matrix); everything is still computed in float32."""
     check_storage_dtype(weights_dtype)  # refuse an unknown dtype before reading anything
     if is_gguf(source):  # a single llama.cpp file (optional `gguf` package)
-        return load_gguf(source, weights_dtype)
+        model = load_gguf(source, weights_dtype)
+        kernels.start()
+        return model
     folder, cfg, store, names = open_checkpoint_folder(source)
     check_quantizable(store, names, weights_dtype)
     tensors = {}
@@ -42,6 +44,7 @@ def load(source, *, weights_dtype: str = "float32"):
     model.path = Path(folder)
     model.dtypes_on_disk = Counter(store.dtype(theirs) for theirs in names.values())
     model.n_params, model.weights_dtype = n_params, weights_dtype
+    kernels.start()
     if (Path(folder) / RADIAL_CONFIG).is_file():  # a network co-trained with its router: routed by default
         return load_radial(model, folder)
     return model

@@ -49,7 +49,8 @@ def test_matvec_matches_reference(n_in, n_out, int8):
     q = kernels.Int8Matrix.quantize(w)
     out = np.empty(n_out, np.float32)
     kernels.matvec(x, q.q if int8 else w, q.scale if int8 else NONE, b, out)
-    np.testing.assert_allclose(out, kernels.linear_ref(x[None], q.dequantize() if int8 else w, b)[0], rtol=1e-4, atol=1e-4)
+    ref = kernels.linear_ref(x[None], q.dequantize() if int8 else w, b)[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_int8_quantization_per_row():
@@ -211,8 +212,8 @@ def test_attention_over_picked_rows():
 
 @settings(max_examples=25, deadline=None)
 @example(n_q=40, n_past=3, n_head=4, group=2, causal=True, picked=False, seed=0)  # always: 2 query heads per kv head
-@given(n_q=st.integers(1, 80), n_past=st.integers(0, 40), n_head=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2]),
-       causal=st.booleans(), picked=st.booleans(), seed=st.integers(0, 1000))  # fmt: skip
+@given(n_q=st.integers(1, 100), n_past=st.integers(0, 40), n_head=st.sampled_from([1, 2, 4]),
+       group=st.sampled_from([1, 2]), causal=st.booleans(), picked=st.booleans(), seed=st.integers(0, 1000))  # fmt: skip
 def test_blocked_attention_matches_reference(n_q, n_past, n_head, group, causal, picked, seed):
     """The prefill kernel (_attention_blocked, one task per head, scores and outputs through _gemm) against the
     reference: causal or not, grouped-query, over keys picked out of a larger store with holes in the positions,
@@ -232,5 +233,19 @@ def test_blocked_attention_matches_reference(n_q, n_past, n_head, group, causal,
     kh, vh = kernels.split_heads(ks, n_kv), kernels.split_heads(vs, n_kv)
     out = np.empty((n_head, n_q, d), np.float32)
     kernels._attention_blocked(kernels.split_heads(q, n_head), kh, vh, rows if picked else np.zeros(0, np.int64), n,
-                               q_pos if causal else k_pos[:0], k_pos, causal, out, 16)  # fmt: skip
+                               q_pos if causal else k_pos[:0], k_pos, causal, out)  # fmt: skip
     np.testing.assert_allclose(kernels.merge_heads(out), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_small_work_and_a_busy_machine_run_serial(monkeypatch):
+    """The thread pool only for work above SERIAL_BELOW on a machine whose load leaves it cores; the load average
+    is read at most once a second."""
+    monkeypatch.setattr(kernels, "_LOAD", {"checked": -1.0, "busy": False})
+    cpus = len(__import__("os").sched_getaffinity(0))
+    monkeypatch.setattr("os.getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert kernels._sized("pool", "serial", kernels.SERIAL_BELOW) == "pool"
+    assert kernels._sized("pool", "serial", kernels.SERIAL_BELOW - 1) == "serial"
+    monkeypatch.setattr("os.getloadavg", lambda: (cpus + 1.5, 0.0, 0.0))
+    assert kernels._sized("pool", "serial", kernels.SERIAL_BELOW) == "pool"  # the last reading is under a second old
+    kernels._LOAD["checked"] = -1.0
+    assert kernels._sized("pool", "serial", 1 << 40) == "serial" and kernels.machine_busy()
