@@ -71,9 +71,16 @@ def cmd_generate(args):
     stream = streamer = Streamer(tok, write)
     if routed and not args.quiet:
         stream = _depth_streamer(stream, runner, args.show_depth, write)
+    stamps = []  # when each new token was chosen: the first one comes out of the prefill
+
+    def on_token(token):
+        stamps.append(time.perf_counter())
+        if not args.quiet:
+            stream(token)
+
     t0 = time.perf_counter()
     new = radial_min.generate(runner, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                              on_token=None if args.quiet else stream, repetition_penalty=args.repetition_penalty)
+                              on_token=on_token, repetition_penalty=args.repetition_penalty)
     dt = time.perf_counter() - t0
     if args.quiet:
         write(tok.decode(new))
@@ -81,11 +88,21 @@ def cmd_generate(args):
         streamer.finish()  # a character the last token left incomplete: printed as --quiet would print it
     write("\n")  # (with the prompt, if no new text came)
     if args.stats:
-        print(f"[{_count(len(ids), 'prompt token')} + {_count(len(new), 'new token')} in {dt:.2f} s, "
-              f"{len(new) / dt:.1f} tokens/s]", file=sys.stderr)
+        print(format_stats(len(ids), dt, [s - t0 for s in stamps]), file=sys.stderr)
     if routed:
         sys.stdout.flush()
         print(format_routing(runner, len(ids)), file=sys.stderr)
+
+
+def format_stats(n_prompt: int, dt: float, stamps: list) -> str:
+    """Tokens and time in all, then apart: the first new token (the prefill) and the decode rate after it.
+    `stamps`: seconds from the start to each new token."""
+    n = len(stamps)
+    line = f"[{_count(n_prompt, 'prompt token')} + {_count(n, 'new token')} in {dt:.2f} s, {n / dt:.1f} tokens/s"
+    if n > 1:
+        line += (f"; the first after {stamps[0]:.2f} s (prefill), then "
+                 f"{(n - 1) / (stamps[-1] - stamps[0]):.1f} tokens/s")
+    return line + "]"
 
 
 def _warn_without_effect(args, co_trained=False):

@@ -154,6 +154,10 @@ def test_generate_stats_and_zero_tokens(capsys, opt_with_tokenizer):
     code, out, err = call(capsys, "generate", "Hi", "--model", opt_with_tokenizer, "--max-new-tokens", 0, "--stats")
     assert code == 0 and out == "Hi\n"
     assert re.fullmatch(r"\[\d+ prompt tokens \+ 0 new tokens in [\d.]+ s, [\d.]+ tokens/s\]\n", err), err
+    code, out, err = call(capsys, "generate", "Hi", "--model", opt_with_tokenizer, "--max-new-tokens", 5, "--stats",
+                          "--quiet")  # fmt: skip
+    assert re.fullmatch(r"\[\d+ prompt tokens \+ 5 new tokens in [\d.]+ s, [\d.]+ tokens/s; the first after [\d.]+ s "
+                        r"\(prefill\), then [\d.]+ tokens/s\]\n", err), err
 
 
 def test_generate_as_a_subprocess(opt_with_tokenizer):
