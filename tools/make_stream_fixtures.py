@@ -5,9 +5,9 @@
 - opt-bin-sharded: the state dict in three shards plus pytorch_model.bin.index.json, as the Hub's large OPT
   checkpoints are stored (streamed shard by shard, converted to safetensors shard by shard).
 
-Dev-only: needs torch (/work/devenv), which the package and its tests never import. Re-runnable and deterministic.
+Dev-only: needs torch, which the package and its tests never import. Re-runnable and deterministic.
 
-    /work/devenv/bin/python tools/make_stream_fixtures.py
+    python tools/make_stream_fixtures.py      # with a Python that has torch
 """
 import json
 import shutil

@@ -1,8 +1,8 @@
 """Write the pytorch_model.bin fixtures for tests/test_torch_pickle.py into tests/fixtures/torch_bin/.
 
-Dev-only: needs torch, which the package and its tests never import. Run from anywhere:
+Dev-only: needs torch, which the package and its tests never import. Run from anywhere, with a Python that has it:
 
-    /work/venv-ref/bin/python tools/make_torch_fixtures.py
+    python tools/make_torch_fixtures.py
 
 Re-runnable and deterministic (fixed seeds, fixed zip timestamps): running it twice gives identical files.
 Every fixture is checked against torch itself: the good files load in torch to the expected values, and each
