@@ -67,7 +67,7 @@ class Step:
 
     pos: np.ndarray | None = None  # [T] absolute token positions (causal models); None: full attention (ViT)
     cache: object = None  # a KV cache (see cache.py), or None: attend within these rows only
-    hop: int = 0  # how many blocks the token has run before this one (its routing step; 0..depth-1)
+    hop: object = 0  # blocks the token ran before this one (its routing step), an int or one per row [T]
 
 
 class Block:

@@ -39,4 +39,5 @@ class ScriptedRouter:
         else:
             tokens = [t for t in self.group if prev[0] in self.routes[t]]
         assert len(tokens) == len(depth), "ScriptedRouter: calls out of the order it expects"
-        return np.array([self.routes[t][d] if d < len(self.routes[t]) else self.config.exit for t, d in zip(tokens, depth)])
+        exit_ = self.config.exit
+        return np.array([self.routes[t][d] if d < len(self.routes[t]) else exit_ for t, d in zip(tokens, depth)])

@@ -153,7 +153,8 @@ def test_int8_weights_in_memory(name, matmul_backend):
 def test_int8_shipped_model_memory_and_text():
     """The shipped model in int8: weights take <= 0.3x their float32 bytes, and 60 greedy tokens are the
     float32 model's."""
-    f32, i8 = radial_min.load(radial_min.hub.DEFAULT_MODEL), radial_min.load(radial_min.hub.DEFAULT_MODEL, weights_dtype="int8")
+    f32 = radial_min.load(radial_min.hub.DEFAULT_MODEL)
+    i8 = radial_min.load(radial_min.hub.DEFAULT_MODEL, weights_dtype="int8")
     b32, b8 = sum(a.nbytes for a in _arrays(f32)), sum(a.nbytes for a in _arrays(i8))
     assert b32 == 4 * f32.n_params and b8 <= 0.3 * b32
     ids = radial_min.Tokenizer(f32.path).encode("And God said")

@@ -307,7 +307,8 @@ def _random_router(model, seed, forward_only=True, exit_bias=-3.0):
     """A Router MLP with random weights (the fused decision kernel, softmax gates), for routes of a few blocks."""
     from radial_min import router as R
 
-    cfg = R.RouterConfig(width=model.config.hidden_size, n_blocks=len(model.blocks), hidden=8, forward_only=forward_only)
+    cfg = R.RouterConfig(width=model.config.hidden_size, n_blocks=len(model.blocks), hidden=8,
+                         forward_only=forward_only)
     rng = np.random.default_rng(seed)
     params = {k: v + 0.5 * rng.standard_normal(v.shape).astype(np.float32) for k, v in R.init_router(cfg, seed).items()}
     params["b2"][cfg.exit] += exit_bias
@@ -323,7 +324,8 @@ def test_routed_prefill_together_equals_token_by_token(cfg, prompt, gate, n_new,
     model = random_opt(**cfg)
     router = _random_router(model, cfg["seed"])
     ids = np.array(prompt)
-    together, alone = RadialNetwork(model, router, max_depth, gate=gate), RadialNetwork(model, router, max_depth, gate=gate)
+    together = RadialNetwork(model, router, max_depth, gate=gate)
+    alone = RadialNetwork(model, router, max_depth, gate=gate)
     assert together.routes_together
     got = together.forward(ids)
     cache = alone.new_cache()
@@ -347,7 +349,11 @@ def test_routing_together_runs_each_block_once(monkeypatch):
     router = _random_router(model, 1)
     calls = []
     run_block = radial_min.radial.run_block
-    monkeypatch.setattr(radial_min.radial, "run_block", lambda i, b, x, *a, **k: calls.append((i, len(x))) or run_block(i, b, x, *a, **k))
+    def counted(i, block, x, *args, **kwargs):
+        calls.append((i, len(x)))
+        return run_block(i, block, x, *args, **kwargs)
+
+    monkeypatch.setattr(radial_min.radial, "run_block", counted)
     net = RadialNetwork(model, router)
     net.forward(np.arange(3, 23))
     ran = [i for i, _ in calls]
