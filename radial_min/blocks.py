@@ -116,7 +116,7 @@ class AttentionBlock(Block):
         h = self.norm(x) if self.pre_norm else x
         qkv = self.qkv(h)  # [T, E] -> [T, E + 2Ekv]
         kv = (qkv.shape[1] * self.n_kv_head) // (self.n_head + 2 * self.n_kv_head)  # Ekv
-        q, k, v = np.split(qkv, [qkv.shape[1] - 2 * kv, qkv.shape[1] - kv], axis=1)  # -> [T, E], 2 x [T, Ekv]
+        q, k, v = qkv[:, : -2 * kv], qkv[:, -2 * kv : -kv], qkv[:, -kv:]  # -> [T, E], 2 x [T, Ekv]
         if self.rotary is not None:
             q, k = self.rotary(q, self.n_head, pos), self.rotary(k, self.n_kv_head, pos)
         return q, k, np.ascontiguousarray(v)
