@@ -88,9 +88,10 @@ def machine_busy() -> bool:
     """Whether other work leaves this process's thread pool waiting for cores (see SERIAL_BELOW)."""
     now = time.monotonic()
     if now - _LOAD["checked"] > 1.0:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         try:
-            busy = os.getloadavg()[0] > len(os.sched_getaffinity(0)) + 1
-        except (AttributeError, OSError):  # no load average (Windows) or no affinity (macOS): assume idle
+            busy = os.getloadavg()[0] > cpus + 1
+        except (AttributeError, OSError):  # no load average (Windows): assume cores to spare
             busy = False
         _LOAD.update(checked=now, busy=busy)
     return _LOAD["busy"]
