@@ -13,8 +13,10 @@ SETTLE_S = 0.2  # pause after each timed call (see `interleaved`)
 
 
 def set_threads(threads) -> int:
-    """BLAS, OpenMP and Numba read their thread counts when they load: call before importing numpy. `threads`
-    overrides the variables; without it, values already set are kept and the rest get every usable core."""
+    """BLAS, OpenMP and Numba read their thread counts when they load (tqdm its settings): call before importing
+    numpy. `threads` overrides the variables; without it, values already set are kept and the rest get every
+    usable core."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loading draws a tqdm bar of its own
     n = threads or len(os.sched_getaffinity(0))
     for var in THREAD_VARS:
         if threads or var not in os.environ:
@@ -141,7 +143,6 @@ def import_transformers(wanted: bool):
         return None, None
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF loading draws its own tqdm bar
     return torch, transformers
 
 
