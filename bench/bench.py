@@ -4,7 +4,7 @@ and routing in wall-clock time (routing.py), then the targets of issue 10, MET o
 
     python bench/bench.py                    # ~10 minutes on 2 cores; makes weights/random-opt-125m if missing
     python bench/bench.py --quick            # smoke run on a tiny random model
-    python bench/bench.py --json bench.json --threads 2
+    python bench/bench.py --json bench.json --markdown results.md   # every number; docs/performance.md's tables
 
 Times are medians of --reps repetitions with [min, max], contenders interleaved; every timed piece runs once
 untimed first. Each section prints the CPU share other processes took and the load average: on a busy machine
@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--matmul", choices=["numba", "blas"], default=None, help="radial_min's many-row matmul")
     p.add_argument("--no-transformers", action="store_true", help="radial_min's figures only")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every number to this JSON file")
+    p.add_argument("--markdown", default=None, metavar="PATH",
+                   help="also write the results as the Markdown tables of docs/performance.md (bench/report.py)")
     args = p.parse_args(argv)
     args.dtypes = args.weights_dtype.split(",")
     if "float32" not in args.dtypes or not set(args.dtypes) <= {"float32", "float16", "bfloat16", "int8"}:
@@ -141,6 +143,11 @@ def main(args, threads):
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
         print(f"wrote {args.json}")
+    if args.markdown:
+        import report
+
+        Path(args.markdown).write_text(report.markdown(json.loads(json.dumps(res, default=str))))
+        print(f"wrote {args.markdown}")
 
 
 if __name__ == "__main__":
