@@ -5,6 +5,7 @@
 so the tables in the docs are the run's numbers, not a transcription."""
 import json
 import sys
+import textwrap
 
 
 def _s(s, digits=1):
@@ -36,7 +37,7 @@ def markdown(res) -> str:
     loads = [v["load_average"] for v in load.values()]
     shares = [v["other_share"] for v in load.values()]
     busy = any(v["pool"] != "on" for v in load.values())
-    out = [f"From `python bench/bench.py --json bench.json` (+ `python bench/report.py bench.json`): load average "
+    out = [f"From `python bench/bench.py --json bench.json --markdown results.md`: load average "
            f"{min(loads):.1f}-{max(loads):.1f}, other processes {100 * min(shares):.0f}-{100 * max(shares):.0f}% of "
            "the CPUs" + ("; the machine was busy, so radial_min ran serially and torch got one thread: the ratios "
                          "compare one core with one core." if busy else ".")]  # fmt: skip
@@ -90,7 +91,8 @@ def markdown(res) -> str:
             f"Routed: {sh['depth']:.2f} of 12 blocks per decode step; the CLI's depth display and routing summary: "
             f"{100 * sh['display']['cost']:.2f}% of a token's time.", "",
             _table(["target", "measured", "status"], res["targets"])]  # fmt: skip
-    return "\n".join(out) + "\n"
+    prose = [line if line.startswith("|") else textwrap.fill(line, 120) for line in out]
+    return "\n".join(prose) + "\n"
 
 
 if __name__ == "__main__":
