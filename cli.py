@@ -28,6 +28,7 @@ from radial_min.cache import POLICIES
 from radial_min.data import SHARED
 from radial_min.errors import RadialError, SettingError
 from radial_min.generation import check_sampling
+from radial_min.gguf_file import is_gguf
 from radial_min.hub import DEFAULT_MODEL
 from radial_min.kernels import softmax
 from radial_min.outputs import write_csv, write_json, write_npz
@@ -210,7 +211,8 @@ def format_info(model):
     lines = [f"model       {model.path}",
              f"type        {cfg.model_type}  ({type(model).__name__})",
              f"parameters  {model.n_params:,}",
-             f"on disk     {', '.join(f'{n} tensors {d}' for d, n in sorted(model.dtypes_on_disk.items()))}",
+             f"on disk     {', '.join(_count(n, 'tensor') + ' ' + d for d, n in sorted(model.dtypes_on_disk.items()))}",
+             *_gguf_file_line(model),
              f"in memory   {model.n_params * 4 / 2**20:.1f} MiB float32",
              f"blocks      {len(model.blocks)} ({_count(model.n_layer, 'layer')} x attention + FFN)"]
     if cfg.model_type == "opt":
@@ -235,6 +237,21 @@ def format_info(model):
                   f"KV cache    unified, {model.cache_policy} policy"
                   + (f", step encodings x{model.step_encoding_scale:g}" if model.cache_policy == "global" else "")]  # fmt: skip
     return "\n".join(lines)
+
+
+def _gguf_file_line(model):
+    """A .gguf file's size and llama.cpp's name for its quantization mix (general.file_type), as one line."""
+    if not is_gguf(model.path):
+        return []
+    kind = getattr(model, "file_type", None)
+    try:
+        import gguf
+
+        name = f" ({gguf.LlamaFileType(kind).name})"
+    except (ImportError, ValueError, TypeError):
+        name = ""
+    described = "not given" if kind is None else f"{kind}{name}"
+    return [f"file        GGUF, {model.path.stat().st_size / 2**20:.1f} MiB, general.file_type {described}"]
 
 
 # -------------------------------------------------------------------------------------------------- train
@@ -770,7 +787,7 @@ def build_parser():
     def command(name, help, description=None):
         return sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".")
 
-    model_help = "checkpoint folder or Hub id (default: the shipped model, weights/opt-kjv-wiki)"
+    model_help = "checkpoint folder, .gguf file or Hub id (default: the shipped model, weights/opt-kjv-wiki)"
     g = command("generate", "continue a prompt with a language model (OPT, Llama, Qwen2; a folder or a .gguf file)",
                 "Continue a prompt with a language model (OPT, Llama, Qwen2; a folder or a .gguf file), streaming "
                 "the text. Greedy by default; --temperature > 0 samples. With --router, tokens run only the blocks "
@@ -899,7 +916,8 @@ def build_parser():
 
     pr = command("profile", "residual ratio of every block and token: tables, .npz/CSV/JSON, plots")
     pr.add_argument("--model", action="append", default=None,
-                    help="checkpoint folder or Hub id; repeat to compare models (default: the shipped model)")
+                    help="checkpoint folder, .gguf file or Hub id; repeat to compare models "
+                         "(default: the shipped model)")
     add_text_args(pr, None)
     pr.add_argument("--images", default=str(SHARED / "images"), help="ViT: image file or folder (default: %(default)s)")
     pr.add_argument("--generate", type=_generate_count, default=0,

