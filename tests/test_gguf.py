@@ -185,3 +185,21 @@ def test_cli_generate_and_info_on_smollm2(capsys, smollm2):
     assert "parameters  134,515,008\n" in out  # SmolLM2-135M's, tied embeddings counted once
     assert "on disk     61 tensors F32, 210 tensors Q4_1, 1 tensor Q8_0\n" in out
     assert "file        GGUF, 93.8 MiB, general.file_type 3 (MOSTLY_Q4_1)\n" in out
+
+
+def test_cli_profile_reads_a_gguf_file(capsys, tmp_path):
+    """profile on a Llama from a .gguf (it once took any non-OPT model for a ViT, and asked a .gguf for a folder)."""
+    path = GGUF_FIXTURES / "llama-gqa-untied.gguf"
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    code, out, err = call(capsys, "profile", "--model", path, "--text", text, "--seq-len", 16, "--max-sequences", 3,
+                          "--out", tmp_path / "p")  # fmt: skip
+    assert code == 0, err
+    ratios = np.load(tmp_path / "p" / "ratios_llama-gqa-untied.gguf_prefill.npz")["ratios"]
+    model, tok = radial_min.load(path), radial_min.Tokenizer(path)
+    seqs = tok.encode(text.read_text())[: 48].reshape(3, 16)
+    expected = radial_min.profiling.profile_text(model, seqs)
+    np.testing.assert_allclose(ratios, expected, rtol=1e-6)
+    assert f"overall median {np.median(expected):.4f}" in out
+    code, _, err = call(capsys, "profile", "--model", path, "--text", text, "--stream", "--out", tmp_path / "s")
+    assert code == 2 and err == f"error: --stream: {path} is a .gguf file; streaming reads OPT safetensors checkpoints only\n"
