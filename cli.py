@@ -566,7 +566,7 @@ def format_sweep(rows, statics, names, rules):
     lines = ["perplexity at the oracle's mean depth (blocks per token): the oracle, the static baselines and the "
              "other rule", head, "-" * len(head)]
     for row in rows:
-        line = (f"{row['rule']:<6}{row['tau']:6.3f}{row['ppl']:10.3f}{row['mean_depth']:8.2f}{row['min_depth']:5d}"
+        line = (f"{row['rule']:<6}{row['tau']:6.3f}{_num(row['ppl'], 10)}{row['mean_depth']:8.2f}{row['min_depth']:5d}"
                 f"{row['max_depth']:5d}{_num(row['static_lowest_ppl'], 14)}{_num(row['early_exit_ppl'], 12)}")
         if other[row["rule"]]:
             line += _num(row[f"{other[row['rule']]}_ppl_at_depth"], 12)
@@ -584,15 +584,19 @@ def format_sweep(rows, statics, names, rules):
         by_k.setdefault(r["k"], {})[r["baseline"]] = r
     for k, b in sorted(by_k.items()):
         dropped = ", ".join(names[i] for i in b["lowest"]["dropped"]) or "-"
-        lines.append(f"{k:3d}{len(names) - k:7d}{b['lowest']['ppl']:14.3f}{b['exit']['ppl']:12.3f}  {dropped}")
+        lines.append(f"{k:3d}{len(names) - k:7d}{_num(b['lowest']['ppl'], 14)}{_num(b['exit']['ppl'], 12)}  {dropped}")
     lines += ["", "skip rate per block at each setting:", f"{'':<12}" + "".join(f"{b:>8}" for b in names)]
     lines += [f"{row['rule']} {row['tau']:<7.3f}" + "".join(f"{s:8.2f}" for s in row["skip_rate"]) for row in rows]
     return "\n".join(lines)
 
 
 def _num(value, width, digits=3):
-    """A right-aligned number, or '-' for None (a value outside what was measured)."""
-    return f"{'-':>{width}}" if value is None else f"{value:{width}.{digits}f}"
+    """A right-aligned number, or '-' for None (a value outside what was measured); with 3 significant digits and
+    an exponent when the fixed form would not leave a space before it (whole-block dropping reaches ppl 1e9)."""
+    if value is None:
+        return f"{'-':>{width}}"
+    text = f"{value:.{digits}f}"
+    return f"{text if not width or len(text) < width else f'{value:.3g}':>{width}}"
 
 
 # ------------------------------------------------------------------------------------------- train-router
