@@ -125,8 +125,9 @@ def depth_histogram(hists: dict, path):
     return _save(fig, plt, path)
 
 
-def ppl_vs_depth(curves: dict, n_blocks: int, path):
-    """Perplexity against mean blocks per token; `curves` maps a label to (depths, ppls)."""
+def ppl_vs_depth(curves: dict, n_blocks: int, path, ymax: float | None = None):
+    """Perplexity against mean blocks per token; `curves` maps a label to (depths, ppls). The perplexity axis is
+    logarithmic when the values shown span more than 10x; `ymax` cuts it off (curves leave the plot above it)."""
     plt = _pyplot()
     if plt is None:
         return None
@@ -134,8 +135,13 @@ def ppl_vs_depth(curves: dict, n_blocks: int, path):
     for label, (depth, ppl) in curves.items():
         order = np.argsort(depth)
         ax.plot(np.asarray(depth)[order], np.asarray(ppl)[order], marker="o", markersize=4, label=label)
+    shown = [p for _, ppl in curves.values() for p in ppl if p is not None and (ymax is None or p <= ymax)]
+    if shown and max(shown) > 10 * min(shown):
+        ax.set_yscale("log")
+    if ymax is not None:
+        ax.set_ylim(top=ymax)
     ax.set_xlabel(f"mean blocks per token (of {n_blocks})")
-    ax.set_ylabel("perplexity")
+    ax.set_ylabel("perplexity" + (" (log scale)" if ax.get_yscale() == "log" else ""))
     ax.invert_xaxis()
     ax.legend(fontsize=8)
     ax.set_title("Quality against dynamic depth")

@@ -24,6 +24,8 @@ def main(argv=None):
     p.add_argument("--routers", default=str(ROOT / "runs" / "routers"), help="folder of train-router --out folders")
     p.add_argument("--simulate", default=str(ROOT / "runs" / "simulate-default" / "simulate.json"))
     p.add_argument("--figure", default=str(ROOT / "docs" / "figures" / "router_ppl_vs_depth.png"))
+    p.add_argument("--rules", default="drop", help="the oracle's curves to draw from simulate.json (default: drop)")
+    p.add_argument("--ymax", type=float, default=None, help="cut the perplexity axis off here (default: none)")
     args = p.parse_args(argv)
     reports = sorted((json.loads(f.read_text()) for f in Path(args.routers).glob("*/train_router.json")),
                      key=lambda r: r["config"]["tau"])
@@ -47,13 +49,14 @@ def main(argv=None):
         points["router"][1].append(at["router"])
     sim = json.loads(Path(args.simulate).read_text()) if Path(args.simulate).is_file() else None
     if sim is not None:
-        rows = sorted((r["mean_depth"], r["ppl"]) for r in sim["rows"] if r["rule"] == "drop")
-        points["oracle (drop)"] = ([d for d, _ in rows], [q for _, q in rows])
+        for rule in args.rules.split(","):
+            rows = sorted((r["mean_depth"], r["ppl"]) for r in sim["rows"] if r["rule"] == rule)
+            points[f"oracle ({rule})"] = ([d for d, _ in rows], [q for _, q in rows])
         for kind, label in (("lowest", "static: lowest-ratio blocks"), ("exit", "static: early exit")):
             rows = sorted((r["depth"], r["ppl"]) for r in sim["static"] if r["baseline"] == kind)
             points[label] = ([d for d, _ in rows], [q for _, q in rows])
     n = len(sim["blocks"]) if sim is not None else reports[0]["config"]["n_blocks"]
-    made = plots.ppl_vs_depth(points, n, args.figure)
+    made = plots.ppl_vs_depth(points, n, args.figure, args.ymax)
     print(f"\nfigure: {args.figure if made else 'not made (pip install matplotlib)'}")
 
 
