@@ -69,7 +69,8 @@ def main(argv=None):
           f"routed decode ran {a[:, 4].mean():.1f} of {n} blocks per token "
           f"(ideal speed-up from blocks alone {n / a[:, 4].mean():.2f}x)")
     print(f"median prefill of {args.prompt_len} tokens: sequential {np.median(a[:, 0]):.2f} s, routed "
-          f"{np.median(a[:, 2]):.2f} s (routed prefill runs token by token)")
+          f"{np.median(a[:, 2]):.2f} s (routed: " + ("the prompt's tokens together, block by block)" if
+          RadialNetwork(model, router).routes_together else "token by token)"))
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
