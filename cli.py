@@ -298,7 +298,7 @@ def cmd_train(args):
 
 
 _RADIAL_OPTIONS = ("max_depth", "forward_only", "cache_policy", "step_encoding_scale", "target_depth", "cost",
-                   "router_hidden", "in_order", "router_warmup")  # fmt: skip
+                   "router_hidden", "in_order", "router_warmup", "router_lr", "cost_rate", "depth_weight")  # fmt: skip
 
 
 def _radial_settings(args) -> dict:
@@ -895,6 +895,13 @@ def build_parser():
                           "there; 0 = random routes (default: 6)")
     rad.add_argument("--router-warmup", type=_nonneg_int, default=None,
                      help="first steps in which only the blocks learn, the router waits (default: 100)")
+    rad.add_argument("--router-lr", type=float, default=None,
+                     help="the router's learning rate as a share of --lr (default: 0.1)")
+    rad.add_argument("--cost-rate", type=float, default=None,
+                     help="with --target-depth: how fast the cost follows it, per step and block of error "
+                          "(default: 0.0002)")
+    rad.add_argument("--depth-weight", type=float, default=None,
+                     help="with --target-depth: weight of (expected blocks - target)^2 in the loss (default: 0.05)")
     t.set_defaults(func=cmd_train)
 
     def add_text_args(q, max_sequences):

@@ -23,9 +23,10 @@ The router learns through its discrete choice as in Mixture-of-Depths (Raposo et
 Mixture-of-Recursions (Bae et al., 2025): the chosen block's branch is scaled by the router's probability of
 choosing it, y = x + p f(x), so the language-model loss reaches the router through p, exactly; argmax picks the
 move, per token and causally, the same rule at training and at generation (RadialNetwork(gate=True)). The
-compute term sets the budget: loss += cost * (1/n) sum over every decision of every token of (1 - p_EXIT), the
-expected number of blocks the token goes on to; `target_depth` adjusts `cost` between steps (`update_cost`) so
-that the mean depth settles at the blocks/token the user asked for. docs/cotraining.md says why this method.
+compute term sets the budget over E, the mean over tokens of the expected number of blocks each goes on to
+(the sum over its decisions of 1 - p_EXIT): loss += cost * E, and with `target_depth` K also
+depth_weight * (E - K)^2, while `update_cost` moves `cost` between steps so that the mean depth settles at K:
+a proportional and an integral controller. docs/cotraining.md says why this method.
 
 Shapes: n = B * T tokens (rows), E width, N blocks, H heads of size D, r the rows of a round.
 """
@@ -54,6 +55,8 @@ class RadialTrainConfig:
     step_encoding_scale: float = 1.0  # global policy: this times the sinusoidal step code, added to q and k
     cost: float = 0.0  # loss per expected block run (the compute term); its starting value with target_depth
     target_depth: float | None = None  # blocks/token that update_cost steers the network to; None: cost is fixed
+    cost_rate: float = 0.0002  # how fast the cost follows the target: per step, per block/token of error
+    depth_weight: float = 0.05  # with a target: weight of (expected blocks - target)^2, the pull that answers at once
     router_hidden: int = 16
     in_order: float = 6.0  # the router's start: this logit margin for the next block in order (router.init_router)
 
@@ -79,7 +82,22 @@ def check_config(rcfg: RadialTrainConfig, cfg: OPTConfig) -> None:
         raise ValueError(f"a forward-only network runs at most its {n} blocks, but max_depth is {rcfg.max_depth}")
 
 
-COST_RATE = 0.001  # how fast the cost follows the depth target: per step, per block of error
+def compute_term(rcfg: RadialTrainConfig, expected: float) -> float:
+    """The loss's compute term for a batch whose tokens expect to run `expected` blocks each: cost * expected,
+    plus, with a target, depth_weight * (expected - target)^2: a pull toward the target that answers at once
+    (the cost, which follows the target between steps, alone overshoots: see update_cost)."""
+    term = rcfg.cost * expected
+    if rcfg.target_depth is not None:
+        term += rcfg.depth_weight * (expected - rcfg.target_depth) ** 2
+    return term
+
+
+def compute_slope(rcfg: RadialTrainConfig, expected: float) -> float:
+    """d compute_term / d expected: the price of one more expected block in this batch."""
+    slope = rcfg.cost
+    if rcfg.target_depth is not None:
+        slope += 2 * rcfg.depth_weight * (expected - rcfg.target_depth)
+    return slope
 
 
 def update_cost(rcfg: RadialTrainConfig, mean_depth: float) -> None:
@@ -88,7 +106,7 @@ def update_cost(rcfg: RadialTrainConfig, mean_depth: float) -> None:
     is what lets tokens that exit too early learn to stay: EXIT itself gets no gradient from the LM loss). In
     place; the trainer saves it with the state, so resumes are exact."""
     if rcfg.target_depth is not None:
-        rcfg.cost += COST_RATE * (mean_depth - rcfg.target_depth)
+        rcfg.cost += rcfg.cost_rate * (mean_depth - rcfg.target_depth)
 
 
 # ------------------------------------------------------------------------------------------------ decision
@@ -450,15 +468,16 @@ def loss_and_grads(params, router, cfg: OPTConfig, rcfg: RadialTrainConfig, batc
     expected = sum(float((1 - probs[:, net.N]).sum()) for _, probs, _ in net.decisions) / n
     info = {"lm_loss": float(lm_loss), "blocks": float((net.routes >= 0).sum() / n), "expected_blocks": expected,
             "routes": net.routes}  # fmt: skip
-    loss = float(lm_loss) + rcfg.cost * expected
+    loss = float(lm_loss) + compute_term(rcfg, expected)
     if not need_grads:
         return loss, None, None, info
 
     G = {}
     dX = head_backward(bp.crossentropy_backward(c_ce), c_head, G)  # [n, E]
     dprobs = [np.zeros_like(probs) for _, probs, _ in net.decisions]
+    slope = compute_slope(rcfg, expected)  # d compute_term / d expected blocks
     for d in dprobs:
-        d[:, net.N] -= rcfg.cost / n  # d/dp_EXIT of cost * (1 - p_EXIT) / n
+        d[:, net.N] -= slope / n  # expected = (1/n) sum of (1 - p_EXIT) over every decision
     block_grads, pending = [[] for _ in net.blocks], [{} for _ in net.blocks]
     GR = {k: np.zeros_like(v) for k, v in router.items()}
     for k in range(len(net.rounds), -1, -1):  # decision k + 1 follows round k; decision 0 is START

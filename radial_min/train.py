@@ -205,6 +205,9 @@ class TrainConfig:
     router_hidden: int = 16
     in_order: float = 6.0  # the router starts with this margin for the next block in order (0: random routes)
     router_warmup: int = 100  # steps in which only the blocks learn (the router keeps its start, the cost its value)
+    router_lr: float = 0.1  # the router's learning rate, as a share of lr
+    cost_rate: float = 0.0002  # how fast the cost follows target_depth (radial_train.update_cost)
+    depth_weight: float = 0.05  # weight of (expected blocks - target_depth)^2 (radial_train.compute_term)
 
     def radial_config(self):
         """The routing settings as radial_train reads them, or None for a plain sequential model."""
@@ -215,7 +218,7 @@ class TrainConfig:
         return RadialTrainConfig(max_depth=self.max_depth, forward_only=self.forward_only,
                                  cache_policy=self.cache_policy, step_encoding_scale=self.step_encoding_scale,
                                  cost=self.cost, target_depth=self.target_depth, router_hidden=self.router_hidden,
-                                 in_order=self.in_order)  # fmt: skip
+                                 in_order=self.in_order, cost_rate=self.cost_rate, depth_weight=self.depth_weight)  # fmt: skip
 
     def model_config(self) -> OPTConfig:
         return OPTConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
@@ -226,7 +229,7 @@ class TrainConfig:
 _MODEL_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "seq_len")
 # Settings a resume must keep for the run to be the one that was started (the batches and the updates it makes).
 _RADIAL_FIELDS = ("radial", "max_depth", "forward_only", "cache_policy", "step_encoding_scale", "target_depth", "cost",
-                  "router_hidden", "in_order", "router_warmup")  # fmt: skip
+                  "router_hidden", "in_order", "router_warmup", "router_lr", "cost_rate", "depth_weight")  # fmt: skip
 _RESUME_FIELDS = (*_MODEL_FIELDS, "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "seed",
                   *_RADIAL_FIELDS)  # fmt: skip
 ROUTER = "router."  # the router's parameters in a Radial Network's training state: router.w1, ...
@@ -238,7 +241,8 @@ def _check_resume(state_path: Path, config_path: Path, cfg: TrainConfig) -> None
         raise RadialError(f"{config_path}: missing beside {state_path.name}, so the run's settings are unknown: "
                           "restore it or use a new --out")  # fmt: skip
     saved = read_json(config_path, RadialError, "a JSON object of training settings")
-    changed = [k for k in _RESUME_FIELDS if saved.get(k) != getattr(cfg, k)]
+    default = TrainConfig()  # a setting the file does not name was saved by an older version, with its default
+    changed = [k for k in _RESUME_FIELDS if saved.get(k, getattr(default, k)) != getattr(cfg, k)]
     if changed:
         was = ", ".join(f"{k}={saved.get(k)!r:.24} (now {getattr(cfg, k)!r})" for k in changed[:4])
         raise RadialError(f"{config_path}: {state_path.name} was saved with {was}; resume with the same settings "
@@ -402,7 +406,11 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: 
                 if rcfg is not None and not routing:  # warm-up: untrained blocks would teach the router to exit
                     grads = {k: g for k, g in grads.items() if not k.startswith(ROUTER)}
                 norm = clip_grads(grads, cfg.grad_clip)
-                adamw_step(params, grads, m, v, step + 1, lr, weight_decay=cfg.weight_decay)
+                blocks, router = split_router(grads)  # the router learns at its own, slower rate
+                adamw_step(params, blocks, m, v, step + 1, lr, weight_decay=cfg.weight_decay)
+                if router:
+                    adamw_step(params, {ROUTER + k: g for k, g in router.items()}, m, v, step + 1, lr * cfg.router_lr,
+                               weight_decay=cfg.weight_decay)  # fmt: skip
                 step += 1
                 tokens_done += cfg.batch_size * cfg.seq_len
                 record = {"step": step, "loss": round(loss, 4), "lr": lr, "grad_norm": round(norm, 3)}

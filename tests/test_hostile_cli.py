@@ -207,6 +207,16 @@ def test_a_run_folder_with_broken_files(trained, capsys):
     refused(capsys, resume, "train_config.json: state.safetensors was saved with lr=0.5")
 
 
+def test_a_run_saved_before_the_routing_settings_existed_resumes(trained, capsys):
+    """An older train_config.json does not name the settings added since: they were their defaults then."""
+    d = json.loads((trained / "train_config.json").read_text())
+    old = {k: v for k, v in d.items() if k not in ("radial", "router_lr", "cost_rate", "depth_weight")}
+    (trained / "train_config.json").write_text(json.dumps(old))
+    code, _, err = call(capsys, *TRAIN, "--out", trained, "--steps", "3")
+    assert code == 0, err
+    assert json.loads((trained / "log.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
 def test_state_tensors_are_checked_against_the_run(trained, capsys):
     from radial_min.checkpoint import SafetensorsFile, write_safetensors
 

@@ -145,9 +145,11 @@ CASES = [  # (policy, forward_only, pre-LN, max_depth, cost, step-encoding scale
 @pytest.mark.parametrize("policy,forward_only,pre_norm,max_depth,cost,scale", CASES)
 def test_whole_radial_network_gradients(policy, forward_only, pre_norm, max_depth, cost, scale):
     """End to end: every block parameter, the embeddings and the router, sampled entries, against finite
-    differences, under every policy, with and without reuse, pre- and post-LN, with the compute term."""
+    differences, under every policy, with and without reuse, pre- and post-LN, with the compute term (and, for
+    the first case, its pull toward a depth target)."""
+    target = {"target_depth": 2.0, "depth_weight": 0.3} if (policy, pre_norm, cost) == ("global", True, 0.3) else {}
     cfg, params, router, rcfg = tiny(pre_norm=pre_norm, cache_policy=policy, forward_only=forward_only,
-                                     max_depth=max_depth, cost=cost, step_encoding_scale=scale)  # fmt: skip
+                                     max_depth=max_depth, cost=cost, step_encoding_scale=scale, **target)  # fmt: skip
     batch = np.random.default_rng(7).integers(0, cfg.vocab_size, size=(2, 8))
     loss, G, GR, info = rt.loss_and_grads(params, router, cfg, rcfg, batch, fast=False)
     assert set(G) == set(params)
@@ -217,7 +219,7 @@ def test_router_that_runs_every_block_is_the_sequential_model(schedule):
 def test_cost_follows_the_depth_target():
     rcfg = rt.RadialTrainConfig(cost=0.01, target_depth=6.0)
     rt.update_cost(rcfg, 8.0)
-    assert rcfg.cost == pytest.approx(0.01 + 2 * rt.COST_RATE)
+    assert rcfg.cost == pytest.approx(0.01 + 2 * rcfg.cost_rate)
     for _ in range(100):
         rt.update_cost(rcfg, 2.0)
     assert rcfg.cost < 0  # too shallow: blocks earn

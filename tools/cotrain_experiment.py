@@ -4,6 +4,7 @@ scratch, all on the same data, the same token budget and the same recipe; then t
     python tools/cotrain_experiment.py train [--only E-s0,F-s0]   # the training runs (cli.py train), resumable
     python tools/cotrain_experiment.py distill                     # routers distilled from A (cli.py train-router)
     python tools/cotrain_experiment.py evaluate                    # -> runs/cotrain/results.json
+    python tools/cotrain_experiment.py speed                       # generation tokens/s (a quiet machine!)
     python tools/cotrain_experiment.py figures                     # -> docs/figures/cotrain_*.png + the tables
 
 Every run is a plain `cli.py` command (printed before it starts), so any of them can be rerun by hand; a run that
@@ -176,19 +177,186 @@ def cmd_evaluate(args):
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- generation
+
+
+def cmd_speed(args):
+    """Greedy generation tokens/s of every model's export through the inference engine (the co-trained ones
+    routed by their own router, A also with its distilled router nearest 8 blocks), interleaved repetitions,
+    the median kept; the machine's load printed beside it."""
+    import radial_min
+    from radial_min.radial import RadialNetwork
+    from radial_min.router import Router
+
+    results = json.loads((OUT / "results.json").read_text())
+    nets = {}
+    for s in args.seeds:
+        for m in MODELS:
+            folder = OUT / run_name(m, s) / "export"
+            if folder.is_dir():
+                nets[run_name(m, s)] = radial_min.load(folder)
+        best = _distilled_near(results, s, float(TARGET))
+        if best is not None:
+            a = nets[run_name("A", s)]
+            nets[best] = RadialNetwork(a, Router.load(OUT / run_name("A", s) / f"router-tau{results[best]['tau']}" / "router"))
+    tok = radial_min.Tokenizer(next(iter(nets.values())).path)
+    ids = tok.encode("And God said")
+    times = {k: [] for k in nets}
+    for _ in range(args.reps):
+        for k, net in nets.items():
+            t = time.perf_counter()
+            new = radial_min.generate(net, ids, 60, stop_at_eos=False, repetition_penalty=1.2)
+            times[k].append(len(new) / (time.perf_counter() - t))
+    load = os.getloadavg()[0]
+    for k, v in times.items():
+        results[k]["tokens_per_s"], results[k]["speed_load"] = float(np.median(v)), load
+        print(f"{k:<16} {np.median(v):8.1f} tokens/s  [{min(v):.1f}, {max(v):.1f}]  (load {load:.1f})")
+    (OUT / "results.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def _distilled_near(results, seed, depth):
+    """The distilled router on A's seed whose blocks/token on WikiText-2 is closest to `depth`."""
+    keys = [k for k, r in results.items() if r["model"] == "C" and r["seed"] == seed]
+    return min(keys, key=lambda k: abs(results[k]["wiki"]["blocks"] - depth), default=None)
+
+
+# -------------------------------------------------------------------------------------------------- figures
+
+SEQUENTIAL = ("S3", "B", "S5", "A")  # 6, 8, 10, 12 blocks: the sequential curve the others are read against
+
+
+def seed_mean(results, model, split, field):
+    vals = [r[split][field] for r in results.values() if r["model"] == model and split in r]
+    return (float(np.mean(vals)), float(np.min(vals)), float(np.max(vals)), len(vals)) if vals else None
+
+
+def at_depth(xs, ys, x):
+    """Perplexity on a curve at `x` blocks/token: linear in log-perplexity between the two neighbours (the
+    expected NLL of mixing the two models over sequences), None outside the curve."""
+    order = np.argsort(xs)
+    xs, ys = np.asarray(xs)[order], np.log(np.asarray(ys)[order])
+    if not xs[0] <= x <= xs[-1]:
+        return None
+    return float(np.exp(np.interp(x, xs, ys)))
+
+
+def curve(results, split, models):
+    pts = [(seed_mean(results, m, split, "blocks")[0], seed_mean(results, m, split, "ppl")[0])
+           for m in models if seed_mean(results, m, split, "ppl")]  # fmt: skip
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def distilled_curve(results, split):
+    by_tau = {}
+    for r in results.values():
+        if r["model"] == "C" and split in r:
+            by_tau.setdefault(r["tau"], []).append((r[split]["blocks"], r[split]["ppl"]))
+    pts = [(float(np.mean([b for b, _ in v])), float(np.exp(np.mean(np.log([p for _, p in v]))))) for v in by_tau.values()]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def table(results, split):
+    seq_x, seq_y = curve(results, split, SEQUENTIAL)
+    c_x, c_y = distilled_curve(results, split)
+    lines = [f"| model | seeds | blocks/token | perplexity | sequential at equal blocks | distilled (C) at equal blocks |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for m, (what, _) in MODELS.items():
+        ppl, depth = seed_mean(results, m, split, "ppl"), seed_mean(results, m, split, "blocks")
+        if ppl is None:
+            continue
+        seq, dist = at_depth(seq_x, seq_y, depth[0]), at_depth(c_x, c_y, depth[0]) if c_x else None
+        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        spread = f" [{ppl[1]:.1f}, {ppl[2]:.1f}]" if ppl[3] > 1 else ""
+        lines.append(f"| {m}: {what} | {ppl[3]} | {depth[0]:.2f} | {ppl[0]:.1f}{spread} | {fmt(seq)} | {fmt(dist)} |")
+    for bx, by in sorted(zip(c_x, c_y)):
+        lines.append(f"| C: A + distilled router | | {bx:.2f} | {by:.1f} | {fmt(at_depth(seq_x, seq_y, bx))} | |")
+    return "\n".join(lines)
+
+
+def cmd_figures(args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = json.loads((OUT / "results.json").read_text())
+    figs = ROOT / "docs" / "figures"
+    for split, title in (("wiki", "WikiText-2 test"), ("kjv", "held-out KJV chapters")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        xs, ys = curve(results, split, SEQUENTIAL)
+        ax.plot(xs, ys, "o-", color="0.4", label="sequential, 3-6 layers")
+        cx, cy = distilled_curve(results, split)
+        order = np.argsort(cx)
+        ax.plot(np.array(cx)[order], np.array(cy)[order], "s--", color="tab:blue", label="C: A + distilled router")
+        for m, color in (("D", "tab:green"), ("E", "tab:red"), ("F", "tab:purple")):
+            for r in (r for r in results.values() if r["model"] == m and split in r):
+                ax.plot(r[split]["blocks"], r[split]["ppl"], "*", ms=12, color=color,
+                        label=f"{m}: {MODELS[m][0]}" if r["seed"] == min(args.seeds) else None)  # fmt: skip
+        ax.set_xlabel("mean blocks per token")
+        ax.set_ylabel(f"perplexity, {title}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(figs / f"cotrain_ppl_{split}.png", dpi=120)
+        plt.close(fig)
+        print(f"## {title}\n\n{table(results, split)}\n")
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for m in ("D", "E", "F"):
+        r = results.get(run_name(m, min(args.seeds)))
+        if r:
+            h = np.array(r["wiki"]["hist"], float)
+            ax.plot(np.arange(len(h)), h / h.sum(), "o-", label=f"{m} (mean {r['wiki']['blocks']:.2f})")
+    ax.set_xlabel("blocks run by a token (WikiText-2 test)")
+    ax.set_ylabel("share of tokens")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figs / "cotrain_depth_hist.png", dpi=120)
+    plt.close(fig)
+    fig, axes = plt.subplots(3, 1, figsize=(6.4, 7.5))
+    for ax, m in zip(axes, ("D", "E", "F")):
+        r = results.get(run_name(m, min(args.seeds)))
+        if not r:
+            continue
+        routes = np.array(r["wiki"]["trace"])  # [T, max_depth], -1 = no block
+        n = 12 if m != "F" else 6
+        im = ax.imshow(np.ma.masked_less(routes.T, 0), aspect="auto", cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
+        ax.set_ylabel("step")
+        ax.set_title(f"{m}: block run at each step, first WikiText-2 test sequence (blank: exited)", fontsize=8)
+        ax.set_yticks(range(routes.shape[1]))
+        ax.tick_params(labelsize=6)
+        del n, im
+    axes[-1].set_xlabel("token")
+    fig.tight_layout()
+    fig.savefig(figs / "cotrain_routes.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for m in MODELS:
+        log = OUT / run_name(m, min(args.seeds)) / "log.jsonl"
+        if log.is_file():
+            rows = [json.loads(line) for line in log.read_text().splitlines()]
+            pts = [(r["step"], r["val_wiki"]) for r in rows if "val_wiki" in r]
+            ax.plot(*zip(*pts), marker=".", label=m)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss, WikiText-2 test (64 windows)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figs / "cotrain_curves.png", dpi=120)
+    plt.close(fig)
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=["train", "distill", "evaluate", "figures"])
+    p.add_argument("step", choices=["train", "distill", "evaluate", "speed", "figures"])
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
     p.add_argument("--only", type=lambda s: s.split(","), default=None, help="runs to do, e.g. E-s0,F-s0")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (default: 2, one per core)")
     p.add_argument("--again", action="store_true", help="evaluate again what results.json already has")
+    p.add_argument("--reps", type=int, default=3, help="speed: interleaved repetitions (default: 3)")
     args = p.parse_args(argv)
-    return {"train": cmd_train, "distill": cmd_distill, "evaluate": cmd_evaluate, "figures": cmd_figures}[args.step](args)
-
-
-def cmd_figures(args):
-    raise SystemExit("figures: written once the runs are in (see docs/cotraining.md)")
+    steps = {"train": cmd_train, "distill": cmd_distill, "evaluate": cmd_evaluate, "speed": cmd_speed,
+             "figures": cmd_figures}  # fmt: skip
+    return steps[args.step](args)
 
 
 if __name__ == "__main__":
