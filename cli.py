@@ -232,10 +232,10 @@ def format_info(model):
                   f"labels {cfg.num_labels}"]
     if isinstance(model, RadialNetwork):  # co-trained: its router and routing settings
         rc = model.router.config
-        lines += [f"routing     co-trained router ({rc.hidden} hidden units), {'forward only' if rc.forward_only else 'any order, blocks reusable'}, "
-                  f"max depth {model.max_depth}",
-                  f"KV cache    unified, {model.cache_policy} policy"
-                  + (f", step encodings x{model.step_encoding_scale:g}" if model.cache_policy == "global" else "")]  # fmt: skip
+        order = "forward only" if rc.forward_only else "any order, blocks reusable"
+        steps = f", step encodings x{model.step_encoding_scale:g}" if model.cache_policy == "global" else ""
+        lines += [f"routing     co-trained router ({rc.hidden} hidden units), {order}, max depth {model.max_depth}",
+                  f"KV cache    unified, {model.cache_policy} policy{steps}"]
     return "\n".join(lines)
 
 
@@ -373,7 +373,8 @@ def _saved_step(state_path):
 
 def format_train_report(rep):
     routed = any("blocks" in r for r in rep.values())  # a Radial Network: its blocks per token too
-    lines = [f"{'split':<8}{'tokens':>10}{'model':>10}{'unigram':>10}{'bigram':>10}" + (f"{'blocks':>10}" if routed else "")]
+    head = f"{'split':<8}{'tokens':>10}{'model':>10}{'unigram':>10}{'bigram':>10}"
+    lines = [head + (f"{'blocks':>10}" if routed else "")]
     for name, r in rep.items():
         lines.append(f"{name:<8}{r['tokens']:>10,}{r['model']:10.2f}{r['unigram']:10.2f}{r['bigram']:10.2f}"
                      + (f"{r['blocks']:10.2f}" if routed else ""))  # fmt: skip

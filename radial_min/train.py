@@ -45,9 +45,10 @@ def init_params(cfg: OPTConfig, seed: int) -> dict:
         p["decoder.final_layer_norm.bias"] = np.zeros(E, np.float32)
     for i in range(L):
         pre = f"decoder.layers.{i}."
+        out_std = 0.02 / math.sqrt(2 * L)  # GPT-2's scaled init of the projections into the residual stream
         for name, shape, std in (("self_attn.q_proj", (E, E), 0.02), ("self_attn.k_proj", (E, E), 0.02),
-                                 ("self_attn.v_proj", (E, E), 0.02), ("self_attn.out_proj", (E, E), 0.02 / math.sqrt(2 * L)),
-                                 ("fc1", (F, E), 0.02), ("fc2", (E, F), 0.02 / math.sqrt(2 * L))):  # fmt: skip
+                                 ("self_attn.v_proj", (E, E), 0.02), ("self_attn.out_proj", (E, E), out_std),
+                                 ("fc1", (F, E), 0.02), ("fc2", (E, F), out_std)):  # fmt: skip
             p[pre + name + ".weight"] = normal(*shape, std=std)
             p[pre + name + ".bias"] = np.zeros(shape[0], np.float32)
         for norm in ("self_attn_layer_norm", "final_layer_norm"):
@@ -218,11 +219,13 @@ class TrainConfig:
         return RadialTrainConfig(max_depth=self.max_depth, forward_only=self.forward_only,
                                  cache_policy=self.cache_policy, step_encoding_scale=self.step_encoding_scale,
                                  cost=self.cost, target_depth=self.target_depth, router_hidden=self.router_hidden,
-                                 in_order=self.in_order, cost_rate=self.cost_rate, depth_weight=self.depth_weight)  # fmt: skip
+                                 in_order=self.in_order, cost_rate=self.cost_rate,
+                                 depth_weight=self.depth_weight)  # fmt: skip
 
     def model_config(self) -> OPTConfig:
-        return OPTConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
-                         num_attention_heads=self.num_attention_heads, ffn_dim=self.ffn_dim,
+        return OPTConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                         num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+                         ffn_dim=self.ffn_dim,
                          max_position_embeddings=self.seq_len, word_embed_proj_dim=self.hidden_size)  # fmt: skip
 
 
@@ -364,7 +367,8 @@ def load_state(path: Path, model_cfg: OPTConfig, rcfg=None):
     return params, m, v, step, cost
 
 
-def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: bool = True, stop_after: int | None = None):
+def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: bool = True,
+          stop_after: int | None = None):
     """Train (or resume) into `cfg.out`; returns the parameters. Interrupting (Ctrl-C, SIGTERM) saves the state
     after the current step, so a rerun of the same command continues where it stopped."""
     from .progress import Bar
@@ -431,7 +435,8 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: 
                 except OSError as e:  # a full disk: the state saved so far is intact, a rerun repairs the log
                     why = e.strerror or e
                     raise RadialError(f"{log_path}: cannot write ({why}); free space and rerun to resume") from None
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", **{k: v_ for k, v_ in record.items() if k.startswith("val_")})
+                val = {k: v_ for k, v_ in record.items() if k.startswith("val_")}
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", **val)
                 bar.update(1)
                 if step - last_save >= cfg.save_every or step == cfg.steps:
                     save_state(state_path, params, m, v, step, rcfg and rcfg.cost)
@@ -489,7 +494,8 @@ def ngram_perplexities(train_ids: np.ndarray, sequences: np.ndarray, vocab_size:
     bigram = np.where(pairs[at] == key, counts[at], 0) / np.maximum(context[prev], 1)
     best = min((float(np.exp(-np.log(lam * bigram + (1 - lam) * uni[nxt]).mean())), lam)
                for lam in np.linspace(0.05, 0.95, 19))  # fmt: skip
-    return {"unigram": float(np.exp(-np.log(uni[nxt]).mean())), "bigram": best[0], "bigram_lambda": round(float(best[1]), 2)}
+    unigram = float(np.exp(-np.log(uni[nxt]).mean()))
+    return {"unigram": unigram, "bigram": best[0], "bigram_lambda": round(float(best[1]), 2)}
 
 
 def read_export(folder):

@@ -43,7 +43,7 @@ MODELS = {
     "F": ("co-trained, 3 layers (6 blocks) reused up to 12 steps, global cache",
           ["--layers", "3", "--radial", "--cache-policy", "global", "--max-depth", "12", "--target-depth", TARGET]),
 }  # fmt: skip
-TAUS = (0.1, 0.15, 0.2, 0.25, 0.3)  # distilled routers on A: the curve C is read from at equal depth
+TAUS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)  # distilled routers on A: the curve C is read from at equal depth
 
 
 def run_name(model: str, seed: int) -> str:
@@ -93,7 +93,8 @@ def cmd_distill(args):
             out = OUT / run_name("A", s) / f"router-tau{tau}"
             if (out / "router.json").is_file():
                 continue
-            cmd = [sys.executable, str(ROOT / "cli.py"), "train-router", "--model", str(OUT / run_name("A", s) / "export"),
+            model = OUT / run_name("A", s) / "export"
+            cmd = [sys.executable, str(ROOT / "cli.py"), "train-router", "--model", str(model),
                    "--tau", str(tau), "--seq-len", "64", "--max-sequences", "256", "--test-sequences", "128",
                    "--out", str(out)]  # fmt: skip
             codes.append(launch(cmd, OUT / f"A-s{s}-router-tau{tau}.log"))
@@ -198,7 +199,8 @@ def cmd_speed(args):
         best = _distilled_near(results, s, float(TARGET))
         if best is not None:
             a = nets[run_name("A", s)]
-            nets[best] = RadialNetwork(a, Router.load(OUT / run_name("A", s) / f"router-tau{results[best]['tau']}" / "router"))
+            router = OUT / run_name("A", s) / f"router-tau{results[best]['tau']}" / "router"
+            nets[best] = RadialNetwork(a, Router.load(router))
     tok = radial_min.Tokenizer(next(iter(nets.values())).path)
     ids = tok.encode("And God said")
     times = {k: [] for k in nets}
@@ -252,14 +254,15 @@ def distilled_curve(results, split):
     for r in results.values():
         if r["model"] == "C" and split in r:
             by_tau.setdefault(r["tau"], []).append((r[split]["blocks"], r[split]["ppl"]))
-    pts = [(float(np.mean([b for b, _ in v])), float(np.exp(np.mean(np.log([p for _, p in v]))))) for v in by_tau.values()]
+    pts = [(float(np.mean([b for b, _ in v])), float(np.exp(np.mean(np.log([p for _, p in v])))))
+           for v in by_tau.values()]  # fmt: skip
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
 def table(results, split):
     seq_x, seq_y = curve(results, split, SEQUENTIAL)
     c_x, c_y = distilled_curve(results, split)
-    lines = [f"| model | seeds | blocks/token | perplexity | sequential at equal blocks | distilled (C) at equal blocks |",
+    lines = ["| model | seeds | blocks/token | perplexity | sequential, equal blocks | distilled (C), equal blocks |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for m, (what, _) in MODELS.items():
         ppl, depth = seed_mean(results, m, split, "ppl"), seed_mean(results, m, split, "blocks")
@@ -318,13 +321,12 @@ def cmd_figures(args):
         if not r:
             continue
         routes = np.array(r["wiki"]["trace"])  # [T, max_depth], -1 = no block
-        n = 12 if m != "F" else 6
-        im = ax.imshow(np.ma.masked_less(routes.T, 0), aspect="auto", cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
+        ax.imshow(np.ma.masked_less(routes.T, 0), aspect="auto", cmap="tab20", vmin=0, vmax=19,
+                  interpolation="nearest")
         ax.set_ylabel("step")
         ax.set_title(f"{m}: block run at each step, first WikiText-2 test sequence (blank: exited)", fontsize=8)
         ax.set_yticks(range(routes.shape[1]))
         ax.tick_params(labelsize=6)
-        del n, im
     axes[-1].set_xlabel("token")
     fig.tight_layout()
     fig.savefig(figs / "cotrain_routes.png", dpi=120)
