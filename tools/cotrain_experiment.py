@@ -43,7 +43,7 @@ MODELS = {
     "F": ("co-trained, 3 layers (6 blocks) reused up to 12 steps, global cache",
           ["--layers", "3", "--radial", "--cache-policy", "global", "--max-depth", "12", "--target-depth", TARGET]),
 }  # fmt: skip
-TAUS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)  # distilled routers on A: the curve C is read from at equal depth
+TAUS = (0.1, 0.15, 0.2, 0.25, 0.3)  # distilled routers on A: the curve C is read from at equal depth
 
 
 def run_name(model: str, seed: int) -> str:
