@@ -207,3 +207,27 @@ def test_cli_refuses_bad_radial_settings(capsys, tmp_path, args, fragment):
     code, _, err = call(capsys, "train", "--out", tmp_path / "run", *args)
     assert_one_line_error(code, err)
     assert fragment in err and not (tmp_path / "run").exists(), err
+
+
+# ----------------------------------------------------------------------------------- the shipped network
+
+SHIPPED = "weights/radial-kjv-wiki"  # the co-trained Radial Network docs/cotraining.md trained and ships
+PASSAGE = ("And God said, Let there be light: and there was light. And God saw the light, that it was good: and God "
+           "divided the light from the darkness. And God called the light Day, and the darkness he called Night.")  # fmt: skip
+
+
+def test_the_shipped_co_trained_network_routes_as_it_was_trained():
+    """Loaded as users load it, the shipped network is routed by its own router; token by token it gives the
+    training forward's logits and routes on a Genesis passage, and it skips blocks there (it was trained for 8 of
+    its 12 per token on average)."""
+    net = radial_min.load(SHIPPED)
+    assert isinstance(net, RadialNetwork) and net.gate
+    ids = radial_min.Tokenizer(net.path).encode(PASSAGE)
+    params, cfg, rcfg = tr.read_export(SHIPPED)
+    blocks, router = tr.split_router(params)
+    logits, tape, _ = rt.forward(blocks, router, cfg, rcfg, ids[None])
+    assert close(net.forward(ids), logits)
+    routes = [r[r >= 0].tolist() for r in tape.routes]
+    assert net.routes == routes
+    depth = np.mean([len(r) for r in routes])
+    assert 5 < depth < 11 and len({tuple(r) for r in routes}) > 1, depth  # skips, and not the same for every token
