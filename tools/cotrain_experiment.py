@@ -4,6 +4,7 @@ scratch, all on the same data, the same token budget and the same recipe; then t
     python tools/cotrain_experiment.py train [--only E-s0,F-s0]   # the training runs (cli.py train), resumable
     python tools/cotrain_experiment.py distill                     # routers distilled from A (cli.py train-router)
     python tools/cotrain_experiment.py evaluate                    # -> runs/cotrain/results.json
+    python tools/cotrain_experiment.py routes                      # what the routers learned: exit, reuse, skips
     python tools/cotrain_experiment.py speed                       # generation tokens/s (a quiet machine!)
     python tools/cotrain_experiment.py figures                     # -> docs/figures/cotrain_*.png + the tables
 
@@ -178,6 +179,39 @@ def cmd_evaluate(args):
     return 0
 
 
+def route_kinds(routes: np.ndarray) -> dict:
+    """Shares of tokens by the shape of their route [.., max_depth] (-1 = no block): blocks 0, 1, 2, ... in
+    order and then EXIT (early exit, the empty route included); a block run twice (reuse); the rest (skips)."""
+    flat = [r[r >= 0] for r in routes.reshape(-1, routes.shape[-1])]
+    prefix = sum(bool(np.array_equal(r, np.arange(len(r)))) for r in flat)
+    reuse = sum(len(set(r.tolist())) < len(r) for r in flat)
+    backward = sum(bool((np.diff(r) < 0).any()) for r in flat)
+    n = len(flat)
+    return {"in_order_exit": prefix / n, "reuse": reuse / n, "goes_back": backward / n, "skip": 1 - (prefix + reuse) / n}
+
+
+def cmd_routes(args):
+    """What the co-trained routers learned, on the first 256 WikiText-2 test sequences: shares of early exit,
+    reuse and skips (route_kinds)."""
+    from radial_min import data
+    from radial_min import train as tr
+    from radial_min.radial_train import sequence_nll
+
+    for s in args.seeds:
+        for m, (_, opts) in MODELS.items():
+            folder = OUT / run_name(m, s)
+            if "--radial" not in opts or not (folder / "report.json").is_file():
+                continue
+            params, cfg, rcfg = tr.read_export(folder / "export")
+            blocks, router = tr.split_router(params)
+            seqs = data.pack(held_out_streams(folder)["wiki"], 64)[:256]
+            _, depth, routes = sequence_nll(blocks, router, cfg, rcfg, seqs)
+            kinds = route_kinds(routes)
+            print(f"{run_name(m, s)}: {depth.mean():.2f} blocks/token; " +
+                  ", ".join(f"{k} {v:.1%}" for k, v in kinds.items()), flush=True)  # fmt: skip
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- generation
 
 
@@ -349,15 +383,15 @@ def cmd_figures(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=["train", "distill", "evaluate", "speed", "figures"])
+    p.add_argument("step", choices=["train", "distill", "evaluate", "routes", "speed", "figures"])
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
     p.add_argument("--only", type=lambda s: s.split(","), default=None, help="runs to do, e.g. E-s0,F-s0")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (default: 2, one per core)")
     p.add_argument("--again", action="store_true", help="evaluate again what results.json already has")
     p.add_argument("--reps", type=int, default=3, help="speed: interleaved repetitions (default: 3)")
     args = p.parse_args(argv)
-    steps = {"train": cmd_train, "distill": cmd_distill, "evaluate": cmd_evaluate, "speed": cmd_speed,
-             "figures": cmd_figures}  # fmt: skip
+    steps = {"train": cmd_train, "distill": cmd_distill, "evaluate": cmd_evaluate, "routes": cmd_routes,
+             "speed": cmd_speed, "figures": cmd_figures}  # fmt: skip
     return steps[args.step](args)
 
 
