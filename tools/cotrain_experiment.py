@@ -299,8 +299,8 @@ def distilled_curve(results, split):
 def table(results, split):
     seq_x, seq_y = curve(results, split, SEQUENTIAL)
     c_x, c_y = distilled_curve(results, split)
-    lines = ["| model | seeds | blocks/token | perplexity | sequential, equal blocks | distilled (C), equal blocks |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = ["| model | seeds | blocks/token | perplexity | sequential, equal blocks | distilled (C), equal blocks "
+             "| tokens/s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for m, (what, _) in MODELS.items():
         ppl, depth = seed_mean(results, m, split, "ppl"), seed_mean(results, m, split, "blocks")
         if ppl is None:
@@ -308,9 +308,12 @@ def table(results, split):
         seq, dist = at_depth(seq_x, seq_y, depth[0]), at_depth(c_x, c_y, depth[0]) if c_x else None
         fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         spread = f" [{ppl[1]:.1f}, {ppl[2]:.1f}]" if ppl[3] > 1 else ""
-        lines.append(f"| {m}: {what} | {ppl[3]} | {depth[0]:.2f} | {ppl[0]:.1f}{spread} | {fmt(seq)} | {fmt(dist)} |")
+        speed = [r["tokens_per_s"] for r in results.values() if r["model"] == m and "tokens_per_s" in r]
+        speed = f"{np.mean(speed):.0f}" if speed else "-"
+        lines.append(f"| {m}: {what} | {ppl[3]} | {depth[0]:.2f} | {ppl[0]:.1f}{spread} | {fmt(seq)} | {fmt(dist)} "
+                     f"| {speed} |")
     for bx, by in sorted(zip(c_x, c_y)):
-        lines.append(f"| C: A + distilled router | | {bx:.2f} | {by:.1f} | {fmt(at_depth(seq_x, seq_y, bx))} | |")
+        lines.append(f"| C: A + distilled router | | {bx:.2f} | {by:.1f} | {fmt(at_depth(seq_x, seq_y, bx))} | | |")
     return "\n".join(lines)
 
 
