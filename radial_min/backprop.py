@@ -210,7 +210,8 @@ def attention_forward_fast(qkv, n_head):
     """As `attention_forward`, through the Numba kernel (float32)."""
     B, T, E3 = qkv.shape
     E, D = E3 // 3, E3 // 3 // n_head
-    q, k, v = (np.ascontiguousarray(qkv[..., i * E : (i + 1) * E].reshape(B, T, n_head, D).transpose(0, 2, 1, 3)).reshape(B * n_head, T, D) for i in range(3))  # fmt: skip
+    q, k, v = (np.ascontiguousarray(qkv[..., i * E : (i + 1) * E].reshape(B, T, n_head, D).transpose(0, 2, 1, 3))
+               .reshape(B * n_head, T, D) for i in range(3))  # fmt: skip
     att = np.empty((B * n_head, T, T), np.float32)
     y = np.empty_like(q)
     _attention_forward_nb(q, k, v, att, y)
@@ -224,7 +225,8 @@ def attention_backward_fast(dy, cache):
     dy = np.ascontiguousarray(dy.reshape(B, T, H, D).transpose(0, 2, 1, 3)).reshape(BH, T, D)
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
     _attention_backward_nb(dy, q, k, v, att, dq, dk, dv)
-    return np.concatenate([g.reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, H * D) for g in (dq, dk, dv)], axis=-1)
+    grads = [g.reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, H * D) for g in (dq, dk, dv)]  # [B, T, E] each
+    return np.concatenate(grads, axis=-1)
 
 
 # ------------------------------------------------------------------------------------------------- blocks

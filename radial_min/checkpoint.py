@@ -62,7 +62,9 @@ class SafetensorsFile:
             if n > _MAX_HEADER:
                 raise CheckpointError(f"{self.path}: header length {n} is over the {_MAX_HEADER}-byte limit")
             if n > size - 8:
-                raise CheckpointError(f"{self.path}: header length {n} exceeds the file ({size} bytes): truncated or not safetensors")
+                raise CheckpointError(
+                    f"{self.path}: header length {n} exceeds the file ({size} bytes): truncated or not safetensors"
+                )
             header = self._parse_header(f.read(n))
         self.metadata = header.pop("__metadata__", None) or {}
         if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
@@ -173,7 +175,8 @@ class TensorStore:
         return self.files[self.where[name]].read(name)
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def open_checkpoint(folder) -> TensorStore:

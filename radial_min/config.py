@@ -291,7 +291,9 @@ def _check(cfg, source):
         )
     if isinstance(cfg, ViTConfig):
         if cfg.image_size % cfg.patch_size:
-            raise CheckpointError(f"{source}: image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+            raise CheckpointError(
+                f"{source}: image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}"
+            )
         if cfg.pooler_act != "tanh":
             raise CheckpointError(f"{source}: pooler_act {_shown(cfg.pooler_act)} is not supported (expected 'tanh')")
 

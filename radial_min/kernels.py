@@ -359,7 +359,8 @@ def rmsnorm(x, w, eps):
 
 def rope_angles(pos, head_dim, theta):
     """cos and sin of position x frequency, [T, D/2] each; the frequencies as transformers computes them (float32)."""
-    inv_freq = (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)).astype(np.float32)
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim  # [D/2]
+    inv_freq = (1.0 / theta ** exponent).astype(np.float32)
     angle = np.asarray(pos, np.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
     return np.cos(angle), np.sin(angle)
 
@@ -436,7 +437,11 @@ def _silu(x):  # [T, F] in place
             x[i, k] = v / (np.float32(1.0) + math.exp(-v))
 
 
-ACTIVATIONS = {"relu": (_relu, _one_thread(_relu)), "gelu": (_gelu, _one_thread(_gelu)), "silu": (_silu, _one_thread(_silu))}
+ACTIVATIONS = {
+    "relu": (_relu, _one_thread(_relu)),
+    "gelu": (_gelu, _one_thread(_gelu)),
+    "silu": (_silu, _one_thread(_silu)),
+}
 
 
 def activation(name, x):
@@ -606,10 +611,11 @@ def attention(q, k, v, n_head, q_pos=None, k_pos=None, rows=None, n_kv_head=None
     """Scaled dot-product attention of T queries [T, E] over N keys/values; returns [T, E].
 
     Keys and values come token-major [N, E], or head-major [H, capacity, D] straight from a cache's storage:
-    the first len(k_pos) rows, or the rows listed in `rows` (with k_pos their positions). Given positions, attention is causal: query i sees key j only if
-    k_pos[j] <= q_pos[i]; keys must be in position order (every cache appends in token order). Positions
-    rather than an offset let one kernel serve the dense cache, a cache with holes (skipped tokens) and the
-    unified cache. With n_kv_head < n_head (grouped-query attention) keys and values have n_kv_head heads.
+    the first len(k_pos) rows, or the rows listed in `rows` (with k_pos their positions). Given positions,
+    attention is causal: query i sees key j only if k_pos[j] <= q_pos[i]; keys must be in position order (every
+    cache appends in token order). Positions rather than an offset let one kernel serve the dense cache, a cache
+    with holes (skipped tokens) and the unified cache. With n_kv_head < n_head (grouped-query attention) keys and
+    values have n_kv_head heads.
     """
     causal = q_pos is not None
     if causal and len(k_pos) > 1 and (np.diff(k_pos) < 0).any():

@@ -23,8 +23,9 @@ def expected_tensors(cfg: LlamaConfig) -> tuple[dict, dict, dict]:
     req = {"embed_tokens.weight": (cfg.vocab_size, E), "norm.weight": (E,)}
     for i in range(cfg.num_hidden_layers):
         p = f"layers.{i}."
-        for name, shape, bias in (("q", (Q, E), cfg.qkv_bias), ("k", (KV, E), cfg.qkv_bias), ("v", (KV, E), cfg.qkv_bias),
-                                  ("o", (E, Q), cfg.attention_bias and cfg.model_type == "llama")):  # fmt: skip
+        projections = (("q", (Q, E), cfg.qkv_bias), ("k", (KV, E), cfg.qkv_bias), ("v", (KV, E), cfg.qkv_bias),
+                       ("o", (E, Q), cfg.attention_bias and cfg.model_type == "llama"))  # fmt: skip
+        for name, shape, bias in projections:
             req[p + f"self_attn.{name}_proj.weight"] = shape
             if bias:
                 req[p + f"self_attn.{name}_proj.bias"] = shape[:1]

@@ -17,7 +17,12 @@ from .gguf_file import is_gguf, load_gguf
 from .hub import resolve
 from .radial import RADIAL_CONFIG, load_radial
 
-ARCHITECTURES = {"opt": (opt, opt.OPT), "vit": (vit, vit.ViT), "llama": (llama, llama.Llama), "qwen2": (llama, llama.Llama)}
+ARCHITECTURES = {
+    "opt": (opt, opt.OPT),
+    "vit": (vit, vit.ViT),
+    "llama": (llama, llama.Llama),
+    "qwen2": (llama, llama.Llama),
+}
 
 
 def load(source, *, weights_dtype: str = "float32"):
@@ -111,7 +116,8 @@ def _match(store, cfg, module) -> dict:
         _safe(theirs) for ours, theirs in found.items() if ours in expected and store.dtype(theirs) not in floats
     ]
     problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes), ("not a float tensor", not_float)):
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes),
+                         ("not a float tensor", not_float)):
         if items:
             shown = "; ".join(items[:4]) + (f"; and {len(items) - 4} more" if len(items) > 4 else "")
             problems.append(f"{label}: {shown}")
@@ -119,7 +125,8 @@ def _match(store, cfg, module) -> dict:
     if len(pairs) == 1:
         problems.append(f"pooler: {_safe(found[pairs[0]])} present without its partner")
     if problems:
-        raise CheckpointError(f"{store.description} does not match its config.json ({cfg.model_type}): " + " | ".join(problems))
+        head = f"{store.description} does not match its config.json ({cfg.model_type}): "
+        raise CheckpointError(head + " | ".join(problems))
     return {ours: theirs for ours, theirs in found.items() if ours in required or ours in optional}
 
 

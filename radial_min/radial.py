@@ -164,7 +164,8 @@ def load_radial(model, folder) -> RadialNetwork:
             raise CheckpointError(f"{path}: field {field!r} is {d[field]}, but the checkpoint has {want}")
     router = Router.load(Path(folder) / name)
     rc, rsrc = router.config, Path(folder) / (name + ".json")
-    for field, got, want in (("n_blocks", rc.n_blocks, n), ("width", rc.width, width), ("max_depth", rc.depth_limit, max_depth)):
+    checks = (("n_blocks", rc.n_blocks, n), ("width", rc.width, width), ("max_depth", rc.depth_limit, max_depth))
+    for field, got, want in checks:
         if got != want:
             whose = "radial.json" if field == "max_depth" else "the checkpoint"
             raise CheckpointError(f"{rsrc}: field {field!r} is {got}, but {whose} has {want}")

@@ -349,7 +349,8 @@ def train_router(ex: dict, cfg: RouterConfig, epochs: int = 8, lr: float = 3e-3,
             idx = order[i * batch_size : (i + 1) * batch_size]
             loss, grads = loss_and_grads(params, z_all[idx], allowed_all[idx], labels[idx])
             step += 1
-            adamw_step(params, grads, m, v, step, lr_at(step, lr, max(1, total // 20), total), weight_decay=weight_decay)
+            rate = lr_at(step, lr, max(1, total // 20), total)
+            adamw_step(params, grads, m, v, step, rate, weight_decay=weight_decay)
             if step % 20 == 0 or step == total:
                 acc = (forward(params, z_all[idx], allowed_all[idx])[0].argmax(-1) == labels[idx]).mean()
                 bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")

@@ -13,7 +13,8 @@ from radial_min.data import SHARED
 from radial_min.opt import OPT, expected_tensors
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SHARED_REASON = f"needs-shared-data: {SHARED} (../shared/data, or $RADIAL_MIN_DATA) is incomplete"  # the one skip reason
+# the one skip reason
+SHARED_REASON = f"needs-shared-data: {SHARED} (../shared/data, or $RADIAL_MIN_DATA) is incomplete"
 
 
 def shared(*parts) -> Path:
@@ -75,7 +76,8 @@ def matmul_backend(request):
 
 def random_opt(seed=0, **overrides) -> OPT:
     """An OPT with O(1) random weights (so logits are well separated) for the given config overrides."""
-    base = dict(vocab_size=61, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=24, max_position_embeddings=48)
+    base = dict(vocab_size=61, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=24,
+                max_position_embeddings=48)
     cfg = OPTConfig(**{**base, **overrides})
     rng = np.random.default_rng(seed)
     required, optional, _ = expected_tensors(cfg)

@@ -493,7 +493,8 @@ def test_train_router_then_generate_with_it(capsys, tiny_random_opt, tmp_path):
     code, out, err = call(capsys, "generate", "The quick", "--model", model_dir, "--router", router,
                           "--max-new-tokens", 6, "--show-depth", "count")
     assert code == 0, err
-    depths = [int(d.translate(str.maketrans("₀₁₂₃₄₅₆₇₈₉", "0123456789"))) for d in re.findall("[₀-₉]+", out)]
+    subscripts = str.maketrans("₀₁₂₃₄₅₆₇₈₉", "0123456789")
+    depths = [int(d.translate(subscripts)) for d in re.findall("[₀-₉]+", out)]
     assert 1 <= len(depths) <= 6 and all(0 <= d <= 4 for d in depths)
     assert re.search(r"\[routing: [\d.]+ of 4 blocks per token .* KV cache [\d.]+ KiB unified \(per-layer\)", err)
     code, _, err = call(capsys, "generate", "The quick", "--model", model_dir, "--router", router, "--max-depth", 0)

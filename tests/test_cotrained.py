@@ -41,7 +41,9 @@ def random_network(seed, layers, heads, pre_norm, policy, forward_only, extra_de
     rcfg = rt.RadialTrainConfig(max_depth=max_depth, forward_only=forward_only, cache_policy=policy,
                                 step_encoding_scale=scale, router_hidden=8)  # fmt: skip
     rng = np.random.default_rng(seed)
-    params = {k: v + (0.3 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in tr.init_params(cfg, seed).items()}
+    params = {
+        k: v + (0.3 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in tr.init_params(cfg, seed).items()
+    }
     router = {k: v + (0.7 * rng.standard_normal(v.shape)).astype(np.float32)
               for k, v in init_router(rcfg.router_config(cfg), seed).items()}  # fmt: skip
     router["b2"][n] -= 1.0  # fewer immediate exits
@@ -60,7 +62,9 @@ def close(a, b):
     return np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(b).max())
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(spec=configs, prompt=st.lists(st.integers(3, 60), min_size=1, max_size=6), n_new=st.integers(1, 8))
 def test_training_forward_is_generation(tmp_path, spec, prompt, n_new):
     cfg, params, router, rcfg = random_network(**spec)
@@ -176,13 +180,15 @@ def test_cli_trains_a_radial_network_that_generates_routed(capsys, corpus, tmp_p
     export = tmp_path / "export"
     args = ["train", "--out", run, "--export", export, "--vocab-size", 300, "--hidden-size", 16, "--layers", 2,
             "--heads", 2, "--seq-len", 16, "--batch-size", 2, "--steps", 3, "--eval-every", 3, "--warmup", 1,
-            "--radial", "--target-depth", 2, "--max-depth", 6, "--cache-policy", "global", "--router-warmup", 1]  # fmt: skip
+            "--radial", "--target-depth", 2, "--max-depth", 6, "--cache-policy", "global",
+            "--router-warmup", 1]  # fmt: skip
     code, out, err = call(capsys, *args)
     assert code == 0, err
     assert re.search(r"^held\s+[\d,]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M)  # perplexity and blocks/token
     net = radial_min.load(export)
     assert isinstance(net, RadialNetwork) and net.max_depth == 6 and net.cache_policy == "global"
-    code, out, err = call(capsys, "generate", "In the", "--model", export, "--max-new-tokens", 4, "--show-depth", "none")
+    code, out, err = call(capsys, "generate", "In the", "--model", export, "--max-new-tokens", 4,
+                          "--show-depth", "none")
     assert code == 0 and out.startswith("In the") and "[routing: " in err and "KV cache" in err, err
     code, out, _ = call(capsys, "info", "--model", export)
     assert code == 0 and "co-trained router" in out and "global policy, step encodings x1" in out
@@ -212,8 +218,10 @@ def test_cli_refuses_bad_radial_settings(capsys, tmp_path, args, fragment):
 # ----------------------------------------------------------------------------------- the shipped network
 
 SHIPPED = "weights/radial-kjv-wiki"  # the co-trained Radial Network docs/cotraining.md trained and ships
-PASSAGE = ("And God said, Let there be light: and there was light. And God saw the light, that it was good: and God "
-           "divided the light from the darkness. And God called the light Day, and the darkness he called Night.")  # fmt: skip
+PASSAGE = (
+    "And God said, Let there be light: and there was light. And God saw the light, that it was good: and God "
+    "divided the light from the darkness. And God called the light Day, and the darkness he called Night."
+)
 
 
 def test_the_shipped_co_trained_network_routes_as_it_was_trained():

@@ -122,8 +122,9 @@ def test_truncated_unsupported_and_missing_files_fail_in_one_line(tmp_path):
     good = write_gguf(tmp_path / "tiny.gguf")
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(good.read_bytes()[:-1000])
+    gpt2 = write_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
     for path, match in [(cut, "cut.gguf: not a readable GGUF file"), (tmp_path / "none.gguf", "no such .gguf file"),
-                        (write_gguf(tmp_path / "gpt2.gguf", arch="gpt2"), "architecture 'gpt2' is not supported")]:  # fmt: skip
+                        (gpt2, "architecture 'gpt2' is not supported")]:  # fmt: skip
         with pytest.raises(CheckpointError, match=match) as e:
             radial_min.load(path)
         assert "\n" not in str(e.value)
@@ -158,7 +159,8 @@ def test_cli_info_on_a_gguf_file(tmp_path):
 
     path = write_gguf(tmp_path / "tiny.gguf")
     root = Path(__file__).parent.parent
-    info = subprocess.run([sys.executable, "cli.py", "info", "--model", str(path)], cwd=root, capture_output=True, text=True)
+    cmd = [sys.executable, "cli.py", "info", "--model", str(path)]
+    info = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
     assert info.returncode == 0, info.stderr
     assert "llama  (Llama)" in info.stdout and "tensors F32" in info.stdout and "2 key/value" in info.stdout
 

@@ -168,7 +168,9 @@ def test_images_and_their_preprocessing(case, capsys):
     refused(capsys, ["classify", d / "img.npy", "--model", d], "field 'image_std' is 0, expected 1e-06 to 1000000.0")
     pre.write_text(json.dumps({"do_resize": False}))
     refused(
-        capsys, ["classify", d / "img.npy", "--model", d], "img.npy: the model takes 32x32 pixels; preprocessor_config.json: do_resize is false"
+        capsys,
+        ["classify", d / "img.npy", "--model", d],
+        "img.npy: the model takes 32x32 pixels; preprocessor_config.json: do_resize is false",
     )
     pre.write_text(json.dumps({"size": 48}))
     refused(capsys, ["classify", d / "img.npy", "--model", d], "preprocessor_config.json: its field 'size' is 48x48")

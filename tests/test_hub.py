@@ -45,7 +45,10 @@ class FakeHub:
 
     def fetched(self):
         """Names of the files each call brought."""
-        return [sorted(f.name for f in self.repo.iterdir() if any(fnmatch.fnmatch(f.name, p) for p in pats)) for _, _, pats in self.calls]
+        return [
+            sorted(f.name for f in self.repo.iterdir() if any(fnmatch.fnmatch(f.name, p) for p in pats))
+            for _, _, pats in self.calls
+        ]
 
 
 def fake_repo(tmp_path, *names, source="opt-hub-bin"):
@@ -104,8 +107,8 @@ def test_downloaded_before_is_not_downloaded_again(weights, monkeypatch):
 def offline_error():
     return huggingface_hub.errors.LocalEntryNotFoundError(
         "Cannot find an appropriate cached snapshot folder for the specified revision on the local disk and outgoing "
-        "traffic has been disabled. To enable repo look-ups and downloads online, set 'HF_HUB_OFFLINE=0' as environment "
-        "variable.\nsecond line of detail"
+        "traffic has been disabled. To enable repo look-ups and downloads online, set 'HF_HUB_OFFLINE=0' as "
+        "environment variable.\nsecond line of detail"
     )
 
 
@@ -169,7 +172,8 @@ def test_repo_with_safetensors_never_fetches_the_pickle(weights, tmp_path, monke
     model = radial_min.load("org/opt-pre")
     assert len(hub.calls) == 1
     assert not (weights / "opt-pre" / "pytorch_model.bin").exists()
-    assert sorted(p.name for p in (weights / "opt-pre").iterdir()) == [".hub_repo", "config.json", "generation_config.json", "model.safetensors"]
+    kept = [".hub_repo", "config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in (weights / "opt-pre").iterdir()) == kept
     assert model.config.num_hidden_layers == 3
 
 
@@ -243,7 +247,10 @@ def test_repo_without_config(weights, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
     with pytest.raises(CheckpointError) as e:
         radial_min.hub.resolve("org/not-a-model")
-    assert str(e.value) == f"org/not-a-model: the Hub repo has no config.json; place a Hugging Face checkpoint in {weights / 'not-a-model'}/"
+    assert str(e.value) == (
+        "org/not-a-model: the Hub repo has no config.json; "
+        f"place a Hugging Face checkpoint in {weights / 'not-a-model'}/"
+    )
     assert len(hub.calls) == 1  # no point fetching weights for a repo without a config
 
 

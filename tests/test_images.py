@@ -114,7 +114,9 @@ def test_read_npy_rejects_non_images(tmp_path, array):
         images.read_image(save_npy(tmp_path, "x.npy", array))
 
 
-@pytest.mark.parametrize("content", [b"", b"\x93NUMPY\x01\x00v\x00{'descr'", b"hello, not numpy"], ids=["empty", "truncated", "junk"])
+@pytest.mark.parametrize(
+    "content", [b"", b"\x93NUMPY\x01\x00v\x00{'descr'", b"hello, not numpy"], ids=["empty", "truncated", "junk"]
+)
 def test_read_npy_corrupt_files(tmp_path, content):
     path = tmp_path / "bad.npy"
     path.write_bytes(content)
@@ -202,7 +204,8 @@ def test_resize_random_sizes_match_pillow():
     for _ in range(150):
         h, w = (int(v) for v in rng.integers(2, 60, 2))
         height = int(rng.integers(1, 2 * h))
-        width = max(1, w - (h - height) // 2 + int(rng.integers(-2, 3))) if rng.random() < 0.5 else int(rng.integers(1, 2 * w))
+        width = (max(1, w - (h - height) // 2 + int(rng.integers(-2, 3))) if rng.random() < 0.5
+                 else int(rng.integers(1, 2 * w)))
         a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         if not np.array_equal(images.resize(a, height, width), pillow_resize(a, height, width)):
             bad.append((h, w, height, width))
@@ -215,7 +218,9 @@ def test_resize_photos_like_pillow(name, size):
     np.testing.assert_array_equal(images.resize(a, *size), pillow_resize(a, *size))
 
 
-@pytest.mark.parametrize("src,dst", [((48, 64), (32, 32)), ((451, 300), (224, 224)), ((30, 17), (64, 90)), ((20, 40), (20, 13))])
+@pytest.mark.parametrize(
+    "src,dst", [((48, 64), (32, 32)), ((451, 300), (224, 224)), ((30, 17), (64, 90)), ((20, 40), (20, 13))]
+)
 def test_resize_float_matches_pillow_float_mode(src, dst):
     pil()
     rng = np.random.default_rng(3)
@@ -247,9 +252,13 @@ def test_read_preprocessor_defaults(tmp_path):
     assert s["mean"].dtype == np.float32 and s["std"].dtype == np.float32
 
 
-@pytest.mark.parametrize("size,expected", [({"height": 40, "width": 24}, (40, 24)), (20, (20, 20)), ({"height": 12}, (12, 32)), ([8, 9], (8, 9))])
+@pytest.mark.parametrize(
+    "size,expected",
+    [({"height": 40, "width": 24}, (40, 24)), (20, (20, 20)), ({"height": 12}, (12, 32)), ([8, 9], (8, 9))],
+)
 def test_read_preprocessor_size_forms(tmp_path, size, expected):
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": size, "image_mean": [0.1, 0.2, 0.3], "do_normalize": False}))
+    config = {"size": size, "image_mean": [0.1, 0.2, 0.3], "do_normalize": False}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
     s = images.read_preprocessor(tmp_path, 32)
     assert s["size"] == expected
     assert s["do_normalize"] is False

@@ -79,7 +79,7 @@ def test_linear_on_int8_weights(rows):
     np.testing.assert_allclose(kernels.linear(x, q, b), kernels.linear_ref(x, q.dequantize(), b), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(kernels.linear(x[:, :7], kernels.to_storage(w[:9, :7], "int8")),
                                kernels.linear_ref(x[:, :7], kernels.Int8Matrix.quantize(w[:9, :7]).dequantize()),
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["numba", "blas"])  # "blas" last: test_default_backend_is_numba checks
@@ -106,7 +106,9 @@ def test_set_backend_rejects_unknown():
 def test_layernorm(affine):
     x = randn(5, 48) * 3 + 1
     w, b = (randn(48), randn(48)) if affine else (None, None)
-    np.testing.assert_allclose(kernels.layernorm(x, w, b, 1e-5), kernels.layernorm_ref(x, w, b, 1e-5), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        kernels.layernorm(x, w, b, 1e-5), kernels.layernorm_ref(x, w, b, 1e-5), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_activations():
@@ -168,8 +170,9 @@ def test_attention_accepts_strided_views():
     qkv = randn(6, 24)
     q, k, v = np.split(qkv, 3, axis=1)
     pos = np.arange(6)
-    np.testing.assert_allclose(kernels.attention(q, k, v, 2, pos, pos),
-                               kernels.attention_ref(q.copy(), k.copy(), v.copy(), 2, pos, pos), rtol=1e-5, atol=1e-6)  # fmt: skip
+    out = kernels.attention(q, k, v, 2, pos, pos)
+    ref = kernels.attention_ref(q.copy(), k.copy(), v.copy(), 2, pos, pos)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_attention_refuses_unsorted_key_positions():
@@ -187,8 +190,10 @@ def test_half_precision_weights(dtype):
     assert stored.dtype == (np.float16 if dtype == "float16" else np.uint16)
     wide = kernels.to_float32(stored)
     assert np.abs(wide - w).max() <= (1e-3 if dtype == "float16" else 1e-2) * np.abs(w).max()
-    np.testing.assert_allclose(kernels.linear(x[None], stored, b), kernels.linear_ref(x[None], wide, b), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(kernels.linear(np.stack([x, x]), stored, b)[1], kernels.linear_ref(x[None], wide, b)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kernels.linear(x[None], stored, b), kernels.linear_ref(x[None], wide, b),
+                               rtol=1e-5, atol=1e-5)
+    pair = kernels.linear(np.stack([x, x]), stored, b)
+    np.testing.assert_allclose(pair[1], kernels.linear_ref(x[None], wide, b)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_rounds_to_nearest_even():
@@ -213,7 +218,8 @@ def test_attention_over_picked_rows():
 @settings(max_examples=25, deadline=None)
 @example(n_q=40, n_past=3, n_head=4, group=2, causal=True, picked=False, seed=0)  # always: 2 query heads per kv head
 @given(n_q=st.integers(1, 100), n_past=st.integers(0, 40), n_head=st.sampled_from([1, 2, 4]),
-       group=st.sampled_from([1, 2]), causal=st.booleans(), picked=st.booleans(), seed=st.integers(0, 1000))  # fmt: skip
+       group=st.sampled_from([1, 2]), causal=st.booleans(), picked=st.booleans(),
+       seed=st.integers(0, 1000))  # fmt: skip
 def test_blocked_attention_matches_reference(n_q, n_past, n_head, group, causal, picked, seed):
     """The prefill kernel (_attention_blocked, one task per head, scores and outputs through _gemm) against the
     reference: causal or not, grouped-query, over keys picked out of a larger store with holes in the positions,

@@ -114,7 +114,11 @@ def test_rope_kernel_matches_reference_and_is_a_rotation():
     np.testing.assert_allclose(np.linalg.norm(y, axis=1), np.linalg.norm(x, axis=1), rtol=1e-5)  # norms kept
     # relative: q.k depends only on the position difference
     q, k = x[:1, :8], x[1:2, :8]
-    dots = [float(kernels.rope(q, 1, *kernels.rope_angles([a + 3], 8, 1e4))[0] @ kernels.rope(k, 1, *kernels.rope_angles([a], 8, 1e4))[0]) for a in (0, 50)]
+
+    def rotated(row, at):
+        return kernels.rope(row, 1, *kernels.rope_angles([at], 8, 1e4))[0]
+
+    dots = [float(rotated(q, a + 3) @ rotated(k, a)) for a in (0, 50)]
     assert abs(dots[0] - dots[1]) < 1e-4
 
 
@@ -130,7 +134,8 @@ def test_grouped_query_attention_kernel_matches_reference():
     pos = np.arange(6)
     out = kernels.attention(q, k, v, 4, pos, pos, n_kv_head=2)
     np.testing.assert_allclose(out, kernels.attention_ref(q, k, v, 4, pos, pos, n_kv_head=2), rtol=1e-5, atol=1e-6)
-    wide = kernels.attention(q, np.repeat(k.reshape(6, 2, 8), 2, 1).reshape(6, 32), np.repeat(v.reshape(6, 2, 8), 2, 1).reshape(6, 32), 4, pos, pos)
+    k_wide, v_wide = (np.repeat(t.reshape(6, 2, 8), 2, 1).reshape(6, 32) for t in (k, v))
+    wide = kernels.attention(q, k_wide, v_wide, 4, pos, pos)
     np.testing.assert_allclose(out, wide, rtol=1e-5, atol=1e-6)  # = multi-head attention with each kv head repeated
 
 

@@ -54,7 +54,9 @@ def test_truncated_file(opt_copy):
         radial_min.load(opt_copy)
 
 
-@pytest.mark.parametrize("payload", [b"", b"\x01\x02", struct.pack("<Q", 10**12) + b"{}", struct.pack("<Q", 4) + b"{no}"])
+@pytest.mark.parametrize(
+    "payload", [b"", b"\x01\x02", struct.pack("<Q", 10**12) + b"{}", struct.pack("<Q", 4) + b"{no}"]
+)
 def test_corrupt_header(opt_copy, payload):
     (opt_copy / "model.safetensors").write_bytes(payload)
     with pytest.raises(CheckpointError, match=str(opt_copy / "model.safetensors")):

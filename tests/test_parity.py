@@ -40,7 +40,9 @@ def test_fixtures_cover_the_variants():
     seen = {}
     for name in OPT_FIXTURES:
         m = radial_min.load(FIXTURES / name)
-        seen[name] = (set(m.dtypes_on_disk), m.config.do_layer_norm_before, m.project_in is not None, m.config.enable_bias)
+        seen[name] = (
+            set(m.dtypes_on_disk), m.config.do_layer_norm_before, m.project_in is not None, m.config.enable_bias
+        )
     assert seen["opt-fp16-sharded"][0] == {"float16"}
     assert len(list((FIXTURES / "opt-fp16-sharded").glob("model-*.safetensors"))) > 1
     assert seen["opt-bf16-hub"][0] == {"bfloat16"}
@@ -97,10 +99,11 @@ def test_half_precision_weights_in_memory(name, dtype, tol):
     assert model.blocks[0].qkv.weight.dtype == (np.float16 if dtype == "float16" else np.uint16)
     if "opt" in name:  # decode runs the one-row half-precision kernel (matvec_half): same greedy tokens
         cache = model.new_cache()
-        full = model.forward(ref["input_ids"])
-        steps = np.concatenate([model.forward(ref["input_ids"][t : t + 1], cache) for t in range(len(ref["input_ids"]))])
+        ids = ref["input_ids"]
+        full = model.forward(ids)
+        steps = np.concatenate([model.forward(ids[t : t + 1], cache) for t in range(len(ids))])
         assert rel_err(steps, full) <= 1e-5
-        np.testing.assert_array_equal(radial_min.generate(model, ref["input_ids"], 20, stop_at_eos=False), ref["greedy"])
+        np.testing.assert_array_equal(radial_min.generate(model, ids, 20, stop_at_eos=False), ref["greedy"])
 
 
 def _arrays(obj, seen=None):

@@ -56,7 +56,8 @@ def test_unified_cache_per_layer_policy_is_the_per_layer_cache(cfg, prompt, n_de
     outs = []
     E, H = model.config.hidden_size, model.config.num_attention_heads
     for cache in (KVCache(model.n_layer, E, H), UnifiedKVCache(E, H, "per-layer")):
-        parts = [model.forward(ids[:split], cache)] + [model.forward(ids[t : t + 1], cache) for t in range(split, len(ids))]
+        parts = [model.forward(ids[:split], cache)]  # the prompt, then one token at a time
+        parts += [model.forward(ids[t : t + 1], cache) for t in range(split, len(ids))]
         outs.append(np.concatenate(parts))
     assert close(outs[1], outs[0])  # not bitwise: SIMD reductions may split differently with array alignment
 
@@ -102,7 +103,8 @@ def test_router_decisions_match_token_by_token_engine():
     ids = np.arange(3, 20)
     rng = np.random.default_rng(1)
     routes = [sorted(rng.choice(len(model.blocks), size=rng.integers(0, 7), replace=False).tolist()) for _ in ids]
-    logits, keep, _ = oracle.run_sequence(model, ids, RouterDecisions(ScriptedRouter(routes, len(model.blocks))), "drop")
+    decisions = RouterDecisions(ScriptedRouter(routes, len(model.blocks)))
+    logits, keep, _ = oracle.run_sequence(model, ids, decisions, "drop")
     radial = RadialNetwork(model, ScriptedRouter(routes, len(model.blocks)))
     cache = radial.new_cache()
     assert close(np.concatenate([radial.forward(ids[t : t + 1], cache) for t in range(len(ids))]), logits)  # one by one

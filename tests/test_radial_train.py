@@ -86,7 +86,7 @@ def test_history_attention_backward(policy):
     """Token-major rounds over the history of entries: each round appends one entry per sequence and its queries
     read what the policy shows of everything written so far; gradients reach entries from later rounds' queries."""
     B, rounds = 3, 6
-    seqs = [np.array([0, 1, 2]), np.array([0, 2]), np.array([1]), np.array([0, 1, 2]), np.array([2, 0]), np.array([1, 2])]
+    seqs = [np.array(s) for s in ([0, 1, 2], [0, 2], [1], [0, 1, 2], [2, 0], [1, 2])]
     layers = [RNG.integers(0, 2, len(s)) for s in seqs]
     steps = [RNG.integers(0, 3, len(s)) for s in seqs]
     qkv = [[RNG.standard_normal((len(s), E)) for _ in range(3)] for s in seqs]
@@ -118,11 +118,13 @@ def test_history_kernels_are_the_numpy_reference(policy):
     rng = np.random.default_rng(1)
     plan = [np.sort(rng.choice(B, rng.integers(1, B + 1), replace=False)) for _ in range(rounds)]
     data = [(rng.standard_normal((len(s), 3, En)).astype(np.float32), rng.integers(0, 3, len(s)),
-             rng.integers(0, 4, len(s)), rng.standard_normal((len(s), En)).astype(np.float32)) for s in plan]  # fmt: skip
+             rng.integers(0, 4, len(s)), rng.standard_normal((len(s), En)).astype(np.float32))
+            for s in plan]  # fmt: skip
     results = []
     for fast in (False, True):
         hist = rt._History(B, rounds, En, Hn, np.float32, fast)
-        outs = [hist.attend_forward(*qkv.transpose(1, 0, 2), s, layer, step, policy) for s, (qkv, layer, step, _) in zip(plan, data)]
+        outs = [hist.attend_forward(*qkv.transpose(1, 0, 2), s, layer, step, policy)
+                for s, (qkv, layer, step, _) in zip(plan, data)]
         grads = [hist.attend_backward(D, c) for (_, c), (_, _, _, D) in zip(reversed(outs), reversed(data))]
         results.append(([a for a, _ in outs], grads))
     for a, b in zip(results[0][0], results[1][0]):

@@ -62,7 +62,8 @@ def test_save_and_load(tmp_path, small):
     x = RNG.standard_normal((3, 6))
     np.testing.assert_array_equal(back.choose(x, [-1, 0, 1], [0, 1, 1]), router.choose(x, [-1, 0, 1], [0, 1, 1]))
     router.save(tmp_path / "router-tau0.2")  # a dot in the name is not a file ending
-    assert sorted(p.name for p in tmp_path.glob("router-tau0.2*")) == ["router-tau0.2.json", "router-tau0.2.safetensors"]
+    written = sorted(p.name for p in tmp_path.glob("router-tau0.2*"))
+    assert written == ["router-tau0.2.json", "router-tau0.2.safetensors"]
     assert R.Router.load(tmp_path / "router-tau0.2.json").config == cfg
     (tmp_path / "r.json").write_text('{"width": 6, "n_blocks": 5}')
     with pytest.raises(CheckpointError, match=r"r.safetensors: tensors .* do not match r.json, expected"):
@@ -106,11 +107,13 @@ def test_distilled_router_learns_the_oracle():
 
 def test_fused_choose_is_the_float64_reference():
     """`Router.decide` (the float32 Numba kernel) picks what the float64 training path's masked argmax picks,
-    with the softmax's probability of it, over random states, every previous block and depths up to past the limit, for both mask kinds."""
+    with the softmax's probability of it, over random states, every previous block and depths up to past the
+    limit, for both mask kinds."""
     rng = np.random.default_rng(3)
     for forward_only in (True, False):
         cfg = R.RouterConfig(width=16, n_blocks=6, hidden=8, forward_only=forward_only, max_depth=5)
-        params = {k: v + 0.3 * rng.standard_normal(v.shape).astype(np.float32) for k, v in R.init_router(cfg, 2).items()}
+        init = R.init_router(cfg, 2)
+        params = {k: v + 0.3 * rng.standard_normal(v.shape).astype(np.float32) for k, v in init.items()}
         router = R.Router(cfg, params)
         n = 400
         x = (3 * rng.standard_normal((n, 16)) + 1).astype(np.float32)

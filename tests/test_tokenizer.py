@@ -77,7 +77,8 @@ def test_decode_round_trips_wikitext(tok, ref, lines):
 
 
 def test_decode_round_trips_unusual_text(tok):
-    for text in [MIXED, "  two leading spaces", "tabs\tand\nnewlines\r\n", "", " ", "x" * 500, "\ufffd literal replacement"]:
+    texts = [MIXED, "  two leading spaces", "tabs\tand\nnewlines\r\n", "", " ", "x" * 500, "\ufffd literal replacement"]
+    for text in texts:
         assert tok.decode(tok.encode(text)) == text, repr(text)
 
 

@@ -144,8 +144,8 @@ def make_tokenizer_reference(n_lines=400):
     tok = AutoTokenizer.from_pretrained(SHARED / "opt-tokenizer")
     lines = (SHARED / "wikitext-2" / "test.txt").read_text(encoding="utf-8").split("\n")
     picked = [i for i, line in enumerate(lines) if line.strip()][:n_lines]
-    extra = ["Hello world", "a </s> b <pad> <unk> <s>", "  leading spaces", "naïve café — “quotes” 日本語 🙂",
-             "line\nbreak\ttab"]
+    extra = ["Hello world", "a </s> b <pad> <unk> <s>", "  leading spaces",
+             "naïve café — “quotes” 日本語 🙂", "line\nbreak\ttab"]
     ref = {
         "tokenizer": type(tok).__name__,
         "versions": VERSIONS,
