@@ -168,7 +168,8 @@ def run_memory(path, models: dict, sz) -> dict:
 def run_int8_quality(sz) -> dict:
     """The shipped model in int8 against float32: WikiText-2 test perplexity (the full stream, packed in 256-token
     sequences as docs/training.md scores it; --quick: the first 16) and 60 greedy tokens of the CLI's prompt."""
-    from radial_min import data, train
+    from radial_min import data
+    from radial_min.oracle import perplexity
 
     section("5. int8 weights on the shipped model: perplexity and text")
     models = {d: radial_min.load(radial_min.hub.DEFAULT_MODEL, weights_dtype=d) for d in ("float32", "int8")}
@@ -179,7 +180,7 @@ def run_int8_quality(sz) -> dict:
         print(f"skipped: {e}")
         return {}
     seqs = data.pack(stream, 256, 16 if sz["quick"] else None)
-    ppl = {d: train.perplexity(m, seqs) for d, m in models.items()}
+    ppl = {d: perplexity(m, seqs) for d, m in models.items()}
     ids = tok.encode("And God said")
     text = {d: radial_min.generate(m, ids, 60, repetition_penalty=1.2) for d, m in models.items()}
     same = int(np.argmax(text["int8"] != text["float32"])) if (text["int8"] != text["float32"]).any() else 60

@@ -51,6 +51,11 @@ def next_token_nll(logits, ids) -> np.ndarray:
     return -logp[np.arange(len(ids) - 1), ids[1:]]
 
 
+def perplexity(model, sequences: np.ndarray) -> float:
+    """exp of the mean next-token NLL over packed sequences [n, T], each run whole by the inference engine."""
+    return float(np.exp(np.concatenate([next_token_nll(model.forward(s), s) for s in sequences]).mean()))
+
+
 class Decisions:
     """A decision rule with state, for `run_sequence`: called as `decide(b, rows, ratios) -> keep [len(rows)] bool`
     at block b, and `after(b, x, ran)` sees the states [T, E] after the embedding (b = -1, ran = None) and after

@@ -9,7 +9,7 @@ Follow one token through `route_token`: embed it, ask the router, run the block 
 again, until EXIT. The engine allows any order and reuse of blocks. When the router may only move forward and each
 query reads only its own layer's keys (the per-layer policy), many tokens can go together (`route_tokens`, block
 by block: at block b, the tokens that chose b run it as one batch), which is how a prompt's prefill and the
-perplexity of a long text (`forward` over the whole text, e.g. train.perplexity) stay fast; each token then runs
+perplexity of a long text (`forward` over the whole text, e.g. oracle.perplexity) stay fast; each token then runs
 exactly the blocks, over exactly the keys, it would have alone (tests/test_radial.py). `RouterDecisions` is the
 same router inside the oracle's simulation, which also measures the ratios at the blocks a token skips.
 """

@@ -67,6 +67,7 @@ def test_tau_zero_is_the_sequential_model(model):
         np.testing.assert_array_equal(logits, model.forward(ids))  # exactly: the same operations in the same order
     nll = np.concatenate([oracle.next_token_nll(model.forward(ids), ids) for ids in SEQS])
     assert run.ppl == pytest.approx(np.exp(nll.mean()), rel=1e-12)
+    assert oracle.perplexity(model, SEQS) == pytest.approx(run.ppl, rel=1e-12)  # the engine's whole-sequence score
     drop = oracle.simulate(model, SEQS, oracle.threshold(0.0), "drop")  # per-token attention: equal to rounding
     assert drop.keep.all() and drop.ppl == pytest.approx(run.ppl, rel=1e-5)
     rec = profiling.RatioRecorder(len(model.blocks))

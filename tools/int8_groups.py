@@ -11,9 +11,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import radial_min  # noqa: E402
-from radial_min import data, train  # noqa: E402
+from radial_min import data  # noqa: E402
 from radial_min.blocks import Linear  # noqa: E402
 from radial_min.dtypes import Int8Matrix  # noqa: E402
+from radial_min.oracle import perplexity  # noqa: E402
 
 
 def rounded(w, group):
@@ -31,13 +32,13 @@ def main():
     seqs = data.pack(data.tokenize_documents(tok, data.default_corpus()[1]["wiki"]), 256)
     linears = [part for block in model.blocks for part in vars(block).values() if isinstance(part, Linear)]
     weights, embedding = [lin.weight for lin in linears], model.embed_tokens
-    base = train.perplexity(model, seqs)
+    base = perplexity(model, seqs)
     print(f"{'weights':<40}{'perplexity':>12}{'vs float32':>12}\n{'float32':<40}{base:12.3f}")
     for group in [None] + [int(g) for g in args.groups.split(",")]:
         for lin, w in zip(linears, weights):
             lin.weight = rounded(w, group)
         model.embed_tokens = model.lm_head = rounded(embedding, group)
-        ppl = train.perplexity(model, seqs)
+        ppl = perplexity(model, seqs)
         label = "int8, one scale per row" if group is None else f"int8, one scale per {group} weights of a row"
         print(f"{label:<40}{ppl:12.3f}{100 * (ppl / base - 1):+11.3f}%")
 
