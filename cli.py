@@ -875,6 +875,7 @@ def build_parser():
                    help="steps between checkpoints (default: %(default)s)")
     t.add_argument("--seed", type=_nonneg_int, default=0, help="seed for init and batches (default: %(default)s)")
     rad = t.add_argument_group("a Radial Network trained from scratch with its router (--radial; docs/cotraining.md)")
+    d = tr.TrainConfig()  # the routing options default to None (= not given, see _radial_settings); their values:
     rad.add_argument("--radial", action="store_true",
                      help="train the router with the blocks; the export then routes by default (default: off)")
     rad.add_argument("--target-depth", type=float, default=None,
@@ -886,23 +887,25 @@ def build_parser():
     rad.add_argument("--forward-only", action="store_true",
                      help="blocks in order, each at most once (default: any order, blocks may be reused)")
     rad.add_argument("--cache-policy", choices=POLICIES, default=None,
-                     help="what attention reads in the unified KV cache (default: global)")
+                     help=f"what attention reads in the unified KV cache (default: {d.cache_policy})")
     rad.add_argument("--step-encoding-scale", type=float, default=None,
-                     help="global policy: scale of the step encodings added to queries and keys (default: 1.0)")
+                     help=f"global policy: scale of the step encodings added to queries and keys "
+                          f"(default: {d.step_encoding_scale})")
     rad.add_argument("--router-hidden", type=_positive_int, default=None,
-                     help="router hidden units, > 2 x --layers (default: 16)")
+                     help=f"router hidden units, > 2 x --layers (default: {d.router_hidden})")
     rad.add_argument("--in-order", type=float, default=None,
                      help="the router starts routing the blocks in order with this logit margin, and learns from "
-                          "there; 0 = random routes (default: 6)")
+                          f"there; 0 = random routes (default: {d.in_order:g})")
     rad.add_argument("--router-warmup", type=_nonneg_int, default=None,
-                     help="first steps in which only the blocks learn, the router waits (default: 100)")
+                     help=f"first steps in which only the blocks learn, the router waits (default: {d.router_warmup})")
     rad.add_argument("--router-lr", type=float, default=None,
-                     help="the router's learning rate as a share of --lr (default: 0.1)")
+                     help=f"the router's learning rate as a share of --lr (default: {d.router_lr})")
     rad.add_argument("--cost-rate", type=float, default=None,
                      help="with --target-depth: how fast the cost follows it, per step and block of error "
-                          "(default: 0.0002)")
+                          f"(default: {d.cost_rate})")
     rad.add_argument("--depth-weight", type=float, default=None,
-                     help="with --target-depth: weight of (expected blocks - target)^2 in the loss (default: 0.05)")
+                     help="with --target-depth: weight of (expected blocks - target)^2 in the loss "
+                          f"(default: {d.depth_weight})")
     t.set_defaults(func=cmd_train)
 
     def add_text_args(q, max_sequences):

@@ -410,11 +410,11 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: 
                 if rcfg is not None and not routing:  # warm-up: untrained blocks would teach the router to exit
                     grads = {k: g for k, g in grads.items() if not k.startswith(ROUTER)}
                 norm = clip_grads(grads, cfg.grad_clip)
-                blocks, router = split_router(grads)  # the router learns at its own, slower rate
+                router = {k: g for k, g in grads.items() if k.startswith(ROUTER)}  # learns at its own, slower rate
+                blocks = {k: g for k, g in grads.items() if k not in router}
                 adamw_step(params, blocks, m, v, step + 1, lr, weight_decay=cfg.weight_decay)
                 if router:
-                    adamw_step(params, {ROUTER + k: g for k, g in router.items()}, m, v, step + 1, lr * cfg.router_lr,
-                               weight_decay=cfg.weight_decay)  # fmt: skip
+                    adamw_step(params, router, m, v, step + 1, lr * cfg.router_lr, weight_decay=cfg.weight_decay)
                 step += 1
                 tokens_done += cfg.batch_size * cfg.seq_len
                 record = {"step": step, "loss": round(loss, 4), "lr": lr, "grad_norm": round(norm, 3)}

@@ -324,7 +324,13 @@ def cmd_figures(args):
     import matplotlib.pyplot as plt
 
     results = json.loads((OUT / "results.json").read_text())
-    figs = ROOT / "docs" / "figures"
+
+    def save(fig, name, legend=None):  # legend: the font size of every axis's legend
+        for ax in fig.axes if legend else ():
+            ax.legend(fontsize=legend)
+        fig.tight_layout()
+        fig.savefig(ROOT / "docs" / "figures" / name, dpi=120)
+        plt.close(fig)
     for split, title in (("wiki", "WikiText-2 test"), ("kjv", "held-out KJV chapters")):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         xs, ys = curve(results, split, SEQUENTIAL)
@@ -338,10 +344,7 @@ def cmd_figures(args):
                         label=f"{m}: {MODELS[m][0]}" if r["seed"] == min(args.seeds) else None)  # fmt: skip
         ax.set_xlabel("mean blocks per token")
         ax.set_ylabel(f"perplexity, {title}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(figs / f"cotrain_ppl_{split}.png", dpi=120)
-        plt.close(fig)
+        save(fig, f"cotrain_ppl_{split}.png", legend=7)
         print(f"## {title}\n\n{table(results, split)}\n")
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for m in ("D", "E", "F"):
@@ -351,10 +354,7 @@ def cmd_figures(args):
             ax.plot(np.arange(len(h)), h / h.sum(), "o-", label=f"{m} (mean {r['wiki']['blocks']:.2f})")
     ax.set_xlabel("blocks run by a token (WikiText-2 test)")
     ax.set_ylabel("share of tokens")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(figs / "cotrain_depth_hist.png", dpi=120)
-    plt.close(fig)
+    save(fig, "cotrain_depth_hist.png", legend=8)
     fig, axes = plt.subplots(3, 1, figsize=(6.4, 7.5))
     for ax, m in zip(axes, ("D", "E", "F")):
         r = results.get(run_name(m, min(args.seeds)))
@@ -368,9 +368,7 @@ def cmd_figures(args):
         ax.set_yticks(range(routes.shape[1]))
         ax.tick_params(labelsize=6)
     axes[-1].set_xlabel("token")
-    fig.tight_layout()
-    fig.savefig(figs / "cotrain_routes.png", dpi=120)
-    plt.close(fig)
+    save(fig, "cotrain_routes.png")
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for m in MODELS:
         log = OUT / run_name(m, min(args.seeds)) / "log.jsonl"
@@ -380,10 +378,7 @@ def cmd_figures(args):
             ax.plot(*zip(*pts), marker=".", label=m)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss, WikiText-2 test (64 windows)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(figs / "cotrain_curves.png", dpi=120)
-    plt.close(fig)
+    save(fig, "cotrain_curves.png", legend=8)
     return 0
 
 
