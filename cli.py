@@ -11,6 +11,7 @@ Results go under runs/ by default; a command refuses to replace files that exist
 Bad input ends with one line on stderr naming what is wrong, and exit code 2; anything else is a bug and keeps
 its traceback.
 """
+
 import argparse
 import json
 import os
@@ -55,12 +56,16 @@ def cmd_generate(args):
     ids = _check_vocab(tok.encode(prompt), model, tok.source)
     context = model.config.max_position_embeddings
     if not 0 < len(ids) <= context:
-        raise RadialError(f"the prompt is {_count(len(ids), 'token')} long; the model takes 1 to {context}"
-                          + ("" if len(ids) else " (its tokenizer adds no BOS to an empty prompt)"))
+        raise RadialError(
+            f"the prompt is {_count(len(ids), 'token')} long; the model takes 1 to {context}"
+            + ("" if len(ids) else " (its tokenizer adds no BOS to an empty prompt)")
+        )
     room = context - len(ids) + 1
     if args.max_new_tokens > room:
-        _warn(f"--max-new-tokens {args.max_new_tokens}: the model's context of {model.config.max_position_embeddings} "
-              f"tokens leaves room for {max(0, room)} after the {len(ids)}-token prompt; generation stops there")
+        _warn(
+            f"--max-new-tokens {args.max_new_tokens}: the model's context of {model.config.max_position_embeddings} "
+            f"tokens leaves room for {max(0, room)} after the {len(ids)}-token prompt; generation stops there"
+        )
     runner = _radial_network(model, args) if args.router is not None or isinstance(model, RadialNetwork) else model
     routed = isinstance(runner, RadialNetwork)
     pending = [] if args.quiet else [prompt]  # echoed with the first new text, after any compile notice
@@ -80,8 +85,17 @@ def cmd_generate(args):
             stream(token)
 
     t0 = time.perf_counter()
-    new = radial_min.generate(runner, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                              on_token=on_token, repetition_penalty=args.repetition_penalty)
+    new = radial_min.generate(
+        runner,
+        ids,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.seed,
+        on_token=on_token,
+        repetition_penalty=args.repetition_penalty,
+    )
     dt = time.perf_counter() - t0
     if args.quiet:
         write(tok.decode(new))
@@ -101,8 +115,7 @@ def format_stats(n_prompt: int, dt: float, stamps: list) -> str:
     n = len(stamps)
     line = f"[{_count(n_prompt, 'prompt token')} + {_count(n, 'new token')} in {dt:.2f} s, {n / dt:.1f} tokens/s"
     if n > 1:
-        line += (f"; the first after {stamps[0]:.2f} s (prefill), then "
-                 f"{(n - 1) / (stamps[-1] - stamps[0]):.1f} tokens/s")
+        line += f"; the first after {stamps[0]:.2f} s (prefill), then {(n - 1) / (stamps[-1] - stamps[0]):.1f} tokens/s"
     return line + "]"
 
 
@@ -111,8 +124,11 @@ def _warn_without_effect(args, co_trained=False):
     if args.temperature <= 0 and (args.top_k is not None or args.top_p is not None):
         _warn("--top-k/--top-p have no effect at --temperature 0 (greedy decoding); set --temperature > 0 to sample")
     if args.router is None and not co_trained:
-        unused = [f"--{k.replace('_', '-')}" for k in ("max_depth", "cache_policy", "step_encoding_scale", "show_depth")
-                  if getattr(args, k) is not None]
+        unused = [
+            f"--{k.replace('_', '-')}"
+            for k in ("max_depth", "cache_policy", "step_encoding_scale", "show_depth")
+            if getattr(args, k) is not None
+        ]
         if unused:
             _warn(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect without --router")
 
@@ -124,8 +140,10 @@ def _radial_network(model, args):
         if args.router is not None:
             raise RadialError(f"--router {args.router}: {args.model} was trained with its own router (radial.json)")
         if args.cache_policy is not None and args.cache_policy != model.cache_policy:
-            _warn(f"--cache-policy {args.cache_policy}: {args.model} was trained with {model.cache_policy}, so its "
-                  "queries never learned to read another policy's keys")  # fmt: skip
+            _warn(
+                f"--cache-policy {args.cache_policy}: {args.model} was trained with {model.cache_policy}, so its "
+                "queries never learned to read another policy's keys"
+            )
             model.cache_policy = args.cache_policy
         if args.step_encoding_scale is not None:
             model.step_encoding_scale = args.step_encoding_scale
@@ -141,9 +159,11 @@ def _load_router(model, path, option):
     """The router at `path` (a folder or the files' prefix), refused unless it routes this model's blocks."""
     router = R.Router.load(_router_path(path))
     if router.config.width != model.config.hidden_size or router.config.n_blocks != len(model.blocks):
-        raise RadialError(f"{option} {path}: routes {router.config.n_blocks} blocks of width "
-                          f"{router.config.width}, but the model has {len(model.blocks)} blocks of width "
-                          f"{model.config.hidden_size}")
+        raise RadialError(
+            f"{option} {path}: routes {router.config.n_blocks} blocks of width "
+            f"{router.config.width}, but the model has {len(model.blocks)} blocks of width "
+            f"{model.config.hidden_size}"
+        )
     return router
 
 
@@ -208,34 +228,44 @@ def cmd_info(args):
 
 def format_info(model):
     cfg = model.config
-    lines = [f"model       {model.path}",
-             f"type        {cfg.model_type}  ({type(model).__name__})",
-             f"parameters  {model.n_params:,}",
-             f"on disk     {', '.join(_count(n, 'tensor') + ' ' + d for d, n in sorted(model.dtypes_on_disk.items()))}",
-             *_gguf_file_line(model),
-             f"in memory   {model.n_params * 4 / 2**20:.1f} MiB float32",
-             f"blocks      {len(model.blocks)} ({_count(model.n_layer, 'layer')} x attention + FFN)"]
+    lines = [
+        f"model       {model.path}",
+        f"type        {cfg.model_type}  ({type(model).__name__})",
+        f"parameters  {model.n_params:,}",
+        f"on disk     {', '.join(_count(n, 'tensor') + ' ' + d for d, n in sorted(model.dtypes_on_disk.items()))}",
+        *_gguf_file_line(model),
+        f"in memory   {model.n_params * 4 / 2**20:.1f} MiB float32",
+        f"blocks      {len(model.blocks)} ({_count(model.n_layer, 'layer')} x attention + FFN)",
+    ]
     if cfg.model_type == "opt":
-        lines += [f"width       hidden {cfg.hidden_size}, ffn {cfg.ffn_dim}, heads {cfg.num_attention_heads}, "
-                  f"vocab {cfg.vocab_size}",
-                  f"layout      {'pre' if cfg.do_layer_norm_before else 'post'}-LN, {cfg.activation_function}, "
-                  f"context {cfg.max_position_embeddings}"]
+        lines += [
+            f"width       hidden {cfg.hidden_size}, ffn {cfg.ffn_dim}, heads {cfg.num_attention_heads}, "
+            f"vocab {cfg.vocab_size}",
+            f"layout      {'pre' if cfg.do_layer_norm_before else 'post'}-LN, {cfg.activation_function}, "
+            f"context {cfg.max_position_embeddings}",
+        ]
     elif cfg.model_type in ("llama", "qwen2"):
-        lines += [f"width       hidden {cfg.hidden_size}, ffn {cfg.intermediate_size} (SwiGLU), "
-                  f"heads {cfg.num_attention_heads} ({cfg.num_key_value_heads} key/value), vocab {cfg.vocab_size}",
-                  f"layout      RMSNorm, rotary theta {cfg.rope_theta:g}, "
-                  f"{'tied' if cfg.tie_word_embeddings else 'untied'} head, context {cfg.max_position_embeddings}"
-                  f"{', qkv biases' if cfg.qkv_bias else ''}"]
+        lines += [
+            f"width       hidden {cfg.hidden_size}, ffn {cfg.intermediate_size} (SwiGLU), "
+            f"heads {cfg.num_attention_heads} ({cfg.num_key_value_heads} key/value), vocab {cfg.vocab_size}",
+            f"layout      RMSNorm, rotary theta {cfg.rope_theta:g}, "
+            f"{'tied' if cfg.tie_word_embeddings else 'untied'} head, context {cfg.max_position_embeddings}"
+            f"{', qkv biases' if cfg.qkv_bias else ''}",
+        ]
     else:
-        lines += [f"width       hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}, heads {cfg.num_attention_heads}",
-                  f"image       {cfg.image_size}px, patch {cfg.patch_size}, {cfg.num_patches} patches, "
-                  f"labels {cfg.num_labels}"]
+        lines += [
+            f"width       hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}, heads {cfg.num_attention_heads}",
+            f"image       {cfg.image_size}px, patch {cfg.patch_size}, {cfg.num_patches} patches, "
+            f"labels {cfg.num_labels}",
+        ]
     if isinstance(model, RadialNetwork):  # co-trained: its router and routing settings
         rc = model.router.config
         order = "forward only" if rc.forward_only else "any order, blocks reusable"
         steps = f", step encodings x{model.step_encoding_scale:g}" if model.cache_policy == "global" else ""
-        lines += [f"routing     co-trained router ({rc.hidden} hidden units), {order}, max depth {model.max_depth}",
-                  f"KV cache    unified, {model.cache_policy} policy{steps}"]
+        lines += [
+            f"routing     co-trained router ({rc.hidden} hidden units), {order}, max depth {model.max_depth}",
+            f"KV cache    unified, {model.cache_policy} policy{steps}",
+        ]
     return "\n".join(lines)
 
 
@@ -258,38 +288,63 @@ def _gguf_file_line(model):
 
 
 def cmd_train(args):
-    cfg = tr.TrainConfig(out=args.out, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         ffn_dim=args.ffn_dim or 4 * args.hidden_size, seq_len=args.seq_len,
-                         batch_size=args.batch_size, steps=args.steps, lr=args.lr, warmup=args.warmup,
-                         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
-                         save_every=args.save_every, seed=args.seed, **_radial_settings(args))
+    cfg = tr.TrainConfig(
+        out=args.out,
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        ffn_dim=args.ffn_dim or 4 * args.hidden_size,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        lr=args.lr,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        seed=args.seed,
+        **_radial_settings(args),
+    )
     check_train_settings(cfg)
     done = _saved_step(Path(cfg.out) / "state.safetensors")
     if args.export and not args.overwrite and _nonempty(args.export):
         if done is not None and done >= cfg.steps:
-            print(f"{cfg.out}: already finished (step {done:,} of {cfg.steps:,}) and exported to {args.export}; "
-                  "nothing to do (--overwrite redoes the export and evaluation)", file=sys.stderr)
+            print(
+                f"{cfg.out}: already finished (step {done:,} of {cfg.steps:,}) and exported to {args.export}; "
+                "nothing to do (--overwrite redoes the export and evaluation)",
+                file=sys.stderr,
+            )
             return
         raise RadialError(f"--export {args.export}: the folder exists and is not empty; pass --overwrite to replace it")
     print(f"preparing corpus and tokenizer in {cfg.out} ...", file=sys.stderr)
     train_ids, val_streams = data.prepare_corpus(cfg.out, cfg.vocab_size)
     short = [k for k, ids in {"train": train_ids, **val_streams}.items() if len(ids) < cfg.seq_len + 2]
     if short:
-        raise RadialError(f"{Path(cfg.out) / 'tokens.npz'}: the {', '.join(short)} stream holds fewer than --seq-len "
-                          f"+ 2 = {cfg.seq_len + 2} tokens")
+        raise RadialError(
+            f"{Path(cfg.out) / 'tokens.npz'}: the {', '.join(short)} stream holds fewer than --seq-len "
+            f"+ 2 = {cfg.seq_len + 2} tokens"
+        )
     val = {k: data.validation_sequences(s, cfg.seq_len, cfg.eval_sequences) for k, s in val_streams.items()}
-    print(f"train {len(train_ids):,} tokens; validation {', '.join(f'{k} {len(s):,}' for k, s in val_streams.items())}",
-          file=sys.stderr)
+    print(
+        f"train {len(train_ids):,} tokens; validation {', '.join(f'{k} {len(s):,}' for k, s in val_streams.items())}",
+        file=sys.stderr,
+    )
     if done is not None:
-        print(f"{cfg.out}: resuming at step {done:,} of {cfg.steps:,}" if done < cfg.steps else
-              f"{cfg.out}: training already finished at step {done:,}", file=sys.stderr)
+        print(
+            f"{cfg.out}: resuming at step {done:,} of {cfg.steps:,}"
+            if done < cfg.steps
+            else f"{cfg.out}: training already finished at step {done:,}",
+            file=sys.stderr,
+        )
     params = tr.train(cfg, train_ids, val)
     log = [json.loads(line) for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines() if line.strip()]
     plots.training_curve(log, Path(cfg.out) / "loss.png")
     if args.export:
-        tr.export_checkpoint(params, cfg.model_config(), cfg.out, args.export, args.dtype, cfg.radial_config(),
-                             overwrite=args.overwrite)  # fmt: skip
+        tr.export_checkpoint(
+            params, cfg.model_config(), cfg.out, args.export, args.dtype, cfg.radial_config(), overwrite=args.overwrite
+        )
         print(f"exported {args.export}; validation perplexity on the full held-out streams ...", file=sys.stderr)
         with progress.Bar(0, "evaluate", "seq", leave=False) as bar:
             rep = tr.report(args.export, train_ids, val_streams, cfg.seq_len, bar)
@@ -297,8 +352,20 @@ def cmd_train(args):
         print(format_train_report(rep))
 
 
-_RADIAL_OPTIONS = ("max_depth", "forward_only", "cache_policy", "step_encoding_scale", "target_depth", "cost",
-                   "router_hidden", "in_order", "router_warmup", "router_lr", "cost_rate", "depth_weight")  # fmt: skip
+_RADIAL_OPTIONS = (
+    "max_depth",
+    "forward_only",
+    "cache_policy",
+    "step_encoding_scale",
+    "target_depth",
+    "cost",
+    "router_hidden",
+    "in_order",
+    "router_warmup",
+    "router_lr",
+    "cost_rate",
+    "depth_weight",
+)
 
 
 def _radial_settings(args) -> dict:
@@ -320,13 +387,16 @@ def check_train_settings(cfg):
     problems = []
     need, avail = _training_bytes(cfg), stream.available_bytes()
     if need > avail:
-        problems.append(f"--hidden-size {cfg.hidden_size} --layers {cfg.num_hidden_layers} --ffn-dim {cfg.ffn_dim} "
-                        f"--vocab-size {cfg.vocab_size} --seq-len {cfg.seq_len} --batch-size {cfg.batch_size}: "
-                        f"training would need about {need / 2**30:,.1f} GiB (weights, gradients, Adam moments and a "
-                        f"batch's activations), {avail / 2**30:,.1f} GiB are available")
+        problems.append(
+            f"--hidden-size {cfg.hidden_size} --layers {cfg.num_hidden_layers} --ffn-dim {cfg.ffn_dim} "
+            f"--vocab-size {cfg.vocab_size} --seq-len {cfg.seq_len} --batch-size {cfg.batch_size}: "
+            f"training would need about {need / 2**30:,.1f} GiB (weights, gradients, Adam moments and a "
+            f"batch's activations), {avail / 2**30:,.1f} GiB are available"
+        )
     if cfg.vocab_size < MIN_VOCAB:
-        problems.append(f"--vocab-size {cfg.vocab_size}: a byte-level BPE needs at least {MIN_VOCAB} "
-                        "(256 bytes + 4 special tokens)")
+        problems.append(
+            f"--vocab-size {cfg.vocab_size}: a byte-level BPE needs at least {MIN_VOCAB} (256 bytes + 4 special tokens)"
+        )
     if cfg.hidden_size % cfg.num_attention_heads:
         problems.append(f"--heads {cfg.num_attention_heads} must divide --hidden-size {cfg.hidden_size}")
     if cfg.seq_len < 2:
@@ -348,8 +418,9 @@ def check_train_settings(cfg):
         if not (cfg.cost >= 0 and np.isfinite(cfg.cost)):
             problems.append(f"--cost must be a finite number >= 0, got {cfg.cost}")
         if cfg.in_order and cfg.router_hidden < n + 1:
-            problems.append(f"--router-hidden {cfg.router_hidden}: routing {n} blocks in order needs >= {n + 1} "
-                            "(or --in-order 0)")  # fmt: skip
+            problems.append(
+                f"--router-hidden {cfg.router_hidden}: routing {n} blocks in order needs >= {n + 1} (or --in-order 0)"
+            )
         if not (0 <= cfg.step_encoding_scale < 1e3):
             problems.append(f"--step-encoding-scale must be in [0, 1000), got {cfg.step_encoding_scale}")
     if problems:
@@ -359,8 +430,15 @@ def check_train_settings(cfg):
 def _training_bytes(cfg) -> int:
     """A rough float32 budget of `train`: four copies of the weights (weights, gradients, two Adam moments) and the
     activations backprop keeps for one batch, attention scores and logits included."""
-    E, F, L, V, T, B, H = (cfg.hidden_size, cfg.ffn_dim, cfg.num_hidden_layers, cfg.vocab_size, cfg.seq_len,
-                           cfg.batch_size, cfg.num_attention_heads)  # fmt: skip
+    E, F, L, V, T, B, H = (
+        cfg.hidden_size,
+        cfg.ffn_dim,
+        cfg.num_hidden_layers,
+        cfg.vocab_size,
+        cfg.seq_len,
+        cfg.batch_size,
+        cfg.num_attention_heads,
+    )
     weights = V * E + (T + 2) * E + L * (4 * E * E + 2 * E * F + 10 * E)
     activations = B * T * (L * (12 * E + 3 * F + 2 * H * T) + 3 * V)
     return 4 * (4 * weights + activations)
@@ -376,8 +454,10 @@ def format_train_report(rep):
     head = f"{'split':<8}{'tokens':>10}{'model':>10}{'unigram':>10}{'bigram':>10}"
     lines = [head + (f"{'blocks':>10}" if routed else "")]
     for name, r in rep.items():
-        lines.append(f"{name:<8}{r['tokens']:>10,}{r['model']:10.2f}{r['unigram']:10.2f}{r['bigram']:10.2f}"
-                     + (f"{r['blocks']:10.2f}" if routed else ""))  # fmt: skip
+        lines.append(
+            f"{name:<8}{r['tokens']:>10,}{r['model']:10.2f}{r['unigram']:10.2f}{r['bigram']:10.2f}"
+            + (f"{r['blocks']:10.2f}" if routed else "")
+        )
     return "\n".join(lines)
 
 
@@ -399,13 +479,15 @@ def cmd_profile(args):
             seqs, tok = _sequences(model, args)
             streamed += [(model, seqs.size)] if getattr(model, "layer_major", False) else []
             if args.generate and getattr(model, "layer_major", False):
-                raise RadialError(f"--generate: generation runs every block per token, it needs {label} loaded whole "
-                                  "(no --stream)")
+                raise RadialError(
+                    f"--generate: generation runs every block per token, it needs {label} loaded whole (no --stream)"
+                )
             phases["prefill"] = profiling.profile_text(model, seqs, args.kind, progress=_bar(f"profile {label}", "seq"))
             if args.generate:
                 prompts = [s[: args.prompt_len] for s in seqs[: args.generate_prompts]]
-                phases["generation"], _ = profiling.profile_generation(model, prompts, args.generate, args.kind,
-                                                                       _bar(f"generate {label}", "prompt"))
+                phases["generation"], _ = profiling.profile_generation(
+                    model, prompts, args.generate, args.kind, _bar(f"generate {label}", "prompt")
+                )
         else:
             settings = images.read_preprocessor(model.path, model.config.image_size)
             files = images.list_images(args.images)
@@ -417,28 +499,43 @@ def cmd_profile(args):
             print(profiling.format_summary(summary, title))
             print(f"overall median {summary['overall']['median']:.4f}")
             report[f"{label}/{phase}"] = summary
-            rows = [*summary["blocks"].items(), *((f"all_{k}", v) for k, v in summary["types"].items()),
-                    ("overall", summary["overall"])]
+            rows = [
+                *summary["blocks"].items(),
+                *((f"all_{k}", v) for k, v in summary["types"].items()),
+                ("overall", summary["overall"]),
+            ]
             csv_rows += [{"model": label, "phase": phase, "block": b, **s} for b, s in rows]
             write_npz(out / f"ratios_{label}_{phase}.npz", ratios=ratios.astype("float32"), blocks=names)
         main_phase = next(iter(phases))
         hist[label], layer_summaries[label] = phases[main_phase], report[f"{label}/{main_phase}"]
-        medians = {k: s["median"] for k, s in [("overall", layer_summaries[label]["overall"]),
-                                                *layer_summaries[label]["types"].items()]}  # fmt: skip
+        medians = {
+            k: s["median"]
+            for k, s in [("overall", layer_summaries[label]["overall"]), *layer_summaries[label]["types"].items()]
+        }
         sizes[label] = (model.n_params, medians)
         keep = phases[main_phase] >= args.tau  # each block judged on the sequential path, not the oracle's (`simulate`)
-        plots.routing_trace(keep[: args.trace_tokens], names, out / f"routing_trace_{label}.png",
-                            f"{label}, ratio >= {args.tau}")
-        plots.depth_histogram({f"{label}, tau={args.tau}": np.bincount(keep.sum(1), minlength=len(names) + 1)},
-                              out / f"depth_hist_{label}.png")
+        plots.routing_trace(
+            keep[: args.trace_tokens], names, out / f"routing_trace_{label}.png", f"{label}, ratio >= {args.tau}"
+        )
+        plots.depth_histogram(
+            {f"{label}, tau={args.tau}": np.bincount(keep.sum(1), minlength=len(names) + 1)},
+            out / f"depth_hist_{label}.png",
+        )
     write_json(out / "summary.json", report)
     write_csv(out / "summary.csv", csv_rows)
-    made = [plots.ratio_histogram(hist, out / "ratio_hist.png", args.kind),
-            plots.layer_profile(layer_summaries, out / "layer_profile.png")]
+    made = [
+        plots.ratio_histogram(hist, out / "ratio_hist.png", args.kind),
+        plots.layer_profile(layer_summaries, out / "layer_profile.png"),
+    ]
     if len(sizes) > 1:  # the paper's curve: median ratio against parameters
         print("\n" + format_sizes(sizes))
-        write_csv(out / "sizes.csv", [{"model": label, "parameters": p, **{f"median_{k}": v for k, v in m.items()}}
-                                      for label, (p, m) in sorted(sizes.items(), key=lambda kv: kv[1][0])])  # fmt: skip
+        write_csv(
+            out / "sizes.csv",
+            [
+                {"model": label, "parameters": p, **{f"median_{k}": v for k, v in m.items()}}
+                for label, (p, m) in sorted(sizes.items(), key=lambda kv: kv[1][0])
+            ],
+        )
         made.append(plots.median_by_size(sizes, out / "median_by_size.png"))
     print(f"\nresults in {out}/" + ("" if all(made) else " (no plots: pip install matplotlib)"))
     for model, _ in streamed:
@@ -451,8 +548,9 @@ def format_sizes(sizes):
     """Median ratio per model, smallest first: {label: (parameters, {"overall", "att", "ffn": median})}."""
     lines = [f"{'model':<24}{'parameters':>16}{'median':>8}{'att':>8}{'ffn':>8}"]
     for label, (p, m) in sorted(sizes.items(), key=lambda kv: kv[1][0]):
-        lines.append(f"{label:<24}{p:>16,}{m['overall']:8.3f}{m.get('att', float('nan')):8.3f}"
-                     f"{m.get('ffn', float('nan')):8.3f}")
+        lines.append(
+            f"{label:<24}{p:>16,}{m['overall']:8.3f}{m.get('att', float('nan')):8.3f}{m.get('ffn', float('nan')):8.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -464,8 +562,11 @@ def _load_maybe_streamed(source, want_stream: bool, kind: str, state_dir: Path):
     need, avail = stream.model_bytes(source), stream.available_bytes()
     if not want_stream and need <= avail:
         return _load(source, kind)
-    why = ("--stream" if want_stream else
-           f"automatic: the model needs {need / 2**30:.1f} GiB as float32, {avail / 2**30:.1f} GiB available")
+    why = (
+        "--stream"
+        if want_stream
+        else f"automatic: the model needs {need / 2**30:.1f} GiB as float32, {avail / 2**30:.1f} GiB available"
+    )
     try:
         model = stream.StreamedModel(source)
     except stream.NotStreamable as e:
@@ -475,9 +576,11 @@ def _load_maybe_streamed(source, want_stream: bool, kind: str, state_dir: Path):
         return _load(source, kind)
     model.state_dir = Path(str(state_dir).format(model.path.name))
     model.progress = _BlockBar(model.path.name)
-    print(f"{model.path.name}: streaming weights block by block ({why}); largest block "
-          f"{model.largest_block_bytes() / 2**20:,.1f} MiB as float32; checkpoints in {model.state_dir}/",
-          file=sys.stderr)
+    print(
+        f"{model.path.name}: streaming weights block by block ({why}); largest block "
+        f"{model.largest_block_bytes() / 2**20:,.1f} MiB as float32; checkpoints in {model.state_dir}/",
+        file=sys.stderr,
+    )
     return model
 
 
@@ -486,8 +589,10 @@ def _memory_report(models, extra=""):
     ([(model, tokens)], the largest of each)."""
     two = max(sum(sorted(m.block_bytes(b) for b in range(len(m.blocks)))[-2:]) for m, _ in models)
     states = max(n_tokens * m.config.hidden_size * 4 for m, n_tokens in models)
-    return (f"peak memory (VmHWM) {stream.peak_rss_bytes() / 2**20:,.0f} MiB; two largest blocks "
-            f"{two / 2**20:,.1f} MiB as float32, hidden states {states / 2**20:,.1f} MiB{extra}")
+    return (
+        f"peak memory (VmHWM) {stream.peak_rss_bytes() / 2**20:,.0f} MiB; two largest blocks "
+        f"{two / 2**20:,.1f} MiB as float32, hidden states {states / 2**20:,.1f} MiB{extra}"
+    )
 
 
 class _BlockBar:
@@ -507,8 +612,9 @@ class _BlockBar:
     def __call__(self, items, i):
         if self.bar is None:
             self.n_seq = len(items)
-            self.bar = progress.Bar(len(self.steps) * self.n_seq, self.label, "seq", initial=self.start * self.n_seq,
-                                    leave=False)  # fmt: skip
+            self.bar = progress.Bar(
+                len(self.steps) * self.n_seq, self.label, "seq", initial=self.start * self.n_seq, leave=False
+            )
         yield from self.bar.track(items, f"{self.steps[i]} ({i + 1}/{len(self.steps)})")
         if i == len(self.steps) - 1:
             self.bar.close()
@@ -525,8 +631,11 @@ def cmd_simulate(args):
     streamed = getattr(model, "layer_major", False)
     seqs, _ = _sequences(model, args)
     taus = args.taus
-    print(f"{model.path.name}: {_count(len(seqs), 'sequence')} x {seqs.shape[1]} tokens, "
-          f"{_count(len(model.blocks), 'block')}", file=sys.stderr)
+    print(
+        f"{model.path.name}: {_count(len(seqs), 'sequence')} x {seqs.shape[1]} tokens, "
+        f"{_count(len(model.blocks), 'block')}",
+        file=sys.stderr,
+    )
     if streamed:  # one pass over the weights per setting, each with its own bar by block (_BlockBar)
         res = oracle.sweep(model, seqs, taus, rules, args.kind)
     else:
@@ -535,10 +644,19 @@ def cmd_simulate(args):
     names = profiling.block_names(model)
     n = len(model.blocks)
     print(format_sweep(res["rows"], res["static"], names, rules))
-    write_json(out / "simulate.json", {"model": str(model.path), "sequences": int(len(seqs)),
-                                       "seq_len": int(seqs.shape[1]), "blocks": names,
-                                       "mean_ratio": res["mean_ratio"], "rows": res["rows"], "static": res["static"],
-                                       "depth_hist": {f"{r}/{t}": h for (r, t), h in res["depth_hist"].items()}})
+    write_json(
+        out / "simulate.json",
+        {
+            "model": str(model.path),
+            "sequences": int(len(seqs)),
+            "seq_len": int(seqs.shape[1]),
+            "blocks": names,
+            "mean_ratio": res["mean_ratio"],
+            "rows": res["rows"],
+            "static": res["static"],
+            "depth_hist": {f"{r}/{t}": h for (r, t), h in res["depth_hist"].items()},
+        },
+    )
     write_csv(out / "simulate.csv", [{k: v for k, v in r.items() if k != "skip_rate"} for r in res["rows"]])
     curves = {}
     for rule in rules:
@@ -548,8 +666,10 @@ def cmd_simulate(args):
         points = sorted((r["depth"], r["ppl"]) for r in res["static"] if r["baseline"] == kind)
         curves[label] = ([d for d, _ in points], [p for _, p in points])
     made = plots.ppl_vs_depth(curves, n, out / "ppl_vs_depth.png")
-    plots.depth_histogram({f"{r}, tau={t}": h for (r, t), h in res["depth_hist"].items()
-                           if t == args.trace_tau or t == max(taus)}, out / "depth_hist.png")
+    plots.depth_histogram(
+        {f"{r}, tau={t}": h for (r, t), h in res["depth_hist"].items() if t == args.trace_tau or t == max(taus)},
+        out / "depth_hist.png",
+    )
     trace = oracle.simulate(model, seqs[:1], oracle.threshold(args.trace_tau), rules[0], args.kind)
     plots.routing_trace(trace.keep[0], names, out / "routing_trace.png", f"oracle, tau={args.trace_tau}, {rules[0]}")
     print(f"results in {out}/" + ("" if made else " (no plots: pip install matplotlib)"))
@@ -562,24 +682,32 @@ def format_sweep(rows, statics, names, rules):
     """`oracle.sweep`'s rows: perplexity and depth per (rule, tau) beside the static baselines and the other
     rule, all at the row's mean depth; then the baselines' own runs, then skip rates."""
     other = {r: next((o for o in rules if o != r), None) for r in rules}
-    head = (f"{'rule':<6}{'tau':>6}{'ppl':>10}{'depth':>8}{'min':>5}{'max':>5}{'lowest-ratio':>14}{'early exit':>12}"
-            + (f"{'other rule':>12}" if len(rules) > 1 else ""))
-    lines = ["perplexity at the oracle's mean depth (blocks per token): the oracle, the static baselines and the "
-             "other rule", head, "-" * len(head)]
+    head = f"{'rule':<6}{'tau':>6}{'ppl':>10}{'depth':>8}{'min':>5}{'max':>5}{'lowest-ratio':>14}{'early exit':>12}" + (
+        f"{'other rule':>12}" if len(rules) > 1 else ""
+    )
+    lines = [
+        "perplexity at the oracle's mean depth (blocks per token): the oracle, the static baselines and the other rule",
+        head,
+        "-" * len(head),
+    ]
     for row in rows:
-        line = (f"{row['rule']:<6}{row['tau']:6.3f}{_num(row['ppl'], 10)}{row['mean_depth']:8.2f}{row['min_depth']:5d}"
-                f"{row['max_depth']:5d}{_num(row['static_lowest_ppl'], 14)}{_num(row['early_exit_ppl'], 12)}")
+        line = (
+            f"{row['rule']:<6}{row['tau']:6.3f}{_num(row['ppl'], 10)}{row['mean_depth']:8.2f}{row['min_depth']:5d}"
+            f"{row['max_depth']:5d}{_num(row['static_lowest_ppl'], 14)}{_num(row['early_exit_ppl'], 12)}"
+        )
         if other[row["rule"]]:
             line += _num(row[f"{other[row['rule']]}_ppl_at_depth"], 12)
         lines.append(line)
-    lines += [f"(depth: of {len(names)} blocks; lowest-ratio: the k blocks of lowest mean ratio dropped for every "
-              "token; early exit: the last k;",
-              " at a depth between whole k, or between two taus of the other rule: the mean NLL interpolated, the "
-              "score of mixing",
-              " the two settings over sequences; '-': outside the depths measured)",
-              "",
-              "static baselines run (whole blocks dropped for every token):",
-              f"{'k':>3}{'depth':>7}{'lowest-ratio':>14}{'early exit':>12}  lowest-ratio blocks dropped"]
+    lines += [
+        f"(depth: of {len(names)} blocks; lowest-ratio: the k blocks of lowest mean ratio dropped for every "
+        "token; early exit: the last k;",
+        " at a depth between whole k, or between two taus of the other rule: the mean NLL interpolated, the "
+        "score of mixing",
+        " the two settings over sequences; '-': outside the depths measured)",
+        "",
+        "static baselines run (whole blocks dropped for every token):",
+        f"{'k':>3}{'depth':>7}{'lowest-ratio':>14}{'early exit':>12}  lowest-ratio blocks dropped",
+    ]
     by_k = {}
     for r in statics:
         by_k.setdefault(r["k"], {})[r["baseline"]] = r
@@ -609,8 +737,9 @@ def cmd_train_router(args):
     if not (args.lr > 0 and np.isfinite(args.lr)):
         raise RadialError(f"--lr must be a finite number > 0, got {args.lr}")
     out = Path(args.out or f"runs/router-tau{args.tau:g}")
-    _check_free(out, ([] if args.evaluate else ["router.safetensors", "router.json"]) + ["train_router.json"],
-                args.overwrite)
+    _check_free(
+        out, ([] if args.evaluate else ["router.safetensors", "router.json"]) + ["train_router.json"], args.overwrite
+    )
     model = _load_maybe_streamed(args.model, args.stream, "lm", out / ".stream")
     streamed = getattr(model, "layer_major", False)
     n = len(model.blocks)
@@ -622,53 +751,93 @@ def cmd_train_router(args):
         args.tau, args.kv_rule, ex, cfg = router.config.tau, router.config.kv_rule, None, router.config
     else:
         if args.max_depth is not None and args.max_depth > n:
-            raise RadialError(f"--max-depth {args.max_depth}: a forward-only router runs each of the {n} blocks at "
-                              "most once")
-        train_seqs, _ = _sequences(model, args, args.train_text or data.default_text("valid", "--train-text"),
-                                   args.max_sequences)
-        print(f"{model.path.name}: oracle labels (tau={args.tau}, {args.kv_rule}) from "
-              f"{_count(len(train_seqs), 'sequence')} x {train_seqs.shape[1]} tokens", file=sys.stderr)
+            raise RadialError(
+                f"--max-depth {args.max_depth}: a forward-only router runs each of the {n} blocks at most once"
+            )
+        train_seqs, _ = _sequences(
+            model, args, args.train_text or data.default_text("valid", "--train-text"), args.max_sequences
+        )
+        print(
+            f"{model.path.name}: oracle labels (tau={args.tau}, {args.kv_rule}) from "
+            f"{_count(len(train_seqs), 'sequence')} x {train_seqs.shape[1]} tokens",
+            file=sys.stderr,
+        )
         ex = R.oracle_examples(model, train_seqs, args.tau, args.kv_rule, args.kind, _bar("oracle labels", "seq"))
-        cfg = R.RouterConfig(width=model.config.hidden_size, n_blocks=n, hidden=args.hidden,
-                             max_depth=args.max_depth, tau=args.tau, kv_rule=args.kv_rule, model=model.path.name)
+        cfg = R.RouterConfig(
+            width=model.config.hidden_size,
+            n_blocks=n,
+            hidden=args.hidden,
+            max_depth=args.max_depth,
+            tau=args.tau,
+            kv_rule=args.kv_rule,
+            model=model.path.name,
+        )
         router = R.train_router(ex, cfg, args.epochs, args.lr, args.batch_size, args.seed)
         router.save(out / "router")
-    test_seqs, _ = _sequences(model, args, args.test_text or data.default_text("test", "--test-text"),
-                              args.test_sequences)
+    test_seqs, _ = _sequences(
+        model, args, args.test_text or data.default_text("test", "--test-text"), args.test_sequences
+    )
     test_ex = R.oracle_examples(model, test_seqs, args.tau, args.kv_rule, args.kind, _bar("held-out labels", "seq"))
     acc_train, acc_test = None if ex is None else R.accuracy(router, ex), R.accuracy(router, test_ex)
-    sequential = oracle.simulate(model, test_seqs, oracle.threshold(0.0), "fill", args.kind,
-                                 _bar("sequential on test", "seq"))
-    routed = oracle.simulate(model, test_seqs, RouterDecisions(router), args.kv_rule, args.kind,
-                             _bar("router on test", "seq"))
+    sequential = oracle.simulate(
+        model, test_seqs, oracle.threshold(0.0), "fill", args.kind, _bar("sequential on test", "seq")
+    )
+    routed = oracle.simulate(
+        model, test_seqs, RouterDecisions(router), args.kv_rule, args.kind, _bar("router on test", "seq")
+    )
     depth = float(routed.depth.mean())
     oracles = _oracle_around(model, test_seqs, args, depth, sequential)
-    runs = {"sequential": sequential, **{f"oracle (tau={t:g}, {args.kv_rule})": r for t, r in oracles.items() if t},
-            "router": routed}
-    statics = oracle.StaticBaselines(model, test_seqs, runs["sequential"].ratios.reshape(-1, n).mean(0),
-                                     runs["sequential"], progress.Passes("seq"))
-    at_depth = {"router": runs["router"].ppl,
-                "oracle": oracle.at_depth([(r.depth.mean(), r.nll.mean()) for r in oracles.values()], depth),
-                "static lowest-ratio": statics.ppl_at("lowest", depth),
-                "static early exit": statics.ppl_at("exit", depth)}
+    runs = {
+        "sequential": sequential,
+        **{f"oracle (tau={t:g}, {args.kv_rule})": r for t, r in oracles.items() if t},
+        "router": routed,
+    }
+    statics = oracle.StaticBaselines(
+        model, test_seqs, runs["sequential"].ratios.reshape(-1, n).mean(0), runs["sequential"], progress.Passes("seq")
+    )
+    at_depth = {
+        "router": runs["router"].ppl,
+        "oracle": oracle.at_depth([(r.depth.mean(), r.nll.mean()) for r in oracles.values()], depth),
+        "static lowest-ratio": statics.ppl_at("lowest", depth),
+        "static early exit": statics.ppl_at("exit", depth),
+    }
     for (kind, k), (_, run) in statics.runs.items():
         if k:
             runs[f"static: {statics.NAMES[kind]} {k} dropped"] = run
     own = oracle.agreement(runs["router"], args.tau)
-    print(f"\nrouter {args.evaluate} evaluated" if args.evaluate else
-          f"\nrouter saved to {out / 'router'}.safetensors (+ .json)")
+    print(
+        f"\nrouter {args.evaluate} evaluated"
+        if args.evaluate
+        else f"\nrouter saved to {out / 'router'}.safetensors (+ .json)"
+    )
     print(format_router_report(acc_train, acc_test, own, runs, len(test_seqs), depth, at_depth))
     hists = {name: np.bincount(r.depth, minlength=n + 1) for name, r in runs.items()}
-    report = {"router": str(args.evaluate or out / "router"), "config": cfg.__dict__, "accuracy_train": acc_train,
-              "accuracy_test": acc_test, "agreement_own_states": own, "at_router_depth": at_depth,
-              "runs": {name: {"ppl": r.ppl, "mean_depth": float(r.depth.mean()), "min_depth": int(r.depth.min()),
-                              "max_depth": int(r.depth.max()), "depth_hist": hists[name]}
-                       for name, r in runs.items()}}
+    report = {
+        "router": str(args.evaluate or out / "router"),
+        "config": cfg.__dict__,
+        "accuracy_train": acc_train,
+        "accuracy_test": acc_test,
+        "agreement_own_states": own,
+        "at_router_depth": at_depth,
+        "runs": {
+            name: {
+                "ppl": r.ppl,
+                "mean_depth": float(r.depth.mean()),
+                "min_depth": int(r.depth.min()),
+                "max_depth": int(r.depth.max()),
+                "depth_hist": hists[name],
+            }
+            for name, r in runs.items()
+        },
+    }
     write_json(out / "train_router.json", report)
-    plots.ppl_vs_depth({name: ([r.depth.mean()], [r.ppl]) for name, r in runs.items()}, n,
-                       out / "router_ppl_vs_depth.png")
-    plots.depth_histogram({name: h for name, h in hists.items() if "static" not in name and name != "sequential"},
-                          out / "router_depth_hist.png")
+    plots.ppl_vs_depth(
+        {name: ([r.depth.mean()], [r.ppl]) for name, r in runs.items()}, n, out / "router_ppl_vs_depth.png"
+    )
+    plots.depth_histogram(
+        {name: h for name, h in hists.items() if "static" not in name and name != "sequential"},
+        out / "router_depth_hist.png",
+    )
     plots.routing_trace(runs["router"].keep[0], [b.name for b in model.blocks], out / "router_trace.png", "router")
     print(f"report in {out}/")
     if streamed:
@@ -685,8 +854,9 @@ def _oracle_around(model, seqs, args, depth, sequential, step=0.02, most=5):
     tau = args.tau
     for _ in range(most):
         if tau not in runs:
-            runs[tau] = oracle.simulate(model, seqs, oracle.threshold(tau), args.kv_rule, args.kind,
-                                        _bar(f"oracle tau={tau:g} on test", "seq"))
+            runs[tau] = oracle.simulate(
+                model, seqs, oracle.threshold(tau), args.kv_rule, args.kind, _bar(f"oracle tau={tau:g} on test", "seq")
+            )
         depths = [r.depth.mean() for r in runs.values()]
         if min(depths) <= depth <= max(depths) and len(runs) > 2 or tau == 0:
             break
@@ -696,17 +866,21 @@ def _oracle_around(model, seqs, args, depth, sequential, step=0.02, most=5):
 
 def format_router_report(acc_train, acc_test, own, runs, n_test, depth, at_depth):
     train = "" if acc_train is None else f" ({acc_train['decision']:.1%} train)"
-    lines = [f"accuracy against the oracle: decisions {acc_test['decision']:.1%} held-out{train}; whole routes "
-             f"{acc_test['route']:.1%}; EXIT {acc_test['exit']:.1%}, next block {acc_test['block']:.1%}",
-             "  (on the oracle's states: the router fed the oracle's routes, one decision at a time)",
-             f"on the router's own states (its own routes, each decision against the oracle's rule on the state it "
-             f"reached):\n  decisions {own['move']:.1%}; whole routes {own['route']:.1%}; keep/skip per block "
-             f"{own['block']:.1%}",
-             f"\n{'on ' + _count(n_test, 'held-out sequence'):<36}{'ppl':>10}{'blocks/token':>14}{'min':>5}{'max':>5}"]
+    lines = [
+        f"accuracy against the oracle: decisions {acc_test['decision']:.1%} held-out{train}; whole routes "
+        f"{acc_test['route']:.1%}; EXIT {acc_test['exit']:.1%}, next block {acc_test['block']:.1%}",
+        "  (on the oracle's states: the router fed the oracle's routes, one decision at a time)",
+        f"on the router's own states (its own routes, each decision against the oracle's rule on the state it "
+        f"reached):\n  decisions {own['move']:.1%}; whole routes {own['route']:.1%}; keep/skip per block "
+        f"{own['block']:.1%}",
+        f"\n{'on ' + _count(n_test, 'held-out sequence'):<36}{'ppl':>10}{'blocks/token':>14}{'min':>5}{'max':>5}",
+    ]
     for name, run in runs.items():
         lines.append(f"{name:<36}{run.ppl:10.3f}{run.depth.mean():14.2f}{run.depth.min():5d}{run.depth.max():5d}")
-    lines.append(f"\nat the router's {depth:.2f} blocks per token (mean NLL interpolated between the two runs above "
-                 "that bracket it):")
+    lines.append(
+        f"\nat the router's {depth:.2f} blocks per token (mean NLL interpolated between the two runs above "
+        "that bracket it):"
+    )
     lines.append("  " + "; ".join(f"{name} {_num(ppl, 0, 1).strip()}" for name, ppl in at_depth.items()))
     return "\n".join(lines)
 
@@ -717,8 +891,10 @@ def format_router_report(acc_train, acc_test, own, runs, n_test, depth, at_depth
 def _sequences(model, args, text=None, max_sequences=None):
     """The text of --text (default WikiText-2 test), tokenized with the model's tokenizer and packed."""
     if args.seq_len > model.config.max_position_embeddings:
-        raise RadialError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
-                          f"{model.config.max_position_embeddings}")
+        raise RadialError(
+            f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
+            f"{model.config.max_position_embeddings}"
+        )
     tok = radial_min.Tokenizer(args.tokenizer or model.path)
     path = text or getattr(args, "text", None) or data.default_text("test")
     ids = _check_vocab(tok.encode(data.read_text(path)), model, tok.source)
@@ -728,8 +904,10 @@ def _sequences(model, args, text=None, max_sequences=None):
 def _check_vocab(ids, model, tokenizer_file):
     """Token ids the model has embeddings for, or one error naming the tokenizer file that made them."""
     if len(ids) and ids.max() >= model.config.vocab_size:
-        raise RadialError(f"{tokenizer_file}: the tokenizer gives id {ids.max()}, but the model's vocab_size is "
-                          f"{model.config.vocab_size}: not this model's tokenizer")
+        raise RadialError(
+            f"{tokenizer_file}: the tokenizer gives id {ids.max()}, but the model's vocab_size is "
+            f"{model.config.vocab_size}: not this model's tokenizer"
+        )
     return ids
 
 
@@ -751,8 +929,10 @@ def _check_free(folder, names, overwrite):
     """Refuse to replace results already in `folder` (or anything the project ships) without --overwrite."""
     taken = [n for n in names if (Path(folder) / n).exists()]
     if taken and not overwrite:
-        raise RadialError(f"--out {folder}: already holds {', '.join(taken)}; pass --overwrite to replace "
-                          "them, or choose another --out")
+        raise RadialError(
+            f"--out {folder}: already holds {', '.join(taken)}; pass --overwrite to replace "
+            "them, or choose another --out"
+        )
 
 
 def _nonempty(folder):
@@ -777,8 +957,10 @@ def _load(source, kind, weights_dtype="float32"):
     kinds = {"lm": ("opt", "llama", "qwen2")}.get(kind, (kind,))  # "lm": any causal language model
     if kind is not None and model.config.model_type not in kinds:
         article = "an" if model.config.model_type[0] in "aeiou" else "a"
-        raise RadialError(f"--model {source}: is {article} {model.config.model_type} checkpoint, "
-                          f"this command needs {' or '.join(kinds)}")
+        raise RadialError(
+            f"--model {source}: is {article} {model.config.model_type} checkpoint, "
+            f"this command needs {' or '.join(kinds)}"
+        )
     return model
 
 
@@ -793,41 +975,80 @@ def build_parser():
         return sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".")
 
     model_help = "checkpoint folder, .gguf file or Hub id (default: the shipped model, weights/opt-kjv-wiki)"
-    g = command("generate", "continue a prompt with a language model (OPT, Llama, Qwen2; a folder or a .gguf file)",
-                "Continue a prompt with a language model (OPT, Llama, Qwen2; a folder or a .gguf file), streaming "
-                "the text. Greedy by default; --temperature > 0 samples. With --router, tokens run only the blocks "
-                "a trained router chooses.")
+    g = command(
+        "generate",
+        "continue a prompt with a language model (OPT, Llama, Qwen2; a folder or a .gguf file)",
+        "Continue a prompt with a language model (OPT, Llama, Qwen2; a folder or a .gguf file), streaming "
+        "the text. Greedy by default; --temperature > 0 samples. With --router, tokens run only the blocks "
+        "a trained router chooses.",
+    )
     g.add_argument("prompt", nargs="?", default="In the beginning", help="text to continue (default: %(default)r)")
     g.add_argument("--model", default=str(DEFAULT_MODEL), help=model_help)
-    g.add_argument("--max-new-tokens", type=int, default=60,
-                   help="tokens to generate; stops earlier at EOS or the model's context (default: %(default)s)")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=60,
+        help="tokens to generate; stops earlier at EOS or the model's context (default: %(default)s)",
+    )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; higher = more random (default: 0)")
-    g.add_argument("--top-k", type=int, default=None,
-                   help="with --temperature: sample among the k most likely (default: off)")
-    g.add_argument("--top-p", type=float, default=None,
-                   help="with --temperature: sample within the smallest set of mass p, nucleus (default: off)")
-    g.add_argument("--seed", type=_nonneg_int, default=None,
-                   help="random seed for sampling (default: a fresh one each run)")
-    g.add_argument("--repetition-penalty", type=float, default=1.2,
-                   help="divide the logits of tokens already in the text by this (transformers' rule); 1 = off. "
-                        "The default 1.2 keeps a small model's greedy text from looping (default: %(default)s)")
+    g.add_argument(
+        "--top-k", type=int, default=None, help="with --temperature: sample among the k most likely (default: off)"
+    )
+    g.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="with --temperature: sample within the smallest set of mass p, nucleus (default: off)",
+    )
+    g.add_argument(
+        "--seed", type=_nonneg_int, default=None, help="random seed for sampling (default: a fresh one each run)"
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.2,
+        help="divide the logits of tokens already in the text by this (transformers' rule); 1 = off. "
+        "The default 1.2 keeps a small model's greedy text from looping (default: %(default)s)",
+    )
     g.add_argument("--quiet", action="store_true", help="print only the new text at the end, no streaming")
     g.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
-    g.add_argument("--weights-dtype", choices=DTYPES, default="float32",
-                   help="keep weight matrices in this precision in memory; compute stays float32 "
-                        "(default: %(default)s)")
-    g.add_argument("--router", default=None,
-                   help="route tokens with this trained router: a train-router --out folder or a .json/.safetensors "
-                        "pair (default: none, every block runs)")
-    g.add_argument("--max-depth", type=_positive_int, default=None,
-                   help="with --router: most blocks a token may run (default: the router's)")
-    g.add_argument("--cache-policy", choices=POLICIES, default=None,
-                   help=f"with --router: what a query attends to in the unified KV cache (default: {POLICIES[0]})")
-    g.add_argument("--step-encoding-scale", type=_finite(1e6), default=None,
-                   help="with --router --cache-policy global: weight of the sinusoidal step codes (default: 1)")
-    g.add_argument("--show-depth", choices=["auto", "count", "shade", "none"], default=None,
-                   help="with --router: mark each token with the blocks that produced it, as a subscript count or "
-                        "a grey shade (default: auto = shade on a terminal, none when piped)")
+    g.add_argument(
+        "--weights-dtype",
+        choices=DTYPES,
+        default="float32",
+        help="keep weight matrices in this precision in memory; compute stays float32 (default: %(default)s)",
+    )
+    g.add_argument(
+        "--router",
+        default=None,
+        help="route tokens with this trained router: a train-router --out folder or a .json/.safetensors "
+        "pair (default: none, every block runs)",
+    )
+    g.add_argument(
+        "--max-depth",
+        type=_positive_int,
+        default=None,
+        help="with --router: most blocks a token may run (default: the router's)",
+    )
+    g.add_argument(
+        "--cache-policy",
+        choices=POLICIES,
+        default=None,
+        help=f"with --router: what a query attends to in the unified KV cache (default: {POLICIES[0]})",
+    )
+    g.add_argument(
+        "--step-encoding-scale",
+        type=_finite(1e6),
+        default=None,
+        help="with --router --cache-policy global: weight of the sinusoidal step codes (default: 1)",
+    )
+    g.add_argument(
+        "--show-depth",
+        choices=["auto", "count", "shade", "none"],
+        default=None,
+        help="with --router: mark each token with the blocks that produced it, as a subscript count or "
+        "a grey shade (default: auto = shade on a terminal, none when piped)",
+    )
     g.set_defaults(func=cmd_generate)
 
     c = command("classify", "top labels of a ViT classifier for an image file or folder")
@@ -840,112 +1061,210 @@ def build_parser():
     i.add_argument("--model", default=str(DEFAULT_MODEL), help=model_help)
     i.set_defaults(func=cmd_info)
 
-    t = command("train", "train an OPT from scratch in NumPy (KJV + WikiText-2 by default); resumes if interrupted",
-                "Trains a byte-level BPE and an OPT-architecture model on the KJV (every 20th chapter held out) plus "
-                "WikiText-2 valid.txt, validating on the held-out KJV and WikiText-2 test.txt (read from "
-                "../shared/data when present). State is saved atomically every --save-every steps and on Ctrl-C; "
-                "rerun the same command to resume.")
-    t.add_argument("--out", default="runs/opt-kjv-wiki",
-                   help="run folder: tokenizer, tokens, state, log (default: %(default)s)")
-    t.add_argument("--export", default=None,
-                   help="after training, write a Hugging Face OPT checkpoint to this folder (default: none)")
+    t = command(
+        "train",
+        "train an OPT from scratch in NumPy (KJV + WikiText-2 by default); resumes if interrupted",
+        "Trains a byte-level BPE and an OPT-architecture model on the KJV (every 20th chapter held out) plus "
+        "WikiText-2 valid.txt, validating on the held-out KJV and WikiText-2 test.txt (read from "
+        "../shared/data when present). State is saved atomically every --save-every steps and on Ctrl-C; "
+        "rerun the same command to resume.",
+    )
+    t.add_argument(
+        "--out", default="runs/opt-kjv-wiki", help="run folder: tokenizer, tokens, state, log (default: %(default)s)"
+    )
+    t.add_argument(
+        "--export",
+        default=None,
+        help="after training, write a Hugging Face OPT checkpoint to this folder (default: none)",
+    )
     t.add_argument("--overwrite", action="store_true", help="replace an existing --export folder")
-    t.add_argument("--dtype", default="float16", choices=DTYPES[:2],
-                   help="dtype of the exported weights (default: %(default)s)")
-    t.add_argument("--vocab-size", type=_positive_int, default=8192,
-                   help=f"BPE vocabulary, >= {MIN_VOCAB} (default: %(default)s)")
+    t.add_argument(
+        "--dtype", default="float16", choices=DTYPES[:2], help="dtype of the exported weights (default: %(default)s)"
+    )
+    t.add_argument(
+        "--vocab-size", type=_positive_int, default=8192, help=f"BPE vocabulary, >= {MIN_VOCAB} (default: %(default)s)"
+    )
     t.add_argument("--hidden-size", type=_positive_int, default=256, help="model width E (default: %(default)s)")
-    t.add_argument("--layers", type=_positive_int, default=6,
-                   help="transformer layers, two blocks each (default: %(default)s)")
-    t.add_argument("--heads", type=_positive_int, default=8,
-                   help="attention heads, dividing the width (default: %(default)s)")
+    t.add_argument(
+        "--layers", type=_positive_int, default=6, help="transformer layers, two blocks each (default: %(default)s)"
+    )
+    t.add_argument(
+        "--heads", type=_positive_int, default=8, help="attention heads, dividing the width (default: %(default)s)"
+    )
     t.add_argument("--ffn-dim", type=_positive_int, default=None, help="FFN width (default: 4 x hidden size)")
-    t.add_argument("--seq-len", type=_positive_int, default=256,
-                   help="training context, also the model's max positions (default: %(default)s)")
+    t.add_argument(
+        "--seq-len",
+        type=_positive_int,
+        default=256,
+        help="training context, also the model's max positions (default: %(default)s)",
+    )
     t.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per step (default: %(default)s)")
     t.add_argument("--steps", type=_positive_int, default=1200, help="optimizer steps (default: %(default)s)")
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
     t.add_argument("--warmup", type=_nonneg_int, default=60, help="linear warm-up steps (default: %(default)s)")
     t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (default: %(default)s)")
-    t.add_argument("--grad-clip", type=float, default=1.0,
-                   help="global gradient-norm clip, 0 = off (default: %(default)s)")
-    t.add_argument("--eval-every", type=_positive_int, default=100,
-                   help="steps between validation losses (default: %(default)s)")
-    t.add_argument("--save-every", type=_positive_int, default=50,
-                   help="steps between checkpoints (default: %(default)s)")
+    t.add_argument(
+        "--grad-clip", type=float, default=1.0, help="global gradient-norm clip, 0 = off (default: %(default)s)"
+    )
+    t.add_argument(
+        "--eval-every", type=_positive_int, default=100, help="steps between validation losses (default: %(default)s)"
+    )
+    t.add_argument(
+        "--save-every", type=_positive_int, default=50, help="steps between checkpoints (default: %(default)s)"
+    )
     t.add_argument("--seed", type=_nonneg_int, default=0, help="seed for init and batches (default: %(default)s)")
     rad = t.add_argument_group("a Radial Network trained from scratch with its router (--radial; docs/cotraining.md)")
     d = tr.TrainConfig()  # the routing options default to None (= not given, see _radial_settings); their values:
-    rad.add_argument("--radial", action="store_true",
-                     help="train the router with the blocks; the export then routes by default (default: off)")
-    rad.add_argument("--target-depth", type=float, default=None,
-                     help="compute budget: the blocks per token the compute term steers to (default: none)")
-    rad.add_argument("--cost", type=float, default=None,
-                     help="compute budget instead: a fixed loss per expected block run (default: none)")
-    rad.add_argument("--max-depth", type=_positive_int, default=None,
-                     help="most blocks a token may run, > 2 x --layers to reuse blocks more (default: 2 x --layers)")
-    rad.add_argument("--forward-only", action="store_true",
-                     help="blocks in order, each at most once (default: any order, blocks may be reused)")
-    rad.add_argument("--cache-policy", choices=POLICIES, default=None,
-                     help=f"what attention reads in the unified KV cache (default: {d.cache_policy})")
-    rad.add_argument("--step-encoding-scale", type=float, default=None,
-                     help=f"global policy: scale of the step encodings added to queries and keys "
-                          f"(default: {d.step_encoding_scale})")
-    rad.add_argument("--router-hidden", type=_positive_int, default=None,
-                     help=f"router hidden units, > 2 x --layers (default: {d.router_hidden})")
-    rad.add_argument("--in-order", type=float, default=None,
-                     help="the router starts routing the blocks in order with this logit margin, and learns from "
-                          f"there; 0 = random routes (default: {d.in_order:g})")
-    rad.add_argument("--router-warmup", type=_nonneg_int, default=None,
-                     help=f"first steps in which only the blocks learn, the router waits (default: {d.router_warmup})")
-    rad.add_argument("--router-lr", type=float, default=None,
-                     help=f"the router's learning rate as a share of --lr (default: {d.router_lr})")
-    rad.add_argument("--cost-rate", type=float, default=None,
-                     help="with --target-depth: how fast the cost follows it, per step and block of error "
-                          f"(default: {d.cost_rate})")
-    rad.add_argument("--depth-weight", type=float, default=None,
-                     help="with --target-depth: weight of (expected blocks - target)^2 in the loss "
-                          f"(default: {d.depth_weight})")
+    rad.add_argument(
+        "--radial",
+        action="store_true",
+        help="train the router with the blocks; the export then routes by default (default: off)",
+    )
+    rad.add_argument(
+        "--target-depth",
+        type=float,
+        default=None,
+        help="compute budget: the blocks per token the compute term steers to (default: none)",
+    )
+    rad.add_argument(
+        "--cost",
+        type=float,
+        default=None,
+        help="compute budget instead: a fixed loss per expected block run (default: none)",
+    )
+    rad.add_argument(
+        "--max-depth",
+        type=_positive_int,
+        default=None,
+        help="most blocks a token may run, > 2 x --layers to reuse blocks more (default: 2 x --layers)",
+    )
+    rad.add_argument(
+        "--forward-only",
+        action="store_true",
+        help="blocks in order, each at most once (default: any order, blocks may be reused)",
+    )
+    rad.add_argument(
+        "--cache-policy",
+        choices=POLICIES,
+        default=None,
+        help=f"what attention reads in the unified KV cache (default: {d.cache_policy})",
+    )
+    rad.add_argument(
+        "--step-encoding-scale",
+        type=float,
+        default=None,
+        help=f"global policy: scale of the step encodings added to queries and keys (default: {d.step_encoding_scale})",
+    )
+    rad.add_argument(
+        "--router-hidden",
+        type=_positive_int,
+        default=None,
+        help=f"router hidden units, > 2 x --layers (default: {d.router_hidden})",
+    )
+    rad.add_argument(
+        "--in-order",
+        type=float,
+        default=None,
+        help="the router starts routing the blocks in order with this logit margin, and learns from "
+        f"there; 0 = random routes (default: {d.in_order:g})",
+    )
+    rad.add_argument(
+        "--router-warmup",
+        type=_nonneg_int,
+        default=None,
+        help=f"first steps in which only the blocks learn, the router waits (default: {d.router_warmup})",
+    )
+    rad.add_argument(
+        "--router-lr",
+        type=float,
+        default=None,
+        help=f"the router's learning rate as a share of --lr (default: {d.router_lr})",
+    )
+    rad.add_argument(
+        "--cost-rate",
+        type=float,
+        default=None,
+        help=f"with --target-depth: how fast the cost follows it, per step and block of error (default: {d.cost_rate})",
+    )
+    rad.add_argument(
+        "--depth-weight",
+        type=float,
+        default=None,
+        help=f"with --target-depth: weight of (expected blocks - target)^2 in the loss (default: {d.depth_weight})",
+    )
     t.set_defaults(func=cmd_train)
 
     def add_text_args(q, max_sequences):
-        q.add_argument("--text", default=None,
-                       help="text file to pack (default: ../shared/data/wikitext-2/test.txt, else fetched "
-                            "from the Hub)")
+        q.add_argument(
+            "--text",
+            default=None,
+            help="text file to pack (default: ../shared/data/wikitext-2/test.txt, else fetched from the Hub)",
+        )
         q.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
-        q.add_argument("--seq-len", type=_positive_int, default=256,
-                       help="tokens per packed sequence, batch size 1 (default: %(default)s)")
-        q.add_argument("--max-sequences", type=_positive_int, default=max_sequences,
-                       help=f"use at most this many sequences (default: {max_sequences or 'all'})")
-        q.add_argument("--kind", choices=profiling.KINDS, default=profiling.KINDS[0],
-                       help="ratio: ||f||/||x+f|| (output) or ||f||/(||x||+||f||) (sum) (default: %(default)s)")
+        q.add_argument(
+            "--seq-len",
+            type=_positive_int,
+            default=256,
+            help="tokens per packed sequence, batch size 1 (default: %(default)s)",
+        )
+        q.add_argument(
+            "--max-sequences",
+            type=_positive_int,
+            default=max_sequences,
+            help=f"use at most this many sequences (default: {max_sequences or 'all'})",
+        )
+        q.add_argument(
+            "--kind",
+            choices=profiling.KINDS,
+            default=profiling.KINDS[0],
+            help="ratio: ||f||/||x+f|| (output) or ||f||/(||x||+||f||) (sum) (default: %(default)s)",
+        )
         q.add_argument("--overwrite", action="store_true", help="replace results already in --out")
 
     def add_stream_arg(q, where):
-        q.add_argument("--stream", action="store_true",
-                       help="read each block's weights from the checkpoint just before it runs over all sequences "
-                            "and free them after (OPT, Llama, Qwen2; safetensors, pytorch_model.bin, GGUF): memory "
-                            "bounded by the largest blocks and the hidden states, not the model; automatic when the "
-                            "model would not fit in memory. Run the same command again to resume an interrupted run at "
-                            f"its block (checkpoints in {where})")
+        q.add_argument(
+            "--stream",
+            action="store_true",
+            help="read each block's weights from the checkpoint just before it runs over all sequences "
+            "and free them after (OPT, Llama, Qwen2; safetensors, pytorch_model.bin, GGUF): memory "
+            "bounded by the largest blocks and the hidden states, not the model; automatic when the "
+            "model would not fit in memory. Run the same command again to resume an interrupted run at "
+            f"its block (checkpoints in {where})",
+        )
 
     pr = command("profile", "residual ratio of every block and token: tables, .npz/CSV/JSON, plots")
-    pr.add_argument("--model", action="append", default=None,
-                    help="checkpoint folder, .gguf file or Hub id; repeat to compare models "
-                         "(default: the shipped model)")
+    pr.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="checkpoint folder, .gguf file or Hub id; repeat to compare models (default: the shipped model)",
+    )
     add_text_args(pr, None)
     pr.add_argument("--images", default=str(SHARED / "images"), help="ViT: image file or folder (default: %(default)s)")
-    pr.add_argument("--generate", type=_generate_count, default=0,
-                    help="also profile N >= 2 greedily generated tokens per prompt; the N - 1 fed back are profiled "
-                         "(default: off)")
-    pr.add_argument("--generate-prompts", type=_positive_int, default=8,
-                    help="prompts for --generate: the first tokens of this many sequences (default: %(default)s)")
-    pr.add_argument("--prompt-len", type=_positive_int, default=32,
-                    help="prompt length for --generate (default: %(default)s)")
-    pr.add_argument("--tau", type=_tau, default=TAU,
-                    help="threshold for the trace and depth plots (default: %(default)s)")
-    pr.add_argument("--trace-tokens", type=_positive_int, default=128,
-                    help="tokens shown in the routing trace (default: %(default)s)")
+    pr.add_argument(
+        "--generate",
+        type=_generate_count,
+        default=0,
+        help="also profile N >= 2 greedily generated tokens per prompt; the N - 1 fed back are profiled (default: off)",
+    )
+    pr.add_argument(
+        "--generate-prompts",
+        type=_positive_int,
+        default=8,
+        help="prompts for --generate: the first tokens of this many sequences (default: %(default)s)",
+    )
+    pr.add_argument(
+        "--prompt-len", type=_positive_int, default=32, help="prompt length for --generate (default: %(default)s)"
+    )
+    pr.add_argument(
+        "--tau", type=_tau, default=TAU, help="threshold for the trace and depth plots (default: %(default)s)"
+    )
+    pr.add_argument(
+        "--trace-tokens",
+        type=_positive_int,
+        default=128,
+        help="tokens shown in the routing trace (default: %(default)s)",
+    )
     pr.add_argument("--out", default="runs/profile", help="output folder (default: %(default)s)")
     add_stream_arg(pr, "<out>/.stream-<model>/")
     pr.set_defaults(func=cmd_profile)
@@ -953,51 +1272,80 @@ def build_parser():
     si = command("simulate", "the oracle: skip blocks with ratio < tau; depth and perplexity over a sweep of tau")
     si.add_argument("--model", default=str(DEFAULT_MODEL), help=model_help)
     add_text_args(si, 32)
-    si.add_argument("--taus", type=_tau_list, default=_tau_list("0,0.01,0.02,0.05,0.1,0.2"),
-                    help="comma-separated thresholds >= 0 (default: 0,0.01,0.02,0.05,0.1,0.2)")
-    si.add_argument("--kv-rule", default=",".join(oracle.KV_RULES),
-                    help=f"keys/values of skipped attention: one or more of {', '.join(oracle.KV_RULES)}, "
-                         "comma-separated (default: %(default)s)")
-    si.add_argument("--trace-tau", type=_tau, default=TAU,
-                    help="threshold of the routing-trace plot (default: %(default)s)")
+    si.add_argument(
+        "--taus",
+        type=_tau_list,
+        default=_tau_list("0,0.01,0.02,0.05,0.1,0.2"),
+        help="comma-separated thresholds >= 0 (default: 0,0.01,0.02,0.05,0.1,0.2)",
+    )
+    si.add_argument(
+        "--kv-rule",
+        default=",".join(oracle.KV_RULES),
+        help=f"keys/values of skipped attention: one or more of {', '.join(oracle.KV_RULES)}, "
+        "comma-separated (default: %(default)s)",
+    )
+    si.add_argument(
+        "--trace-tau", type=_tau, default=TAU, help="threshold of the routing-trace plot (default: %(default)s)"
+    )
     si.add_argument("--out", default="runs/simulate", help="output folder (default: %(default)s)")
     add_stream_arg(si, "<out>/.stream/")
     si.set_defaults(func=cmd_simulate)
 
-    tr_ = command("train-router", "distill a router from the oracle; report its accuracy, depth and perplexity",
-                  "Labels: the greedy oracle's routes (the next block it runs, or EXIT) on --train-text (default "
-                  "WikiText-2 valid.txt). Evaluation on --test-text (default test.txt): accuracy against the oracle, "
-                  "and perplexity against mean blocks per token for router, oracle and static baselines. The router "
-                  "and its report go to the --out folder.")
+    tr_ = command(
+        "train-router",
+        "distill a router from the oracle; report its accuracy, depth and perplexity",
+        "Labels: the greedy oracle's routes (the next block it runs, or EXIT) on --train-text (default "
+        "WikiText-2 valid.txt). Evaluation on --test-text (default test.txt): accuracy against the oracle, "
+        "and perplexity against mean blocks per token for router, oracle and static baselines. The router "
+        "and its report go to the --out folder.",
+    )
     tr_.add_argument("--model", default=str(DEFAULT_MODEL), help=model_help)
-    tr_.add_argument("--tau", type=_tau, default=TAU,
-                     help="oracle threshold the router imitates (default: %(default)s)")
-    tr_.add_argument("--kv-rule", choices=oracle.KV_RULES, default="drop",
-                     help="oracle's rule for skipped attention; drop is what routed execution does "
-                          "(default: %(default)s)")
-    tr_.add_argument("--kind", choices=profiling.KINDS, default=profiling.KINDS[0],
-                     help="residual ratio definition (default: %(default)s)")
+    tr_.add_argument(
+        "--tau", type=_tau, default=TAU, help="oracle threshold the router imitates (default: %(default)s)"
+    )
+    tr_.add_argument(
+        "--kv-rule",
+        choices=oracle.KV_RULES,
+        default="drop",
+        help="oracle's rule for skipped attention; drop is what routed execution does (default: %(default)s)",
+    )
+    tr_.add_argument(
+        "--kind",
+        choices=profiling.KINDS,
+        default=profiling.KINDS[0],
+        help="residual ratio definition (default: %(default)s)",
+    )
     tr_.add_argument("--train-text", default=None, help="text for the labels (default: wikitext-2/valid.txt)")
     tr_.add_argument("--test-text", default=None, help="held-out text (default: wikitext-2/test.txt)")
     tr_.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
-    tr_.add_argument("--seq-len", type=_positive_int, default=256,
-                     help="tokens per packed sequence (default: %(default)s)")
-    tr_.add_argument("--max-sequences", type=_positive_int, default=64,
-                     help="training sequences (default: %(default)s)")
-    tr_.add_argument("--test-sequences", type=_positive_int, default=32,
-                     help="held-out sequences (default: %(default)s)")
+    tr_.add_argument(
+        "--seq-len", type=_positive_int, default=256, help="tokens per packed sequence (default: %(default)s)"
+    )
+    tr_.add_argument(
+        "--max-sequences", type=_positive_int, default=64, help="training sequences (default: %(default)s)"
+    )
+    tr_.add_argument(
+        "--test-sequences", type=_positive_int, default=32, help="held-out sequences (default: %(default)s)"
+    )
     tr_.add_argument("--hidden", type=_positive_int, default=64, help="router hidden units (default: %(default)s)")
     tr_.add_argument("--max-depth", type=_positive_int, default=None, help="most blocks a token may run (default: all)")
     tr_.add_argument("--epochs", type=_positive_int, default=8, help="passes over the labels (default: %(default)s)")
     tr_.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
     tr_.add_argument("--batch-size", type=_positive_int, default=512, help="decisions per step (default: %(default)s)")
     tr_.add_argument("--seed", type=_nonneg_int, default=0, help="seed (default: %(default)s)")
-    tr_.add_argument("--out", default=None,
-                     help="folder for router.json/.safetensors, the report and plots (default: runs/router-tau<tau>)")
+    tr_.add_argument(
+        "--out",
+        default=None,
+        help="folder for router.json/.safetensors, the report and plots (default: runs/router-tau<tau>)",
+    )
     tr_.add_argument("--overwrite", action="store_true", help="replace a router or report already in --out")
-    tr_.add_argument("--evaluate", default=None, metavar="ROUTER",
-                     help="train nothing: evaluate this router (a folder or .json/.safetensors pair) against the "
-                          "oracle of the tau and rule it records (default: train one)")
+    tr_.add_argument(
+        "--evaluate",
+        default=None,
+        metavar="ROUTER",
+        help="train nothing: evaluate this router (a folder or .json/.safetensors pair) against the "
+        "oracle of the tau and rule it records (default: train one)",
+    )
     add_stream_arg(tr_, "<out>/.stream/")
     tr_.set_defaults(func=cmd_train_router)
     return p
@@ -1020,8 +1368,9 @@ def _nonneg_int(text):
 def _generate_count(text):
     value = int(text)
     if value == 1 or value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 (off) or an integer >= 2, got {text}: "
-                                         "the last token is never fed back")
+        raise argparse.ArgumentTypeError(
+            f"expected 0 (off) or an integer >= 2, got {text}: the last token is never fed back"
+        )
     return value
 
 
@@ -1067,8 +1416,10 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-COMPILE_NOTICE = ("compiling radial_min's Numba kernels for this machine: once, on the first run after installing "
-                  "or editing them (cached for later runs) ...")
+COMPILE_NOTICE = (
+    "compiling radial_min's Numba kernels for this machine: once, on the first run after installing "
+    "or editing them (cached for later runs) ..."
+)
 
 
 def main(argv=None):

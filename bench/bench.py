@@ -13,6 +13,7 @@ radial_min's figures only. Sections: 1 machine, 2 vs transformers (2a OPT-125M s
 4 memory and start-up, 5 int8 quality, 6 decode with blocks skipped, 7 routed prefill, 8 the shipped model routed,
 9 targets.
 """
+
 import argparse
 import json
 import subprocess
@@ -31,13 +32,21 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny model, short runs, 2 repetitions (a smoke test)")
     p.add_argument("--reps", type=int, default=None, help="repetitions per measurement (default 5, quick 2)")
     p.add_argument("--threads", type=int, default=None, help="cores to use (default: all this process may use)")
-    p.add_argument("--weights-dtype", default="float32,int8", help="radial_min's weights in sections 2a-4, the "
-                   "first also in 6-7 (default: %(default)s; float32 must be among them)")  # fmt: skip
+    p.add_argument(
+        "--weights-dtype",
+        default="float32,int8",
+        help="radial_min's weights in sections 2a-4, the "
+        "first also in 6-7 (default: %(default)s; float32 must be among them)",
+    )
     p.add_argument("--matmul", choices=["numba", "blas"], default=None, help="radial_min's many-row matmul")
     p.add_argument("--no-transformers", action="store_true", help="radial_min's figures only")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every number to this JSON file")
-    p.add_argument("--markdown", default=None, metavar="PATH",
-                   help="also write the results as the Markdown tables of docs/performance.md (bench/report.py)")
+    p.add_argument(
+        "--markdown",
+        default=None,
+        metavar="PATH",
+        help="also write the results as the Markdown tables of docs/performance.md (bench/report.py)",
+    )
     args = p.parse_args(argv)
     args.dtypes = args.weights_dtype.split(",")
     if "float32" not in args.dtypes or not set(args.dtypes) <= {"float32", "float16", "bfloat16", "int8"}:
@@ -66,8 +75,11 @@ def targets(res) -> list:
         x = common.ratio(opt["decode"]["int8"], opt["decode"]["transformers"]) if hf else None
         roof = lim["decode"]["int8"]["roofline_tok_s"]
         got = f"{opt['decode']['int8']['median']:.0f} tokens/s, int8 roofline {roof:.0f}"
-        add("int8 decode >= 5x transformers float32 (OPT-125M)", got if x is None else f"{x:.2f}x ({got})",
-            None if x is None else x >= 5)  # fmt: skip
+        add(
+            "int8 decode >= 5x transformers float32 (OPT-125M)",
+            got if x is None else f"{x:.2f}x ({got})",
+            None if x is None else x >= 5,
+        )
         w = res["memory"]["int8"]["weights_ratio"]
         add("int8 weights memory <= 0.3x float32", f"{w:.2f}x", w <= 0.3)
     if res.get("int8_quality"):
@@ -75,22 +87,37 @@ def targets(res) -> list:
         got = f"{100 * (q['ratio'] - 1):+.2f}%, greedy text {q['same_tokens']}/60 the same"
         add("int8 WikiText-2 perplexity within 1% of float32 (shipped model)", got, abs(q["ratio"] - 1) <= 0.01)
     x = common.ratio(opt["prefill"]["float32"], opt["prefill"]["transformers"]) if hf else None
-    add(f"prefill {res['sizes']['prefill']} tokens >= 1.2x transformers", "n/a" if x is None else f"{x:.2f}x",
-        None if x is None else x >= 1.2)  # fmt: skip
+    add(
+        f"prefill {res['sizes']['prefill']} tokens >= 1.2x transformers",
+        "n/a" if x is None else f"{x:.2f}x",
+        None if x is None else x >= 1.2,
+    )
     rp = res["routed_prefill"]
     same = rp["same_routes"] and rp["max_rel_diff"] < 1e-4
     got = f"{rp['equal_compute_ratio']:.2f}x at equal compute; routes {'same' if rp['same_routes'] else 'DIFFER'}, "
-    add("routed prefill >= 0.8x sequential, same routes and logits", got + f"logits {rp['max_rel_diff']:.0e}",
-        rp["equal_compute_ratio"] >= 0.8 and same)  # fmt: skip
+    add(
+        "routed prefill >= 0.8x sequential, same routes and logits",
+        got + f"logits {rp['max_rel_diff']:.0e}",
+        rp["equal_compute_ratio"] >= 0.8 and same,
+    )
     sk = res["skips"]
-    add("trained Router at ~50% skipped: total >= 1.5x faster than sequential",
-        f"{sk['trained_speedup']:.2f}x at {sk['skipped']['trained Router']:.0%} skipped", sk["trained_speedup"] >= 1.5)
-    add("router cost per decision <= 5% of a token's time (OPT-125M)",
-        f"{100 * sk['decision_share']:.1f}% ({sk['decision_us']:.1f} us per decision)", sk["decision_share"] <= 0.05)
+    add(
+        "trained Router at ~50% skipped: total >= 1.5x faster than sequential",
+        f"{sk['trained_speedup']:.2f}x at {sk['skipped']['trained Router']:.0%} skipped",
+        sk["trained_speedup"] >= 1.5,
+    )
+    add(
+        "router cost per decision <= 5% of a token's time (OPT-125M)",
+        f"{100 * sk['decision_share']:.1f}% ({sk['decision_us']:.1f} us per decision)",
+        sk["decision_share"] <= 0.05,
+    )
     sh = res["shipped"]
     add("shipped model routed >= 1.25x sequential tokens/s, API", f"{sh['api_ratio']:.2f}x", sh["api_ratio"] >= 1.25)
-    add("shipped model routed >= 1.25x sequential tokens/s, CLI --stats",
-        f"{sh['cli_ratio']:.2f}x in all, {sh['cli_decode_ratio']:.2f}x decode", sh["cli_ratio"] >= 1.25)
+    add(
+        "shipped model routed >= 1.25x sequential tokens/s, CLI --stats",
+        f"{sh['cli_ratio']:.2f}x in all, {sh['cli_decode_ratio']:.2f}x decode",
+        sh["cli_ratio"] >= 1.25,
+    )
     cost = sh["display"]["cost"]
     add("CLI depth display + routing summary <= 5%", f"{100 * cost:.2f}% of a token's time", cost <= 0.05)
     return rows
@@ -138,8 +165,10 @@ def main(args, threads):
     res["targets"] = targets(res)
     common.print_table(["target", "measured", "status"], res["targets"])
     res["load"] = load.sections
-    print("load average and other processes' CPU share per section: "
-          + ", ".join(f"{k} {v['load_average']:.1f}/{100 * v['other_share']:.0f}%" for k, v in load.sections.items()))
+    print(
+        "load average and other processes' CPU share per section: "
+        + ", ".join(f"{k} {v['load_average']:.1f}/{100 * v['other_share']:.0f}%" for k, v in load.sections.items())
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
         print(f"wrote {args.json}")

@@ -1,5 +1,6 @@
 """What every part of the benchmark shares: the thread settings, interleaved timing, tables, the machine's load,
 the prompts, and one timed decode and prefill for each engine."""
+
 import os
 import platform
 import statistics
@@ -80,8 +81,11 @@ class LoadMonitor:
         except (OSError, ValueError):
             return None
         hz, t = os.sysconf("SC_CLK_TCK"), os.times()
-        return {"busy": (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / hz, "wall": time.perf_counter(),
-                "own": t.user + t.system + t.children_user + t.children_system}  # fmt: skip
+        return {
+            "busy": (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / hz,
+            "wall": time.perf_counter(),
+            "own": t.user + t.system + t.children_user + t.children_system,
+        }
 
     def check(self, name):
         from radial_min import kernels
@@ -94,9 +98,11 @@ class LoadMonitor:
         capacity = (now["wall"] - before["wall"]) * len(os.sched_getaffinity(0))
         share = max(0.0, (now["busy"] - before["busy"]) - (now["own"] - before["own"])) / capacity
         self.sections[name] = {"other_share": share, "load_average": load, "pool": pool}
-        print(f"[other processes took {100 * share:.0f}% of the CPUs during this section; load average {load:.1f}; "
-              f"radial_min's thread pool {pool}"
-              + ("; numbers disturbed: compare the ratios, measured interleaved]" if share > 0.05 else "]"))
+        print(
+            f"[other processes took {100 * share:.0f}% of the CPUs during this section; load average {load:.1f}; "
+            f"radial_min's thread pool {pool}"
+            + ("; numbers disturbed: compare the ratios, measured interleaved]" if share > 0.05 else "]")
+        )
 
 
 def machine(threads, torch_mod) -> list:
@@ -106,16 +112,28 @@ def machine(threads, torch_mod) -> list:
 
     from radial_min import kernels
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()  # fmt: skip
+    cpu = (
+        next(
+            (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+            platform.processor(),
+        )
+        if os.path.exists("/proc/cpuinfo")
+        else platform.processor()
+    )
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    rows = [["CPU", f"{cpu}, {os.cpu_count()} logical CPUs, {len(os.sched_getaffinity(0))} usable"],
-            ["RAM", f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB"],
-            ["Python / numpy / numba", f"{platform.python_version()} / {np.__version__} / {numba.__version__}"],
-            ["threads", f"{threads} (numba {numba.get_num_threads()}, "
-                        + ", ".join(f"{v}={os.environ.get(v)}" for v in THREAD_VARS[1:]) + ")"],
-            ["radial_min matmul", f"{kernels.get_backend()} (kernels.set_backend; decode always kernels.matvec)"],
-            ["load average at start", f"{os.getloadavg()[0]:.1f}"]]  # fmt: skip
+    rows = [
+        ["CPU", f"{cpu}, {os.cpu_count()} logical CPUs, {len(os.sched_getaffinity(0))} usable"],
+        ["RAM", f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB"],
+        ["Python / numpy / numba", f"{platform.python_version()} / {np.__version__} / {numba.__version__}"],
+        [
+            "threads",
+            f"{threads} (numba {numba.get_num_threads()}, "
+            + ", ".join(f"{v}={os.environ.get(v)}" for v in THREAD_VARS[1:])
+            + ")",
+        ],
+        ["radial_min matmul", f"{kernels.get_backend()} (kernels.set_backend; decode always kernels.matvec)"],
+        ["load average at start", f"{os.getloadavg()[0]:.1f}"],
+    ]
     busy = kernels.machine_busy()
     pool = f"for work above {kernels.SERIAL_BELOW:,} multiply-adds"
     if busy:
@@ -125,8 +143,12 @@ def machine(threads, torch_mod) -> list:
         import transformers
 
         torch_mod.set_num_threads(1 if busy else threads)  # like against like: one core each on a busy machine
-        rows.append(["torch / transformers", f"{torch_mod.__version__} / {transformers.__version__} "
-                                             f"({torch_mod.get_num_threads()} threads)"])  # fmt: skip
+        rows.append(
+            [
+                "torch / transformers",
+                f"{torch_mod.__version__} / {transformers.__version__} ({torch_mod.get_num_threads()} threads)",
+            ]
+        )
     return rows
 
 
@@ -138,8 +160,10 @@ def import_transformers(wanted: bool):
         import torch
         import transformers
     except ImportError:
-        print("transformers not installed: radial_min's figures only. To compare, install a CPU build of torch first, "
-              "then transformers (pip install torch==2.13.0 transformers: the plain `torch` is a multi-GB CUDA build)")
+        print(
+            "transformers not installed: radial_min's figures only. To compare, install a CPU build of torch first, "
+            "then transformers (pip install torch==2.13.0 transformers: the plain `torch` is a multi-GB CUDA build)"
+        )
         return None, None
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -169,8 +193,9 @@ def decode_ours(model, ids, n_new, on_token=None, repetition_penalty=1.0):
         if on_token is not None:
             on_token(t)
 
-    new = radial_min.generate(model, ids, n_new, stop_at_eos=False, on_token=stamp,
-                              repetition_penalty=repetition_penalty)  # fmt: skip
+    new = radial_min.generate(
+        model, ids, n_new, stop_at_eos=False, on_token=stamp, repetition_penalty=repetition_penalty
+    )
     return (len(stamps) - 1) / (stamps[-1] - stamps[0]), new
 
 
@@ -194,8 +219,15 @@ def decode_hf(torch_mod, hf, ids, n_new):
 
     s, x = _Stamps(), torch_mod.from_numpy(ids)[None]
     with torch_mod.inference_mode():
-        hf.generate(input_ids=x, attention_mask=torch_mod.ones_like(x), max_new_tokens=n_new, min_new_tokens=n_new,
-                    do_sample=False, streamer=s, pad_token_id=hf.config.pad_token_id)  # fmt: skip
+        hf.generate(
+            input_ids=x,
+            attention_mask=torch_mod.ones_like(x),
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            streamer=s,
+            pad_token_id=hf.config.pad_token_id,
+        )
     t = s.times[1:]  # times[0]: the prompt, before the prefill
     return (len(t) - 1) / (t[-1] - t[0]), np.array([int(v.reshape(-1)[0]) for v in s.tokens[1:]])
 

@@ -1,6 +1,7 @@
 """radial_min against this machine's own limits: decode against the memory bandwidth it reads its weights with
 (the roofline: bandwidth / bytes per token), prefill against NumPy's sgemm on the same shapes; weights memory and
 peak memory of a fresh process; warm start; and what int8 weights cost in quality on the shipped model."""
+
 import json
 import statistics
 import subprocess
@@ -69,8 +70,10 @@ def sgemm(cfg, T: int, reps: int) -> dict:
 
     E, F = cfg.hidden_size, cfg.ffn_dim
     rng = np.random.default_rng(0)
-    pairs = [(rng.standard_normal((T, i), np.float32), rng.standard_normal((o, i), np.float32))
-             for i, o in ((E, 3 * E), (E, E), (E, F), (F, E))]  # fmt: skip
+    pairs = [
+        (rng.standard_normal((T, i), np.float32), rng.standard_normal((o, i), np.float32))
+        for i, o in ((E, 3 * E), (E, E), (E, F), (F, E))
+    ]
     flops = sum(2 * T * w.shape[0] * w.shape[1] for _, w in pairs)
     out = {}
     for name, fn in (("numpy sgemm", lambda a, w: a @ w.T), ("radial_min matmul", kernels.linear)):
@@ -92,11 +95,20 @@ def run_limits(speed: dict, models: dict, sz) -> dict:
     for dtype, model in models.items():
         nbytes, tps = decode_bytes(model), speed["decode"][dtype]["median"]
         res["decode"][dtype] = {"bytes": nbytes, "roofline_tok_s": bw * 1e9 / nbytes, "share": tps * nbytes / 1e9 / bw}
-        rows.append([f"decode, {dtype} weights", f"{nbytes / 1e6:.1f}", f"{tps:.1f}", f"{bw * 1e9 / nbytes:.1f}",
-                     f"{100 * tps * nbytes / 1e9 / bw:.0f}%"])  # fmt: skip
+        rows.append(
+            [
+                f"decode, {dtype} weights",
+                f"{nbytes / 1e6:.1f}",
+                f"{tps:.1f}",
+                f"{bw * 1e9 / nbytes:.1f}",
+                f"{100 * tps * nbytes / 1e9 / bw:.0f}%",
+            ]
+        )
     print_table(["", "MB read per token", "tokens/s (2a)", "roofline tokens/s", "of the roofline"], rows)
-    print(f"roofline = measured memory read bandwidth ({bw:.1f} GB/s: a Numba prange sum over 1 GiB, best of 10) /\n"
-          "bytes per token (every weight array once: blocks, final norm, LM head; the KV cache not counted).")
+    print(
+        f"roofline = measured memory read bandwidth ({bw:.1f} GB/s: a Numba prange sum over 1 GiB, best of 10) /\n"
+        "bytes per token (every weight array once: blocks, final norm, LM head; the KV cache not counted)."
+    )
     cfg = next(iter(models.values())).config
     gemm = sgemm(cfg, sz["prefill"], sz["reps"])
     T = sz["prefill"]
@@ -153,15 +165,27 @@ def run_memory(path, models: dict, sz) -> dict:
         run = probe(path, dtype, ids, sz["rss_new"])
         warm = [probe(path, dtype, ids[:8], 1) for _ in range(3)]
         start = statistics.median(w["import_s"] + w["load_s"] + w["generate_s"] for w in warm)
-        res[dtype] = {"weights_bytes": held, "weights_ratio": held / (4 * n_params), "peak_bytes": run["peak_bytes"],
-                      "warm_start_s": start}  # fmt: skip
-        rows.append([dtype, f"{held / 1e6:.0f} MB = {held / (4 * n_params):.2f}x", f"{run['peak_bytes'] / 1e6:.0f} MB",
-                     f"{start:.2f} s"])  # fmt: skip
+        res[dtype] = {
+            "weights_bytes": held,
+            "weights_ratio": held / (4 * n_params),
+            "peak_bytes": run["peak_bytes"],
+            "warm_start_s": start,
+        }
+        rows.append(
+            [
+                dtype,
+                f"{held / 1e6:.0f} MB = {held / (4 * n_params):.2f}x",
+                f"{run['peak_bytes'] / 1e6:.0f} MB",
+                f"{start:.2f} s",
+            ]
+        )
     print_table(["weights", "held (x float32)", f"peak RSS, load + {sz['rss_new']} tokens", "warm start"], rows)
     res["cold_start_s"] = cold["import_s"] + cold["load_s"] + cold["generate_s"]
-    print(f"warm start = import + load + first token, median of 3 (cold, every kernel compiled: "
-          f"{res['cold_start_s']:.1f} s).\n"
-          f"float32 weights = 4 bytes x {n_params / 1e6:.1f}M parameters; MB = 1e6 bytes; peak = the child's VmHWM.")
+    print(
+        f"warm start = import + load + first token, median of 3 (cold, every kernel compiled: "
+        f"{res['cold_start_s']:.1f} s).\n"
+        f"float32 weights = 4 bytes x {n_params / 1e6:.1f}M parameters; MB = 1e6 bytes; peak = the child's VmHWM."
+    )
     return res
 
 
@@ -184,9 +208,12 @@ def run_int8_quality(sz) -> dict:
     ids = tok.encode("And God said")
     text = {d: radial_min.generate(m, ids, 60, repetition_penalty=1.2) for d, m in models.items()}
     same = int(np.argmax(text["int8"] != text["float32"])) if (text["int8"] != text["float32"]).any() else 60
-    print_table(["weights", f"WikiText-2 test perplexity ({seqs[:, 1:].size:,} tokens)"],
-                [[d, f"{p:.3f}"] for d, p in ppl.items()])  # fmt: skip
-    print(f"int8 / float32 perplexity: {ppl['int8'] / ppl['float32']:.4f}; greedy text of \"And God said\" (60 tokens, "
-          f"repetition penalty 1.2): {same}/60 tokens the same")
+    print_table(
+        ["weights", f"WikiText-2 test perplexity ({seqs[:, 1:].size:,} tokens)"],
+        [[d, f"{p:.3f}"] for d, p in ppl.items()],
+    )
+    print(
+        f'int8 / float32 perplexity: {ppl["int8"] / ppl["float32"]:.4f}; greedy text of "And God said" (60 tokens, '
+        f"repetition penalty 1.2): {same}/60 tokens the same"
+    )
     return {"ppl": ppl, "same_tokens": same, "ratio": ppl["int8"] / ppl["float32"]}
-

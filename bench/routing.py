@@ -1,6 +1,7 @@
 """Routing that pays in wall-clock time: a RadialNetwork's decode time per token with a share of its blocks skipped
 (scripted routes, and a trained Router), the router's cost per decision, routed prefill against the sequential
 one, and the shipped model with its shipped router through the API and the CLI."""
+
 import re
 import subprocess
 import sys
@@ -42,8 +43,9 @@ def trained_router(model, path: Path) -> R.Router:
     seqs = np.stack([prompt_ids(64, model.config.vocab_size, seed=100 + i) for i in range(8)])
     tau = float(np.quantile(profiling.profile_text(model, seqs), TAU_QUANTILE))
     ex = R.oracle_examples(model, seqs, tau, "drop")
-    cfg = R.RouterConfig(width=model.config.hidden_size, n_blocks=len(model.blocks), tau=tau, kv_rule="drop",
-                         model=path.name)  # fmt: skip
+    cfg = R.RouterConfig(
+        width=model.config.hidden_size, n_blocks=len(model.blocks), tau=tau, kv_rule="drop", model=path.name
+    )
     router = R.train_router(ex, cfg, progress=False)
     router.save(files)
     return router
@@ -92,21 +94,33 @@ def run_skips(model, path: Path, sz) -> dict:
     net = RadialNetwork(model, router)
     us = decision_us(net)
     share = (depth + 1) * us / 1e3 / t["trained Router"]["median"]
-    print(f"ideal = fixed + (1 - skipped) x (sequential - fixed), fixed = every block skipped ({fixed:.2f} ms: the\n"
-          "embedding, LM head, sampling): what skipping can give by Amdahl's law. Trained Router: distilled from\n"
-          f"this model's oracle (tau {router.config.tau:.3f}, the ratios' {TAU_QUANTILE:.0%} quantile), {depth:.2f} of "
-          f"{n} blocks per\ndecode step; its cost: {us:.1f} us per decision x {depth + 1:.2f} decisions = "
-          f"{100 * share:.1f}% of its token's time.")
-    return {"ms": t, "skipped": skipped, "fixed_ms": fixed, "decision_us": us, "decision_share": share,
-            "trained_speedup": seq / t["trained Router"]["median"], "tau": router.config.tau}  # fmt: skip
+    print(
+        f"ideal = fixed + (1 - skipped) x (sequential - fixed), fixed = every block skipped ({fixed:.2f} ms: the\n"
+        "embedding, LM head, sampling): what skipping can give by Amdahl's law. Trained Router: distilled from\n"
+        f"this model's oracle (tau {router.config.tau:.3f}, the ratios' {TAU_QUANTILE:.0%} quantile), {depth:.2f} of "
+        f"{n} blocks per\ndecode step; its cost: {us:.1f} us per decision x {depth + 1:.2f} decisions = "
+        f"{100 * share:.1f}% of its token's time."
+    )
+    return {
+        "ms": t,
+        "skipped": skipped,
+        "fixed_ms": fixed,
+        "decision_us": us,
+        "decision_share": share,
+        "trained_speedup": seq / t["trained Router"]["median"],
+        "tau": router.config.tau,
+    }
 
 
 def run_routed_prefill(model, path: Path, sz) -> dict:
     section(f"7. Routed prefill, {sz['prefill']} tokens (OPT-125M shapes): block by block vs the sequential model")
     n, ids = len(model.blocks), prompt_ids(sz["prefill"], model.config.vocab_size, seed=1)
     router = trained_router(model, path)
-    nets = {"sequential model": model, "RadialNetwork, nothing skipped": RadialNetwork(model, SequentialRouter(n)),
-            "RadialNetwork, trained Router": RadialNetwork(model, router)}  # fmt: skip
+    nets = {
+        "sequential model": model,
+        "RadialNetwork, nothing skipped": RadialNetwork(model, SequentialRouter(n)),
+        "RadialNetwork, trained Router": RadialNetwork(model, router),
+    }
     t = interleaved({name: (lambda m=m: prefill_ours(m, ids)) for name, m in nets.items()}, sz["reps"])
     alone = RadialNetwork(model, router)  # the same prompt one token at a time, once: the path it replaces
     cache, t0 = alone.new_cache(), time.perf_counter()
@@ -119,17 +133,27 @@ def run_routed_prefill(model, path: Path, sz) -> dict:
     seq = t["sequential model"]["median"]
     rows.append(["RadialNetwork, trained Router, token by token (1 run)", f"{t_alone:.0f}", f"{t_alone / seq:.2f}x"])
     print_table(["prefill", "tokens/s", "x sequential"], rows)
-    print(f"trained Router: {depth:.2f} of {n} blocks per token. Together vs token by token: routes "
-          f"{'identical' if fast.routes == alone.routes else 'DIFFERENT'}, logits within {diff:.1e} of the largest.")
-    return {"tok_s": t, "token_by_token_tok_s": t_alone, "same_routes": fast.routes == alone.routes,
-            "max_rel_diff": diff,
-            "equal_compute_ratio": ratio(t["RadialNetwork, nothing skipped"], t["sequential model"])}  # fmt: skip
+    print(
+        f"trained Router: {depth:.2f} of {n} blocks per token. Together vs token by token: routes "
+        f"{'identical' if fast.routes == alone.routes else 'DIFFERENT'}, logits within {diff:.1e} of the largest."
+    )
+    return {
+        "tok_s": t,
+        "token_by_token_tok_s": t_alone,
+        "same_routes": fast.routes == alone.routes,
+        "max_rel_diff": diff,
+        "equal_compute_ratio": ratio(t["RadialNetwork, nothing skipped"], t["sequential model"]),
+    }
 
 
 def _cli_rates(args) -> tuple:
     """(tokens/s in all, decode tokens/s) of one `cli.py generate --stats --quiet` in a fresh process."""
-    p = subprocess.run([sys.executable, str(ROOT / "cli.py"), "generate", PROMPT, "--stats", "--quiet", *args],
-                       capture_output=True, text=True, check=True)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "generate", PROMPT, "--stats", "--quiet", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     m = re.search(r"s, ([\d.]+) tokens/s; .* then ([\d.]+) tokens/s\]", p.stderr)
     return float(m.group(1)), float(m.group(2))
 
@@ -190,21 +214,45 @@ def run_shipped(sz) -> dict:
     radial_min.generate(net, ids, n_new, stop_at_eos=False, repetition_penalty=1.2)
     depth = float(np.mean([len(r) for r in net.routes[len(ids) :]]))
     cli_all, cli_decode = med["routed"][0] / med["sequential"][0], med["routed"][1] / med["sequential"][1]
-    print_table(["200 greedy tokens (repetition penalty 1.2)", "sequential", "routed", "routed / sequential"], [
-        ["API, generate(), tokens/s in all", fmt(a["sequential"], 0), fmt(a["routed"], 0),
-         f"{ratio(a['routed'], a['sequential']):.2f}x"],
-        ["CLI --stats, tokens/s in all (median)", f"{med['sequential'][0]:.0f}", f"{med['routed'][0]:.0f}",
-         f"{cli_all:.2f}x"],
-        ["CLI --stats, decode tokens/s (median)", f"{med['sequential'][1]:.0f}", f"{med['routed'][1]:.0f}",
-         f"{cli_decode:.2f}x"],
-    ])  # fmt: skip
-    print(f"routed: {depth:.2f} of {len(model.blocks)} blocks per decode step, {decision_us(net):.1f} us per "
-          "decision.\n"
-          f"CLI: `cli.py generate \"{PROMPT}\" --max-new-tokens 200 --stats --quiet [--router ...]`, fresh processes, "
-          f"alternating; 'in all'\nincludes the prefill (the first token), 'decode' is from the first token on.\n"
-          f"CLI display, per token: streaming the text {1e6 * shown['plain']:.1f} us, with --show-depth count "
-          f"{1e6 * shown['with depths']:.1f} us; the routing summary\nline {1e3 * shown['summary']:.2f} ms once; "
-          f"their cost over plain streaming: {100 * shown['cost']:.2f}% of the {1e3 * shown['token']:.2f} ms per "
-          "token.")
-    return {"api": a, "cli": med, "display": shown, "depth": depth, "api_ratio": ratio(a["routed"], a["sequential"]),
-            "cli_ratio": cli_all, "cli_decode_ratio": cli_decode}
+    print_table(
+        ["200 greedy tokens (repetition penalty 1.2)", "sequential", "routed", "routed / sequential"],
+        [
+            [
+                "API, generate(), tokens/s in all",
+                fmt(a["sequential"], 0),
+                fmt(a["routed"], 0),
+                f"{ratio(a['routed'], a['sequential']):.2f}x",
+            ],
+            [
+                "CLI --stats, tokens/s in all (median)",
+                f"{med['sequential'][0]:.0f}",
+                f"{med['routed'][0]:.0f}",
+                f"{cli_all:.2f}x",
+            ],
+            [
+                "CLI --stats, decode tokens/s (median)",
+                f"{med['sequential'][1]:.0f}",
+                f"{med['routed'][1]:.0f}",
+                f"{cli_decode:.2f}x",
+            ],
+        ],
+    )
+    print(
+        f"routed: {depth:.2f} of {len(model.blocks)} blocks per decode step, {decision_us(net):.1f} us per "
+        "decision.\n"
+        f'CLI: `cli.py generate "{PROMPT}" --max-new-tokens 200 --stats --quiet [--router ...]`, fresh processes, '
+        f"alternating; 'in all'\nincludes the prefill (the first token), 'decode' is from the first token on.\n"
+        f"CLI display, per token: streaming the text {1e6 * shown['plain']:.1f} us, with --show-depth count "
+        f"{1e6 * shown['with depths']:.1f} us; the routing summary\nline {1e3 * shown['summary']:.2f} ms once; "
+        f"their cost over plain streaming: {100 * shown['cost']:.2f}% of the {1e3 * shown['token']:.2f} ms per "
+        "token."
+    )
+    return {
+        "api": a,
+        "cli": med,
+        "display": shown,
+        "depth": depth,
+        "api_ratio": ratio(a["routed"], a["sequential"]),
+        "cli_ratio": cli_all,
+        "cli_decode_ratio": cli_decode,
+    }

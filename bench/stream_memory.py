@@ -13,6 +13,7 @@
 
     nice -n 10 python bench/stream_memory.py        # makes the checkpoints in runs/ if missing; delete them after
 """
+
 import argparse
 import json
 import os
@@ -43,8 +44,20 @@ def run_command(name, model, out, seq_len, n_seq, limit_bytes, extra=()):
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
 
-    argv = [sys.executable, str(ROOT / "cli.py"), name, "--model", str(model), "--seq-len", str(seq_len),
-            "--out", str(out), "--overwrite", *COMMANDS[name](n_seq), *extra]  # fmt: skip
+    argv = [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        name,
+        "--model",
+        str(model),
+        "--seq-len",
+        str(seq_len),
+        "--out",
+        str(out),
+        "--overwrite",
+        *COMMANDS[name](n_seq),
+        *extra,
+    ]
     t0 = time.perf_counter()
     p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, preexec_fn=limit)
     dt = time.perf_counter() - t0
@@ -53,9 +66,12 @@ def run_command(name, model, out, seq_len, n_seq, limit_bytes, extra=()):
         raise SystemExit(f"{name} on {model} under {limit_bytes / 2**30:.1f} GiB failed")
     m = re.search(r"peak memory \(VmHWM\) ([\d,]+) MiB", p.stdout)
     labels = re.search(r"oracle labels ([\d,.]+) MiB", p.stdout)
-    return {"seconds": round(dt, 1), "peak_mib": int(m.group(1).replace(",", "")),
-            "labels_mib": float(labels.group(1).replace(",", "")) if labels else 0.0,
-            "automatic": "streaming weights block by block (automatic" in p.stderr}  # fmt: skip
+    return {
+        "seconds": round(dt, 1),
+        "peak_mib": int(m.group(1).replace(",", "")),
+        "labels_mib": float(labels.group(1).replace(",", "")) if labels else 0.0,
+        "automatic": "streaming weights block by block (automatic" in p.stderr,
+    }
 
 
 def block_flops(m, tokens):
@@ -91,9 +107,14 @@ def throughput(small, seq_len, n_seq, repeats):
                 t0 = time.perf_counter()
                 f()
                 best[(name, which)] = min(best.get((name, which), 1e9), time.perf_counter() - t0)
-    return {name: {f"{k}_{which}": round(v, 2) for which in ("memory", "stream")
-                   for k, v in (("gflops", flops[name] / best[(name, which)] / 1e9), ("seconds", best[(name, which)]))}
-            for name in flops}  # fmt: skip
+    return {
+        name: {
+            f"{k}_{which}": round(v, 2)
+            for which in ("memory", "stream")
+            for k, v in (("gflops", flops[name] / best[(name, which)] / 1e9), ("seconds", best[(name, which)]))
+        }
+        for name in flops
+    }
 
 
 def make(path, *args):
@@ -123,17 +144,29 @@ def main():
     two_blocks = (blocks[-1] + blocks[-2]) / 2**20
     states = args.seq_len * args.sequences * m.config.hidden_size * 4 / 2**20
     need = stream.model_bytes(big) / 2**30
-    report = {"load_average": os.getloadavg(), "tokens": args.seq_len * args.sequences, "limit_gib": args.limit_gib,
-              "model_f32_gib": round(need, 2), "model_over_limit": round(need / args.limit_gib, 2),
-              "two_blocks_f32_mib": round(two_blocks), "states_mib": round(states, 1), "commands": {}}  # fmt: skip
+    report = {
+        "load_average": os.getloadavg(),
+        "tokens": args.seq_len * args.sequences,
+        "limit_gib": args.limit_gib,
+        "model_f32_gib": round(need, 2),
+        "model_over_limit": round(need / args.limit_gib, 2),
+        "two_blocks_f32_mib": round(two_blocks),
+        "states_mib": round(states, 1),
+        "commands": {},
+    }
     for name in args.commands.split(","):
         runs = ROOT / "runs"
-        floor = run_command(name, tiny, runs / f"stream-bench-floor-{name}", args.seq_len, args.sequences, limit,
-                            ["--stream"])  # fmt: skip
+        floor = run_command(
+            name, tiny, runs / f"stream-bench-floor-{name}", args.seq_len, args.sequences, limit, ["--stream"]
+        )
         got = run_command(name, big, runs / f"stream-bench-{name}", args.seq_len, args.sequences, limit)
         bound = two_blocks + states + got["labels_mib"] + floor["peak_mib"]
-        report["commands"][name] = {**got, "floor_mib": floor["peak_mib"], "bound_mib": round(bound),
-                                    "within_bound": got["peak_mib"] <= bound}  # fmt: skip
+        report["commands"][name] = {
+            **got,
+            "floor_mib": floor["peak_mib"],
+            "bound_mib": round(bound),
+            "within_bound": got["peak_mib"] <= bound,
+        }
         print(name, json.dumps(report["commands"][name]), file=sys.stderr, flush=True)
     report["throughput_small"] = throughput(small, args.seq_len, args.sequences, args.repeats)
     report["load_average_end"] = os.getloadavg()

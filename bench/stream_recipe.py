@@ -12,6 +12,7 @@ FLOP-based extrapolation from the OPT-2.7B shape is printed beside the direct me
     nice -n 10 python bench/stream_recipe.py                 # all eight sizes; about 3 GB at most in memory
     nice -n 10 python bench/stream_recipe.py --sizes opt-125m,opt-1.3b --sequences 64
 """
+
 import argparse
 import json
 import os
@@ -46,12 +47,21 @@ def random_block(E, F, H, kind, rng):
     if kind == "att":
         t = {p + f"self_attn.{x}_proj.weight": w(E, E) for x in ("q", "k", "v", "out")}
         t.update({p + f"self_attn.{x}_proj.bias": np.zeros(E, np.float32) for x in ("q", "k", "v", "out")})
-        t.update({p + "self_attn_layer_norm.weight": np.ones(E, np.float32),
-                  p + "self_attn_layer_norm.bias": np.zeros(E, np.float32)})  # fmt: skip
+        t.update(
+            {
+                p + "self_attn_layer_norm.weight": np.ones(E, np.float32),
+                p + "self_attn_layer_norm.bias": np.zeros(E, np.float32),
+            }
+        )
     else:
-        t = {p + "fc1.weight": w(F, E), p + "fc1.bias": np.zeros(F, np.float32), p + "fc2.weight": w(E, F),
-             p + "fc2.bias": np.zeros(E, np.float32), p + "final_layer_norm.weight": np.ones(E, np.float32),
-             p + "final_layer_norm.bias": np.zeros(E, np.float32)}  # fmt: skip
+        t = {
+            p + "fc1.weight": w(F, E),
+            p + "fc1.bias": np.zeros(F, np.float32),
+            p + "fc2.weight": w(E, F),
+            p + "fc2.bias": np.zeros(E, np.float32),
+            p + "final_layer_norm.weight": np.ones(E, np.float32),
+            p + "final_layer_norm.bias": np.zeros(E, np.float32),
+        }
     return opt.make_block(cfg, t, 0, kind)
 
 
@@ -112,22 +122,32 @@ def main():
         reading = L * (row["read_s_att"] + row["read_s_ffn"]) if rate else 0.0
         row.update(params=params, hours=(compute + reading) / 3600, read_hours=reading / 3600)
         rows[name] = row
-        print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            name,
+            json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
+            file=sys.stderr,
+            flush=True,
+        )
     if "opt-2.7b" in rows:  # the check: every size from the 2.7B shape's GFLOP/s
         ref = rows["opt-2.7b"]
         for name, row in rows.items():
             L, E, F, H, _ = SIZES[name]
             s = sum(block_flops(E, F, T, k) / (ref[f"gflops_{k}"] * 1e9) for k in ("att", "ffn"))
             row["hours_from_2.7b_flops"] = (L * s * args.sequences + row["read_hours"] * 3600) / 3600
-    print(f"load average {load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (2 cores); "
-          f"reading {rate / 1e9:.2f} GB/s" if rate else "reading not measured (no --big checkpoint)")
+    print(
+        f"load average {load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (2 cores); "
+        f"reading {rate / 1e9:.2f} GB/s"
+        if rate
+        else "reading not measured (no --big checkpoint)"
+    )
     head = f"{'model':<10}{'layers':>7}{'width':>7}{'att s/seq':>11}{'ffn s/seq':>11}{'att GF/s':>10}{'ffn GF/s':>10}"
     print(head + f"{'hours':>8}{'(flops)':>9}")
     for name, r in rows.items():
         flops_h = r.get("hours_from_2.7b_flops", float("nan"))
-        print(f"{name:<10}{r['layers']:>7}{r['width']:>7}{r['s_att']:11.3f}{r['s_ffn']:11.3f}{r['gflops_att']:10.1f}"
-              f"{r['gflops_ffn']:10.1f}{r['hours']:8.2f}{flops_h:9.2f}")
+        print(
+            f"{name:<10}{r['layers']:>7}{r['width']:>7}{r['s_att']:11.3f}{r['s_ffn']:11.3f}{r['gflops_att']:10.1f}"
+            f"{r['gflops_ffn']:10.1f}{r['hours']:8.2f}{flops_h:9.2f}"
+        )
     print(f"(hours: profile --stream of {args.sequences} x {T} tokens, compute + reading, one model at a time)")
 
 

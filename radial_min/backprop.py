@@ -5,6 +5,7 @@ gradient of the loss with respect to that output and returns the gradients of th
 Shapes: B sequences of T tokens, width E, H heads of size D, F the FFN width, V the vocabulary.
 They work in whatever float dtype they are given: float32 to train, float64 for the finite-difference checks.
 """
+
 import math
 
 import numpy as np
@@ -210,8 +211,12 @@ def attention_forward_fast(qkv, n_head):
     """As `attention_forward`, through the Numba kernel (float32)."""
     B, T, E3 = qkv.shape
     E, D = E3 // 3, E3 // 3 // n_head
-    q, k, v = (np.ascontiguousarray(qkv[..., i * E : (i + 1) * E].reshape(B, T, n_head, D).transpose(0, 2, 1, 3))
-               .reshape(B * n_head, T, D) for i in range(3))  # fmt: skip
+    q, k, v = (
+        np.ascontiguousarray(qkv[..., i * E : (i + 1) * E].reshape(B, T, n_head, D).transpose(0, 2, 1, 3)).reshape(
+            B * n_head, T, D
+        )
+        for i in range(3)
+    )
     att = np.empty((B * n_head, T, T), np.float32)
     y = np.empty_like(q)
     _attention_forward_nb(q, k, v, att, y)
@@ -352,4 +357,3 @@ def crossentropy_backward(cache):
     probs[np.arange(len(targets)), targets] -= 1.0
     probs /= len(targets)
     return probs  # [N, V]
-

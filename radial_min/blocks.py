@@ -4,6 +4,7 @@ A block computes its main branch f(x) and its residual add, y = x + f(x) (pre-LN
 post-LN models such as OPT-350m. The two halves are separate methods so that a caller can run a block, skip it
 (y = x), or look at x, f(x) and y on their own: profiling, the oracle and the router all hook in here.
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,8 +105,17 @@ class AttentionBlock(Block):
 
     kind = "att"
 
-    def __init__(self, layer, norm, pre_norm, qkv: Linear, out: Linear, n_head: int, n_kv_head: int | None = None,
-                 rotary: Rotary | None = None):  # fmt: skip
+    def __init__(
+        self,
+        layer,
+        norm,
+        pre_norm,
+        qkv: Linear,
+        out: Linear,
+        n_head: int,
+        n_kv_head: int | None = None,
+        rotary: Rotary | None = None,
+    ):
         super().__init__(layer, norm, pre_norm)
         self.qkv, self.out, self.n_head = qkv, out, n_head  # qkv: q, k and v projections stacked, [E + 2Ekv, E]
         self.n_kv_head, self.rotary = n_kv_head or n_head, rotary

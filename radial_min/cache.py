@@ -19,6 +19,7 @@ actually run, not with layers x tokens. A query chooses what it sees by a named 
   queries, so q.k gains a term PE(s_q).PE(s_k) that is largest for equal steps. A model trained sequentially
   never learned this mixing; the policy is meant for networks trained with it (radial_train.py).
 """
+
 import numpy as np
 
 POLICIES = ("per-layer", "per-step", "global")

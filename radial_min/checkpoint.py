@@ -11,6 +11,7 @@ the file and tensor at fault, while ours check every header rule of the package 
 straight into float32 arrays, so peak memory is the model plus one tensor; a pytorch_model.bin likewise, each
 tensor cut out of its storage only after the names and shapes have been checked against the config.
 """
+
 import json
 import math
 import os
@@ -175,8 +176,12 @@ class TensorStore:
         return self.files[self.where[name]].read(name)
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
-                "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def open_checkpoint(folder) -> TensorStore:
@@ -252,8 +257,12 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None, bfloat1
 _WRITABLE = {"float32", "float16", "bfloat16", "int64", "int32"}
 
 
-_WRITE_CODES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64",
-                np.dtype("int32"): "I32"}  # fmt: skip
+_WRITE_CODES = {
+    np.dtype("float32"): "F32",
+    np.dtype("float16"): "F16",
+    np.dtype("int64"): "I64",
+    np.dtype("int32"): "I32",
+}
 
 
 def write_safetensors_from(path, specs: dict, read, metadata: dict | None = None, bfloat16=()) -> None:

@@ -3,6 +3,7 @@
 Unknown fields are ignored (Hub configs carry many training-only ones); fields we do not support with the value
 given (an activation we have no kernel for, say) are refused by name rather than silently computed wrong.
 """
+
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -120,9 +121,16 @@ class LlamaConfig:
         return self.attention_bias or self.model_type == "qwen2"
 
 
-_LLAMA_INTS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_hidden_layers": 1024,
-               "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 1 << 12,
-               "max_position_embeddings": 1 << 24}  # upper bounds, as in FIELDS below  # fmt: skip
+_LLAMA_INTS = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 16,
+    "intermediate_size": 1 << 18,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 1 << 12,
+    "max_position_embeddings": 1 << 24,
+}  # upper bounds, as in FIELDS below
 
 
 def _llama_fields(d: dict, source: str) -> dict:
@@ -136,8 +144,9 @@ def _llama_fields(d: dict, source: str) -> dict:
             raise CheckpointError(f"{source}: {key} must be an object, got {_shown(rope)}")
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind != "default":
-            raise CheckpointError(f"{source}: {key} of type {_shown(kind)} is not supported (only plain rotary, "
-                                  "rope_type 'default')")
+            raise CheckpointError(
+                f"{source}: {key} of type {_shown(kind)} is not supported (only plain rotary, rope_type 'default')"
+            )
         if "rope_theta" in rope:
             d["rope_theta"] = rope["rope_theta"]
     if d.get("use_sliding_window"):
@@ -168,8 +177,10 @@ def _check_llama(cfg: LlamaConfig, source: str):
     if cfg.hidden_act != "silu":
         raise CheckpointError(f"{source}: hidden_act {_shown(cfg.hidden_act)} is not supported (expected 'silu')")
     if cfg.num_attention_heads % cfg.num_key_value_heads:
-        raise CheckpointError(f"{source}: num_attention_heads {cfg.num_attention_heads} is not a multiple of "
-                              f"num_key_value_heads {cfg.num_key_value_heads}")  # fmt: skip
+        raise CheckpointError(
+            f"{source}: num_attention_heads {cfg.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads {cfg.num_key_value_heads}"
+        )
     if cfg.head_dim % 2:
         raise CheckpointError(f"{source}: head_dim {cfg.head_dim} must be even (rotary embeddings rotate pairs)")
 
@@ -184,24 +195,52 @@ _ACTIVATIONS = {"relu", "gelu"}
 _SIZE, _VOCAB, _TOKEN_ID = (int, 1, 1 << 16), (int, 1, 1 << 22), (int, -1, 1 << 22)
 FIELDS = {
     OPTConfig: {
-        "vocab_size": _VOCAB, "hidden_size": _SIZE, "num_hidden_layers": (int, 1, 1024),
-        "num_attention_heads": (int, 1, 1024), "ffn_dim": (int, 1, 1 << 18),
+        "vocab_size": _VOCAB,
+        "hidden_size": _SIZE,
+        "num_hidden_layers": (int, 1, 1024),
+        "num_attention_heads": (int, 1, 1024),
+        "ffn_dim": (int, 1, 1 << 18),
         "max_position_embeddings": (int, 1, 1 << 20),
-        "word_embed_proj_dim": _SIZE, "do_layer_norm_before": (bool,), "remove_final_layer_norm": (bool,),
-        "enable_bias": (bool,), "layer_norm_elementwise_affine": (bool,), "activation_function": (str,),
-        "tie_word_embeddings": (bool,), "pad_token_id": _TOKEN_ID, "bos_token_id": _TOKEN_ID,
-        "eos_token_id": _TOKEN_ID, "dtype": (str,), "model_type": (str,),
+        "word_embed_proj_dim": _SIZE,
+        "do_layer_norm_before": (bool,),
+        "remove_final_layer_norm": (bool,),
+        "enable_bias": (bool,),
+        "layer_norm_elementwise_affine": (bool,),
+        "activation_function": (str,),
+        "tie_word_embeddings": (bool,),
+        "pad_token_id": _TOKEN_ID,
+        "bos_token_id": _TOKEN_ID,
+        "eos_token_id": _TOKEN_ID,
+        "dtype": (str,),
+        "model_type": (str,),
     },
     ViTConfig: {
-        "hidden_size": _SIZE, "num_hidden_layers": (int, 1, 1024), "num_attention_heads": (int, 1, 1024),
-        "intermediate_size": (int, 1, 1 << 18), "hidden_act": (str,), "layer_norm_eps": (float, 1e-30, 1.0),
-        "image_size": (int, 1, 4096), "patch_size": (int, 1, 4096), "num_channels": (int, 1, 16),
-        "qkv_bias": (bool,), "pooler_act": (str,), "pooler_output_size": _SIZE, "id2label": (dict,),
-        "architectures": (list,), "dtype": (str,), "model_type": (str,),
+        "hidden_size": _SIZE,
+        "num_hidden_layers": (int, 1, 1024),
+        "num_attention_heads": (int, 1, 1024),
+        "intermediate_size": (int, 1, 1 << 18),
+        "hidden_act": (str,),
+        "layer_norm_eps": (float, 1e-30, 1.0),
+        "image_size": (int, 1, 4096),
+        "patch_size": (int, 1, 4096),
+        "num_channels": (int, 1, 16),
+        "qkv_bias": (bool,),
+        "pooler_act": (str,),
+        "pooler_output_size": _SIZE,
+        "id2label": (dict,),
+        "architectures": (list,),
+        "dtype": (str,),
+        "model_type": (str,),
     },
 }
-_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
-               list: "a list"}
+_KIND_NAMES = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    dict: "an object",
+    list: "a list",
+}
 
 
 def check_field(source: str, name: str, value, kind, low=None, high=None):
@@ -229,8 +268,9 @@ def config_from_dict(d: dict, source: str = "config.json"):
     model_type = d.get("model_type")
     classes = {"opt": OPTConfig, "vit": ViTConfig, "llama": LlamaConfig, "qwen2": LlamaConfig}
     if not isinstance(model_type, str) or model_type not in classes:
-        raise CheckpointError(f"{source}: model_type {_shown(model_type)} is not supported (expected one of "
-                              f"{sorted(classes)})")
+        raise CheckpointError(
+            f"{source}: model_type {_shown(model_type)} is not supported (expected one of {sorted(classes)})"
+        )
     cls = classes[model_type]
     if cls is LlamaConfig:
         return _llama_from_dict(d, source)
@@ -283,8 +323,9 @@ def _labels(id2label: dict, source: str) -> dict:
 def _check(cfg, source):
     act = cfg.activation_function if isinstance(cfg, OPTConfig) else cfg.hidden_act
     if act not in _ACTIVATIONS:
-        raise CheckpointError(f"{source}: activation {_shown(act)} is not supported (expected one of "
-                              f"{sorted(_ACTIVATIONS)})")
+        raise CheckpointError(
+            f"{source}: activation {_shown(act)} is not supported (expected one of {sorted(_ACTIVATIONS)})"
+        )
     if cfg.hidden_size % cfg.num_attention_heads:
         raise CheckpointError(
             f"{source}: hidden_size {cfg.hidden_size} is not divisible by num_attention_heads {cfg.num_attention_heads}"

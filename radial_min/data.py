@@ -4,6 +4,7 @@ fixed-length sequences.
 The paper profiles on WikiText-2 "packed without padding at batch size 1": the whole text is tokenized as one
 stream and cut into consecutive sequences of `seq_len` tokens, each starting a fresh context.
 """
+
 import os
 import re
 import tempfile
@@ -60,15 +61,19 @@ def wikitext_fetch(split: str = "test", option: str = "--text") -> Path:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise RadialError(f"WikiText-2 is not in {SHARED}; reading it from the Hub needs pyarrow (pip install "
-                          f"pyarrow), or pass {option} FILE") from None
+        raise RadialError(
+            f"WikiText-2 is not in {SHARED}; reading it from the Hub needs pyarrow (pip install "
+            f"pyarrow), or pass {option} FILE"
+        ) from None
     try:
         from huggingface_hub import snapshot_download  # one look-up, no retries: offline fails at once
 
         path = Path(snapshot_download(WIKITEXT_REPO, repo_type="dataset", allow_patterns=[name])) / name
     except Exception as e:  # offline, no access, ...: all end the same way for the user
-        raise RadialError(f"WikiText-2 is not in {SHARED} (or $RADIAL_MIN_DATA) and fetching it from the Hub "
-                          f"failed ({type(e).__name__}); pass {option} FILE") from None
+        raise RadialError(
+            f"WikiText-2 is not in {SHARED} (or $RADIAL_MIN_DATA) and fetching it from the Hub "
+            f"failed ({type(e).__name__}); pass {option} FILE"
+        ) from None
     out = path.with_suffix(".txt")
     out.write_text("".join(pq.read_table(path).column("text").to_pylist()), encoding="utf-8")
     return out
@@ -90,8 +95,10 @@ def pack(tokens: np.ndarray, seq_len: int, max_sequences: int | None = None, sou
     if max_sequences is not None:
         n = min(n, max_sequences)
     if n == 0:
-        raise RadialError(f"{source}: {len(tokens)} token{'' if len(tokens) == 1 else 's'}, fewer than one sequence of "
-                          f"{seq_len} (--seq-len)")
+        raise RadialError(
+            f"{source}: {len(tokens)} token{'' if len(tokens) == 1 else 's'}, fewer than one sequence of "
+            f"{seq_len} (--seq-len)"
+        )
     return np.asarray(tokens[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
 
 
@@ -107,9 +114,11 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,8 +128,14 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir) -> None:
             os.replace(Path(tmp) / name, out_dir / name)
     special = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"}
     write_json(out_dir / "special_tokens_map.json", special)
-    config = {**special, "add_bos_token": True, "add_prefix_space": False, "errors": "replace",
-              "tokenizer_class": "GPT2Tokenizer", "model_max_length": 1_000_000}  # fmt: skip
+    config = {
+        **special,
+        "add_bos_token": True,
+        "add_prefix_space": False,
+        "errors": "replace",
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": 1_000_000,
+    }
     write_json(out_dir / "tokenizer_config.json", config)
 
 
@@ -168,8 +183,10 @@ def prepare_corpus(out, vocab_size: int, docs=None, val_docs=None) -> tuple[np.n
     if cached.is_file() and (out / "vocab.json").is_file():
         z = read_tokens(cached)
         if z["vocab_size"] != vocab_size:
-            raise RadialError(f"{cached}: prepared with a vocabulary of {z['vocab_size']}, not {vocab_size}; "
-                              "use the same --vocab-size or a new --out")  # fmt: skip
+            raise RadialError(
+                f"{cached}: prepared with a vocabulary of {z['vocab_size']}, not {vocab_size}; "
+                "use the same --vocab-size or a new --out"
+            )
         return z["train"], {k[4:]: z[k] for k in z if k.startswith("val_")}
     if docs is None:
         docs, val_docs = default_corpus()

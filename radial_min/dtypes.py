@@ -4,6 +4,7 @@ NumPy has no bfloat16, so bfloat16 weights are kept as their raw 16 bits in uint
 `Int8Matrix`: int8 values and one float32 scale per row. Every module that widens or narrows weights
 (checkpoint, torch_pickle, kernels, loading) uses the functions here.
 """
+
 import numpy as np
 
 from .errors import SettingError

@@ -3,6 +3,7 @@
 Sampling follows transformers' order: temperature, then top-k, then top-p (nucleus), then a draw. At
 temperature 0 it is greedy (argmax, first index on ties, as torch.argmax).
 """
+
 import numpy as np
 
 from .errors import SettingError
@@ -53,9 +54,19 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty
         raise SettingError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None, on_token=None, stop_at_eos: bool = True,
-             observe=None, repetition_penalty: float = 1.0) -> np.ndarray:  # fmt: skip
+def generate(
+    model,
+    input_ids,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    on_token=None,
+    stop_at_eos: bool = True,
+    observe=None,
+    repetition_penalty: float = 1.0,
+) -> np.ndarray:
     """The new token ids after `input_ids` (the EOS that ended them included), [n] int64.
 
     `on_token(id)` is called for each new token as it is chosen (streaming); `observe` is passed on to

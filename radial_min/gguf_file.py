@@ -6,6 +6,7 @@ Layout: for Llama, llama.cpp's converter permutes the rows of the q and k weight
 interleaved rather than split in halves); `_unpermute` puts them back, as transformers' GGUF loader does. Qwen2's
 rotary already pairs the halves (llama.cpp's NEOX mode), so its q and k are stored as they are.
 """
+
 from collections import Counter
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def _gguf_module(path):
         import gguf
     except ImportError:
         raise CheckpointError(
-            f"{path}: reading .gguf files needs the optional gguf package: pip install -e \".[gguf]\""
+            f'{path}: reading .gguf files needs the optional gguf package: pip install -e ".[gguf]"'
         ) from None
     return gguf
 
@@ -131,11 +132,13 @@ class GGUFStore:
         from gguf import quants
 
         self.quants = quants
-        bad = sorted({f"{t.tensor_type.name} ({t.name})" for t in reader.tensors
-                      if t.tensor_type.name not in QUANT_TYPES})  # fmt: skip
+        bad = sorted(
+            {f"{t.tensor_type.name} ({t.name})" for t in reader.tensors if t.tensor_type.name not in QUANT_TYPES}
+        )
         if bad:
-            raise CheckpointError(f"{self.description}: unsupported tensor type {bad[0]} "
-                                  f"(expected one of {', '.join(QUANT_TYPES)})")  # fmt: skip
+            raise CheckpointError(
+                f"{self.description}: unsupported tensor type {bad[0]} (expected one of {', '.join(QUANT_TYPES)})"
+            )
 
     def names(self):
         return list(self.tensors)

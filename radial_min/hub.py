@@ -3,6 +3,7 @@
 The facebook/opt-* repos hold only `pytorch_model.bin` on their main branch; we convert it once to
 `model.safetensors` (through our torch-free reader) so later loads are fast and never touch a pickle.
 """
+
 import os
 import re
 from pathlib import Path
@@ -18,10 +19,18 @@ HUB_MARKER = ".hub_repo"  # in a downloaded folder: the repo id, written once th
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PATTERNS = [
-    "config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
-    "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "preprocessor_config.json", "generation_config.json",
-]  # fmt: skip
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*.safetensors",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+    "generation_config.json",
+]
 _BIN_PATTERNS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]  # only if no safetensors
 
 
@@ -61,8 +70,9 @@ def download(repo_id: str, local: Path) -> Path:
             f"vocab.json and merges.txt for OPT, in {local}/ and pass --model {local}"
         ) from None
     if not (local / "config.json").is_file():
-        raise CheckpointError(f"{repo_id}: the Hub repo has no config.json; place a Hugging Face checkpoint in "
-                              f"{local}/")
+        raise CheckpointError(
+            f"{repo_id}: the Hub repo has no config.json; place a Hugging Face checkpoint in {local}/"
+        )
     ensure_safetensors(local)
     (local / HUB_MARKER).write_text(repo_id + "\n")  # written last: marks a complete download
     return local
@@ -88,8 +98,10 @@ def ensure_safetensors(folder: Path) -> None:
 
     bins = sorted(folder.glob("pytorch_model*.bin"))
     if not bins:
-        raise CheckpointError(f"{folder}: has no usable weights; expected model.safetensors, "
-                              "model.safetensors.index.json or pytorch_model.bin")
+        raise CheckpointError(
+            f"{folder}: has no usable weights; expected model.safetensors, "
+            "model.safetensors.index.json or pytorch_model.bin"
+        )
     store = open_checkpoint(folder)  # the pickles' names and shapes only: storages are read one tensor at a time
     weight_map = {}
     for name, f in store.files.items():
@@ -97,8 +109,13 @@ def ensure_safetensors(folder: Path) -> None:
         names = [n for n, where in store.where.items() if where == name]
         specs = {n: (_stored_dtype(f.dtype(n)), f.shape(n)) for n in names}
         bf16 = {n for n in names if f.dtype(n) == "bfloat16"}  # widened on reading; stored as bf16 again, exactly
-        write_safetensors_from(folder / target, specs, lambda n, f=f: _as_stored(f.read_stored(n)),
-                               {"format": "pt", "converted_from": name}, bf16)  # fmt: skip
+        write_safetensors_from(
+            folder / target,
+            specs,
+            lambda n, f=f: _as_stored(f.read_stored(n)),
+            {"format": "pt", "converted_from": name},
+            bf16,
+        )
         weight_map.update({n: target for n in names})
     if set(weight_map.values()) != {"model.safetensors"}:  # shards: the index, written last, completes them
         write_json(folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})

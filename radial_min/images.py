@@ -6,6 +6,7 @@ when shrinking, computed in 22-bit fixed point on 8-bit images. We reimplement t
 `.npy` images need no Pillow and 8-bit photos come out bit-identical to Pillow's resize. Pillow is only needed
 to decode PNG/JPEG files.
 """
+
 import math
 import warnings
 from pathlib import Path
@@ -44,8 +45,10 @@ def read_image(path) -> np.ndarray:
         try:
             from PIL import Image
         except ImportError:
-            raise RadialError(f"{path}: reading {path.suffix} images needs Pillow (pip install 'radial_min[images]'), "
-                              "or pass a .npy array") from None
+            raise RadialError(
+                f"{path}: reading {path.suffix} images needs Pillow (pip install 'radial_min[images]'), "
+                "or pass a .npy array"
+            ) from None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we say it ourselves, below
@@ -127,16 +130,19 @@ def read_preprocessor(folder, image_size: int) -> dict:
     path = Path(folder) / "preprocessor_config.json"
     d = read_json(path, RadialError, "a JSON object of settings") if path.is_file() else {}
     if d.get("resample", 2) != 2:
-        raise RadialError(f"{path}: resample {d['resample']!r:.40} is not supported (only 2, Pillow's bilinear, as "
-                          "ViT uses)")
+        raise RadialError(
+            f"{path}: resample {d['resample']!r:.40} is not supported (only 2, Pillow's bilinear, as ViT uses)"
+        )
     size = d.get("size", image_size)
     if isinstance(size, dict) and set(size) <= {"height", "width"}:
         size = (size.get("height", image_size), size.get("width", image_size))
     elif isinstance(size, int) and not isinstance(size, bool):
         size = (size, size)
     if not (isinstance(size, (list, tuple)) and len(size) == 2):
-        raise RadialError(f"{path}: field 'size' is {size!r:.40}, expected an integer, [height, width] or "
-                          "{\"height\": .., \"width\": ..}")
+        raise RadialError(
+            f"{path}: field 'size' is {size!r:.40}, expected an integer, [height, width] or "
+            '{"height": .., "width": ..}'
+        )
     size = tuple(check_field(str(path), "size", n, int, 1, 4096) for n in size)
     out = {"size": size}
     for key in ("do_resize", "do_rescale", "do_normalize"):
@@ -157,8 +163,10 @@ def model_pixels(path, settings: dict, image_size: int) -> np.ndarray:
     x = preprocess(read_image(path), settings)
     if x.shape[1:] != (image_size, image_size):
         why = "its field 'size' is" if settings["do_resize"] else "do_resize is false, and the image is"
-        raise RadialError(f"{path}: the model takes {image_size}x{image_size} pixels; preprocessor_config.json: {why} "
-                          f"{x.shape[2]}x{x.shape[1]}")
+        raise RadialError(
+            f"{path}: the model takes {image_size}x{image_size} pixels; preprocessor_config.json: {why} "
+            f"{x.shape[2]}x{x.shape[1]}"
+        )
     return x
 
 

@@ -13,6 +13,7 @@ Which kernel runs where (measured in docs/performance.md):
 - attention: one task per query and head for a few queries (decode), `_attention_blocked` for many (prefill).
 - anything small, or anything while the machine is busy, runs a serial copy of its kernel (SERIAL_BELOW).
 """
+
 import contextlib
 import math
 import os
@@ -155,14 +156,38 @@ def _tile_4x4(a, i, w, j, k_lo, k_hi, out):
         a0, a1, a2, a3 = a[i, k], a[i + 1, k], a[i + 2, k], a[i + 3, k]
         w0, w1 = np.float32(w[j, k]), np.float32(w[j + 1, k])
         w2, w3 = np.float32(w[j + 2, k]), np.float32(w[j + 3, k])
-        c00 += a0 * w0; c01 += a0 * w1; c02 += a0 * w2; c03 += a0 * w3  # noqa: E702
-        c10 += a1 * w0; c11 += a1 * w1; c12 += a1 * w2; c13 += a1 * w3  # noqa: E702
-        c20 += a2 * w0; c21 += a2 * w1; c22 += a2 * w2; c23 += a2 * w3  # noqa: E702
-        c30 += a3 * w0; c31 += a3 * w1; c32 += a3 * w2; c33 += a3 * w3  # noqa: E702
-    out[i, j] += c00; out[i, j + 1] += c01; out[i, j + 2] += c02; out[i, j + 3] += c03  # noqa: E702
-    out[i + 1, j] += c10; out[i + 1, j + 1] += c11; out[i + 1, j + 2] += c12; out[i + 1, j + 3] += c13  # noqa: E702
-    out[i + 2, j] += c20; out[i + 2, j + 1] += c21; out[i + 2, j + 2] += c22; out[i + 2, j + 3] += c23  # noqa: E702
-    out[i + 3, j] += c30; out[i + 3, j + 1] += c31; out[i + 3, j + 2] += c32; out[i + 3, j + 3] += c33  # noqa: E702
+        c00 += a0 * w0
+        c01 += a0 * w1
+        c02 += a0 * w2
+        c03 += a0 * w3  # noqa: E702
+        c10 += a1 * w0
+        c11 += a1 * w1
+        c12 += a1 * w2
+        c13 += a1 * w3  # noqa: E702
+        c20 += a2 * w0
+        c21 += a2 * w1
+        c22 += a2 * w2
+        c23 += a2 * w3  # noqa: E702
+        c30 += a3 * w0
+        c31 += a3 * w1
+        c32 += a3 * w2
+        c33 += a3 * w3  # noqa: E702
+    out[i, j] += c00
+    out[i, j + 1] += c01
+    out[i, j + 2] += c02
+    out[i, j + 3] += c03  # noqa: E702
+    out[i + 1, j] += c10
+    out[i + 1, j + 1] += c11
+    out[i + 1, j + 2] += c12
+    out[i + 1, j + 3] += c13  # noqa: E702
+    out[i + 2, j] += c20
+    out[i + 2, j + 1] += c21
+    out[i + 2, j + 2] += c22
+    out[i + 2, j + 3] += c23  # noqa: E702
+    out[i + 3, j] += c30
+    out[i + 3, j + 1] += c31
+    out[i + 3, j + 2] += c32
+    out[i + 3, j + 3] += c33  # noqa: E702
 
 
 @njit(fastmath=True, cache=True)
@@ -360,7 +385,7 @@ def rmsnorm(x, w, eps):
 def rope_angles(pos, head_dim, theta):
     """cos and sin of position x frequency, [T, D/2] each; the frequencies as transformers computes them (float32)."""
     exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim  # [D/2]
-    inv_freq = (1.0 / theta ** exponent).astype(np.float32)
+    inv_freq = (1.0 / theta**exponent).astype(np.float32)
     angle = np.asarray(pos, np.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
     return np.cos(angle), np.sin(angle)
 

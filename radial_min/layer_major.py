@@ -11,6 +11,7 @@ they would not fit) and what the pass records per token. Resumption: with the mo
 everything recorded so far are checkpointed atomically after each block, and each finished pass is kept, so an
 interrupted command run again resumes at the block it was in.
 """
+
 import copy
 import hashlib
 import os
@@ -287,8 +288,9 @@ def _describe(decide) -> str:
     """A short label for a decision rule, for progress bars: `threshold(0.2)`, `static([3, 5])`, `RouterDecisions`."""
     name = getattr(decide, "__qualname__", type(decide).__name__).split(".")[0]
     cells = [c.cell_contents for c in getattr(decide, "__closure__", None) or ()]
-    shown = [repr(sorted(c)) if isinstance(c, (set, frozenset)) else repr(c) for c in cells
-             if not isinstance(c, np.ndarray)]  # fmt: skip
+    shown = [
+        repr(sorted(c)) if isinstance(c, (set, frozenset)) else repr(c) for c in cells if not isinstance(c, np.ndarray)
+    ]
     return f"{name}({', '.join(shown)})" if cells else name
 
 
@@ -333,8 +335,9 @@ class _Simulation(_Pass):
         n_seq, T = self.sequences.shape
         n = len(model.blocks)
         self.kv_rule, self.kind, self.label = kv_rule, kind, f"{_describe(decide)}, {kv_rule}"
-        self.arrays.update(keep=np.zeros((n_seq, T, n), bool), ratios=np.zeros((n_seq, T, n)),
-                           nll=np.zeros((n_seq, T - 1)))  # fmt: skip
+        self.arrays.update(
+            keep=np.zeros((n_seq, T, n), bool), ratios=np.zeros((n_seq, T, n)), nll=np.zeros((n_seq, T - 1))
+        )
         stateful = getattr(decide, "after", None) is not None
         self.decide = [copy.copy(decide) if stateful else decide for _ in range(n_seq)]
 
@@ -360,8 +363,13 @@ class _Simulation(_Pass):
 
     def state(self):
         """A stateful rule's state is its array attributes (a RouterDecisions' next block and depth per token)."""
-        return {f"{s}.{k}": v for s, d in enumerate(self.decide) if hasattr(d, "after")
-                for k, v in vars(d).items() if isinstance(v, np.ndarray)}  # fmt: skip
+        return {
+            f"{s}.{k}": v
+            for s, d in enumerate(self.decide)
+            if hasattr(d, "after")
+            for k, v in vars(d).items()
+            if isinstance(v, np.ndarray)
+        }
 
     def restore(self, saved):
         for name, v in saved.items():

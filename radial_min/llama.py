@@ -6,6 +6,7 @@ position embeddings applied to queries and keys (no position table), grouped-que
 than query heads) and a gated FFN, fc2(silu(gate(x)) * up(x)). Qwen2 adds biases to the q, k and v projections.
 Follow one token: `embed` looks up its row; each block adds its branch; `head` normalises and projects to logits.
 """
+
 import numpy as np
 
 from . import kernels
@@ -23,8 +24,12 @@ def expected_tensors(cfg: LlamaConfig) -> tuple[dict, dict, dict]:
     req = {"embed_tokens.weight": (cfg.vocab_size, E), "norm.weight": (E,)}
     for i in range(cfg.num_hidden_layers):
         p = f"layers.{i}."
-        projections = (("q", (Q, E), cfg.qkv_bias), ("k", (KV, E), cfg.qkv_bias), ("v", (KV, E), cfg.qkv_bias),
-                       ("o", (E, Q), cfg.attention_bias and cfg.model_type == "llama"))  # fmt: skip
+        projections = (
+            ("q", (Q, E), cfg.qkv_bias),
+            ("k", (KV, E), cfg.qkv_bias),
+            ("v", (KV, E), cfg.qkv_bias),
+            ("o", (E, Q), cfg.attention_bias and cfg.model_type == "llama"),
+        )
         for name, shape, bias in projections:
             req[p + f"self_attn.{name}_proj.weight"] = shape
             if bias:

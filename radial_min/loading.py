@@ -3,6 +3,7 @@
 Every tensor name and shape is checked against what the config implies *before* any data is read, so a
 checkpoint that does not match its config fails with one message listing all that is wrong, never half-loaded.
 """
+
 from collections import Counter
 from pathlib import Path
 
@@ -69,8 +70,9 @@ def read_checked(store, theirs) -> np.ndarray:
     a = store.read(theirs)
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         bad = int(a.size - np.isfinite(a).sum())
-        raise CheckpointError(f"{store.description}: tensor {quote(theirs)} has {bad} NaN or infinite values of "
-                              f"{a.size}")
+        raise CheckpointError(
+            f"{store.description}: tensor {quote(theirs)} has {bad} NaN or infinite values of {a.size}"
+        )
     return a
 
 
@@ -87,9 +89,11 @@ def check_quantizable(store, names: dict, weights_dtype: str) -> None:
     for ours, theirs in names.items():
         shape = tuple(store.shape(theirs))
         if _is_matrix(ours, len(shape)) and len(shape) != 2:
-            raise SettingError(f"{store.description}: weights_dtype int8 quantizes 2-D [out, in] matrices row by row, "
-                               f"but tensor {_safe(theirs)} is {len(shape)}-D {list(shape)}; use float32, float16 or "
-                               "bfloat16 for this checkpoint")  # fmt: skip
+            raise SettingError(
+                f"{store.description}: weights_dtype int8 quantizes 2-D [out, in] matrices row by row, "
+                f"but tensor {_safe(theirs)} is {len(shape)}-D {list(shape)}; use float32, float16 or "
+                "bfloat16 for this checkpoint"
+            )
 
 
 def _match(store, cfg, module) -> dict:
@@ -116,8 +120,12 @@ def _match(store, cfg, module) -> dict:
         _safe(theirs) for ours, theirs in found.items() if ours in expected and store.dtype(theirs) not in floats
     ]
     problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes),
-                         ("not a float tensor", not_float)):
+    for label, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("wrong shape", shapes),
+        ("not a float tensor", not_float),
+    ):
         if items:
             shown = "; ".join(items[:4]) + (f"; and {len(items) - 4} more" if len(items) > 4 else "")
             problems.append(f"{label}: {shown}")

@@ -4,6 +4,7 @@ residual blocks, a final layer norm and an LM head tied to the token embeddings.
 Follow one token: `embed` looks up its row and adds its position's row; each block adds its branch to the
 residual stream; `head` normalises and multiplies by the embedding matrix to get one logit per vocabulary entry.
 """
+
 import numpy as np
 
 from . import kernels
@@ -94,8 +95,9 @@ class OPT:
         so ids and positions are checked here."""
         input_ids = _check_ids(input_ids, self.config.vocab_size)
         if np.max(pos) >= self.config.max_position_embeddings or np.min(pos) < 0:
-            raise ValueError(f"positions up to {np.max(pos)} exceed max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
+            raise ValueError(
+                f"positions up to {np.max(pos)} exceed max_position_embeddings {self.config.max_position_embeddings}"
+            )
         x = kernels.to_float32(self.embed_tokens[input_ids])  # [T] -> [T, P] (weights may be stored in half)
         if self.project_in is not None:
             x = self.project_in(x)  # [T, P] -> [T, E]
@@ -147,4 +149,3 @@ def _check_ids(input_ids, vocab_size):
     if ids.min() < 0 or ids.max() >= vocab_size:
         raise ValueError(f"input_ids must lie in [0, {vocab_size}), got min {ids.min()} max {ids.max()}")
     return ids.astype(np.int64)
-

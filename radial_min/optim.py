@@ -1,5 +1,6 @@
 """AdamW (Loshchilov & Hutter) over a dict of named parameters, global-norm clipping, and the learning-rate
 schedule (linear warm-up, cosine decay): the optimizer of train.py and of the router's trainer."""
+
 import math
 
 import numpy as np

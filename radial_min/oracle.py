@@ -10,6 +10,7 @@ at that layer? Two rules, both reported:
 - drop: it offers none; later tokens attend only to the tokens that ran the block.
 The paper's oracle only counts skipped compute; here every setting is also scored by perplexity.
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,8 +158,12 @@ def agreement(run: Run, tau: float) -> dict:
     wrong = np.zeros((len(keep), keep.shape[1] + 1), bool)  # [N, B + 1]: move m disagrees on some block
     np.logical_or.at(wrong, (np.broadcast_to(np.arange(len(keep))[:, None], keep.shape), move), ~same)
     moves = keep.sum() + len(keep)  # one per block run, plus the first
-    return {"move": float(1 - wrong.sum() / moves), "block": float(same.mean()), "route": float(same.all(1).mean()),
-            "moves": int(moves)}
+    return {
+        "move": float(1 - wrong.sum() / moves),
+        "block": float(same.mean()),
+        "route": float(same.all(1).mean()),
+        "moves": int(moves),
+    }
 
 
 def lowest_ratio_blocks(mean_ratio: np.ndarray, k: int) -> list[int]:
@@ -219,13 +224,16 @@ class StaticBaselines:
 
     def ppl_at(self, kind: str, depth: float) -> float:
         """Perplexity of baseline `kind` at `depth` blocks per token, between its two bracketing whole k."""
-        return at_depth([(self.n - k, float(self.run(kind, k).nll.mean())) for k in bracketing_ks(self.n, depth)],
-                        depth)
+        return at_depth(
+            [(self.n - k, float(self.run(kind, k).nll.mean())) for k in bracketing_ks(self.n, depth)], depth
+        )
 
     def rows(self) -> list[dict]:
         """Every baseline run so far: k, its depth, its perplexity and the blocks it drops."""
-        return [{"baseline": kind, "k": k, "depth": self.n - k, "ppl": run.ppl, "dropped": blocks}
-                for (kind, k), (blocks, run) in sorted(self.runs.items())]
+        return [
+            {"baseline": kind, "k": k, "depth": self.n - k, "ppl": run.ppl, "dropped": blocks}
+            for (kind, k), (blocks, run) in sorted(self.runs.items())
+        ]
 
 
 def sweep(model, sequences, taus, kv_rules=KV_RULES, kind: str = "output", bar=None) -> dict:
@@ -247,16 +255,27 @@ def sweep(model, sequences, taus, kv_rules=KV_RULES, kind: str = "output", bar=N
     depths = [float(r.depth.mean()) for r in runs.values()]
     if bar is not None:
         bar.extend(len(statics.missing(depths)) * n_seq, final=True)
-    curves = {rule: [(float(r.depth.mean()), float(r.nll.mean())) for (ru, _), r in runs.items() if ru == rule]
-              for rule in kv_rules}
+    curves = {
+        rule: [(float(r.depth.mean()), float(r.nll.mean())) for (ru, _), r in runs.items() if ru == rule]
+        for rule in kv_rules
+    }
     rows, hists = [], {}
     for (rule, tau), run in runs.items():
         depth = float(run.depth.mean())
         same_depth = {f"{r}_ppl_at_depth": at_depth(curves[r], depth) for r in kv_rules}  # own rule: its own ppl
-        rows.append({"tau": tau, "rule": rule, "ppl": run.ppl, "mean_depth": depth,
-                     "min_depth": int(run.depth.min()), "max_depth": int(run.depth.max()),
-                     "skip_rate": [round(float(s), 4) for s in run.skip_rate],
-                     "static_lowest_ppl": statics.ppl_at("lowest", depth),
-                     "early_exit_ppl": statics.ppl_at("exit", depth), **same_depth})
+        rows.append(
+            {
+                "tau": tau,
+                "rule": rule,
+                "ppl": run.ppl,
+                "mean_depth": depth,
+                "min_depth": int(run.depth.min()),
+                "max_depth": int(run.depth.max()),
+                "skip_rate": [round(float(s), 4) for s in run.skip_rate],
+                "static_lowest_ppl": statics.ppl_at("lowest", depth),
+                "early_exit_ppl": statics.ppl_at("exit", depth),
+                **same_depth,
+            }
+        )
         hists[(rule, tau)] = np.bincount(run.depth, minlength=n_blocks + 1)
     return {"rows": rows, "static": statics.rows(), "depth_hist": hists, "mean_ratio": mean_ratio, "full": full}

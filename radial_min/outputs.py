@@ -1,5 +1,6 @@
 """Result files written atomically: to a temporary name in the same folder, then renamed into place, so an
 interrupted or failed run never leaves a half-written file behind."""
+
 import csv
 import io
 import json

@@ -1,5 +1,6 @@
 """Figures like the paper's, as PNG. matplotlib is an optional extra: without it every function returns None
 and the commands print their tables only."""
+
 import io
 
 import numpy as np
@@ -35,8 +36,14 @@ def ratio_histogram(series: dict, path, kind: str = "output"):
     bins = np.linspace(0, 1.2, 61)
     for label, r in series.items():
         r = np.asarray(r).ravel()
-        line = ax.hist(np.clip(r, 0, 1.2), bins=bins, density=True, histtype="step", linewidth=1.6,
-                       label=f"{label} (median {np.median(r):.3f})")
+        line = ax.hist(
+            np.clip(r, 0, 1.2),
+            bins=bins,
+            density=True,
+            histtype="step",
+            linewidth=1.6,
+            label=f"{label} (median {np.median(r):.3f})",
+        )
         ax.axvline(np.median(r), color=line[2][0].get_edgecolor(), linestyle="--", linewidth=1)
     ax.set_xlabel(f"residual ratio ({kind}); values above 1.2 shown at 1.2")
     ax.set_ylabel("density")

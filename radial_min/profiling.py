@@ -12,6 +12,7 @@ docs/profiling.md). For pre-LN blocks d = f(x) exactly, so the two readings agre
 
 Profiling hooks into the model's `observe` callback, which costs nothing when it is not given.
 """
+
 import numpy as np
 
 KINDS = ("output", "sum")
@@ -99,8 +100,14 @@ def summarize(ratios: np.ndarray, names: list[str]) -> dict:
     def stats(a):
         a = np.asarray(a, np.float64).ravel()
         p10, p50, p90 = np.percentile(a, [10, 50, 90])
-        return {"mean": float(a.mean()), "std": float(a.std()), "median": float(p50), "p10": float(p10),
-                "p90": float(p90), "n": int(a.size)}
+        return {
+            "mean": float(a.mean()),
+            "std": float(a.std()),
+            "median": float(p50),
+            "p10": float(p10),
+            "p90": float(p90),
+            "n": int(a.size),
+        }
 
     kinds = np.array([n.split(".")[1] for n in names])
     return {

@@ -13,6 +13,7 @@ resumed run does not count the steps it starts from as fast ones), the time left
 a rate, and while the total may still grow (`final=False`, e.g. passes that a sweep decides later) it reads
 "at least ...".
 """
+
 import shutil
 import sys
 import time
@@ -32,8 +33,17 @@ class Bar:
     """A progress line for `total` items of `unit`, starting at `initial` (work a resumed run already has).
     `enabled=False` prints nothing; `leave=False` erases the line at the end on a terminal."""
 
-    def __init__(self, total: int, label: str = "", unit: str = "it", initial: int = 0, enabled: bool = True,
-                 final: bool = True, leave: bool = True, stream=None):
+    def __init__(
+        self,
+        total: int,
+        label: str = "",
+        unit: str = "it",
+        initial: int = 0,
+        enabled: bool = True,
+        final: bool = True,
+        leave: bool = True,
+        stream=None,
+    ):
         self.total, self.label, self.unit, self.final, self.leave = total, label, unit, final, leave
         self.n = self.start = initial
         self.stage = self.info = ""

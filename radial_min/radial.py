@@ -13,6 +13,7 @@ perplexity of a long text (`forward` over the whole text, e.g. oracle.perplexity
 exactly the blocks, over exactly the keys, it would have alone (tests/test_radial.py). `RouterDecisions` is the
 same router inside the oracle's simulation, which also measures the ratios at the blocks a token skips.
 """
+
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,15 @@ RADIAL_CONFIG = "radial.json"  # beside a co-trained network's checkpoint: its r
 class RadialNetwork:
     """A model's blocks run in the order its router picks, token by token, over a unified KV cache."""
 
-    def __init__(self, model, router, max_depth: int | None = None, cache_policy: str = "per-layer",
-                 step_encoding_scale: float = 1.0, gate: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        router,
+        max_depth: int | None = None,
+        cache_policy: str = "per-layer",
+        step_encoding_scale: float = 1.0,
+        gate: bool = False,
+    ):
         self.model, self.router = model, router
         self.config = model.config
         self.blocks = model.blocks
@@ -135,12 +143,19 @@ def write_radial(folder, router: Router, cache_policy: str, max_depth: int | Non
     """A co-trained network's routing beside its checkpoint: router.safetensors + router.json, and radial.json."""
     folder = Path(folder)
     router.save(folder / "router")
-    write_json(folder / RADIAL_CONFIG, {
-        "router": "router", "cache_policy": cache_policy, "max_depth": router.config.depth_limit,
-        "step_encoding_scale": step_encoding_scale, "gate": True, "n_blocks": router.config.n_blocks,
-        "width": router.config.width,
-        "trained": "router and blocks from scratch, together (cli.py train --radial)",
-    })  # fmt: skip
+    write_json(
+        folder / RADIAL_CONFIG,
+        {
+            "router": "router",
+            "cache_policy": cache_policy,
+            "max_depth": router.config.depth_limit,
+            "step_encoding_scale": step_encoding_scale,
+            "gate": True,
+            "n_blocks": router.config.n_blocks,
+            "width": router.config.width,
+            "trained": "router and blocks from scratch, together (cli.py train --radial)",
+        },
+    )
 
 
 def load_radial(model, folder) -> RadialNetwork:
@@ -210,6 +225,8 @@ def format_routing(radial, n_prompt: int) -> str:
     producing = depths[n_prompt - 1 :]  # each new token comes from the pass over the token before it
     n, cache = len(radial.blocks), radial.cache
     dense = dense_cache_bytes(radial.model.n_layer, cache.n_tokens, radial.config.hidden_size)
-    return (f"[routing: {depths.mean():.2f} of {n} blocks per token ({1 - depths.mean() / n:.1%} saved; new tokens "
-            f"produced by {producing.mean():.2f}, min {depths.min()}, max {depths.max()}); KV cache "
-            f"{cache.nbytes / 1024:.1f} KiB unified ({cache.policy}) vs {dense / 1024:.1f} KiB dense per-layer]")
+    return (
+        f"[routing: {depths.mean():.2f} of {n} blocks per token ({1 - depths.mean() / n:.1%} saved; new tokens "
+        f"produced by {producing.mean():.2f}, min {depths.min()}, max {depths.max()}); KV cache "
+        f"{cache.nbytes / 1024:.1f} KiB unified ({cache.policy}) vs {dense / 1024:.1f} KiB dense per-layer]"
+    )

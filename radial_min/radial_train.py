@@ -30,6 +30,7 @@ a proportional and an integral controller. docs/cotraining.md says why this meth
 
 Shapes: n = B * T tokens (rows), E width, N blocks, H heads of size D, r the rows of a round.
 """
+
 import math
 from dataclasses import dataclass
 
@@ -61,8 +62,13 @@ class RadialTrainConfig:
     in_order: float = 6.0  # the router's start: this logit margin for the next block in order (router.init_router)
 
     def router_config(self, cfg: OPTConfig) -> R.RouterConfig:
-        return R.RouterConfig(width=cfg.hidden_size, n_blocks=2 * cfg.num_hidden_layers, hidden=self.router_hidden,
-                              forward_only=self.forward_only, max_depth=self.max_depth)  # fmt: skip
+        return R.RouterConfig(
+            width=cfg.hidden_size,
+            n_blocks=2 * cfg.num_hidden_layers,
+            hidden=self.router_hidden,
+            forward_only=self.forward_only,
+            max_depth=self.max_depth,
+        )
 
     @property
     def schedule(self) -> str:
@@ -201,8 +207,9 @@ class _History:
             visible &= self.layer[seq, :n] == layer[:, None]
         elif policy == "per-step":
             visible &= self.step[seq, :n] == step[:, None]
-        y, cache = bp.masked_attention_forward(qh[:, :, None], self.k[seq, :, :n], self.v[seq, :, :n],
-                                               visible[:, None, None])  # fmt: skip
+        y, cache = bp.masked_attention_forward(
+            qh[:, :, None], self.k[seq, :, :n], self.v[seq, :, :n], visible[:, None, None]
+        )
         return y.reshape(len(q), -1), (cache, seq, at, n)
 
     def attend_backward(self, da, cache):
@@ -215,8 +222,25 @@ class _History:
             qh, seq, at, layer, step, code, y, lse = cache
             dq = np.empty_like(qh)
             kernel = kernels._sized(_history_backward, _history_backward_serial, 4 * qh.size * int(at.max() + 1))
-            kernel(dy, qh, self.k, self.kt, self.vt, self.layer, self.step, seq, at + 1, layer, step, code, y, lse,
-                   dq, self.dk, self.dv)  # fmt: skip
+            kernel(
+                dy,
+                qh,
+                self.k,
+                self.kt,
+                self.vt,
+                self.layer,
+                self.step,
+                seq,
+                at + 1,
+                layer,
+                step,
+                code,
+                y,
+                lse,
+                dq,
+                self.dk,
+                self.dv,
+            )
         else:
             att_cache, seq, at, n = cache
             dq, dk, dv = bp.masked_attention_backward(dy[:, :, None], att_cache)
@@ -346,8 +370,14 @@ class _Network:
         """Every token from its embedding to EXIT, in rounds ordered by `schedule`."""
         self.decide(np.arange(len(self.X)))  # START: every token's first move, from its embedding
         if schedule == "token":
-            self.history = _History(self.B, self.T * self.rc.depth_limit, self.cfg.hidden_size,
-                                    self.cfg.num_attention_heads, self.X.dtype, self.fast)  # fmt: skip
+            self.history = _History(
+                self.B,
+                self.T * self.rc.depth_limit,
+                self.cfg.hidden_size,
+                self.cfg.num_attention_heads,
+                self.X.dtype,
+                self.fast,
+            )
             for t in range(self.T):
                 rows = t + self.T * np.arange(self.B)  # token t of every sequence
                 while len(rows := rows[self.move[rows] != self.N]):
@@ -456,8 +486,9 @@ def forward(params, router, cfg: OPTConfig, rcfg: RadialTrainConfig, ids, schedu
     return logits, net, c_head
 
 
-def loss_and_grads(params, router, cfg: OPTConfig, rcfg: RadialTrainConfig, batch, need_grads=True, schedule=None,
-                   fast=True):  # fmt: skip
+def loss_and_grads(
+    params, router, cfg: OPTConfig, rcfg: RadialTrainConfig, batch, need_grads=True, schedule=None, fast=True
+):
     """Language-model loss + compute term over a batch [B, T + 1]; the gradients of the blocks' and embeddings'
     parameters (Hugging Face names) and of the router; and `info`: the LM loss, the mean blocks per token, the
     expected blocks of the compute term, and the routes [n, max_depth] (-1 = none)."""
@@ -466,8 +497,12 @@ def loss_and_grads(params, router, cfg: OPTConfig, rcfg: RadialTrainConfig, batc
     n = len(net.X)
     lm_loss, c_ce = bp.crossentropy_forward(logits, targets.ravel())
     expected = sum(float((1 - probs[:, net.N]).sum()) for _, probs, _ in net.decisions) / n
-    info = {"lm_loss": float(lm_loss), "blocks": float((net.routes >= 0).sum() / n), "expected_blocks": expected,
-            "routes": net.routes}  # fmt: skip
+    info = {
+        "lm_loss": float(lm_loss),
+        "blocks": float((net.routes >= 0).sum() / n),
+        "expected_blocks": expected,
+        "routes": net.routes,
+    }
     loss = float(lm_loss) + compute_term(rcfg, expected)
     if not need_grads:
         return loss, None, None, info

@@ -10,6 +10,7 @@ A router distilled from a sequential model may only move forward (to a later blo
 applied to the logits in training and in use. Training is plain supervised learning on the oracle's choices,
 with forward/backward pairs from `backprop` and AdamW from `optim`; no autograd.
 """
+
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -194,8 +195,19 @@ class Router:
         p, cfg = self.params, self.config
         x = np.ascontiguousarray(x, dtype=np.float32)
         moves, prob = np.empty(len(x), np.int64), np.empty(len(x), np.float32)
-        _decide(x, np.asarray(prev, np.int64), np.asarray(depth, np.int64), p["w1"], p["b1"], p["w2"], p["b2"],
-                cfg.forward_only, cfg.depth_limit, moves, prob)  # fmt: skip
+        _decide(
+            x,
+            np.asarray(prev, np.int64),
+            np.asarray(depth, np.int64),
+            p["w1"],
+            p["b1"],
+            p["w2"],
+            p["b2"],
+            cfg.forward_only,
+            cfg.depth_limit,
+            moves,
+            prob,
+        )
         return moves, prob
 
     def save(self, path):
@@ -239,8 +251,12 @@ MAX_PASSES = 4  # a router may run at most 4 * n_blocks blocks per token (forwar
 def _check_router_config(d: dict, source: str) -> None:
     """Every field of a router's .json typed and in range, before any weight is read. max_depth is bounded by the
     model (MAX_PASSES passes over its blocks), so a router that never chooses EXIT cannot loop without end."""
-    limits = {"width": (int, 1, 1 << 16), "n_blocks": (int, 1, 4096), "hidden": (int, 1, 1 << 16),
-              "forward_only": (bool,)}  # fmt: skip
+    limits = {
+        "width": (int, 1, 1 << 16),
+        "n_blocks": (int, 1, 4096),
+        "hidden": (int, 1, 1 << 16),
+        "forward_only": (bool,),
+    }
     for name, spec in limits.items():
         if name in d:
             check_field(source, name, d[name], *spec)
@@ -317,17 +333,34 @@ def routes_from_keep(keep):
 
 def accuracy(router: "Router", ex: dict) -> dict:
     """Share of the oracle's decisions the router repeats, and of tokens whose every decision it repeats."""
-    pred = np.concatenate([router.choose(ex["x"][i : i + 4096], ex["prev"][i : i + 4096], ex["depth"][i : i + 4096])
-                           for i in range(0, len(ex["x"]), 4096)])  # fmt: skip
+    pred = np.concatenate(
+        [
+            router.choose(ex["x"][i : i + 4096], ex["prev"][i : i + 4096], ex["depth"][i : i + 4096])
+            for i in range(0, len(ex["x"]), 4096)
+        ]
+    )
     right = pred == ex["label"]
     per_token = np.bincount(ex["token"], weights=~right) == 0
     exits = ex["label"] == router.config.exit
-    return {"decision": float(right.mean()), "route": float(per_token.mean()), "exit": float(right[exits].mean()),
-            "block": float(right[~exits].mean()) if (~exits).any() else 1.0, "decisions": int(right.size)}  # fmt: skip
+    return {
+        "decision": float(right.mean()),
+        "route": float(per_token.mean()),
+        "exit": float(right[exits].mean()),
+        "block": float(right[~exits].mean()) if (~exits).any() else 1.0,
+        "decisions": int(right.size),
+    }
 
 
-def train_router(ex: dict, cfg: RouterConfig, epochs: int = 8, lr: float = 3e-3, batch_size: int = 512, seed: int = 0,
-                 weight_decay: float = 0.0, progress: bool = True) -> Router:  # fmt: skip
+def train_router(
+    ex: dict,
+    cfg: RouterConfig,
+    epochs: int = 8,
+    lr: float = 3e-3,
+    batch_size: int = 512,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+    progress: bool = True,
+) -> Router:
     """Fit the router to the oracle's choices with AdamW on softmax cross-entropy."""
     from .progress import Bar
 

@@ -11,6 +11,7 @@ Safetensors (single or sharded), pytorch_model.bin (each tensor cut from its own
     run = oracle.simulate(model, sequences, oracle.threshold(0.2), "drop")   # (layer_major.py)
     ex = router.oracle_examples(model, sequences, 0.2)
 """
+
 import mmap
 import os
 from dataclasses import replace
@@ -183,15 +184,19 @@ class StreamedModel:
         stray = [n for n in self.names if n not in owners and n not in top]
         twice = [n for n, bs in owners.items() if len(bs) > 1]
         if stray or twice:
-            raise NotStreamable(f"{self.path}: tensors {', '.join(map(quote, (stray + twice)[:3]))} belong to no block "
-                                "or to two: this layout cannot be streamed")
+            raise NotStreamable(
+                f"{self.path}: tensors {', '.join(map(quote, (stray + twice)[:3]))} belong to no block "
+                "or to two: this layout cannot be streamed"
+            )
 
     def _check_storages(self):
         """A pytorch_model.bin tensor is cut out of its storage record, read whole: when one storage holds tensors
         of several blocks, each block would read them all, so such a checkpoint is not streamed."""
         users = {}
-        for group, names in [("embeddings and head", self._top()), *((self.blocks[b].name, ns)
-                                                                     for b, ns in enumerate(self.block_names))]:
+        for group, names in [
+            ("embeddings and head", self._top()),
+            *((self.blocks[b].name, ns) for b, ns in enumerate(self.block_names)),
+        ]:
             for ours in names:
                 theirs = self.names[ours]
                 f = self._file(theirs)
@@ -201,8 +206,9 @@ class StreamedModel:
         if shared:
             (file, key), groups = shared[0]
             named = " and ".join(sorted(groups)[:2]) + (" and more" if len(groups) > 2 else "")
-            raise NotStreamable(f"{self.path / file}: storage {key!r} holds tensors of {named}: it would be read "
-                                "whole for each block")
+            raise NotStreamable(
+                f"{self.path / file}: storage {key!r} holds tensors of {named}: it would be read whole for each block"
+            )
 
     def _file(self, theirs):
         files = getattr(self.store, "files", None)
@@ -220,8 +226,10 @@ class StreamedModel:
         else:  # a pytorch_model.bin record stored uncompressed
             span = f.span(theirs)
             if span is None:
-                raise NotStreamable(f"{f.path}: tensor {quote(theirs)} is not stored as plain rows in an uncompressed "
-                                    "record, so its rows cannot be read one by one")
+                raise NotStreamable(
+                    f"{f.path}: tensor {quote(theirs)} is not stored as plain rows in an uncompressed "
+                    "record, so its rows cannot be read one by one"
+                )
             rows = _FileRows(f.path, span[1], span[0], f.shape(theirs))
         for lo, hi in _row_chunks(rows.shape[0], rows.shape[1] * 4, 1 << 26):
             if not np.isfinite(rows.rows(lo, hi)).all():

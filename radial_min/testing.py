@@ -1,5 +1,6 @@
 """Routers that follow a rule instead of a trained MLP, for tests and benchmarks: one that runs every block in
 order (routed execution must then be the sequential model), and one that replays given routes."""
+
 import numpy as np
 
 from .router import RouterConfig
@@ -27,8 +28,9 @@ class ScriptedRouter:
     def __init__(self, routes: list, n_blocks: int):
         self.routes, self.group, self.next_token = routes, [], 0
         forward = all(all(a < b for a, b in zip(r, r[1:])) for r in routes)  # every route moves forward only
-        self.config = RouterConfig(width=0, n_blocks=n_blocks, forward_only=forward,
-                                   max_depth=max(map(len, routes), default=0) + 1)  # fmt: skip
+        self.config = RouterConfig(
+            width=0, n_blocks=n_blocks, forward_only=forward, max_depth=max(map(len, routes), default=0) + 1
+        )
 
     def choose(self, x, prev, depth):
         prev, depth = np.asarray(prev), np.asarray(depth)

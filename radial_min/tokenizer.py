@@ -3,6 +3,7 @@
 OPT numbers the vocabulary the fairseq way (`<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3) and prepends `</s>` as BOS,
 so "Hello world" is [2, 31414, 232]. Special tokens named in the folder's config are matched whole in text.
 """
+
 import json
 import os
 import tempfile
@@ -138,7 +139,7 @@ def _special_tokens(path: Path) -> dict:
         token = _content(d.get(key))
         if token is not None and not isinstance(token, str):
             shown = repr(d[key]) if len(repr(d[key])) <= 40 else repr(d[key])[:37] + "..."
-            raise CheckpointError(f"{path}: {key} is {shown}, expected a token (a string or {{\"content\": string}})")
+            raise CheckpointError(f'{path}: {key} is {shown}, expected a token (a string or {{"content": string}})')
     if not isinstance(d.get("add_bos_token", True), bool):
         raise CheckpointError(f"{path}: add_bos_token is {d['add_bos_token']!r:.40}, expected true or false")
     return d

@@ -15,6 +15,7 @@ allow-list instead: the few globals a state dict needs map to our own inert stan
 refused before it is called. The result is a description of each tensor, which we then cut out of its storage
 with NumPy. Nothing from torch is imported.
 """
+
 import _compat_pickle
 import io
 import math

@@ -5,6 +5,7 @@ its schedule are in optim.py, the corpus and its tokenizer in data.py.
 Parameters live in a dict under Hugging Face's names (`decoder.layers.0.fc1.weight`, ...), so the result is
 saved as a genuine OPT checkpoint. Only the pre-LN, tied-embedding OPT layout (OPT-125m and up) is trained.
 """
+
 import json
 import math
 import os
@@ -46,9 +47,14 @@ def init_params(cfg: OPTConfig, seed: int) -> dict:
     for i in range(L):
         pre = f"decoder.layers.{i}."
         out_std = 0.02 / math.sqrt(2 * L)  # GPT-2's scaled init of the projections into the residual stream
-        for name, shape, std in (("self_attn.q_proj", (E, E), 0.02), ("self_attn.k_proj", (E, E), 0.02),
-                                 ("self_attn.v_proj", (E, E), 0.02), ("self_attn.out_proj", (E, E), out_std),
-                                 ("fc1", (F, E), 0.02), ("fc2", (E, F), out_std)):  # fmt: skip
+        for name, shape, std in (
+            ("self_attn.q_proj", (E, E), 0.02),
+            ("self_attn.k_proj", (E, E), 0.02),
+            ("self_attn.v_proj", (E, E), 0.02),
+            ("self_attn.out_proj", (E, E), out_std),
+            ("fc1", (F, E), 0.02),
+            ("fc2", (E, F), out_std),
+        ):
             p[pre + name + ".weight"] = normal(*shape, std=std)
             p[pre + name + ".bias"] = np.zeros(shape[0], np.float32)
         for norm in ("self_attn_layer_norm", "final_layer_norm"):
@@ -58,9 +64,14 @@ def init_params(cfg: OPTConfig, seed: int) -> dict:
 
 
 def check_trainable(cfg: OPTConfig):
-    if not (cfg.enable_bias and cfg.tie_word_embeddings and cfg.layer_norm_elementwise_affine
-            and cfg.word_embed_proj_dim == cfg.hidden_size and cfg.activation_function == "relu"
-            and cfg.has_final_layer_norm == cfg.do_layer_norm_before):  # fmt: skip
+    if not (
+        cfg.enable_bias
+        and cfg.tie_word_embeddings
+        and cfg.layer_norm_elementwise_affine
+        and cfg.word_embed_proj_dim == cfg.hidden_size
+        and cfg.activation_function == "relu"
+        and cfg.has_final_layer_norm == cfg.do_layer_norm_before
+    ):
         raise RadialError("training supports OPT with biases, affine norms, ReLU, tied embeddings and no projections")
 
 
@@ -113,8 +124,9 @@ def block_backward(dy, cache, kind):
 
 def embed_forward(ids, P):
     """Token rows plus position rows for sequences [B, T] starting at position 0 -> [B, T, E]."""
-    return bp.embedding_forward(ids, P["decoder.embed_tokens.weight"], P["decoder.embed_positions.weight"],
-                                np.arange(ids.shape[1]))  # fmt: skip
+    return bp.embedding_forward(
+        ids, P["decoder.embed_tokens.weight"], P["decoder.embed_positions.weight"], np.arange(ids.shape[1])
+    )
 
 
 def head_forward(x, P):
@@ -216,40 +228,77 @@ class TrainConfig:
             return None
         from .radial_train import RadialTrainConfig
 
-        return RadialTrainConfig(max_depth=self.max_depth, forward_only=self.forward_only,
-                                 cache_policy=self.cache_policy, step_encoding_scale=self.step_encoding_scale,
-                                 cost=self.cost, target_depth=self.target_depth, router_hidden=self.router_hidden,
-                                 in_order=self.in_order, cost_rate=self.cost_rate,
-                                 depth_weight=self.depth_weight)  # fmt: skip
+        return RadialTrainConfig(
+            max_depth=self.max_depth,
+            forward_only=self.forward_only,
+            cache_policy=self.cache_policy,
+            step_encoding_scale=self.step_encoding_scale,
+            cost=self.cost,
+            target_depth=self.target_depth,
+            router_hidden=self.router_hidden,
+            in_order=self.in_order,
+            cost_rate=self.cost_rate,
+            depth_weight=self.depth_weight,
+        )
 
     def model_config(self) -> OPTConfig:
-        return OPTConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                         num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-                         ffn_dim=self.ffn_dim,
-                         max_position_embeddings=self.seq_len, word_embed_proj_dim=self.hidden_size)  # fmt: skip
+        return OPTConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            ffn_dim=self.ffn_dim,
+            max_position_embeddings=self.seq_len,
+            word_embed_proj_dim=self.hidden_size,
+        )
 
 
 _MODEL_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "seq_len")
 # Settings a resume must keep for the run to be the one that was started (the batches and the updates it makes).
-_RADIAL_FIELDS = ("radial", "max_depth", "forward_only", "cache_policy", "step_encoding_scale", "target_depth", "cost",
-                  "router_hidden", "in_order", "router_warmup", "router_lr", "cost_rate", "depth_weight")  # fmt: skip
-_RESUME_FIELDS = (*_MODEL_FIELDS, "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "seed",
-                  *_RADIAL_FIELDS)  # fmt: skip
+_RADIAL_FIELDS = (
+    "radial",
+    "max_depth",
+    "forward_only",
+    "cache_policy",
+    "step_encoding_scale",
+    "target_depth",
+    "cost",
+    "router_hidden",
+    "in_order",
+    "router_warmup",
+    "router_lr",
+    "cost_rate",
+    "depth_weight",
+)
+_RESUME_FIELDS = (
+    *_MODEL_FIELDS,
+    "batch_size",
+    "lr",
+    "min_lr_ratio",
+    "warmup",
+    "weight_decay",
+    "grad_clip",
+    "seed",
+    *_RADIAL_FIELDS,
+)
 ROUTER = "router."  # the router's parameters in a Radial Network's training state: router.w1, ...
 
 
 def _check_resume(state_path: Path, config_path: Path, cfg: TrainConfig) -> None:
     """A saved state resumes only with the settings it was trained with, read from train_config.json."""
     if not config_path.is_file():
-        raise RadialError(f"{config_path}: missing beside {state_path.name}, so the run's settings are unknown: "
-                          "restore it or use a new --out")  # fmt: skip
+        raise RadialError(
+            f"{config_path}: missing beside {state_path.name}, so the run's settings are unknown: "
+            "restore it or use a new --out"
+        )
     saved = read_json(config_path, RadialError, "a JSON object of training settings")
     default = TrainConfig()  # a setting the file does not name was saved by an older version, with its default
     changed = [k for k in _RESUME_FIELDS if saved.get(k, getattr(default, k)) != getattr(cfg, k)]
     if changed:
         was = ", ".join(f"{k}={saved.get(k)!r:.24} (now {getattr(cfg, k)!r})" for k in changed[:4])
-        raise RadialError(f"{config_path}: {state_path.name} was saved with {was}; resume with the same settings "
-                          "or use a new --out")  # fmt: skip
+        raise RadialError(
+            f"{config_path}: {state_path.name} was saved with {was}; resume with the same settings or use a new --out"
+        )
 
 
 def _repair_log(log_path: Path, step: int) -> None:
@@ -319,8 +368,11 @@ def batch_grads(params, model_cfg, rcfg, batch, need_grads=True):
 
 def evaluate(params, model_cfg, sequences: np.ndarray, batch_size: int = 16, rcfg=None) -> float:
     """Mean next-token loss over fixed sequences [n, T + 1] (a Radial Network's without the compute term)."""
-    losses = [batch_grads(params, model_cfg, rcfg, sequences[i : i + batch_size], need_grads=False)[2]["lm_loss"]
-              * len(sequences[i : i + batch_size]) for i in range(0, len(sequences), batch_size)]  # fmt: skip
+    losses = [
+        batch_grads(params, model_cfg, rcfg, sequences[i : i + batch_size], need_grads=False)[2]["lm_loss"]
+        * len(sequences[i : i + batch_size])
+        for i in range(0, len(sequences), batch_size)
+    ]
     return float(sum(losses) / len(sequences))
 
 
@@ -367,8 +419,9 @@ def load_state(path: Path, model_cfg: OPTConfig, rcfg=None):
     return params, m, v, step, cost
 
 
-def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: bool = True,
-          stop_after: int | None = None):
+def train(
+    cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: bool = True, stop_after: int | None = None
+):
     """Train (or resume) into `cfg.out`; returns the parameters. Interrupting (Ctrl-C, SIGTERM) saves the state
     after the current step, so a rerun of the same command continues where it stopped."""
     from .progress import Bar
@@ -452,8 +505,15 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, val_sets: dict, progress: 
     return params
 
 
-def export_checkpoint(params: dict, model_cfg: OPTConfig, tokenizer_dir, out_dir, dtype: str = "float16", rcfg=None,
-                      overwrite: bool = False) -> None:  # fmt: skip
+def export_checkpoint(
+    params: dict,
+    model_cfg: OPTConfig,
+    tokenizer_dir,
+    out_dir,
+    dtype: str = "float16",
+    rcfg=None,
+    overwrite: bool = False,
+) -> None:
     """Write a Hugging Face OPT checkpoint, whole or not at all: config.json, model.safetensors (`model.decoder.*`
     keys, as transformers' save_pretrained writes them), and the tokenizer files. A Radial Network (rcfg) adds its
     router (float32) and radial.json, so `radial_min.load` returns the routed network; transformers still loads
@@ -472,8 +532,13 @@ def export_checkpoint(params: dict, model_cfg: OPTConfig, tokenizer_dir, out_dir
             from .radial import write_radial
             from .router import Router
 
-            write_radial(tmp, Router(rcfg.router_config(model_cfg), router), rcfg.cache_policy, rcfg.max_depth,
-                         rcfg.step_encoding_scale)  # fmt: skip
+            write_radial(
+                tmp,
+                Router(rcfg.router_config(model_cfg), router),
+                rcfg.cache_policy,
+                rcfg.max_depth,
+                rcfg.step_encoding_scale,
+            )
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -492,8 +557,9 @@ def ngram_perplexities(train_ids: np.ndarray, sequences: np.ndarray, vocab_size:
     key = prev * V + nxt
     at = np.minimum(np.searchsorted(pairs, key), len(pairs) - 1)
     bigram = np.where(pairs[at] == key, counts[at], 0) / np.maximum(context[prev], 1)
-    best = min((float(np.exp(-np.log(lam * bigram + (1 - lam) * uni[nxt]).mean())), lam)
-               for lam in np.linspace(0.05, 0.95, 19))  # fmt: skip
+    best = min(
+        (float(np.exp(-np.log(lam * bigram + (1 - lam) * uni[nxt]).mean())), lam) for lam in np.linspace(0.05, 0.95, 19)
+    )
     unigram = float(np.exp(-np.log(uni[nxt]).mean()))
     return {"unigram": unigram, "bigram": best[0], "bigram_lambda": round(float(best[1]), 2)}
 
@@ -515,9 +581,13 @@ def read_export(folder):
 
     radial = read_json(folder / RADIAL_CONFIG)
     router = Router.load(folder / radial["router"])
-    rcfg = RadialTrainConfig(max_depth=router.config.max_depth, forward_only=router.config.forward_only,
-                             cache_policy=radial["cache_policy"], step_encoding_scale=radial["step_encoding_scale"],
-                             router_hidden=router.config.hidden)  # fmt: skip
+    rcfg = RadialTrainConfig(
+        max_depth=router.config.max_depth,
+        forward_only=router.config.forward_only,
+        cache_policy=radial["cache_policy"],
+        step_encoding_scale=radial["step_encoding_scale"],
+        router_hidden=router.config.hidden,
+    )
     return {**params, **{ROUTER + k: a for k, a in router.params.items()}}, cfg, rcfg
 
 

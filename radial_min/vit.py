@@ -1,6 +1,7 @@
 """ViT (Dosovitskiy et al., 2021), the encoder the paper also profiles: an image cut into patches, each patch a
 token, a learned CLS token in front, then the same residual blocks as OPT (pre-LN, GELU, full attention).
 """
+
 import numpy as np
 
 from .blocks import AttentionBlock, FFNBlock, LayerNorm, Linear, Step, run_blocks
@@ -36,8 +37,9 @@ def expected_tensors(cfg: ViTConfig) -> tuple[dict, dict, dict]:
         req["classifier.weight"] = (cfg.num_labels, E)
         req["classifier.bias"] = (cfg.num_labels,)
     else:
-        optional.update({"pooler.dense.weight": (cfg.pooler_output_size, E),
-                         "pooler.dense.bias": (cfg.pooler_output_size,)})
+        optional.update(
+            {"pooler.dense.weight": (cfg.pooler_output_size, E), "pooler.dense.bias": (cfg.pooler_output_size,)}
+        )
     return req, optional, unused
 
 
@@ -114,4 +116,3 @@ class ViT:
         if x.ndim != 4 or x.shape[1:] != (c, s, s):
             raise ValueError(f"pixel_values must have shape [B, {c}, {s}, {s}], got {list(x.shape)}")
         return x
-

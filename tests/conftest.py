@@ -1,6 +1,7 @@
 """Shared helpers: random OPT models of any supported layout, built in memory from the loader's own spec;
 the one way a test asks for ../shared/data, the gguf extra or the real SmolLM2 file (a named skip, a failure under
 CI); the matmul backend, restored after every test that changes it."""
+
 import os
 from pathlib import Path
 
@@ -76,8 +77,14 @@ def matmul_backend(request):
 
 def random_opt(seed=0, **overrides) -> OPT:
     """An OPT with O(1) random weights (so logits are well separated) for the given config overrides."""
-    base = dict(vocab_size=61, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=24,
-                max_position_embeddings=48)
+    base = dict(
+        vocab_size=61,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        ffn_dim=24,
+        max_position_embeddings=48,
+    )
     cfg = OPTConfig(**{**base, **overrides})
     rng = np.random.default_rng(seed)
     required, optional, _ = expected_tensors(cfg)

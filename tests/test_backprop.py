@@ -1,4 +1,5 @@
 """Every backward pass against central finite differences in float64, op by op and for a whole small model."""
+
 import numpy as np
 import pytest
 
@@ -167,8 +168,16 @@ def test_fast_attention_matches_numpy():
 
 @pytest.fixture(scope="module", params=[True, False], ids=["pre-LN", "post-LN"])
 def tiny_model(request):
-    cfg = OPTConfig(vocab_size=23, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, ffn_dim=12,
-                    max_position_embeddings=8, word_embed_proj_dim=8, do_layer_norm_before=request.param)  # fmt: skip
+    cfg = OPTConfig(
+        vocab_size=23,
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        ffn_dim=12,
+        max_position_embeddings=8,
+        word_embed_proj_dim=8,
+        do_layer_norm_before=request.param,
+    )
     params = {k: v.astype(np.float64) for k, v in init_params(cfg, seed=3).items()}
     for k, v in params.items():  # move off the init (zero biases, unit norms) so every term matters
         v += 0.3 * RNG.standard_normal(v.shape)

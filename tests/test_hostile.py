@@ -1,5 +1,6 @@
 """Hostile and broken checkpoints: each is refused with one line naming the file (and tensor or field), before
 anything is allocated beyond what the file can hold; the header rules are the safetensors package's own."""
+
 import json
 import shutil
 import struct

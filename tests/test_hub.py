@@ -1,4 +1,5 @@
 """Where checkpoints come from: local folders as given, Hub ids into weights/<name>/ (the Hub is faked here)."""
+
 import fnmatch
 import re
 import shutil
@@ -125,7 +126,7 @@ def test_offline_download_gives_one_clear_error(weights, monkeypatch):
     for needed in ("config.json", "model.safetensors", "pytorch_model.bin", "vocab.json", "merges.txt"):
         assert needed in msg
     assert f"in {local}/ and pass --model {local}" in msg
-    (repo_id, local_dir, patterns), = hub.calls
+    ((repo_id, local_dir, patterns),) = hub.calls
     assert (repo_id, local_dir) == ("facebook/opt-125m", local)
     assert "config.json" in patterns and "model.safetensors" in patterns and "vocab.json" in patterns
     assert not any(p.startswith("pytorch_model") for p in patterns)  # pickles are asked for only when needed
@@ -143,8 +144,9 @@ def test_bin_only_repo_is_converted_once_to_safetensors(weights, tmp_path, monke
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
     writes = []
     real_write = radial_min.checkpoint.write_safetensors_from
-    monkeypatch.setattr(radial_min.checkpoint, "write_safetensors_from",
-                        lambda *a, **k: (writes.append(a[0]), real_write(*a, **k)))  # fmt: skip
+    monkeypatch.setattr(
+        radial_min.checkpoint, "write_safetensors_from", lambda *a, **k: (writes.append(a[0]), real_write(*a, **k))
+    )
 
     model = radial_min.load("facebook/opt-hub-bin")
     local = weights / "opt-hub-bin"
@@ -206,13 +208,18 @@ def test_sharded_bin_repo_is_converted_shard_by_shard(weights, tmp_path, monkeyp
     monkeypatch.setattr(radial_min.torch_pickle, "load_torch_file", lambda *a: pytest.fail("a whole shard was loaded"))
     reads = []
     real_read = radial_min.torch_pickle.TorchFile.read_stored
-    monkeypatch.setattr(radial_min.torch_pickle.TorchFile, "read_stored",
-                        lambda f, n: (reads.append(n), real_read(f, n))[1])  # fmt: skip
+    monkeypatch.setattr(
+        radial_min.torch_pickle.TorchFile, "read_stored", lambda f, n: (reads.append(n), real_read(f, n))[1]
+    )
     model = radial_min.load("facebook/opt-bin-sharded")
     local = weights / "opt-bin-sharded"
     assert sorted(p.name for p in local.iterdir() if not p.name.startswith(".")) == [
-        "config.json", "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
-        "model-00003-of-00003.safetensors", "model.safetensors.index.json"]  # fmt: skip
+        "config.json",
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+        "model.safetensors.index.json",
+    ]
     assert sorted(reads) == sorted(set(reads))  # each tensor read once, on its own
     ref = np.load(FIXTURES / "opt-hub-bin" / "reference.npz")
     want = radial_min.load(FIXTURES / "opt-hub-bin").forward(ref["input_ids"])

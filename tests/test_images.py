@@ -1,4 +1,5 @@
 """Image input for ViT: decoding (Pillow, or .npy without it), Pillow-exact bilinear resize, preprocessing."""
+
 import json
 import sys
 from pathlib import Path
@@ -105,10 +106,16 @@ def test_read_npy_layouts(tmp_path, dtype):
 
 @pytest.mark.parametrize(
     "array",
-    [np.zeros((4, 4, 2), np.uint8), np.zeros(7, np.uint8), np.zeros((2, 3, 4, 3), np.uint8), np.zeros((4, 4), bool),
-     np.zeros((0, 5, 3), np.uint8), np.zeros((4, 4, 3), np.complex64)],
+    [
+        np.zeros((4, 4, 2), np.uint8),
+        np.zeros(7, np.uint8),
+        np.zeros((2, 3, 4, 3), np.uint8),
+        np.zeros((4, 4), bool),
+        np.zeros((0, 5, 3), np.uint8),
+        np.zeros((4, 4, 3), np.complex64),
+    ],
     ids=["2-channels", "1-d", "4-d", "bool", "empty", "complex"],
-)  # fmt: skip
+)
 def test_read_npy_rejects_non_images(tmp_path, array):
     with pytest.raises(RadialError, match=r"expected an \[H, W\], \[H, W, 3\] or \[H, W, 4\] image"):
         images.read_image(save_npy(tmp_path, "x.npy", array))
@@ -204,8 +211,11 @@ def test_resize_random_sizes_match_pillow():
     for _ in range(150):
         h, w = (int(v) for v in rng.integers(2, 60, 2))
         height = int(rng.integers(1, 2 * h))
-        width = (max(1, w - (h - height) // 2 + int(rng.integers(-2, 3))) if rng.random() < 0.5
-                 else int(rng.integers(1, 2 * w)))
+        width = (
+            max(1, w - (h - height) // 2 + int(rng.integers(-2, 3)))
+            if rng.random() < 0.5
+            else int(rng.integers(1, 2 * w))
+        )
         a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         if not np.array_equal(images.resize(a, height, width), pillow_resize(a, height, width)):
             bad.append((h, w, height, width))

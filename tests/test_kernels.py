@@ -1,4 +1,5 @@
 """Each Numba kernel against its plain-NumPy reference, over shapes that hit every tile edge."""
+
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
@@ -17,8 +18,14 @@ NONE = np.zeros(0, np.float32)  # an absent bias or scale
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 13), n_in=st.integers(1, 40), n_out=st.integers(1, 23), bias=st.booleans(),
-       cols_per_task=st.sampled_from([4, 8, 64]), int8=st.booleans())  # fmt: skip
+@given(
+    rows=st.integers(1, 13),
+    n_in=st.integers(1, 40),
+    n_out=st.integers(1, 23),
+    bias=st.booleans(),
+    cols_per_task=st.sampled_from([4, 8, 64]),
+    int8=st.booleans(),
+)
 def test_matmul_matches_reference(rows, n_in, n_out, bias, cols_per_task, int8):
     """The 4x4-tiled kernel, including ragged row and column tails, several tasks, and int8 weights against
     float32 math on their dequantized values."""
@@ -31,8 +38,13 @@ def test_matmul_matches_reference(rows, n_in, n_out, bias, cols_per_task, int8):
 
 
 @settings(max_examples=30, deadline=None)
-@given(rows=st.integers(1, 11), n_in=st.integers(1, 30), extra=st.integers(0, 5), n_out=st.integers(1, 13),
-       k_block=st.sampled_from([1, 3, 8, 1024]))  # fmt: skip
+@given(
+    rows=st.integers(1, 11),
+    n_in=st.integers(1, 30),
+    extra=st.integers(0, 5),
+    n_out=st.integers(1, 13),
+    k_block=st.sampled_from([1, 3, 8, 1024]),
+)
 def test_gemm_matches_reference(rows, n_in, extra, n_out, k_block):
     """The serial tiled core of matmul and attention: the first n_in columns of wider rows, summed in slices."""
     a, w = randn(rows, n_in + extra), randn(n_out, n_in + extra)
@@ -77,9 +89,12 @@ def test_linear_on_int8_weights(rows):
     x, w, b = randn(rows, 300), randn(4100, 300), randn(4100)  # 9 x 4100 x 300 multiply-adds: the parallel kernel
     q = kernels.to_storage(w, "int8")
     np.testing.assert_allclose(kernels.linear(x, q, b), kernels.linear_ref(x, q.dequantize(), b), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(kernels.linear(x[:, :7], kernels.to_storage(w[:9, :7], "int8")),
-                               kernels.linear_ref(x[:, :7], kernels.Int8Matrix.quantize(w[:9, :7]).dequantize()),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        kernels.linear(x[:, :7], kernels.to_storage(w[:9, :7], "int8")),
+        kernels.linear_ref(x[:, :7], kernels.Int8Matrix.quantize(w[:9, :7]).dequantize()),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("backend", ["numba", "blas"])  # "blas" last: test_default_backend_is_numba checks
@@ -134,8 +149,12 @@ def test_causal_attention_over_cache(n_q, n_past, n_head, d):
     q, k, v = randn(n_q, E), randn(n_past + n_q, E), randn(n_past + n_q, E)
     k_pos = np.arange(n_past + n_q)
     q_pos = k_pos[n_past:]
-    np.testing.assert_allclose(kernels.attention(q, k, v, n_head, q_pos, k_pos),
-                               kernels.attention_ref(q, k, v, n_head, q_pos, k_pos), rtol=1e-5, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        kernels.attention(q, k, v, n_head, q_pos, k_pos),
+        kernels.attention_ref(q, k, v, n_head, q_pos, k_pos),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_attention_with_holes_and_full():
@@ -161,8 +180,12 @@ def test_attention_over_head_major_storage():
     storage_k[:, :5], storage_v[:, :5] = split_heads(k, 2), split_heads(v, 2)
     storage_k[:, 5:], storage_v[:, 5:] = 1e4, 1e4  # garbage beyond the valid rows must not be read
     q_pos, k_pos = np.array([3, 4]), np.arange(5)
-    np.testing.assert_allclose(kernels.attention(q, storage_k, storage_v, 2, q_pos, k_pos),
-                               kernels.attention_ref(q, k, v, 2, q_pos, k_pos), rtol=1e-5, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        kernels.attention(q, storage_k, storage_v, 2, q_pos, k_pos),
+        kernels.attention_ref(q, k, v, 2, q_pos, k_pos),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_attention_accepts_strided_views():
@@ -190,8 +213,9 @@ def test_half_precision_weights(dtype):
     assert stored.dtype == (np.float16 if dtype == "float16" else np.uint16)
     wide = kernels.to_float32(stored)
     assert np.abs(wide - w).max() <= (1e-3 if dtype == "float16" else 1e-2) * np.abs(w).max()
-    np.testing.assert_allclose(kernels.linear(x[None], stored, b), kernels.linear_ref(x[None], wide, b),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        kernels.linear(x[None], stored, b), kernels.linear_ref(x[None], wide, b), rtol=1e-5, atol=1e-5
+    )
     pair = kernels.linear(np.stack([x, x]), stored, b)
     np.testing.assert_allclose(pair[1], kernels.linear_ref(x[None], wide, b)[0], rtol=1e-5, atol=1e-5)
 
@@ -217,9 +241,15 @@ def test_attention_over_picked_rows():
 
 @settings(max_examples=25, deadline=None)
 @example(n_q=40, n_past=3, n_head=4, group=2, causal=True, picked=False, seed=0)  # always: 2 query heads per kv head
-@given(n_q=st.integers(1, 100), n_past=st.integers(0, 40), n_head=st.sampled_from([1, 2, 4]),
-       group=st.sampled_from([1, 2]), causal=st.booleans(), picked=st.booleans(),
-       seed=st.integers(0, 1000))  # fmt: skip
+@given(
+    n_q=st.integers(1, 100),
+    n_past=st.integers(0, 40),
+    n_head=st.sampled_from([1, 2, 4]),
+    group=st.sampled_from([1, 2]),
+    causal=st.booleans(),
+    picked=st.booleans(),
+    seed=st.integers(0, 1000),
+)
 def test_blocked_attention_matches_reference(n_q, n_past, n_head, group, causal, picked, seed):
     """The prefill kernel (_attention_blocked, one task per head, scores and outputs through _gemm) against the
     reference: causal or not, grouped-query, over keys picked out of a larger store with holes in the positions,
@@ -238,8 +268,17 @@ def test_blocked_attention_matches_reference(n_q, n_past, n_head, group, causal,
     ks[rows], vs[rows] = k, v
     kh, vh = kernels.split_heads(ks, n_kv), kernels.split_heads(vs, n_kv)
     out = np.empty((n_head, n_q, d), np.float32)
-    kernels._attention_blocked(kernels.split_heads(q, n_head), kh, vh, rows if picked else np.zeros(0, np.int64), n,
-                               q_pos if causal else k_pos[:0], k_pos, causal, out)  # fmt: skip
+    kernels._attention_blocked(
+        kernels.split_heads(q, n_head),
+        kh,
+        vh,
+        rows if picked else np.zeros(0, np.int64),
+        n,
+        q_pos if causal else k_pos[:0],
+        k_pos,
+        causal,
+        out,
+    )
     np.testing.assert_allclose(kernels.merge_heads(out), ref, rtol=1e-5, atol=1e-5)
 
 

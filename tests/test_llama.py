@@ -1,6 +1,7 @@
 """Llama and Qwen2 against transformers on random-weight fixtures (tools/make_llama_reference.py, under both many-row
 matmul backends), their kernels against NumPy references, and the radial machinery (oracle, unified cache) on a
 grouped-query model."""
+
 import json
 import shutil
 from pathlib import Path
@@ -139,24 +140,34 @@ def test_grouped_query_attention_kernel_matches_reference():
     np.testing.assert_allclose(out, wide, rtol=1e-5, atol=1e-6)  # = multi-head attention with each kv head repeated
 
 
-BASE = {"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-        "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+BASE = {
+    "model_type": "llama",
+    "vocab_size": 64,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling of type 'llama3' is not supported"),
-    ({"rope_parameters": {"rope_type": "yarn"}}, "rope_parameters of type 'yarn'"),
-    ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ({"rope_theta": -1.0}, "rope_theta must be a positive number"),
-    ({"rms_norm_eps": "small"}, "rms_norm_eps must be a positive number"),
-    ({"hidden_size": 16.5}, "hidden_size must be a positive integer"),
-    ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
-    ({"eos_token_id": 64}, r"eos_token_id must be a token id in \[0, 64\)"),
-    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
-    ({"use_sliding_window": True}, "use_sliding_window"),
-    ({"head_dim": 5}, "head_dim 5 must be even"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling of type 'llama3' is not supported"),
+        ({"rope_parameters": {"rope_type": "yarn"}}, "rope_parameters of type 'yarn'"),
+        ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        ({"rope_theta": -1.0}, "rope_theta must be a positive number"),
+        ({"rms_norm_eps": "small"}, "rms_norm_eps must be a positive number"),
+        ({"hidden_size": 16.5}, "hidden_size must be a positive integer"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
+        ({"eos_token_id": 64}, r"eos_token_id must be a token id in \[0, 64\)"),
+        ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
+        ({"use_sliding_window": True}, "use_sliding_window"),
+        ({"head_dim": 5}, "head_dim 5 must be even"),
+    ],
+)
 def test_bad_llama_configs_are_refused_by_field(change, match):
     with pytest.raises(CheckpointError, match=match):
         config_from_dict({**BASE, **change}, "cfg.json")

@@ -1,4 +1,5 @@
 """Loading refuses bad checkpoints with one message naming the file and tensors, and never half-loads."""
+
 import json
 import shutil
 import struct
@@ -81,9 +82,11 @@ def test_missing_shard(tmp_path):
 
 def test_config_problems(opt_copy, tmp_path):
     cfg = json.loads((opt_copy / "config.json").read_text())
-    for change, pattern in [({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
-                            ({"activation_function": "silu"}, "activation 'silu' is not supported"),
-                            ({"num_attention_heads": 5}, "not divisible")]:  # fmt: skip
+    for change, pattern in [
+        ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+        ({"activation_function": "silu"}, "activation 'silu' is not supported"),
+        ({"num_attention_heads": 5}, "not divisible"),
+    ]:
         (opt_copy / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(CheckpointError, match=pattern):
             radial_min.load(opt_copy)

@@ -3,6 +3,7 @@
 The bar, as in minGPT's HF-import test: logits within 1e-4 * max|logit|, and the same greedy tokens; under both
 many-row matmul backends (conftest's matmul_backend fixture).
 """
+
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,10 @@ def test_fixtures_cover_the_variants():
     for name in OPT_FIXTURES:
         m = radial_min.load(FIXTURES / name)
         seen[name] = (
-            set(m.dtypes_on_disk), m.config.do_layer_norm_before, m.project_in is not None, m.config.enable_bias
+            set(m.dtypes_on_disk),
+            m.config.do_layer_norm_before,
+            m.project_in is not None,
+            m.config.enable_bias,
         )
     assert seen["opt-fp16-sharded"][0] == {"float16"}
     assert len(list((FIXTURES / "opt-fp16-sharded").glob("model-*.safetensors"))) > 1
@@ -110,7 +114,7 @@ def _arrays(obj, seen=None):
     """Every weight array a model holds, once each (the tied LM head is the embedding): ndarrays, and an
     Int8Matrix's q and scale, found through the attributes of the model, its blocks and their parts."""
     seen = set() if seen is None else seen
-    for v in (vars(obj).values() if hasattr(obj, "__dict__") else obj):
+    for v in vars(obj).values() if hasattr(obj, "__dict__") else obj:
         if isinstance(v, np.ndarray):
             if id(v) not in seen:
                 seen.add(id(v))
@@ -161,13 +165,16 @@ def test_int8_shipped_model_memory_and_text():
     b32, b8 = sum(a.nbytes for a in _arrays(f32)), sum(a.nbytes for a in _arrays(i8))
     assert b32 == 4 * f32.n_params and b8 <= 0.3 * b32
     ids = radial_min.Tokenizer(f32.path).encode("And God said")
-    np.testing.assert_array_equal(radial_min.generate(i8, ids, 60, repetition_penalty=1.2),
-                                  radial_min.generate(f32, ids, 60, repetition_penalty=1.2))  # fmt: skip
+    np.testing.assert_array_equal(
+        radial_min.generate(i8, ids, 60, repetition_penalty=1.2),
+        radial_min.generate(f32, ids, 60, repetition_penalty=1.2),
+    )
 
 
 def test_int8_refuses_what_it_cannot_quantize(monkeypatch):
     """A checkpoint with a weight that is not a 2-D matrix (a ViT's convolution kernel) and an unknown dtype name:
     one error naming it, raised before any tensor is read."""
+
     def no_reading(*args):
         raise AssertionError("a tensor was read")
 

@@ -1,4 +1,5 @@
 """Residual-ratio hooks and the oracle: exact against direct computations, and harmless when off."""
+
 import numpy as np
 import pytest
 from conftest import FIXTURES, random_opt
@@ -80,7 +81,10 @@ def test_a_ratio_equal_to_tau_keeps_its_block(model):
     """The oracle keeps a block when its ratio is *at least* tau: with tau set to exactly the ratio one token sees at
     block 0 (which no earlier skip can change), that token keeps block 0, and a hair above it, skips it."""
     assert oracle.threshold(0.25)(0, np.arange(3), np.array([0.25, np.nextafter(0.25, 0), 0.26])).tolist() == [
-        True, False, True]  # fmt: skip
+        True,
+        False,
+        True,
+    ]
     ids = SEQS[0]
     _, _, full = oracle.run_sequence(model, ids, oracle.threshold(0.0), "fill")
     t = int(np.argmin(full[:, 0]))  # the lowest ratio at block 0: every other token's is higher
@@ -146,8 +150,10 @@ def test_sweep_compares_at_the_oracles_depth(model):
         assert row[f"{rule}_ppl_at_depth"] == pytest.approx(row["ppl"], rel=1e-5)  # its own curve: itself (up to
         # rounding when two taus skip nothing: drop runs attention token by token)
         depth = row["mean_depth"]
-        for baseline, blocks_of in (("static_lowest_ppl", lambda k: oracle.lowest_ratio_blocks(res["mean_ratio"], k)),
-                                    ("early_exit_ppl", lambda k: oracle.last_blocks(n, k))):
+        for baseline, blocks_of in (
+            ("static_lowest_ppl", lambda k: oracle.lowest_ratio_blocks(res["mean_ratio"], k)),
+            ("early_exit_ppl", lambda k: oracle.last_blocks(n, k)),
+        ):
             k_hi = int(np.ceil(n - depth - 1e-9))
             nll = [oracle.simulate(model, SEQS[:2], oracle.static(blocks_of(k))).nll.mean() for k in (k_hi - 1, k_hi)]
             w = (n - k_hi + 1) - depth  # weight of the deeper run's complement: depth = (n - k_hi + 1) - w

@@ -1,4 +1,5 @@
 """Progress bars: the counts, rates and time left they print, on a terminal and in a log."""
+
 import io
 
 import pytest

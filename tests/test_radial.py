@@ -4,6 +4,7 @@ Property tests over random small OPT configs (pre- and post-LN, with and without
 lengths: with nothing skipped radial generation is sequential generation; the unified cache with the
 per-layer policy is the per-layer cache; and routed execution replaying decisions equals the oracle's.
 """
+
 import numpy as np
 import pytest
 from conftest import random_opt
@@ -17,14 +18,16 @@ from radial_min.cache import KVCache, UnifiedKVCache, dense_cache_bytes, step_en
 from radial_min.radial import RadialNetwork, RouterDecisions
 from radial_min.testing import ScriptedRouter, SequentialRouter
 
-configs = st.fixed_dictionaries({
-    "seed": st.integers(0, 10_000),
-    "num_hidden_layers": st.integers(1, 3),
-    "num_attention_heads": st.sampled_from([1, 2, 4]),
-    "do_layer_norm_before": st.booleans(),
-    "word_embed_proj_dim": st.sampled_from([None, 8]),
-    "enable_bias": st.booleans(),
-})  # fmt: skip
+configs = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 10_000),
+        "num_hidden_layers": st.integers(1, 3),
+        "num_attention_heads": st.sampled_from([1, 2, 4]),
+        "do_layer_norm_before": st.booleans(),
+        "word_embed_proj_dim": st.sampled_from([None, 8]),
+        "enable_bias": st.booleans(),
+    }
+)
 prompts = st.lists(st.integers(3, 60), min_size=1, max_size=9)
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -211,8 +214,11 @@ def _policy_by_hand(model, ids, policy, scale, choose):
                 q, k, v = blk.project_qkv(x)
                 enc = scale * step_encoding(hop, E) if policy == "global" else 0.0
                 entries.append((blk.layer, hop, k + enc, v))
-                seen = [(K, V) for layer, h, K, V in entries if policy == "global" or
-                        (layer == blk.layer if policy == "per-layer" else h == hop)]  # fmt: skip
+                seen = [
+                    (K, V)
+                    for layer, h, K, V in entries
+                    if policy == "global" or (layer == blk.layer if policy == "per-layer" else h == hop)
+                ]
                 keys, vals = (np.concatenate(a) for a in zip(*seen))
                 f = blk.out(kernels.attention_ref(q + enc, keys, vals, blk.n_head))
             else:
@@ -309,8 +315,9 @@ def _random_router(model, seed, forward_only=True, exit_bias=-3.0):
     """A Router MLP with random weights (the fused decision kernel, softmax gates), for routes of a few blocks."""
     from radial_min import router as R
 
-    cfg = R.RouterConfig(width=model.config.hidden_size, n_blocks=len(model.blocks), hidden=8,
-                         forward_only=forward_only)
+    cfg = R.RouterConfig(
+        width=model.config.hidden_size, n_blocks=len(model.blocks), hidden=8, forward_only=forward_only
+    )
     rng = np.random.default_rng(seed)
     params = {k: v + 0.5 * rng.standard_normal(v.shape).astype(np.float32) for k, v in R.init_router(cfg, seed).items()}
     params["b2"][cfg.exit] += exit_bias
@@ -318,8 +325,13 @@ def _random_router(model, seed, forward_only=True, exit_bias=-3.0):
 
 
 @SETTINGS
-@given(cfg=configs, prompt=st.lists(st.integers(3, 60), min_size=2, max_size=12), gate=st.booleans(),
-       n_new=st.integers(1, 5), max_depth=st.sampled_from([None, 2]))  # fmt: skip
+@given(
+    cfg=configs,
+    prompt=st.lists(st.integers(3, 60), min_size=2, max_size=12),
+    gate=st.booleans(),
+    n_new=st.integers(1, 5),
+    max_depth=st.sampled_from([None, 2]),
+)
 def test_routed_prefill_together_equals_token_by_token(cfg, prompt, gate, n_new, max_depth):
     """A forward-only router's prompt routed together, block by block (one batch per block), gives the logits and
     routes of routing it one token at a time, gated or not; generation continues identically from either cache."""
@@ -351,6 +363,7 @@ def test_routing_together_runs_each_block_once(monkeypatch):
     router = _random_router(model, 1)
     calls = []
     run_block = radial_min.radial.run_block
+
     def counted(i, block, x, *args, **kwargs):
         calls.append((i, len(x)))
         return run_block(i, block, x, *args, **kwargs)

@@ -2,6 +2,7 @@
 (the router's decision, attention over the unified cache in both of its forms, the gated residual join) and end
 to end on tiny networks under every policy; the three orders of rounds against each other; causality; and a
 router that runs every block in order is the sequential trainer."""
+
 import numpy as np
 import pytest
 
@@ -18,13 +19,23 @@ N_BLOCKS, E, H = 4, 8, 2
 
 def tiny(seed=3, pre_norm=True, **rcfg):
     """A 2-layer OPT (4 blocks), its router and a radial config, all perturbed off their init in float64."""
-    cfg = OPTConfig(vocab_size=23, hidden_size=E, num_hidden_layers=N_BLOCKS // 2, num_attention_heads=H, ffn_dim=12,
-                    max_position_embeddings=8, word_embed_proj_dim=E, do_layer_norm_before=pre_norm)  # fmt: skip
+    cfg = OPTConfig(
+        vocab_size=23,
+        hidden_size=E,
+        num_hidden_layers=N_BLOCKS // 2,
+        num_attention_heads=H,
+        ffn_dim=12,
+        max_position_embeddings=8,
+        word_embed_proj_dim=E,
+        do_layer_norm_before=pre_norm,
+    )
     rcfg = rt.RadialTrainConfig(**{"router_hidden": 6, **rcfg})
     rng = np.random.default_rng(seed)
     params = {k: v.astype(np.float64) + 0.3 * rng.standard_normal(v.shape) for k, v in init_params(cfg, seed).items()}
-    router = {k: v.astype(np.float64) + 0.7 * rng.standard_normal(v.shape)
-              for k, v in init_router(rcfg.router_config(cfg), seed).items()}  # fmt: skip
+    router = {
+        k: v.astype(np.float64) + 0.7 * rng.standard_normal(v.shape)
+        for k, v in init_router(rcfg.router_config(cfg), seed).items()
+    }
     return cfg, params, router, rcfg
 
 
@@ -117,14 +128,22 @@ def test_history_kernels_are_the_numpy_reference(policy):
     B, rounds, En, Hn = 5, 40, 32, 4
     rng = np.random.default_rng(1)
     plan = [np.sort(rng.choice(B, rng.integers(1, B + 1), replace=False)) for _ in range(rounds)]
-    data = [(rng.standard_normal((len(s), 3, En)).astype(np.float32), rng.integers(0, 3, len(s)),
-             rng.integers(0, 4, len(s)), rng.standard_normal((len(s), En)).astype(np.float32))
-            for s in plan]  # fmt: skip
+    data = [
+        (
+            rng.standard_normal((len(s), 3, En)).astype(np.float32),
+            rng.integers(0, 3, len(s)),
+            rng.integers(0, 4, len(s)),
+            rng.standard_normal((len(s), En)).astype(np.float32),
+        )
+        for s in plan
+    ]
     results = []
     for fast in (False, True):
         hist = rt._History(B, rounds, En, Hn, np.float32, fast)
-        outs = [hist.attend_forward(*qkv.transpose(1, 0, 2), s, layer, step, policy)
-                for s, (qkv, layer, step, _) in zip(plan, data)]
+        outs = [
+            hist.attend_forward(*qkv.transpose(1, 0, 2), s, layer, step, policy)
+            for s, (qkv, layer, step, _) in zip(plan, data)
+        ]
         grads = [hist.attend_backward(D, c) for (_, c), (_, _, _, D) in zip(reversed(outs), reversed(data))]
         results.append(([a for a, _ in outs], grads))
     for a, b in zip(results[0][0], results[1][0]):
@@ -150,8 +169,15 @@ def test_whole_radial_network_gradients(policy, forward_only, pre_norm, max_dept
     differences, under every policy, with and without reuse, pre- and post-LN, with the compute term (and, for
     the first case, its pull toward a depth target)."""
     target = {"target_depth": 2.0, "depth_weight": 0.3} if (policy, pre_norm, cost) == ("global", True, 0.3) else {}
-    cfg, params, router, rcfg = tiny(pre_norm=pre_norm, cache_policy=policy, forward_only=forward_only,
-                                     max_depth=max_depth, cost=cost, step_encoding_scale=scale, **target)  # fmt: skip
+    cfg, params, router, rcfg = tiny(
+        pre_norm=pre_norm,
+        cache_policy=policy,
+        forward_only=forward_only,
+        max_depth=max_depth,
+        cost=cost,
+        step_encoding_scale=scale,
+        **target,
+    )
     batch = np.random.default_rng(7).integers(0, cfg.vocab_size, size=(2, 8))
     loss, G, GR, info = rt.loss_and_grads(params, router, cfg, rcfg, batch, fast=False)
     assert set(G) == set(params)
@@ -171,8 +197,9 @@ def test_whole_radial_network_gradients(policy, forward_only, pre_norm, max_dept
 def test_fast_schedules_equal_token_major(policy, forward_only):
     """Step-major (per-step) and block-major (forward-only per-layer) rounds compute exactly what the token-major
     rounds, valid for every policy, compute: the same routes, loss and gradients."""
-    cfg, params, router, rcfg = tiny(cache_policy=policy, forward_only=forward_only, cost=0.2,
-                                     max_depth=None if forward_only else 6)  # fmt: skip
+    cfg, params, router, rcfg = tiny(
+        cache_policy=policy, forward_only=forward_only, cost=0.2, max_depth=None if forward_only else 6
+    )
     batch = np.random.default_rng(8).integers(0, cfg.vocab_size, size=(3, 8))
     assert rcfg.schedule != "token"
     fast = rt.loss_and_grads(params, router, cfg, rcfg, batch, fast=False)
@@ -206,8 +233,12 @@ def test_router_that_runs_every_block_is_the_sequential_model(schedule):
 
     cfg, params, _, rcfg = tiny(cache_policy="per-layer", forward_only=True)
     hidden = N_BLOCKS + 1
-    router = {"w1": np.concatenate([np.zeros((hidden, E)), 60 * np.eye(hidden)], axis=1), "b1": np.zeros(hidden),
-              "w2": np.eye(hidden), "b2": np.zeros(hidden)}  # a = 60 onehot(prev + 1): pick block prev + 1
+    router = {
+        "w1": np.concatenate([np.zeros((hidden, E)), 60 * np.eye(hidden)], axis=1),
+        "b1": np.zeros(hidden),
+        "w2": np.eye(hidden),
+        "b2": np.zeros(hidden),
+    }  # a = 60 onehot(prev + 1): pick block prev + 1
     rcfg.router_hidden = hidden
     batch = RNG.integers(0, cfg.vocab_size, size=(2, 7))
     loss, G, _, info = rt.loss_and_grads(params, router, cfg, rcfg, batch, schedule=schedule, fast=False)

@@ -1,4 +1,5 @@
 """The router MLP: gradients against finite differences, masking, save/load, and distillation from the oracle."""
+
 import numpy as np
 import pytest
 from conftest import random_opt

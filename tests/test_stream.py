@@ -1,6 +1,7 @@
 """Layer-major execution with streamed weights (radial_min/stream.py): the same ratios, runs, labels and output
 files as the in-memory path on every fixture layout, each block read just before it runs and freed after, the LM
 head in pieces, resumption after an interruption, and one-line refusals for checkpoints that cannot be streamed."""
+
 import gc
 import json
 import os
@@ -25,8 +26,18 @@ import cli  # noqa: E402
 
 SEQS = np.random.default_rng(0).integers(3, 60, size=(3, 16))
 TAU = 0.3  # on opt-pre: skips some blocks and keeps others
-STREAMABLE = ["opt-pre", "opt-350m-style", "opt-bf16-hub", "opt-fp16-sharded", "opt-nobias-gelu", "opt-hub-bin",
-              "opt-bin-sharded", "llama-gqa-tied", "llama-mha-untied-bf16", "qwen2-bias"]  # fmt: skip
+STREAMABLE = [
+    "opt-pre",
+    "opt-350m-style",
+    "opt-bf16-hub",
+    "opt-fp16-sharded",
+    "opt-nobias-gelu",
+    "opt-hub-bin",
+    "opt-bin-sharded",
+    "llama-gqa-tied",
+    "llama-mha-untied-bf16",
+    "qwen2-bias",
+]
 
 
 def assert_same_run(a, b):
@@ -58,8 +69,10 @@ def test_gguf_streams(tmp_path, quant):
 
     path = write_gguf(tmp_path / "m.gguf", None if quant is None else getattr(gguf.GGMLQuantizationType, quant))
     streamed, loaded = stream.StreamedModel(path), radial_min.load(path)
-    assert_same_run(oracle.simulate(streamed, SEQS, oracle.threshold(TAU), "drop"),
-                    oracle.simulate(loaded, SEQS, oracle.threshold(TAU), "drop"))  # fmt: skip
+    assert_same_run(
+        oracle.simulate(streamed, SEQS, oracle.threshold(TAU), "drop"),
+        oracle.simulate(loaded, SEQS, oracle.threshold(TAU), "drop"),
+    )
 
 
 def test_a_stateful_decision_rule_gets_one_copy_per_sequence():
@@ -175,8 +188,10 @@ def test_interrupted_router_decisions_and_labels_resume(tmp_path):
     ex = R.oracle_examples(loaded, SEQS, TAU, "drop")
     router = R.train_router(ex, R.RouterConfig(width=32, n_blocks=6, hidden=8), epochs=2, progress=False)
     model = stream.StreamedModel(FIXTURES / "opt-pre", state_dir=tmp_path / "state")
-    for run in (lambda: oracle.simulate(model, SEQS, RouterDecisions(router), "drop"),
-                lambda: R.oracle_examples(model, SEQS, TAU, "drop")):  # fmt: skip
+    for run in (
+        lambda: oracle.simulate(model, SEQS, RouterDecisions(router), "drop"),
+        lambda: R.oracle_examples(model, SEQS, TAU, "drop"),
+    ):
         model.progress = interrupt_at(4, after_sequences=2)
         with pytest.raises(KeyboardInterrupt):
             run()

@@ -3,6 +3,7 @@
 The reference ids (tests/fixtures/tokenizer_reference.json) were made by tools/make_reference.py with transformers
 from ../shared/data/opt-tokenizer, on 400 non-empty lines of WikiText-2's test split given by line number.
 """
+
 import json
 import shutil
 from pathlib import Path
@@ -19,7 +20,6 @@ from radial_min.tokenizer import Streamer
 FIXTURES = Path(__file__).parent / "fixtures"
 OPT_TOKENIZER = SHARED / "opt-tokenizer"
 MIXED = "Naïve café — “quotes” 日本語 and emoji 🙂👍🏽, Ελληνικά, Ærøskøbing."
-
 
 
 @pytest.fixture(scope="module", autouse=True)

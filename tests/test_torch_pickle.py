@@ -4,6 +4,7 @@ The fixtures in fixtures/torch_bin/ were written by real torch (tools/make_torch
 values torch itself reads back (state_dict.npz) and each tensor's dtype (state_dict.json). Variations that need
 no torch (corrupt records, odd pickles) are made here, in a temporary directory.
 """
+
 import json
 import pickle
 import pickletools
@@ -287,8 +288,9 @@ def test_hand_made_tensor_reads_back(tmp_path):
     assert tensors["w"].tolist() == [[1.0, 3.0], [2.0, 4.0]] and dtypes == {"w": "float32"}
 
 
-@settings(max_examples=300, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(position=st.integers(min_value=0), xor=st.integers(min_value=1, max_value=255))
 def test_any_flipped_byte_gives_the_right_values_or_a_checkpoint_error(position, xor, expected, tmp_path):
     data = bytearray(GOOD.read_bytes())

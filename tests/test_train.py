@@ -1,4 +1,5 @@
 """The trainer: resumable without changing the result, schedule and clipping, and its checkpoint format."""
+
 import json
 
 import numpy as np
@@ -10,14 +11,28 @@ from radial_min import optim
 from radial_min import train as tr
 from radial_min.checkpoint import SafetensorsFile
 
-TEXTS = ["In the beginning was the word, and the word was with the text.\n" * 3,
-         "And the earth was without form, and void; and darkness was upon the face of the deep.\n" * 3] * 4  # fmt: skip
+TEXTS = [
+    "In the beginning was the word, and the word was with the text.\n" * 3,
+    "And the earth was without form, and void; and darkness was upon the face of the deep.\n" * 3,
+] * 4
 
 
 def tiny(tmp_path, steps):
-    return tr.TrainConfig(out=str(tmp_path), vocab_size=300, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                          ffn_dim=32, seq_len=16, batch_size=4,
-                          steps=steps, warmup=2, eval_every=3, save_every=2, lr=3e-3)  # fmt: skip
+    return tr.TrainConfig(
+        out=str(tmp_path),
+        vocab_size=300,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        ffn_dim=32,
+        seq_len=16,
+        batch_size=4,
+        steps=steps,
+        warmup=2,
+        eval_every=3,
+        save_every=2,
+        lr=3e-3,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +68,14 @@ def test_batches_are_a_function_of_seed_and_step(corpus, tmp_path):
     np.testing.assert_array_equal(tr.batch_at(train_ids, 2, cfg), batches[2])
     other = tr.batch_at(train_ids, 2, tr.TrainConfig(**{**tr.asdict(cfg), "seed": 1}))
     assert not np.array_equal(other, batches[2])
-    starts = [int(np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(train_ids, cfg.seq_len + 1) == row,
-                                        axis=1))[0]) for row in batches[0]]  # fmt: skip
+    starts = [
+        int(
+            np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(train_ids, cfg.seq_len + 1) == row, axis=1))[
+                0
+            ]
+        )
+        for row in batches[0]
+    ]
     assert all(0 <= s <= len(train_ids) - cfg.seq_len - 1 for s in starts)  # windows of the stream itself
 
 

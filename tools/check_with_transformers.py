@@ -3,6 +3,7 @@ AutoTokenizer load it, and their logits and token ids equal radial_min's. Dev-on
 
     .venv-ref/bin/python tools/check_with_transformers.py weights/opt-kjv-wiki
 """
+
 import sys
 from pathlib import Path
 
@@ -13,9 +14,10 @@ from transformers import AutoTokenizer, OPTForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import radial_min  # noqa: E402
 
-TEXTS = ["In the beginning God created the heaven and the earth.",
-         " = Valkyria Chronicles III = \n Senjō no Valkyria 3 : <unk> Chronicles "
-         "( Japanese : 戦場のヴァルキュリア3 )"]
+TEXTS = [
+    "In the beginning God created the heaven and the earth.",
+    " = Valkyria Chronicles III = \n Senjō no Valkyria 3 : <unk> Chronicles ( Japanese : 戦場のヴァルキュリア3 )",
+]
 
 
 def main(folder):

@@ -13,6 +13,7 @@ is interrupted resumes where it stopped, a finished one is skipped. Each uses on
 on the two cores with --jobs 2). Evaluation is on the full held-out streams the trainer validates on (WikiText-2
 test.txt and every 20th KJV chapter), packed in sequences of the training length.
 """
+
 import argparse
 import json
 import os
@@ -28,8 +29,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 OUT = ROOT / "runs" / "cotrain"
-RECIPE = ["--hidden-size", "128", "--heads", "4", "--ffn-dim", "512", "--seq-len", "64", "--batch-size", "64",
-          "--steps", "1200", "--vocab-size", "8192"]  # fmt: skip
+RECIPE = [
+    "--hidden-size",
+    "128",
+    "--heads",
+    "4",
+    "--ffn-dim",
+    "512",
+    "--seq-len",
+    "64",
+    "--batch-size",
+    "64",
+    "--steps",
+    "1200",
+    "--vocab-size",
+    "8192",
+]
 TARGET = "8"  # blocks per token asked of the Radial Networks: 8 of A's 12
 # name -> (what it is, cli.py train options beyond the recipe)
 MODELS = {
@@ -53,8 +68,19 @@ def run_name(model: str, seed: int) -> str:
 
 def train_command(model: str, seed: int) -> list[str]:
     folder = OUT / run_name(model, seed)
-    return [sys.executable, str(ROOT / "cli.py"), "train", "--out", str(folder), "--export", str(folder / "export"),
-            *RECIPE, *MODELS[model][1], "--seed", str(seed)]  # fmt: skip
+    return [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "train",
+        "--out",
+        str(folder),
+        "--export",
+        str(folder / "export"),
+        *RECIPE,
+        *MODELS[model][1],
+        "--seed",
+        str(seed),
+    ]
 
 
 def one_thread_env() -> dict:
@@ -95,9 +121,23 @@ def cmd_distill(args):
             if (out / "router.json").is_file():
                 continue
             model = OUT / run_name("A", s) / "export"
-            cmd = [sys.executable, str(ROOT / "cli.py"), "train-router", "--model", str(model),
-                   "--tau", str(tau), "--seq-len", "64", "--max-sequences", "256", "--test-sequences", "128",
-                   "--out", str(out)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                str(ROOT / "cli.py"),
+                "train-router",
+                "--model",
+                str(model),
+                "--tau",
+                str(tau),
+                "--seq-len",
+                "64",
+                "--max-sequences",
+                "256",
+                "--test-sequences",
+                "128",
+                "--out",
+                str(out),
+            ]
             codes.append(launch(cmd, OUT / f"A-s{s}-router-tau{tau}.log"))
     return max(codes, default=0)
 
@@ -135,8 +175,12 @@ def evaluate_distilled(model_dir: Path, router_dir: Path, streams: dict, seq_len
         seqs = data.pack(stream, seq_len)
         run = oracle.simulate(model, seqs, RouterDecisions(router), "drop")  # per-layer policy = the drop rule
         depth = run.depth
-        out[name] = {"ppl": run.ppl, "blocks": float(depth.mean()), "tokens": int(seqs[:, 1:].size),
-                     "hist": np.bincount(depth, minlength=len(model.blocks) + 1).tolist()}  # fmt: skip
+        out[name] = {
+            "ppl": run.ppl,
+            "blocks": float(depth.mean()),
+            "tokens": int(seqs[:, 1:].size),
+            "hist": np.bincount(depth, minlength=len(model.blocks) + 1).tolist(),
+        }
     return out
 
 
@@ -151,9 +195,13 @@ def evaluate_radial(model_dir: Path, streams: dict, seq_len: int) -> dict:
     for name, stream in streams.items():
         seqs = data.pack(stream, seq_len)
         nll, depth, routes = sequence_nll(blocks, router, cfg, rcfg, seqs)
-        out[name] = {"ppl": float(np.exp(nll.mean())), "blocks": float(depth.mean()), "tokens": int(nll.size),
-                     "hist": np.bincount(depth.ravel(), minlength=routes.shape[-1] + 1).tolist(),
-                     "trace": routes[0].tolist()}  # fmt: skip
+        out[name] = {
+            "ppl": float(np.exp(nll.mean())),
+            "blocks": float(depth.mean()),
+            "tokens": int(nll.size),
+            "hist": np.bincount(depth.ravel(), minlength=routes.shape[-1] + 1).tolist(),
+            "trace": routes[0].tolist(),
+        }
     return out
 
 
@@ -173,8 +221,12 @@ def cmd_evaluate(args):
                 for tau in TAUS:
                     router = folder / f"router-tau{tau}"
                     if (router / "router.json").is_file():
-                        results[f"C-s{s}-tau{tau}"] = {"model": "C", "seed": s, "tau": tau,
-                                                      **evaluate_distilled(folder / "export", router, streams, 64)}
+                        results[f"C-s{s}-tau{tau}"] = {
+                            "model": "C",
+                            "seed": s,
+                            "tau": tau,
+                            **evaluate_distilled(folder / "export", router, streams, 64),
+                        }
             (OUT / "results.json").write_text(json.dumps(results, indent=1))
     return 0
 
@@ -187,8 +239,12 @@ def route_kinds(routes: np.ndarray) -> dict:
     reuse = sum(len(set(r.tolist())) < len(r) for r in flat)
     backward = sum(bool((np.diff(r) < 0).any()) for r in flat)
     n = len(flat)
-    return {"in_order_exit": prefix / n, "reuse": reuse / n, "goes_back": backward / n,
-            "skip": 1 - (prefix + reuse) / n}
+    return {
+        "in_order_exit": prefix / n,
+        "reuse": reuse / n,
+        "goes_back": backward / n,
+        "skip": 1 - (prefix + reuse) / n,
+    }
 
 
 def cmd_routes(args):
@@ -208,8 +264,11 @@ def cmd_routes(args):
             seqs = data.pack(held_out_streams(folder)["wiki"], 64)[:256]
             _, depth, routes = sequence_nll(blocks, router, cfg, rcfg, seqs)
             kinds = route_kinds(routes)
-            print(f"{run_name(m, s)}: {depth.mean():.2f} blocks/token; " +
-                  ", ".join(f"{k} {v:.1%}" for k, v in kinds.items()), flush=True)  # fmt: skip
+            print(
+                f"{run_name(m, s)}: {depth.mean():.2f} blocks/token; "
+                + ", ".join(f"{k} {v:.1%}" for k, v in kinds.items()),
+                flush=True,
+            )
     return 0
 
 
@@ -281,8 +340,11 @@ def at_depth(xs, ys, x):
 
 
 def curve(results, split, models):
-    pts = [(seed_mean(results, m, split, "blocks")[0], seed_mean(results, m, split, "ppl")[0])
-           for m in models if seed_mean(results, m, split, "ppl")]  # fmt: skip
+    pts = [
+        (seed_mean(results, m, split, "blocks")[0], seed_mean(results, m, split, "ppl")[0])
+        for m in models
+        if seed_mean(results, m, split, "ppl")
+    ]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -291,16 +353,20 @@ def distilled_curve(results, split):
     for r in results.values():
         if r["model"] == "C" and split in r:
             by_tau.setdefault(r["tau"], []).append((r[split]["blocks"], r[split]["ppl"]))
-    pts = [(float(np.mean([b for b, _ in v])), float(np.exp(np.mean(np.log([p for _, p in v])))))
-           for v in by_tau.values()]  # fmt: skip
+    pts = [
+        (float(np.mean([b for b, _ in v])), float(np.exp(np.mean(np.log([p for _, p in v]))))) for v in by_tau.values()
+    ]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
 def table(results, split):
     seq_x, seq_y = curve(results, split, SEQUENTIAL)
     c_x, c_y = distilled_curve(results, split)
-    lines = ["| model | seeds | blocks/token | perplexity | sequential, equal blocks | distilled (C), equal blocks "
-             "| tokens/s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [
+        "| model | seeds | blocks/token | perplexity | sequential, equal blocks | distilled (C), equal blocks "
+        "| tokens/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for m, (what, _) in MODELS.items():
         ppl, depth = seed_mean(results, m, split, "ppl"), seed_mean(results, m, split, "blocks")
         if ppl is None:
@@ -310,8 +376,9 @@ def table(results, split):
         spread = f" [{ppl[1]:.1f}, {ppl[2]:.1f}]" if ppl[3] > 1 else ""
         speed = [r["tokens_per_s"] for r in results.values() if r["model"] == m and "tokens_per_s" in r]
         speed = f"{np.mean(speed):.0f}" if speed else "-"
-        lines.append(f"| {m}: {what} | {ppl[3]} | {depth[0]:.2f} | {ppl[0]:.1f}{spread} | {fmt(seq)} | {fmt(dist)} "
-                     f"| {speed} |")
+        lines.append(
+            f"| {m}: {what} | {ppl[3]} | {depth[0]:.2f} | {ppl[0]:.1f}{spread} | {fmt(seq)} | {fmt(dist)} | {speed} |"
+        )
     for bx, by in sorted(zip(c_x, c_y)):
         lines.append(f"| C: A + distilled router | | {bx:.2f} | {by:.1f} | {fmt(at_depth(seq_x, seq_y, bx))} | | |")
     return "\n".join(lines)
@@ -331,6 +398,7 @@ def cmd_figures(args):
         fig.tight_layout()
         fig.savefig(ROOT / "docs" / "figures" / name, dpi=120)
         plt.close(fig)
+
     for split, title in (("wiki", "WikiText-2 test"), ("kjv", "held-out KJV chapters")):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         xs, ys = curve(results, split, SEQUENTIAL)
@@ -340,8 +408,14 @@ def cmd_figures(args):
         ax.plot(np.array(cx)[order], np.array(cy)[order], "s--", color="tab:blue", label="C: A + distilled router")
         for m, color in (("D", "tab:green"), ("E", "tab:red"), ("F", "tab:purple")):
             for r in (r for r in results.values() if r["model"] == m and split in r):
-                ax.plot(r[split]["blocks"], r[split]["ppl"], "*", ms=12, color=color,
-                        label=f"{m}: {MODELS[m][0]}" if r["seed"] == min(args.seeds) else None)  # fmt: skip
+                ax.plot(
+                    r[split]["blocks"],
+                    r[split]["ppl"],
+                    "*",
+                    ms=12,
+                    color=color,
+                    label=f"{m}: {MODELS[m][0]}" if r["seed"] == min(args.seeds) else None,
+                )
         ax.set_xlabel("mean blocks per token")
         ax.set_ylabel(f"perplexity, {title}")
         save(fig, f"cotrain_ppl_{split}.png", legend=7)
@@ -361,8 +435,7 @@ def cmd_figures(args):
         if not r:
             continue
         routes = np.array(r["wiki"]["trace"])  # [T, max_depth], -1 = no block
-        ax.imshow(np.ma.masked_less(routes.T, 0), aspect="auto", cmap="tab20", vmin=0, vmax=19,
-                  interpolation="nearest")
+        ax.imshow(np.ma.masked_less(routes.T, 0), aspect="auto", cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
         ax.set_ylabel("step")
         ax.set_title(f"{m}: block run at each step, first WikiText-2 test sequence (blank: exited)", fontsize=8)
         ax.set_yticks(range(routes.shape[1]))
@@ -391,8 +464,14 @@ def main(argv=None):
     p.add_argument("--again", action="store_true", help="evaluate again what results.json already has")
     p.add_argument("--reps", type=int, default=10, help="speed: interleaved repetitions (default: 10)")
     args = p.parse_args(argv)
-    steps = {"train": cmd_train, "distill": cmd_distill, "evaluate": cmd_evaluate, "routes": cmd_routes,
-             "speed": cmd_speed, "figures": cmd_figures}  # fmt: skip
+    steps = {
+        "train": cmd_train,
+        "distill": cmd_distill,
+        "evaluate": cmd_evaluate,
+        "routes": cmd_routes,
+        "speed": cmd_speed,
+        "figures": cmd_figures,
+    }
     return steps[args.step](args)
 
 

@@ -25,8 +25,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import math
-import os
 import pickletools
 import random
 import shutil
@@ -111,15 +109,19 @@ def build_bases(root: Path) -> dict:
     return bases
 
 
-TRAIN = ("train --vocab-size 300 --hidden-size 16 --layers 1 --heads 2 --seq-len 8 --batch-size 2 --eval-every 1 "
-         "--save-every 1 --warmup 1").split()
+TRAIN = (
+    "train --vocab-size 300 --hidden-size 16 --layers 1 --heads 2 --seq-len 8 --batch-size 2 --eval-every 1 "
+    "--save-every 1 --warmup 1"
+).split()
 TEXT_ARGS = "--seq-len 8 --max-sequences 2 --out {o}".split()
 INFO = ("info", "--model", "{d}")
 GENERATE = ("generate", "In the", "--model", "{d}", "--max-new-tokens", "3")
 PROFILE = tuple("profile --model {d} --text {d}/text.txt".split() + TEXT_ARGS)
 SIMULATE = tuple("simulate --model {d} --text {d}/text.txt --taus 0,0.3".split() + TEXT_ARGS)
-ROUTER_TRAIN = tuple("train-router --model {d} --train-text {d}/text.txt --test-text {d}/text.txt --test-sequences 1 "
-                     "--epochs 1".split() + TEXT_ARGS)
+ROUTER_TRAIN = tuple(
+    "train-router --model {d} --train-text {d}/text.txt --test-text {d}/text.txt --test-sequences 1 --epochs 1".split()
+    + TEXT_ARGS
+)
 CLASSIFY = ("classify", "{d}/img.npy", "--model", "{d}")
 RESUME = tuple(TRAIN + ["--out", "{d}", "--steps", "3"])
 
@@ -507,8 +509,10 @@ def cases(bases: dict, rng: random.Random):
         ("unknown model type", {"model": {"type": "Nope"}}),
         ("model a list", {"model": [1]}),
         ("added_tokens a string", {"added_tokens": "x"}),
-        ("a normalizer that makes the library panic", {"normalizer": {"type": "Replace", "pattern": {"Regex": ""},
-                                                                        "content": "xx"}}),
+        (
+            "a normalizer that makes the library panic",
+            {"normalizer": {"type": "Replace", "pattern": {"Regex": ""}, "content": "xx"}},
+        ),
     ]
     tj_mutants = [(label, dumps({**hf, **change})) for label, change in tj] + list(
         json_mutants(hf, rng, fields=["model"])

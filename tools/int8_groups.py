@@ -4,6 +4,7 @@ and computed in float32 (docs/performance.md, "int8 weights"). About 5 minutes p
 
     python tools/int8_groups.py [--groups 128,64,32]
 """
+
 import argparse
 import sys
 from pathlib import Path

@@ -5,6 +5,7 @@ tensor (drawing 2.7B fresh numbers takes long on a busy machine); only the shape
 
     python tools/make_big_random_opt.py --out runs/random-opt-2.7b      # ~5.3 GB on disk
 """
+
 import argparse
 import json
 import shutil
@@ -26,8 +27,14 @@ def layer_tensors(w, i: int, E: int, F: int) -> dict:
 
     t = {p + f"self_attn.{x}_proj.weight": w(E, E) for x in ("q", "k", "v", "out")}
     t.update({p + f"self_attn.{x}_proj.bias": np.zeros(E, np.float16) for x in ("q", "k", "v", "out")})
-    t.update({p + "fc1.weight": w(F, E), p + "fc1.bias": np.zeros(F, np.float16), p + "fc2.weight": w(E, F),
-              p + "fc2.bias": np.zeros(E, np.float16)})  # fmt: skip
+    t.update(
+        {
+            p + "fc1.weight": w(F, E),
+            p + "fc1.bias": np.zeros(F, np.float16),
+            p + "fc2.weight": w(E, F),
+            p + "fc2.bias": np.zeros(E, np.float16),
+        }
+    )
     for ln in ("self_attn_layer_norm", "final_layer_norm"):
         t[p + ln + ".weight"], t[p + ln + ".bias"] = np.ones(E, np.float16), np.zeros(E, np.float16)
     return t
@@ -43,8 +50,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     E, L = args.hidden, args.layers
-    cfg = OPTConfig(vocab_size=50272, hidden_size=E, num_hidden_layers=L, num_attention_heads=args.heads, ffn_dim=4 * E,
-                    max_position_embeddings=args.max_positions, dtype="float16")  # fmt: skip
+    cfg = OPTConfig(
+        vocab_size=50272,
+        hidden_size=E,
+        num_hidden_layers=L,
+        num_attention_heads=args.heads,
+        ffn_dim=4 * E,
+        max_position_embeddings=args.max_positions,
+        dtype="float16",
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
@@ -52,15 +66,18 @@ def main(argv=None):
 
     def w(*shape):  # a random start in the pool, repeated to the tensor's size
         return np.resize(np.roll(pool, int(rng.integers(len(pool)))), shape)
+
     n = L + 1
     shards = {f"model-{k + 1:05d}-of-{n:05d}.safetensors": k for k in range(n)}
     weight_map = {}
     for name, k in shards.items():
         if k == 0:
-            t = {"model.decoder.embed_tokens.weight": w(cfg.vocab_size, E),
-                 "model.decoder.embed_positions.weight": w(args.max_positions + 2, E),
-                 "model.decoder.final_layer_norm.weight": np.ones(E, np.float16),
-                 "model.decoder.final_layer_norm.bias": np.zeros(E, np.float16)}  # fmt: skip
+            t = {
+                "model.decoder.embed_tokens.weight": w(cfg.vocab_size, E),
+                "model.decoder.embed_positions.weight": w(args.max_positions + 2, E),
+                "model.decoder.final_layer_norm.weight": np.ones(E, np.float16),
+                "model.decoder.final_layer_norm.bias": np.zeros(E, np.float16),
+            }
         else:
             t = layer_tensors(w, k - 1, E, 4 * E)
         write_safetensors(out / name, t, {"format": "pt"})

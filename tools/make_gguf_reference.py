@@ -11,6 +11,7 @@ Dev-only (torch, transformers, gguf, accelerate; /work/devenv has them). Run fro
 
     python tools/make_gguf_reference.py
 """
+
 import json
 import shutil
 import sys
@@ -29,9 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "gguf"
 VERSIONS = {"torch": torch.__version__, "transformers": transformers.__version__, "gguf": version("gguf")}
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in SmolLM2: unk, BOS, EOS
-CORPUS = ("The quick brown fox jumps over the lazy dog. A tiny model, written by gguf's own writer, is read by "
-          "transformers and by radial_min; the two must agree on every logit and on twenty greedy tokens. "
-          "Residual blocks add their branch to the stream: y = x + f(x). 0123456789 and ( ) [ ] { } : ; , . ! ?")
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. A tiny model, written by gguf's own writer, is read by "
+    "transformers and by radial_min; the two must agree on every logit and on twenty greedy tokens. "
+    "Residual blocks add their branch to the stream: y = x + f(x). 0123456789 and ( ) [ ] { } : ; , . ! ?"
+)
 TEXTS = ["The lazy dog reads a model.", "y = x + f(x), twenty tokens!", "  two spaces\nand a newline", "caf\u00e9 42"]
 
 # tensor types by role: each GGUF name (after blk.N.) and the types it gets in layers 0, 1, ...
@@ -50,8 +53,12 @@ def tokenizer(vocab_size):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([CORPUS] * 4, trainer)
     vocab = tok.get_vocab()
     tokens = sorted(vocab, key=vocab.get)
@@ -74,18 +81,25 @@ def weights(cfg, rng):
         return (rng.standard_normal((rows, cols)) * 1.5 / np.sqrt(cols)).astype(np.float32)
 
     embed_scale = 0.3 if cfg["tied"] else 1.0  # tied: a smaller own-token term in the logits, or greedy repeats it
-    t = {"token_embd.weight": (embed_scale * rng.standard_normal((V, E))).astype(np.float32),
-         "output_norm.weight": (1 + 0.2 * rng.standard_normal(E)).astype(np.float32)}  # fmt: skip
+    t = {
+        "token_embd.weight": (embed_scale * rng.standard_normal((V, E))).astype(np.float32),
+        "output_norm.weight": (1 + 0.2 * rng.standard_normal(E)).astype(np.float32),
+    }
     if not cfg["tied"]:
         t["output.weight"] = mat(V, E)
     for i in range(cfg["layers"]):
         p = f"blk.{i}."
-        t |= {p + "attn_norm.weight": (1 + 0.2 * rng.standard_normal(E)).astype(np.float32),
-              p + "attn_q.weight": mat(H * D, E), p + "attn_k.weight": mat(Hkv * D, E),
-              p + "attn_v.weight": mat(Hkv * D, E), p + "attn_output.weight": mat(E, H * D),
-              p + "ffn_norm.weight": (1 + 0.2 * rng.standard_normal(E)).astype(np.float32),
-              p + "ffn_gate.weight": mat(F, E), p + "ffn_up.weight": mat(F, E),
-              p + "ffn_down.weight": mat(E, F)}  # fmt: skip
+        t |= {
+            p + "attn_norm.weight": (1 + 0.2 * rng.standard_normal(E)).astype(np.float32),
+            p + "attn_q.weight": mat(H * D, E),
+            p + "attn_k.weight": mat(Hkv * D, E),
+            p + "attn_v.weight": mat(Hkv * D, E),
+            p + "attn_output.weight": mat(E, H * D),
+            p + "ffn_norm.weight": (1 + 0.2 * rng.standard_normal(E)).astype(np.float32),
+            p + "ffn_gate.weight": mat(F, E),
+            p + "ffn_up.weight": mat(F, E),
+            p + "ffn_down.weight": mat(E, F),
+        }
         if cfg["arch"] == "qwen2":
             for x, n in (("q", H * D), ("k", Hkv * D), ("v", Hkv * D)):
                 t[p + f"attn_{x}.bias"] = (0.2 * rng.standard_normal(n)).astype(np.float32)
@@ -147,8 +161,10 @@ def reference(path, seed, vocab):
     for i, text in enumerate(TEXTS):
         ref[f"text_ids_{i}"] = np.array(tok(text).input_ids, np.int64)  # with BOS if the file says add_bos_token
     types = sorted({str(p.dtype) for p in model.parameters()})
-    print(f"{path.name}: {model.config.model_type}, tied {model.config.tie_word_embeddings}, params {types}; "
-          f"greedy {greedy.tolist()}; {TEXTS[0]!r} -> {ref['text_ids_0'].tolist()}")
+    print(
+        f"{path.name}: {model.config.model_type}, tied {model.config.tie_word_embeddings}, params {types}; "
+        f"greedy {greedy.tolist()}; {TEXTS[0]!r} -> {ref['text_ids_0'].tolist()}"
+    )
     return ref
 
 

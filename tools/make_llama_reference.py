@@ -5,6 +5,7 @@ Dev-only (torch, transformers; see tools/make_reference.py for the set-up). Run 
 
     python tools/make_llama_reference.py
 """
+
 import json
 import shutil
 import sys
@@ -47,8 +48,17 @@ def hub_style_config(folder):
 def make(name, seed, config_cls, model_cls, dtype=torch.float32, hub_style=False, **cfg):
     folder = OUT / name
     shutil.rmtree(folder, ignore_errors=True)
-    base = dict(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    base = dict(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     base.update(cfg)
     torch.manual_seed(seed)
     model = randomize(model_cls(config_cls(**base)), seed).eval()
@@ -63,12 +73,28 @@ def make(name, seed, config_cls, model_cls, dtype=torch.float32, hub_style=False
 
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
-    make("llama-gqa-tied", 11, LlamaConfig, LlamaForCausalLM, tie_word_embeddings=True, rope_theta=500.0,
-         hub_style=True)  # fmt: skip
-    make("llama-mha-untied-bf16", 12, LlamaConfig, LlamaForCausalLM, dtype=torch.bfloat16, num_key_value_heads=4,
-         tie_word_embeddings=False, rms_norm_eps=1e-5)  # fmt: skip
-    make("qwen2-bias", 13, Qwen2Config, Qwen2ForCausalLM, num_key_value_heads=1, tie_word_embeddings=False,
-         rope_theta=1e6)  # fmt: skip
+    make(
+        "llama-gqa-tied", 11, LlamaConfig, LlamaForCausalLM, tie_word_embeddings=True, rope_theta=500.0, hub_style=True
+    )
+    make(
+        "llama-mha-untied-bf16",
+        12,
+        LlamaConfig,
+        LlamaForCausalLM,
+        dtype=torch.bfloat16,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+    )
+    make(
+        "qwen2-bias",
+        13,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+        rope_theta=1e6,
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ for showing what profiling says of an untrained model. NumPy only (no torch).
 
 Weights follow our trainer's GPT-2-style init (N(0, 0.02), residual projections scaled by 1/sqrt(2L)).
 """
+
 import argparse
 import json
 import shutil
@@ -30,8 +31,14 @@ def main(argv=None):
     p.add_argument("--max-positions", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    cfg = OPTConfig(vocab_size=50272, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                    num_attention_heads=args.heads, ffn_dim=4 * args.hidden, max_position_embeddings=args.max_positions)
+    cfg = OPTConfig(
+        vocab_size=50272,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        ffn_dim=4 * args.hidden,
+        max_position_embeddings=args.max_positions,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     params = init_params(cfg, args.seed)

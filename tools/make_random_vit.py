@@ -6,6 +6,7 @@ profiling ViT blocks on real photos without downloadable weights. NumPy only (no
 
 Weights: N(0, 0.02) like transformers' init, unit layer norms, 1000 labels named label_0 ... label_999.
 """
+
 import argparse
 import json
 import sys
@@ -31,11 +32,23 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     id2label = {str(i): f"label_{i}" for i in range(args.labels)}
-    cfg_dict = {"model_type": "vit", "architectures": ["ViTForImageClassification"], "hidden_size": args.hidden,
-                "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
-                "intermediate_size": 4 * args.hidden, "hidden_act": "gelu", "layer_norm_eps": 1e-12, "image_size": 224,
-                "patch_size": 16, "num_channels": 3, "qkv_bias": True, "id2label": id2label,
-                "label2id": {v: int(k) for k, v in id2label.items()}, "torch_dtype": "float32"}
+    cfg_dict = {
+        "model_type": "vit",
+        "architectures": ["ViTForImageClassification"],
+        "hidden_size": args.hidden,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "intermediate_size": 4 * args.hidden,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-12,
+        "image_size": 224,
+        "patch_size": 16,
+        "num_channels": 3,
+        "qkv_bias": True,
+        "id2label": id2label,
+        "label2id": {v: int(k) for k, v in id2label.items()},
+        "torch_dtype": "float32",
+    }
     fields = {k: v for k, v in cfg_dict.items() if k not in ("label2id", "torch_dtype")}
     cfg = ViTConfig(**fields | {"id2label": {int(k): v for k, v in id2label.items()}})
     rng = np.random.default_rng(args.seed)
@@ -53,9 +66,17 @@ def main(argv=None):
     prefixed = {(n if n.startswith("classifier") else "vit." + n): a for n, a in tensors.items()}
     write_safetensors(out / "model.safetensors", prefixed, {"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg_dict, indent=2))
-    preprocessor = {"do_resize": True, "size": {"height": 224, "width": 224}, "resample": 2, "do_rescale": True,
-                    "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
-                    "image_std": [0.5, 0.5, 0.5], "image_processor_type": "ViTImageProcessor"}
+    preprocessor = {
+        "do_resize": True,
+        "size": {"height": 224, "width": 224},
+        "resample": 2,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "image_processor_type": "ViTImageProcessor",
+    }
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     print(f"wrote {out} ({sum(a.size for a in tensors.values()) / 1e6:.1f}M parameters)")
 

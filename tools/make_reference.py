@@ -9,6 +9,7 @@ not pull a CUDA build), then run from the repo root:
 
 Outputs are deterministic for a given torch/transformers version; the versions are written into each fixture.
 """
+
 import json
 import shutil
 import sys
@@ -73,15 +74,30 @@ def opt_reference(folder, ids):
         model.generation_config.eos_token_id = None  # all 20 tokens, even past an EOS
         greedy = model.generate(prompt, max_new_tokens=20, do_sample=False)[0, len(ids) :]
         greedy_rep = model.generate(prompt, max_new_tokens=20, do_sample=False, repetition_penalty=1.3)[0, len(ids) :]
-    return {"input_ids": np.array(ids), "logits": logits, "greedy": greedy.numpy(), "greedy_eos": greedy_eos.numpy(),
-            "greedy_rep1.3": greedy_rep.numpy()}
+    return {
+        "input_ids": np.array(ids),
+        "logits": logits,
+        "greedy": greedy.numpy(),
+        "greedy_eos": greedy_eos.numpy(),
+        "greedy_rep1.3": greedy_rep.numpy(),
+    }
 
 
 def make_opt(name, seed, dtype=torch.float32, layout="save_pretrained", shard=None, config_key="dtype", **cfg):
     folder = OUT / name
     shutil.rmtree(folder, ignore_errors=True)
-    base = dict(vocab_size=384, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=64,
-                max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    base = dict(
+        vocab_size=384,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        ffn_dim=64,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
+    )
     base.update(cfg)
     torch.manual_seed(seed)
     model = randomize(OPTForCausalLM(OPTConfig(**base)), seed).eval()
@@ -106,8 +122,15 @@ def make_opt(name, seed, dtype=torch.float32, layout="save_pretrained", shard=No
 def make_vit(name, seed, cls, dtype=torch.float32, processor=False, pool=True, **cfg):
     folder = OUT / name
     shutil.rmtree(folder, ignore_errors=True)
-    base = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
-                patch_size=8, num_channels=3)  # fmt: skip
+    base = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+    )
     base.update(cfg)
     torch.manual_seed(seed)
     extra = {} if cls is ViTForImageClassification else {"add_pooling_layer": pool}
@@ -123,8 +146,9 @@ def make_vit(name, seed, cls, dtype=torch.float32, processor=False, pool=True, *
         proc = ViTImageProcessor(size={"height": 32, "width": 32}, do_convert_rgb=True)
         proc.save_pretrained(folder)
         photos = ["chelsea.png", "brick.png", "rocket.jpg"]
-        photo_pixels = np.concatenate([proc(images=Image.open(SHARED / "images" / p),
-                                            return_tensors="np")["pixel_values"] for p in photos])
+        photo_pixels = np.concatenate(
+            [proc(images=Image.open(SHARED / "images" / p), return_tensors="np")["pixel_values"] for p in photos]
+        )
         ref["photo_pixels"], ref["photos"] = photo_pixels, np.array(photos)
         pixels = np.concatenate([pixels, photo_pixels])
     with torch.no_grad():
@@ -144,8 +168,13 @@ def make_tokenizer_reference(n_lines=400):
     tok = AutoTokenizer.from_pretrained(SHARED / "opt-tokenizer")
     lines = (SHARED / "wikitext-2" / "test.txt").read_text(encoding="utf-8").split("\n")
     picked = [i for i, line in enumerate(lines) if line.strip()][:n_lines]
-    extra = ["Hello world", "a </s> b <pad> <unk> <s>", "  leading spaces",
-             "naïve café — “quotes” 日本語 🙂", "line\nbreak\ttab"]
+    extra = [
+        "Hello world",
+        "a </s> b <pad> <unk> <s>",
+        "  leading spaces",
+        "naïve café — “quotes” 日本語 🙂",
+        "line\nbreak\ttab",
+    ]
     ref = {
         "tokenizer": type(tok).__name__,
         "versions": VERSIONS,
@@ -165,13 +194,26 @@ def main():
     make_opt("opt-pre", 1)
     make_opt("opt-fp16-sharded", 2, dtype=torch.float16, shard="40KB", config_key="torch_dtype")
     make_opt("opt-bf16-hub", 3, dtype=torch.bfloat16, layout="hub_with_lm_head", config_key="torch_dtype")
-    make_opt("opt-350m-style", 4, layout="hub", config_key="torch_dtype", do_layer_norm_before=False,
-             word_embed_proj_dim=16, hidden_size=32)  # fmt: skip
+    make_opt(
+        "opt-350m-style",
+        4,
+        layout="hub",
+        config_key="torch_dtype",
+        do_layer_norm_before=False,
+        word_embed_proj_dim=16,
+        hidden_size=32,
+    )
     make_opt("opt-nobias-gelu", 5, enable_bias=False, activation_function="gelu")
     make_opt("opt-hub-bin", 6, layout="hub_bin", config_key="torch_dtype")
     id2label = {i: f"class_{i}" for i in range(5)}
-    make_vit("vit-cls", 7, ViTForImageClassification, processor=True, id2label=id2label,
-             label2id={v: k for k, v in id2label.items()})  # fmt: skip
+    make_vit(
+        "vit-cls",
+        7,
+        ViTForImageClassification,
+        processor=True,
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+    )
     make_vit("vit-model-bf16", 8, ViTModel, dtype=torch.bfloat16, qkv_bias=False, layer_norm_eps=1e-6)
     make_vit("vit-model-nopool", 9, ViTModel, pool=False)
     make_tokenizer_reference()

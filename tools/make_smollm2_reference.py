@@ -4,6 +4,7 @@ entries (its top 256 and 256 random ones), and 20 greedy tokens. Stored small in
 
 Dev-only (torch, transformers, gguf, accelerate): python tools/make_smollm2_reference.py
 """
+
 import sys
 import importlib.util
 from pathlib import Path
@@ -29,8 +30,11 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
     rng = np.random.default_rng(0)
-    ref = {"prompts": np.array(PROMPTS), "version_torch": torch.__version__,
-           "version_transformers": transformers.__version__}
+    ref = {
+        "prompts": np.array(PROMPTS),
+        "version_torch": torch.__version__,
+        "version_transformers": transformers.__version__,
+    }
     for i, text in enumerate(PROMPTS):
         ids = tok(text, add_special_tokens=False).input_ids
         with torch.no_grad():
@@ -38,8 +42,15 @@ def main():
             greedy = model.generate(torch.tensor(ids)[None], max_new_tokens=20, do_sample=False)[0, len(ids) :].numpy()
         top = np.argsort(-logits)[:256]
         index = np.concatenate([top, rng.choice(np.setdiff1d(np.arange(logits.size), top), 256, replace=False)])
-        ref.update({f"ids_{i}": np.array(ids), f"index_{i}": index, f"logits_{i}": logits[index],
-                    f"max_{i}": np.abs(logits).max(), f"greedy_{i}": greedy})  # fmt: skip
+        ref.update(
+            {
+                f"ids_{i}": np.array(ids),
+                f"index_{i}": index,
+                f"logits_{i}": logits[index],
+                f"max_{i}": np.abs(logits).max(),
+                f"greedy_{i}": greedy,
+            }
+        )
         print(f"{text!r}: {ids} -> {tok.decode(greedy)!r}")
     np.savez(OUT, **ref)
     print(f"{OUT}: {OUT.stat().st_size} bytes")

@@ -9,6 +9,7 @@ Dev-only: needs torch, which the package and its tests never import. Re-runnable
 
     python tools/make_stream_fixtures.py      # with a Python that has torch
 """
+
 import json
 import shutil
 from pathlib import Path

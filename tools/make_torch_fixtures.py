@@ -9,6 +9,7 @@ Every fixture is checked against torch itself: the good files load in torch to t
 hostile file really does run its payload under `torch.load(weights_only=False)`, so the tests that refuse them
 refuse something live.
 """
+
 import io
 import json
 import os
@@ -27,7 +28,6 @@ from torch import nn
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "torch_bin"
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
-
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Each `train-router` report already holds the router's perplexity and the oracle'
 router's mean depth (interpolated, see oracle.at_depth); this prints them as one table. The figure adds the
 oracle's and the baselines' whole curves from `simulate` on the same 32 held-out sequences.
 """
+
 import argparse
 import json
 import sys
@@ -27,22 +28,32 @@ def main(argv=None):
     p.add_argument("--rules", default="drop", help="the oracle's curves to draw from simulate.json (default: drop)")
     p.add_argument("--ymax", type=float, default=None, help="cut the perplexity axis off here (default: none)")
     args = p.parse_args(argv)
-    reports = sorted((json.loads(f.read_text()) for f in Path(args.routers).glob("*/train_router.json")),
-                     key=lambda r: r["config"]["tau"])
+    reports = sorted(
+        (json.loads(f.read_text()) for f in Path(args.routers).glob("*/train_router.json")),
+        key=lambda r: r["config"]["tau"],
+    )
     if not reports:
         sys.exit(f"error: no */train_router.json under {args.routers}")
-    print("| tau | decisions right: oracle's states / own states | whole routes: oracle's / own | blocks/token "
-          "| router ppl | oracle | static, lowest-ratio | static, early exit |")
+    print(
+        "| tau | decisions right: oracle's states / own states | whole routes: oracle's / own | blocks/token "
+        "| router ppl | oracle | static, lowest-ratio | static, early exit |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     points = {}
     for rep in reports:
         tau, at = rep["config"]["tau"], rep["at_router_depth"]
         acc, own = rep["accuracy_test"], rep["agreement_own_states"]
         depth = rep["runs"]["router"]["mean_depth"]
-        cells = [f"{tau:.2f}", f"{acc['decision']:.1%} / {own['move']:.1%}", f"{acc['route']:.1%} / {own['route']:.1%}",
-                 f"{depth:.2f}", f"**{at['router']:.1f}**"]
-        cells += ["-" if at[k] is None else f"{at[k]:.1f}"
-                  for k in ("oracle", "static lowest-ratio", "static early exit")]
+        cells = [
+            f"{tau:.2f}",
+            f"{acc['decision']:.1%} / {own['move']:.1%}",
+            f"{acc['route']:.1%} / {own['route']:.1%}",
+            f"{depth:.2f}",
+            f"**{at['router']:.1f}**",
+        ]
+        cells += [
+            "-" if at[k] is None else f"{at[k]:.1f}" for k in ("oracle", "static lowest-ratio", "static early exit")
+        ]
         print("| " + " | ".join(cells) + " |")
         points.setdefault("router", ([], []))
         points["router"][0].append(depth)

@@ -5,6 +5,7 @@ on the same packed sequences; and the first token's residual ratios and residual
 
     python tools/sink_oracle.py --model <model folder or .gguf> --taus 0.05,0.1,0.15 --max-sequences 8
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -57,18 +58,24 @@ def main(argv=None):
     ratios, stream = full.ratios.reshape(len(seqs), T, -1), norms.rows().reshape(len(seqs), T, -1)
     for name, sel in (("first token", np.s_[:, 0]), ("other tokens", np.s_[:, 1:])):
         r, n = ratios[sel], stream[sel]
-        print(f"{name:<13} median ratio {np.median(r):.3f} (att {np.median(r[..., 0::2]):.3f}, ffn "
-              f"{np.median(r[..., 1::2]):.3f}); median norm of the stream entering blocks 2..: "
-              f"{np.median(n[..., 2:]):,.0f}")
+        print(
+            f"{name:<13} median ratio {np.median(r):.3f} (att {np.median(r[..., 0::2]):.3f}, ffn "
+            f"{np.median(r[..., 1::2]):.3f}); median norm of the stream entering blocks 2..: "
+            f"{np.median(n[..., 2:]):,.0f}"
+        )
     print(f"sequential perplexity {full.ppl:.3f}\n")
-    print(f"{'rule':<6}{'tau':>6}{'oracle ppl':>12}{'depth':>8}{'first token':>13}   "
-          f"{'first token runs all: ppl':>26}{'depth':>8}")
+    print(
+        f"{'rule':<6}{'tau':>6}{'oracle ppl':>12}{'depth':>8}{'first token':>13}   "
+        f"{'first token runs all: ppl':>26}{'depth':>8}"
+    )
     for rule in args.kv_rule.split(","):
         for tau in map(float, args.taus.split(",")):
             plain = oracle.simulate(model, seqs, oracle.threshold(tau), rule)
             sink = oracle.simulate(model, seqs, first_token_runs_all(tau), rule)
-            print(f"{rule:<6}{tau:6.3f}{plain.ppl:12.3f}{plain.depth.mean():8.2f}"
-                  f"{plain.keep[:, 0].sum(-1).mean():8.1f} run   {sink.ppl:26.3f}{sink.depth.mean():8.2f}")
+            print(
+                f"{rule:<6}{tau:6.3f}{plain.ppl:12.3f}{plain.depth.mean():8.2f}"
+                f"{plain.keep[:, 0].sum(-1).mean():8.1f} run   {sink.ppl:26.3f}{sink.depth.mean():8.2f}"
+            )
 
 
 if __name__ == "__main__":

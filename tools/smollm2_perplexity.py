@@ -7,6 +7,7 @@ Dev-only (torch, transformers, gguf, accelerate; /work/devenv has them, and numb
 
     python tools/smollm2_perplexity.py --max-sequences 8
 """
+
 import argparse
 import importlib.util
 import sys
@@ -48,9 +49,11 @@ def main(argv=None):
     default_bos = hf_tok("Hello").input_ids[:1] == [hf_tok.bos_token_id]  # what transformers does by default
     n = min(len(ids), len(hf_ids))
     differ = np.flatnonzero(ids[:n] != hf_ids[:n])
-    print(f"{path.name}: text tokenized to {len(ids):,} ids by radial_min, {len(hf_ids):,} by transformers "
-          f"{transformers.__version__} (no BOS: the file says add_bos_token false; transformers' default adds one: "
-          f"{'yes' if default_bos else 'no'}); {len(differ)} ids differ")
+    print(
+        f"{path.name}: text tokenized to {len(ids):,} ids by radial_min, {len(hf_ids):,} by transformers "
+        f"{transformers.__version__} (no BOS: the file says add_bos_token false; transformers' default adds one: "
+        f"{'yes' if default_bos else 'no'}); {len(differ)} ids differ"
+    )
     for i in differ[:4]:
         ours_, theirs = (hf_tok.convert_ids_to_tokens(a[max(0, i - 2) : i + 3].tolist()) for a in (ids, hf_ids))
         print(f"  at {i:,}: radial_min {ours_} vs transformers {theirs}")
@@ -67,10 +70,13 @@ def main(argv=None):
         t_ours, t_hf = t_ours + t1 - t0, t_hf + time.perf_counter() - t1
         nll_hf.append(oracle.next_token_nll(logits, s))
     nll_ours, nll_hf = np.concatenate(nll_ours), np.concatenate(nll_hf)
-    print(f"{len(seqs)} sequences x {args.seq_len} tokens of WikiText-2 test "
-          f"({nll_ours.size:,} next-token predictions)")
-    print(f"perplexity  radial_min {np.exp(nll_ours.mean()):.4f}   transformers {np.exp(nll_hf.mean()):.4f}   "
-          f"max |NLL difference| {np.abs(nll_ours - nll_hf).max():.2e} nats")
+    print(
+        f"{len(seqs)} sequences x {args.seq_len} tokens of WikiText-2 test ({nll_ours.size:,} next-token predictions)"
+    )
+    print(
+        f"perplexity  radial_min {np.exp(nll_ours.mean()):.4f}   transformers {np.exp(nll_hf.mean()):.4f}   "
+        f"max |NLL difference| {np.abs(nll_ours - nll_hf).max():.2e} nats"
+    )
     print(f"(forward time, interleaved, machine shared: radial_min {t_ours:.1f} s, transformers {t_hf:.1f} s)")
     return 0
 

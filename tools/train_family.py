@@ -10,6 +10,7 @@ Budget rule: every size gets the same 600 steps of 16 x 256 tokens (2.5M tokens)
 the same optimizer settings; only width, depth and heads change. Models go to weights/family/opt-<E>x<L>/
 (seed 0, shipped); another --seed changes the initialisation and the batches and goes under runs/family-seed<N>/.
 """
+
 import argparse
 import json
 import subprocess
@@ -33,17 +34,43 @@ def train(E, L, H, runs: Path, weights: Path, seed: int):
     out = weights / name(E, L)
     if (out / "model.safetensors").is_file():
         return out
-    cmd = [sys.executable, str(ROOT / "cli.py"), "train", "--out", str(runs / name(E, L)), "--export", str(out),
-           "--hidden-size", str(E), "--layers", str(L), "--heads", str(H), "--steps", str(STEPS), "--warmup", "30",
-           "--seed", str(seed)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "train",
+        "--out",
+        str(runs / name(E, L)),
+        "--export",
+        str(out),
+        "--hidden-size",
+        str(E),
+        "--layers",
+        str(L),
+        "--heads",
+        str(H),
+        "--steps",
+        str(STEPS),
+        "--warmup",
+        "30",
+        "--seed",
+        str(seed),
+    ]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     return out
 
 
 def profile(folders, out: Path, max_sequences):
-    cmd = [sys.executable, str(ROOT / "cli.py"), "profile", "--out", str(out), "--max-sequences", str(max_sequences),
-           "--overwrite"]  # this tool regenerates its own report
+    cmd = [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "profile",
+        "--out",
+        str(out),
+        "--max-sequences",
+        str(max_sequences),
+        "--overwrite",
+    ]  # this tool regenerates its own report
     for f in folders:
         cmd += ["--model", str(f)]
     print("$", " ".join(cmd[1:]), flush=True)
@@ -55,14 +82,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="init and batch seed (default: 0, the shipped family)")
     p.add_argument("--runs", default=None, help="training runs (default: runs/family, or runs/family-seed<N>/runs)")
-    p.add_argument("--weights", default=None,
-                   help="exported models (default: weights/family, or runs/family-seed<N>/weights)")
-    p.add_argument("--profile-out", default=None,
-                   help="profile and family.json (default: runs/family-profile, or runs/family-seed<N>/profile)")
+    p.add_argument(
+        "--weights", default=None, help="exported models (default: weights/family, or runs/family-seed<N>/weights)"
+    )
+    p.add_argument(
+        "--profile-out",
+        default=None,
+        help="profile and family.json (default: runs/family-profile, or runs/family-seed<N>/profile)",
+    )
     p.add_argument("--max-sequences", type=int, default=400, help="WikiText-2 test sequences to profile")
     p.add_argument("--report-only", action="store_true")
-    p.add_argument("--sizes", default=",".join(name(E, L)[4:] for E, L, _ in SIZES),
-                   help="which sizes, as WIDTHxLAYERS (default: all four)")
+    p.add_argument(
+        "--sizes",
+        default=",".join(name(E, L)[4:] for E, L, _ in SIZES),
+        help="which sizes, as WIDTHxLAYERS (default: all four)",
+    )
     args = p.parse_args(argv)
     sizes = [s for s in SIZES if name(s[0], s[1])[4:] in args.sizes.split(",")]
     if not sizes:
@@ -71,8 +105,9 @@ def main(argv=None):
     runs = Path(args.runs or (ROOT / "runs" / "family" if args.seed == 0 else home / "runs"))
     weights = Path(args.weights or (ROOT / "weights" / "family" if args.seed == 0 else home / "weights"))
     args.profile_out = args.profile_out or str(ROOT / "runs" / "family-profile" if args.seed == 0 else home / "profile")
-    folders = [weights / name(E, L) if args.report_only else train(E, L, H, runs, weights, args.seed)
-               for E, L, H in sizes]
+    folders = [
+        weights / name(E, L) if args.report_only else train(E, L, H, runs, weights, args.seed) for E, L, H in sizes
+    ]
     summary = profile(folders, Path(args.profile_out), args.max_sequences)
     rows = []
     for (E, L, H), folder in zip(sizes, folders):
@@ -80,16 +115,29 @@ def main(argv=None):
         report = runs / folder.name / "report.json"
         rep = json.loads(report.read_text()) if report.is_file() else {}
         n_params = radial_min.load(folder).n_params
-        rows.append({"model": folder.name, "width": E, "layers": L, "blocks": 2 * L, "params": n_params,
-                     "median_ratio": s["overall"]["median"], "median_att": s["types"]["att"]["median"],
-                     "median_ffn": s["types"]["ffn"]["median"],
-                     "ppl_wiki": rep.get("wiki", {}).get("model"), "ppl_kjv": rep.get("kjv", {}).get("model")})
-    print(f"\n{'model':<12}{'params':>10}{'blocks':>8}{'median r':>10}{'att':>8}{'ffn':>8}{'ppl wiki':>10}"
-          f"{'ppl kjv':>9}")
+        rows.append(
+            {
+                "model": folder.name,
+                "width": E,
+                "layers": L,
+                "blocks": 2 * L,
+                "params": n_params,
+                "median_ratio": s["overall"]["median"],
+                "median_att": s["types"]["att"]["median"],
+                "median_ffn": s["types"]["ffn"]["median"],
+                "ppl_wiki": rep.get("wiki", {}).get("model"),
+                "ppl_kjv": rep.get("kjv", {}).get("model"),
+            }
+        )
+    print(
+        f"\n{'model':<12}{'params':>10}{'blocks':>8}{'median r':>10}{'att':>8}{'ffn':>8}{'ppl wiki':>10}{'ppl kjv':>9}"
+    )
     for r in rows:
         ppl = [float("nan") if r[k] is None else r[k] for k in ("ppl_wiki", "ppl_kjv")]
-        print(f"{r['model']:<12}{r['params']:>10,}{r['blocks']:>8}{r['median_ratio']:10.3f}{r['median_att']:8.3f}"
-              f"{r['median_ffn']:8.3f}{ppl[0]:10.1f}{ppl[1]:9.1f}")
+        print(
+            f"{r['model']:<12}{r['params']:>10,}{r['blocks']:>8}{r['median_ratio']:10.3f}{r['median_att']:8.3f}"
+            f"{r['median_ffn']:8.3f}{ppl[0]:10.1f}{ppl[1]:9.1f}"
+        )
     Path(args.profile_out, "family.json").write_text(json.dumps(rows, indent=2))
 
 
