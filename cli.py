@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import radial_min
-from radial_min import data, images, kernels, layer_major, oracle, plots, profiling, progress, stream
+from radial_min import data, images, kernels, layer_major, memory, oracle, plots, profiling, progress, stream
 from radial_min import router as R
 from radial_min import train as tr
 from radial_min.cache import POLICIES
@@ -385,7 +385,7 @@ def _radial_settings(args) -> dict:
 def check_train_settings(cfg):
     """Every setting `train` would trip over later, checked before any work: one error naming the option."""
     problems = []
-    need, avail = _training_bytes(cfg), stream.available_bytes()
+    need, avail = _training_bytes(cfg), memory.available_bytes()
     if need > avail:
         problems.append(
             f"--hidden-size {cfg.hidden_size} --layers {cfg.num_hidden_layers} --ffn-dim {cfg.ffn_dim} "
@@ -559,7 +559,7 @@ def _load_maybe_streamed(source, want_stream: bool, kind: str, state_dir: Path):
     automatically when the whole model would not fit in the memory available, else loaded whole. A checkpoint
     that cannot be streamed is loaded whole if it fits. `state_dir` (with {} for the model's name) is where a
     streamed run checkpoints, so that running the command again resumes it."""
-    need, avail = stream.model_bytes(source), stream.available_bytes()
+    need, avail = stream.model_bytes(source), memory.available_bytes()
     if not want_stream and need <= avail:
         return _load(source, kind)
     why = (
@@ -590,7 +590,7 @@ def _memory_report(models, extra=""):
     two = max(sum(sorted(m.block_bytes(b) for b in range(len(m.blocks)))[-2:]) for m, _ in models)
     states = max(n_tokens * m.config.hidden_size * 4 for m, n_tokens in models)
     return (
-        f"peak memory (VmHWM) {stream.peak_rss_bytes() / 2**20:,.0f} MiB; two largest blocks "
+        f"peak memory (VmHWM) {memory.peak_rss_bytes() / 2**20:,.0f} MiB; two largest blocks "
         f"{two / 2**20:,.1f} MiB as float32, hidden states {states / 2**20:,.1f} MiB{extra}"
     )
 

@@ -238,7 +238,7 @@ def attention_backward_fast(dy, cache):
 # One level up, the residual blocks of blocks.py, each forward beside its backward and mirroring it op by op, in
 # the same three pieces as blocks.Block: the branch's input side, the branch, the residual join (where pre- and
 # post-LN differ, and where a Radial Network's gate scales the branch). `w` holds one block's weights under short
-# names (see train.block_weights); a backward returns dx and the gradients under the same names. `attention` is a
+# names (see opt_backprop.block_weights); a backward returns dx and the gradients under the same names. `attention` is a
 # (forward, backward) pair: NumPy (any dtype) or Numba (float32).
 
 ATTENTION_NUMPY = (attention_forward, attention_backward)

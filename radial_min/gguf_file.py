@@ -1,5 +1,6 @@
 """GGUF files (llama.cpp's format) through the optional `gguf` package: the config from the file's metadata, every
-tensor dequantized to float32 at load, and the tokenizer from its `tokenizer.ggml.*` fields.
+tensor dequantized to float32 when read, and the tokenizer from its `tokenizer.ggml.*` fields. `loading.open_gguf`
+checks a file's tensors against its config, as for a Hugging Face folder.
 
 Two things differ from a Hugging Face checkpoint. Names: `blk.3.attn_q.weight` is `layers.3.self_attn.q_proj.weight`.
 Layout: for Llama, llama.cpp's converter permutes the rows of the q and k weights (each head's rotary pairs
@@ -7,7 +8,6 @@ interleaved rather than split in halves); `_unpermute` puts them back, as transf
 rotary already pairs the halves (llama.cpp's NEOX mode), so its q and k are stored as they are.
 """
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -161,43 +161,8 @@ class GGUFStore:
         return _unpermute(w, self.heads[kind]) if kind in self.heads else w
 
 
-def open_gguf(path):
-    """(config, store, names): a .gguf file opened and its tensors checked against the config, nothing dequantized
-    yet; `names` maps transformers' tensor names to the file's."""
-    from . import llama
-    from .config import config_from_dict
-    from .loading import _match
-
-    reader = open_reader(path)
-    cfg = config_from_dict(config_dict(reader), f"{path} (metadata)")
-    store = GGUFStore(reader, cfg.num_attention_heads, cfg.num_key_value_heads, permuted=cfg.model_type == "llama")
-    renamed = _Renamed(store)
-    return cfg, store, {ours: renamed.gguf[theirs] for ours, theirs in _match(renamed, cfg, llama).items()}
-
-
-def load_gguf(path, weights_dtype: str = "float32"):
-    """A Llama/Qwen2 model from a .gguf file, every tensor dequantized to float32 (then stored as asked)."""
-    from . import llama
-    from .kernels import to_storage
-    from .loading import _is_matrix
-
-    cfg, store, store_names = open_gguf(path)
-    tensors = {}
-    for ours, theirs in store_names.items():
-        a = store.read(theirs)
-        tensors[ours] = to_storage(a, weights_dtype) if _is_matrix(ours, a.ndim) else a
-    n_params = sum(a.size for a in tensors.values())  # before Llama consumes the q/k/v tensors
-    model = llama.Llama(cfg, tensors)
-    model.path = Path(path)
-    model.dtypes_on_disk = Counter(store.dtype(theirs) for theirs in store_names.values())
-    model.n_params = n_params
-    model.weights_dtype = weights_dtype
-    model.file_type = field(store.reader, "general.file_type")
-    return model
-
-
-class _Renamed:
-    """The store as loading._match sees it: under transformers' names, so one check serves both formats."""
+class Renamed:
+    """The store as loading checks it: under transformers' names, so one check serves both formats."""
 
     def __init__(self, store):
         self.store, self.description, self.float_types = store, store.description, store.float_types

@@ -3,8 +3,9 @@
 The in-memory path runs sequence by sequence, every block in turn. Profiling, the oracle and the router's labels
 only ever need one block at a time, so here the loops are swapped: every sequence is embedded first, then for
 each block its weights are read, the block runs over all sequences' hidden states, and the weights are dropped
-before the next block is read. The per-sequence steps are the in-memory path's own (`blocks.run_block`,
-`oracle.decide_block`), so every number is identical to it.
+before the next block is read. This module is the loop and its checkpoints; what a pass does to each block sits
+beside its in-memory version (`profiling.ProfilePass`, `oracle.SimulationPass`, `router.LabelPass`) and runs the
+in-memory path's own per-sequence steps (`blocks.run_block`, `oracle.decide_block`), so every number is identical.
 
 Memory: one block's weights at a time, the hidden states [n_seq, T, E] (in two memory-mapped scratch files when
 they would not fit) and what the pass records per token. Resumption: with the model's `state_dir`, the states and
@@ -12,7 +13,6 @@ everything recorded so far are checkpointed atomically after each block, and eac
 interrupted command run again resumes at the block it was in.
 """
 
-import copy
 import hashlib
 import os
 import tempfile
@@ -20,12 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .blocks import Step, run_block
-from .profiling import block_ratio
-from .stream import StreamedModel, available_bytes, drop_pages
+from .memory import available_bytes, drop_pages
 
 
-class _Pass:
+class Pass:
     """What one layer-major pass does besides carrying the hidden states. `arrays` (name -> array) is everything it
     records, checkpointed with the states after each block; `key` names the pass's settings for its checkpoint."""
 
@@ -34,7 +32,7 @@ class _Pass:
 
     def __init__(self, model, sequences, what):
         self.model, self.sequences = model, np.asarray(sequences)
-        self.key = _fingerprint(model, self.sequences, what)
+        self.key = fingerprint(model, self.sequences, what)
         self.arrays = {}
 
     def embedded(self, s, x):
@@ -55,7 +53,7 @@ class _Pass:
         pass
 
 
-def _layer_major(job: _Pass):
+def run(job: Pass):
     """Run `job` block-major: embed every sequence, then for each block read it, run it on every sequence and drop
     it, checkpointing after each block; then the head (if the job wants logits) and `finish`, sequence by sequence.
 
@@ -248,7 +246,7 @@ def clear(state_dir) -> None:
         pass
 
 
-def _fingerprint(model, sequences, what) -> str:
+def fingerprint(model, sequences, what) -> str:
     """A name for one pass: the model's files, the sequences and everything that decides what the pass computes."""
     h = hashlib.sha256(str(model.path.resolve()).encode() + model.signature().encode())
     h.update(np.ascontiguousarray(sequences, np.int64).tobytes())
@@ -284,7 +282,7 @@ def _digest(h, obj, depth):
         h.update(repr(obj).encode())
 
 
-def _describe(decide) -> str:
+def describe(decide) -> str:
     """A short label for a decision rule, for progress bars: `threshold(0.2)`, `static([3, 5])`, `RouterDecisions`."""
     name = getattr(decide, "__qualname__", type(decide).__name__).split(".")[0]
     cells = [c.cell_contents for c in getattr(decide, "__closure__", None) or ()]
@@ -292,173 +290,3 @@ def _describe(decide) -> str:
         repr(sorted(c)) if isinstance(c, (set, frozenset)) else repr(c) for c in cells if not isinstance(c, np.ndarray)
     ]
     return f"{name}({', '.join(shown)})" if cells else name
-
-
-# ------------------------------------------------------------------------------------------------ the passes
-
-
-class _Profile(_Pass):
-    """Residual ratios of every block for every token: rows [n_seq * T, n_blocks]."""
-
-    def __init__(self, model, sequences, kind):
-        super().__init__(model, sequences, ("profile", kind))
-        n_seq, T = self.sequences.shape
-        self.kind, self.T, self.label = kind, T, f"profile ({kind})"
-        self.arrays["ratios"] = np.zeros((n_seq * T, len(model.blocks)))
-        self.rows = None
-
-    def block(self, b, block, s, x, pos):
-        self.rows = slice(s * self.T, (s + 1) * self.T)
-        return run_block(b, block, x, Step(pos), self)
-
-    def __call__(self, i, block, x, f, y):  # the observer of run_block
-        self.arrays["ratios"][self.rows, i] = block_ratio(block, x, f, self.kind)
-
-
-def profile_text(model: StreamedModel, sequences, kind: str = "output") -> np.ndarray:
-    """Ratios of every block for every token, block-major: equal to `profiling.profile_text` on the loaded model.
-    [n_seq, T] ids -> [n_seq * T, n_blocks]."""
-    return _layer_major(_Profile(model, sequences, kind)).arrays["ratios"]
-
-
-class _Simulation(_Pass):
-    """`oracle.simulate`, block-major: each sequence keeps its own copy of a stateful decision rule."""
-
-    head = True
-
-    def __init__(self, model, sequences, decide, kv_rule, kind):
-        from .oracle import KV_RULES
-
-        if kv_rule not in KV_RULES:
-            raise ValueError(f"kv rule must be one of {KV_RULES}, got {kv_rule!r}")
-        super().__init__(model, sequences, ("simulate", kv_rule, kind, decide))
-        n_seq, T = self.sequences.shape
-        n = len(model.blocks)
-        self.kv_rule, self.kind, self.label = kv_rule, kind, f"{_describe(decide)}, {kv_rule}"
-        self.arrays.update(
-            keep=np.zeros((n_seq, T, n), bool), ratios=np.zeros((n_seq, T, n)), nll=np.zeros((n_seq, T - 1))
-        )
-        stateful = getattr(decide, "after", None) is not None
-        self.decide = [copy.copy(decide) if stateful else decide for _ in range(n_seq)]
-
-    def embedded(self, s, x):
-        after = getattr(self.decide[s], "after", None)
-        if after is not None:
-            after(-1, x, None)
-
-    def block(self, b, block, s, x, pos):
-        from .oracle import decide_block
-
-        keep, ratios = self.arrays["keep"][s, :, b], self.arrays["ratios"][s, :, b]
-        y = decide_block(b, block, x, pos, self.decide[s], self.kv_rule, self.kind, keep, ratios)
-        after = getattr(self.decide[s], "after", None)
-        if after is not None:
-            after(b, y, keep)
-        return y
-
-    def finish(self, s, x, logits):
-        from .oracle import next_token_nll
-
-        self.arrays["nll"][s] = next_token_nll(logits, self.sequences[s])
-
-    def state(self):
-        """A stateful rule's state is its array attributes (a RouterDecisions' next block and depth per token)."""
-        return {
-            f"{s}.{k}": v
-            for s, d in enumerate(self.decide)
-            if hasattr(d, "after")
-            for k, v in vars(d).items()
-            if isinstance(v, np.ndarray)
-        }
-
-    def restore(self, saved):
-        for name, v in saved.items():
-            s, attr = name.split(".", 1)
-            setattr(self.decide[int(s)], attr, np.array(v))
-
-
-def simulate(model: StreamedModel, sequences, decide, kv_rule: str = "fill", kind: str = "output"):
-    """`oracle.simulate` with streamed weights: the same Run, block-major."""
-    from .oracle import Run
-
-    a = _layer_major(_Simulation(model, sequences, decide, kv_rule, kind)).arrays
-    return Run(a["keep"], a["ratios"], a["nll"])
-
-
-class _Labels(_Simulation):
-    """The oracle's run plus the states its routes pass through, for `router.oracle_examples`: column 0 is every
-    token's embedding (START), column b + 1 the states after block b of the tokens that ran it, rows in (sequence,
-    token) order. Columns go to files in the state folder as they are made (else they stay in memory)."""
-
-    head = False
-
-    def __init__(self, model, sequences, tau, kv_rule, kind):
-        from .oracle import threshold
-
-        super().__init__(model, sequences, threshold(tau), kv_rule, kind)
-        self.key = _fingerprint(model, self.sequences, ("labels", tau, kv_rule, kind))
-        self.label = f"oracle labels (tau={tau:g}, {kv_rule})"
-        self.columns, self.pending = {}, []
-
-    def embedded(self, s, x):
-        super().embedded(s, x)
-        self.pending.append(np.array(x))
-        if s == len(self.sequences) - 1:
-            self._column(0)
-
-    def block(self, b, block, s, x, pos):
-        y = super().block(b, block, s, x, pos)
-        self.pending.append(y[self.arrays["keep"][s, :, b]])
-        if s == len(self.sequences) - 1:
-            self._column(b + 1)
-        return y
-
-    def _column(self, c):
-        rows, self.pending = np.concatenate(self.pending), []
-        d = self.model.state_dir
-        if d is None:
-            self.columns[c] = rows
-            return
-        path = d / f"labels-{self.key}-{c}.npy"
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                np.save(f, rows)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        self.columns[c] = path
-
-    def column(self, c) -> np.ndarray:
-        got = self.columns.get(c)
-        if got is None:  # made by the interrupted run
-            got = self.model.state_dir / f"labels-{self.key}-{c}.npy"
-        return np.load(got, mmap_mode="r") if isinstance(got, Path) else got
-
-    def finish(self, s, x, logits):
-        pass
-
-
-def oracle_examples(model: StreamedModel, sequences, tau: float, kv_rule: str = "drop", kind: str = "output") -> dict:
-    """`router.oracle_examples` with streamed weights: the same examples in the same order, block-major."""
-    from .router import routes_from_keep
-
-    job = _layer_major(_Labels(model, sequences, tau, kv_rule, kind))
-    keep = job.arrays["keep"]  # [n_seq, T, n]
-    n_seq, T, n = keep.shape
-    out = {"prev": [], "depth": [], "label": [], "token": []}
-    for s in range(n_seq):
-        t_idx, b_idx, prev, depth, label = routes_from_keep(keep[s])
-        out["prev"].append(prev)
-        out["depth"].append(depth)
-        out["label"].append(label)
-        out["token"].append(s * T + t_idx)
-    ex = {k: np.concatenate(v) for k, v in out.items()}
-    mask = np.concatenate([np.ones((n_seq, T, 1), bool), keep], axis=2)  # [n_seq, T, n + 1]: START, kept blocks
-    _, _, c_idx = np.nonzero(mask)  # the order of the in-memory examples: sequence, token, column
-    x = np.empty((len(c_idx), model.config.hidden_size), np.float32)
-    for c in range(n + 1):
-        x[c_idx == c] = job.column(c)
-    ex["x"] = x
-    return {k: ex[k] for k in ("x", "prev", "depth", "label", "token")}

@@ -12,9 +12,9 @@ import numpy as np
 from . import kernels, llama, opt, vit
 from .checkpoint import open_checkpoint, quote
 from .dtypes import check_storage_dtype, to_storage
-from .config import read_config
+from .config import config_from_dict, read_config
 from .errors import CheckpointError, SettingError
-from .gguf_file import is_gguf, load_gguf
+from .gguf_file import GGUFStore, Renamed, config_dict, field, is_gguf, open_reader
 from .hub import resolve
 from .radial import RADIAL_CONFIG, load_radial
 
@@ -35,24 +35,23 @@ def load(source, *, weights_dtype: str = "float32"):
     memory; decode ~1.5x faster at OPT-125M), "int8" in 8 bits with a float32 scale per row (a quarter; see
     dtypes.Int8Matrix); everything is still computed in float32."""
     check_storage_dtype(weights_dtype)  # refuse an unknown dtype before reading anything
-    if is_gguf(source):  # a single llama.cpp file (optional `gguf` package)
-        model = load_gguf(source, weights_dtype)
-        kernels.start()
-        return model
-    folder, cfg, store, names = open_checkpoint_folder(source)
+    gguf = is_gguf(source)  # a single llama.cpp file (optional `gguf` package), else a Hugging Face folder
+    path, cfg, store, names = open_gguf(source) if gguf else open_checkpoint_folder(source)
     check_quantizable(store, names, weights_dtype)
     tensors = {}
     for ours, theirs in names.items():  # one tensor at a time, narrowed as read: peak memory = model + one tensor
         a = read_checked(store, theirs)
         tensors[ours] = to_storage(a, weights_dtype) if _is_matrix(ours, a.ndim) else a
-    n_params = sum(a.size for a in tensors.values())
+    n_params = sum(a.size for a in tensors.values())  # before Llama consumes the q/k/v tensors
     model = ARCHITECTURES[cfg.model_type][1](cfg, tensors)
-    model.path = Path(folder)
+    model.path = Path(path)
     model.dtypes_on_disk = Counter(store.dtype(theirs) for theirs in names.values())
     model.n_params, model.weights_dtype = n_params, weights_dtype
+    if gguf:
+        model.file_type = field(store.reader, "general.file_type")  # llama.cpp's name for the quantization mix
     kernels.start()
-    if (Path(folder) / RADIAL_CONFIG).is_file():  # a network co-trained with its router: routed by default
-        return load_radial(model, folder)
+    if not gguf and (Path(path) / RADIAL_CONFIG).is_file():  # a network co-trained with its router: routed
+        return load_radial(model, path)
     return model
 
 
@@ -63,6 +62,16 @@ def open_checkpoint_folder(source):
     cfg = read_config(folder)
     store = open_checkpoint(folder)
     return folder, cfg, store, _match(store, cfg, ARCHITECTURES[cfg.model_type][0])
+
+
+def open_gguf(path):
+    """(path, config, store, names): a .gguf file opened and its tensors checked against the config from its
+    metadata, nothing dequantized yet; `names` maps transformers' tensor names to the file's."""
+    reader = open_reader(path)
+    cfg = config_from_dict(config_dict(reader), f"{path} (metadata)")
+    store = GGUFStore(reader, cfg.num_attention_heads, cfg.num_key_value_heads, permuted=cfg.model_type == "llama")
+    renamed = Renamed(store)
+    return path, cfg, store, {ours: renamed.gguf[theirs] for ours, theirs in _match(renamed, cfg, llama).items()}
 
 
 def read_checked(store, theirs) -> np.ndarray:

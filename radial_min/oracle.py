@@ -11,10 +11,12 @@ at that layer? Two rules, both reported:
 The paper's oracle only counts skipped compute; here every setting is also scored by perplexity.
 """
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import layer_major
 from .blocks import AttentionBlock, Step, begin
 from .profiling import block_ratio
 
@@ -118,9 +120,8 @@ def decide_block(b, block, x, pos, decide, kv_rule, kind, keep, ratios, observe=
 def simulate(model, sequences, decide, kv_rule: str = "fill", kind: str = "output", progress=None) -> Run:
     """Run every packed sequence [n_seq, T] under `decide`, scoring the next-token likelihood."""
     if getattr(model, "layer_major", False):  # weights streamed block by block (stream.py): the same Run
-        from .layer_major import simulate as streamed
-
-        return streamed(model, sequences, decide, kv_rule, kind)
+        a = layer_major.run(SimulationPass(model, sequences, decide, kv_rule, kind)).arrays
+        return Run(a["keep"], a["ratios"], a["nll"])
     keeps, ratios, nlls = [], [], []
     for ids in sequences if progress is None else progress(sequences):
         logits, keep, r = run_sequence(model, ids, decide, kv_rule, kind)
@@ -128,6 +129,56 @@ def simulate(model, sequences, decide, kv_rule: str = "fill", kind: str = "outpu
         ratios.append(r)
         nlls.append(next_token_nll(logits, ids))
     return Run(np.stack(keeps), np.stack(ratios), np.stack(nlls))
+
+
+class SimulationPass(layer_major.Pass):
+    """`simulate` block-major (a streamed model): each sequence keeps its own copy of a stateful decision rule."""
+
+    head = True
+
+    def __init__(self, model, sequences, decide, kv_rule, kind):
+        if kv_rule not in KV_RULES:
+            raise ValueError(f"kv rule must be one of {KV_RULES}, got {kv_rule!r}")
+        super().__init__(model, sequences, ("simulate", kv_rule, kind, decide))
+        n_seq, T = self.sequences.shape
+        n = len(model.blocks)
+        self.kv_rule, self.kind, self.label = kv_rule, kind, f"{layer_major.describe(decide)}, {kv_rule}"
+        self.arrays.update(
+            keep=np.zeros((n_seq, T, n), bool), ratios=np.zeros((n_seq, T, n)), nll=np.zeros((n_seq, T - 1))
+        )
+        stateful = getattr(decide, "after", None) is not None
+        self.decide = [copy.copy(decide) if stateful else decide for _ in range(n_seq)]
+
+    def embedded(self, s, x):
+        after = getattr(self.decide[s], "after", None)
+        if after is not None:
+            after(-1, x, None)
+
+    def block(self, b, block, s, x, pos):
+        keep, ratios = self.arrays["keep"][s, :, b], self.arrays["ratios"][s, :, b]
+        y = decide_block(b, block, x, pos, self.decide[s], self.kv_rule, self.kind, keep, ratios)
+        after = getattr(self.decide[s], "after", None)
+        if after is not None:
+            after(b, y, keep)
+        return y
+
+    def finish(self, s, x, logits):
+        self.arrays["nll"][s] = next_token_nll(logits, self.sequences[s])
+
+    def state(self):
+        """A stateful rule's state is its array attributes (a RouterDecisions' next block and depth per token)."""
+        return {
+            f"{s}.{k}": v
+            for s, d in enumerate(self.decide)
+            if hasattr(d, "after")
+            for k, v in vars(d).items()
+            if isinstance(v, np.ndarray)
+        }
+
+    def restore(self, saved):
+        for name, v in saved.items():
+            s, attr = name.split(".", 1)
+            setattr(self.decide[int(s)], attr, np.array(v))
 
 
 def threshold(tau: float):

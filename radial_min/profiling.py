@@ -15,6 +15,9 @@ Profiling hooks into the model's `observe` callback, which costs nothing when it
 
 import numpy as np
 
+from . import layer_major
+from .blocks import Step, run_block
+
 KINDS = ("output", "sum")
 
 
@@ -62,13 +65,30 @@ def block_names(model) -> list[str]:
 def profile_text(model, sequences, kind: str = "output", progress=None) -> np.ndarray:
     """Ratios of every block for every token of packed sequences (teacher forcing): [n_seq * T, n_blocks]."""
     if getattr(model, "layer_major", False):  # weights streamed block by block (stream.py): the same ratios
-        from .layer_major import profile_text as streamed
-
-        return streamed(model, sequences, kind)
+        return layer_major.run(ProfilePass(model, sequences, kind)).arrays["ratios"]
     rec = RatioRecorder(len(model.blocks), kind)
     for seq in sequences if progress is None else progress(sequences):
         model.forward(seq, observe=rec)
     return rec.rows()
+
+
+class ProfilePass(layer_major.Pass):
+    """`profile_text` block-major (a streamed model): the ratios of every block for every token,
+    rows [n_seq * T, n_blocks]."""
+
+    def __init__(self, model, sequences, kind):
+        super().__init__(model, sequences, ("profile", kind))
+        n_seq, T = self.sequences.shape
+        self.kind, self.T, self.label = kind, T, f"profile ({kind})"
+        self.arrays["ratios"] = np.zeros((n_seq * T, len(model.blocks)))
+        self.rows = None
+
+    def block(self, b, block, s, x, pos):
+        self.rows = slice(s * self.T, (s + 1) * self.T)
+        return run_block(b, block, x, Step(pos), self)
+
+    def __call__(self, i, block, x, f, y):  # the observer of run_block
+        self.arrays["ratios"][self.rows, i] = block_ratio(block, x, f, self.kind)
 
 
 def profile_generation(model, prompts, max_new_tokens: int, kind: str = "output", progress=None):

@@ -42,8 +42,8 @@ from . import kernels
 from . import router as R
 from .cache import POLICIES, step_encoding
 from .config import OPTConfig
-from .train import block_weights, blocks_of, embed_backward, embed_forward, head_backward, head_forward
-from .train import store_block_grads
+from .opt_backprop import block_weights, blocks_of, embed_backward, embed_forward, head_backward, head_forward
+from .opt_backprop import store_block_grads
 
 SCHEDULES = ("token", "step", "block")
 

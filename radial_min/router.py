@@ -12,6 +12,7 @@ with forward/backward pairs from `backprop` and AdamW from `optim`; no autograd.
 """
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from .checkpoint import SafetensorsFile, write_safetensors
 from .errors import CheckpointError
 from .kernels import mean_rstd
 from .config import check_field
-from .oracle import Decisions
+from . import layer_major
+from .oracle import Decisions, SimulationPass, run_sequence, threshold
 from .outputs import write_json
 
 NEG = -1e9  # logit of a forbidden move: exp underflows to exactly 0, without the NaN that -inf - (-inf) gives
@@ -297,12 +299,8 @@ class _Recorder(Decisions):
 def oracle_examples(model, sequences, tau: float, kv_rule: str = "drop", kind: str = "output", progress=None) -> dict:
     """The oracle's routes as router training examples: at the start and after each block a token runs, the
     state it has then, the block it came from, its depth so far, and the oracle's next block (or EXIT)."""
-    from .oracle import run_sequence, threshold
-
     if getattr(model, "layer_major", False):  # weights streamed block by block: the same examples, loops swapped
-        from .layer_major import oracle_examples as streamed
-
-        return streamed(model, sequences, tau, kv_rule, kind)
+        return _streamed_examples(model, sequences, tau, kv_rule, kind)
     out = {"x": [], "prev": [], "depth": [], "label": [], "token": []}
     base = 0
     for ids in sequences if progress is None else progress(sequences):
@@ -329,6 +327,81 @@ def routes_from_keep(keep):
     t_idx, b_idx = np.nonzero(np.concatenate([np.ones((T, 1), bool), keep], axis=1))  # START, then kept blocks
     depth = np.cumsum(np.concatenate([np.zeros((T, 1), int), keep], axis=1), axis=1)[t_idx, b_idx]
     return t_idx, b_idx, b_idx - 1, depth, nxt[t_idx, b_idx]  # prev = b_idx - 1: -1 is START
+
+
+class LabelPass(SimulationPass):
+    """The oracle's run block-major (a streamed model) plus the states its routes pass through: column 0 is every
+    token's embedding (START), column b + 1 the states after block b of the tokens that ran it, rows in (sequence,
+    token) order. Columns go to files in the state folder as they are made (else they stay in memory)."""
+
+    head = False
+
+    def __init__(self, model, sequences, tau, kv_rule, kind):
+        super().__init__(model, sequences, threshold(tau), kv_rule, kind)
+        self.key = layer_major.fingerprint(model, self.sequences, ("labels", tau, kv_rule, kind))
+        self.label = f"oracle labels (tau={tau:g}, {kv_rule})"
+        self.columns, self.pending = {}, []
+
+    def embedded(self, s, x):
+        super().embedded(s, x)
+        self.pending.append(np.array(x))
+        if s == len(self.sequences) - 1:
+            self._column(0)
+
+    def block(self, b, block, s, x, pos):
+        y = super().block(b, block, s, x, pos)
+        self.pending.append(y[self.arrays["keep"][s, :, b]])
+        if s == len(self.sequences) - 1:
+            self._column(b + 1)
+        return y
+
+    def _column(self, c):
+        rows, self.pending = np.concatenate(self.pending), []
+        d = self.model.state_dir
+        if d is None:
+            self.columns[c] = rows
+            return
+        path = d / f"labels-{self.key}-{c}.npy"
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, rows)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.columns[c] = path
+
+    def column(self, c) -> np.ndarray:
+        got = self.columns.get(c)
+        if got is None:  # made by the interrupted run
+            got = self.model.state_dir / f"labels-{self.key}-{c}.npy"
+        return np.load(got, mmap_mode="r") if isinstance(got, Path) else got
+
+    def finish(self, s, x, logits):
+        pass
+
+
+def _streamed_examples(model, sequences, tau, kv_rule, kind) -> dict:
+    """`oracle_examples` on a streamed model: the same examples in the same order, block-major."""
+    job = layer_major.run(LabelPass(model, sequences, tau, kv_rule, kind))
+    keep = job.arrays["keep"]  # [n_seq, T, n]
+    n_seq, T, n = keep.shape
+    out = {"prev": [], "depth": [], "label": [], "token": []}
+    for s in range(n_seq):
+        t_idx, b_idx, prev, depth, label = routes_from_keep(keep[s])
+        out["prev"].append(prev)
+        out["depth"].append(depth)
+        out["label"].append(label)
+        out["token"].append(s * T + t_idx)
+    ex = {k: np.concatenate(v) for k, v in out.items()}
+    mask = np.concatenate([np.ones((n_seq, T, 1), bool), keep], axis=2)  # [n_seq, T, n + 1]: START, kept blocks
+    _, _, c_idx = np.nonzero(mask)  # the order of the in-memory examples: sequence, token, column
+    x = np.empty((len(c_idx), model.config.hidden_size), np.float32)
+    for c in range(n + 1):
+        x[c_idx == c] = job.column(c)
+    ex["x"] = x
+    return {k: ex[k] for k in ("x", "prev", "depth", "label", "token")}
 
 
 def accuracy(router: "Router", ex: dict) -> dict:

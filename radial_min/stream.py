@@ -12,7 +12,6 @@ Safetensors (single or sharded), pytorch_model.bin (each tensor cut from its own
     ex = router.oracle_examples(model, sequences, 0.2)
 """
 
-import mmap
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -20,11 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from . import llama, opt
-from .checkpoint import _ST_DTYPES, SafetensorsFile, quote
+from .checkpoint import _ST_DTYPES, SafetensorsFile, open_checkpoint, quote
 from .dtypes import to_float32
 from .errors import CheckpointError
-from .gguf_file import GGUFStore, is_gguf
+from .gguf_file import GGUFStore, is_gguf, open_reader
+from .hub import resolve
 from .kernels import linear
+from .loading import open_checkpoint_folder, open_gguf, read_checked
+from .memory import drop_pages
 
 # model type -> (module, layer prefix, the names of each block's tensors start with these after the prefix)
 _LAYOUT = {
@@ -99,13 +101,6 @@ class _GGUFRows:
         return np.asarray(w, np.float32).reshape(len(ids), self.shape[1])  # [T] -> [T, P]
 
 
-def drop_pages(m):
-    """A memory-mapped file's pages out of this process's resident set (the page cache keeps them)."""
-    mm = getattr(m, "_mmap", None)
-    if mm is not None and hasattr(mm, "madvise"):
-        mm.madvise(mmap.MADV_DONTNEED)
-
-
 def _release_mapped(store):
     """Hand the pages of a memory-mapped GGUF file back (they stay in the page cache): after each block or piece."""
     data = getattr(getattr(store, "reader", None), "data", None)
@@ -128,23 +123,16 @@ class StreamedModel:
     when asked. `embed`, `final` and the small tensors are the model's own (a model of zero layers), on an embedding
     matrix and an LM head left on disk. Safetensors (single or sharded), pytorch_model.bin and GGUF.
 
-    `state_dir`: where passes checkpoint (None: nothing is kept); `progress`: see `_layer_major`;
+    `state_dir`: where passes checkpoint (None: nothing is kept); `progress`: see `layer_major.run`;
     `scratch_limit`: hidden states larger than this many bytes go to a memory-mapped file (default: a quarter of
     the memory available)."""
 
-    layer_major = True  # profiling.profile_text, oracle.simulate and router.oracle_examples hand it to layer_major.py
+    layer_major = True  # profiling.profile_text, oracle.simulate and router.oracle_examples run it block-major
 
     def __init__(self, source, state_dir=None, progress=None, scratch_limit: int | None = None):
-        from .loading import open_checkpoint_folder, read_checked
-
-        if is_gguf(source):
-            from .gguf_file import open_gguf
-
-            self.config, self.store, self.names = open_gguf(source)
-            self.path = Path(source)
-        else:
-            self.path, self.config, self.store, self.names = open_checkpoint_folder(source)
-            self.path = Path(self.path)
+        opened = open_gguf(source) if is_gguf(source) else open_checkpoint_folder(source)
+        path, self.config, self.store, self.names = opened
+        self.path = Path(path)
         cfg = self.config
         if cfg.model_type not in _LAYOUT:
             raise NotStreamable(f"{self.path}: streaming covers OPT, Llama and Qwen2, this is {cfg.model_type}")
@@ -292,38 +280,7 @@ class StreamedModel:
 def model_bytes(source) -> int:
     """What the whole model takes in memory as float32, from the headers alone."""
     if is_gguf(source):
-        from .gguf_file import open_reader
-
         reader = open_reader(source)
         return 4 * sum(int(np.prod([int(n) for n in t.shape], dtype=np.int64)) for t in reader.tensors)
-    from .checkpoint import open_checkpoint
-    from .hub import resolve
-
     store = open_checkpoint(resolve(source))
     return 4 * sum(int(np.prod(store.shape(n), dtype=np.int64)) for n in store.names())
-
-
-def available_bytes() -> int:
-    """Memory this process may still use: MemAvailable, capped by an address-space limit if one is set."""
-    import resource
-
-    avail = 1 << 62
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    return min(avail, soft) if soft != resource.RLIM_INFINITY else avail
-
-
-def peak_rss_bytes() -> int:
-    """The process's peak resident memory so far (VmHWM), 0 where /proc is not available."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

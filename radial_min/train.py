@@ -1,13 +1,9 @@
-"""Training an OPT-architecture model from scratch in NumPy: the whole decoder's forward and backward (a loop
-over its residual blocks) and a trainer that checkpoints atomically and resumes without losing progress. AdamW and
-its schedule are in optim.py, the corpus and its tokenizer in data.py.
-
-Parameters live in a dict under Hugging Face's names (`decoder.layers.0.fc1.weight`, ...), so the result is
-saved as a genuine OPT checkpoint. Only the pre-LN, tied-embedding OPT layout (OPT-125m and up) is trained.
+"""Training an OPT-architecture model from scratch in NumPy: a trainer that checkpoints atomically and resumes
+without losing progress, for the sequential decoder (opt_backprop.py) or a Radial Network trained with its router
+(radial_train.py). AdamW and its schedule are in optim.py, the corpus and its tokenizer in data.py.
 """
 
 import json
-import math
 import os
 import signal
 import time
@@ -16,173 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backprop as bp
 from .checkpoint import SafetensorsFile, write_safetensors
 from .config import OPTConfig, config_to_dict
 from .dtypes import to_float32
 from .errors import RadialError
 from .opt import expected_tensors
+from .opt_backprop import check_trainable, init_params, loss_and_grads
 from .optim import adamw_step, clip_grads, lr_at
 from .outputs import read_json, write_bytes, write_json, write_text
-
-# --------------------------------------------------------------------------------------------- parameters
-
-
-def init_params(cfg: OPTConfig, seed: int) -> dict:
-    """GPT-2's init: N(0, 0.02) weights, zero biases, unit norms; projections into the residual stream scaled
-    by 1/sqrt(2L) so the stream's variance does not grow with depth."""
-    rng = np.random.default_rng(seed)
-    E, F, L = cfg.hidden_size, cfg.ffn_dim, cfg.num_hidden_layers
-
-    def normal(*shape, std=0.02):
-        return (rng.standard_normal(shape) * std).astype(np.float32)
-
-    p = {
-        "decoder.embed_tokens.weight": normal(cfg.vocab_size, E),
-        "decoder.embed_positions.weight": normal(cfg.max_position_embeddings + 2, E, std=0.01),
-    }
-    if cfg.has_final_layer_norm:  # pre-LN models normalise the stream once more before the head
-        p["decoder.final_layer_norm.weight"] = np.ones(E, np.float32)
-        p["decoder.final_layer_norm.bias"] = np.zeros(E, np.float32)
-    for i in range(L):
-        pre = f"decoder.layers.{i}."
-        out_std = 0.02 / math.sqrt(2 * L)  # GPT-2's scaled init of the projections into the residual stream
-        for name, shape, std in (
-            ("self_attn.q_proj", (E, E), 0.02),
-            ("self_attn.k_proj", (E, E), 0.02),
-            ("self_attn.v_proj", (E, E), 0.02),
-            ("self_attn.out_proj", (E, E), out_std),
-            ("fc1", (F, E), 0.02),
-            ("fc2", (E, F), out_std),
-        ):
-            p[pre + name + ".weight"] = normal(*shape, std=std)
-            p[pre + name + ".bias"] = np.zeros(shape[0], np.float32)
-        for norm in ("self_attn_layer_norm", "final_layer_norm"):
-            p[pre + norm + ".weight"] = np.ones(E, np.float32)
-            p[pre + norm + ".bias"] = np.zeros(E, np.float32)
-    return p
-
-
-def check_trainable(cfg: OPTConfig):
-    if not (
-        cfg.enable_bias
-        and cfg.tie_word_embeddings
-        and cfg.layer_norm_elementwise_affine
-        and cfg.word_embed_proj_dim == cfg.hidden_size
-        and cfg.activation_function == "relu"
-        and cfg.has_final_layer_norm == cfg.do_layer_norm_before
-    ):
-        raise RadialError("training supports OPT with biases, affine norms, ReLU, tied embeddings and no projections")
-
-
-# ---------------------------------------------------------------------------------- forward and backward
-
-
-# Each residual block's weights under the short names backprop's block functions use, and back.
-_BLOCK_NAMES = {
-    "att": {"ln.w": "self_attn_layer_norm.weight", "ln.b": "self_attn_layer_norm.bias",
-            "out.w": "self_attn.out_proj.weight", "out.b": "self_attn.out_proj.bias"},
-    "ffn": {"ln.w": "final_layer_norm.weight", "ln.b": "final_layer_norm.bias", "fc1.w": "fc1.weight",
-            "fc1.b": "fc1.bias", "fc2.w": "fc2.weight", "fc2.b": "fc2.bias"},
-}  # fmt: skip
-
-
-def blocks_of(cfg: OPTConfig) -> list[tuple[int, str]]:
-    """The sequential model's blocks in order, (layer, kind), as OPT.blocks lists them."""
-    return [(i, kind) for i in range(cfg.num_hidden_layers) for kind in ("att", "ffn")]
-
-
-def block_weights(P: dict, layer: int, kind: str) -> dict:
-    pre = f"decoder.layers.{layer}."
-    w = {short: P[pre + name] for short, name in _BLOCK_NAMES[kind].items()}
-    if kind == "att":  # q, k and v projections stacked, as blocks.AttentionBlock holds them: [3E, E]
-        w["qkv.w"] = np.concatenate([P[pre + f"self_attn.{c}_proj.weight"] for c in "qkv"])
-        w["qkv.b"] = np.concatenate([P[pre + f"self_attn.{c}_proj.bias"] for c in "qkv"])
-    return w
-
-
-def store_block_grads(G: dict, g: dict, layer: int, kind: str) -> None:
-    """Add one block's gradients (short names) into G (Hugging Face names); added, so a reused block sums."""
-    pre = f"decoder.layers.{layer}."
-    named = {pre + name: g[short] for short, name in _BLOCK_NAMES[kind].items()}
-    if kind == "att":
-        for c, dw, db in zip("qkv", np.split(g["qkv.w"], 3), np.split(g["qkv.b"], 3)):
-            named[pre + f"self_attn.{c}_proj.weight"], named[pre + f"self_attn.{c}_proj.bias"] = dw, db
-    for name, grad in named.items():
-        G[name] = G[name] + grad if name in G else grad
-
-
-def block_forward(x, w, kind, cfg: OPTConfig, attention):
-    if kind == "att":
-        return bp.attention_block_forward(x, w, cfg.num_attention_heads, attention, cfg.do_layer_norm_before)
-    return bp.ffn_block_forward(x, w, cfg.do_layer_norm_before)
-
-
-def block_backward(dy, cache, kind):
-    return (bp.attention_block_backward if kind == "att" else bp.ffn_block_backward)(dy, cache)
-
-
-def embed_forward(ids, P):
-    """Token rows plus position rows for sequences [B, T] starting at position 0 -> [B, T, E]."""
-    return bp.embedding_forward(
-        ids, P["decoder.embed_tokens.weight"], P["decoder.embed_positions.weight"], np.arange(ids.shape[1])
-    )
-
-
-def head_forward(x, P):
-    """The final layer norm (pre-LN models) and the LM head tied to the token embeddings: [..., E] -> [..., V]."""
-    c_lnf = None
-    if "decoder.final_layer_norm.weight" in P:
-        x, c_lnf = bp.layernorm_forward(x, P["decoder.final_layer_norm.weight"], P["decoder.final_layer_norm.bias"])
-    logits, c_lin = bp.linear_forward(x, P["decoder.embed_tokens.weight"])
-    return logits, (c_lnf, c_lin)
-
-
-def head_backward(dlogits, cache, G: dict):
-    """-> dx; the head's gradients go into G, the embedding's as the head's share (the lookup adds its own)."""
-    c_lnf, c_lin = cache
-    dx, G["decoder.embed_tokens.weight"], _ = bp.linear_backward(dlogits, c_lin)
-    if c_lnf is not None:
-        dx, G["decoder.final_layer_norm.weight"], G["decoder.final_layer_norm.bias"] = bp.layernorm_backward(dx, c_lnf)
-    return dx
-
-
-def embed_backward(dx, cache, P, G: dict) -> None:
-    """The token and position lookups' gradients; the token rows add to the tied head's share already in G."""
-    dwte, G["decoder.embed_positions.weight"] = bp.embedding_backward(
-        dx, cache, P["decoder.embed_tokens.weight"].shape, P["decoder.embed_positions.weight"].shape
-    )
-    G["decoder.embed_tokens.weight"] = G["decoder.embed_tokens.weight"] + dwte  # tied: head and lookup add up
-
-
-def loss_and_grads(params: dict, cfg: OPTConfig, batch: np.ndarray, need_grads: bool = True, fast: bool = True):
-    """Mean next-token cross-entropy over a batch [B, T + 1] of token ids, and its gradient for every parameter.
-
-    The forward is a loop over the residual blocks and the backward the same loop reversed. `fast` uses the
-    Numba attention kernels (float32); the NumPy ones run in any dtype (float64 for checks)."""
-    P = params
-    attention = bp.ATTENTION_FAST if fast else bp.ATTENTION_NUMPY
-    ids, targets = batch[:, :-1], batch[:, 1:]
-    B, T = ids.shape
-    x, emb_cache = embed_forward(ids, P)  # [B, T] -> [B, T, E]
-    caches = []
-    for layer, kind in blocks_of(cfg):
-        x, cache = block_forward(x, block_weights(P, layer, kind), kind, cfg, attention)  # [B, T, E]
-        caches.append(cache)
-    logits, c_head = head_forward(x, P)  # [B, T, E] -> [B, T, V]
-    loss, c_ce = bp.crossentropy_forward(logits.reshape(B * T, -1), targets.ravel())
-    if not need_grads:
-        return float(loss), None
-
-    G = {}
-    dlogits = bp.crossentropy_backward(c_ce).reshape(B, T, -1)
-    dx = head_backward(dlogits, c_head, G)
-    for (layer, kind), cache in zip(reversed(blocks_of(cfg)), reversed(caches)):
-        dx, g = block_backward(dx, cache, kind)
-        store_block_grads(G, g, layer, kind)
-    embed_backward(dx, emb_cache, P, G)
-    return float(loss), G
-
+from .radial import RADIAL_CONFIG, write_radial
+from . import radial_train
+from .radial_train import RadialTrainConfig, update_cost
+from .router import Router, init_router
 
 # ---------------------------------------------------------------------------------------------- trainer
 
@@ -226,7 +67,6 @@ class TrainConfig:
         """The routing settings as radial_train reads them, or None for a plain sequential model."""
         if not self.radial:
             return None
-        from .radial_train import RadialTrainConfig
 
         return RadialTrainConfig(
             max_depth=self.max_depth,
@@ -357,10 +197,9 @@ def batch_grads(params, model_cfg, rcfg, batch, need_grads=True):
     if rcfg is None:
         loss, G = loss_and_grads(params, model_cfg, batch, need_grads)
         return loss, G, {"lm_loss": loss}
-    from .radial_train import loss_and_grads as radial_loss_and_grads
 
     model, router = split_router(params)
-    loss, G, GR, info = radial_loss_and_grads(model, router, model_cfg, rcfg, batch, need_grads)
+    loss, G, GR, info = radial_train.loss_and_grads(model, router, model_cfg, rcfg, batch, need_grads)
     if need_grads:
         G.update({ROUTER + k: g for k, g in GR.items()})
     return loss, G, info
@@ -398,8 +237,6 @@ def load_state(path: Path, model_cfg: OPTConfig, rcfg=None):
     step = saved_step(path, f)
     shapes = expected_tensors(model_cfg)[0]  # the loader's spec: the names and shapes init_params makes
     if rcfg is not None:
-        from .router import init_router
-
         shapes.update({ROUTER + k: a.shape for k, a in init_router(rcfg.router_config(model_cfg)).items()})
     expected = {**shapes, **{f"adam.{m}.{k}": s for m in "mv" for k, s in shapes.items()}}
     found = {name: f.shape(name) for name in f.entries}
@@ -444,8 +281,6 @@ def train(
     else:
         params, step = init_params(model_cfg, cfg.seed), 0
         if rcfg is not None:
-            from .router import init_router
-
             router = init_router(rcfg.router_config(model_cfg), cfg.seed, rcfg.in_order)
             params.update({ROUTER + k: a for k, a in router.items()})
         m = {k: np.zeros_like(a) for k, a in params.items()}
@@ -473,7 +308,6 @@ def train(
                 record = {"step": step, "loss": round(loss, 4), "lr": lr, "grad_norm": round(norm, 3)}
                 if rcfg is not None:  # the LM loss, blocks/token, and the cost that the depth target sets
                     record.update(lm_loss=round(info["lm_loss"], 4), blocks=round(info["blocks"], 3), cost=rcfg.cost)
-                    from .radial_train import update_cost
 
                     if routing:
                         update_cost(rcfg, info["blocks"])
@@ -529,9 +363,6 @@ def export_checkpoint(
         for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
             write_bytes(tmp / name, (Path(tokenizer_dir) / name).read_bytes())
         if rcfg is not None:
-            from .radial import write_radial
-            from .router import Router
-
             write_radial(
                 tmp,
                 Router(rcfg.router_config(model_cfg), router),
@@ -568,7 +399,6 @@ def read_export(folder):
     """An exported checkpoint as the trainer sees it: (params in float32 under Hugging Face names, the router's
     as router.* for a co-trained network, OPTConfig, RadialTrainConfig or None)."""
     from .config import read_config
-    from .radial import RADIAL_CONFIG
 
     folder = Path(folder)
     cfg = read_config(folder)
@@ -576,8 +406,6 @@ def read_export(folder):
     params = {k.removeprefix("model."): to_float32(f.read(k)) for k in f.entries}
     if not (folder / RADIAL_CONFIG).is_file():
         return params, cfg, None
-    from .radial_train import RadialTrainConfig
-    from .router import Router
 
     radial = read_json(folder / RADIAL_CONFIG)
     router = Router.load(folder / radial["router"])

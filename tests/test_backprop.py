@@ -5,7 +5,7 @@ import pytest
 
 from radial_min import backprop as bp
 from radial_min.config import OPTConfig
-from radial_min.train import init_params, loss_and_grads
+from radial_min.opt_backprop import init_params, loss_and_grads
 
 RNG = np.random.default_rng(0)
 
@@ -141,7 +141,7 @@ def test_block_forward_is_the_engine_block(tiny_model):
     """Training's block forward and the inference engine's block (blocks.py, Numba kernels) agree."""
     from radial_min.opt import OPT
     from radial_min.blocks import Step
-    from radial_min.train import block_forward, block_weights, blocks_of
+    from radial_min.opt_backprop import block_forward, block_weights, blocks_of
 
     cfg, params, batch = tiny_model
     model = OPT(cfg, {k: v.astype(np.float32) for k, v in params.items()})

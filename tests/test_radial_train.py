@@ -10,7 +10,7 @@ from radial_min import backprop as bp
 from radial_min import radial_train as rt
 from radial_min.config import OPTConfig
 from radial_min.router import RouterConfig, init_router
-from radial_min.train import init_params
+from radial_min.opt_backprop import init_params
 from test_backprop import assert_grad, projection
 
 RNG = np.random.default_rng(5)
@@ -228,8 +228,8 @@ def test_causal(policy, forward_only):
 @pytest.mark.parametrize("schedule", ["block", "token"])
 def test_router_that_runs_every_block_is_the_sequential_model(schedule):
     """A router that always picks the next block (p = 1 - O(e^-60)) under the per-layer policy makes the radial
-    network the sequential model: same loss as train.loss_and_grads, same gradients, routes 0, 1, ..., N - 1."""
-    from radial_min.train import loss_and_grads
+    network the sequential model: same loss as opt_backprop.loss_and_grads, same gradients, routes 0, 1, ..., N - 1."""
+    from radial_min.opt_backprop import loss_and_grads
 
     cfg, params, _, rcfg = tiny(cache_policy="per-layer", forward_only=True)
     hidden = N_BLOCKS + 1

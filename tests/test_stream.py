@@ -15,7 +15,7 @@ import pytest
 from conftest import FIXTURES
 
 import radial_min
-from radial_min import kernels, layer_major, oracle, profiling, stream
+from radial_min import kernels, layer_major, memory, oracle, profiling, stream
 from radial_min import router as R
 from radial_min.data import train_tokenizer
 from radial_min.errors import CheckpointError
@@ -112,7 +112,7 @@ def test_each_block_is_read_just_before_it_runs_and_freed_before_the_next(monkey
 
     monkeypatch.setattr(model, "load_block", load_block)
     model.progress = lambda items, b: (events.append(("run", b, len(reads))), items)[1]
-    layer_major.profile_text(model, SEQS)
+    profiling.profile_text(model, SEQS)
     assert [e[2] for e in events if e[0] == "load"] == [0] * len(model.blocks)  # the previous block was freed
     starts = [r for e, b, r in events if e == "run"]
     assert starts == sorted(starts) and len(set(starts)) == len(model.blocks)  # new tensors read for every block
@@ -159,9 +159,9 @@ def test_interrupted_profile_resumes_and_clear_leaves_nothing(tmp_path):
     full = profiling.profile_text(radial_min.load(FIXTURES / "opt-pre"), SEQS)
     model.progress = interrupt_at(2)
     with pytest.raises(KeyboardInterrupt):
-        layer_major.profile_text(model, SEQS)
+        profiling.profile_text(model, SEQS)
     ran = run_again(model)
-    np.testing.assert_array_equal(layer_major.profile_text(model, SEQS), full)
+    np.testing.assert_array_equal(profiling.profile_text(model, SEQS), full)
     assert ran == list(range(2, len(model.blocks)))
     layer_major.clear(tmp_path / "state")
     assert not (tmp_path / "state").exists()
@@ -173,12 +173,12 @@ def test_a_checkpoint_of_other_weights_is_not_resumed(tmp_path):
     model = stream.StreamedModel(folder, state_dir=tmp_path / "state")
     model.progress = interrupt_at(2)
     with pytest.raises(KeyboardInterrupt):
-        layer_major.profile_text(model, SEQS)
+        profiling.profile_text(model, SEQS)
     weights = folder / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # the file was replaced
     model = stream.StreamedModel(folder, state_dir=tmp_path / "state")
     ran = run_again(model)
-    layer_major.profile_text(model, SEQS)
+    profiling.profile_text(model, SEQS)
     assert ran == list(range(len(model.blocks)))  # started over
 
 
@@ -283,7 +283,7 @@ def test_nan_weights_are_named_when_their_block_is_read(tmp_path):
     write_safetensors(folder / "model.safetensors", tensors)
     model = stream.StreamedModel(folder)
     with pytest.raises(CheckpointError, match=f"'{name}' has 1 NaN or infinite values"):
-        layer_major.profile_text(model, SEQS)
+        profiling.profile_text(model, SEQS)
 
 
 # ------------------------------------------------------------------------------------------------------ the CLI
@@ -390,7 +390,7 @@ def test_interrupted_simulate_command_resumes_with_the_same_files(capsys, tmp_pa
 
 def test_streaming_switches_on_when_the_model_would_not_fit(capsys, tmp_path, with_tokenizer, monkeypatch):
     folders, text = with_tokenizer
-    monkeypatch.setattr(stream, "available_bytes", lambda: 10_000)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10_000)
     code, _, err = run_cli(capsys, command("profile", folders["opt-fp16-sharded"], text, tmp_path / "auto"))
     assert code == 0 and "streaming weights block by block (automatic: the model needs" in err
 
@@ -400,7 +400,7 @@ def test_a_checkpoint_that_cannot_be_streamed_is_loaded_whole_if_it_fits(capsys,
     code, _, err = run_cli(capsys, command("profile", folders["opt-bin-shared"], text, tmp_path / "a") + ["--stream"])
     assert code == 0 and "not streaming (" in err and "storage '0' holds tensors of" in err
     assert "loading it whole" in err
-    monkeypatch.setattr(stream, "available_bytes", lambda: 10_000)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10_000)
     code, _, err = run_cli(capsys, command("profile", folders["opt-bin-shared"], text, tmp_path / "b"))
     assert code == 2 and err.startswith("error: --model") and "does not fit in memory and cannot be streamed" in err
     assert err.count("\n") == 1

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 from radial_min.checkpoint import write_safetensors  # noqa: E402
 from radial_min.config import OPTConfig, config_to_dict  # noqa: E402
 from radial_min.data import SHARED  # noqa: E402
-from radial_min.train import init_params  # noqa: E402
+from radial_min.opt_backprop import init_params  # noqa: E402
 
 
 def main(argv=None):
