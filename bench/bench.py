@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """radial_min's speed in one run: against transformers (speed.py), against the machine's own limits (limits.py),
-and routing in wall-clock time (routing.py), then the targets of issue 10, MET or MISSED.
+and routing in wall-clock time (routing.py), then the speed targets the project set itself, MET or MISSED.
 
     python bench/bench.py                    # ~10 minutes on 2 cores; makes weights/random-opt-125m if missing
     python bench/bench.py --quick            # smoke run on a tiny random model
@@ -63,7 +63,7 @@ def sizes(quick: bool, reps) -> dict:
 
 
 def targets(res) -> list:
-    """Issue 10's targets: (target, measured, MET / MISSED / n/a)."""
+    """The speed targets: (target, measured, MET / MISSED / n/a)."""
     rows = []
 
     def add(name, value, ok):
@@ -161,7 +161,7 @@ def main(args, threads):
     load.check("7")
     res["shipped"] = routing.run_shipped(sz)
     load.check("8")
-    common.section("9. Targets (issue 10)")
+    common.section("9. Targets")
     res["targets"] = targets(res)
     common.print_table(["target", "measured", "status"], res["targets"])
     res["load"] = load.sections

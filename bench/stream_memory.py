@@ -1,4 +1,4 @@
-"""Peak memory and throughput of the streamed commands, `profile`, `simulate` and `train-router` (issue 13 item 2).
+"""Peak memory and throughput of the streamed commands, `profile`, `simulate` and `train-router`.
 
 1. Memory. A random OPT-2.7B-shaped float16 checkpoint (tools/make_big_random_opt.py: 5.0 GB on disk, 9.9 GiB as
    float32) is run by each command in a child process whose address space is limited to --limit-gib

@@ -1,4 +1,4 @@
-"""How long `profile --stream` takes for the paper's curve, OPT-125M ... OPT-66B, on this machine (issue 13 item 4).
+"""How long `profile --stream` takes for the paper's curve, OPT-125M ... OPT-66B, on this machine.
 
 Each size's own block shapes are measured, not extrapolated: one attention and one FFN block of that width with
 random float32 weights (a single block of OPT-66B is 1.4 / 2.7 GB; the whole model is not needed) run over

@@ -7,7 +7,7 @@ its GGUF tokenizer gives a few texts.
 Written as llama.cpp's converter writes: Llama's q/k rows permuted (each head's rotary pairs interleaved),
 Qwen2's not (its rotary already pairs halves); every 2-D weight quantized along its rows in blocks of 32.
 
-Dev-only (torch, transformers, gguf, accelerate; /work/devenv has them). Run from the repo root:
+Dev-only: a Python with torch, transformers, gguf and accelerate. Run from the repo root:
 
     python tools/make_gguf_reference.py
 """

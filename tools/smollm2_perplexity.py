@@ -3,7 +3,7 @@ packs: the text is tokenized by both tokenizers (differing ids are counted and s
 `cli.py simulate` packs them (the first N sequences of --seq-len tokens, batch size 1, each a fresh context), and
 those same ids scored by both models in one run.
 
-Dev-only (torch, transformers, gguf, accelerate; /work/devenv has them, and numba for radial_min):
+Dev-only: a Python with torch, transformers, gguf and accelerate (and numba for radial_min):
 
     python tools/smollm2_perplexity.py --max-sequences 8
 """
