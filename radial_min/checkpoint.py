@@ -24,6 +24,7 @@ import safetensors
 from .dtypes import bf16_to_float32, to_float32, to_storage  # noqa: F401 (bf16_to_float32 re-exported)
 from .errors import CheckpointError
 from .outputs import write_bytes
+from .torch_pickle import TorchFile as open_bin
 
 # safetensors dtype codes -> NumPy dtype as stored
 _ST_DTYPES = {
@@ -195,8 +196,6 @@ def open_checkpoint(folder) -> TensorStore:
         return _open_sharded(folder, index, SafetensorsFile)
     bin_single, bin_index = folder / "pytorch_model.bin", folder / "pytorch_model.bin.index.json"
     if bin_single.is_file() or bin_index.is_file():
-        from .torch_pickle import TorchFile as open_bin
-
         if bin_single.is_file():
             f = open_bin(bin_single)
             return TensorStore({bin_single.name: f}, {n: bin_single.name for n in f.entries}, str(bin_single))

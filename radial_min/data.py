@@ -16,6 +16,7 @@ import numpy as np
 
 from .errors import RadialError
 from .outputs import npy_header, write_json, write_npz
+from .tokenizer import Tokenizer
 
 SHARED = Path(os.environ.get("RADIAL_MIN_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
 WIKITEXT_TEST = SHARED / "wikitext-2" / "test.txt"
@@ -176,8 +177,6 @@ def tokenize_documents(tokenizer, docs: list[str]) -> np.ndarray:
 
 def prepare_corpus(out, vocab_size: int, docs=None, val_docs=None) -> tuple[np.ndarray, dict]:
     """Train the tokenizer (once) and tokenize the corpus into `out`, returning (train stream, val streams)."""
-    from .tokenizer import Tokenizer
-
     out = Path(out)
     cached = out / "tokens.npz"
     if cached.is_file() and (out / "vocab.json").is_file():

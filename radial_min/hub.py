@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import open_checkpoint, write_safetensors_from
 from .errors import CheckpointError
+from .outputs import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = Path(os.environ.get("RADIAL_MIN_WEIGHTS", ROOT / "weights"))
@@ -93,9 +95,6 @@ def ensure_safetensors(folder: Path) -> None:
     folder = Path(folder)
     if _has_safetensors(folder):
         return
-    from .checkpoint import open_checkpoint, write_safetensors_from
-    from .outputs import write_json
-
     bins = sorted(folder.glob("pytorch_model*.bin"))
     if not bins:
         raise CheckpointError(

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import layer_major
 from .blocks import Step, run_block
+from .generation import generate
 
 KINDS = ("output", "sum")
 
@@ -95,8 +96,6 @@ def profile_generation(model, prompts, max_new_tokens: int, kind: str = "output"
     """Ratios while generating greedily from each prompt, and the generated ids. Rows: the tokens fed back
     during decode, max_new_tokens - 1 per prompt (the last token is never fed back), [n, n_blocks]. The prompt's
     prefill is profiled by `profile_text`."""
-    from .generation import generate
-
     rows, generated = [], []
     for prompt in prompts if progress is None else progress(prompts):
         rec = RatioRecorder(len(model.blocks), kind)

@@ -20,13 +20,15 @@ import numpy as np
 from numba import njit
 
 from . import backprop as bp
+from . import layer_major
 from .checkpoint import SafetensorsFile, write_safetensors
+from .config import check_field
 from .errors import CheckpointError
 from .kernels import mean_rstd
-from .config import check_field
-from . import layer_major
+from .optim import adamw_step, lr_at
 from .oracle import Decisions, SimulationPass, run_sequence, threshold
 from .outputs import write_json
+from .progress import Bar
 
 NEG = -1e9  # logit of a forbidden move: exp underflows to exactly 0, without the NaN that -inf - (-inf) gives
 
@@ -435,10 +437,6 @@ def train_router(
     progress: bool = True,
 ) -> Router:
     """Fit the router to the oracle's choices with AdamW on softmax cross-entropy."""
-    from .progress import Bar
-
-    from .optim import adamw_step, lr_at
-
     params = init_router(cfg, seed)
     m = {k: np.zeros_like(v) for k, v in params.items()}
     v = {k: np.zeros_like(p) for k, p in params.items()}

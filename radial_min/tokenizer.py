@@ -10,17 +10,16 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from tokenizers import AddedToken, Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import CheckpointError
+from .gguf_file import read_tokenizer
 
 
 class Tokenizer:
     def __init__(self, folder):
         if str(folder).lower().endswith(".gguf"):  # a llama.cpp file carries its own tokenizer
-            from .gguf_file import read_tokenizer
-
             self.backend, self.bos_id, self.eos_id, self.add_bos = read_tokenizer(folder)
             self.source = Path(folder)  # the file that numbers the vocabulary
             self.vocab_size = self.backend.get_vocab_size()

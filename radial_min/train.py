@@ -12,16 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
+from . import radial_train
 from .checkpoint import SafetensorsFile, write_safetensors
-from .config import OPTConfig, config_to_dict
+from .config import OPTConfig, config_to_dict, read_config
+from .data import pack
 from .dtypes import to_float32
 from .errors import RadialError
 from .opt import expected_tensors
 from .opt_backprop import check_trainable, init_params, loss_and_grads
 from .optim import adamw_step, clip_grads, lr_at
-from .outputs import read_json, write_bytes, write_json, write_text
+from .outputs import read_json, write_bytes, write_folder, write_json, write_text
+from .progress import Bar
 from .radial import RADIAL_CONFIG, write_radial
-from . import radial_train
 from .radial_train import RadialTrainConfig, update_cost
 from .router import Router, init_router
 
@@ -261,8 +263,6 @@ def train(
 ):
     """Train (or resume) into `cfg.out`; returns the parameters. Interrupting (Ctrl-C, SIGTERM) saves the state
     after the current step, so a rerun of the same command continues where it stopped."""
-    from .progress import Bar
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model_cfg, rcfg = cfg.model_config(), cfg.radial_config()
@@ -352,8 +352,6 @@ def export_checkpoint(
     keys, as transformers' save_pretrained writes them), and the tokenizer files. A Radial Network (rcfg) adds its
     router (float32) and radial.json, so `radial_min.load` returns the routed network; transformers still loads
     the blocks as a plain OPT."""
-    from .outputs import write_folder
-
     params, router = split_router(params)
     model_cfg.dtype = dtype
     with write_folder(out_dir, overwrite) as tmp:
@@ -398,8 +396,6 @@ def ngram_perplexities(train_ids: np.ndarray, sequences: np.ndarray, vocab_size:
 def read_export(folder):
     """An exported checkpoint as the trainer sees it: (params in float32 under Hugging Face names, the router's
     as router.* for a co-trained network, OPTConfig, RadialTrainConfig or None)."""
-    from .config import read_config
-
     folder = Path(folder)
     cfg = read_config(folder)
     f = SafetensorsFile(folder / "model.safetensors")
@@ -424,8 +420,6 @@ def report(export, train_ids, val_streams: dict, seq_len: int, bar=None, batch_s
     `seq_len`, beside the n-gram baselines, and a co-trained network's blocks per token. Scored by the training
     forward in batches, which the tests hold equal to the inference engine (test_backprop, test_cotrained);
     `bar` (a `progress.Bar`) counts the sequences."""
-    from .data import pack
-
     params, model_cfg, rcfg = read_export(export)
     out = {}
     packed = {name: pack(stream, seq_len) for name, stream in val_streams.items()}

@@ -143,9 +143,9 @@ def test_bin_only_repo_is_converted_once_to_safetensors(weights, tmp_path, monke
     hub = FakeHub(repo)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
     writes = []
-    real_write = radial_min.checkpoint.write_safetensors_from
+    real_write = radial_min.hub.write_safetensors_from
     monkeypatch.setattr(
-        radial_min.checkpoint, "write_safetensors_from", lambda *a, **k: (writes.append(a[0]), real_write(*a, **k))
+        radial_min.hub, "write_safetensors_from", lambda *a, **k: (writes.append(a[0]), real_write(*a, **k))
     )
 
     model = radial_min.load("facebook/opt-hub-bin")
