@@ -308,6 +308,7 @@ def cmd_train(args):
         **_radial_settings(args),
     )
     check_train_settings(cfg)
+    tr.check_resume(cfg)  # a saved run resumed with other settings: refused before the corpus is prepared
     done = _saved_step(Path(cfg.out) / "state.safetensors")
     if args.export and not args.overwrite and _nonempty(args.export):
         if done is not None and done >= cfg.steps:

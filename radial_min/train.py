@@ -126,8 +126,12 @@ _RESUME_FIELDS = (
 ROUTER = "router."  # the router's parameters in a Radial Network's training state: router.w1, ...
 
 
-def _check_resume(state_path: Path, config_path: Path, cfg: TrainConfig) -> None:
-    """A saved state resumes only with the settings it was trained with, read from train_config.json."""
+def check_resume(cfg: TrainConfig) -> None:
+    """A state saved in `cfg.out` resumes only with the settings it was trained with, read from train_config.json:
+    checked before any work (the command line calls it before preparing the corpus)."""
+    state_path, config_path = Path(cfg.out) / "state.safetensors", Path(cfg.out) / "train_config.json"
+    if not state_path.is_file():
+        return
     if not config_path.is_file():
         raise RadialError(
             f"{config_path}: missing beside {state_path.name}, so the run's settings are unknown: "
@@ -270,8 +274,7 @@ def train(
     state_path, log_path = out / "state.safetensors", out / "log.jsonl"
     config_path = out / "train_config.json"
     _remove_stale_temps(out)
-    if state_path.is_file():  # resuming: the run must be the one that was saved
-        _check_resume(state_path, config_path, cfg)
+    check_resume(cfg)  # resuming: the run must be the one that was saved
     write_json(config_path, asdict(cfg))
     if state_path.is_file():
         params, m, v, step, cost = load_state(state_path, model_cfg, rcfg)

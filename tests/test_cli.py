@@ -701,6 +701,11 @@ def test_train_exports_a_checkpoint_that_generates(capsys, tmp_path):
     code, _, err = call(capsys, *args, "--steps", 3)  # more steps, but the export exists: refused before any work
     assert_one_line_error(code, err)
     assert f"--export {export}: the folder exists" in err
+    for more in [], ["--export", export]:  # settings the saved state was not trained with
+        code, _, err = call(capsys, "train", "--out", run_dir, *size, "--hidden-size", 32, *more)
+        assert_one_line_error(code, err)  # refused before any work: no corpus prepared, no "resuming at step"
+        assert f"{run_dir / 'train_config.json'}: state.safetensors was saved with hidden_size=16 (now 32)" in err
+    (run_dir / "state.safetensors").unlink()  # a new run in the old run's folder: its prepared corpus is reused
     code, _, err = call(capsys, *args[:7], "--vocab-size", 500, "--overwrite")  # the run's tokenizer: 300 tokens
     assert code == 2 and "Traceback" not in err  # after the progress line, one error line
     assert err.splitlines()[-1].startswith("error: ") and "prepared with a vocabulary of 300, not 500" in err
