@@ -157,7 +157,10 @@ def _radial_network(model, args):
 
 def _load_router(model, path, option):
     """The router at `path` (a folder or the files' prefix), refused unless it routes this model's blocks."""
-    router = R.Router.load(_router_path(path))
+    return _check_router(R.Router.load(_router_path(path)), model, path, option)
+
+
+def _check_router(router, model, path, option):
     if router.config.width != model.config.hidden_size or router.config.n_blocks != len(model.blocks):
         raise RadialError(
             f"{option} {path}: routes {router.config.n_blocks} blocks of width "
@@ -737,6 +740,11 @@ def cmd_train_router(args):
         raise RadialError(f"--hidden {args.hidden}: a router has at most {1 << 16} hidden units")
     if not (args.lr > 0 and np.isfinite(args.lr)):
         raise RadialError(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.evaluate:  # an existing router, judged against the oracle it was distilled from: its tau and rule
+        router = R.Router.load(_router_path(args.evaluate))
+        if router.config.tau is None or router.config.kv_rule is None:
+            raise RadialError(f"--evaluate {args.evaluate}: its router.json records no tau/kv_rule to compare with")
+        args.tau, args.kv_rule = router.config.tau, router.config.kv_rule
     out = Path(args.out or f"runs/router-tau{args.tau:g}")
     _check_free(
         out, ([] if args.evaluate else ["router.safetensors", "router.json"]) + ["train_router.json"], args.overwrite
@@ -745,11 +753,8 @@ def cmd_train_router(args):
     streamed = getattr(model, "layer_major", False)
     n = len(model.blocks)
     train_seqs = None
-    if args.evaluate:  # an existing router, judged against the oracle it was distilled from
-        router = _load_router(model, args.evaluate, "--evaluate")
-        if router.config.tau is None or router.config.kv_rule is None:
-            raise RadialError(f"--evaluate {args.evaluate}: its router.json records no tau/kv_rule to compare with")
-        args.tau, args.kv_rule, ex, cfg = router.config.tau, router.config.kv_rule, None, router.config
+    if args.evaluate:
+        ex, cfg = None, _check_router(router, model, args.evaluate, "--evaluate").config
     else:
         if args.max_depth is not None and args.max_depth > n:
             raise RadialError(

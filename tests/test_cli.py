@@ -559,7 +559,7 @@ def test_profile_without_matplotlib_still_prints_and_saves_tables(capsys, tiny_r
 # ------------------------------------------------------------------------------------------------ routing, training
 
 
-def test_train_router_then_generate_with_it(capsys, tiny_random_opt, tmp_path):
+def test_train_router_then_generate_with_it(capsys, monkeypatch, tiny_random_opt, tmp_path):
     """Distil a router from the oracle on a tiny model, then generate through it: depths shown, summary printed."""
     model_dir, text = tiny_random_opt
     ratios = np.load(profile_ratios(capsys, model_dir, text, tmp_path))["ratios"]
@@ -595,11 +595,13 @@ def test_train_router_then_generate_with_it(capsys, tiny_random_opt, tmp_path):
     assert set(report["runs"]) >= {"sequential", "router"} and report["runs"]["sequential"]["mean_depth"] == 4
     own, at = report["agreement_own_states"], report["at_router_depth"]
     assert 0 <= own["route"] <= own["move"] <= 1 and at["router"] == report["runs"]["router"]["ppl"]
-    code, out, err = call(capsys, *args[:-1], tmp_path / "e", "--evaluate", router)  # the same router, not retrained
+    monkeypatch.chdir(tmp_path)  # the default --out, runs/router-tau<tau>, named from the router's own tau:
+    evaluated = tmp_path / "runs" / f"router-tau{tau:g}"
+    code, out, err = call(capsys, *args[:-2], "--tau", 0.2, "--evaluate", router)  # the same router, not retrained
     assert code == 0 and f"router {router} evaluated" in out and "train)" not in out, err
-    again = json.loads((tmp_path / "e" / "train_router.json").read_text())
+    again = json.loads((evaluated / "train_router.json").read_text())
     assert again["accuracy_test"] == report["accuracy_test"] and again["runs"] == report["runs"]
-    assert not (tmp_path / "e" / "router.json").exists()
+    assert not (evaluated / "router.json").exists() and not (tmp_path / "runs" / "router-tau0.2").exists()
     code, out, err = call(
         capsys,
         "generate",
