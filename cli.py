@@ -32,6 +32,7 @@ from radial_min.generation import check_sampling
 from radial_min.gguf_file import is_gguf
 from radial_min.hub import DEFAULT_MODEL
 from radial_min.kernels import softmax
+from radial_min.opt import POSITION_OFFSET
 from radial_min.outputs import write_csv, write_json, write_npz
 from radial_min.radial import RadialNetwork, RouterDecisions, format_routing
 from radial_min.tokenizer import Streamer
@@ -443,7 +444,7 @@ def _training_bytes(cfg) -> int:
         cfg.batch_size,
         cfg.num_attention_heads,
     )
-    weights = V * E + (T + 2) * E + L * (4 * E * E + 2 * E * F + 10 * E)
+    weights = V * E + (T + POSITION_OFFSET) * E + L * (4 * E * E + 2 * E * F + 10 * E)
     activations = B * T * (L * (12 * E + 3 * F + 2 * H * T) + 3 * V)
     return 4 * (4 * weights + activations)
 

@@ -13,6 +13,7 @@ import numpy as np
 from . import backprop as bp
 from .config import OPTConfig
 from .errors import RadialError
+from .opt import POSITION_OFFSET
 
 # --------------------------------------------------------------------------------------------- parameters
 
@@ -28,7 +29,7 @@ def init_params(cfg: OPTConfig, seed: int) -> dict:
 
     p = {
         "decoder.embed_tokens.weight": normal(cfg.vocab_size, E),
-        "decoder.embed_positions.weight": normal(cfg.max_position_embeddings + 2, E, std=0.01),
+        "decoder.embed_positions.weight": normal(cfg.max_position_embeddings + POSITION_OFFSET, E, std=0.01),
     }
     if cfg.has_final_layer_norm:  # pre-LN models normalise the stream once more before the head
         p["decoder.final_layer_norm.weight"] = np.ones(E, np.float32)

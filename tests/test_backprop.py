@@ -1,11 +1,17 @@
 """Every backward pass against central finite differences in float64, op by op and for a whole small model."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from radial_min import backprop as bp
 from radial_min.config import OPTConfig
+from radial_min.opt import expected_tensors
 from radial_min.opt_backprop import init_params, loss_and_grads
+
+ROOT = Path(__file__).resolve().parent.parent
 
 RNG = np.random.default_rng(0)
 
@@ -213,3 +219,21 @@ def test_training_loss_matches_inference_engine(tiny_model):
         logp = logits - np.log(np.exp(logits - top).sum(-1, keepdims=True)) - top
         nll.extend(-logp[np.arange(len(row) - 1), row[1:]])
     assert abs(np.mean(nll) - loss) < 1e-5
+
+
+def test_the_position_offset_is_named_once():
+    """OPT's position table is opt.POSITION_OFFSET rows longer than the context: the trainer's init makes the shapes
+    the loader expects, and no file sizes the table with a literal offset of its own."""
+    cfg = OPTConfig(
+        vocab_size=11, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, ffn_dim=16, max_position_embeddings=7
+    )
+    assert {k: a.shape for k, a in init_params(cfg, 0).items()} == expected_tensors(cfg)[0]
+    literal = re.compile(r"(max_position_embeddings|max_positions|\(T) \+ 2\b")
+    files = [ROOT / "cli.py", *sorted((ROOT / "radial_min").glob("*.py")), *sorted((ROOT / "tools").glob("*.py"))]
+    found = [
+        f"{f.relative_to(ROOT)}:{i}: {line.strip()}"
+        for f in files
+        for i, line in enumerate(f.read_text().splitlines(), 1)
+        if literal.search(line)
+    ]
+    assert found == []

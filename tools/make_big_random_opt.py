@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 from radial_min.checkpoint import write_safetensors  # noqa: E402
 from radial_min.config import OPTConfig, config_to_dict  # noqa: E402
 from radial_min.data import SHARED  # noqa: E402
+from radial_min.opt import POSITION_OFFSET  # noqa: E402
 
 
 def layer_tensors(w, i: int, E: int, F: int) -> dict:
@@ -74,7 +75,7 @@ def main(argv=None):
         if k == 0:
             t = {
                 "model.decoder.embed_tokens.weight": w(cfg.vocab_size, E),
-                "model.decoder.embed_positions.weight": w(args.max_positions + 2, E),
+                "model.decoder.embed_positions.weight": w(args.max_positions + POSITION_OFFSET, E),
                 "model.decoder.final_layer_norm.weight": np.ones(E, np.float16),
                 "model.decoder.final_layer_norm.bias": np.zeros(E, np.float16),
             }
