@@ -370,6 +370,7 @@ _RADIAL_OPTIONS = (
     "router_lr",
     "cost_rate",
     "depth_weight",
+    "explore",
 )
 
 
@@ -422,6 +423,8 @@ def check_train_settings(cfg):
             problems.append(f"--target-depth {cfg.target_depth}: expected blocks per token in (0, {depth}]")
         if not (cfg.cost >= 0 and np.isfinite(cfg.cost)):
             problems.append(f"--cost must be a finite number >= 0, got {cfg.cost}")
+        if not 0 <= cfg.explore <= 1:
+            problems.append(f"--explore {cfg.explore}: expected a share in [0, 1]")
         if cfg.in_order and cfg.router_hidden < n + 1:
             problems.append(
                 f"--router-hidden {cfg.router_hidden}: routing {n} blocks in order needs >= {n + 1} (or --in-order 0)"
@@ -1198,6 +1201,13 @@ def build_parser():
         type=float,
         default=None,
         help=f"with --target-depth: weight of (expected blocks - target)^2 in the loss (default: {d.depth_weight})",
+    )
+    rad.add_argument(
+        "--explore",
+        type=float,
+        default=None,
+        help="share of block decisions swapped for another allowed block while training, so the router learns "
+        f"about blocks it does not choose (default: {d.explore})",
     )
     t.set_defaults(func=cmd_train)
 

@@ -28,6 +28,13 @@ compute term sets the budget over E, the mean over tokens of the expected number
 depth_weight * (E - K)^2, while `update_cost` moves `cost` between steps so that the mean depth settles at K:
 a proportional and an integral controller. docs/cotraining.md says why this method.
 
+Exploration. The gate gives a block the router did not choose no gradient, so from its in-order start a router
+only ever learns about the blocks it already runs. With `explore` > 0, during training (an `rng` given), each
+decision that picked a block swaps it, with that probability, for another allowed block drawn uniformly; the
+swapped block runs with the gate of its own (small) probability, y = x + p f(x), so the LM loss says, through p,
+whether that block would have helped. EXIT decisions are left alone, so exploring costs no extra blocks.
+Evaluation and generation never explore.
+
 Shapes: n = B * T tokens (rows), E width, N blocks, H heads of size D, r the rows of a round.
 """
 
@@ -60,6 +67,7 @@ class RadialTrainConfig:
     depth_weight: float = 0.05  # with a target: weight of (expected blocks - target)^2, the pull that answers at once
     router_hidden: int = 16
     in_order: float = 6.0  # the router's start: this logit margin for the next block in order (router.init_router)
+    explore: float = 0.0  # training only: share of block decisions swapped for another allowed block
 
     def router_config(self, cfg: OPTConfig) -> R.RouterConfig:
         return R.RouterConfig(
@@ -126,6 +134,20 @@ def decide_forward(x, prev, depth, params, rc: R.RouterConfig):
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     return probs, probs.argmax(-1), (c_feat, c_mlp, probs)
+
+
+def explore(moves, probs, share: float, rng):
+    """Moves [r] with each block move, with probability `share`, swapped for another allowed block (probability
+    > 0, not EXIT), drawn uniformly; EXIT moves, and blocks with no other allowed block, stay."""
+    N = probs.shape[1] - 1  # the last column is EXIT
+    others = probs[:, :N] > 0
+    others[np.arange(len(moves)), np.minimum(moves, N - 1)] &= moves == N  # not the block already chosen
+    swap = (moves != N) & (rng.random(len(moves)) < share) & others.any(1)
+    pick = rng.random(len(moves))  # a uniform draw among each row's other blocks, by inverse CDF
+    counts = others.sum(1)
+    nth = np.minimum((pick * counts).astype(np.int64), np.maximum(counts - 1, 0))
+    chosen = np.argmax(np.cumsum(others, 1) > nth[:, None], 1)
+    return np.where(swap, chosen, moves)
 
 
 def decide_backward(dprobs, cache, params):
@@ -340,8 +362,9 @@ class _Network:
     """A batch during the training forward: the residual stream (one row per token), each token's route so far,
     the tape of decisions and rounds that the backward pass replays in reverse."""
 
-    def __init__(self, params, router, cfg: OPTConfig, rcfg: RadialTrainConfig, ids, fast=True):
+    def __init__(self, params, router, cfg: OPTConfig, rcfg: RadialTrainConfig, ids, fast=True, rng=None):
         self.P, self.R, self.cfg, self.rcfg, self.fast = params, router, cfg, rcfg, fast
+        self.rng = rng if rcfg.explore > 0 else None  # exploring: training steps only
         self.rc = rcfg.router_config(cfg)
         self.B, self.T = ids.shape
         n, E = self.B * self.T, cfg.hidden_size
@@ -362,6 +385,8 @@ class _Network:
 
     def decide(self, rows):
         probs, moves, cache = decide_forward(self.X[rows], self.prev[rows], self.depth[rows], self.R, self.rc)
+        if self.rng is not None:
+            moves = explore(moves, probs, self.rcfg.explore, self.rng)
         self.chooser[rows] = np.stack([np.full(len(rows), len(self.decisions)), np.arange(len(rows))], 1)
         self.decisions.append((rows, probs, cache))
         self.move[rows], self.gate[rows] = moves, probs[np.arange(len(rows)), moves]
@@ -475,25 +500,25 @@ class _Network:
             dprobs[k][chooser[mine, 1], moves[mine]] += dgate[mine]
 
 
-def forward(params, router, cfg: OPTConfig, rcfg: RadialTrainConfig, ids, schedule=None, fast=True):
+def forward(params, router, cfg: OPTConfig, rcfg: RadialTrainConfig, ids, schedule=None, fast=True, rng=None):
     """Logits [B * T, V] of sequences ids [B, T] (row b * T + t is token t of sequence b), the network's tape
     (its `routes` [n, max_depth], -1 = none), and the head's cache. `schedule` forces an order of rounds (the
     tests compare them); by default the policy's own. `fast`: Numba kernels where there are (float32), else NumPy
-    only (any dtype, float64 for the gradient checks)."""
-    net = _Network(params, router, cfg, rcfg, ids, fast)
+    only (any dtype, float64 for the gradient checks). `rng`: a training step's generator, for `explore`."""
+    net = _Network(params, router, cfg, rcfg, ids, fast, rng)
     net.walk(schedule or rcfg.schedule)
     logits, c_head = head_forward(net.X, params)  # [n, V]
     return logits, net, c_head
 
 
 def loss_and_grads(
-    params, router, cfg: OPTConfig, rcfg: RadialTrainConfig, batch, need_grads=True, schedule=None, fast=True
+    params, router, cfg: OPTConfig, rcfg: RadialTrainConfig, batch, need_grads=True, schedule=None, fast=True, rng=None
 ):
     """Language-model loss + compute term over a batch [B, T + 1]; the gradients of the blocks' and embeddings'
     parameters (Hugging Face names) and of the router; and `info`: the LM loss, the mean blocks per token, the
-    expected blocks of the compute term, and the routes [n, max_depth] (-1 = none)."""
+    expected blocks of the compute term, and the routes [n, max_depth] (-1 = none). `rng`: see `explore`."""
     ids, targets = batch[:, :-1], batch[:, 1:]
-    logits, net, c_head = forward(params, router, cfg, rcfg, ids, schedule, fast)
+    logits, net, c_head = forward(params, router, cfg, rcfg, ids, schedule, fast, rng)
     n = len(net.X)
     lm_loss, c_ce = bp.crossentropy_forward(logits, targets.ravel())
     expected = sum(float((1 - probs[:, net.N]).sum()) for _, probs, _ in net.decisions) / n

@@ -64,6 +64,7 @@ class TrainConfig:
     router_lr: float = 0.1  # the router's learning rate, as a share of lr
     cost_rate: float = 0.0002  # how fast the cost follows target_depth (radial_train.update_cost)
     depth_weight: float = 0.05  # weight of (expected blocks - target_depth)^2 (radial_train.compute_term)
+    explore: float = 0.0  # share of block decisions swapped for another allowed block while training (radial_train)
 
     def radial_config(self):
         """The routing settings as radial_train reads them, or None for a plain sequential model."""
@@ -81,6 +82,7 @@ class TrainConfig:
             in_order=self.in_order,
             cost_rate=self.cost_rate,
             depth_weight=self.depth_weight,
+            explore=self.explore,
         )
 
     def model_config(self) -> OPTConfig:
@@ -111,6 +113,7 @@ _RADIAL_FIELDS = (
     "router_lr",
     "cost_rate",
     "depth_weight",
+    "explore",
 )
 _RESUME_FIELDS = (
     *_MODEL_FIELDS,
@@ -197,15 +200,16 @@ def split_router(params: dict) -> tuple[dict, dict]:
     return model, {k[len(ROUTER) :]: a for k, a in params.items() if k.startswith(ROUTER)}
 
 
-def batch_grads(params, model_cfg, rcfg, batch, need_grads=True):
+def batch_grads(params, model_cfg, rcfg, batch, need_grads=True, rng=None):
     """One batch: (loss, gradients of every parameter, info). A plain model's info is {}; a Radial Network's
-    (rcfg not None) has its LM loss without the compute term, blocks/token and routes (radial_train)."""
+    (rcfg not None) has its LM loss without the compute term, blocks/token and routes (radial_train); `rng`
+    (training steps only) draws its exploration."""
     if rcfg is None:
         loss, G = loss_and_grads(params, model_cfg, batch, need_grads)
         return loss, G, {"lm_loss": loss}
 
     model, router = split_router(params)
-    loss, G, GR, info = radial_train.loss_and_grads(model, router, model_cfg, rcfg, batch, need_grads)
+    loss, G, GR, info = radial_train.loss_and_grads(model, router, model_cfg, rcfg, batch, need_grads, rng=rng)
     if need_grads:
         G.update({ROUTER + k: g for k, g in GR.items()})
     return loss, G, info
@@ -296,7 +300,8 @@ def train(
         with open(log_path, "a") as log:
             while step < cfg.steps and not interrupted and (stop_after is None or step < stop_after):
                 lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
-                loss, grads, info = batch_grads(params, model_cfg, rcfg, batch_at(train_tokens, step, cfg))
+                rng = np.random.default_rng([cfg.seed, step, 1])  # its own stream, resumable
+                loss, grads, info = batch_grads(params, model_cfg, rcfg, batch_at(train_tokens, step, cfg), rng=rng)
                 routing = rcfg is not None and step >= cfg.router_warmup
                 if rcfg is not None and not routing:  # warm-up: untrained blocks would teach the router to exit
                     grads = {k: g for k, g in grads.items() if not k.startswith(ROUTER)}

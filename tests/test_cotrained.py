@@ -188,18 +188,20 @@ def _initial_router(out, policy):
     return {tr.ROUTER + k: v for k, v in init_router(rcfg.router_config(cfg), 0, rcfg.in_order).items()}
 
 
-@pytest.mark.parametrize("policy", ["global", "per-step"])
-def test_radial_training_resumes_bit_identically(corpus, tmp_path, policy):
+@pytest.mark.parametrize("policy,explore", [("global", 0.0), ("per-step", 0.0), ("global", 0.3)])
+def test_radial_training_resumes_bit_identically(corpus, tmp_path, policy, explore):
     """Stop after 3 steps and resume to 6: the same parameters, router included, and the same compute cost (the
-    depth target's controller), bit for bit, as 6 steps straight; the log records blocks/token and the cost."""
+    depth target's controller), bit for bit, as 6 steps straight; the log records blocks/token and the cost.
+    With exploration, each step's swaps are drawn from (seed, step), so a resume draws them again."""
     from radial_min import data
     from radial_min.checkpoint import SafetensorsFile
 
     _, train_ids, val_streams = corpus
     val = {k: data.validation_sequences(s, 16, 2) for k, s in val_streams.items()}
-    straight = tr.train(radial_run(tmp_path / "a", 6, cache_policy=policy), train_ids, val, progress=False)
-    tr.train(radial_run(tmp_path / "b", 6, cache_policy=policy), train_ids, val, progress=False, stop_after=3)
-    resumed = tr.train(radial_run(tmp_path / "b", 6, cache_policy=policy), train_ids, val, progress=False)
+    run = {"cache_policy": policy, "explore": explore}
+    straight = tr.train(radial_run(tmp_path / "a", 6, **run), train_ids, val, progress=False)
+    tr.train(radial_run(tmp_path / "b", 6, **run), train_ids, val, progress=False, stop_after=3)
+    resumed = tr.train(radial_run(tmp_path / "b", 6, **run), train_ids, val, progress=False)
     assert {k for k in straight if k.startswith(tr.ROUTER)} == {"router.w1", "router.b1", "router.w2", "router.b2"}
     for name in straight:
         np.testing.assert_array_equal(resumed[name], straight[name])

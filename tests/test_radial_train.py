@@ -193,6 +193,59 @@ def test_whole_radial_network_gradients(policy, forward_only, pre_norm, max_dept
         assert_grad(GR[name], f, p, rtol=1e-5, samples=6)
 
 
+def test_explore_swaps_block_moves_for_other_allowed_blocks():
+    """Every block move is swapped at share 1, for another allowed block (probability > 0), drawn uniformly;
+    EXIT moves stay, and at share 0 nothing changes."""
+    rng = np.random.default_rng(0)
+    r, N = 6000, N_BLOCKS
+    probs = rng.uniform(0.1, 1, (r, N + 1))
+    probs[: r // 2, 0] = 0  # forward-only after block 0, say: block 0 not allowed for the first half
+    probs /= probs.sum(1, keepdims=True)
+    moves = rng.integers(0, N + 1, r)
+    moves[: r // 2] = np.maximum(moves[: r // 2], 1)
+    np.testing.assert_array_equal(rt.explore(moves, probs, 0.0, rng), moves)
+    got = rt.explore(moves, probs, 1.0, rng)
+    exits = moves == N
+    np.testing.assert_array_equal(got[exits], N)
+    assert (got[~exits] != moves[~exits]).all() and (got[~exits] < N).all()
+    assert (probs[np.arange(r), got] > 0).all()
+    first = ~exits & (np.arange(r) < r // 2)  # 2 other allowed blocks each: each drawn half the time
+    assert (got[first] != 0).all()
+    for m in range(1, N):
+        share = (got[first & (moves == m)] == (1 if m != 1 else 2)).mean()
+        assert abs(share - 0.5) < 0.06
+    half = rt.explore(moves, probs, 0.5, rng)
+    assert abs((half != moves)[~exits].mean() - 0.5) < 0.03
+
+
+def test_explored_network_gradients():
+    """With exploration the swapped blocks run gated by their own probability: the gradients stay exact (the same
+    draws at each finite-difference evaluation), the routes differ from the router's argmax ones, and without a
+    generator (evaluation) the network does not explore."""
+    cfg, params, router, rcfg = tiny(cache_policy="global", max_depth=6, cost=0.2, explore=0.5)
+    batch = np.random.default_rng(7).integers(0, cfg.vocab_size, size=(2, 8))
+
+    def run(need_grads=True, rng_seed=11, **kw):
+        rng = None if rng_seed is None else np.random.default_rng(rng_seed)
+        return rt.loss_and_grads(params, router, cfg, rcfg, batch, need_grads, fast=False, rng=rng, **kw)
+
+    loss, G, GR, info = run()
+    plain = rt.RadialTrainConfig(**{**vars(rcfg), "explore": 0.0})
+    base = rt.loss_and_grads(params, router, cfg, plain, batch, fast=False)
+    assert (info["routes"] != base[3]["routes"]).any()
+    evaluated = run(need_grads=False, rng_seed=None)
+    assert evaluated[0] == base[0]
+    np.testing.assert_array_equal(evaluated[3]["routes"], base[3]["routes"])
+
+    def f():
+        return run(need_grads=False)[0]
+
+    for name, p in params.items():
+        assert_grad(G[name], f, p, rtol=1e-5, samples=3)
+    for name, p in router.items():
+        assert_grad(GR[name], f, p, rtol=1e-5, samples=6)
+
+
 @pytest.mark.parametrize("policy,forward_only", [("per-step", False), ("per-step", True), ("per-layer", True)])
 def test_fast_schedules_equal_token_major(policy, forward_only):
     """Step-major (per-step) and block-major (forward-only per-layer) rounds compute exactly what the token-major

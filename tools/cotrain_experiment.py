@@ -58,6 +58,10 @@ MODELS = {
                                                       "--max-depth", "12", "--target-depth", TARGET]),
     "F": ("co-trained, 3 layers (6 blocks) reused up to 12 steps, global cache",
           ["--layers", "3", "--radial", "--cache-policy", "global", "--max-depth", "12", "--target-depth", TARGET]),
+    "G": ("co-trained as E, exploring: 10% of block decisions swapped", ["--layers", "6", "--radial", "--cache-policy",
+          "global", "--max-depth", "12", "--target-depth", TARGET, "--explore", "0.1"]),
+    "H": ("co-trained as F, exploring: 10% of block decisions swapped", ["--layers", "3", "--radial", "--cache-policy",
+          "global", "--max-depth", "12", "--target-depth", TARGET, "--explore", "0.1"]),
 }  # fmt: skip
 TAUS = (0.1, 0.15, 0.2, 0.25, 0.3)  # distilled routers on A: the curve C is read from at equal depth
 
