@@ -27,7 +27,7 @@ from radial_min import router as R
 from radial_min import train as tr
 from radial_min.cache import POLICIES
 from radial_min.data import SHARED
-from radial_min.errors import RadialError, SettingError
+from radial_min.errors import RadialError, SettingError, count
 from radial_min.generation import check_sampling
 from radial_min.gguf_file import is_gguf
 from radial_min.hub import DEFAULT_MODEL
@@ -58,7 +58,7 @@ def cmd_generate(args):
     context = model.config.max_position_embeddings
     if not 0 < len(ids) <= context:
         raise RadialError(
-            f"the prompt is {_count(len(ids), 'token')} long; the model takes 1 to {context}"
+            f"the prompt is {count(len(ids), 'token')} long; the model takes 1 to {context}"
             + ("" if len(ids) else " (its tokenizer adds no BOS to an empty prompt)")
         )
     room = context - len(ids) + 1
@@ -114,7 +114,7 @@ def format_stats(n_prompt: int, dt: float, stamps: list) -> str:
     """Tokens and time in all, then apart: the first new token (the prefill) and the decode rate after it.
     `stamps`: seconds from the start to each new token."""
     n = len(stamps)
-    line = f"[{_count(n_prompt, 'prompt token')} + {_count(n, 'new token')} in {dt:.2f} s, {n / dt:.1f} tokens/s"
+    line = f"[{count(n_prompt, 'prompt token')} + {count(n, 'new token')} in {dt:.2f} s, {n / dt:.1f} tokens/s"
     if n > 1:
         line += f"; the first after {stamps[0]:.2f} s (prefill), then {(n - 1) / (stamps[-1] - stamps[0]):.1f} tokens/s"
     return line + "]"
@@ -236,10 +236,10 @@ def format_info(model):
         f"model       {model.path}",
         f"type        {cfg.model_type}  ({type(model).__name__})",
         f"parameters  {model.n_params:,}",
-        f"on disk     {', '.join(_count(n, 'tensor') + ' ' + d for d, n in sorted(model.dtypes_on_disk.items()))}",
+        f"on disk     {', '.join(count(n, 'tensor') + ' ' + d for d, n in sorted(model.dtypes_on_disk.items()))}",
         *_gguf_file_line(model),
         f"in memory   {model.n_params * 4 / 2**20:.1f} MiB float32",
-        f"blocks      {len(model.blocks)} ({_count(model.n_layer, 'layer')} x attention + FFN)",
+        f"blocks      {len(model.blocks)} ({count(model.n_layer, 'layer')} x attention + FFN)",
     ]
     if cfg.model_type == "opt":
         lines += [
@@ -259,7 +259,7 @@ def format_info(model):
     else:
         lines += [
             f"width       hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}, heads {cfg.num_attention_heads}",
-            f"image       {cfg.image_size}px, patch {cfg.patch_size}, {cfg.num_patches} patches, "
+            f"image       {cfg.image_size}px, patch {cfg.patch_size}, {count(cfg.num_patches, 'patch', 'patches')}, "
             f"labels {cfg.num_labels}",
         ]
     if isinstance(model, RadialNetwork):  # co-trained: its router and routing settings
@@ -503,7 +503,7 @@ def cmd_profile(args):
             phases["images"] = profiling.profile_images(model, pixels, args.kind, _bar(f"profile {label}", "image"))
         for phase, ratios in phases.items():
             summary = profiling.summarize(ratios, names)
-            title = f"\n{label}, {phase}: residual ratio ({args.kind}) over {_count(len(ratios), 'token')}"
+            title = f"\n{label}, {phase}: residual ratio ({args.kind}) over {count(len(ratios), 'token')}"
             print(profiling.format_summary(summary, title))
             print(f"overall median {summary['overall']['median']:.4f}")
             report[f"{label}/{phase}"] = summary
@@ -640,8 +640,8 @@ def cmd_simulate(args):
     seqs, _ = _sequences(model, args)
     taus = args.taus
     print(
-        f"{model.path.name}: {_count(len(seqs), 'sequence')} x {seqs.shape[1]} tokens, "
-        f"{_count(len(model.blocks), 'block')}",
+        f"{model.path.name}: {count(len(seqs), 'sequence')} x {seqs.shape[1]} tokens, "
+        f"{count(len(model.blocks), 'block')}",
         file=sys.stderr,
     )
     if streamed:  # one pass over the weights per setting, each with its own bar by block (_BlockBar)
@@ -769,7 +769,7 @@ def cmd_train_router(args):
         )
         print(
             f"{model.path.name}: oracle labels (tau={args.tau}, {args.kv_rule}) from "
-            f"{_count(len(train_seqs), 'sequence')} x {train_seqs.shape[1]} tokens",
+            f"{count(len(train_seqs), 'sequence')} x {train_seqs.shape[1]} tokens",
             file=sys.stderr,
         )
         ex = R.oracle_examples(model, train_seqs, args.tau, args.kv_rule, args.kind, _bar("oracle labels", "seq"))
@@ -883,7 +883,7 @@ def format_router_report(acc_train, acc_test, own, runs, n_test, depth, at_depth
         f"on the router's own states (its own routes, each decision against the oracle's rule on the state it "
         f"reached):\n  decisions {own['move']:.1%}; whole routes {own['route']:.1%}; keep/skip per block "
         f"{own['block']:.1%}",
-        f"\n{'on ' + _count(n_test, 'held-out sequence'):<36}{'ppl':>10}{'blocks/token':>14}{'min':>5}{'max':>5}",
+        f"\n{'on ' + count(n_test, 'held-out sequence'):<36}{'ppl':>10}{'blocks/token':>14}{'min':>5}{'max':>5}",
     ]
     for name, run in runs.items():
         lines.append(f"{name:<36}{run.ppl:10.3f}{run.depth.mean():14.2f}{run.depth.min():5d}{run.depth.max():5d}")
@@ -941,17 +941,12 @@ def _check_free(folder, names, overwrite):
     if taken and not overwrite:
         raise RadialError(
             f"--out {folder}: already holds {', '.join(taken)}; pass --overwrite to replace "
-            "them, or choose another --out"
+            f"{'it' if len(taken) == 1 else 'them'}, or choose another --out"
         )
 
 
 def _nonempty(folder):
     return Path(folder).is_dir() and any(Path(folder).iterdir()) or Path(folder).is_file()
-
-
-def _count(n, noun):
-    """'1 sequence', '3 sequences'."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _warn(message):

@@ -122,7 +122,7 @@ def machine(threads, torch_mod) -> list:
     )
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     rows = [
-        ["CPU", f"{cpu}, {os.cpu_count()} logical CPUs, {len(os.sched_getaffinity(0))} usable"],
+        ["CPU", f"{cpu}; logical CPUs: {os.cpu_count()}, usable: {len(os.sched_getaffinity(0))}"],
         ["RAM", f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB"],
         ["Python / numpy / numba", f"{platform.python_version()} / {np.__version__} / {numba.__version__}"],
         [

@@ -22,7 +22,7 @@ import numpy as np
 import safetensors
 
 from .dtypes import bf16_to_float32, to_float32, to_storage  # noqa: F401 (bf16_to_float32 re-exported)
-from .errors import CheckpointError
+from .errors import CheckpointError, count
 from .outputs import write_bytes
 from .torch_pickle import TorchFile as open_bin
 
@@ -59,7 +59,7 @@ class SafetensorsFile:
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{self.path}: too short to be a safetensors file ({size} bytes)")
+                raise CheckpointError(f"{self.path}: too short to be a safetensors file ({count(size, 'byte')})")
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER:
                 raise CheckpointError(f"{self.path}: header length {n} is over the {_MAX_HEADER}-byte limit")
@@ -127,7 +127,8 @@ class SafetensorsFile:
         nbytes = math.prod(shape) * _ST_DTYPES[code].itemsize  # Python ints: no overflow
         if stop < begin or stop - begin != nbytes:
             raise CheckpointError(
-                f"{bad} spans {stop - begin} bytes, expected {nbytes} for {code}{shape} (offsets {begin}..{stop})"
+                f"{bad} spans {count(stop - begin, 'byte')}, expected {nbytes} for {code}{shape} "
+                f"(offsets {begin}..{stop})"
             )
         return code, tuple(shape), begin, stop
 

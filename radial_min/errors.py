@@ -5,6 +5,11 @@ traceback. Messages name the file, tensor or argument at fault and say what was 
 """
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """A number and its noun, for messages: '1 sequence', '3 sequences', '12,288 tokens', '1 patch', '4 patches'."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
 class RadialError(Exception):
     """Bad input: a checkpoint, file, argument or option that cannot be used as given."""
 

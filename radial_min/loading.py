@@ -13,7 +13,7 @@ from . import kernels, llama, opt, vit
 from .checkpoint import open_checkpoint, quote
 from .dtypes import check_storage_dtype, to_storage
 from .config import config_from_dict, read_config
-from .errors import CheckpointError, SettingError
+from .errors import CheckpointError, SettingError, count
 from .gguf_file import GGUFStore, Renamed, config_dict, field, is_gguf, open_reader
 from .hub import resolve
 from .radial import RADIAL_CONFIG, load_radial
@@ -80,7 +80,7 @@ def read_checked(store, theirs) -> np.ndarray:
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         bad = int(a.size - np.isfinite(a).sum())
         raise CheckpointError(
-            f"{store.description}: tensor {quote(theirs)} has {bad} NaN or infinite values of {a.size}"
+            f"{store.description}: tensor {quote(theirs)} has {count(bad, 'NaN or infinite value')} of {a.size}"
         )
     return a
 

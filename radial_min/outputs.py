@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RadialError
+from .errors import RadialError, count
 
 
 def write_bytes(path, data: bytes) -> Path:
@@ -88,7 +88,7 @@ def npy_header(f, nbytes: int):
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, _, dtype = read(f)
     if dtype.hasobject or any(n < 0 for n in shape) or math.prod(shape) * dtype.itemsize > nbytes:
-        raise ValueError(f"the header declares {dtype}{list(shape)}, more than the {nbytes} bytes it holds")
+        raise ValueError(f"the header declares {dtype}{list(shape)}, more than the {count(nbytes, 'byte')} it holds")
     return shape, dtype
 
 

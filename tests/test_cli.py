@@ -837,7 +837,12 @@ def test_results_already_there_are_not_replaced(capsys, tiny_random_opt, tmp_pat
     (tmp_path / "simulate.json").write_text("mine")
     code, _, err = call(capsys, *args)
     assert_one_line_error(code, err)
-    assert "already holds simulate.json" in err and (tmp_path / "simulate.json").read_text() == "mine"
+    assert "already holds simulate.json; pass --overwrite to replace it, or" in err
+    assert (tmp_path / "simulate.json").read_text() == "mine"
+    (tmp_path / "simulate.csv").write_text("mine too")
+    code, _, err = call(capsys, *args)
+    assert_one_line_error(code, err)
+    assert "already holds simulate.json, simulate.csv; pass --overwrite to replace them, or" in err
     code, out, err = call(capsys, *args, "--overwrite")
     assert code == 0 and json.loads((tmp_path / "simulate.json").read_text())["sequences"] == 1
     assert "1 sequence x 32 tokens, 4 blocks" in err
@@ -858,4 +863,5 @@ def test_every_option_has_help_and_a_stated_default():
 
 
 def test_count_grammar():
-    assert cli._count(1, "sequence") == "1 sequence" and cli._count(2, "layer") == "2 layers"
+    assert cli.count(1, "sequence") == "1 sequence" and cli.count(2, "layer") == "2 layers"
+    assert cli.count(1, "patch", "patches") == "1 patch" and cli.count(196, "patch", "patches") == "196 patches"

@@ -282,7 +282,7 @@ def test_nan_weights_are_named_when_their_block_is_read(tmp_path):
     tensors[name][0, 0] = np.nan
     write_safetensors(folder / "model.safetensors", tensors)
     model = stream.StreamedModel(folder)
-    with pytest.raises(CheckpointError, match=f"'{name}' has 1 NaN or infinite values"):
+    with pytest.raises(CheckpointError, match=f"'{name}' has 1 NaN or infinite value of"):
         profiling.profile_text(model, SEQS)
 
 

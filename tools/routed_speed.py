@@ -17,6 +17,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import radial_min  # noqa: E402
 from radial_min import data  # noqa: E402
+from radial_min.errors import count  # noqa: E402
 from radial_min.radial import RadialNetwork  # noqa: E402
 from radial_min.router import Router  # noqa: E402
 
@@ -55,7 +56,7 @@ def main(argv=None):
         f"{model.path.name}, router {router_path} (tau {router.config.tau}, {router.config.kv_rule}); "
         f"{len(prompts)} prompts x {args.prompt_len} tokens, {args.new} new tokens, greedy"
     )
-    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {count(os.cpu_count(), 'core')}")
     radial_min.generate(model, prompts[0], 2)  # compile and warm both paths before timing
     radial_min.generate(RadialNetwork(model, router), prompts[0], 2)
     rows = []

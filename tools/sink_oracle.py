@@ -15,6 +15,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import radial_min  # noqa: E402
 from radial_min import data, oracle  # noqa: E402
+from radial_min.errors import count  # noqa: E402
 
 
 def first_token_runs_all(tau):
@@ -49,7 +50,9 @@ def main(argv=None):
     model, tok = radial_min.load(args.model), radial_min.Tokenizer(args.model)
     seqs = data.pack(tok.encode(data.read_text(data.default_text("test"))), args.seq_len, args.max_sequences)
     T = seqs.shape[1]
-    print(f"{model.path.name}: {len(seqs)} sequences x {T} tokens of WikiText-2 test, {len(model.blocks)} blocks")
+    print(
+        f"{model.path.name}: {count(len(seqs), 'sequence')} x {T} tokens of WikiText-2 test, {len(model.blocks)} blocks"
+    )
 
     norms = StreamNorms()
     full = oracle.simulate(model, seqs, oracle.threshold(0.0))
