@@ -1015,8 +1015,10 @@ def build_parser():
         help="divide the logits of tokens already in the text by this (transformers' rule); 1 = off. "
         "The default 1.2 keeps a small model's greedy text from looping (default: %(default)s)",
     )
-    g.add_argument("--quiet", action="store_true", help="print only the new text at the end, no streaming")
-    g.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
+    g.add_argument(
+        "--quiet", action="store_true", help="print only the new text at the end, no streaming (default: off)"
+    )
+    g.add_argument("--stats", action="store_true", help="print tokens/s to stderr (default: off)")
     g.add_argument(
         "--weights-dtype",
         choices=DTYPES,
@@ -1082,7 +1084,7 @@ def build_parser():
         default=None,
         help="after training, write a Hugging Face OPT checkpoint to this folder (default: none)",
     )
-    t.add_argument("--overwrite", action="store_true", help="replace an existing --export folder")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --export folder (default: off)")
     t.add_argument(
         "--dtype", default="float16", choices=DTYPES[:2], help="dtype of the exported weights (default: %(default)s)"
     )
@@ -1146,7 +1148,7 @@ def build_parser():
     rad.add_argument(
         "--forward-only",
         action="store_true",
-        help="blocks in order, each at most once (default: any order, blocks may be reused)",
+        help="blocks in order, each at most once (default: off, any order, blocks may be reused)",
     )
     rad.add_argument(
         "--cache-policy",
@@ -1231,7 +1233,7 @@ def build_parser():
             default=profiling.KINDS[0],
             help="ratio: ||f||/||x+f|| (output) or ||f||/(||x||+||f||) (sum) (default: %(default)s)",
         )
-        q.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+        q.add_argument("--overwrite", action="store_true", help="replace results already in --out (default: off)")
 
     def add_stream_arg(q, where):
         q.add_argument(
@@ -1239,9 +1241,9 @@ def build_parser():
             action="store_true",
             help="read each block's weights from the checkpoint just before it runs over all sequences "
             "and free them after (OPT, Llama, Qwen2; safetensors, pytorch_model.bin, GGUF): memory "
-            "bounded by the largest blocks and the hidden states, not the model; automatic when the "
-            "model would not fit in memory. Run the same command again to resume an interrupted run at "
-            f"its block (checkpoints in {where})",
+            "bounded by the largest blocks and the hidden states, not the model. Run the same command again "
+            f"to resume an interrupted run at its block (checkpoints in {where}) (default: off; on by itself "
+            "when the model would not fit in memory)",
         )
 
     pr = command("profile", "residual ratio of every block and token: tables, .npz/CSV/JSON, plots")
@@ -1252,7 +1254,12 @@ def build_parser():
         help="checkpoint folder, .gguf file or Hub id; repeat to compare models (default: the shipped model)",
     )
     add_text_args(pr, None)
-    pr.add_argument("--images", default=str(SHARED / "images"), help="ViT: image file or folder (default: %(default)s)")
+    pr.add_argument(
+        "--images",
+        default=str(SHARED / "images"),
+        help="ViT: image file or folder (default: the shared data's images/, ../shared/data/images beside the "
+        "checkout or $RADIAL_MIN_DATA/images)",
+    )
     pr.add_argument(
         "--generate",
         type=_generate_count,
@@ -1350,7 +1357,9 @@ def build_parser():
         default=None,
         help="folder for router.json/.safetensors, the report and plots (default: runs/router-tau<tau>)",
     )
-    tr_.add_argument("--overwrite", action="store_true", help="replace a router or report already in --out")
+    tr_.add_argument(
+        "--overwrite", action="store_true", help="replace a router or report already in --out (default: off)"
+    )
     tr_.add_argument(
         "--evaluate",
         default=None,

@@ -862,6 +862,22 @@ def test_every_option_has_help_and_a_stated_default():
     assert router_help.get_default("out") is None and "runs/router-tau<tau>" in router_help.format_help()
 
 
+def test_every_option_shows_its_default():
+    """Each subcommand's options, flags included, say what they are when not given, in words a reader of any
+    machine can use: no absolute path of this one."""
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            shown = action.help % vars(action)
+            assert ("(required)" if action.required else "(default: ") in shown, (name, action.dest, shown)
+            assert str(ROOT.parent) not in shown and str(SHARED) not in shown, (name, action.dest, shown)
+            if isinstance(action, argparse._StoreTrueAction):
+                assert "(default: off" in shown, (name, action.dest, shown)
+
+
 def test_count_grammar():
     assert cli.count(1, "sequence") == "1 sequence" and cli.count(2, "layer") == "2 layers"
     assert cli.count(1, "patch", "patches") == "1 patch" and cli.count(196, "patch", "patches") == "196 patches"
