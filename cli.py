@@ -182,7 +182,7 @@ _SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
 def _depth_streamer(stream, radial, style, write):
     """Stream text with the depth that produced each token: a subscript count, or a grey shade (darker = deeper).
     By default markers appear only on a terminal, so piped text stays plain."""
-    n = len(radial.blocks)
+    deepest = max(len(radial.blocks), radial.max_depth)  # a network that reuses blocks may go deeper than it has
     if style in (None, "auto"):
         style = "shade" if sys.stdout.isatty() else "none"
 
@@ -191,16 +191,17 @@ def _depth_streamer(stream, radial, style, write):
         if style == "count":
             piece += str(depth).translate(_SUBSCRIPT)
         elif style == "shade" and piece:
-            return write(shade(piece, depth, n))
+            return write(shade(piece, depth, deepest))
         write(piece)
 
     return on_token
 
 
-def shade(piece, depth, n_blocks):
-    """`piece` on a grey background, white (depth 0) to near-black (all blocks): ANSI 256-colour greys 255..232,
-    all 24 used, so neighbouring depths of a 12-block model are two steps apart; light text on the dark half."""
-    grey = 255 - round(23 * depth / max(1, n_blocks))
+def shade(piece, depth, deepest):
+    """`piece` on a grey background, from white (depth 0) to near-black (`deepest`, the most blocks a token may
+    run): the 24 ANSI 256-colour greys 255..232, all used. Up to 23 blocks deep, neighbouring depths are at least
+    one grey apart (a 12-block model's one or two); deeper, neighbours may share a grey. Light text on the dark half."""
+    grey = 255 - round(23 * min(depth, deepest) / max(1, deepest))
     ink = 16 if grey >= 244 else 231
     return f"\x1b[48;5;{grey}m\x1b[38;5;{ink}m{piece}\x1b[0m"
 

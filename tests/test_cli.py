@@ -806,15 +806,25 @@ def test_depth_markers_only_on_a_terminal_and_shades_distinct(monkeypatch):
             return "ab"
 
     class Radial:
-        blocks, routes = [0] * 12, [[0, 1, 2]]
+        blocks, routes, max_depth = [0] * 12, [[0, 1, 2]], 12
+
+    def grey(shaded):
+        return int(re.search(r"\x1b\[48;5;(\d+)m", shaded).group(1))
 
     written = []
     on_token = cli._depth_streamer(Stream(), Radial(), None, written.append)  # pytest's stdout is not a terminal
     on_token(5)
     assert written == ["ab"]
-    shades = {cli.shade("x", d, 12) for d in range(13)}
-    greys = [int(re.search(r"48;5;(\d+)m", s).group(1)) for s in sorted(shades)]
-    assert len(shades) == 13 and min(np.diff(sorted(greys))) >= 1
+    for deepest in range(1, 24):  # every depth its own grey, white to the darkest, neighbours >= 1 step apart
+        greys = [grey(cli.shade("x", d, deepest)) for d in range(deepest + 1)]
+        assert greys[0] == 255 and greys[-1] == 232 and min(-np.diff(greys)) >= 1, deepest
+    reuse = Radial()  # co-trained with reuse: 12 blocks, up to 48 run per token
+    reuse.max_depth, reuse.routes = 48, [list(range(12)) * 3 + [0, 1, 2, 3]]  # 40 blocks deep
+    written = []
+    cli._depth_streamer(Stream(), reuse, "shade", written.append)(5)
+    assert grey(written[0]) == 255 - round(23 * 40 / 48)  # scaled by the deepest route, still an ANSI grey
+    greys = [grey(cli.shade("x", d, 48)) for d in range(49)]
+    assert min(greys) == 232 and max(greys) == 255 and all(np.diff(greys) <= 0)
 
 
 def test_results_already_there_are_not_replaced(capsys, tiny_random_opt, tmp_path):
