@@ -58,20 +58,23 @@ def run(job: Pass):
     it, checkpointing after each block; then the head (if the job wants logits) and `finish`, sequence by sequence.
 
     A model's `progress(items, i)` wraps the sequences of step i (a block, then the head) and may have
-    `begin(label, steps, start)`, told which steps the pass has and where it starts."""
+    `begin(label, steps, start, n_seq)`, told which steps the pass has, where it starts (len(steps): a pass an
+    earlier run finished, nothing left to run) and over how many sequences."""
     model, seqs = job.model, job.sequences
     n_seq, T = seqs.shape
     n = len(model.blocks)
-    store = _States(model.state_dir, job.key, (n_seq, T, model.config.hidden_size), model.scratch_limit)
-    if store.done(job):
-        return job
-    start = store.resume(job)
-    pos = np.arange(T)
     steps = [b.name for b in model.blocks] + (["head"] if job.head else [])
     progress = model.progress or (lambda items, i: items)
     begin = getattr(progress, "begin", None)
+    store = _States(model.state_dir, job.key, (n_seq, T, model.config.hidden_size), model.scratch_limit)
+    if store.done(job):
+        if begin is not None:
+            begin(job.label, steps, len(steps), n_seq)
+        return job
+    start = store.resume(job)
+    pos = np.arange(T)
     if begin is not None:
-        begin(job.label, steps, start)
+        begin(job.label, steps, start or 0, n_seq)
     if start is None:  # a fresh pass
         for s, ids in enumerate(seqs):
             x = model.embed(ids, pos)
@@ -283,7 +286,10 @@ def _digest(h, obj, depth):
 
 
 def describe(decide) -> str:
-    """A short label for a decision rule, for progress bars: `threshold(0.2)`, `static([3, 5])`, `RouterDecisions`."""
+    """A short label for a decision rule, for progress bars: its own `label` if it has one ('oracle tau=0.2, drop'),
+    else from its code: `threshold(0.2)`, `static([3, 5])`, `RouterDecisions`."""
+    if getattr(decide, "label", None):
+        return decide.label
     name = getattr(decide, "__qualname__", type(decide).__name__).split(".")[0]
     cells = [c.cell_contents for c in getattr(decide, "__closure__", None) or ()]
     shown = [

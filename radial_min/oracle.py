@@ -142,7 +142,8 @@ class SimulationPass(layer_major.Pass):
         super().__init__(model, sequences, ("simulate", kv_rule, kind, decide))
         n_seq, T = self.sequences.shape
         n = len(model.blocks)
-        self.kv_rule, self.kind, self.label = kv_rule, kind, f"{layer_major.describe(decide)}, {kv_rule}"
+        label = getattr(decide, "label", None) or f"{layer_major.describe(decide)}, {kv_rule}"  # a given label: whole
+        self.kv_rule, self.kind, self.label = kv_rule, kind, label
         self.arrays.update(
             keep=np.zeros((n_seq, T, n), bool), ratios=np.zeros((n_seq, T, n)), nll=np.zeros((n_seq, T - 1))
         )
@@ -181,15 +182,26 @@ class SimulationPass(layer_major.Pass):
             setattr(self.decide[int(s)], attr, np.array(v))
 
 
-def threshold(tau: float):
-    """The oracle: keep a block for a token when its ratio is at least tau."""
-    return lambda b, rows, r: r >= tau
+def threshold(tau: float, label: str | None = None):
+    """The oracle: keep a block for a token when its ratio is at least tau. `label` names its pass on progress bars
+    (the rule included, e.g. 'oracle tau=0.2, drop')."""
+
+    def decide(b, rows, r):
+        return r >= tau
+
+    decide.label = label
+    return decide
 
 
-def static(dropped_blocks):
-    """A fixed set of blocks skipped by every token (the static baselines)."""
+def static(dropped_blocks, label: str | None = None):
+    """A fixed set of blocks skipped by every token (the static baselines); `label` as for `threshold`."""
     dropped = set(int(b) for b in dropped_blocks)
-    return lambda b, rows, r: np.full(len(rows), b not in dropped)
+
+    def decide(b, rows, r):
+        return np.full(len(rows), b not in dropped)
+
+    decide.label = label
+    return decide
 
 
 def forced(keep):
@@ -267,9 +279,9 @@ class StaticBaselines:
     def run(self, kind: str, k: int) -> Run:
         if (kind, k) not in self.runs:
             blocks = self.blocks(kind, k)
-            label = f"static, {self.NAMES[kind]} {k} dropped"
-            progress = None if self.bar is None else (lambda items: self.bar.track(items, label))
-            run = simulate(self.model, self.sequences, static(blocks), "fill", progress=progress)
+            decide = static(blocks, f"static, {self.NAMES[kind]} {k} dropped")
+            progress = None if self.bar is None else (lambda items: self.bar.track(items, decide.label))
+            run = simulate(self.model, self.sequences, decide, "fill", progress=progress)
             self.runs[(kind, k)] = (blocks, run)
         return self.runs[(kind, k)][1]
 
@@ -291,16 +303,23 @@ def sweep(model, sequences, taus, kv_rules=KV_RULES, kind: str = "output", bar=N
     """Perplexity against mean depth for the oracle at each tau and rule, with everything compared at the same
     mean depth: each static baseline at the oracle's depth (between the whole block counts around it, `at_depth`),
     and the other rule's oracle curve at that depth. Returns rows for a table, the baseline runs, the depth
-    histograms. `bar` (a `progress.Bar`) counts every pass; the baselines' passes are added once known."""
+    histograms. `bar` (a `progress.Bar`) counts every pass, each under its rule's label; the baselines' passes are
+    added once known. A streamed model's passes count on its own `progress` instead, which takes the same `extend`
+    (sequences to run through whole passes): the CLI gives it as `bar`."""
     n_blocks, n_seq = len(model.blocks), len(sequences)
     passes = [(rule, tau) for rule in kv_rules for tau in taus if tau != 0]
-    track = (lambda label: None) if bar is None else (lambda label: lambda items: bar.track(items, label))
     if bar is not None:
         bar.extend((1 + len(passes)) * n_seq, final=False)
-    full = simulate(model, sequences, threshold(0.0), "fill", kind, track("tau=0 (sequential)"))
+
+    def run(decide, rule):
+        return simulate(
+            model, sequences, decide, rule, kind, None if bar is None else lambda s: bar.track(s, decide.label)
+        )
+
+    full = run(threshold(0.0, "tau=0 (sequential)"), "fill")
     runs = {(rule, tau): full if tau == 0 else None for rule in kv_rules for tau in taus}
     for rule, tau in passes:
-        runs[(rule, tau)] = simulate(model, sequences, threshold(tau), rule, kind, track(f"oracle tau={tau:g}, {rule}"))
+        runs[(rule, tau)] = run(threshold(tau, f"oracle tau={tau:g}, {rule}"), rule)
     mean_ratio = full.ratios.reshape(-1, n_blocks).mean(0)
     statics = StaticBaselines(model, sequences, mean_ratio, full, bar)
     depths = [float(r.depth.mean()) for r in runs.values()]

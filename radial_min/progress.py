@@ -69,6 +69,12 @@ class Bar:
         """Named values after the count ('loss 3.210  tok_s 1950'), as tqdm's set_postfix."""
         self.set(info="  ".join(f"{k} {v}" for k, v in values.items()))
 
+    def skip(self, n: int):
+        """`n` items done before this process started (a resumed run's): counted, but not in the rate."""
+        self.n += n
+        self.start += n
+        self._draw()
+
     def extend(self, n: int, final: bool = True):
         """`n` more items than planned: for work that becomes known on the way; final=False if more may follow."""
         self.total += n

@@ -36,6 +36,15 @@ def test_rate_and_time_left_count_only_this_runs_work(clock):
     assert bar.line() == "train  110/200 step (55%)  2 step/s  0:05, about 0:45 left"
 
 
+def test_work_skipped_on_the_way_counts_as_done_not_in_the_rate(clock):
+    """A streamed pass resumed at its block: the blocks an earlier run did are skipped, the rate is this run's."""
+    bar = progress.Bar(200, "simulate", "seq-block", stream=Terminal())
+    clock.t += 5
+    bar.update(10)
+    bar.skip(100)
+    assert bar.line() == "simulate  110/200 seq-block (55%)  2 seq-block/s  0:05, about 0:45 left"
+
+
 def test_growing_total_reads_at_least_and_stage_follows_the_label(clock):
     out = Terminal()
     bar = progress.Bar(0, "simulate", "seq", final=False, stream=out)

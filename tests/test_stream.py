@@ -5,6 +5,7 @@ head in pieces, resumption after an interruption, and one-line refusals for chec
 import gc
 import json
 import os
+import re
 import shutil
 import sys
 import weakref
@@ -15,7 +16,7 @@ import pytest
 from conftest import FIXTURES
 
 import radial_min
-from radial_min import kernels, layer_major, memory, oracle, profiling, stream
+from radial_min import kernels, layer_major, memory, oracle, profiling, progress, stream
 from radial_min import router as R
 from radial_min.data import train_tokenizer
 from radial_min.errors import CheckpointError
@@ -206,13 +207,14 @@ def test_interrupted_router_decisions_and_labels_resume(tmp_path):
 
 
 class Passes:
-    """A model's progress that records each pass (label, first step) and stops pass `stop[0]` at block `stop[1]`."""
+    """A model's progress that records each pass run (label, first step) and each pass kept whole from an earlier
+    run, and stops pass `stop[0]` at block `stop[1]`."""
 
     def __init__(self, stop=None):
-        self.begun, self.stop = [], stop
+        self.begun, self.kept, self.stop = [], [], stop
 
-    def begin(self, label, steps, start):
-        self.begun.append((label, start))
+    def begin(self, label, steps, start, n_seq):
+        (self.kept.append(label) if start == len(steps) else self.begun.append((label, start)))
 
     def __call__(self, items, b):
         if self.stop == (len(self.begun), b):
@@ -228,12 +230,12 @@ def test_a_sweep_resumed_does_not_run_finished_passes_again(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         oracle.sweep(model, SEQS, [0, TAU], ["fill", "drop"])
     first = model.progress.begun
-    labels = ["threshold(0.0), fill", f"threshold({TAU}), fill", f"threshold({TAU}), drop"]
+    labels = ["tau=0 (sequential)", f"oracle tau={TAU:g}, fill", f"oracle tau={TAU:g}, drop"]
     assert [label for label, _ in first] == labels
     model.progress = Passes()
     got = oracle.sweep(model, SEQS, [0, TAU], ["fill", "drop"])
     again = model.progress.begun
-    assert again[0] == (f"threshold({TAU}), drop", 2)  # passes 1-2 kept, pass 3 resumed at its block
+    assert again[0] == (f"oracle tau={TAU:g}, drop", 2) and model.progress.kept[:2] == labels[:2]  # 3 resumed
     assert not set(first[:2]) & set(again)
     assert got["rows"] == want["rows"]
     np.testing.assert_array_equal(got["mean_ratio"], want["mean_ratio"])
@@ -383,9 +385,38 @@ def test_interrupted_simulate_command_resumes_with_the_same_files(capsys, tmp_pa
     code, _, err = run_cli(capsys, argv)
     assert code == 130 and "interrupted" in err and (tmp_path / "stream" / ".stream").is_dir()
     loads.clear()
-    assert run_cli(capsys, argv)[0] == 0
-    assert loads[:4] == [2, 3, 4, 5]  # the first two passes were kept, the third resumed at its block
+    code, _, err = run_cli(capsys, argv)
+    assert code == 0 and loads[:4] == [2, 3, 4, 5]  # the first two passes were kept, the third resumed at its block
+    assert re.search(r"^opt-fp16-sharded  ([\d,]+)/\1 seq-block \(100%\)", err, re.M), err  # the kept work counted
     assert_same_files(tmp_path / "memory", tmp_path / "stream")
+
+
+def test_streamed_simulate_counts_every_pass_on_one_bar(capsys, tmp_path, with_tokenizer, monkeypatch):
+    """simulate --stream: one bar, never restarting, over each sequence through each block and the head of every
+    pass (the sweep's, the baselines', the routing trace's), its total known before the last passes run, each
+    pass named as in memory."""
+    folders, text = with_tokenizer
+    monkeypatch.setattr(progress, "PLAIN_EVERY", 0)  # stderr is not a terminal: a plain line at every count
+    code, _, err = run_cli(
+        capsys, command("simulate", folders["opt-fp16-sharded"], text, tmp_path / "st") + ["--stream"]
+    )
+    assert code == 0
+    lines = [line for line in err.splitlines() if re.search(r"/[\d,]+\+? seq-block", line)]  # once there is work
+    counts = [
+        [int(n.replace(",", "")) for n in re.search(r" ([\d,]+)/([\d,]+)\+? seq-block", line).groups()]
+        for line in lines
+    ]
+    done = [n for n, _ in counts]
+    assert done == sorted(done) and counts[-1][0] == counts[-1][1] and "(100%)" in lines[-1]
+    statics = [r for r in json.loads((tmp_path / "st" / "simulate.json").read_text())["static"] if r["k"]]
+    n_seq, steps = 4, 6 + 1  # --max-sequences 4, six blocks and the head
+    assert counts[-1][1] == (3 + len(statics)) * n_seq * steps + 1 * steps  # 3 oracle passes, baselines, trace
+    known = next(i for i, line in enumerate(lines) if "about" in line)  # the time left: "at least" until then
+    assert all("left" not in line or "at least" in line for line in lines[:known])
+    assert counts[known][0] <= 3 * n_seq * steps + 1 and {t for _, t in counts[known:]} == {counts[-1][1]}
+    assert not any("threshold(" in line for line in lines)
+    for label in ("tau=0 (sequential)", f"oracle tau={TAU:g}, drop", "static, ", "routing trace: oracle"):
+        assert any(f"opt-fp16-sharded: {label}" in line for line in lines), label
 
 
 def test_streaming_switches_on_when_the_model_would_not_fit(capsys, tmp_path, with_tokenizer, monkeypatch):
