@@ -27,6 +27,7 @@ from radial_min import router as R
 from radial_min import train as tr
 from radial_min.cache import POLICIES
 from radial_min.data import SHARED
+from radial_min.dtypes import STORAGE_DTYPES
 from radial_min.errors import RadialError, SettingError, count
 from radial_min.generation import check_sampling
 from radial_min.gguf_file import is_gguf
@@ -38,7 +39,6 @@ from radial_min.radial import RadialNetwork, RouterDecisions, format_routing
 from radial_min.tokenizer import Streamer
 
 TAU = 0.2  # the default threshold: the shipped router's; on the shipped model 0.05 skips almost nothing
-DTYPES = ("float32", "float16", "bfloat16", "int8")
 MIN_VOCAB = 260  # a byte-level BPE: 256 bytes + 4 special tokens
 
 
@@ -1037,7 +1037,7 @@ def build_parser():
     g.add_argument("--stats", action="store_true", help="print tokens/s to stderr (default: off)")
     g.add_argument(
         "--weights-dtype",
-        choices=DTYPES,
+        choices=STORAGE_DTYPES,
         default="float32",
         help="keep weight matrices in this precision in memory; compute stays float32 (default: %(default)s)",
     )
@@ -1092,9 +1092,9 @@ def build_parser():
         "../shared/data when present). State is saved atomically every --save-every steps and on Ctrl-C; "
         "rerun the same command to resume.",
     )
-    t.add_argument(
-        "--out", default="runs/opt-kjv-wiki", help="run folder: tokenizer, tokens, state, log (default: %(default)s)"
-    )
+    d = tr.TrainConfig()  # the defaults are the trainer's; the routing options default to None (= not given, see
+    # _radial_settings), their values shown from it
+    t.add_argument("--out", default=d.out, help="run folder: tokenizer, tokens, state, log (default: %(default)s)")
     t.add_argument(
         "--export",
         default=None,
@@ -1102,42 +1102,65 @@ def build_parser():
     )
     t.add_argument("--overwrite", action="store_true", help="replace an existing --export folder (default: off)")
     t.add_argument(
-        "--dtype", default="float16", choices=DTYPES[:2], help="dtype of the exported weights (default: %(default)s)"
+        "--dtype",
+        default="float16",
+        choices=STORAGE_DTYPES[:2],
+        help="dtype of the exported weights (default: %(default)s)",
     )
     t.add_argument(
-        "--vocab-size", type=_positive_int, default=8192, help=f"BPE vocabulary, >= {MIN_VOCAB} (default: %(default)s)"
+        "--vocab-size",
+        type=_positive_int,
+        default=d.vocab_size,
+        help=f"BPE vocabulary, >= {MIN_VOCAB} (default: %(default)s)",
     )
-    t.add_argument("--hidden-size", type=_positive_int, default=256, help="model width E (default: %(default)s)")
     t.add_argument(
-        "--layers", type=_positive_int, default=6, help="transformer layers, two blocks each (default: %(default)s)"
+        "--hidden-size", type=_positive_int, default=d.hidden_size, help="model width E (default: %(default)s)"
     )
     t.add_argument(
-        "--heads", type=_positive_int, default=8, help="attention heads, dividing the width (default: %(default)s)"
+        "--layers",
+        type=_positive_int,
+        default=d.num_hidden_layers,
+        help="transformer layers, two blocks each (default: %(default)s)",
+    )
+    t.add_argument(
+        "--heads",
+        type=_positive_int,
+        default=d.num_attention_heads,
+        help="attention heads, dividing the width (default: %(default)s)",
     )
     t.add_argument("--ffn-dim", type=_positive_int, default=None, help="FFN width (default: 4 x hidden size)")
     t.add_argument(
         "--seq-len",
         type=_positive_int,
-        default=256,
+        default=d.seq_len,
         help="training context, also the model's max positions (default: %(default)s)",
     )
-    t.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per step (default: %(default)s)")
-    t.add_argument("--steps", type=_positive_int, default=1200, help="optimizer steps (default: %(default)s)")
-    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
-    t.add_argument("--warmup", type=_nonneg_int, default=60, help="linear warm-up steps (default: %(default)s)")
-    t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (default: %(default)s)")
     t.add_argument(
-        "--grad-clip", type=float, default=1.0, help="global gradient-norm clip, 0 = off (default: %(default)s)"
+        "--batch-size", type=_positive_int, default=d.batch_size, help="sequences per step (default: %(default)s)"
+    )
+    t.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
+    t.add_argument("--warmup", type=_nonneg_int, default=d.warmup, help="linear warm-up steps (default: %(default)s)")
+    t.add_argument(
+        "--weight-decay", type=float, default=d.weight_decay, help="AdamW decay on matrices (default: %(default)s)"
     )
     t.add_argument(
-        "--eval-every", type=_positive_int, default=100, help="steps between validation losses (default: %(default)s)"
+        "--grad-clip", type=float, default=d.grad_clip, help="global gradient-norm clip, 0 = off (default: %(default)s)"
     )
     t.add_argument(
-        "--save-every", type=_positive_int, default=50, help="steps between checkpoints (default: %(default)s)"
+        "--eval-every",
+        type=_positive_int,
+        default=d.eval_every,
+        help="steps between validation losses (default: %(default)s)",
     )
-    t.add_argument("--seed", type=_nonneg_int, default=0, help="seed for init and batches (default: %(default)s)")
+    t.add_argument(
+        "--save-every",
+        type=_positive_int,
+        default=d.save_every,
+        help="steps between checkpoints (default: %(default)s)",
+    )
+    t.add_argument("--seed", type=_nonneg_int, default=d.seed, help="seed for init and batches (default: %(default)s)")
     rad = t.add_argument_group("a Radial Network trained from scratch with its router (--radial; docs/cotraining.md)")
-    d = tr.TrainConfig()  # the routing options default to None (= not given, see _radial_settings); their values:
     rad.add_argument(
         "--radial",
         action="store_true",

@@ -888,6 +888,33 @@ def test_every_option_shows_its_default():
                 assert "(default: off" in shown, (name, action.dest, shown)
 
 
+def test_train_defaults_and_dtype_choices_are_the_modules(monkeypatch):
+    """`train`'s options default to TrainConfig's values and --weights-dtype offers dtypes.STORAGE_DTYPES: changed
+    there, the command line follows."""
+    import dataclasses
+    import functools
+
+    from radial_min.dtypes import STORAGE_DTYPES
+
+    names = {"layers": "num_hidden_layers", "heads": "num_attention_heads"}
+    fields = {f.name: f.default for f in dataclasses.fields(cli.tr.TrainConfig)}
+    moved = {
+        k: v + "-x" if isinstance(v, str) else v * 3 + 1 for k, v in fields.items() if type(v) in (int, float, str)
+    }
+    monkeypatch.setattr(cli.tr, "TrainConfig", functools.partial(cli.tr.TrainConfig, **moved))
+    parser = cli.build_parser()
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    checked = 0
+    for action in train._actions:
+        field = names.get(action.dest, action.dest)
+        if action.option_strings and field in moved and action.default is not None and action.dest != "dtype":
+            assert action.default == moved[field], action.dest
+            checked += 1
+    assert checked == 15  # --out and every number of the run
+    generate = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
+    assert next(a for a in generate._actions if a.dest == "weights_dtype").choices is STORAGE_DTYPES
+
+
 def test_count_grammar():
     assert cli.count(1, "sequence") == "1 sequence" and cli.count(2, "layer") == "2 layers"
     assert cli.count(1, "patch", "patches") == "1 patch" and cli.count(196, "patch", "patches") == "196 patches"
