@@ -35,7 +35,7 @@ from radial_min.hub import DEFAULT_MODEL
 from radial_min.kernels import softmax
 from radial_min.opt import POSITION_OFFSET
 from radial_min.outputs import write_csv, write_json, write_npz
-from radial_min.radial import RadialNetwork, RouterDecisions, format_routing
+from radial_min.radial import RadialNetwork, format_routing
 from radial_min.tokenizer import Streamer
 
 TAU = 0.2  # the default threshold: the shipped router's; on the shipped model 0.05 skips almost nothing
@@ -803,48 +803,19 @@ def cmd_train_router(args):
     test_seqs, _ = _sequences(
         model, args, args.test_text or data.default_text("test", "--test-text"), args.test_sequences
     )
-    test_ex = R.oracle_examples(model, test_seqs, args.tau, args.kv_rule, args.kind, _bar("held-out labels", "seq"))
-    acc_train, acc_test = None if ex is None else R.accuracy(router, ex), R.accuracy(router, test_ex)
-    sequential = oracle.simulate(
-        model, test_seqs, oracle.threshold(0.0), "fill", args.kind, _bar("sequential on test", "seq")
-    )
-    routed = oracle.simulate(
-        model, test_seqs, RouterDecisions(router), args.kv_rule, args.kind, _bar("router on test", "seq")
-    )
-    depth = float(routed.depth.mean())
-    oracles = _oracle_around(model, test_seqs, args, depth, sequential)
-    runs = {
-        "sequential": sequential,
-        **{f"oracle (tau={t:g}, {args.kv_rule})": r for t, r in oracles.items() if t},
-        "router": routed,
-    }
-    statics = oracle.StaticBaselines(
-        model, test_seqs, runs["sequential"].ratios.reshape(-1, n).mean(0), runs["sequential"], progress.Passes("seq")
-    )
-    at_depth = {
-        "router": runs["router"].ppl,
-        "oracle": oracle.at_depth([(r.depth.mean(), r.nll.mean()) for r in oracles.values()], depth),
-        "static lowest-ratio": statics.ppl_at("lowest", depth),
-        "static early exit": statics.ppl_at("exit", depth),
-    }
-    for (kind, k), (_, run) in statics.runs.items():
-        if k:
-            runs[f"static: {statics.NAMES[kind]} {k} dropped"] = run
-    own = oracle.agreement(runs["router"], args.tau)
+    ev = R.evaluate(model, router, test_seqs, args.kind, ex, progress.Passes("seq"))
+    runs = ev["runs"]
     print(
         f"\nrouter {args.evaluate} evaluated"
         if args.evaluate
         else f"\nrouter saved to {out / 'router'}.safetensors (+ .json)"
     )
-    print(format_router_report(acc_train, acc_test, own, runs, len(test_seqs), depth, at_depth))
+    print(format_router_report(ev, len(test_seqs)))
     hists = {name: np.bincount(r.depth, minlength=n + 1) for name, r in runs.items()}
     report = {
         "router": str(args.evaluate or out / "router"),
         "config": cfg.__dict__,
-        "accuracy_train": acc_train,
-        "accuracy_test": acc_test,
-        "agreement_own_states": own,
-        "at_router_depth": at_depth,
+        **{k: ev[k] for k in ("accuracy_train", "accuracy_test", "agreement_own_states", "at_router_depth")},
         "runs": {
             name: {
                 "ppl": r.ppl,
@@ -868,29 +839,15 @@ def cmd_train_router(args):
     print(f"report in {out}/")
     if streamed:
         layer_major.clear(model.state_dir)
-        labels = ((0 if ex is None else ex["x"].nbytes) + test_ex["x"].nbytes) / 2**20
+        labels = ((0 if ex is None else ex["x"].nbytes) + ev["test_examples"]["x"].nbytes) / 2**20
         tokens = max(0 if train_seqs is None else train_seqs.size, test_seqs.size)
         print(_memory_report([(model, tokens)], f", oracle labels {labels:,.1f} MiB"))
 
 
-def _oracle_around(model, seqs, args, depth, sequential, step=0.02, most=5):
-    """The oracle at --tau and, to compare with the router at its own depth, at thresholds `step` apart toward
-    that depth until two of them bracket it (tau = 0 is the sequential model): {tau: Run}."""
-    runs = {0.0: sequential}
-    tau = args.tau
-    for _ in range(most):
-        if tau not in runs:
-            runs[tau] = oracle.simulate(
-                model, seqs, oracle.threshold(tau), args.kv_rule, args.kind, _bar(f"oracle tau={tau:g} on test", "seq")
-            )
-        depths = [r.depth.mean() for r in runs.values()]
-        if min(depths) <= depth <= max(depths) and len(runs) > 2 or tau == 0:
-            break
-        tau = max(0.0, round(tau - step if depth > runs[tau].depth.mean() else tau + step, 6))
-    return dict(sorted(runs.items()))
-
-
-def format_router_report(acc_train, acc_test, own, runs, n_test, depth, at_depth):
+def format_router_report(ev, n_test):
+    """`router.evaluate`'s numbers: accuracy, agreement, each run's perplexity and depth, all at the router's depth."""
+    acc_train, acc_test, own = ev["accuracy_train"], ev["accuracy_test"], ev["agreement_own_states"]
+    runs, depth, at_depth = ev["runs"], ev["depth"], ev["at_router_depth"]
     train = "" if acc_train is None else f" ({acc_train['decision']:.1%} train)"
     lines = [
         f"accuracy against the oracle: decisions {acc_test['decision']:.1%} held-out{train}; whole routes "

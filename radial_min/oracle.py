@@ -229,6 +229,23 @@ def agreement(run: Run, tau: float) -> dict:
     }
 
 
+def around_depth(model, sequences, tau, kv_rule, kind, depth, sequential: Run, bar=None, step=0.02, most=5) -> dict:
+    """The oracle at `tau` and, to compare with a router at its own `depth` (blocks per token), at thresholds `step`
+    apart toward that depth until two of them bracket it (tau = 0 is the `sequential` run): {tau: Run}, by tau.
+    `bar` (a `progress.Passes`) counts each pass."""
+    runs = {0.0: sequential}
+    for _ in range(most):
+        if tau not in runs:
+            label = f"oracle tau={tau:g} on test"
+            progress = None if bar is None else (lambda items: bar.track(items, label))
+            runs[tau] = simulate(model, sequences, threshold(tau, label), kv_rule, kind, progress)
+        depths = [r.depth.mean() for r in runs.values()]
+        if min(depths) <= depth <= max(depths) and len(runs) > 2 or tau == 0:
+            break
+        tau = max(0.0, round(tau - step if depth > runs[tau].depth.mean() else tau + step, 6))
+    return dict(sorted(runs.items()))
+
+
 def lowest_ratio_blocks(mean_ratio: np.ndarray, k: int) -> list[int]:
     """The k blocks with the smallest mean ratio: the best static guess at what the oracle skips."""
     return sorted(np.argsort(mean_ratio, kind="stable")[:k].tolist())

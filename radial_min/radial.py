@@ -10,8 +10,8 @@ again, until EXIT. The engine allows any order and reuse of blocks. When the rou
 query reads only its own layer's keys (the per-layer policy), many tokens can go together (`route_tokens`, block
 by block: at block b, the tokens that chose b run it as one batch), which is how a prompt's prefill and the
 perplexity of a long text (`forward` over the whole text, e.g. oracle.perplexity) stay fast; each token then runs
-exactly the blocks, over exactly the keys, it would have alone (tests/test_radial.py). `RouterDecisions` is the
-same router inside the oracle's simulation, which also measures the ratios at the blocks a token skips.
+exactly the blocks, over exactly the keys, it would have alone (tests/test_radial.py). `router.RouterDecisions` is
+the same router inside the oracle's simulation, which also measures the ratios at the blocks a token skips.
 """
 
 from pathlib import Path
@@ -22,7 +22,6 @@ from .blocks import Step, begin, run_block
 from .cache import POLICIES, UnifiedKVCache, dense_cache_bytes
 from .config import check_field
 from .errors import CheckpointError
-from .oracle import Decisions
 from .outputs import read_json, write_json
 from .router import MAX_PASSES, Router
 
@@ -188,33 +187,6 @@ def load_radial(model, folder) -> RadialNetwork:
     net.n_params = model.n_params + sum(a.size for a in router.params.values())
     net.dtypes_on_disk, net.weights_dtype, net.n_layer = model.dtypes_on_disk, model.weights_dtype, model.n_layer
     return net
-
-
-class RouterDecisions(Decisions):
-    """A forward-only router as the `Decisions` of `oracle.run_sequence`: at block b, the tokens
-    whose chosen next block is b run it, then choose again from their new state."""
-
-    def __init__(self, router, max_depth: int | None = None):
-        if not router.config.forward_only:
-            raise ValueError("RouterDecisions evaluates block by block, in order: it needs a forward-only router")
-        self.router = router
-        self.max_depth = router.config.depth_limit if max_depth is None else max_depth
-        self.next = self.depth = None
-
-    def __call__(self, b, rows, ratios):
-        return self.next[rows] == b
-
-    def after(self, b, x, ran):
-        """b = -1: the embeddings, every token chooses its first block; else the tokens that ran block b."""
-        if b < 0:
-            self.next, self.depth = np.zeros(len(x), np.int64), np.zeros(len(x), np.int64)
-            rows = np.arange(len(x))
-        else:
-            rows = np.flatnonzero(ran)
-            self.depth[rows] += 1
-        if len(rows):
-            choice = self.router.choose(x[rows], np.full(len(rows), b), self.depth[rows])
-            self.next[rows] = np.where(self.depth[rows] >= self.max_depth, self.router.config.exit, choice)
 
 
 def format_routing(radial, n_prompt: int) -> str:

@@ -26,6 +26,7 @@ from .config import check_field
 from .errors import CheckpointError
 from .kernels import mean_rstd
 from .optim import adamw_step, lr_at
+from . import oracle
 from .oracle import Decisions, SimulationPass, run_sequence, threshold
 from .outputs import write_json
 from .progress import Bar
@@ -285,6 +286,33 @@ def _router_files(path):
 # -------------------------------------------------------------------------------------------- distillation
 
 
+class RouterDecisions(Decisions):
+    """A forward-only router as the `Decisions` of `oracle.run_sequence`: at block b, the tokens
+    whose chosen next block is b run it, then choose again from their new state."""
+
+    def __init__(self, router, max_depth: int | None = None):
+        if not router.config.forward_only:
+            raise ValueError("RouterDecisions evaluates block by block, in order: it needs a forward-only router")
+        self.router = router
+        self.max_depth = router.config.depth_limit if max_depth is None else max_depth
+        self.next = self.depth = None
+
+    def __call__(self, b, rows, ratios):
+        return self.next[rows] == b
+
+    def after(self, b, x, ran):
+        """b = -1: the embeddings, every token chooses its first block; else the tokens that ran block b."""
+        if b < 0:
+            self.next, self.depth = np.zeros(len(x), np.int64), np.zeros(len(x), np.int64)
+            rows = np.arange(len(x))
+        else:
+            rows = np.flatnonzero(ran)
+            self.depth[rows] += 1
+        if len(rows):
+            choice = self.router.choose(x[rows], np.full(len(rows), b), self.depth[rows])
+            self.next[rows] = np.where(self.depth[rows] >= self.max_depth, self.router.config.exit, choice)
+
+
 class _Recorder(Decisions):
     """Wraps an oracle decision rule to keep every state it passes: states[b + 1] is the state after block b."""
 
@@ -461,3 +489,52 @@ def train_router(
             bar.update(1)
     bar.close()
     return Router(cfg, params)
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(model, router: Router, sequences, kind: str = "output", train_examples=None, bar=None) -> dict:
+    """A distilled router judged on held-out `sequences` against the oracle of the tau and rule it records:
+    accuracy on the oracle's states (and on `train_examples`, its labels, if given), agreement on its own states,
+    and perplexity against blocks per token for the sequential model, the oracle at tau and at thresholds around
+    the router's depth, the router and the static baselines that bracket that depth; then every one of them at
+    the router's depth. `bar` (a `progress.Passes`) counts each pass under its name."""
+    tau, kv_rule, n = router.config.tau, router.config.kv_rule, len(model.blocks)
+
+    def track(label):
+        return None if bar is None else lambda items: bar.track(items, label)
+
+    test_ex = oracle_examples(model, sequences, tau, kv_rule, kind, track("held-out labels"))
+    sequential = oracle.simulate(
+        model, sequences, threshold(0.0, "sequential on test"), "fill", kind, track("sequential on test")
+    )
+    decisions = RouterDecisions(router)
+    decisions.label = "router on test"
+    routed = oracle.simulate(model, sequences, decisions, kv_rule, kind, track("router on test"))
+    depth = float(routed.depth.mean())
+    oracles = oracle.around_depth(model, sequences, tau, kv_rule, kind, depth, sequential, bar)
+    runs = {
+        "sequential": sequential,
+        **{f"oracle (tau={t:g}, {kv_rule})": r for t, r in oracles.items() if t},
+        "router": routed,
+    }
+    statics = oracle.StaticBaselines(model, sequences, sequential.ratios.reshape(-1, n).mean(0), sequential, bar)
+    at_depth = {
+        "router": routed.ppl,
+        "oracle": oracle.at_depth([(r.depth.mean(), r.nll.mean()) for r in oracles.values()], depth),
+        "static lowest-ratio": statics.ppl_at("lowest", depth),
+        "static early exit": statics.ppl_at("exit", depth),
+    }
+    for (kind_, k), (_, run) in statics.runs.items():
+        if k:
+            runs[f"static: {statics.NAMES[kind_]} {k} dropped"] = run
+    return {
+        "accuracy_train": None if train_examples is None else accuracy(router, train_examples),
+        "accuracy_test": accuracy(router, test_ex),
+        "agreement_own_states": oracle.agreement(routed, tau),
+        "at_router_depth": at_depth,
+        "depth": depth,
+        "runs": runs,
+        "test_examples": test_ex,
+    }

@@ -15,7 +15,8 @@ import radial_min
 import radial_min.radial
 from radial_min import kernels, oracle
 from radial_min.cache import KVCache, UnifiedKVCache, dense_cache_bytes, step_encoding
-from radial_min.radial import RadialNetwork, RouterDecisions
+from radial_min.radial import RadialNetwork
+from radial_min.router import RouterDecisions
 from radial_min.testing import ScriptedRouter, SequentialRouter
 
 configs = st.fixed_dictionaries(

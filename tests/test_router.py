@@ -7,7 +7,7 @@ from conftest import random_opt
 from radial_min import oracle
 from radial_min import router as R
 from radial_min.errors import CheckpointError
-from radial_min.radial import RouterDecisions
+from radial_min.router import RouterDecisions
 
 RNG = np.random.default_rng(0)
 
@@ -104,6 +104,30 @@ def test_distilled_router_learns_the_oracle():
     assert R.accuracy(router, held)["decision"] > max(0.8, majority), majority
     run = oracle.simulate(model, seqs, RouterDecisions(router), "drop")
     assert 0 < run.depth.mean() < len(model.blocks) and np.isfinite(run.ppl)
+
+
+def test_evaluate_returns_the_numbers_of_the_report():
+    """router.evaluate (what `train-router` prints and saves): the router's run beside the sequential model, the
+    oracle at thresholds bracketing the router's depth and the static baselines, all scored at that depth."""
+    model = random_opt(seed=4, num_hidden_layers=3, vocab_size=61)
+    seqs = np.random.default_rng(1).integers(3, 60, size=(6, 24))
+    tau = float(np.median(oracle.simulate(model, seqs[:2], oracle.threshold(0.0), "fill").ratios))
+    ex = R.oracle_examples(model, seqs[:4], tau, "drop")
+    cfg = R.RouterConfig(width=model.config.hidden_size, n_blocks=6, hidden=32, tau=tau, kv_rule="drop")
+    router = R.train_router(ex, cfg, epochs=5, lr=1e-2, batch_size=128, progress=False)
+    ev = R.evaluate(model, router, seqs[4:], train_examples=ex)
+    runs, depth = ev["runs"], ev["depth"]
+    assert list(runs)[:1] == ["sequential"] and runs["sequential"].depth.mean() == 6 and "router" in runs
+    assert depth == runs["router"].depth.mean() and ev["at_router_depth"]["router"] == runs["router"].ppl
+    oracles = [r.depth.mean() for name, r in runs.items() if name.startswith("oracle")] + [6]
+    assert f"oracle (tau={tau:g}, drop)" in runs and min(oracles) <= depth <= max(oracles)
+    assert ev["accuracy_train"] == R.accuracy(router, ex)
+    assert ev["accuracy_test"] == R.accuracy(router, R.oracle_examples(model, seqs[4:], tau, "drop"))
+    assert ev["agreement_own_states"] == oracle.agreement(runs["router"], tau)
+    lowest = oracle.StaticBaselines(
+        model, seqs[4:], runs["sequential"].ratios.reshape(-1, 6).mean(0), runs["sequential"]
+    )
+    assert ev["at_router_depth"]["static lowest-ratio"] == lowest.ppl_at("lowest", depth)
 
 
 def test_fused_choose_is_the_float64_reference():

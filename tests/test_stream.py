@@ -20,7 +20,7 @@ from radial_min import kernels, layer_major, memory, oracle, profiling, progress
 from radial_min import router as R
 from radial_min.data import train_tokenizer
 from radial_min.errors import CheckpointError
-from radial_min.radial import RouterDecisions
+from radial_min.router import RouterDecisions
 
 sys.path.insert(0, str(FIXTURES.parent.parent))
 import cli  # noqa: E402

@@ -170,7 +170,7 @@ def evaluate_sequential(model_dir: Path, streams: dict, seq_len: int) -> dict:
 def evaluate_distilled(model_dir: Path, router_dir: Path, streams: dict, seq_len: int) -> dict:
     import radial_min
     from radial_min import data, oracle
-    from radial_min.radial import RouterDecisions
+    from radial_min.router import RouterDecisions
     from radial_min.router import Router
 
     model, router = radial_min.load(model_dir), Router.load(router_dir / "router")
