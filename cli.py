@@ -1064,59 +1064,25 @@ def build_parser():
         choices=STORAGE_DTYPES[:2],
         help="dtype of the exported weights (default: %(default)s)",
     )
-    t.add_argument(
-        "--vocab-size",
-        type=_positive_int,
-        default=d.vocab_size,
-        help=f"BPE vocabulary, >= {MIN_VOCAB} (default: %(default)s)",
-    )
-    t.add_argument(
-        "--hidden-size", type=_positive_int, default=d.hidden_size, help="model width E (default: %(default)s)"
-    )
-    t.add_argument(
-        "--layers",
-        type=_positive_int,
-        default=d.num_hidden_layers,
-        help="transformer layers, two blocks each (default: %(default)s)",
-    )
-    t.add_argument(
-        "--heads",
-        type=_positive_int,
-        default=d.num_attention_heads,
-        help="attention heads, dividing the width (default: %(default)s)",
-    )
-    t.add_argument("--ffn-dim", type=_positive_int, default=None, help="FFN width (default: 4 x hidden size)")
-    t.add_argument(
-        "--seq-len",
-        type=_positive_int,
-        default=d.seq_len,
-        help="training context, also the model's max positions (default: %(default)s)",
-    )
-    t.add_argument(
-        "--batch-size", type=_positive_int, default=d.batch_size, help="sequences per step (default: %(default)s)"
-    )
-    t.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
-    t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
-    t.add_argument("--warmup", type=_nonneg_int, default=d.warmup, help="linear warm-up steps (default: %(default)s)")
-    t.add_argument(
-        "--weight-decay", type=float, default=d.weight_decay, help="AdamW decay on matrices (default: %(default)s)"
-    )
-    t.add_argument(
-        "--grad-clip", type=float, default=d.grad_clip, help="global gradient-norm clip, 0 = off (default: %(default)s)"
-    )
-    t.add_argument(
-        "--eval-every",
-        type=_positive_int,
-        default=d.eval_every,
-        help="steps between validation losses (default: %(default)s)",
-    )
-    t.add_argument(
-        "--save-every",
-        type=_positive_int,
-        default=d.save_every,
-        help="steps between checkpoints (default: %(default)s)",
-    )
-    t.add_argument("--seed", type=_nonneg_int, default=d.seed, help="seed for init and batches (default: %(default)s)")
+    for option, field, kind, what in (  # every number of the run, with the trainer's default
+        ("--vocab-size", "vocab_size", _positive_int, f"BPE vocabulary, >= {MIN_VOCAB}"),
+        ("--hidden-size", "hidden_size", _positive_int, "model width E"),
+        ("--layers", "num_hidden_layers", _positive_int, "transformer layers, two blocks each"),
+        ("--heads", "num_attention_heads", _positive_int, "attention heads, dividing the width"),
+        ("--ffn-dim", None, _positive_int, "FFN width"),
+        ("--seq-len", "seq_len", _positive_int, "training context, also the model's max positions"),
+        ("--batch-size", "batch_size", _positive_int, "sequences per step"),
+        ("--steps", "steps", _positive_int, "optimizer steps"),
+        ("--lr", "lr", float, "peak learning rate"),
+        ("--warmup", "warmup", _nonneg_int, "linear warm-up steps"),
+        ("--weight-decay", "weight_decay", float, "AdamW decay on matrices"),
+        ("--grad-clip", "grad_clip", float, "global gradient-norm clip, 0 = off"),
+        ("--eval-every", "eval_every", _positive_int, "steps between validation losses"),
+        ("--save-every", "save_every", _positive_int, "steps between checkpoints"),
+        ("--seed", "seed", _nonneg_int, "seed for init and batches"),
+    ):
+        default = "4 x hidden size" if field is None else "%(default)s"  # --ffn-dim: None, follows the width
+        t.add_argument(option, type=kind, default=field and getattr(d, field), help=f"{what} (default: {default})")
     rad = t.add_argument_group("a Radial Network trained from scratch with its router (--radial; docs/cotraining.md)")
     rad.add_argument(
         "--radial",
