@@ -477,52 +477,23 @@ def cmd_profile(args):
     out = Path(args.out)
     models = args.model or [str(DEFAULT_MODEL)]
     _check_free(out, ["summary.json", "summary.csv"], args.overwrite)
-    hist, layer_summaries, csv_rows, report, sizes = {}, {}, [], {}, {}
-    streamed = []
+    hist, layer_summaries, csv_rows, report, sizes, streamed = {}, {}, [], {}, {}, []
     for source in models:
         model = _load_maybe_streamed(source, args.stream, None, out / ".stream-{}")
-        label = model.path.name
-        names = profiling.block_names(model)
-        phases = {}
-        if model.config.model_type != "vit":
-            seqs, tok = _sequences(model, args)
-            streamed += [(model, seqs.size)] if getattr(model, "layer_major", False) else []
-            if args.generate and getattr(model, "layer_major", False):
-                raise RadialError(
-                    f"--generate: generation runs every block per token, it needs {label} loaded whole (no --stream)"
-                )
-            phases["prefill"] = profiling.profile_text(model, seqs, args.kind, progress=_bar(f"profile {label}", "seq"))
-            if args.generate:
-                prompts = [s[: args.prompt_len] for s in seqs[: args.generate_prompts]]
-                phases["generation"], _ = profiling.profile_generation(
-                    model, prompts, args.generate, args.kind, _bar(f"generate {label}", "prompt")
-                )
-        else:
-            settings = images.read_preprocessor(model.path, model.config.image_size)
-            files = images.list_images(args.images)
-            pixels = [images.model_pixels(f, settings, model.config.image_size) for f in files]
-            phases["images"] = profiling.profile_images(model, pixels, args.kind, _bar(f"profile {label}", "image"))
-        for phase, ratios in phases.items():
-            summary = profiling.summarize(ratios, names)
+        label, names = model.path.name, profiling.block_names(model)
+        phases = _profile_phases(model, args)
+        streamed += [(model, phases["tokens"])] if getattr(model, "layer_major", False) else []
+        for phase, ratios in phases["ratios"].items():
+            summary = report[f"{label}/{phase}"] = profiling.summarize(ratios, names)
             title = f"\n{label}, {phase}: residual ratio ({args.kind}) over {count(len(ratios), 'token')}"
             print(profiling.format_summary(summary, title))
             print(f"overall median {summary['overall']['median']:.4f}")
-            report[f"{label}/{phase}"] = summary
-            rows = [
-                *summary["blocks"].items(),
-                *((f"all_{k}", v) for k, v in summary["types"].items()),
-                ("overall", summary["overall"]),
-            ]
-            csv_rows += [{"model": label, "phase": phase, "block": b, **s} for b, s in rows]
+            csv_rows += [{"model": label, "phase": phase, **row} for row in profiling.summary_rows(summary)]
             write_npz(out / f"ratios_{label}_{phase}.npz", ratios=ratios.astype("float32"), blocks=names)
-        main_phase = next(iter(phases))
-        hist[label], layer_summaries[label] = phases[main_phase], report[f"{label}/{main_phase}"]
-        medians = {
-            k: s["median"]
-            for k, s in [("overall", layer_summaries[label]["overall"]), *layer_summaries[label]["types"].items()]
-        }
-        sizes[label] = (model.n_params, medians)
-        keep = phases[main_phase] >= args.tau  # each block judged on the sequential path, not the oracle's (`simulate`)
+        main_phase = next(iter(phases["ratios"]))
+        hist[label], layer_summaries[label] = phases["ratios"][main_phase], report[f"{label}/{main_phase}"]
+        sizes[label] = (model.n_params, profiling.medians(layer_summaries[label]))
+        keep = hist[label] >= args.tau  # each block judged on the sequential path, not the oracle's (`simulate`)
         plots.routing_trace(
             keep[: args.trace_tokens], names, out / f"routing_trace_{label}.png", f"{label}, ratio >= {args.tau}"
         )
@@ -551,6 +522,31 @@ def cmd_profile(args):
         layer_major.clear(model.state_dir)
     if streamed:
         print(_memory_report(streamed))
+
+
+def _profile_phases(model, args) -> dict:
+    """Every token's ratios [tokens, blocks] per phase (a language model's prefill and --generate's fed-back tokens,
+    a ViT's images) and the number of tokens its hidden states held: {"ratios": {phase: ratios}, "tokens": n}."""
+    label = model.path.name
+    if model.config.model_type == "vit":
+        settings = images.read_preprocessor(model.path, model.config.image_size)
+        pixels = [images.model_pixels(f, settings, model.config.image_size) for f in images.list_images(args.images)]
+        return {
+            "ratios": {"images": profiling.profile_images(model, pixels, args.kind, _bar(f"profile {label}", "image"))},
+            "tokens": 0,
+        }
+    seqs, _ = _sequences(model, args)
+    if args.generate and getattr(model, "layer_major", False):
+        raise RadialError(
+            f"--generate: generation runs every block per token, it needs {label} loaded whole (no --stream)"
+        )
+    phases = {"prefill": profiling.profile_text(model, seqs, args.kind, progress=_bar(f"profile {label}", "seq"))}
+    if args.generate:
+        prompts = [s[: args.prompt_len] for s in seqs[: args.generate_prompts]]
+        phases["generation"], _ = profiling.profile_generation(
+            model, prompts, args.generate, args.kind, _bar(f"generate {label}", "prompt")
+        )
+    return {"ratios": phases, "tokens": seqs.size}
 
 
 def format_sizes(sizes):
@@ -811,28 +807,13 @@ def cmd_train_router(args):
         else f"\nrouter saved to {out / 'router'}.safetensors (+ .json)"
     )
     print(format_router_report(ev, len(test_seqs)))
-    hists = {name: np.bincount(r.depth, minlength=n + 1) for name, r in runs.items()}
-    report = {
-        "router": str(args.evaluate or out / "router"),
-        "config": cfg.__dict__,
-        **{k: ev[k] for k in ("accuracy_train", "accuracy_test", "agreement_own_states", "at_router_depth")},
-        "runs": {
-            name: {
-                "ppl": r.ppl,
-                "mean_depth": float(r.depth.mean()),
-                "min_depth": int(r.depth.min()),
-                "max_depth": int(r.depth.max()),
-                "depth_hist": hists[name],
-            }
-            for name, r in runs.items()
-        },
-    }
+    report = router_report(ev, str(args.evaluate or out / "router"), cfg, n)
     write_json(out / "train_router.json", report)
     plots.ppl_vs_depth(
         {name: ([r.depth.mean()], [r.ppl]) for name, r in runs.items()}, n, out / "router_ppl_vs_depth.png"
     )
     plots.depth_histogram(
-        {name: h for name, h in hists.items() if "static" not in name and name != "sequential"},
+        {name: r["depth_hist"] for name, r in report["runs"].items() if "static" not in name and name != "sequential"},
         out / "router_depth_hist.png",
     )
     plots.routing_trace(runs["router"].keep[0], [b.name for b in model.blocks], out / "router_trace.png", "router")
@@ -842,6 +823,23 @@ def cmd_train_router(args):
         labels = ((0 if ex is None else ex["x"].nbytes) + ev["test_examples"]["x"].nbytes) / 2**20
         tokens = max(0 if train_seqs is None else train_seqs.size, test_seqs.size)
         print(_memory_report([(model, tokens)], f", oracle labels {labels:,.1f} MiB"))
+
+
+def router_report(ev, router, cfg, n_blocks) -> dict:
+    """train_router.json: the router's name and settings, `router.evaluate`'s numbers, and per run its perplexity
+    and depths (mean, min, max, histogram)."""
+    runs = {
+        name: {
+            "ppl": r.ppl,
+            "mean_depth": float(r.depth.mean()),
+            "min_depth": int(r.depth.min()),
+            "max_depth": int(r.depth.max()),
+            "depth_hist": np.bincount(r.depth, minlength=n_blocks + 1),
+        }
+        for name, r in ev["runs"].items()
+    }
+    keys = ("accuracy_train", "accuracy_test", "agreement_own_states", "at_router_depth")
+    return {"router": router, "config": cfg.__dict__, **{k: ev[k] for k in keys}, "runs": runs}
 
 
 def format_router_report(ev, n_test):

@@ -136,6 +136,17 @@ def summarize(ratios: np.ndarray, names: list[str]) -> dict:
     }
 
 
+def summary_rows(summary: dict) -> list[dict]:
+    """`summarize`'s statistics as CSV rows, one per block, then per block type (all_att, all_ffn), then overall."""
+    rows = [*summary["blocks"].items(), *((f"all_{k}", v) for k, v in summary["types"].items())]
+    return [{"block": b, **s} for b, s in [*rows, ("overall", summary["overall"])]]
+
+
+def medians(summary: dict) -> dict:
+    """The median ratio overall and per block type: {"overall", "att", "ffn": median}."""
+    return {k: s["median"] for k, s in [("overall", summary["overall"]), *summary["types"].items()]}
+
+
 def format_summary(summary: dict, title: str = "") -> str:
     """A plain-text table: one row per block, then per block type, then overall."""
     head = f"{'block':<10}{'mean':>8}{'std':>8}{'median':>8}{'p10':>8}{'p90':>8}"

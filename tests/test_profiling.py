@@ -223,3 +223,15 @@ def test_vit_and_generation_profiles():
     model = random_opt(seed=3)
     rows, new = profiling.profile_generation(model, [SEQS[0][:5], SEQS[1][:3]], 6)
     assert rows.shape == (2 * 5, len(model.blocks)) and [len(n) for n in new] == [6, 6]
+
+
+def test_summary_rows_and_medians_are_the_summarys_numbers():
+    """What profile writes to summary.csv and sizes.csv: the summary's statistics, block by block, per type, overall."""
+    ratios = np.array([[0.1, 0.5, 0.2, 0.7], [0.3, 0.9, 0.4, 0.6]])
+    names = ["L0.att", "L0.ffn", "L1.att", "L1.ffn"]
+    summary = profiling.summarize(ratios, names)
+    rows = profiling.summary_rows(summary)
+    assert [r["block"] for r in rows] == [*names, "all_att", "all_ffn", "overall"]
+    assert rows[0]["median"] == pytest.approx(0.2) and rows[4]["median"] == pytest.approx(0.25)
+    assert rows[-1] == {"block": "overall", **summary["overall"]} and rows[-1]["n"] == 8
+    assert profiling.medians(summary) == pytest.approx({"overall": 0.45, "att": 0.25, "ffn": 0.65})
