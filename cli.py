@@ -665,28 +665,9 @@ def cmd_simulate(args):
     names = profiling.block_names(model)
     n = len(model.blocks)
     print(format_sweep(res["rows"], res["static"], names, rules))
-    write_json(
-        out / "simulate.json",
-        {
-            "model": str(model.path),
-            "sequences": int(len(seqs)),
-            "seq_len": int(seqs.shape[1]),
-            "blocks": names,
-            "mean_ratio": res["mean_ratio"],
-            "rows": res["rows"],
-            "static": res["static"],
-            "depth_hist": {f"{r}/{t}": h for (r, t), h in res["depth_hist"].items()},
-        },
-    )
+    write_json(out / "simulate.json", simulate_record(model, seqs, names, res))
     write_csv(out / "simulate.csv", [{k: v for k, v in r.items() if k != "skip_rate"} for r in res["rows"]])
-    curves = {}
-    for rule in rules:
-        rows = sorted((r["mean_depth"], r["ppl"]) for r in res["rows"] if r["rule"] == rule)
-        curves[f"oracle ({rule})"] = ([d for d, _ in rows], [p for _, p in rows])
-    for kind, label in (("lowest", "static: lowest-ratio blocks"), ("exit", "static: early exit")):
-        points = sorted((r["depth"], r["ppl"]) for r in res["static"] if r["baseline"] == kind)
-        curves[label] = ([d for d, _ in points], [p for _, p in points])
-    made = plots.ppl_vs_depth(curves, n, out / "ppl_vs_depth.png")
+    made = plots.ppl_vs_depth(oracle.sweep_curves(res, rules), n, out / "ppl_vs_depth.png")
     plots.depth_histogram(
         {f"{r}, tau={t}": h for (r, t), h in res["depth_hist"].items() if t == args.trace_tau or t == max(taus)},
         out / "depth_hist.png",
@@ -696,6 +677,20 @@ def cmd_simulate(args):
     if streamed:
         layer_major.clear(model.state_dir)
         print(_memory_report([(model, seqs.size)]))
+
+
+def simulate_record(model, seqs, names, res) -> dict:
+    """simulate.json: the sweep's rows, baselines, mean ratios and depth histograms, with what they were run on."""
+    return {
+        "model": str(model.path),
+        "sequences": int(len(seqs)),
+        "seq_len": int(seqs.shape[1]),
+        "blocks": names,
+        "mean_ratio": res["mean_ratio"],
+        "rows": res["rows"],
+        "static": res["static"],
+        "depth_hist": {f"{r}/{t}": h for (r, t), h in res["depth_hist"].items()},
+    }
 
 
 def format_sweep(rows, statics, names, rules):

@@ -366,3 +366,16 @@ def sweep(model, sequences, taus, kv_rules=KV_RULES, kind: str = "output", bar=N
         )
         hists[(rule, tau)] = np.bincount(run.depth, minlength=n_blocks + 1)
     return {"rows": rows, "static": statics.rows(), "depth_hist": hists, "mean_ratio": mean_ratio, "full": full}
+
+
+def sweep_curves(res: dict, rules) -> dict:
+    """A sweep's perplexity-against-depth curves, label -> (depths, perplexities): the oracle under each rule and
+    the two static baselines, each sorted by depth."""
+    curves = {}
+    for rule in rules:
+        rows = sorted((r["mean_depth"], r["ppl"]) for r in res["rows"] if r["rule"] == rule)
+        curves[f"oracle ({rule})"] = ([d for d, _ in rows], [p for _, p in rows])
+    for kind, label in (("lowest", "static: lowest-ratio blocks"), ("exit", "static: early exit")):
+        points = sorted((r["depth"], r["ppl"]) for r in res["static"] if r["baseline"] == kind)
+        curves[label] = ([d for d, _ in points], [p for _, p in points])
+    return curves

@@ -170,6 +170,14 @@ def test_sweep_compares_at_the_oracles_depth(model):
     assert ks >= {0, int(np.floor(n - rows[("fill", tau)]["mean_depth"]))}
     assert res["depth_hist"][("fill", 0.0)][n] == 32
     assert oracle.last_blocks(6, 2) == [4, 5]
+    curves = oracle.sweep_curves(res, ["fill", "drop"])  # the figure's curves: every point, sorted by depth
+    assert set(curves) == {"oracle (fill)", "oracle (drop)", "static: lowest-ratio blocks", "static: early exit"}
+    for label, (depths, ppls) in curves.items():
+        assert depths == sorted(depths)
+    fill = sorted((r["mean_depth"], r["ppl"]) for r in res["rows"] if r["rule"] == "fill")
+    assert curves["oracle (fill)"] == ([d for d, _ in fill], [p for _, p in fill])
+    exits = [r for r in res["static"] if r["baseline"] == "exit"]
+    assert len(curves["static: early exit"][0]) == len(exits) > 0
 
 
 def test_at_depth_interpolates_the_mean_nll():
