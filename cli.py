@@ -358,21 +358,7 @@ def cmd_train(args):
         print(format_train_report(rep))
 
 
-_RADIAL_OPTIONS = (
-    "max_depth",
-    "forward_only",
-    "cache_policy",
-    "step_encoding_scale",
-    "target_depth",
-    "cost",
-    "router_hidden",
-    "in_order",
-    "router_warmup",
-    "router_lr",
-    "cost_rate",
-    "depth_weight",
-    "explore",
-)
+_RADIAL_OPTIONS = tuple(f for f in tr.RADIAL_FIELDS if f != "radial")  # train --radial's routing options
 
 
 def _radial_settings(args) -> dict:

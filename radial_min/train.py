@@ -98,8 +98,7 @@ class TrainConfig:
 
 
 _MODEL_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "seq_len")
-# Settings a resume must keep for the run to be the one that was started (the batches and the updates it makes).
-_RADIAL_FIELDS = (
+RADIAL_FIELDS = (  # the routing settings of a Radial Network trained from scratch (--radial)
     "radial",
     "max_depth",
     "forward_only",
@@ -115,6 +114,7 @@ _RADIAL_FIELDS = (
     "depth_weight",
     "explore",
 )
+# Settings a resume must keep for the run to be the one that was started (the batches and the updates it makes).
 _RESUME_FIELDS = (
     *_MODEL_FIELDS,
     "batch_size",
@@ -124,7 +124,7 @@ _RESUME_FIELDS = (
     "weight_decay",
     "grad_clip",
     "seed",
-    *_RADIAL_FIELDS,
+    *RADIAL_FIELDS,
 )
 ROUTER = "router."  # the router's parameters in a Radial Network's training state: router.w1, ...
 
