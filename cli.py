@@ -1384,10 +1384,16 @@ COMPILE_NOTICE = (
 )
 
 
+def _compile_notice():
+    """The first compile's one line; on a terminal it first clears a progress bar's line, which redraws below."""
+    clear = "\r\x1b[K" if sys.stderr.isatty() else ""
+    print(clear + COMPILE_NOTICE, file=sys.stderr, flush=True)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        with kernels.on_first_compile(lambda: print(COMPILE_NOTICE, file=sys.stderr, flush=True)):
+        with kernels.on_first_compile(_compile_notice):
             args.func(args)
     except RadialError as e:  # bad input; anything else is a bug and keeps its traceback
         print(f"error: {_one_line(str(e))}", file=sys.stderr)

@@ -53,6 +53,34 @@ class _FirstCompile(event.Listener):
         pass
 
 
+class _CompileClock(event.Listener):
+    """Seconds this process spends compiling kernels (outermost compiles: a kernel's callees compile inside it)."""
+
+    def __init__(self):
+        self.depth, self.seconds, self.since = 0, 0.0, 0.0
+
+    def on_start(self, event):
+        if self.depth == 0:
+            self.since = time.perf_counter()
+        self.depth += 1
+
+    def on_end(self, event):
+        self.depth -= 1
+        if self.depth == 0:
+            self.seconds += time.perf_counter() - self.since
+
+
+_COMPILE_CLOCK = _CompileClock()
+event.register("numba:compile", _COMPILE_CLOCK)
+
+
+def compile_seconds() -> float:
+    """Seconds spent compiling Numba kernels so far in this process, a compile under way counted up to now:
+    progress bars leave it out of their rates, so a first run's time left is not inflated by it."""
+    c = _COMPILE_CLOCK
+    return c.seconds + (time.perf_counter() - c.since if c.depth else 0.0)
+
+
 @contextlib.contextmanager
 def on_first_compile(callback):
     """Within the block, call `callback()` once, when Numba really compiles a kernel (every kernel is

@@ -9,14 +9,17 @@
 On a terminal the line is redrawn in place (at most 10 times a second, cut to the terminal's width); when
 stderr is a file or a pipe, a plain line is written every PLAIN_EVERY seconds and one at the end, so a log
 shows progress without a wall of carriage returns. The rate counts only the work done in this process (a
-resumed run does not count the steps it starts from as fast ones), the time left is shown only once there is
-a rate, and while the total may still grow (`final=False`, e.g. passes that a sweep decides later) it reads
-"at least ...".
+resumed run does not count the steps it starts from as fast ones) and not the time Numba spends compiling
+kernels on a first run; the time left is shown only once there is a rate, and while the total may still grow
+(`final=False`, e.g. passes that a sweep decides later) it reads "at least ...". A line too wide for the
+terminal drops its info, then shortens its label, so the count and the time left stay in view.
 """
 
 import shutil
 import sys
 import time
+
+from .kernels import compile_seconds
 
 PLAIN_EVERY = 30.0  # seconds between plain lines when stderr is not a terminal
 REDRAW_EVERY = 0.1  # seconds between redraws on a terminal
@@ -51,6 +54,7 @@ class Bar:
         self.enabled = enabled
         self.tty = enabled and self.stream.isatty()
         self.t0 = self.shown = time.perf_counter()
+        self.compiled0 = compile_seconds()  # compile time before this bar: not its own
         self._draw(force=self.tty)
 
     def update(self, n: int = 1, info: str | None = None, stage: str | None = None):
@@ -105,11 +109,13 @@ class Bar:
     def __exit__(self, *exc):
         self.close()
 
-    def line(self, done: bool = False) -> str:
+    def line(self, done: bool = False, width: int | None = None) -> str:
         """'simulate: tau=0.2, drop  340/1,000 seq (34%)  8.12 seq/s  0:42, about 1:21 left  info'; at the end,
-        the label alone with the time it all took."""
+        the label alone with the time it all took. With `width`, at most that many characters: the info goes
+        first, then the label is shortened (ending in '~')."""
         elapsed = time.perf_counter() - self.t0
-        rate = (self.n - self.start) / elapsed if elapsed > 0 else 0.0
+        working = elapsed - (compile_seconds() - self.compiled0)  # the time Numba compiled is not work
+        rate = (self.n - self.start) / working if working > 0 else 0.0
         count = f"{self.n:,}" + (f"/{self.total:,}{'' if self.final else '+'}" if self.total else "") + f" {self.unit}"
         if self.total:
             count += f" ({self.n / self.total:.0%})"
@@ -124,9 +130,14 @@ class Bar:
             parts.append(f"{duration(elapsed)}, {'about' if self.final else 'at least'} {left} left")
         else:
             parts.append(duration(elapsed))
-        if self.info:
-            parts.append(self.info)
-        return "  ".join(parts)
+        text = "  ".join(parts + ([self.info] if self.info else []))
+        if width is None or len(text) <= width:
+            return text
+        rest = "  ".join(parts[1:] if label else parts)  # the count, rate and time left
+        if not label or len(rest) + 3 > width:  # no room for a label: the numbers alone
+            return rest[:width]
+        room = width - len(rest) - 2  # for the label and its two spaces
+        return (label if len(label) <= room else label[: room - 1] + "~") + "  " + rest
 
     def _draw(self, force: bool = False):
         if not self.enabled:
@@ -137,7 +148,7 @@ class Bar:
         self.shown = now
         if self.tty:
             width = shutil.get_terminal_size((120, 24)).columns - 1
-            self.stream.write("\r\x1b[K" + self.line()[:width])
+            self.stream.write("\r\x1b[K" + self.line(width=width))
         else:
             self.stream.write(self.line() + "\n")
         self.stream.flush()

@@ -6,6 +6,7 @@ and that stderr carries no traceback.
 
 import argparse
 import importlib.util
+import io
 import json
 import math
 import re
@@ -918,3 +919,16 @@ def test_train_defaults_and_dtype_choices_are_the_modules(monkeypatch):
 def test_count_grammar():
     assert cli.count(1, "sequence") == "1 sequence" and cli.count(2, "layer") == "2 layers"
     assert cli.count(1, "patch", "patches") == "1 patch" and cli.count(196, "patch", "patches") == "196 patches"
+
+
+def test_the_compile_notice_clears_a_progress_line_on_a_terminal(monkeypatch):
+    """The first compile's notice starts on a line of its own: on a terminal it first clears the bar drawn there."""
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, prefix in ((Terminal(), "\r\x1b[K"), (io.StringIO(), "")):
+        monkeypatch.setattr(sys, "stderr", stream)
+        cli._compile_notice()
+        assert stream.getvalue() == prefix + cli.COMPILE_NOTICE + "\n"

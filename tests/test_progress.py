@@ -89,3 +89,34 @@ def test_disabled_and_erased_bars_print_nothing(clock):
 
 def test_duration():
     assert [progress.duration(s) for s in (0, 7.4, 754, 3723)] == ["0:00", "0:07", "12:34", "1:02:03"]
+
+
+def test_compile_time_is_not_in_the_rate(clock, monkeypatch):
+    """A first run: 3 of the first 5 s went to Numba compiling kernels; 10 items in the other 2 s are 5 items/s."""
+    compiled = [7.0]  # seconds compiled before the bar: not its own
+    monkeypatch.setattr(progress, "compile_seconds", lambda: compiled[0])
+    bar = progress.Bar(20, "profile", "seq", stream=Terminal())
+    clock.t += 5
+    compiled[0] += 3
+    bar.update(10)
+    assert bar.line() == "profile  10/20 seq (50%)  5 seq/s  0:05, about 0:02 left"
+
+
+def test_a_line_too_wide_keeps_its_count_and_time_left(clock, monkeypatch):
+    """On a narrow terminal the info goes, then the label is shortened: the count and the time left stay."""
+    out = Terminal()
+    bar = progress.Bar(200, "opt-kjv-wiki", "seq-block", stream=out)
+    bar.set("static, lowest-ratio 3 dropped: L4.att (9/13)", info="loss 3.21")
+    clock.t += 5
+    bar.update(10)
+    full = bar.line()
+    assert full.endswith("2 seq-block/s  0:05, about 1:35 left  loss 3.21")
+    assert bar.line(width=len(full)) == full
+    short = bar.line(width=80)
+    assert len(short) == 80 and short.endswith("(5%)  2 seq-block/s  0:05, about 1:35 left")
+    assert short.startswith("opt-kjv-wiki: stat~  10/200 seq-block")
+    monkeypatch.setattr(progress.shutil, "get_terminal_size", lambda fallback: type("S", (), {"columns": 71})())
+    clock.t += 1
+    bar.update(1)
+    drawn = out.getvalue().split("\r\x1b[K")[-1]
+    assert len(drawn) == 70 and drawn.startswith("opt-k~  11/200") and drawn.endswith("left")
