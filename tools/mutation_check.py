@@ -68,7 +68,7 @@ MUTANTS = [
     Mutant("max_depth ignored (token by token)", R, "while len(route) < self.max_depth:", "while True:", (RADIAL,)),
     Mutant(
         "max_depth ignored (block by block)",
-        R,
+        "radial_min/router.py",
         "np.where(self.depth[rows] >= self.max_depth, self.router.config.exit, choice)",
         "choice",
         (RADIAL,),
@@ -227,11 +227,11 @@ MUTANTS = [
     Mutant(
         "oracle keeps on ratio > tau instead of >=",
         O,
-        "lambda b, rows, r: r >= tau",
-        "lambda b, rows, r: r > tau",
+        "        return r >= tau\n",
+        "        return r > tau\n",
         (PROFILING,),
     ),
-    Mutant("oracle comparison inverted", O, "lambda b, rows, r: r >= tau", "lambda b, rows, r: r < tau", (PROFILING,)),
+    Mutant("oracle comparison inverted", O, "        return r >= tau\n", "        return r < tau\n", (PROFILING,)),
     Mutant(
         "oracle: skipped rows take the block's output",
         O,
