@@ -35,7 +35,7 @@ from radial_min.hub import DEFAULT_MODEL
 from radial_min.kernels import softmax
 from radial_min.opt import POSITION_OFFSET
 from radial_min.outputs import write_csv, write_json, write_npz
-from radial_min.radial import RadialNetwork, format_routing
+from radial_min.radial import DEPTH_STYLES, RadialNetwork, depth_streamer, format_routing
 from radial_min.tokenizer import Streamer
 
 TAU = 0.2  # the default threshold: the shipped router's; on the shipped model 0.05 skips almost nothing
@@ -77,7 +77,7 @@ def cmd_generate(args):
 
     stream = streamer = Streamer(tok, write)
     if routed and not args.quiet:
-        stream = _depth_streamer(stream, runner, args.show_depth, write)
+        stream = depth_streamer(stream, runner, args.show_depth, write)
     stamps = []  # when each new token was chosen: the first one comes out of the prefill
 
     def on_token(token):
@@ -174,36 +174,6 @@ def _check_router(router, model, path, option):
 def _router_path(path):
     """A router: `train-router --out`'s folder (its router.json/.safetensors) or the files' common prefix."""
     return Path(path) / "router" if Path(path).is_dir() else path
-
-
-_SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
-
-
-def _depth_streamer(stream, radial, style, write):
-    """Stream text with the depth that produced each token: a subscript count, or a grey shade (darker = deeper).
-    By default markers appear only on a terminal, so piped text stays plain."""
-    deepest = max(len(radial.blocks), radial.max_depth)  # a network that reuses blocks may go deeper than it has
-    if style in (None, "auto"):
-        style = "shade" if sys.stdout.isatty() else "none"
-
-    def on_token(token):
-        piece, depth = stream.push(token), len(radial.routes[-1])
-        if style == "count":
-            piece += str(depth).translate(_SUBSCRIPT)
-        elif style == "shade" and piece:
-            return write(shade(piece, depth, deepest))
-        write(piece)
-
-    return on_token
-
-
-def shade(piece, depth, deepest):
-    """`piece` on a grey background, from white (depth 0) to near-black (`deepest`, the most blocks a token may
-    run): the 24 ANSI 256-colour greys 255..232, all used. Up to 23 blocks deep, neighbouring depths are at least
-    one grey apart (a 12-block model's one or two); deeper, neighbours may share a grey. Light text on the dark half."""
-    grey = 255 - round(23 * min(depth, deepest) / max(1, deepest))
-    ink = 16 if grey >= 244 else 231
-    return f"\x1b[48;5;{grey}m\x1b[38;5;{ink}m{piece}\x1b[0m"
 
 
 # ------------------------------------------------------------------------------------------- classify, info
@@ -1003,7 +973,7 @@ def build_parser():
     )
     g.add_argument(
         "--show-depth",
-        choices=["auto", "count", "shade", "none"],
+        choices=DEPTH_STYLES,
         default=None,
         help="with --router: mark each token with the blocks that produced it, as a subscript count or "
         "a grey shade (default: auto = shade on a terminal, none when piped)",

@@ -14,7 +14,7 @@ from common import ROOT, decode_ours, fmt, interleaved, prefill_ours, print_tabl
 import radial_min
 from radial_min import profiling
 from radial_min import router as R
-from radial_min.radial import RadialNetwork, format_routing
+from radial_min.radial import RadialNetwork, depth_streamer, format_routing
 from radial_min.testing import ScriptedRouter, SequentialRouter
 
 SKIP_RATES = (0.25, 0.5, 0.75, 1.0)  # 1.0 = every block skipped: embedding, LM head and sampling only
@@ -162,14 +162,13 @@ def _display_cost(model, router, tok, ids, n_new, reps) -> dict:
     """Seconds per token spent in the CLI's streaming callback, plain and with --show-depth count (both writing to
     a list), and in the routing summary line, against the routed generation's own time per token; the medians of
     `reps` alternating runs after one untimed pair."""
-    import cli
     from radial_min.tokenizer import Streamer
 
     out, runs = [], {"plain": [], "with depths": [], "summary": [], "token": []}
     for name in ["plain", "with depths"] * (reps + 1):
         net = RadialNetwork(model, router)
         stream = Streamer(tok, out.append)
-        show = cli._depth_streamer(stream, net, "count", out.append) if name == "with depths" else None
+        show = depth_streamer(stream, net, "count", out.append) if name == "with depths" else None
         callback, t_in = show or (lambda t: out.append(stream.push(t))), [0.0]
 
         def timed(t, callback=callback, t_in=t_in):

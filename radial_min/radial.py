@@ -14,6 +14,7 @@ exactly the blocks, over exactly the keys, it would have alone (tests/test_radia
 the same router inside the oracle's simulation, which also measures the ratios at the blocks a token skips.
 """
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -202,3 +203,34 @@ def format_routing(radial, n_prompt: int) -> str:
         f"produced by {producing.mean():.2f}, min {depths.min()}, max {depths.max()}); KV cache "
         f"{cache.nbytes / 1024:.1f} KiB unified ({cache.policy}) vs {dense / 1024:.1f} KiB dense per-layer]"
     )
+
+
+DEPTH_STYLES = ("auto", "count", "shade", "none")  # generate --show-depth: how each token's depth is marked
+_SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
+
+
+def depth_streamer(stream, radial, style, write):
+    """Stream text with the depth that produced each token: a subscript count, or a grey shade (darker = deeper).
+    By default markers appear only on a terminal, so piped text stays plain."""
+    deepest = max(len(radial.blocks), radial.max_depth)  # a network that reuses blocks may go deeper than it has
+    if style in (None, "auto"):
+        style = "shade" if sys.stdout.isatty() else "none"
+
+    def on_token(token):
+        piece, depth = stream.push(token), len(radial.routes[-1])
+        if style == "count":
+            piece += str(depth).translate(_SUBSCRIPT)
+        elif style == "shade" and piece:
+            return write(shade(piece, depth, deepest))
+        write(piece)
+
+    return on_token
+
+
+def shade(piece, depth, deepest):
+    """`piece` on a grey background, from white (depth 0) to near-black (`deepest`, the most blocks a token may
+    run): the 24 ANSI 256-colour greys 255..232, all used. Up to 23 blocks deep, neighbouring depths are at least
+    one grey apart (a 12-block model's one or two); deeper, neighbours may share a grey. Light text on the dark half."""
+    grey = 255 - round(23 * min(depth, deepest) / max(1, deepest))
+    ink = 16 if grey >= 244 else 231
+    return f"\x1b[48;5;{grey}m\x1b[38;5;{ink}m{piece}\x1b[0m"

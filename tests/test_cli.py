@@ -801,33 +801,6 @@ def test_generate_says_when_the_context_cuts_it_short(capsys, opt_with_tokenizer
     assert code == 0 and f"--max-new-tokens {context + 5}: the model's context of {context} tokens" in err
 
 
-def test_depth_markers_only_on_a_terminal_and_shades_distinct(monkeypatch):
-    class Stream:
-        def push(self, token):
-            return "ab"
-
-    class Radial:
-        blocks, routes, max_depth = [0] * 12, [[0, 1, 2]], 12
-
-    def grey(shaded):
-        return int(re.search(r"\x1b\[48;5;(\d+)m", shaded).group(1))
-
-    written = []
-    on_token = cli._depth_streamer(Stream(), Radial(), None, written.append)  # pytest's stdout is not a terminal
-    on_token(5)
-    assert written == ["ab"]
-    for deepest in range(1, 24):  # every depth its own grey, white to the darkest, neighbours >= 1 step apart
-        greys = [grey(cli.shade("x", d, deepest)) for d in range(deepest + 1)]
-        assert greys[0] == 255 and greys[-1] == 232 and min(-np.diff(greys)) >= 1, deepest
-    reuse = Radial()  # co-trained with reuse: 12 blocks, up to 48 run per token
-    reuse.max_depth, reuse.routes = 48, [list(range(12)) * 3 + [0, 1, 2, 3]]  # 40 blocks deep
-    written = []
-    cli._depth_streamer(Stream(), reuse, "shade", written.append)(5)
-    assert grey(written[0]) == 255 - round(23 * 40 / 48)  # scaled by the deepest route, still an ANSI grey
-    greys = [grey(cli.shade("x", d, 48)) for d in range(49)]
-    assert min(greys) == 232 and max(greys) == 255 and all(np.diff(greys) <= 0)
-
-
 def test_results_already_there_are_not_replaced(capsys, tiny_random_opt, tmp_path):
     model_dir, text = tiny_random_opt
     args = [

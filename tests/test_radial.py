@@ -5,6 +5,8 @@ lengths: with nothing skipped radial generation is sequential generation; the un
 per-layer policy is the per-layer cache; and routed execution replaying decisions equals the oracle's.
 """
 
+import re
+
 import numpy as np
 import pytest
 from conftest import random_opt
@@ -15,7 +17,7 @@ import radial_min
 import radial_min.radial
 from radial_min import kernels, oracle
 from radial_min.cache import KVCache, UnifiedKVCache, dense_cache_bytes, step_encoding
-from radial_min.radial import RadialNetwork
+from radial_min.radial import RadialNetwork, depth_streamer, shade
 from radial_min.router import RouterDecisions
 from radial_min.testing import ScriptedRouter, SequentialRouter
 
@@ -379,3 +381,54 @@ def test_routing_together_runs_each_block_once(monkeypatch):
     assert not RadialNetwork(model, _random_router(model, 1, forward_only=False)).routes_together
     assert not RadialNetwork(model, router, cache_policy="per-step").routes_together
     assert not RadialNetwork(model, router, cache_policy="global").routes_together
+
+
+def test_depth_markers_only_on_a_terminal_and_shades_distinct(monkeypatch):
+    class Stream:
+        def push(self, token):
+            return "ab"
+
+    class Radial:
+        blocks, routes, max_depth = [0] * 12, [[0, 1, 2]], 12
+
+    def grey(shaded):
+        return int(re.search(r"\x1b\[48;5;(\d+)m", shaded).group(1))
+
+    written = []
+    on_token = depth_streamer(Stream(), Radial(), None, written.append)  # pytest's stdout is not a terminal
+    on_token(5)
+    assert written == ["ab"]
+    for deepest in range(1, 24):  # every depth its own grey, white to the darkest, neighbours >= 1 step apart
+        greys = [grey(shade("x", d, deepest)) for d in range(deepest + 1)]
+        assert greys[0] == 255 and greys[-1] == 232 and min(-np.diff(greys)) >= 1, deepest
+    reuse = Radial()  # co-trained with reuse: 12 blocks, up to 48 run per token
+    reuse.max_depth, reuse.routes = 48, [list(range(12)) * 3 + [0, 1, 2, 3]]  # 40 blocks deep
+    written = []
+    depth_streamer(Stream(), reuse, "shade", written.append)(5)
+    assert grey(written[0]) == 255 - round(23 * 40 / 48)  # scaled by the deepest route, still an ANSI grey
+    greys = [grey(shade("x", d, 48)) for d in range(49)]
+    assert min(greys) == 232 and max(greys) == 255 and all(np.diff(greys) <= 0)
+
+
+def test_depth_streamer_counts_depth_as_a_subscript():
+    class Stream:  # a token that completes no character yet gives "", then its text
+        pieces = iter(["", " unto"])
+
+        def push(self, token):
+            return next(self.pieces)
+
+    class Radial:
+        blocks, max_depth = [0] * 12, 12
+        routes = [[0, 1, 2, 3, 4, 5, 6, 7]]
+
+    written = []
+    on_token = depth_streamer(Stream(), Radial(), "count", written.append)
+    on_token(5)
+    Radial.routes.append(list(range(10)))
+    on_token(6)
+    assert written == ["₈", " unto₁₀"]
+    Stream.pieces = iter([" me"])
+    depth_streamer(Stream(), Radial(), "none", written.append)(7)  # plain text, as piped output gets it
+    assert written[-1] == " me"
+    assert shade("ab", 0, 12) == "\x1b[48;5;255m\x1b[38;5;16mab\x1b[0m"  # white, dark ink
+    assert shade("ab", 12, 12) == "\x1b[48;5;232m\x1b[38;5;231mab\x1b[0m"  # near-black, light ink
