@@ -620,8 +620,8 @@ def cmd_simulate(args):
     trace = oracle.simulate(model, seqs[:1], trace_rule, rules[0], args.kind)
     names = profiling.block_names(model)
     n = len(model.blocks)
-    print(format_sweep(res["rows"], res["static"], names, rules))
-    write_json(out / "simulate.json", simulate_record(model, seqs, names, res))
+    print(oracle.format_sweep(res["rows"], res["static"], names, rules))
+    write_json(out / "simulate.json", oracle.simulate_record(model, seqs, names, res))
     write_csv(out / "simulate.csv", [{k: v for k, v in r.items() if k != "skip_rate"} for r in res["rows"]])
     made = plots.ppl_vs_depth(oracle.sweep_curves(res, rules), n, out / "ppl_vs_depth.png")
     plots.depth_histogram(
@@ -633,70 +633,6 @@ def cmd_simulate(args):
     if streamed:
         layer_major.clear(model.state_dir)
         print(_memory_report([(model, seqs.size)]))
-
-
-def simulate_record(model, seqs, names, res) -> dict:
-    """simulate.json: the sweep's rows, baselines, mean ratios and depth histograms, with what they were run on."""
-    return {
-        "model": str(model.path),
-        "sequences": int(len(seqs)),
-        "seq_len": int(seqs.shape[1]),
-        "blocks": names,
-        "mean_ratio": res["mean_ratio"],
-        "rows": res["rows"],
-        "static": res["static"],
-        "depth_hist": {f"{r}/{t}": h for (r, t), h in res["depth_hist"].items()},
-    }
-
-
-def format_sweep(rows, statics, names, rules):
-    """`oracle.sweep`'s rows: perplexity and depth per (rule, tau) beside the static baselines and the other
-    rule, all at the row's mean depth; then the baselines' own runs, then skip rates."""
-    other = {r: next((o for o in rules if o != r), None) for r in rules}
-    head = f"{'rule':<6}{'tau':>6}{'ppl':>10}{'depth':>8}{'min':>5}{'max':>5}{'lowest-ratio':>14}{'early exit':>12}" + (
-        f"{'other rule':>12}" if len(rules) > 1 else ""
-    )
-    lines = [
-        "perplexity at the oracle's mean depth (blocks per token): the oracle, the static baselines and the other rule",
-        head,
-        "-" * len(head),
-    ]
-    for row in rows:
-        line = (
-            f"{row['rule']:<6}{row['tau']:6.3f}{_num(row['ppl'], 10)}{row['mean_depth']:8.2f}{row['min_depth']:5d}"
-            f"{row['max_depth']:5d}{_num(row['static_lowest_ppl'], 14)}{_num(row['early_exit_ppl'], 12)}"
-        )
-        if other[row["rule"]]:
-            line += _num(row[f"{other[row['rule']]}_ppl_at_depth"], 12)
-        lines.append(line)
-    lines += [
-        f"(depth: of {len(names)} blocks; lowest-ratio: the k blocks of lowest mean ratio dropped for every "
-        "token; early exit: the last k;",
-        " at a depth between whole k, or between two taus of the other rule: the mean NLL interpolated, the "
-        "score of mixing",
-        " the two settings over sequences; '-': outside the depths measured)",
-        "",
-        "static baselines run (whole blocks dropped for every token):",
-        f"{'k':>3}{'depth':>7}{'lowest-ratio':>14}{'early exit':>12}  lowest-ratio blocks dropped",
-    ]
-    by_k = {}
-    for r in statics:
-        by_k.setdefault(r["k"], {})[r["baseline"]] = r
-    for k, b in sorted(by_k.items()):
-        dropped = ", ".join(names[i] for i in b["lowest"]["dropped"]) or "-"
-        lines.append(f"{k:3d}{len(names) - k:7d}{_num(b['lowest']['ppl'], 14)}{_num(b['exit']['ppl'], 12)}  {dropped}")
-    lines += ["", "skip rate per block at each setting:", f"{'':<12}" + "".join(f"{b:>8}" for b in names)]
-    lines += [f"{row['rule']} {row['tau']:<7.3f}" + "".join(f"{s:8.2f}" for s in row["skip_rate"]) for row in rows]
-    return "\n".join(lines)
-
-
-def _num(value, width, digits=3):
-    """A right-aligned number, or '-' for None (a value outside what was measured); with 3 significant digits and
-    an exponent when the fixed form would not leave a space before it (whole-block dropping reaches ppl 1e9)."""
-    if value is None:
-        return f"{'-':>{width}}"
-    text = f"{value:.{digits}f}"
-    return f"{text if not width or len(text) < width else f'{value:.3g}':>{width}}"
 
 
 # ------------------------------------------------------------------------------------------- train-router
@@ -757,8 +693,8 @@ def cmd_train_router(args):
         if args.evaluate
         else f"\nrouter saved to {out / 'router'}.safetensors (+ .json)"
     )
-    print(format_router_report(ev, len(test_seqs)))
-    report = router_report(ev, str(args.evaluate or out / "router"), cfg, n)
+    print(R.format_router_report(ev, len(test_seqs)))
+    report = R.router_report(ev, str(args.evaluate or out / "router"), cfg, n)
     write_json(out / "train_router.json", report)
     plots.ppl_vs_depth(
         {name: ([r.depth.mean()], [r.ppl]) for name, r in runs.items()}, n, out / "router_ppl_vs_depth.png"
@@ -774,47 +710,6 @@ def cmd_train_router(args):
         labels = ((0 if ex is None else ex["x"].nbytes) + ev["test_examples"]["x"].nbytes) / 2**20
         tokens = max(0 if train_seqs is None else train_seqs.size, test_seqs.size)
         print(_memory_report([(model, tokens)], f", oracle labels {labels:,.1f} MiB"))
-
-
-def router_report(ev, router, cfg, n_blocks) -> dict:
-    """train_router.json: the router's name and settings, `router.evaluate`'s numbers, and per run its perplexity
-    and depths (mean, min, max, histogram)."""
-    runs = {
-        name: {
-            "ppl": r.ppl,
-            "mean_depth": float(r.depth.mean()),
-            "min_depth": int(r.depth.min()),
-            "max_depth": int(r.depth.max()),
-            "depth_hist": np.bincount(r.depth, minlength=n_blocks + 1),
-        }
-        for name, r in ev["runs"].items()
-    }
-    keys = ("accuracy_train", "accuracy_test", "agreement_own_states", "at_router_depth")
-    return {"router": router, "config": cfg.__dict__, **{k: ev[k] for k in keys}, "runs": runs}
-
-
-def format_router_report(ev, n_test):
-    """`router.evaluate`'s numbers: accuracy, agreement, each run's perplexity and depth, all at the router's depth."""
-    acc_train, acc_test, own = ev["accuracy_train"], ev["accuracy_test"], ev["agreement_own_states"]
-    runs, depth, at_depth = ev["runs"], ev["depth"], ev["at_router_depth"]
-    train = "" if acc_train is None else f" ({acc_train['decision']:.1%} train)"
-    lines = [
-        f"accuracy against the oracle: decisions {acc_test['decision']:.1%} held-out{train}; whole routes "
-        f"{acc_test['route']:.1%}; EXIT {acc_test['exit']:.1%}, next block {acc_test['block']:.1%}",
-        "  (on the oracle's states: the router fed the oracle's routes, one decision at a time)",
-        f"on the router's own states (its own routes, each decision against the oracle's rule on the state it "
-        f"reached):\n  decisions {own['move']:.1%}; whole routes {own['route']:.1%}; keep/skip per block "
-        f"{own['block']:.1%}",
-        f"\n{'on ' + count(n_test, 'held-out sequence'):<36}{'ppl':>10}{'blocks/token':>14}{'min':>5}{'max':>5}",
-    ]
-    for name, run in runs.items():
-        lines.append(f"{name:<36}{run.ppl:10.3f}{run.depth.mean():14.2f}{run.depth.min():5d}{run.depth.max():5d}")
-    lines.append(
-        f"\nat the router's {depth:.2f} blocks per token (mean NLL interpolated between the two runs above "
-        "that bracket it):"
-    )
-    lines.append("  " + "; ".join(f"{name} {_num(ppl, 0, 1).strip()}" for name, ppl in at_depth.items()))
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ helpers

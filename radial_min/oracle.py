@@ -379,3 +379,71 @@ def sweep_curves(res: dict, rules) -> dict:
         points = sorted((r["depth"], r["ppl"]) for r in res["static"] if r["baseline"] == kind)
         curves[label] = ([d for d, _ in points], [p for _, p in points])
     return curves
+
+
+def simulate_record(model, seqs, names, res) -> dict:
+    """simulate.json: the sweep's rows, baselines, mean ratios and depth histograms, with what they were run on."""
+    return {
+        "model": str(model.path),
+        "sequences": int(len(seqs)),
+        "seq_len": int(seqs.shape[1]),
+        "blocks": names,
+        "mean_ratio": res["mean_ratio"],
+        "rows": res["rows"],
+        "static": res["static"],
+        "depth_hist": {f"{r}/{t}": h for (r, t), h in res["depth_hist"].items()},
+    }
+
+
+def format_sweep(rows, statics, names, rules):
+    """`oracle.sweep`'s rows: perplexity and depth per (rule, tau) beside the static baselines and the other
+    rule, all at the row's mean depth; then the baselines' own runs, then skip rates."""
+    other = {r: next((o for o in rules if o != r), None) for r in rules}
+    head = f"{'rule':<6}{'tau':>6}{'ppl':>10}{'depth':>8}{'min':>5}{'max':>5}{'lowest-ratio':>14}{'early exit':>12}" + (
+        f"{'other rule':>12}" if len(rules) > 1 else ""
+    )
+    lines = [
+        "perplexity at the oracle's mean depth (blocks per token): the oracle, the static baselines and the other rule",
+        head,
+        "-" * len(head),
+    ]
+    for row in rows:
+        line = (
+            f"{row['rule']:<6}{row['tau']:6.3f}{format_number(row['ppl'], 10)}{row['mean_depth']:8.2f}"
+            f"{row['min_depth']:5d}{row['max_depth']:5d}{format_number(row['static_lowest_ppl'], 14)}"
+            f"{format_number(row['early_exit_ppl'], 12)}"
+        )
+        if other[row["rule"]]:
+            line += format_number(row[f"{other[row['rule']]}_ppl_at_depth"], 12)
+        lines.append(line)
+    lines += [
+        f"(depth: of {len(names)} blocks; lowest-ratio: the k blocks of lowest mean ratio dropped for every "
+        "token; early exit: the last k;",
+        " at a depth between whole k, or between two taus of the other rule: the mean NLL interpolated, the "
+        "score of mixing",
+        " the two settings over sequences; '-': outside the depths measured)",
+        "",
+        "static baselines run (whole blocks dropped for every token):",
+        f"{'k':>3}{'depth':>7}{'lowest-ratio':>14}{'early exit':>12}  lowest-ratio blocks dropped",
+    ]
+    by_k = {}
+    for r in statics:
+        by_k.setdefault(r["k"], {})[r["baseline"]] = r
+    for k, b in sorted(by_k.items()):
+        dropped = ", ".join(names[i] for i in b["lowest"]["dropped"]) or "-"
+        lines.append(
+            f"{k:3d}{len(names) - k:7d}{format_number(b['lowest']['ppl'], 14)}"
+            f"{format_number(b['exit']['ppl'], 12)}  {dropped}"
+        )
+    lines += ["", "skip rate per block at each setting:", f"{'':<12}" + "".join(f"{b:>8}" for b in names)]
+    lines += [f"{row['rule']} {row['tau']:<7.3f}" + "".join(f"{s:8.2f}" for s in row["skip_rate"]) for row in rows]
+    return "\n".join(lines)
+
+
+def format_number(value, width, digits=3):
+    """A right-aligned number, or '-' for None (a value outside what was measured); with 3 significant digits and
+    an exponent when the fixed form would not leave a space before it (whole-block dropping reaches ppl 1e9)."""
+    if value is None:
+        return f"{'-':>{width}}"
+    text = f"{value:.{digits}f}"
+    return f"{text if not width or len(text) < width else f'{value:.3g}':>{width}}"

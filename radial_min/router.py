@@ -23,7 +23,7 @@ from . import backprop as bp
 from . import layer_major
 from .checkpoint import SafetensorsFile, write_safetensors
 from .config import check_field
-from .errors import CheckpointError
+from .errors import CheckpointError, count
 from .kernels import mean_rstd
 from .optim import adamw_step, lr_at
 from . import oracle
@@ -538,3 +538,46 @@ def evaluate(model, router: Router, sequences, kind: str = "output", train_examp
         "runs": runs,
         "test_examples": test_ex,
     }
+
+
+def router_report(ev, router, cfg, n_blocks) -> dict:
+    """train_router.json: the router's name and settings, `router.evaluate`'s numbers, and per run its perplexity
+    and depths (mean, min, max, histogram)."""
+    runs = {
+        name: {
+            "ppl": r.ppl,
+            "mean_depth": float(r.depth.mean()),
+            "min_depth": int(r.depth.min()),
+            "max_depth": int(r.depth.max()),
+            "depth_hist": np.bincount(r.depth, minlength=n_blocks + 1),
+        }
+        for name, r in ev["runs"].items()
+    }
+    keys = ("accuracy_train", "accuracy_test", "agreement_own_states", "at_router_depth")
+    return {"router": router, "config": cfg.__dict__, **{k: ev[k] for k in keys}, "runs": runs}
+
+
+def format_router_report(ev, n_test):
+    """`router.evaluate`'s numbers: accuracy, agreement, each run's perplexity and depth, all at the router's depth."""
+    acc_train, acc_test, own = ev["accuracy_train"], ev["accuracy_test"], ev["agreement_own_states"]
+    runs, depth, at_depth = ev["runs"], ev["depth"], ev["at_router_depth"]
+    train = "" if acc_train is None else f" ({acc_train['decision']:.1%} train)"
+    lines = [
+        f"accuracy against the oracle: decisions {acc_test['decision']:.1%} held-out{train}; whole routes "
+        f"{acc_test['route']:.1%}; EXIT {acc_test['exit']:.1%}, next block {acc_test['block']:.1%}",
+        "  (on the oracle's states: the router fed the oracle's routes, one decision at a time)",
+        f"on the router's own states (its own routes, each decision against the oracle's rule on the state it "
+        f"reached):\n  decisions {own['move']:.1%}; whole routes {own['route']:.1%}; keep/skip per block "
+        f"{own['block']:.1%}",
+        f"\n{'on ' + count(n_test, 'held-out sequence'):<36}{'ppl':>10}{'blocks/token':>14}{'min':>5}{'max':>5}",
+    ]
+    for name, run in runs.items():
+        lines.append(f"{name:<36}{run.ppl:10.3f}{run.depth.mean():14.2f}{run.depth.min():5d}{run.depth.max():5d}")
+    lines.append(
+        f"\nat the router's {depth:.2f} blocks per token (mean NLL interpolated between the two runs above "
+        "that bracket it):"
+    )
+    lines.append(
+        "  " + "; ".join(f"{name} {oracle.format_number(ppl, 0, 1).strip()}" for name, ppl in at_depth.items())
+    )
+    return "\n".join(lines)

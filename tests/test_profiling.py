@@ -243,3 +243,60 @@ def test_summary_rows_and_medians_are_the_summarys_numbers():
     assert rows[0]["median"] == pytest.approx(0.2) and rows[4]["median"] == pytest.approx(0.25)
     assert rows[-1] == {"block": "overall", **summary["overall"]} and rows[-1]["n"] == 8
     assert profiling.medians(summary) == pytest.approx({"overall": 0.45, "att": 0.25, "ffn": 0.65})
+
+
+def test_table_numbers_keep_their_columns_apart():
+    """Whole-block dropping on a real model reaches perplexities of 1e9: a number too wide for its column gets an
+    exponent instead of running into its neighbour (it once printed '619.2144852942008.673' for two columns)."""
+    num = oracle.format_number
+    assert num(619.2144, 14) + num(4852942008.673, 12) == "       619.214    4.85e+09"
+    assert num(1030551.482, 12) == " 1030551.482" and num(None, 12) == " " * 11 + "-"
+    assert num(0.5, 0, 1) == "0.5"
+
+
+def _sweep_result():
+    """A two-block sweep as oracle.sweep returns it: one tau under each rule, one static k."""
+    row = dict(tau=0.2, ppl=12.5, mean_depth=1.5, min_depth=1, max_depth=2, static_lowest_ppl=14.25)
+    rows = [
+        {"rule": "fill", **row, "early_exit_ppl": None, "drop_ppl_at_depth": 13.0, "skip_rate": [0.0, 0.5]},
+        {"rule": "drop", **row, "early_exit_ppl": 20.0, "fill_ppl_at_depth": 12.0, "skip_rate": [0.25, 0.25]},
+    ]
+    statics = [
+        {"baseline": "lowest", "k": 1, "depth": 1, "ppl": 14.0, "dropped": [1]},
+        {"baseline": "exit", "k": 1, "depth": 1, "ppl": 4852942008.673},
+    ]
+    hist = {("fill", 0.2): np.array([0, 1, 1]), ("drop", 0.2): np.array([0, 1, 1])}
+    return {"rows": rows, "static": statics, "depth_hist": hist, "mean_ratio": [0.5, 0.1]}
+
+
+def test_format_sweep_lines_up_each_setting_beside_its_baselines():
+    res, names = _sweep_result(), ["L0.att", "L0.ffn"]
+    lines = oracle.format_sweep(res["rows"], res["static"], names, ["fill", "drop"]).splitlines()
+    assert lines[1] == "rule     tau       ppl   depth  min  max  lowest-ratio  early exit  other rule"
+    assert lines[3] == "fill   0.200    12.500    1.50    1    2        14.250           -      13.000"
+    assert lines[4] == "drop   0.200    12.500    1.50    1    2        14.250      20.000      12.000"
+    assert lines[5].startswith("(depth: of 2 blocks;")
+    assert "  1      1        14.000    4.85e+09  L0.ffn" in lines
+    assert lines[-3:] == [
+        "              L0.att  L0.ffn",
+        "fill 0.200      0.00    0.50",
+        "drop 0.200      0.25    0.25",
+    ]
+    one = oracle.format_sweep(res["rows"][:1], res["static"], names, ["fill"]).splitlines()
+    assert one[1].endswith("early exit") and one[3].endswith("           -")  # one rule: no other-rule column
+
+
+def test_simulate_record_says_what_the_sweep_ran_on(tmp_path):
+    class Model:
+        path = tmp_path / "m"
+
+    res = _sweep_result()
+    record = oracle.simulate_record(Model(), np.zeros((3, 32), np.int64), ["L0.att", "L0.ffn"], res)
+    assert record["model"] == str(tmp_path / "m") and (record["sequences"], record["seq_len"]) == (3, 32)
+    assert record["blocks"] == ["L0.att", "L0.ffn"] and record["rows"] is res["rows"]
+    assert list(record["depth_hist"]) == ["fill/0.2", "drop/0.2"] and list(record["depth_hist"]["drop/0.2"]) == [
+        0,
+        1,
+        1,
+    ]
+    assert record["static"] is res["static"] and record["mean_ratio"] == [0.5, 0.1]

@@ -155,3 +155,41 @@ def test_fused_choose_is_the_float64_reference():
         softmax /= softmax.sum(-1, keepdims=True)  # the gate: the probability of the chosen move
         np.testing.assert_allclose(prob[clear], softmax.max(-1)[clear], rtol=1e-5)
         assert (prob[depth >= 5] == 1).all() and (prob > 0).all() and (prob <= 1 + 1e-6).all()
+
+
+def _evaluation():
+    """What router.evaluate returns, for two runs over 2 x 2 tokens of a 4-block model."""
+    run = oracle.Run(np.ones((2, 2, 4), bool), np.zeros((2, 2, 4)), np.log(np.full((2, 1), 10.0)))
+    routed = oracle.Run(np.array([[[1, 1, 0, 0], [1, 0, 0, 0]]] * 2, bool), np.zeros((2, 2, 4)), np.ones((2, 1)))
+    acc = {"decision": 0.875, "route": 0.5, "exit": 0.25, "block": 1.0}
+    return {
+        "accuracy_train": None,
+        "accuracy_test": acc,
+        "agreement_own_states": {"move": 0.75, "route": 0.5, "block": 0.625},
+        "at_router_depth": {"router": np.e, "oracle": None},
+        "depth": 1.5,
+        "runs": {"sequential": run, "router": routed},
+    }
+
+
+def test_router_report_records_each_runs_depths():
+    cfg = R.RouterConfig(width=8, n_blocks=4, hidden=16, tau=0.2, kv_rule="drop")
+    report = R.router_report(_evaluation(), "runs/r/router", cfg, 4)
+    assert report["router"] == "runs/r/router" and report["config"]["hidden"] == 16
+    assert report["accuracy_train"] is None and report["at_router_depth"]["oracle"] is None
+    seq, rt = report["runs"]["sequential"], report["runs"]["router"]
+    assert (seq["mean_depth"], seq["min_depth"], seq["max_depth"]) == (4.0, 4, 4) and seq["ppl"] == pytest.approx(10)
+    assert (rt["mean_depth"], rt["min_depth"], rt["max_depth"]) == (1.5, 1, 2)
+    assert list(rt["depth_hist"]) == [0, 2, 2, 0, 0] and rt["ppl"] == pytest.approx(np.e)
+
+
+def test_format_router_report_prints_accuracy_and_each_run():
+    lines = R.format_router_report(_evaluation(), 2).splitlines()
+    assert lines[0] == (
+        "accuracy against the oracle: decisions 87.5% held-out; whole routes 50.0%; EXIT 25.0%, next block 100.0%"
+    )
+    assert lines[3] == "  decisions 75.0%; whole routes 50.0%; keep/skip per block 62.5%"
+    assert lines[5] == "on 2 held-out sequences                    ppl  blocks/token  min  max"
+    assert lines[6] == "sequential                              10.000          4.00    4    4"
+    assert lines[7] == "router                                   2.718          1.50    1    2"
+    assert lines[-1] == "  router 2.7; oracle -"
