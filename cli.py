@@ -449,13 +449,12 @@ def cmd_profile(args):
         main_phase = next(iter(phases["ratios"]))
         hist[label], layer_summaries[label] = phases["ratios"][main_phase], report[f"{label}/{main_phase}"]
         sizes[label] = (model.n_params, profiling.medians(layer_summaries[label]))
-        keep = hist[label] >= args.tau  # each block judged on the sequential path, not the oracle's (`simulate`)
+        keep = profiling.kept_blocks(hist[label], args.tau)
         plots.routing_trace(
             keep[: args.trace_tokens], names, out / f"routing_trace_{label}.png", f"{label}, ratio >= {args.tau}"
         )
         plots.depth_histogram(
-            {f"{label}, tau={args.tau}": np.bincount(keep.sum(1), minlength=len(names) + 1)},
-            out / f"depth_hist_{label}.png",
+            {f"{label}, tau={args.tau}": profiling.depth_counts(keep)}, out / f"depth_hist_{label}.png"
         )
     write_json(out / "summary.json", report)
     write_csv(out / "summary.csv", csv_rows)
@@ -464,14 +463,8 @@ def cmd_profile(args):
         plots.layer_profile(layer_summaries, out / "layer_profile.png"),
     ]
     if len(sizes) > 1:  # the paper's curve: median ratio against parameters
-        print("\n" + format_sizes(sizes))
-        write_csv(
-            out / "sizes.csv",
-            [
-                {"model": label, "parameters": p, **{f"median_{k}": v for k, v in m.items()}}
-                for label, (p, m) in sorted(sizes.items(), key=lambda kv: kv[1][0])
-            ],
-        )
+        print("\n" + profiling.format_sizes(sizes))
+        write_csv(out / "sizes.csv", profiling.size_rows(sizes))
         made.append(plots.median_by_size(sizes, out / "median_by_size.png"))
     print(f"\nresults in {out}/" + ("" if all(made) else " (no plots: pip install matplotlib)"))
     for model, _ in streamed:
@@ -503,16 +496,6 @@ def _profile_phases(model, args) -> dict:
             model, prompts, args.generate, args.kind, _bar(f"generate {label}", "prompt")
         )
     return {"ratios": phases, "tokens": seqs.size}
-
-
-def format_sizes(sizes):
-    """Median ratio per model, smallest first: {label: (parameters, {"overall", "att", "ffn": median})}."""
-    lines = [f"{'model':<24}{'parameters':>16}{'median':>8}{'att':>8}{'ffn':>8}"]
-    for label, (p, m) in sorted(sizes.items(), key=lambda kv: kv[1][0]):
-        lines.append(
-            f"{label:<24}{p:>16,}{m['overall']:8.3f}{m.get('att', float('nan')):8.3f}{m.get('ffn', float('nan')):8.3f}"
-        )
-    return "\n".join(lines)
 
 
 def _load_maybe_streamed(source, want_stream: bool, kind: str, state_dir: Path):

@@ -147,6 +147,25 @@ def medians(summary: dict) -> dict:
     return {k: s["median"] for k, s in [("overall", summary["overall"]), *summary["types"].items()]}
 
 
+def kept_blocks(ratios: np.ndarray, tau: float) -> np.ndarray:
+    """[tokens, blocks] ratios -> [tokens, blocks] bool: the blocks a threshold of `tau` keeps, each judged on the
+    sequential path, not the oracle's (that is `simulate`)."""
+    return ratios >= tau
+
+
+def depth_counts(keep: np.ndarray) -> np.ndarray:
+    """[tokens, blocks] bool -> [blocks + 1]: how many tokens keep 0, 1, ..., every block."""
+    return np.bincount(keep.sum(1), minlength=keep.shape[1] + 1)
+
+
+def size_rows(sizes: dict) -> list[dict]:
+    """sizes.csv's rows, smallest model first: {label: (parameters, {"overall", "att", "ffn": median})}."""
+    return [
+        {"model": label, "parameters": p, **{f"median_{k}": v for k, v in m.items()}}
+        for label, (p, m) in sorted(sizes.items(), key=lambda kv: kv[1][0])
+    ]
+
+
 def format_summary(summary: dict, title: str = "") -> str:
     """A plain-text table: one row per block, then per block type, then overall."""
     head = f"{'block':<10}{'mean':>8}{'std':>8}{'median':>8}{'p10':>8}{'p90':>8}"
@@ -158,4 +177,14 @@ def format_summary(summary: dict, title: str = "") -> str:
             lines.append("-" * len(head))
             continue
         lines.append(f"{name:<10}{s['mean']:8.3f}{s['std']:8.3f}{s['median']:8.3f}{s['p10']:8.3f}{s['p90']:8.3f}")
+    return "\n".join(lines)
+
+
+def format_sizes(sizes):
+    """Median ratio per model, smallest first: {label: (parameters, {"overall", "att", "ffn": median})}."""
+    lines = [f"{'model':<24}{'parameters':>16}{'median':>8}{'att':>8}{'ffn':>8}"]
+    for label, (p, m) in sorted(sizes.items(), key=lambda kv: kv[1][0]):
+        lines.append(
+            f"{label:<24}{p:>16,}{m['overall']:8.3f}{m.get('att', float('nan')):8.3f}{m.get('ffn', float('nan')):8.3f}"
+        )
     return "\n".join(lines)

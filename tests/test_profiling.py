@@ -300,3 +300,21 @@ def test_simulate_record_says_what_the_sweep_ran_on(tmp_path):
         1,
     ]
     assert record["static"] is res["static"] and record["mean_ratio"] == [0.5, 0.1]
+
+
+def test_depth_counts_and_size_rows_are_what_profile_plots_and_writes():
+    ratios = np.array([[0.1, 0.5, 0.2, 0.7], [0.3, 0.9, 0.4, 0.6], [0.05, 0.1, 0.15, 0.19]])
+    keep = profiling.kept_blocks(ratios, 0.2)  # a ratio equal to tau keeps its block
+    assert keep.tolist() == [[False, True, True, True], [True, True, True, True], [False, False, False, False]]
+    assert profiling.depth_counts(keep).tolist() == [1, 0, 0, 1, 1]  # tokens keeping 0..4 blocks
+    assert profiling.depth_counts(keep[2:]).tolist() == [1, 0, 0, 0, 0]  # every depth counted, reached or not
+    sizes = {"big": (1000, {"overall": 0.5, "att": 0.25, "ffn": 0.75}), "small": (10, {"overall": 0.125})}
+    assert profiling.size_rows(sizes) == [
+        {"model": "small", "parameters": 10, "median_overall": 0.125},
+        {"model": "big", "parameters": 1000, "median_overall": 0.5, "median_att": 0.25, "median_ffn": 0.75},
+    ]
+    assert profiling.format_sizes(sizes).splitlines() == [
+        "model                         parameters  median     att     ffn",
+        "small                                 10   0.125     nan     nan",
+        "big                                1,000   0.500   0.250   0.750",
+    ]
