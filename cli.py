@@ -13,7 +13,6 @@ its traceback.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -315,8 +314,7 @@ def cmd_train(args):
             file=sys.stderr,
         )
     params = tr.train(cfg, train_ids, val)
-    log = [json.loads(line) for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines() if line.strip()]
-    plots.training_curve(log, Path(cfg.out) / "loss.png")
+    plots.training_curve(tr.read_log(cfg.out), Path(cfg.out) / "loss.png")
     if args.export:
         tr.export_checkpoint(
             params, cfg.model_config(), cfg.out, args.export, args.dtype, cfg.radial_config(), overwrite=args.overwrite

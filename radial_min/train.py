@@ -168,6 +168,11 @@ def _repair_log(log_path: Path, step: int) -> None:
     write_text(log_path, "".join(kept))
 
 
+def read_log(out) -> list[dict]:
+    """The records of run `out`'s log.jsonl, one a step (validation losses on the steps that ran them)."""
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
 def _remove_stale_temps(out: Path) -> None:
     """Temporary files (.NAME.tmpPID) left by a killed run: removed when process PID no longer exists."""
     for tmp in out.glob(".*.tmp*"):

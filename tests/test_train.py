@@ -157,3 +157,10 @@ def test_resume_repairs_the_log_refuses_changed_settings_and_cleans_stale_temps(
     tr.train(tiny(out, 6), train_ids, val, progress=False)
     assert [json.loads(line)["step"] for line in log_path.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     assert not list(out.glob(".*.tmp*"))
+
+
+def test_read_log_gives_each_steps_record(tmp_path):
+    records = [{"step": 1, "loss": 5.7, "lr": 0.002}, {"step": 2, "loss": 5.6, "lr": 0.002, "val_wiki": 5.64}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")  # a blank last line
+    assert tr.read_log(tmp_path) == records
+    assert tr.read_log(str(tmp_path))[1]["val_wiki"] == 5.64
