@@ -517,7 +517,7 @@ def _load_maybe_streamed(source, want_stream: bool, kind: str, state_dir: Path):
         print(f"not streaming ({e}); it fits, loading it whole", file=sys.stderr)
         return _load(source, kind)
     model.state_dir = Path(str(state_dir).format(model.path.name))
-    model.progress = _BlockBar(model.path.name, len(model.blocks) + 1)
+    model.progress = progress.BlockBar(model.path.name, len(model.blocks) + 1)
     print(
         f"{model.path.name}: streaming weights block by block ({why}); largest block "
         f"{model.largest_block_bytes() / 2**20:,.1f} MiB as float32; checkpoints in {model.state_dir}/",
@@ -537,44 +537,6 @@ def _memory_report(models, extra=""):
     )
 
 
-class _BlockBar:
-    """Progress of a command's streamed passes (layer_major.py) on one bar that counts each sequence through each
-    step (a block, then the head), labelled with the pass and its block. Told the work to come (`extend`: sequences
-    to run through whole passes, as oracle.sweep counts them), its time left covers all of it; a pass not announced
-    has a bar of its own, named after it. Work an interrupted run kept (a pass it
-    finished, or the blocks of a pass resumed at its block) counts as done, but not in the rate."""
-
-    def __init__(self, model_name, steps_per_pass):
-        self.model_name, self.steps_per_pass = model_name, steps_per_pass
-        self.bar = self.steps = None
-        self.stage = ""  # the pass's label before its block, on a bar shared by passes
-
-    def extend(self, n_sequences, final=True):
-        self._open(self.model_name).extend(n_sequences * self.steps_per_pass, final)
-
-    def begin(self, label, steps, start, n_seq):
-        self.stage, self.steps = ("" if self.bar is None else f"{label}: "), steps
-        bar = self._open(f"{self.model_name}: {label}")
-        if bar.final and bar.n + len(steps) * n_seq > bar.total:  # a pass nobody announced: its own work
-            bar.extend(bar.n + len(steps) * n_seq - bar.total)
-        bar.skip(start * n_seq)
-        self._close_when_done()
-
-    def __call__(self, items, i):
-        yield from self.bar.track(items, f"{self.stage}{self.steps[i]} ({i + 1}/{len(self.steps)})")
-        self._close_when_done()
-
-    def _open(self, label):
-        if self.bar is None:
-            self.bar = progress.Bar(0, label, "seq-block", leave=False)
-        return self.bar
-
-    def _close_when_done(self):
-        if self.bar.final and self.bar.n >= self.bar.total:
-            self.bar.close()
-            self.bar = None
-
-
 def cmd_simulate(args):
     rules = args.kv_rule.split(",")
     for r in rules:
@@ -592,7 +554,7 @@ def cmd_simulate(args):
         file=sys.stderr,
     )
     trace_rule = oracle.threshold(args.trace_tau, f"routing trace: oracle tau={args.trace_tau:g}, {rules[0]}")
-    if streamed:  # one bar over every pass, by block (_BlockBar): the sweep's, then the routing trace's
+    if streamed:  # one bar over every pass, by block (progress.BlockBar): the sweep's, then the routing trace's
         model.progress.extend(1, final=False)
         res = oracle.sweep(model, seqs, taus, rules, args.kind, model.progress)
     else:

@@ -169,3 +169,41 @@ class Passes:
 
     def track(self, items, stage: str = ""):
         yield from track(items, stage, self.unit, self.enabled)
+
+
+class BlockBar:
+    """Progress of a command's streamed passes (layer_major.py) on one bar that counts each sequence through each
+    step (a block, then the head), labelled with the pass and its block. Told the work to come (`extend`: sequences
+    to run through whole passes, as oracle.sweep counts them), its time left covers all of it; a pass not announced
+    has a bar of its own, named after it. Work an interrupted run kept (a pass it
+    finished, or the blocks of a pass resumed at its block) counts as done, but not in the rate."""
+
+    def __init__(self, model_name, steps_per_pass):
+        self.model_name, self.steps_per_pass = model_name, steps_per_pass
+        self.bar = self.steps = None
+        self.stage = ""  # the pass's label before its block, on a bar shared by passes
+
+    def extend(self, n_sequences, final=True):
+        self._open(self.model_name).extend(n_sequences * self.steps_per_pass, final)
+
+    def begin(self, label, steps, start, n_seq):
+        self.stage, self.steps = ("" if self.bar is None else f"{label}: "), steps
+        bar = self._open(f"{self.model_name}: {label}")
+        if bar.final and bar.n + len(steps) * n_seq > bar.total:  # a pass nobody announced: its own work
+            bar.extend(bar.n + len(steps) * n_seq - bar.total)
+        bar.skip(start * n_seq)
+        self._close_when_done()
+
+    def __call__(self, items, i):
+        yield from self.bar.track(items, f"{self.stage}{self.steps[i]} ({i + 1}/{len(self.steps)})")
+        self._close_when_done()
+
+    def _open(self, label):
+        if self.bar is None:
+            self.bar = Bar(0, label, "seq-block", leave=False)
+        return self.bar
+
+    def _close_when_done(self):
+        if self.bar.final and self.bar.n >= self.bar.total:
+            self.bar.close()
+            self.bar = None
