@@ -187,35 +187,35 @@ def _tile_4x4(a, i, w, j, k_lo, k_hi, out):
         c00 += a0 * w0
         c01 += a0 * w1
         c02 += a0 * w2
-        c03 += a0 * w3  # noqa: E702
+        c03 += a0 * w3
         c10 += a1 * w0
         c11 += a1 * w1
         c12 += a1 * w2
-        c13 += a1 * w3  # noqa: E702
+        c13 += a1 * w3
         c20 += a2 * w0
         c21 += a2 * w1
         c22 += a2 * w2
-        c23 += a2 * w3  # noqa: E702
+        c23 += a2 * w3
         c30 += a3 * w0
         c31 += a3 * w1
         c32 += a3 * w2
-        c33 += a3 * w3  # noqa: E702
+        c33 += a3 * w3
     out[i, j] += c00
     out[i, j + 1] += c01
     out[i, j + 2] += c02
-    out[i, j + 3] += c03  # noqa: E702
+    out[i, j + 3] += c03
     out[i + 1, j] += c10
     out[i + 1, j + 1] += c11
     out[i + 1, j + 2] += c12
-    out[i + 1, j + 3] += c13  # noqa: E702
+    out[i + 1, j + 3] += c13
     out[i + 2, j] += c20
     out[i + 2, j + 1] += c21
     out[i + 2, j + 2] += c22
-    out[i + 2, j + 3] += c23  # noqa: E702
+    out[i + 2, j + 3] += c23
     out[i + 3, j] += c30
     out[i + 3, j + 1] += c31
     out[i + 3, j + 2] += c32
-    out[i + 3, j + 3] += c33  # noqa: E702
+    out[i + 3, j + 3] += c33
 
 
 @njit(fastmath=True, cache=True)

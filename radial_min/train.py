@@ -70,7 +70,6 @@ class TrainConfig:
         """The routing settings as radial_train reads them, or None for a plain sequential model."""
         if not self.radial:
             return None
-
         return RadialTrainConfig(
             max_depth=self.max_depth,
             forward_only=self.forward_only,
@@ -321,7 +320,6 @@ def train(
                 record = {"step": step, "loss": round(loss, 4), "lr": lr, "grad_norm": round(norm, 3)}
                 if rcfg is not None:  # the LM loss, blocks/token, and the cost that the depth target sets
                     record.update(lm_loss=round(info["lm_loss"], 4), blocks=round(info["blocks"], 3), cost=rcfg.cost)
-
                     if routing:
                         update_cost(rcfg, info["blocks"])
                 if step % cfg.eval_every == 0 or step == cfg.steps:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from radial_min import kernels
+from radial_min import train as tr
 from radial_min.config import OPTConfig
 from radial_min.data import SHARED
 from radial_min.opt import OPT, expected_tensors
@@ -97,3 +98,23 @@ def random_opt(seed=0, **overrides) -> OPT:
         else:
             tensors[name] = rng.standard_normal(shape) / (1.0 if "embed" in name else np.sqrt(shape[1]) / 1.5)
     return OPT(cfg, {k: v.astype(np.float32) for k, v in tensors.items()})
+
+
+def tiny_train_config(out, steps, **settings) -> "tr.TrainConfig":
+    """The trainer's settings for a 2-layer, 16-wide model that trains in a second (tests of train and --radial)."""
+    return tr.TrainConfig(
+        out=str(out),
+        vocab_size=300,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        ffn_dim=32,
+        seq_len=16,
+        batch_size=4,
+        steps=steps,
+        warmup=2,
+        eval_every=3,
+        save_every=2,
+        lr=3e-3,
+        **settings,
+    )

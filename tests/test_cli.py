@@ -659,26 +659,8 @@ def test_train_exports_a_checkpoint_that_generates(capsys, tmp_path):
     """`train` end to end on the default corpus with a tiny model: resumable state, log, loss curve, export, report."""
     shared("kjv", "kjv.txt")
     run_dir, export = tmp_path / "run", tmp_path / "export"
-    size = [
-        "--vocab-size",
-        300,
-        "--hidden-size",
-        16,
-        "--layers",
-        1,
-        "--heads",
-        2,
-        "--seq-len",
-        16,
-        "--batch-size",
-        2,
-        "--eval-every",
-        1,
-        "--save-every",
-        1,
-        "--warmup",
-        1,
-    ]
+    size = "--vocab-size 300 --hidden-size 16 --layers 1 --heads 2 --seq-len 16 --batch-size 2 --eval-every 1".split()
+    size += "--save-every 1 --warmup 1".split()
     code, _, err = call(capsys, "train", "--out", run_dir, *size, "--steps", 1)  # one step, no export
     assert code == 0 and "resuming" not in err and not export.exists(), err
     args = ["train", "--out", run_dir, "--export", export, "--steps", 2, *size]

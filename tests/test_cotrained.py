@@ -18,6 +18,7 @@ from radial_min import train as tr
 from radial_min.errors import CheckpointError
 from radial_min.radial import RadialNetwork
 from radial_min.router import init_router
+from conftest import tiny_train_config
 
 TOKENIZER = "weights/opt-kjv-wiki"  # any OPT tokenizer files: the exported checkpoint needs some
 
@@ -158,31 +159,11 @@ def corpus(tmp_path_factory):
 
 
 def radial_run(out, steps, **kw):
-    return tr.TrainConfig(
-        out=str(out),
-        vocab_size=300,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        ffn_dim=32,
-        seq_len=16,
-        batch_size=4,
-        steps=steps,
-        warmup=2,
-        eval_every=3,
-        save_every=2,
-        lr=3e-3,
-        radial=True,
-        target_depth=2.5,
-        router_warmup=2,
-        **kw,
-    )
+    return tiny_train_config(out, steps, radial=True, target_depth=2.5, router_warmup=2, **kw)
 
 
 def _initial_router(out, policy):
     """The parameters a radial run starts from (0 steps trained)."""
-    from radial_min.router import init_router
-
     rcfg = radial_run(out, 0, cache_policy=policy).radial_config()
     cfg = radial_run(out, 0).model_config()
     return {tr.ROUTER + k: v for k, v in init_router(rcfg.router_config(cfg), 0, rcfg.in_order).items()}
@@ -223,40 +204,10 @@ def test_cli_trains_a_radial_network_that_generates_routed(capsys, corpus, tmp_p
     run = tmp_path / "run"
     shutil.copytree(corpus[0], run)  # the prepared tiny corpus
     export = tmp_path / "export"
-    args = [
-        "train",
-        "--out",
-        run,
-        "--export",
-        export,
-        "--vocab-size",
-        300,
-        "--hidden-size",
-        16,
-        "--layers",
-        2,
-        "--heads",
-        2,
-        "--seq-len",
-        16,
-        "--batch-size",
-        2,
-        "--steps",
-        3,
-        "--eval-every",
-        3,
-        "--warmup",
-        1,
-        "--radial",
-        "--target-depth",
-        2,
-        "--max-depth",
-        6,
-        "--cache-policy",
-        "global",
-        "--router-warmup",
-        1,
-    ]
+    size = "--vocab-size 300 --hidden-size 16 --layers 2 --heads 2 --seq-len 16 --batch-size 2".split()
+    steps = "--steps 3 --eval-every 3 --warmup 1".split()
+    routing = "--radial --target-depth 2 --max-depth 6 --cache-policy global --router-warmup 1".split()
+    args = ["train", "--out", run, "--export", export, *size, *steps, *routing]
     code, out, err = call(capsys, *args)
     assert code == 0, err
     assert re.search(r"^held\s+[\d,]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M)  # perplexity and blocks/token

@@ -10,6 +10,7 @@ from radial_min import data
 from radial_min import optim
 from radial_min import train as tr
 from radial_min.checkpoint import SafetensorsFile
+from conftest import tiny_train_config
 
 TEXTS = [
     "In the beginning was the word, and the word was with the text.\n" * 3,
@@ -18,21 +19,7 @@ TEXTS = [
 
 
 def tiny(tmp_path, steps):
-    return tr.TrainConfig(
-        out=str(tmp_path),
-        vocab_size=300,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        ffn_dim=32,
-        seq_len=16,
-        batch_size=4,
-        steps=steps,
-        warmup=2,
-        eval_every=3,
-        save_every=2,
-        lr=3e-3,
-    )
+    return tiny_train_config(tmp_path, steps)
 
 
 @pytest.fixture(scope="module")
