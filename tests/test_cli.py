@@ -437,19 +437,9 @@ def test_simulate_end_to_end(capsys, tiny_random_opt, tmp_path):
     model_dir, text = tiny_random_opt
     out = tmp_path / "simulate"
     args = [
-        "simulate",
-        "--model",
-        model_dir,
-        "--text",
-        text,
-        "--seq-len",
-        32,
-        "--max-sequences",
-        2,
-        "--taus",
-        "0,0.5",
-        "--out",
-        out,
+        *("simulate", "--model", model_dir, "--text", text),
+        *"--seq-len 32 --max-sequences 2 --taus 0,0.5".split(),
+        *("--out", out),
     ]
     code, stdout, err = call(capsys, *args)
     assert code == 0, err
@@ -778,19 +768,9 @@ def test_generate_says_when_the_context_cuts_it_short(capsys, opt_with_tokenizer
 def test_results_already_there_are_not_replaced(capsys, tiny_random_opt, tmp_path):
     model_dir, text = tiny_random_opt
     args = [
-        "simulate",
-        "--model",
-        model_dir,
-        "--text",
-        text,
-        "--seq-len",
-        32,
-        "--max-sequences",
-        1,
-        "--taus",
-        "0,0.5",
-        "--out",
-        tmp_path,
+        *("simulate", "--model", model_dir, "--text", text),
+        *"--seq-len 32 --max-sequences 1 --taus 0,0.5".split(),
+        *("--out", tmp_path),
     ]
     (tmp_path / "simulate.json").write_text("mine")
     code, _, err = call(capsys, *args)
