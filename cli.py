@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 import radial_min
-from radial_min import data, images, kernels, layer_major, memory, oracle, plots, profiling, progress, stream
+from radial_min import data, kernels, progress
+from radial_min.io import images
+from radial_min.analysis import layer_major, memory, oracle, plots, profiling, stream
 from radial_min import router as R
 from radial_min import train as tr
 from radial_min.cache import POLICIES
@@ -29,13 +31,13 @@ from radial_min.data import SHARED
 from radial_min.dtypes import STORAGE_DTYPES
 from radial_min.errors import RadialError, SettingError, count
 from radial_min.generation import check_sampling
-from radial_min.gguf_file import is_gguf
-from radial_min.hub import DEFAULT_MODEL
+from radial_min.io.gguf_file import is_gguf
+from radial_min.io.hub import DEFAULT_MODEL
 from radial_min.kernels import softmax
-from radial_min.opt import POSITION_OFFSET
-from radial_min.outputs import write_csv, write_json, write_npz
+from radial_min.models.opt import POSITION_OFFSET
+from radial_min.io.outputs import write_csv, write_json, write_npz
 from radial_min.radial import DEPTH_STYLES, RadialNetwork, depth_streamer, format_routing
-from radial_min.tokenizer import Streamer
+from radial_min.io.tokenizer import Streamer
 
 TAU = 0.2  # the default threshold: the shipped router's; on the shipped model 0.05 skips almost nothing
 MIN_VOCAB = 260  # a byte-level BPE: 256 bytes + 4 special tokens

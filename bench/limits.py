@@ -193,10 +193,10 @@ def run_int8_quality(sz) -> dict:
     """The shipped model in int8 against float32: WikiText-2 test perplexity (the full stream, packed in 256-token
     sequences as docs/training.md scores it; --quick: the first 16) and 60 greedy tokens of the CLI's prompt."""
     from radial_min import data
-    from radial_min.oracle import perplexity
+    from radial_min.analysis.oracle import perplexity
 
     section("5. int8 weights on the shipped model: perplexity and text")
-    models = {d: radial_min.load(radial_min.hub.DEFAULT_MODEL, weights_dtype=d) for d in ("float32", "int8")}
+    models = {d: radial_min.load(radial_min.io.hub.DEFAULT_MODEL, weights_dtype=d) for d in ("float32", "int8")}
     tok = radial_min.Tokenizer(models["float32"].path)
     try:
         stream = data.tokenize_documents(tok, data.default_corpus()[1]["wiki"])  # WikiText-2 test, by article

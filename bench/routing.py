@@ -12,7 +12,7 @@ import numpy as np
 from common import ROOT, decode_ours, fmt, interleaved, prefill_ours, print_table, prompt_ids, ratio, section
 
 import radial_min
-from radial_min import profiling
+from radial_min.analysis import profiling
 from radial_min import router as R
 from radial_min.radial import RadialNetwork, depth_streamer, format_routing
 from radial_min.testing import ScriptedRouter, SequentialRouter
@@ -162,7 +162,7 @@ def _display_cost(model, router, tok, ids, n_new, reps) -> dict:
     """Seconds per token spent in the CLI's streaming callback, plain and with --show-depth count (both writing to
     a list), and in the routing summary line, against the routed generation's own time per token; the medians of
     `reps` alternating runs after one untimed pair."""
-    from radial_min.tokenizer import Streamer
+    from radial_min.io.tokenizer import Streamer
 
     out, runs = [], {"plain": [], "with depths": [], "summary": [], "token": []}
     for name in ["plain", "with depths"] * (reps + 1):
@@ -190,7 +190,7 @@ def _display_cost(model, router, tok, ids, n_new, reps) -> dict:
 
 def run_shipped(sz) -> dict:
     section("8. The shipped model and its shipped router (weights/opt-kjv-wiki, router-tau0.2), 200 greedy tokens")
-    model, router = radial_min.load(radial_min.hub.DEFAULT_MODEL), R.Router.load(SHIPPED_ROUTER)
+    model, router = radial_min.load(radial_min.io.hub.DEFAULT_MODEL), R.Router.load(SHIPPED_ROUTER)
     tok = radial_min.Tokenizer(model.path)
     ids, n_new = tok.encode(PROMPT), 200
 

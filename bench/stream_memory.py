@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import radial_min  # noqa: E402
-from radial_min import oracle, profiling, stream  # noqa: E402
+from radial_min.analysis import oracle, profiling, stream  # noqa: E402
 from radial_min import router as R  # noqa: E402
 
 COMMANDS = {

@@ -9,8 +9,8 @@ print(tok.decode(ids))
 
 from .errors import CheckpointError, RadialError
 from .generation import generate
-from .loading import load
-from .tokenizer import Tokenizer
+from .io.loading import load
+from .io.tokenizer import Tokenizer
 
 __all__ = ["load", "generate", "Tokenizer", "RadialError", "CheckpointError"]
 __version__ = "0.1.0"

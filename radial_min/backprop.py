@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import kernels
-from .opt import POSITION_OFFSET
+from .models.opt import POSITION_OFFSET
 
 # ------------------------------------------------------------------------------------------------ embedding
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError
-from .outputs import read_json
+from .io.outputs import read_json
 
 
 @dataclass

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import RadialError
-from .outputs import npy_header, write_json, write_npz
-from .tokenizer import Tokenizer
+from .io.outputs import npy_header, write_json, write_npz
+from .io.tokenizer import Tokenizer
 
 SHARED = Path(os.environ.get("RADIAL_MIN_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
 WIKITEXT_TEST = SHARED / "wikitext-2" / "test.txt"

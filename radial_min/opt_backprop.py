@@ -13,7 +13,7 @@ import numpy as np
 from . import backprop as bp
 from .config import OPTConfig
 from .errors import RadialError
-from .opt import POSITION_OFFSET
+from .models.opt import POSITION_OFFSET
 
 # --------------------------------------------------------------------------------------------- parameters
 

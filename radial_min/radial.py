@@ -23,7 +23,7 @@ from .blocks import Step, begin, run_block
 from .cache import POLICIES, UnifiedKVCache, dense_cache_bytes
 from .config import check_field
 from .errors import CheckpointError
-from .outputs import read_json, write_json
+from .io.outputs import read_json, write_json
 from .router import MAX_PASSES, Router
 
 RADIAL_CONFIG = "radial.json"  # beside a co-trained network's checkpoint: its routing settings; the router beside

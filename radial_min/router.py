@@ -20,15 +20,15 @@ import numpy as np
 from numba import njit
 
 from . import backprop as bp
-from . import layer_major
-from .checkpoint import SafetensorsFile, write_safetensors
+from .analysis import layer_major
+from .io.checkpoint import SafetensorsFile, write_safetensors
 from .config import check_field
 from .errors import CheckpointError, count
 from .kernels import mean_rstd
 from .optim import adamw_step, lr_at
-from . import oracle
-from .oracle import Decisions, SimulationPass, run_sequence, threshold
-from .outputs import write_json
+from .analysis import oracle
+from .analysis.oracle import Decisions, SimulationPass, run_sequence, threshold
+from .io.outputs import write_json
 from .progress import Bar
 
 NEG = -1e9  # logit of a forbidden move: exp underflows to exactly 0, without the NaN that -inf - (-inf) gives

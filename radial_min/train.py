@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from . import radial_train
-from .checkpoint import SafetensorsFile, write_safetensors
+from .io.checkpoint import SafetensorsFile, write_safetensors
 from .config import OPTConfig, config_to_dict, read_config
 from .data import pack
 from .dtypes import to_float32
 from .errors import RadialError
-from .opt import expected_tensors
+from .models.opt import expected_tensors
 from .opt_backprop import check_trainable, init_params, loss_and_grads
 from .optim import adamw_step, clip_grads, lr_at
-from .outputs import read_json, write_bytes, write_folder, write_json, write_text
+from .io.outputs import read_json, write_bytes, write_folder, write_json, write_text
 from .progress import Bar
 from .radial import RADIAL_CONFIG, write_radial
 from .radial_train import RadialTrainConfig, update_cost

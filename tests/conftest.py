@@ -12,7 +12,7 @@ from radial_min import kernels
 from radial_min import train as tr
 from radial_min.config import OPTConfig
 from radial_min.data import SHARED
-from radial_min.opt import OPT, expected_tensors
+from radial_min.models.opt import OPT, expected_tensors
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # the one skip reason

@@ -8,7 +8,7 @@ import pytest
 
 from radial_min import backprop as bp
 from radial_min.config import OPTConfig
-from radial_min.opt import expected_tensors
+from radial_min.models.opt import expected_tensors
 from radial_min.opt_backprop import init_params, loss_and_grads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,7 +145,7 @@ def test_block_forward_backward(kind, pre_norm):
 
 def test_block_forward_is_the_engine_block(tiny_model):
     """Training's block forward and the inference engine's block (blocks.py, Numba kernels) agree."""
-    from radial_min.opt import OPT
+    from radial_min.models.opt import OPT
     from radial_min.blocks import Step
     from radial_min.opt_backprop import block_forward, block_weights, blocks_of
 
@@ -207,7 +207,7 @@ def test_whole_model_gradients(tiny_model):
 
 def test_training_loss_matches_inference_engine(tiny_model):
     """The trainer's forward and the engine's forward (kernels, blocks) are one model: same loss."""
-    from radial_min.opt import OPT
+    from radial_min.models.opt import OPT
 
     cfg, params, batch = tiny_model
     loss, _ = loss_and_grads(params, cfg, batch, need_grads=False, fast=False)

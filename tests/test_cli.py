@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 import radial_min
-from radial_min import data, images
+from radial_min import data
+from radial_min.io import images
 from conftest import shared
 from radial_min.data import SHARED
 from radial_min.kernels import softmax_ref

@@ -175,7 +175,7 @@ def test_radial_training_resumes_bit_identically(corpus, tmp_path, policy, explo
     depth target's controller), bit for bit, as 6 steps straight; the log records blocks/token and the cost.
     With exploration, each step's swaps are drawn from (seed, step), so a resume draws them again."""
     from radial_min import data
-    from radial_min.checkpoint import SafetensorsFile
+    from radial_min.io.checkpoint import SafetensorsFile
 
     _, train_ids, val_streams = corpus
     val = {k: data.validation_sequences(s, 16, 2) for k, s in val_streams.items()}

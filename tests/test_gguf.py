@@ -10,7 +10,7 @@ import pytest
 
 import radial_min
 from conftest import need_gguf, smollm2_gguf
-from radial_min.checkpoint import SafetensorsFile
+from radial_min.io.checkpoint import SafetensorsFile
 from radial_min.errors import CheckpointError
 from test_cli import call
 
@@ -213,7 +213,7 @@ def test_cli_profile_of_a_gguf_file_in_memory_and_streamed(capsys, tmp_path, nam
     model, tok = radial_min.load(path), radial_min.Tokenizer(path)
     ids = tok.encode(text.read_text())
     seqs = ids[:48].reshape(3, 16)
-    expected = radial_min.profiling.profile_text(model, seqs)
+    expected = radial_min.analysis.profiling.profile_text(model, seqs)
     for extra in ([], ["--stream"]):
         out_dir = tmp_path / ("s" if extra else "m")
         code, out, err = call(

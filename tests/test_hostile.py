@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import radial_min
-from radial_min.checkpoint import SafetensorsFile, write_safetensors
+from radial_min.io.checkpoint import SafetensorsFile, write_safetensors
 from radial_min.errors import CheckpointError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -183,7 +183,7 @@ def test_image_bomb_is_refused_from_its_header(tmp_path):
     import zlib
 
     from radial_min.errors import RadialError
-    from radial_min.images import read_image
+    from radial_min.io.images import read_image
 
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))

@@ -76,7 +76,7 @@ def test_a_tokenizer_json_that_makes_the_library_panic(case, capfd):
     """A Replace normalizer whose regex matches the empty string makes the tokenizers library's Rust code panic at
     encode time (a PanicException, which `except Exception` does not catch, after a backtrace on stderr)."""
     d = case("opt")
-    from radial_min.tokenizer import Tokenizer
+    from radial_min.io.tokenizer import Tokenizer
 
     hf = json.loads(Tokenizer(d).backend.to_str())
     hf["normalizer"] = {"type": "Replace", "pattern": {"Regex": ""}, "content": "xx"}
@@ -220,7 +220,7 @@ def test_a_run_saved_before_the_routing_settings_existed_resumes(trained, capsys
 
 
 def test_state_tensors_are_checked_against_the_run(trained, capsys):
-    from radial_min.checkpoint import SafetensorsFile, write_safetensors
+    from radial_min.io.checkpoint import SafetensorsFile, write_safetensors
 
     f = SafetensorsFile(trained / "state.safetensors")
     tensors = {n: f.read(n) for n in f.entries if n != "adam.v.decoder.final_layer_norm.bias"}

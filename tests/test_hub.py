@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import radial_min
-import radial_min.checkpoint
-import radial_min.hub
-import radial_min.torch_pickle
+import radial_min.io.checkpoint
+import radial_min.io.hub
+import radial_min.io.torch_pickle
 from radial_min.errors import CheckpointError
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
@@ -23,7 +23,7 @@ def weights(tmp_path, monkeypatch):
     """weights/ in a temporary folder, so nothing is written into the repository."""
     folder = tmp_path / "weights"
     folder.mkdir()
-    monkeypatch.setattr(radial_min.hub, "WEIGHTS", folder)
+    monkeypatch.setattr(radial_min.io.hub, "WEIGHTS", folder)
     return folder
 
 
@@ -71,15 +71,15 @@ def test_local_folder_is_returned_as_is(weights, monkeypatch):
     hub = FakeHub(None, RuntimeError("must not download"))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
     folder = FIXTURES / "opt-pre"
-    assert radial_min.hub.resolve(folder) == folder
-    assert radial_min.hub.resolve(str(folder)) == folder
+    assert radial_min.io.hub.resolve(folder) == folder
+    assert radial_min.io.hub.resolve(str(folder)) == folder
     assert hub.calls == [] and list(weights.iterdir()) == []
 
 
 def test_a_file_is_not_a_checkpoint(weights):
     path = FIXTURES / "opt-pre" / "config.json"
     with pytest.raises(CheckpointError) as e:
-        radial_min.hub.resolve(path)
+        radial_min.io.hub.resolve(path)
     msg = str(e.value)
     assert msg.startswith(f"{path}: is a file") and "config.json and the weights" in msg
 
@@ -97,7 +97,7 @@ def test_downloaded_before_is_not_downloaded_again(weights, monkeypatch):
     shutil.copytree(FIXTURES / "opt-pre", weights / "opt-tiny")
     hub = FakeHub(None, RuntimeError("must not download"))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
-    assert radial_min.hub.resolve("someone/opt-tiny") == weights / "opt-tiny"
+    assert radial_min.io.hub.resolve("someone/opt-tiny") == weights / "opt-tiny"
     assert radial_min.load("someone/opt-tiny").config.vocab_size == 384
     assert hub.calls == []
 
@@ -135,7 +135,7 @@ def test_offline_download_gives_one_clear_error(weights, monkeypatch):
 def test_any_download_failure_is_a_checkpoint_error(weights, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(None, ConnectionError("")))
     with pytest.raises(CheckpointError, match=r"org/model: .*failed \(ConnectionError: ConnectionError\)"):
-        radial_min.hub.resolve("org/model")
+        radial_min.io.hub.resolve("org/model")
 
 
 def test_bin_only_repo_is_converted_once_to_safetensors(weights, tmp_path, monkeypatch):
@@ -143,9 +143,9 @@ def test_bin_only_repo_is_converted_once_to_safetensors(weights, tmp_path, monke
     hub = FakeHub(repo)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
     writes = []
-    real_write = radial_min.hub.write_safetensors_from
+    real_write = radial_min.io.hub.write_safetensors_from
     monkeypatch.setattr(
-        radial_min.hub, "write_safetensors_from", lambda *a, **k: (writes.append(a[0]), real_write(*a, **k))
+        radial_min.io.hub, "write_safetensors_from", lambda *a, **k: (writes.append(a[0]), real_write(*a, **k))
     )
 
     model = radial_min.load("facebook/opt-hub-bin")
@@ -183,10 +183,10 @@ def test_same_name_from_another_repo_gets_its_own_folder(weights, tmp_path, monk
     """weights/<name>/ remembers which repo filled it; a different org's repo of the same name goes elsewhere."""
     repo = fake_repo(tmp_path, "config.json", "model.safetensors", source="opt-pre")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(repo))
-    assert radial_min.hub.resolve("facebook/opt-pre") == weights / "opt-pre"
+    assert radial_min.io.hub.resolve("facebook/opt-pre") == weights / "opt-pre"
     assert (weights / "opt-pre" / ".hub_repo").read_text().strip() == "facebook/opt-pre"
-    assert radial_min.hub.resolve("facebook/opt-pre") == weights / "opt-pre"  # cached
-    assert radial_min.hub.resolve("someone/opt-pre") == weights / "someone--opt-pre"
+    assert radial_min.io.hub.resolve("facebook/opt-pre") == weights / "opt-pre"  # cached
+    assert radial_min.io.hub.resolve("someone/opt-pre") == weights / "someone--opt-pre"
 
 
 def test_an_interrupted_download_is_resumed(weights, tmp_path, monkeypatch):
@@ -205,11 +205,13 @@ def test_sharded_bin_repo_is_converted_shard_by_shard(weights, tmp_path, monkeyp
     names = sorted(p.name for p in (FIXTURES / "opt-bin-sharded").iterdir())
     repo = fake_repo(tmp_path, *names, source="opt-bin-sharded")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(repo))
-    monkeypatch.setattr(radial_min.torch_pickle, "load_torch_file", lambda *a: pytest.fail("a whole shard was loaded"))
-    reads = []
-    real_read = radial_min.torch_pickle.TorchFile.read_stored
     monkeypatch.setattr(
-        radial_min.torch_pickle.TorchFile, "read_stored", lambda f, n: (reads.append(n), real_read(f, n))[1]
+        radial_min.io.torch_pickle, "load_torch_file", lambda *a: pytest.fail("a whole shard was loaded")
+    )
+    reads = []
+    real_read = radial_min.io.torch_pickle.TorchFile.read_stored
+    monkeypatch.setattr(
+        radial_min.io.torch_pickle.TorchFile, "read_stored", lambda f, n: (reads.append(n), real_read(f, n))[1]
     )
     model = radial_min.load("facebook/opt-bin-sharded")
     local = weights / "opt-bin-sharded"
@@ -228,7 +230,7 @@ def test_sharded_bin_repo_is_converted_shard_by_shard(weights, tmp_path, monkeyp
 
 def test_bfloat16_survives_conversion(tmp_path):
     """Converting a bf16 pickle keeps bf16 on disk (the upcast to float32 on reading is exact, so is the way back)."""
-    from radial_min.checkpoint import SafetensorsFile, write_safetensors
+    from radial_min.io.checkpoint import SafetensorsFile, write_safetensors
 
     x = np.array([[1.0, -2.5, 3.140625, 2.0**-70]], np.float32)
     write_safetensors(tmp_path / "m.safetensors", {"w": x, "b": x[0]}, bfloat16={"w"})
@@ -253,7 +255,7 @@ def test_repo_without_config(weights, tmp_path, monkeypatch):
     hub = FakeHub(fake_repo(tmp_path, "pytorch_model.bin"))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
     with pytest.raises(CheckpointError) as e:
-        radial_min.hub.resolve("org/not-a-model")
+        radial_min.io.hub.resolve("org/not-a-model")
     assert str(e.value) == (
         "org/not-a-model: the Hub repo has no config.json; "
         f"place a Hugging Face checkpoint in {weights / 'not-a-model'}/"
@@ -265,6 +267,6 @@ def test_ensure_safetensors_leaves_safetensors_alone(tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(FIXTURES / "opt-pre", folder)
     before = (folder / "model.safetensors").read_bytes()
-    radial_min.hub.ensure_safetensors(folder)
+    radial_min.io.hub.ensure_safetensors(folder)
     assert (folder / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in (FIXTURES / "opt-pre").iterdir())

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radial_min import images
+from radial_min.io import images
 from conftest import shared
 from radial_min.errors import RadialError
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import radial_min
-from radial_min import kernels, oracle
+from radial_min import kernels
+from radial_min.analysis import oracle
 from radial_min.cache import UnifiedKVCache
 from radial_min.config import config_from_dict
 from radial_min.errors import CheckpointError
@@ -180,7 +181,7 @@ def test_config_accepts_both_dtype_spellings_and_rope_forms():
 
 
 def test_missing_qwen2_bias_is_reported(tmp_path):
-    from radial_min.checkpoint import SafetensorsFile, write_safetensors
+    from radial_min.io.checkpoint import SafetensorsFile, write_safetensors
 
     dst = tmp_path / "q"
     shutil.copytree(FIXTURES / "qwen2-bias", dst)

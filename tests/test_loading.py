@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import radial_min
-from radial_min.checkpoint import SafetensorsFile, bf16_to_float32, write_safetensors
+from radial_min.io.checkpoint import SafetensorsFile, bf16_to_float32, write_safetensors
 from radial_min.config import config_from_dict
 from radial_min.errors import CheckpointError, RadialError
 
@@ -129,7 +129,7 @@ def test_both_writers_make_files_the_safetensors_package_reads(tmp_path):
     ours alone) and gives the same values and metadata."""
     from safetensors import safe_open
 
-    from radial_min.checkpoint import write_safetensors_from
+    from radial_min.io.checkpoint import write_safetensors_from
 
     t = {"b": np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5, "a": np.ones(3, np.float16), "i": np.arange(4)}
     write_safetensors(tmp_path / "one.safetensors", t, {"step": 3}, bfloat16={"b"})
@@ -153,7 +153,7 @@ def test_write_safetensors_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="cannot write dtype"):
         write_safetensors(path, {"a": np.zeros(2, np.complex64)})
 
-    import radial_min.outputs as outputs
+    import radial_min.io.outputs as outputs
 
     def disk_full(*args):  # the new file was written out, then the rename fails
         raise OSError(28, "No space left on device")

@@ -67,7 +67,7 @@ def test_vit_outputs(name, matmul_backend):
 def test_vit_photo_preprocessing_matches_transformers():
     """Real photos through our resize/rescale/normalize equal ViTImageProcessor's pixel values (Pillow decodes)."""
     pytest.importorskip("PIL")
-    from radial_min import images
+    from radial_min.io import images
 
     folder = FIXTURES / "vit-cls"
     ref = np.load(folder / "reference.npz")
@@ -160,8 +160,8 @@ def test_int8_weights_in_memory(name, matmul_backend):
 def test_int8_shipped_model_memory_and_text():
     """The shipped model in int8: weights take <= 0.3x their float32 bytes, and 60 greedy tokens are the
     float32 model's."""
-    f32 = radial_min.load(radial_min.hub.DEFAULT_MODEL)
-    i8 = radial_min.load(radial_min.hub.DEFAULT_MODEL, weights_dtype="int8")
+    f32 = radial_min.load(radial_min.io.hub.DEFAULT_MODEL)
+    i8 = radial_min.load(radial_min.io.hub.DEFAULT_MODEL, weights_dtype="int8")
     b32, b8 = sum(a.nbytes for a in _arrays(f32)), sum(a.nbytes for a in _arrays(i8))
     assert b32 == 4 * f32.n_params and b8 <= 0.3 * b32
     ids = radial_min.Tokenizer(f32.path).encode("And God said")
@@ -178,7 +178,7 @@ def test_int8_refuses_what_it_cannot_quantize(monkeypatch):
     def no_reading(*args):
         raise AssertionError("a tensor was read")
 
-    monkeypatch.setattr(radial_min.loading, "read_checked", no_reading)
+    monkeypatch.setattr(radial_min.io.loading, "read_checked", no_reading)
     with pytest.raises(radial_min.RadialError, match=r"patch_embeddings.projection.weight is 4-D") as e:
         radial_min.load(FIXTURES / "vit-cls", weights_dtype="int8")
     assert "\n" not in str(e.value)

@@ -5,7 +5,8 @@ import pytest
 from conftest import FIXTURES, random_opt
 
 import radial_min
-from radial_min import kernels, oracle, profiling
+from radial_min import kernels
+from radial_min.analysis import oracle, profiling
 from radial_min.blocks import Step
 
 SEQS = np.random.default_rng(0).integers(3, 60, size=(3, 16))

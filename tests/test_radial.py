@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 import radial_min
 import radial_min.radial
-from radial_min import kernels, oracle
+from radial_min import kernels
+from radial_min.analysis import oracle
 from radial_min.cache import KVCache, UnifiedKVCache, dense_cache_bytes, step_encoding
 from radial_min.radial import RadialNetwork, depth_streamer, shade
 from radial_min.router import RouterDecisions
@@ -183,7 +184,7 @@ def test_memory_against_dense():
 def test_one_observe_contract_for_every_walk():
     """The profiler's RatioRecorder works on routed execution (it crashed with a TypeError) and on the oracle:
     on the blocks a token ran, the ratios both record are the oracle's; NaN where the router skipped."""
-    from radial_min.profiling import RatioRecorder
+    from radial_min.analysis.profiling import RatioRecorder
 
     model = random_opt(seed=3, num_hidden_layers=3)
     ids = np.arange(3, 15)

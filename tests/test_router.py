@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import random_opt
 
-from radial_min import oracle
+from radial_min.analysis import oracle
 from radial_min import router as R
 from radial_min.errors import CheckpointError
 from radial_min.router import RouterDecisions

@@ -1,4 +1,4 @@
-"""Layer-major execution with streamed weights (radial_min/stream.py): the same ratios, runs, labels and output
+"""Layer-major execution with streamed weights (radial_min/analysis/stream.py): the same ratios, runs, labels and output
 files as the in-memory path on every fixture layout, each block read just before it runs and freed after, the LM
 head in pieces, resumption after an interruption, and one-line refusals for checkpoints that cannot be streamed."""
 
@@ -16,7 +16,8 @@ import pytest
 from conftest import FIXTURES
 
 import radial_min
-from radial_min import kernels, layer_major, memory, oracle, profiling, progress, stream
+from radial_min import kernels, progress
+from radial_min.analysis import layer_major, memory, oracle, profiling, stream
 from radial_min import router as R
 from radial_min.data import train_tokenizer
 from radial_min.errors import CheckpointError
@@ -274,7 +275,7 @@ def test_a_compressed_or_corrupt_bin_embedding(tmp_path):
 
 
 def test_nan_weights_are_named_when_their_block_is_read(tmp_path):
-    from radial_min.checkpoint import SafetensorsFile, write_safetensors
+    from radial_min.io.checkpoint import SafetensorsFile, write_safetensors
 
     folder = tmp_path / "nan"
     shutil.copytree(FIXTURES / "opt-pre", folder)

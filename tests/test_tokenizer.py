@@ -15,7 +15,7 @@ import radial_min
 from conftest import shared
 from radial_min.data import SHARED
 from radial_min.errors import CheckpointError
-from radial_min.tokenizer import Streamer
+from radial_min.io.tokenizer import Streamer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OPT_TOKENIZER = SHARED / "opt-tokenizer"

@@ -1,4 +1,4 @@
-"""Reading pytorch_model.bin without torch (radial_min.torch_pickle).
+"""Reading pytorch_model.bin without torch (radial_min.io.torch_pickle).
 
 The fixtures in fixtures/torch_bin/ were written by real torch (tools/make_torch_fixtures.py), together with the
 values torch itself reads back (state_dict.npz) and each tensor's dtype (state_dict.json). Variations that need
@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from radial_min.errors import CheckpointError
-from radial_min.torch_pickle import TorchFile, load_torch_file
+from radial_min.io.torch_pickle import TorchFile, load_torch_file
 
 FIXTURES = Path(__file__).parent / "fixtures" / "torch_bin"
 GOOD = FIXTURES / "state_dict.bin"

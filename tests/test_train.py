@@ -9,7 +9,7 @@ import radial_min
 from radial_min import data
 from radial_min import optim
 from radial_min import train as tr
-from radial_min.checkpoint import SafetensorsFile
+from radial_min.io.checkpoint import SafetensorsFile
 from conftest import tiny_train_config
 
 TEXTS = [

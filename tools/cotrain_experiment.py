@@ -156,7 +156,8 @@ def held_out_streams(folder: Path) -> dict:
 
 def evaluate_sequential(model_dir: Path, streams: dict, seq_len: int) -> dict:
     import radial_min
-    from radial_min import data, oracle
+    from radial_min import data
+    from radial_min.analysis import oracle
 
     model = radial_min.load(model_dir)
     out = {}
@@ -169,7 +170,8 @@ def evaluate_sequential(model_dir: Path, streams: dict, seq_len: int) -> dict:
 
 def evaluate_distilled(model_dir: Path, router_dir: Path, streams: dict, seq_len: int) -> dict:
     import radial_min
-    from radial_min import data, oracle
+    from radial_min import data
+    from radial_min.analysis import oracle
     from radial_min.router import RouterDecisions
     from radial_min.router import Router
 

@@ -663,7 +663,7 @@ def _tokenizer_json(folder: Path) -> Path:
     """A tokenizer.json equivalent to the folder's vocab.json + merges.txt (written once, beside them)."""
     path = folder.parent / "tokenizer.json"
     if not path.is_file():
-        from radial_min.tokenizer import Tokenizer
+        from radial_min.io.tokenizer import Tokenizer
 
         Tokenizer(folder).backend.save(str(path))
     return path

@@ -15,7 +15,7 @@ import radial_min  # noqa: E402
 from radial_min import data  # noqa: E402
 from radial_min.blocks import Linear  # noqa: E402
 from radial_min.dtypes import Int8Matrix  # noqa: E402
-from radial_min.oracle import perplexity  # noqa: E402
+from radial_min.analysis.oracle import perplexity  # noqa: E402
 
 
 def rounded(w, group):
@@ -28,7 +28,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--groups", default="128", help="group sizes to try besides one scale per row (default: 128)")
     args = p.parse_args()
-    model = radial_min.load(radial_min.hub.DEFAULT_MODEL)
+    model = radial_min.load(radial_min.io.hub.DEFAULT_MODEL)
     tok = radial_min.Tokenizer(model.path)
     seqs = data.pack(data.tokenize_documents(tok, data.default_corpus()[1]["wiki"]), 256)
     linears = [part for block in model.blocks for part in vars(block).values() if isinstance(part, Linear)]

@@ -17,10 +17,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from radial_min.checkpoint import write_safetensors  # noqa: E402
+from radial_min.io.checkpoint import write_safetensors  # noqa: E402
 from radial_min.config import OPTConfig, config_to_dict  # noqa: E402
 from radial_min.data import SHARED  # noqa: E402
-from radial_min.opt import POSITION_OFFSET  # noqa: E402
+from radial_min.models.opt import POSITION_OFFSET  # noqa: E402
 
 
 def layer_tensors(w, i: int, E: int, F: int) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from radial_min.checkpoint import write_safetensors  # noqa: E402
+from radial_min.io.checkpoint import write_safetensors  # noqa: E402
 from radial_min.config import OPTConfig, config_to_dict  # noqa: E402
 from radial_min.data import SHARED  # noqa: E402
 from radial_min.opt_backprop import init_params  # noqa: E402

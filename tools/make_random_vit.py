@@ -17,9 +17,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from radial_min.checkpoint import write_safetensors  # noqa: E402
+from radial_min.io.checkpoint import write_safetensors  # noqa: E402
 from radial_min.config import ViTConfig  # noqa: E402
-from radial_min.vit import expected_tensors  # noqa: E402
+from radial_min.models.vit import expected_tensors  # noqa: E402
 
 
 def main(argv=None):

@@ -38,7 +38,8 @@ class Mutant(NamedTuple):
 
 
 R, K, C, B, O, P, G = (
-    "radial_min/" + f + ".py" for f in ("radial", "kernels", "cache", "blocks", "oracle", "profiling", "generation")
+    "radial_min/" + f + ".py"
+    for f in ("radial", "kernels", "cache", "blocks", "analysis/oracle", "analysis/profiling", "generation")
 )
 T = "tests/test_{}.py".format
 RADIAL, KERNELS, LLAMA, PROFILING = T("radial"), T("kernels"), T("llama"), T("profiling")
@@ -201,7 +202,7 @@ MUTANTS = [
     ),
     Mutant(
         "OPT: position table without its offset of 2",
-        "radial_min/opt.py",
+        "radial_min/models/opt.py",
         "self.embed_positions[pos + POSITION_OFFSET]",
         "self.embed_positions[pos]",
         (T("parity"),),
@@ -318,70 +319,70 @@ MUTANTS = [
     # checkpoints: shapes, safetensors rules, pickles, configs, images
     Mutant(
         "loader: tensor shapes not checked against the config",
-        "radial_min/loading.py",
+        "radial_min/io/loading.py",
         "if ours in expected and tuple(store.shape(theirs)) != tuple(expected[ours])",
         "if False",
         (T("loading"), T("hostile")),
     ),
     Mutant(
         "loader: NaN/Inf weights not checked",
-        "radial_min/loading.py",
+        "radial_min/io/loading.py",
         'if a.dtype.kind == "f" and not np.isfinite(a).all():',
         "if False:",
         (T("hostile"),),
     ),
     Mutant(
         "safetensors: overlapping tensors accepted",
-        "radial_min/checkpoint.py",
+        "radial_min/io/checkpoint.py",
         "if begin != end:",
         "if begin > end:",
         (T("hostile"), T("fuzz")),
     ),
     Mutant(
         "safetensors: trailing bytes accepted",
-        "radial_min/checkpoint.py",
+        "radial_min/io/checkpoint.py",
         "if self.data_start + end != size:",
         "if self.data_start + end > size:",
         (T("hostile"), T("fuzz")),
     ),
     Mutant(
         "safetensors: a tensor's byte span not checked",
-        "radial_min/checkpoint.py",
+        "radial_min/io/checkpoint.py",
         "if stop < begin or stop - begin != nbytes:",
         "if stop < begin:",
         (T("hostile"), T("fuzz")),
     ),
     Mutant(
         "shard names may leave the checkpoint folder",
-        "radial_min/checkpoint.py",
+        "radial_min/io/checkpoint.py",
         'if Path(shard).name != shard or shard in ("", ".", "..") or "\\\\" in shard or "/" in shard:',
         "if False:",
         (T("hostile"),),
     ),
     Mutant(
         "pickle: storage bounds off by one",
-        "radial_min/torch_pickle.py",
+        "radial_min/io/torch_pickle.py",
         "if last >= storage_numel:",
         "if last > storage_numel:",
         (T("torch_pickle"),),
     ),
     Mutant(
         "pickle: memo index unbounded",
-        "radial_min/torch_pickle.py",
+        "radial_min/io/torch_pickle.py",
         "not 0 <= arg < len(data)",
         "arg < 0",
         (T("torch_pickle"), T("fuzz")),
     ),
     Mutant(
         "pickle: zip bomb not refused",
-        "radial_min/torch_pickle.py",
+        "radial_min/io/torch_pickle.py",
         "if size > limit:",
         "if False:",
         (T("torch_pickle"), T("fuzz")),
     ),
     Mutant(
         "pickle: zero-stride bomb not refused",
-        "radial_min/torch_pickle.py",
+        "radial_min/io/torch_pickle.py",
         "if math.prod(ref.shape) > max(elements.size, _MAX_EXPANDED):",
         "if False:",
         (T("torch_pickle"),),
@@ -402,7 +403,7 @@ MUTANTS = [
     ),
     Mutant(
         "image bomb: pixels not bounded",
-        "radial_min/images.py",
+        "radial_min/io/images.py",
         "if im.width * im.height > MAX_PIXELS:",
         "if False:",
         (T("hostile"), T("images")),
@@ -410,7 +411,7 @@ MUTANTS = [
     # hostile inputs through the command line (tools/hostile_inputs.py found each of these)
     Mutant(
         "tokenizer: special tokens not type-checked",
-        "radial_min/tokenizer.py",
+        "radial_min/io/tokenizer.py",
         "if token is not None and not isinstance(token, str):",
         "if False:",
         (T("hostile_cli"), "-k", "tokenizer"),
@@ -424,7 +425,7 @@ MUTANTS = [
     ),
     Mutant(
         ".npy header not bounded by the file's size",
-        "radial_min/outputs.py",
+        "radial_min/io/outputs.py",
         "math.prod(shape) * dtype.itemsize > nbytes",
         "False",
         (T("hostile_cli"), "-k", "images"),

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from radial_min import plots  # noqa: E402
+from radial_min.analysis import plots  # noqa: E402
 
 
 def main(argv=None):

@@ -14,7 +14,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import radial_min  # noqa: E402
-from radial_min import data, oracle  # noqa: E402
+from radial_min import data
+from radial_min.analysis import oracle  # noqa: E402
 from radial_min.errors import count  # noqa: E402
 
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .dtypes import bf16_to_float32
-from .errors import CheckpointError
+from ..dtypes import bf16_to_float32
+from ..errors import CheckpointError
 
 # torch dtype name -> NumPy dtype of the stored elements, byte order still to be set. bfloat16 is kept as raw
 # 16-bit patterns and widened to float32 at the end.

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import check_field
-from .errors import RadialError
+from ..config import check_field
+from ..errors import RadialError
 from .outputs import npy_header, read_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy"}

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import safetensors
 
-from .dtypes import bf16_to_float32, to_float32, to_storage  # noqa: F401 (bf16_to_float32 re-exported)
-from .errors import CheckpointError, count
+from ..dtypes import bf16_to_float32, to_float32, to_storage  # noqa: F401 (bf16_to_float32 re-exported)
+from ..errors import CheckpointError, count
 from .outputs import write_bytes
 from .torch_pickle import TorchFile as open_bin
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import layer_major
-from .blocks import AttentionBlock, Step, begin
+from ..blocks import AttentionBlock, Step, begin
 from .profiling import block_ratio
 
 KV_RULES = ("fill", "drop")

@@ -16,8 +16,8 @@ Profiling hooks into the model's `observe` callback, which costs nothing when it
 import numpy as np
 
 from . import layer_major
-from .blocks import Step, run_block
-from .generation import generate
+from ..blocks import Step, run_block
+from ..generation import generate
 
 KINDS = ("output", "sum")
 

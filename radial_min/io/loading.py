@@ -9,14 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import kernels, llama, opt, vit
+from .. import kernels
+from ..models import llama, opt, vit
 from .checkpoint import open_checkpoint, quote
-from .dtypes import check_storage_dtype, to_storage
-from .config import config_from_dict, read_config
-from .errors import CheckpointError, SettingError, count
+from ..dtypes import check_storage_dtype, to_storage
+from ..config import config_from_dict, read_config
+from ..errors import CheckpointError, SettingError, count
 from .gguf_file import GGUFStore, Renamed, config_dict, field, is_gguf, open_reader
 from .hub import resolve
-from .radial import RADIAL_CONFIG, load_radial
+from ..radial import RADIAL_CONFIG, load_radial
 
 ARCHITECTURES = {
     "opt": (opt, opt.OPT),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 ARCHITECTURES = ("llama", "qwen2")
 # what gguf.quants dequantizes (the K-quants included); anything else in a file is refused before reading

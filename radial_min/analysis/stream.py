@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import llama, opt
-from .checkpoint import _ST_DTYPES, SafetensorsFile, open_checkpoint, quote
-from .dtypes import to_float32
-from .errors import CheckpointError
-from .gguf_file import GGUFStore, is_gguf, open_reader
-from .hub import resolve
-from .kernels import linear
-from .loading import open_checkpoint_folder, open_gguf, read_checked
+from ..models import llama, opt
+from ..io.checkpoint import _ST_DTYPES, SafetensorsFile, open_checkpoint, quote
+from ..dtypes import to_float32
+from ..errors import CheckpointError
+from ..io.gguf_file import GGUFStore, is_gguf, open_reader
+from ..io.hub import resolve
+from ..kernels import linear
+from ..io.loading import open_checkpoint_folder, open_gguf, read_checked
 from .memory import drop_pages
 
 # model type -> (module, layer prefix, the names of each block's tensors start with these after the prefix)

@@ -7,11 +7,11 @@ residual stream; `head` normalises and multiplies by the embedding matrix to get
 
 import numpy as np
 
-from . import kernels
-from .blocks import AttentionBlock, FFNBlock, LayerNorm, Linear, Step, run_blocks
-from .cache import KVCache
-from .dtypes import stack_rows
-from .config import OPTConfig
+from .. import kernels
+from ..blocks import AttentionBlock, FFNBlock, LayerNorm, Linear, Step, run_blocks
+from ..cache import KVCache
+from ..dtypes import stack_rows
+from ..config import OPTConfig
 
 LN_EPS = 1e-5  # nn.LayerNorm's default; OPT configs do not set it
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2 (a fairseq padding legacy)

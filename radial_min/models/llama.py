@@ -9,11 +9,11 @@ Follow one token: `embed` looks up its row; each block adds its branch; `head` n
 
 import numpy as np
 
-from . import kernels
-from .blocks import AttentionBlock, FFNBlock, Linear, RMSNorm, Rotary
-from .cache import KVCache
-from .config import LlamaConfig
-from .dtypes import stack_rows
+from .. import kernels
+from ..blocks import AttentionBlock, FFNBlock, Linear, RMSNorm, Rotary
+from ..cache import KVCache
+from ..config import LlamaConfig
+from ..dtypes import stack_rows
 from .opt import OPT, _check_ids
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import open_checkpoint, write_safetensors_from
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .outputs import write_json
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: radial_min/io/hub.py -> ../..
 WEIGHTS = Path(os.environ.get("RADIAL_MIN_WEIGHTS", ROOT / "weights"))
 DEFAULT_MODEL = WEIGHTS / "opt-kjv-wiki"
 HUB_MARKER = ".hub_repo"  # in a downloaded folder: the repo id, written once the download is complete

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RadialError, count
+from ..errors import RadialError, count
 
 
 def write_bytes(path, data: bytes) -> Path:

@@ -4,8 +4,8 @@ token, a learned CLS token in front, then the same residual blocks as OPT (pre-L
 
 import numpy as np
 
-from .blocks import AttentionBlock, FFNBlock, LayerNorm, Linear, Step, run_blocks
-from .config import ViTConfig
+from ..blocks import AttentionBlock, FFNBlock, LayerNorm, Linear, Step, run_blocks
+from ..config import ViTConfig
 
 
 def expected_tensors(cfg: ViTConfig) -> tuple[dict, dict, dict]:

@@ -5,7 +5,7 @@ import io
 
 import numpy as np
 
-from .outputs import write_bytes
+from ..io.outputs import write_bytes
 
 
 def _pyplot():

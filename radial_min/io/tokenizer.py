@@ -13,7 +13,7 @@ import numpy as np
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .gguf_file import read_tokenizer
 
 
