@@ -25,6 +25,8 @@ from radial_min import data, kernels, progress
 from radial_min.io import images
 from radial_min.analysis import layer_major, memory, oracle, plots, profiling, stream
 from radial_min import router as R
+from radial_min.analysis import distill
+import types
 from radial_min import train as tr
 from radial_min.cache import POLICIES
 from radial_min.data import SHARED
@@ -154,7 +156,7 @@ def _radial_network(model, args):
         return model
     router = _load_router(model, args.router, "--router")
     scale = 1.0 if args.step_encoding_scale is None else args.step_encoding_scale
-    return RadialNetwork(model, router, args.max_depth, args.cache_policy or POLICIES[0], scale)
+    return RadialNetwork(model, router, args.max_depth, args.cache_policy or "per-layer", scale)
 
 
 def _load_router(model, path, option):
@@ -264,7 +266,7 @@ def _gguf_file_line(model):
 
 
 def cmd_train(args):
-    cfg = tr.TrainConfig(
+    full = tr.TrainConfig.of(
         out=args.out,
         vocab_size=args.vocab_size,
         hidden_size=args.hidden_size,
@@ -283,8 +285,9 @@ def cmd_train(args):
         seed=args.seed,
         **_radial_settings(args),
     )
+    cfg = types.SimpleNamespace(**full.flat())
     check_train_settings(cfg)
-    tr.check_resume(cfg)  # a saved run resumed with other settings: refused before the corpus is prepared
+    tr.check_resume(full)  # a saved run resumed with other settings: refused before the corpus is prepared
     done = _saved_step(Path(cfg.out) / "state.safetensors")
     if args.export and not args.overwrite and _nonempty(args.export):
         if done is not None and done >= cfg.steps:
@@ -315,12 +318,10 @@ def cmd_train(args):
             else f"{cfg.out}: training already finished at step {done:,}",
             file=sys.stderr,
         )
-    params = tr.train(cfg, train_ids, val)
+    net = tr.train(full, train_ids, val)
     plots.training_curve(tr.read_log(cfg.out), Path(cfg.out) / "loss.png")
     if args.export:
-        tr.export_checkpoint(
-            params, cfg.model_config(), cfg.out, args.export, args.dtype, cfg.radial_config(), overwrite=args.overwrite
-        )
+        tr.export_checkpoint(net, full, cfg.out, args.export, args.dtype, overwrite=args.overwrite)
         print(f"exported {args.export}; validation perplexity on the full held-out streams ...", file=sys.stderr)
         with progress.Bar(0, "evaluate", "seq", leave=False) as bar:
             rep = tr.report(args.export, train_ids, val_streams, cfg.seq_len, bar)
@@ -328,7 +329,7 @@ def cmd_train(args):
         print(format_train_report(rep))
 
 
-_RADIAL_OPTIONS = tuple(f for f in tr.RADIAL_FIELDS if f != "radial")  # train --radial's routing options
+_RADIAL_OPTIONS = tuple(f.name for f in tr.dataclasses.fields(tr.RadialSettings) if f.name != "radial")  # train --radial's routing options
 
 
 def _radial_settings(args) -> dict:
@@ -616,7 +617,7 @@ def cmd_train_router(args):
             f"{count(len(train_seqs), 'sequence')} x {train_seqs.shape[1]} tokens",
             file=sys.stderr,
         )
-        ex = R.oracle_examples(model, train_seqs, args.tau, args.kv_rule, args.kind, _bar("oracle labels", "seq"))
+        ex = distill.oracle_examples(model, train_seqs, args.tau, args.kv_rule, args.kind, _bar("oracle labels", "seq"))
         cfg = R.RouterConfig(
             width=model.config.hidden_size,
             n_blocks=n,
@@ -626,20 +627,20 @@ def cmd_train_router(args):
             kv_rule=args.kv_rule,
             model=model.path.name,
         )
-        router = R.train_router(ex, cfg, args.epochs, args.lr, args.batch_size, args.seed)
+        router = distill.train_router(ex, cfg, args.epochs, args.lr, args.batch_size, args.seed)
         router.save(out / "router")
     test_seqs, _ = _sequences(
         model, args, args.test_text or data.default_text("test", "--test-text"), args.test_sequences
     )
-    ev = R.evaluate(model, router, test_seqs, args.kind, ex, progress.Passes("seq"))
+    ev = distill.evaluate(model, router, test_seqs, args.kind, ex, progress.Passes("seq"))
     runs = ev["runs"]
     print(
         f"\nrouter {args.evaluate} evaluated"
         if args.evaluate
         else f"\nrouter saved to {out / 'router'}.safetensors (+ .json)"
     )
-    print(R.format_router_report(ev, len(test_seqs)))
-    report = R.router_report(ev, str(args.evaluate or out / "router"), cfg, n)
+    print(distill.format_router_report(ev, len(test_seqs)))
+    report = distill.router_report(ev, str(args.evaluate or out / "router"), cfg, n)
     write_json(out / "train_router.json", report)
     plots.ppl_vs_depth(
         {name: ([r.depth.mean()], [r.ppl]) for name, r in runs.items()}, n, out / "router_ppl_vs_depth.png"
@@ -801,9 +802,9 @@ def build_parser():
     )
     g.add_argument(
         "--cache-policy",
-        choices=POLICIES,
+        choices=list(POLICIES),
         default=None,
-        help=f"with --router: what a query attends to in the unified KV cache (default: {POLICIES[0]})",
+        help=f"with --router: what a query attends to in the unified KV cache (default: per-layer)",
     )
     g.add_argument(
         "--step-encoding-scale",
@@ -838,7 +839,7 @@ def build_parser():
         "../shared/data when present). State is saved atomically every --save-every steps and on Ctrl-C; "
         "rerun the same command to resume.",
     )
-    d = tr.TrainConfig()  # the defaults are the trainer's; the routing options default to None (= not given, see
+    d = types.SimpleNamespace(**tr.TrainConfig().flat())  # the defaults are the trainer's; the routing options default to None (= not given, see
     # _radial_settings), their values shown from it
     t.add_argument("--out", default=d.out, help="run folder: tokenizer, tokens, state, log (default: %(default)s)")
     t.add_argument(
@@ -903,7 +904,7 @@ def build_parser():
     )
     rad.add_argument(
         "--cache-policy",
-        choices=POLICIES,
+        choices=list(POLICIES),
         default=None,
         help=f"what attention reads in the unified KV cache (default: {d.cache_policy})",
     )

@@ -7,10 +7,8 @@ given (an activation we have no kernel for, say) are refused by name rather than
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .errors import CheckpointError
-from .io.outputs import read_json
 
 
 @dataclass
@@ -263,15 +261,9 @@ def _shown(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def config_from_dict(d: dict, source: str = "config.json"):
-    """Build an OPTConfig or ViTConfig from a parsed config.json, refusing what we cannot compute."""
-    model_type = d.get("model_type")
-    classes = {"opt": OPTConfig, "vit": ViTConfig, "llama": LlamaConfig, "qwen2": LlamaConfig}
-    if not isinstance(model_type, str) or model_type not in classes:
-        raise CheckpointError(
-            f"{source}: model_type {_shown(model_type)} is not supported (expected one of {sorted(classes)})"
-        )
-    cls = classes[model_type]
+def config_from_dict(d: dict, cls, source: str = "config.json"):
+    """Build config class `cls` (the architecture registry, models.ARCHITECTURES, says which) from a parsed
+    config.json, refusing what we cannot compute."""
     if cls is LlamaConfig:
         return _llama_from_dict(d, source)
     kwargs = {}
@@ -337,13 +329,6 @@ def _check(cfg, source):
             )
         if cfg.pooler_act != "tanh":
             raise CheckpointError(f"{source}: pooler_act {_shown(cfg.pooler_act)} is not supported (expected 'tanh')")
-
-
-def read_config(folder: Path):
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found (a checkpoint folder needs config.json beside its weights)")
-    return config_from_dict(read_json(path, CheckpointError), str(path))
 
 
 def config_to_dict(cfg) -> dict:

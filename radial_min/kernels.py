@@ -380,10 +380,16 @@ def layernorm(x, w, b, eps):
 # --------------------------------------------------------------------------------------------------- rmsnorm
 
 
+def rms_normalize(x, eps):
+    """Rows divided by their root mean square (no centring), and 1/rms: the one NumPy definition of RMSNorm,
+    shared by rmsnorm_ref and the trainer (ops.rmsnorm_forward). Statistics in float64, results in x's dtype."""
+    rstd = (1.0 / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps)).astype(x.dtype)
+    return x * rstd, rstd  # [..., E], [..., 1]
+
+
 def rmsnorm_ref(x, w, eps):
-    """Llama's RMSNorm: divide each row by its root mean square (no centring), then scale."""
-    y = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps)  # [T, E] -> [T, E]
-    return (y * w).astype(np.float32)
+    """Llama's RMSNorm: divide each row by its root mean square, then scale."""
+    return (rms_normalize(x, eps)[0] * w).astype(np.float32)  # [T, E] -> [T, E]
 
 
 @njit(parallel=True, fastmath=True, cache=True)

@@ -4,7 +4,7 @@ The in-memory path runs sequence by sequence, every block in turn. Profiling, th
 only ever need one block at a time, so here the loops are swapped: every sequence is embedded first, then for
 each block its weights are read, the block runs over all sequences' hidden states, and the weights are dropped
 before the next block is read. This module is the loop and its checkpoints; what a pass does to each block sits
-beside its in-memory version (`profiling.ProfilePass`, `oracle.SimulationPass`, `router.LabelPass`) and runs the
+beside its in-memory version (`profiling.ProfilePass`, `oracle.SimulationPass`, `distill.LabelPass`) and runs the
 in-memory path's own per-sequence steps (`blocks.run_block`, `oracle.decide_block`), so every number is identical.
 
 Memory: one block's weights at a time, the hidden states [n_seq, T, E] (in two memory-mapped scratch files when

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import layer_major
-from ..blocks import AttentionBlock, Step, begin
+from ..blocks import AttentionBlock, Rows, begin
 from .profiling import block_ratio
 
 KV_RULES = ("fill", "drop")
@@ -77,7 +77,7 @@ def run_sequence(model, ids, decide, kv_rule: str = "fill", kind: str = "output"
 
     `decide(b, rows, ratios) -> keep` gets a block index, the token rows being decided and their ratios; a
     `Decisions` also sees the states after the embedding and after each block.
-    `observe` follows the contract of `blocks.run_blocks`; here y = x for the rows that skip the block.
+    `observe` follows the contract of `blocks.run_block`; here y = x for the rows that skip the block.
     """
     if kv_rule not in KV_RULES:
         raise ValueError(f"kv rule must be one of {KV_RULES}, got {kv_rule!r}")
@@ -108,7 +108,7 @@ def decide_block(b, block, x, pos, decide, kv_rule, kind, keep, ratios, observe=
 
         f, keep[:] = block.branch_dropping(x, keeps)
     else:
-        f = block.branch(x, Step(pos))  # fill: every token's keys/values from the state passing by
+        f = block.branch(x, Rows(pos))  # fill: every token's keys/values from the state passing by
         ratios[:] = block_ratio(block, x, f, kind)
         keep[:] = decide(b, np.arange(len(x)), ratios)
     y = np.where(keep[:, None], block.residual(x, f), x)  # a skipped row passes its state on unchanged

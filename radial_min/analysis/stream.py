@@ -9,7 +9,7 @@ Safetensors (single or sharded), pytorch_model.bin (each tensor cut from its own
     model = StreamedModel("facebook/opt-13b", state_dir="runs/x/.stream")   # reads headers only
     ratios = profiling.profile_text(model, sequences)                        # these three stream it block-major
     run = oracle.simulate(model, sequences, oracle.threshold(0.2), "drop")   # (layer_major.py)
-    ex = router.oracle_examples(model, sequences, 0.2)
+    ex = distill.oracle_examples(model, sequences, 0.2)
 """
 
 import os
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models import llama, opt
+from ..models import ARCHITECTURES
 from ..io.checkpoint import _ST_DTYPES, SafetensorsFile, open_checkpoint, quote
 from ..dtypes import to_float32
 from ..errors import CheckpointError
@@ -29,13 +29,6 @@ from ..io.loading import open_checkpoint_folder, open_gguf, read_checked
 from .memory import drop_pages
 
 # model type -> (module, layer prefix, the names of each block's tensors start with these after the prefix)
-_LAYOUT = {
-    "opt": (opt, "decoder.layers.{}.", {"att": ("self_attn.", "self_attn_layer_norm."),
-                                        "ffn": ("fc1.", "fc2.", "final_layer_norm.")}),
-    "llama": (llama, "layers.{}.", {"att": ("self_attn.", "input_layernorm."),
-                                    "ffn": ("mlp.", "post_attention_layernorm.")}),
-}  # fmt: skip
-_LAYOUT["qwen2"] = _LAYOUT["llama"]
 _ROWS = ("embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")  # [V, P] matrices left on disk
 HEAD_ROWS_ALIGN = 64  # the LM head is read in pieces of a multiple of 64 rows: the matmul kernel's column tasks
 
@@ -127,16 +120,17 @@ class StreamedModel:
     `scratch_limit`: hidden states larger than this many bytes go to a memory-mapped file (default: a quarter of
     the memory available)."""
 
-    layer_major = True  # profiling.profile_text, oracle.simulate and router.oracle_examples run it block-major
+    layer_major = True  # profiling.profile_text, oracle.simulate and distill.oracle_examples run it block-major
 
     def __init__(self, source, state_dir=None, progress=None, scratch_limit: int | None = None):
         opened = open_gguf(source) if is_gguf(source) else open_checkpoint_folder(source)
         path, self.config, self.store, self.names = opened
         self.path = Path(path)
         cfg = self.config
-        if cfg.model_type not in _LAYOUT:
+        arch = ARCHITECTURES[cfg.model_type]
+        if arch.block_parts is None:
             raise NotStreamable(f"{self.path}: streaming covers OPT, Llama and Qwen2, this is {cfg.model_type}")
-        self.module, prefix, self.parts = _LAYOUT[cfg.model_type]
+        self.module, prefix, self.parts = arch.module, arch.layer_prefix, arch.block_parts
         self.prefix, self.n_layer = prefix, cfg.num_hidden_layers
         self.blocks = [_Slot(i, kind) for i in range(self.n_layer) for kind in ("att", "ffn")]
         self.block_names = [self._block_tensors(b) for b in range(len(self.blocks))]
@@ -146,9 +140,7 @@ class StreamedModel:
         self._read = lambda ours: read_checked(self.store, self.names[ours])
         small = {o: self._read(o) for o in self._top() if o not in _ROWS}  # norms, positions, projections
         small.update({o: self._rows(o) for o in self._top() if o in _ROWS})
-        cls = opt.OPT if cfg.model_type == "opt" else llama.Llama
-        self.shell = cls(replace(cfg, num_hidden_layers=0), small)  # the model's embed and final, no blocks
-        self.shell.config = cfg
+        self.shell = arch.model(replace(cfg, num_hidden_layers=0), small)  # the model's embed and final, no blocks
         self.state_dir = None if state_dir is None else Path(state_dir)
         self.progress, self.scratch_limit = progress, scratch_limit
 
@@ -255,16 +247,16 @@ class StreamedModel:
     def head_pieces(self):
         """The LM head's (lo, hi) row ranges, each no larger than half the largest block as float32 (the logits
         they make are bounded the same way, so the head never holds more than a block)."""
-        V, P = self.shell.lm_head.shape
+        V, P = self.shell.lm_head.weight.shape
         return _row_chunks(V, P * 4, self.largest_block_bytes() // 2)
 
     def heads(self, xs) -> list:
         """Logits [T, V] for each of several final states [T, E], the head read once in pieces for all of them:
         equal to the in-memory `model.head(x)` (the matmul's columns do not interact)."""
         hs = [self.shell.final(x) for x in xs]  # [T, P] each
-        out = [np.empty((len(h), self.shell.lm_head.shape[0]), np.float32) for h in hs]
+        out = [np.empty((len(h), self.shell.lm_head.weight.shape[0]), np.float32) for h in hs]
         for lo, hi in self.head_pieces():
-            w = self.shell.lm_head.rows(lo, hi)  # [hi - lo, P]
+            w = self.shell.lm_head.weight.rows(lo, hi)  # [hi - lo, P]
             for h, logits in zip(hs, out):
                 logits[:, lo:hi] = linear(h, w)
             del w

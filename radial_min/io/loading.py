@@ -10,21 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import kernels
-from ..models import llama, opt, vit
+from ..models import ARCHITECTURES, llama, parse_config, read_config
 from .checkpoint import open_checkpoint, quote
 from ..dtypes import check_storage_dtype, to_storage
-from ..config import config_from_dict, read_config
 from ..errors import CheckpointError, SettingError, count
 from .gguf_file import GGUFStore, Renamed, config_dict, field, is_gguf, open_reader
 from .hub import resolve
 from ..radial import RADIAL_CONFIG, load_radial
-
-ARCHITECTURES = {
-    "opt": (opt, opt.OPT),
-    "vit": (vit, vit.ViT),
-    "llama": (llama, llama.Llama),
-    "qwen2": (llama, llama.Llama),
-}
 
 
 def load(source, *, weights_dtype: str = "float32"):
@@ -43,13 +35,14 @@ def load(source, *, weights_dtype: str = "float32"):
     for ours, theirs in names.items():  # one tensor at a time, narrowed as read: peak memory = model + one tensor
         a = read_checked(store, theirs)
         tensors[ours] = to_storage(a, weights_dtype) if _is_matrix(ours, a.ndim) else a
-    n_params = sum(a.size for a in tensors.values())  # before Llama consumes the q/k/v tensors
-    model = ARCHITECTURES[cfg.model_type][1](cfg, tensors)
-    model.path = Path(path)
-    model.dtypes_on_disk = Counter(store.dtype(theirs) for theirs in names.values())
-    model.n_params, model.weights_dtype = n_params, weights_dtype
-    if gguf:
-        model.file_type = field(store.reader, "general.file_type")  # llama.cpp's name for the quantization mix
+    model = ARCHITECTURES[cfg.model_type].model(
+        cfg,
+        tensors,
+        path=path,
+        weights_dtype=weights_dtype,
+        dtypes_on_disk=Counter(store.dtype(theirs) for theirs in names.values()),
+        file_type=field(store.reader, "general.file_type") if gguf else None,  # llama.cpp's quantization mix
+    )
     kernels.start()
     if not gguf and (Path(path) / RADIAL_CONFIG).is_file():  # a network co-trained with its router: routed
         return load_radial(model, path)
@@ -62,14 +55,14 @@ def open_checkpoint_folder(source):
     folder = resolve(source)
     cfg = read_config(folder)
     store = open_checkpoint(folder)
-    return folder, cfg, store, _match(store, cfg, ARCHITECTURES[cfg.model_type][0])
+    return folder, cfg, store, _match(store, cfg, ARCHITECTURES[cfg.model_type].module)
 
 
 def open_gguf(path):
     """(path, config, store, names): a .gguf file opened and its tensors checked against the config from its
     metadata, nothing dequantized yet; `names` maps transformers' tensor names to the file's."""
     reader = open_reader(path)
-    cfg = config_from_dict(config_dict(reader), f"{path} (metadata)")
+    cfg = parse_config(config_dict(reader), f"{path} (metadata)")
     store = GGUFStore(reader, cfg.num_attention_heads, cfg.num_key_value_heads, permuted=cfg.model_type == "llama")
     renamed = Renamed(store)
     return path, cfg, store, {ours: renamed.gguf[theirs] for ours, theirs in _match(renamed, cfg, llama).items()}

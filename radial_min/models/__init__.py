@@ -1,0 +1,63 @@
+"""The architectures radial_min runs, by config.json's `model_type`: the one registry that config parsing, loading
+(io/loading.py), streaming (analysis/stream.py), training (train.py) and the CLI read.
+
+Each architecture's module says which tensors a checkpoint must hold (`expected_tensors`), how its names are
+spelled (`normalize_name`), how one block is built from them (`make_block`) and, for the trainable ones, how a fresh
+model's tensors are drawn (`init_tensors`); its class is the model (models/base.py has the protocol).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from ..config import LlamaConfig, OPTConfig, ViTConfig, config_from_dict
+from ..errors import CheckpointError
+from ..io.outputs import read_json
+from . import llama, opt, vit
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str  # config.json's model_type
+    config: type  # its config dataclass (config.py)
+    module: ModuleType  # expected_tensors, normalize_name, make_block (and init_tensors if trainable)
+    model: type  # the model class
+    language_model: bool  # a causal LM (generate, train, profile text) or an image encoder (classify)
+    hf_class: str  # the transformers class a saved checkpoint names in config.json's "architectures"
+    layer_prefix: str = ""  # tensor names of layer i start with layer_prefix.format(i) (streaming reads by block)
+    block_parts: dict | None = None  # {"att": name starts, "ffn": ...} after the layer prefix: each block's tensors
+
+
+_OPT_PARTS = {"att": ("self_attn.", "self_attn_layer_norm."), "ffn": ("fc1.", "fc2.", "final_layer_norm.")}
+_LLAMA_PARTS = {"att": ("self_attn.", "input_layernorm."), "ffn": ("mlp.", "post_attention_layernorm.")}
+ARCHITECTURES = {
+    "opt": Architecture("opt", OPTConfig, opt, opt.OPT, True, "OPTForCausalLM", "decoder.layers.{}.", _OPT_PARTS),
+    "llama": Architecture(
+        "llama", LlamaConfig, llama, llama.Llama, True, "LlamaForCausalLM", "layers.{}.", _LLAMA_PARTS
+    ),
+    "qwen2": Architecture(
+        "qwen2", LlamaConfig, llama, llama.Llama, True, "Qwen2ForCausalLM", "layers.{}.", _LLAMA_PARTS
+    ),
+    "vit": Architecture("vit", ViTConfig, vit, vit.ViT, False, "ViTModel"),
+}
+
+
+def architecture(model_type, source: str = "config.json") -> Architecture:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+        shown = repr(model_type) if len(repr(model_type)) <= 40 else repr(model_type)[:37] + "..."
+        raise CheckpointError(
+            f"{source}: model_type {shown} is not supported (expected one of {sorted(ARCHITECTURES)})"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def parse_config(d: dict, source: str = "config.json"):
+    """The config dataclass of a parsed config.json, for the architecture its model_type names."""
+    return config_from_dict(d, architecture(d.get("model_type"), source).config, source)
+
+
+def read_config(folder):
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (a checkpoint folder needs config.json beside its weights)")
+    return parse_config(read_json(path, CheckpointError), str(path))
