@@ -144,9 +144,11 @@ class _Entries:
                 setattr(self, name, grown)
 
     def append(self, seq, keys, k, v):
-        """Entries k, v [n, Hkv, D] of sequences seq [n] (each sequence's rows in key order) -> their slots [n]."""
+        """Entries k, v [n, Hkv, D] of sequences seq [n] with order keys [n], each put in its place in its sequence's
+        key order. Entries almost always come after those stored (then they are appended); a round of the walk
+        in which several blocks write one partition (per-step) may interleave them (then they are merged in)."""
         if len(self.count) == 1:  # one sequence (generation): the slots follow on
-            slots, new = self.count[0] + np.arange(len(k)), len(k)
+            slots, new, order = self.count[0] + np.arange(len(k)), len(k), slice(None)
         else:
             new = np.bincount(seq, minlength=len(self.count))
             first = np.cumsum(new) - new  # where each sequence's rows start in seq's stable order
@@ -154,12 +156,40 @@ class _Entries:
             rank = np.empty(len(seq), np.int64)
             rank[order] = np.arange(len(seq)) - np.repeat(first, new)
             slots = self.count[seq] + rank
-        self.reserve(int((self.count + new).max()))
+        self.reserve(int(np.max(self.count + new)))
+        last = np.where(self.count > 0, self.keys[np.arange(len(self.count)), np.maximum(self.count - 1, 0)], -1)
+        s, kk = seq[order], keys[order]
+        in_order = (keys > last[seq]).all() and not ((s[1:] == s[:-1]) & (kk[1:] <= kk[:-1])).any()
         self.count += new
         self.k[seq, :, slots], self.v[seq, :, slots], self.keys[seq, slots] = k, v, keys
         if self.train:
             self.kt[seq, :, :, slots], self.vt[seq, :, :, slots] = k, v
-        return slots
+        if not in_order:
+            for b in np.unique(seq):
+                self._sort(b)
+
+    def _sort(self, b):
+        """Sequence b's entries back in key order (a stable sort)."""
+        n = int(self.count[b])
+        order = np.argsort(self.keys[b, :n], kind="stable")
+        self.keys[b, :n] = self.keys[b, order]
+        self.k[b, :, :n], self.v[b, :, :n] = (
+            self.k[b, :, order].transpose(1, 0, 2),
+            self.v[b, :, order].transpose(1, 0, 2),
+        )
+        if self.train:
+            self.kt[b, :, :, :n], self.vt[b, :, :, :n] = (
+                self.kt[b, :, :, order].transpose(1, 2, 0),
+                self.vt[b, :, :, order].transpose(1, 2, 0),
+            )
+
+    def slots(self, seq, keys):
+        """Where the entries of (sequence, key) are now: [n]."""
+        out = np.empty(len(seq), np.int64)
+        for b in np.unique(seq):
+            mine = seq == b
+            out[mine] = np.searchsorted(self.keys[b, : self.count[b]], keys[mine])
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -196,9 +226,9 @@ class KVCache:
         n, D = len(q), self.head_dim
         seq = np.broadcast_to(np.asarray(rows.seq, np.int64), (n,))
         keys = np.broadcast_to(order_key(rows.pos, rows.step), (n,))
-        slots = store.append(seq, keys, k.reshape(n, -1, D), v.reshape(n, -1, D))
+        store.append(seq, keys, k.reshape(n, -1, D), v.reshape(n, -1, D))
         if tape is not None:
-            tape.append((store, seq, slots))
+            tape.append((store, seq, keys))
         return q, store, seq, keys
 
     def read(self, written, tape=None):
@@ -247,7 +277,8 @@ def write_backward(tape):
     """The backward of `KVCache.write`: the complete gradients dk, dv [n, Hkv*D] of the entries that call wrote.
     Complete once every query that reads them has been differentiated: the queries of the same round (the walk
     differentiates a round's reads before its writes) and of later rounds (the backward visits rounds in reverse)."""
-    store, seq, slots = tape.pop()
+    store, seq, keys = tape.pop()
+    slots = store.slots(seq, keys)
     if store.dk is None:  # nothing read them (cannot happen: a query reads its own entry), zeros
         store.dk, store.dv = np.zeros_like(store.k), np.zeros_like(store.v)
     n = len(seq)

@@ -233,7 +233,7 @@ class Router:
     def load(cls, path):
         """From `path`.json and `path`.safetensors (`path` may name either file)."""
         weights, config = router_files(path)
-        if not config.is_file():
+        if not config.exists():
             raise CheckpointError(f"{config}: not found (a router is a .json config beside its .safetensors)")
         d = read_json(config, CheckpointError, "a router config")
         _check_router_config(d, str(config))

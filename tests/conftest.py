@@ -102,7 +102,7 @@ def random_opt(seed=0, **overrides) -> OPT:
 
 def tiny_train_config(out, steps, **settings) -> "tr.TrainConfig":
     """The trainer's settings for a 2-layer, 16-wide model that trains in a second (tests of train and --radial)."""
-    return tr.TrainConfig(
+    return tr.TrainConfig.of(
         out=str(out),
         vocab_size=300,
         hidden_size=16,

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from radial_min.io.checkpoint import SafetensorsFile, write_safetensors
-from radial_min.config import read_config
+from radial_min.models import read_config
 from radial_min.errors import CheckpointError
 from radial_min.router import MAX_PASSES, Router, RouterConfig, init_router
 from radial_min.io.torch_pickle import TorchFile

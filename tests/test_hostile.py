@@ -199,7 +199,7 @@ def test_image_bomb_is_refused_from_its_header(tmp_path):
 @pytest.mark.parametrize(
     "change, expect",
     [
-        ({"forward_only": False, "max_depth": 10**7}, "field 'max_depth' is 10000000, expected 0 to 8"),
+        ({"forward_only": False, "max_depth": 10**7}, "field 'max_depth' is 10000000, expected 1 to 8"),
         ({"width": "64"}, "field 'width' is '64', expected an integer"),
         ({"forward_only": "false"}, "field 'forward_only' is 'false', expected true or false"),
         ({"hidden": 0}, "field 'hidden' is 0, expected 1 to 65536"),

@@ -13,7 +13,7 @@ import radial_min
 from radial_min import kernels
 from radial_min.analysis import oracle
 from radial_min.cache import UnifiedKVCache
-from radial_min.config import config_from_dict
+from radial_min.models import parse_config
 from radial_min.errors import CheckpointError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -37,9 +37,9 @@ def test_llama_logits_and_greedy_tokens(name, matmul_backend):
 def test_fixtures_cover_the_variants():
     m = {n: radial_min.load(FIXTURES / n) for n in LLAMA_FIXTURES}
     gqa, mha, qwen = (m[n] for n in LLAMA_FIXTURES)
-    assert gqa.config.num_key_value_heads < gqa.config.num_attention_heads and gqa.lm_head is gqa.embed_tokens
+    assert gqa.config.num_key_value_heads < gqa.config.num_attention_heads and gqa.lm_head.weight is gqa.embed_tokens.weight
     assert gqa.config.rope_theta == 500.0 and mha.config.rope_theta == 10000.0 and qwen.config.rope_theta == 1e6
-    assert mha.lm_head is not mha.embed_tokens and set(mha.dtypes_on_disk) == {"bfloat16"}
+    assert mha.lm_head.weight is not mha.embed_tokens.weight and set(mha.dtypes_on_disk) == {"bfloat16"}
     assert qwen.blocks[0].qkv.bias is not None and qwen.blocks[0].out.bias is None and gqa.blocks[0].qkv.bias is None
     assert gqa.new_cache().layers[0].n_head == 2 and qwen.new_cache().layers[0].n_head == 1
 
@@ -171,12 +171,12 @@ BASE = {
 )
 def test_bad_llama_configs_are_refused_by_field(change, match):
     with pytest.raises(CheckpointError, match=match):
-        config_from_dict({**BASE, **change}, "cfg.json")
+        parse_config({**BASE, **change}, "cfg.json")
 
 
 def test_config_accepts_both_dtype_spellings_and_rope_forms():
-    a = config_from_dict({**BASE, "torch_dtype": "bfloat16", "rope_theta": 5.0, "rope_scaling": None})
-    b = config_from_dict({**BASE, "dtype": "bfloat16", "rope_parameters": {"rope_type": "default", "rope_theta": 5.0}})
+    a = parse_config({**BASE, "torch_dtype": "bfloat16", "rope_theta": 5.0, "rope_scaling": None})
+    b = parse_config({**BASE, "dtype": "bfloat16", "rope_parameters": {"rope_type": "default", "rope_theta": 5.0}})
     assert a == b and a.dtype == "bfloat16" and a.rope_theta == 5.0 and a.head_dim == 4
 
 
