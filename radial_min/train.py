@@ -26,7 +26,7 @@ import numpy as np
 
 from . import ops
 from .config import LlamaConfig, OPTConfig, config_to_dict
-from .data import pack
+from .data import MIN_VOCAB, pack
 from .errors import RadialError
 from .io.checkpoint import SafetensorsFile, write_safetensors
 from .io.loading import load
@@ -35,15 +35,24 @@ from .models import ARCHITECTURES
 from .optim import adamw_step, clip_grads, lr_at
 from .progress import Bar
 from .radial import RadialNetwork, write_radial
-from .router import Router, RouterConfig, init_router
+from .router import MAX_PASSES, Router, RouterConfig, init_router
 
 # ------------------------------------------------------------------------------------------------ settings
 
 
-def setting(default, help: str, flag: str | None = None, **cli):
+def setting(default, help: str, flag: str | None = None, unset: str = "none", choices=None, low=1):
     """A training setting: its default, the help text of its command-line option (--flag, or --name-with-dashes),
-    and anything else argparse needs (choices, a parser as `type`)."""
-    return field(default=default, metadata={"help": help, "flag": flag, **cli})
+    what its default means when that is None (`unset`), its choices, and the least whole number it takes."""
+    return field(default=default, metadata={"help": help, "flag": flag, "unset": unset, "choices": choices, "low": low})
+
+
+def flag(name: str) -> str:
+    """A setting's command-line option."""
+    for group in GROUPS.values():
+        for f in dataclasses.fields(group):
+            if f.name == name:
+                return f.metadata["flag"] or "--" + name.replace("_", "-")
+    raise KeyError(name)
 
 
 @dataclass
@@ -58,9 +67,9 @@ class ModelSettings:
     num_hidden_layers: int = setting(6, "transformer layers, two blocks each", "--layers")
     num_attention_heads: int = setting(8, "attention heads, dividing the width", "--heads")
     num_key_value_heads: int | None = setting(
-        None, "llama/qwen2: key/value heads, dividing --heads (grouped-query)", "--kv-heads"
+        None, "llama/qwen2: key/value heads, dividing --heads (grouped-query)", "--kv-heads", "--heads"
     )
-    ffn_dim: int | None = setting(None, "FFN width (None: 4 x hidden size)")
+    ffn_dim: int | None = setting(None, "FFN width", unset="4 x hidden size")
     seq_len: int = setting(256, "training context, also the model's max positions")
     init_from: str | None = setting(
         None, "fine-tune this checkpoint (a folder or .gguf, float32) instead of a new model"
@@ -107,7 +116,7 @@ class RadialSettings:
     target_depth: float | None = setting(None, "compute budget: the blocks per token the compute term steers to")
     cost: float = setting(0.0, "compute budget instead: a fixed loss per expected block run")
     max_depth: int | None = setting(
-        None, "most blocks a token may run, > 2 x --layers to reuse blocks (None: 2 x --layers)"
+        None, "most blocks a token may run, > 2 x --layers to reuse blocks more", unset="2 x --layers"
     )
     forward_only: bool = setting(False, "blocks in order, each at most once (off: any order, blocks may be reused)")
     cache_policy: str = setting(
@@ -116,7 +125,7 @@ class RadialSettings:
     step_encoding_scale: float = setting(1.0, "global policy: scale of the step encodings added to queries and keys")
     router_hidden: int = setting(16, "router hidden units, > 2 x --layers")
     in_order: float = setting(6.0, "the router starts routing the blocks in order with this logit margin, 0 = random")
-    router_warmup: int = setting(100, "first steps in which only the blocks learn, the router waits")
+    router_warmup: int = setting(100, "first steps in which only the blocks learn, the router waits", low=0)
     router_lr: float = setting(0.1, "the router's learning rate as a share of --lr")
     cost_rate: float = setting(0.0002, "with --target-depth: how fast the cost follows it, per step and block of error")
     depth_weight: float = setting(0.05, "with --target-depth: weight of (expected blocks - target)^2 in the loss")
@@ -133,7 +142,7 @@ class OptimSettings:
 
     lr: float = setting(2e-3, "peak learning rate")
     min_lr_ratio: float = setting(0.1, "the cosine schedule's floor, as a share of --lr")
-    warmup: int = setting(60, "linear warm-up steps")
+    warmup: int = setting(60, "linear warm-up steps", low=0)
     weight_decay: float = setting(0.1, "AdamW decay on matrices")
     grad_clip: float = setting(1.0, "global gradient-norm clip, 0 = off")
 
@@ -148,7 +157,7 @@ class RunSettings:
     eval_every: int = setting(100, "steps between validation losses")
     eval_sequences: int = setting(64, "sequences per validation set, fixed across evaluations")
     save_every: int = setting(50, "steps between checkpoints")
-    seed: int = setting(0, "seed for init and batches")
+    seed: int = setting(0, "seed for init and batches", low=0)
 
 
 GROUPS = {"model": ModelSettings, "radial": RadialSettings, "optim": OptimSettings, "run": RunSettings}
@@ -178,6 +187,69 @@ class TrainConfig:
 
     def flat(self) -> dict:
         return {k: v for g in GROUPS for k, v in asdict(getattr(self, g)).items()}
+
+    def problems(self, available_bytes: int) -> list[str]:
+        """Every setting the run would trip over later, each naming its option: checked before any work."""
+        m, r, o, run = self.model, self.radial, self.optim, self.run
+        out, need = [], training_bytes(self)
+        if need > available_bytes:
+            out.append(
+                f"--hidden-size {m.hidden_size} --layers {m.num_hidden_layers} --ffn-dim {m.ffn_dim} "
+                f"--vocab-size {m.vocab_size} --seq-len {m.seq_len} --batch-size {run.batch_size}: training "
+                f"would need about {need / 2**30:,.1f} GiB (weights, gradients, Adam moments and a batch's "
+                f"activations), {available_bytes / 2**30:,.1f} GiB are available"
+            )
+        if m.vocab_size < MIN_VOCAB and not m.init_from:
+            out.append(
+                f"--vocab-size {m.vocab_size}: a byte-level BPE needs at least {MIN_VOCAB} "
+                "(256 bytes + 4 special tokens)"
+            )
+        if m.hidden_size % m.num_attention_heads:
+            out.append(f"--heads {m.num_attention_heads} must divide --hidden-size {m.hidden_size}")
+        kv = m.num_key_value_heads
+        if kv is not None and (m.architecture == "opt" or m.num_attention_heads % kv):
+            out.append(f"--kv-heads {kv}: llama/qwen2 only, dividing --heads {m.num_attention_heads}")
+        if m.seq_len < 2:
+            out.append(f"--seq-len {m.seq_len}: training needs at least 2 tokens per sequence")
+        for name in ("lr", "weight_decay", "grad_clip", "min_lr_ratio"):
+            if not (getattr(o, name) >= 0 and np.isfinite(getattr(o, name))):
+                out.append(f"{flag(name)} must be a finite number >= 0, got {getattr(o, name)}")
+        if o.lr == 0:
+            out.append("--lr must be > 0")
+        if r.radial:
+            out += self._radial_problems()
+        return out
+
+    def _radial_problems(self) -> list[str]:
+        r, n, out = self.radial, 2 * self.model.num_hidden_layers, []
+        depth = n if r.max_depth is None else r.max_depth
+        if r.forward_only and depth > n:
+            out.append(f"--max-depth {depth}: a --forward-only network runs each of its {n} blocks at most once")
+        elif depth > MAX_PASSES * n:
+            out.append(f"--max-depth {depth}: at most {MAX_PASSES} passes over the {n} blocks")
+        if r.target_depth is not None and not 0 < r.target_depth <= depth:
+            out.append(f"--target-depth {r.target_depth}: expected blocks per token in (0, {depth}]")
+        if not (r.cost >= 0 and np.isfinite(r.cost)):
+            out.append(f"--cost must be a finite number >= 0, got {r.cost}")
+        if not 0 <= r.explore <= 1:
+            out.append(f"--explore {r.explore}: expected a share in [0, 1]")
+        if r.in_order and r.router_hidden < n + 1:
+            out.append(
+                f"--router-hidden {r.router_hidden}: routing {n} blocks in order needs >= {n + 1} (or --in-order 0)"
+            )
+        if not 0 <= r.step_encoding_scale < 1e3:
+            out.append(f"--step-encoding-scale must be in [0, 1000), got {r.step_encoding_scale}")
+        return out
+
+
+def training_bytes(cfg: TrainConfig) -> int:
+    """A rough float32 budget of a run: four copies of the weights (weights, gradients, two Adam moments) and the
+    activations the tape keeps for one batch, attention and logits included."""
+    m, B = cfg.model, cfg.run.batch_size
+    E, F, L, V, T, H = m.hidden_size, m.ffn_dim, m.num_hidden_layers, m.vocab_size, m.seq_len, m.num_attention_heads
+    weights = V * E + (T + 2) * E + L * (4 * E * E + 3 * E * F + 10 * E)
+    activations = B * T * (L * (12 * E + 4 * F + 2 * H) + 3 * V)
+    return 4 * (4 * weights + activations)
 
 
 RESUME_GROUPS = ("model", "radial", "optim")  # and the batches: batch_size and seed
@@ -487,7 +559,7 @@ def checkpoint_name(model_type: str, name: str) -> str:
     return name if name == "lm_head.weight" else "model." + name
 
 
-def export_checkpoint(net, cfg: TrainConfig, tokenizer_dir, out_dir, dtype: str = "float16", overwrite=False):
+def export_checkpoint(net, tokenizer_dir, out_dir, dtype: str = "float16", overwrite=False):
     """Write a Hugging Face checkpoint of `net`, whole or not at all: config.json, model.safetensors (the keys
     save_pretrained writes), and the tokenizer files. A Radial Network trained with its router adds its router
     (float32) and radial.json, so `radial_min.load` returns the routed network; transformers still loads the blocks
@@ -530,6 +602,19 @@ def ngram_perplexities(train_ids: np.ndarray, sequences: np.ndarray, vocab_size:
     )
     unigram = float(np.exp(-np.log(uni[nxt]).mean()))
     return {"unigram": unigram, "bigram": best[0], "bigram_lambda": round(float(best[1]), 2)}
+
+
+def format_report(rep) -> str:
+    """`report`'s table: perplexity per held-out stream beside the n-gram baselines (and blocks per token)."""
+    routed = any("blocks" in r for r in rep.values())  # a Radial Network: its blocks per token too
+    head = f"{'split':<8}{'tokens':>10}{'model':>10}{'unigram':>10}{'bigram':>10}"
+    lines = [head + (f"{'blocks':>10}" if routed else "")]
+    for name, r in rep.items():
+        lines.append(
+            f"{name:<8}{r['tokens']:>10,}{r['model']:10.2f}{r['unigram']:10.2f}{r['bigram']:10.2f}"
+            + (f"{r['blocks']:10.2f}" if routed else "")
+        )
+    return "\n".join(lines)
 
 
 def report(export, train_ids, val_streams: dict, seq_len: int, bar=None, batch_size: int = 64) -> dict:

@@ -817,30 +817,41 @@ def test_every_option_shows_its_default():
                 assert "(default: off" in shown, (name, action.dest, shown)
 
 
-def test_train_defaults_and_dtype_choices_are_the_modules(monkeypatch):
-    """`train`'s options default to TrainConfig's values and --weights-dtype offers dtypes.STORAGE_DTYPES: changed
-    there, the command line follows."""
+def test_train_options_are_the_training_settings():
+    """`train` has one option per field of the training settings (train.py), whose help states the field's default;
+    options not given leave the dataclass's defaults, so the parsed command is TrainConfig() itself. And
+    --weights-dtype offers dtypes.STORAGE_DTYPES."""
     import dataclasses
-    import functools
 
     from radial_min.dtypes import STORAGE_DTYPES
 
-    names = {"layers": "num_hidden_layers", "heads": "num_attention_heads"}
-    fields = {f.name: f.default for f in dataclasses.fields(cli.tr.TrainConfig)}
-    moved = {
-        k: v + "-x" if isinstance(v, str) else v * 3 + 1 for k, v in fields.items() if type(v) in (int, float, str)
-    }
-    monkeypatch.setattr(cli.tr, "TrainConfig", functools.partial(cli.tr.TrainConfig, **moved))
     parser = cli.build_parser()
-    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
-    checked = 0
-    for action in train._actions:
-        field = names.get(action.dest, action.dest)
-        if action.option_strings and field in moved and action.default is not None and action.dest != "dtype":
-            assert action.default == moved[field], action.dest
-            checked += 1
-    assert checked == 15  # --out and every number of the run
-    generate = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    actions = {a.dest: a for a in sub.choices["train"]._actions}
+    default = cli.tr.TrainConfig()
+    for group, cls in cli.tr.GROUPS.items():
+        for f in dataclasses.fields(cls):
+            action = actions.pop(f.name)
+            assert action.option_strings == [cli.tr.flag(f.name)], f.name
+            value = getattr(getattr(default, group), f.name)
+            shown = f.metadata["unset"] if value is None else "off" if value is False else value
+            assert (
+                f"(default: {shown:g})" in action.help
+                if isinstance(shown, float)
+                else f"(default: {shown})" in action.help
+            )
+    assert set(actions) == {"help", "export", "overwrite", "dtype"}
+    args = parser.parse_args(["train"])
+    assert cli.tr.TrainConfig.of(**{k: v for k, v in vars(args).items() if k in cli._TRAIN_FIELDS}) == default
+    args = parser.parse_args(["train", "--layers", "3", "--lr", "1e-3", "--radial", "--cache-policy", "per-step"])
+    cfg = cli.tr.TrainConfig.of(**{k: v for k, v in vars(args).items() if k in cli._TRAIN_FIELDS})
+    assert (cfg.model.num_hidden_layers, cfg.optim.lr, cfg.radial.radial, cfg.radial.cache_policy) == (
+        3,
+        1e-3,
+        True,
+        "per-step",
+    )
+    generate = sub.choices["generate"]
     assert next(a for a in generate._actions if a.dest == "weights_dtype").choices is STORAGE_DTYPES
 
 

@@ -111,17 +111,6 @@ def test_half_precision_weights_in_memory(name, dtype, tol):
         np.testing.assert_array_equal(radial_min.generate(model, ids, 20, stop_at_eos=False), ref["greedy"])
 
 
-def _arrays(model):
-    """Every weight array a model holds, once each (the tied LM head is the embedding): its modules' parameters,
-    an Int8Matrix as its q and scale."""
-    seen = {}
-    for m in model.modules():
-        for a in m.params().values():
-            for part in (a.q, a.scale) if isinstance(a, Int8Matrix) else (a,):
-                seen[id(part)] = part
-    return list(seen.values())
-
-
 def _dequantized(model):
     """The same model with every Int8Matrix replaced by its float32 values (the NumPy reference of int8)."""
     for m in model.modules():
@@ -157,7 +146,7 @@ def test_int8_shipped_model_memory_and_text():
     float32 model's."""
     f32 = radial_min.load(radial_min.io.hub.DEFAULT_MODEL)
     i8 = radial_min.load(radial_min.io.hub.DEFAULT_MODEL, weights_dtype="int8")
-    b32, b8 = sum(a.nbytes for a in _arrays(f32)), sum(a.nbytes for a in _arrays(i8))
+    b32, b8 = sum(a.nbytes for a in f32.arrays()), sum(a.nbytes for a in i8.arrays())
     assert b32 == 4 * f32.n_params and b8 <= 0.3 * b32
     ids = radial_min.Tokenizer(f32.path).encode("And God said")
     np.testing.assert_array_equal(

@@ -21,7 +21,8 @@ from radial_min.analysis import layer_major, memory, oracle, profiling, stream
 from radial_min import router as R
 from radial_min.data import train_tokenizer
 from radial_min.errors import CheckpointError
-from radial_min.router import RouterDecisions
+from radial_min.analysis import distill
+from radial_min.analysis.distill import RouterDecisions
 
 sys.path.insert(0, str(FIXTURES.parent.parent))
 import cli  # noqa: E402
@@ -58,7 +59,7 @@ def test_streamed_passes_equal_the_in_memory_ones(name):
         run = oracle.simulate(streamed, SEQS, oracle.threshold(tau), rule)
         assert 0 < run.keep.mean() < 1
         assert_same_run(run, oracle.simulate(loaded, SEQS, oracle.threshold(tau), rule))
-    a, b = R.oracle_examples(streamed, SEQS, tau, "drop"), R.oracle_examples(loaded, SEQS, tau, "drop")
+    a, b = distill.oracle_examples(streamed, SEQS, tau, "drop"), distill.oracle_examples(loaded, SEQS, tau, "drop")
     assert a.keys() == b.keys()
     for k in b:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -80,8 +81,8 @@ def test_gguf_streams(tmp_path, quant):
 def test_a_stateful_decision_rule_gets_one_copy_per_sequence():
     """A router's decisions carry state per sequence (next block, depth): block-major, each sequence has its own."""
     loaded = radial_min.load(FIXTURES / "opt-pre")
-    ex = R.oracle_examples(loaded, SEQS, TAU, "drop")
-    router = R.train_router(ex, R.RouterConfig(width=32, n_blocks=6, hidden=8), epochs=2, progress=False)
+    ex = distill.oracle_examples(loaded, SEQS, TAU, "drop")
+    router = distill.train_router(ex, R.RouterConfig(width=32, n_blocks=6, hidden=8), epochs=2, progress=False)
     run = oracle.simulate(stream.StreamedModel(FIXTURES / "opt-pre"), SEQS, RouterDecisions(router), "drop")
     assert_same_run(run, oracle.simulate(loaded, SEQS, RouterDecisions(router), "drop"))
     assert len(set(run.depth.tolist())) > 1
@@ -187,12 +188,12 @@ def test_a_checkpoint_of_other_weights_is_not_resumed(tmp_path):
 def test_interrupted_router_decisions_and_labels_resume(tmp_path):
     """A stateful rule's per-sequence state and the labels' state columns are checkpointed with the states."""
     loaded = radial_min.load(FIXTURES / "opt-pre")
-    ex = R.oracle_examples(loaded, SEQS, TAU, "drop")
-    router = R.train_router(ex, R.RouterConfig(width=32, n_blocks=6, hidden=8), epochs=2, progress=False)
+    ex = distill.oracle_examples(loaded, SEQS, TAU, "drop")
+    router = distill.train_router(ex, R.RouterConfig(width=32, n_blocks=6, hidden=8), epochs=2, progress=False)
     model = stream.StreamedModel(FIXTURES / "opt-pre", state_dir=tmp_path / "state")
     for run in (
         lambda: oracle.simulate(model, SEQS, RouterDecisions(router), "drop"),
-        lambda: R.oracle_examples(model, SEQS, TAU, "drop"),
+        lambda: distill.oracle_examples(model, SEQS, TAU, "drop"),
     ):
         model.progress = interrupt_at(4, after_sequences=2)
         with pytest.raises(KeyboardInterrupt):

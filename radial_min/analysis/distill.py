@@ -20,7 +20,7 @@ from ..errors import count
 from ..optim import adamw_step, lr_at
 from ..progress import Bar
 from ..router import Router, RouterConfig, allowed_moves, features, init_router, mlp_backward, mlp_forward
-from . import layer_major, oracle
+from . import layer_major, oracle, plots
 from .oracle import Decisions, SimulationPass, run_sequence, threshold
 
 
@@ -238,6 +238,15 @@ def train_router(
     return Router(cfg, params)
 
 
+def distill(model, sequences, tau, kv_rule, kind, hidden, max_depth, epochs, lr, batch_size, seed, progress=None):
+    """A router for `model` distilled from the oracle at `tau` on `sequences`: the oracle's examples, then the router
+    trained on them. -> (router, examples)."""
+    ex = oracle_examples(model, sequences, tau, kv_rule, kind, progress)
+    n = len(model.blocks)
+    cfg = RouterConfig(model.config.hidden_size, n, hidden, True, max_depth, tau, kv_rule, model.path.name)
+    return train_router(ex, cfg, epochs, lr, batch_size, seed), ex
+
+
 # -------------------------------------------------------------------------------------------- evaluation
 
 
@@ -285,6 +294,20 @@ def evaluate(model, router: Router, sequences, kind: str = "output", train_examp
         "runs": runs,
         "test_examples": test_ex,
     }
+
+
+def plot_report(ev, report, blocks, out):
+    """The evaluation's figures in `out`: perplexity against depth for every run, the routed runs' depth
+    histograms, the router's routes on the first sequence."""
+    n, runs = len(blocks), ev["runs"]
+    plots.ppl_vs_depth(
+        {name: ([r.depth.mean()], [r.ppl]) for name, r in runs.items()}, n, out / "router_ppl_vs_depth.png"
+    )
+    hists = {
+        name: r["depth_hist"] for name, r in report["runs"].items() if "static" not in name and name != "sequential"
+    }
+    plots.depth_histogram(hists, out / "router_depth_hist.png")
+    plots.routing_trace(runs["router"].keep[0], [b.name for b in blocks], out / "router_trace.png", "router")
 
 
 def router_report(ev, router, cfg, n_blocks) -> dict:

@@ -100,7 +100,7 @@ def _finish(job, store, progress, n):
         for s in range(n_seq):
             job.finish(s, np.array(store.x[s]), None)
         return
-    group = max(1, model.largest_block_bytes() // 2 // (T * model.shell.lm_head.shape[0] * 4))
+    group = max(1, model.largest_block_bytes() // 2 // (T * model.shell.lm_head.weight.shape[0] * 4))
     done = set()
     for s in progress(range(n_seq), n):
         if s in done:

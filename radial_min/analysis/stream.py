@@ -26,6 +26,9 @@ from ..io.gguf_file import GGUFStore, is_gguf, open_reader
 from ..io.hub import resolve
 from ..kernels import linear
 from ..io.loading import open_checkpoint_folder, open_gguf, read_checked
+from ..errors import RadialError
+from ..progress import BlockBar
+from . import memory
 from .memory import drop_pages
 
 # model type -> (module, layer prefix, the names of each block's tensors start with these after the prefix)
@@ -116,7 +119,8 @@ class StreamedModel:
     when asked. `embed`, `final` and the small tensors are the model's own (a model of zero layers), on an embedding
     matrix and an LM head left on disk. Safetensors (single or sharded), pytorch_model.bin and GGUF.
 
-    `state_dir`: where passes checkpoint (None: nothing is kept); `progress`: see `layer_major.run`;
+    `state_dir`: where passes checkpoint (None: nothing is kept; {} is the model's name); `progress`: see
+    `layer_major.run` (True: a progress.BlockBar over every block);
     `scratch_limit`: hidden states larger than this many bytes go to a memory-mapped file (default: a quarter of
     the memory available)."""
 
@@ -141,7 +145,9 @@ class StreamedModel:
         small = {o: self._read(o) for o in self._top() if o not in _ROWS}  # norms, positions, projections
         small.update({o: self._rows(o) for o in self._top() if o in _ROWS})
         self.shell = arch.model(replace(cfg, num_hidden_layers=0), small)  # the model's embed and final, no blocks
-        self.state_dir = None if state_dir is None else Path(state_dir)
+        self.state_dir = None if state_dir is None else Path(str(state_dir).format(self.path.name))
+        if progress is True:  # a bar over every block of every pass (and the head)
+            progress = BlockBar(self.path.name, len(self.blocks) + 1)
         self.progress, self.scratch_limit = progress, scratch_limit
 
     # ------------------------------------------------------------------------------------- what is read when
@@ -267,6 +273,36 @@ class StreamedModel:
 
 
 # --------------------------------------------------------------------------------------------------- memory
+
+
+def streamed_or_none(source, want_stream: bool, state_dir):
+    """(a StreamedModel, why) when the model is to be streamed: asked (`want_stream`), or it would not fit in the
+    memory available; (None, "") when it is to be loaded whole; (None, why not) when it cannot be streamed but fits.
+    `state_dir` ({} for the model's name): where its passes checkpoint, so that a rerun resumes."""
+    need, avail = model_bytes(source), memory.available_bytes()
+    if not want_stream and need <= avail:
+        return None, ""
+    if want_stream:
+        why = "--stream"
+    else:
+        why = f"automatic: the model needs {need / 2**30:.1f} GiB as float32, {avail / 2**30:.1f} GiB available"
+    try:
+        return StreamedModel(source, state_dir, progress=True), why
+    except NotStreamable as e:
+        if need > avail:
+            raise RadialError(f"--model {source}: does not fit in memory and cannot be streamed: {e}") from None
+        return None, str(e)
+
+
+def memory_report(models, extra=""):
+    """The peak resident memory of a streamed command beside what bounds it: two blocks' weights and the states
+    ([(model, tokens)], the largest of each)."""
+    two = max(sum(sorted(m.block_bytes(b) for b in range(len(m.blocks)))[-2:]) for m, _ in models)
+    states = max(n_tokens * m.config.hidden_size * 4 for m, n_tokens in models)
+    return (
+        f"peak memory (VmHWM) {memory.peak_rss_bytes() / 2**20:,.0f} MiB; two largest blocks "
+        f"{two / 2**20:,.1f} MiB as float32, hidden states {states / 2**20:,.1f} MiB{extra}"
+    )
 
 
 def model_bytes(source) -> int:

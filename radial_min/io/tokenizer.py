@@ -15,6 +15,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import CheckpointError
 from .gguf_file import read_tokenizer
+from .outputs import write_json, write_text
 
 
 class Tokenizer:
@@ -62,6 +63,16 @@ class Tokenizer:
 
     def decode(self, ids, skip_special: bool = True) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def save(self, folder):
+        """This tokenizer as a Hugging Face folder reads it: tokenizer.json and tokenizer_config.json (its BOS and
+        EOS, whether BOS is added). A fine-tuned model's export carries it (train --init-from)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text(folder / "tokenizer.json", self.backend.to_str())
+        token = self.backend.id_to_token
+        settings = {"bos_token": token(self.bos_id), "eos_token": token(self.eos_id), "add_bos_token": self.add_bos}
+        write_json(folder / "tokenizer_config.json", settings)
 
 
 class Streamer:

@@ -74,6 +74,16 @@ class Model:
         for m in self.modules():
             m.flush()
 
+    def arrays(self) -> list:
+        """Every array holding the parameters, once each (a tied head is its embedding), an Int8Matrix as its values
+        and scales: what the weights take in memory."""
+        held = {}
+        for m in self.modules():
+            for a in m.params().values():
+                for part in (a.q, a.scale) if hasattr(a, "scale") else (a,):
+                    held[id(part)] = part
+        return list(held.values())
+
     @property
     def n_params(self) -> int:
         """Parameters, each shared array counted once."""
