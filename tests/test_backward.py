@@ -23,13 +23,14 @@ E, H = 8, 2
 
 def model64(arch="opt", seed=3, pre_norm=True, noise=0.3, **over):
     """A tiny model of `arch` in float64, its parameters moved off their init so every term matters."""
+    shape = dict(vocab_size=23, hidden_size=E, num_hidden_layers=2, max_position_embeddings=9, **over)
     if arch == "opt":
-        cfg = OPTConfig(vocab_size=23, hidden_size=E, num_hidden_layers=2, num_attention_heads=H, ffn_dim=12,
-                        max_position_embeddings=9, word_embed_proj_dim=E, do_layer_norm_before=pre_norm, **over)  # fmt: skip
+        cfg = OPTConfig(
+            **shape, num_attention_heads=H, ffn_dim=12, word_embed_proj_dim=E, do_layer_norm_before=pre_norm
+        )
     else:
-        cfg = LlamaConfig(vocab_size=23, hidden_size=E, intermediate_size=12, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=9, model_type=arch,
-                          tie_word_embeddings=arch == "llama", rope_theta=100.0, **over)  # fmt: skip
+        gqa = dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=100.0, tie_word_embeddings=arch == "llama")
+        cfg = LlamaConfig(**shape, **gqa, intermediate_size=12, model_type=arch)
     a = ARCHITECTURES[arch]
     rng = np.random.default_rng(seed)
     tensors = {

@@ -40,7 +40,10 @@ def test_llama_logits_and_greedy_tokens(name, matmul_backend):
 def test_fixtures_cover_the_variants():
     m = {n: radial_min.load(FIXTURES / n) for n in LLAMA_FIXTURES}
     gqa, mha, qwen = (m[n] for n in LLAMA_FIXTURES)
-    assert gqa.config.num_key_value_heads < gqa.config.num_attention_heads and gqa.lm_head.weight is gqa.embed_tokens.weight
+    assert (
+        gqa.config.num_key_value_heads < gqa.config.num_attention_heads
+        and gqa.lm_head.weight is gqa.embed_tokens.weight
+    )
     assert gqa.config.rope_theta == 500.0 and mha.config.rope_theta == 10000.0 and qwen.config.rope_theta == 1e6
     assert mha.lm_head.weight is not mha.embed_tokens.weight and set(mha.dtypes_on_disk) == {"bfloat16"}
     assert qwen.blocks[0].qkv.bias is not None and qwen.blocks[0].out.bias is None and gqa.blocks[0].qkv.bias is None

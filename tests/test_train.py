@@ -57,9 +57,9 @@ def test_batches_are_a_function_of_seed_and_step(corpus, tmp_path):
     assert not np.array_equal(other, batches[2])
     starts = [
         int(
-            np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(train_ids, cfg.model.seq_len + 1) == row, axis=1))[
-                0
-            ]
+            np.flatnonzero(
+                np.all(np.lib.stride_tricks.sliding_window_view(train_ids, cfg.model.seq_len + 1) == row, axis=1)
+            )[0]
         )
         for row in batches[0]
     ]

@@ -66,9 +66,7 @@ MUTANTS = [
         "net.router.decide(self.X[rows], np.full(len(rows), -1), self.step[rows], pos)",
         (RADIAL,),
     ),
-    Mutant(
-        "max_depth ignored (the walk)", R, "rows = rows[self.step[rows] < net.max_depth]", "rows = rows", (RADIAL,)
-    ),
+    Mutant("max_depth ignored (the walk)", R, "rows = rows[self.step[rows] < net.max_depth]", "rows = rows", (RADIAL,)),
     Mutant(
         "max_depth ignored (the oracle's router decisions)",
         "radial_min/analysis/distill.py",
@@ -357,7 +355,7 @@ MUTANTS = [
     Mutant(
         "deferred linear gradients: the bias forgotten",
         "radial_min/blocks.py",
-        "                self.grad[\"bias\"] += dy.sum(0)",
+        '                self.grad["bias"] += dy.sum(0)',
         "                pass",
         (T("backward"), "-k", "block_backward"),
     ),
