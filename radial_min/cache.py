@@ -33,8 +33,9 @@ STEP_BITS = 16  # order_key: the routing step in the low 16 bits (router.MAX_PAS
 
 
 def order_key(pos, step):
-    """Entries' order within a partition, and a query's bound: position first, then routing step. [n] -> [n]."""
-    return (np.asarray(pos, np.int64) << STEP_BITS) | np.asarray(step, np.int64)
+    """Entries' order within a partition, and a query's bound: position first, then routing step. [n] -> [n]
+    (positions are int64 arrays; the step an int, or one per row)."""
+    return (pos << STEP_BITS) | step
 
 
 def step_encoding(step: int, width: int) -> np.ndarray:
@@ -75,27 +76,27 @@ class Global(PerLayer):
     name = "global"
 
     def __init__(self, scale: float = 1.0):
-        self.scale, self.codes = scale, {}
+        self.scale, self.table = scale, np.zeros((0, 0), np.float32)
 
     def partition(self, layer: int, step: int) -> int:
         return 0
 
     def code(self, step, width: int) -> np.ndarray:
-        """scale * step_encoding(step) for each step [n] -> [n, width] (each step's code made once)."""
-        steps = np.asarray(step, np.int64)
-        for s in np.unique(steps):
-            if (int(s), width) not in self.codes:
-                self.codes[(int(s), width)] = (self.scale * step_encoding(int(s), width)).astype(np.float32)
-        return np.stack([self.codes[(int(s), width)] for s in steps.ravel()])
+        """scale * step_encoding(step) for a step ([width]) or each of several steps ([n] -> [n, width]), from a
+        table made once for the steps seen so far."""
+        top = int(np.max(step)) + 1
+        if self.table.shape[1] != width or len(self.table) < top:
+            self.table = np.stack([self.scale * step_encoding(s, width) for s in range(max(top, 2 * len(self.table)))])
+        return self.table[step]
 
     def encode(self, q, k, step, n_kv_head):
         """q + code, k + code of each row's step (constants: the backward passes gradients through unchanged).
         Under grouped-query attention each query head gets its key/value head's code."""
         if not self.scale:
             return q, k
-        enc = self.code(np.broadcast_to(step, (len(k),)), k.shape[1]).astype(k.dtype)  # [n, Ekv]
-        group = q.shape[1] // k.shape[1]
-        return q + np.repeat(enc.reshape(len(k), n_kv_head, -1), group, axis=1).reshape(len(q), -1), k + enc
+        enc = self.code(step, k.shape[1]).astype(k.dtype, copy=False).reshape(-1, n_kv_head, k.shape[1] // n_kv_head)
+        group = q.shape[1] // k.shape[1]  # [1 or n, Hkv, D]: one step for every row, or one per row
+        return q + np.repeat(enc, group, axis=1).reshape(len(enc), -1), k + enc.reshape(len(enc), -1)
 
 
 POLICIES = {"per-layer": PerLayer, "per-block": PerLayer, "per-step": PerStep, "global": Global}
@@ -147,8 +148,15 @@ class _Entries:
         """Entries k, v [n, Hkv, D] of sequences seq [n] with order keys [n], each put in its place in its sequence's
         key order. Entries almost always come after those stored (then they are appended); a round of the walk
         in which several blocks write one partition (per-step) may interleave them (then they are merged in)."""
-        if len(self.count) == 1:  # one sequence (generation): the slots follow on
-            slots, new, order = self.count[0] + np.arange(len(k)), len(k), slice(None)
+        if len(self.count) == 1:  # one sequence (generation): the entries follow on, written as a slice
+            n, m = int(self.count[0]), len(k)
+            self.reserve(n + m)
+            in_order = (n == 0 or keys[0] > self.keys[0, n - 1]) and (m == 1 or (np.diff(keys) > 0).all())
+            self.k[0, :, n : n + m], self.v[0, :, n : n + m] = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
+            self.keys[0, n : n + m] = keys
+            if self.train:
+                self.kt[0, :, :, n : n + m], self.vt[0, :, :, n : n + m] = k.transpose(1, 2, 0), v.transpose(1, 2, 0)
+            self.count[0] += m
         else:
             new = np.bincount(seq, minlength=len(self.count))
             first = np.cumsum(new) - new  # where each sequence's rows start in seq's stable order
@@ -156,14 +164,14 @@ class _Entries:
             rank = np.empty(len(seq), np.int64)
             rank[order] = np.arange(len(seq)) - np.repeat(first, new)
             slots = self.count[seq] + rank
-        self.reserve(int(np.max(self.count + new)))
-        last = np.where(self.count > 0, self.keys[np.arange(len(self.count)), np.maximum(self.count - 1, 0)], -1)
-        s, kk = seq[order], keys[order]
-        in_order = (keys > last[seq]).all() and not ((s[1:] == s[:-1]) & (kk[1:] <= kk[:-1])).any()
-        self.count += new
-        self.k[seq, :, slots], self.v[seq, :, slots], self.keys[seq, slots] = k, v, keys
-        if self.train:
-            self.kt[seq, :, :, slots], self.vt[seq, :, :, slots] = k, v
+            self.reserve(int(np.max(self.count + new)))
+            last = np.where(self.count > 0, self.keys[np.arange(len(self.count)), np.maximum(self.count - 1, 0)], -1)
+            s, kk = seq[order], keys[order]
+            in_order = (keys > last[seq]).all() and not ((s[1:] == s[:-1]) & (kk[1:] <= kk[:-1])).any()
+            self.count += new
+            self.k[seq, :, slots], self.v[seq, :, slots], self.keys[seq, slots] = k, v, keys
+            if self.train:
+                self.kt[seq, :, :, slots], self.vt[seq, :, :, slots] = k, v
         if not in_order:
             for b in np.unique(seq):
                 self._sort(b)
@@ -217,15 +225,20 @@ class KVCache:
         routing step) in the partition the policy names. -> what `read` needs: the queries [n, H*D] (with the
         global policy's step code), the partition, and the rows' sequences and order keys. The rows of one call
         fall in one partition (the walk's rounds see to it)."""
-        steps = np.broadcast_to(np.asarray(rows.step, np.int64), (len(q),))
-        parts = {self.policy.partition(layer, int(s)) for s in np.unique(steps)}
-        if len(parts) > 1:
-            raise ValueError(f"KVCache.write: rows of steps {sorted(set(steps.tolist()))} fall in several partitions")
-        q, k = self.policy.encode(q, k, steps, self.n_kv_head)
-        store = self.entries(parts.pop(), q.dtype)
+        if isinstance(rows.step, (int, np.integer)):  # one step for every row (the sequential model, decode)
+            part = self.policy.partition(layer, int(rows.step))
+        else:
+            parts = {self.policy.partition(layer, int(s)) for s in np.unique(rows.step)}
+            if len(parts) > 1:
+                raise ValueError(
+                    f"KVCache.write: rows of steps {sorted(set(rows.step.tolist()))} fall in several partitions"
+                )
+            part = parts.pop()
+        q, k = self.policy.encode(q, k, rows.step, self.n_kv_head)
+        store = self.entries(part, q.dtype)
         n, D = len(q), self.head_dim
-        seq = np.broadcast_to(np.asarray(rows.seq, np.int64), (n,))
-        keys = np.broadcast_to(order_key(rows.pos, rows.step), (n,))
+        keys = order_key(rows.pos, rows.step)
+        seq = 0 if self.batch == 1 and tape is None else np.broadcast_to(np.asarray(rows.seq, np.int64), (n,))
         store.append(seq, keys, k.reshape(n, -1, D), v.reshape(n, -1, D))
         if tape is not None:
             tape.append((store, seq, keys))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .blocks import Rows, begin
+from .blocks import Rows, begin, run_block
 from .cache import POLICIES, KVCache, dense_cache_bytes, make_policy
 from .config import check_field
 from .errors import CheckpointError
@@ -110,21 +110,21 @@ class RadialNetwork:
         if cache is None and (B > 1 or tape is not None or not self.in_order):
             cache = self.new_cache(B, train=tape is not None)
         start = 0 if cache is None else cache.n_tokens  # no cache: one whole sequence, attention among its tokens
-        pos = np.tile(start + np.arange(T), B)  # [n]
+        pos = start + np.arange(T) if B == 1 else np.tile(start + np.arange(T), B)  # [n]
         x = self.model.embed(ids.ravel(), pos, tape)  # [n] -> [n, E]
-        walk = self.walk(x, np.repeat(np.arange(B), T), pos, cache, observe, tape, rng)
+        walk = self.walk(x, 0 if B == 1 else np.repeat(np.arange(B), T), pos, cache, observe, tape, rng, T)
         if cache is not None:
             cache.n_tokens += T
         if last_only:
             return self.model.head(walk.X[-1:])
         return self.model.head(walk.X, tape)  # [n, V]
 
-    def walk(self, x, seq, pos, cache, observe=None, tape=None, rng=None):
-        """Rows x [n, E] (the states of tokens at positions pos [n] of sequences seq [n], or an image's patches with
-        pos None: attention among them all) from their embedding to EXIT -> the walk: its `X` are the final states,
-        its `routes` the blocks each row ran."""
+    def walk(self, x, seq, pos, cache, observe=None, tape=None, rng=None, T=None):
+        """Rows x [n, E] (the states of tokens at positions pos [n] of sequences seq [n] (0: all of one sequence),
+        T tokens each; or an image's patches with pos None: attention among them all) from their embedding to EXIT
+        -> the walk: its `X` are the final states, its `routes` the blocks each row ran."""
         walk = _Walk(self, x, seq, pos, cache, observe, tape is not None, rng)
-        walk.run(self.schedule(observe), len(x) // (int(seq.max()) + 1))
+        walk.run(self.schedule(observe), len(x) if T is None else T)
         self.last_walk = walk
         if tape is not None:
             tape.append(walk)
@@ -148,19 +148,23 @@ class _Walk:
     that move; in training, the decisions and rounds the backward replays."""
 
     def __init__(self, net: RadialNetwork, x, seq, pos, cache, observe, train: bool, rng):
-        n = len(x)
         self.net, self.X, self.seq, self.pos, self.cache, self.observe = net, x, seq, pos, cache, observe
         self.exit, self.train = len(net.blocks), train
         self.rng = rng if net.explore > 0 else None
-        self.prev, self.step = np.full(n, -1), np.zeros(n, np.int64)
-        self.move, self.gate = np.full(n, self.exit), np.ones(n, x.dtype)
-        self.routes = np.full((n, max(1, net.max_depth)), -1)  # [n, max_depth] blocks run, -1 = none
-        self.chooser = np.zeros((n, 2), np.int64)  # (decision, row in it) that chose each row's current move
-        self.decisions, self.router_tape, self.rounds = [], [], []  # decisions: (rows, probabilities)
+        self.routes = np.full((len(x), max(1, net.max_depth)), -1)  # [n, max_depth] blocks run, -1 = none
+        self.decisions, self.router_tape, self.rounds, self.start = [], [], [], None  # decisions: (rows, probs)
 
     def run(self, schedule: str, T: int):
         """Every row from its embedding to EXIT, in rounds ordered by `schedule` (T tokens per sequence)."""
         n = len(self.X)
+        if self.net.in_order:
+            return self.run_in_order()
+        if n == 1 and not self.train:
+            return self.run_one()
+        self.seq = np.broadcast_to(self.seq, (n,))  # each row's own: rounds take subsets
+        self.prev, self.step = np.full(n, -1), np.zeros(n, np.int64)
+        self.move, self.gate = np.full(n, self.exit), np.ones(n, self.X.dtype)
+        self.chooser = np.zeros((n, 2), np.int64)  # (decision, row in it) that chose each row's current move
         self.decide(np.arange(n))  # START: every row's first move, from its embedding
         self.start = 0 if self.decisions else None  # the START decision, if the router was asked (training)
         if schedule == "token":
@@ -178,6 +182,35 @@ class _Walk:
             for b in range(self.exit):  # forward-only: a row that has just run block b moves to a later one
                 if len(rows := np.flatnonzero(self.move == b)):
                     self.round(rows)
+
+    def run_in_order(self):
+        """The in-order router's walk, known in advance: every row runs every block, one round per block, the block
+        schedule without asking (the sequential model; its per-token cost is what the old block loop's was)."""
+        depth, net, rows = min(len(self.net.blocks), self.net.max_depth), self.net, np.arange(len(self.X))
+        begin(self.observe, self.X)
+        at = Rows(self.pos, self.cache, 0, self.seq)
+        for b in range(depth):
+            tape = [] if self.train else None
+            at.step = b  # every row at its step b
+            self.X = run_block(b, net.blocks[b], self.X, at, self.observe, None, tape)
+            if self.train:
+                self.rounds.append(([(b, rows, tape, None)], None))
+        self.routes[:, :depth] = np.arange(depth)
+
+    def run_one(self):
+        """One token, not training (a decode step): its rounds are one block each, so the walk runs them without
+        arrays of rows, as a loop: ask the router, run the block it picked over the cache, ask again."""
+        net, x, prev, step, pos = self.net, self.X, -1, 0, self.pos
+        begin(self.observe, x)
+        while step < net.max_depth:
+            moves, gate = net.router.decide(x, np.array([prev]), np.array([step]), pos)
+            if (b := int(moves[0])) == self.exit:
+                break
+            x = run_block(
+                b, net.blocks[b], x, Rows(pos, self.cache, step, self.seq), self.observe, gate if net.gate else None
+            )
+            self.routes[0, step], prev, step = b, b, step + 1
+        self.X = x
 
     def decide(self, rows):
         """The rows' next moves, asked of the router; a row at the depth limit exits. Training asks the router's

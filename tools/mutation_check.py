@@ -48,15 +48,15 @@ MUTANTS = [
     Mutant(
         "global policy: query without step encoding",
         C,
-        "return q + np.repeat(enc.reshape(len(k), n_kv_head, -1), group, axis=1).reshape(len(q), -1), k + enc",
-        "return q, k + enc",
+        "return q + np.repeat(enc, group, axis=1).reshape(len(enc), -1), k + enc.reshape(len(enc), -1)",
+        "return q, k + enc.reshape(len(enc), -1)",
         (RADIAL,),
     ),
     Mutant(
         "global policy: every step encoded as step 0",
         C,
-        "self.code(np.broadcast_to(step, (len(k),)), k.shape[1])",
-        "self.code(np.zeros(len(k), np.int64), k.shape[1])",
+        "enc = self.code(step, k.shape[1])",
+        "enc = self.code(0 * np.asarray(step), k.shape[1])",
         (RADIAL,),
     ),
     Mutant(
@@ -84,8 +84,8 @@ MUTANTS = [
     Mutant(
         "KV cache: positions left out of the order keys",
         C,
-        "keys = np.broadcast_to(order_key(rows.pos, rows.step), (n,))",
-        "keys = np.broadcast_to(order_key(0 * rows.pos, rows.step), (n,))",
+        "keys = order_key(rows.pos, rows.step)",
+        "keys = order_key(0 * rows.pos, rows.step)",
         (RADIAL, T("generation"), LLAMA),
     ),
     Mutant(
@@ -156,8 +156,8 @@ MUTANTS = [
     Mutant(
         "GQA: unified cache encodes query heads in the wrong order",
         C,
-        "np.repeat(enc.reshape(len(k), n_kv_head, -1), group, axis=1)",
-        "np.tile(enc.reshape(len(k), n_kv_head, -1), (1, group, 1))",
+        "np.repeat(enc, group, axis=1)",
+        "np.tile(enc, (1, group, 1))",
         (LLAMA, RADIAL),
     ),
     Mutant(

@@ -102,7 +102,7 @@ class ViT(Model):
         outs = []
         for image in pixel_values:  # images are independent sequences of patch tokens
             x = self.embed(image)  # [C, H, W] -> [N + 1, E]
-            walk = self.sequential.walk(x, np.zeros(len(x), np.int64), None, None, observe)  # full attention
+            walk = self.sequential.walk(x, 0, None, None, observe)  # pos None: attention among all the patches
             outs.append(self.head(walk.X))
         return np.concatenate(outs)
 
