@@ -312,7 +312,8 @@ def _warn_without_effect(args, co_trained=False):
     if args.temperature <= 0 and shaping:
         verb = "has" if len(shaping) == 1 else "have"
         _warn(
-            f"{'/'.join(shaping)} {verb} no effect at --temperature 0 (greedy decoding); set --temperature > 0 to sample"
+            f"{'/'.join(shaping)} {verb} no effect at --temperature 0 (greedy decoding); "
+            "set --temperature > 0 to sample"
         )
     if args.system is not None and not args.chat:
         _warn("--system has no effect without --chat")

@@ -159,6 +159,14 @@ def test_chat_stops_at_the_end_of_turn_and_streams_its_answer(shipped_chat):
     assert chat.messages[-1] == {"role": "assistant", "content": answer}
 
 
+def test_an_end_of_turn_other_than_eos_stops_too(shipped_chat):
+    d, model, tok, template = shipped_chat
+    pad_end = SIMPLE.replace("</s>", "<pad>")  # <pad> (id 1) is a token of the vocabulary: stopped on by id
+    assert C.stop_ids(C.ChatTemplate(pad_end, "t"), tok, model) == ([1, 2], [])
+    hash_end = SIMPLE.replace("</s>", "###")  # not one token: a stop string
+    assert C.stop_ids(C.ChatTemplate(hash_end, "t"), tok, model) == ([2], ["###"])
+
+
 def test_a_second_turn_feeds_only_its_new_tokens_and_answers_as_a_fresh_chat(shipped_chat):
     d, model, tok, template = shipped_chat
     fed = []

@@ -63,8 +63,10 @@ def call(capsys, *args):
 
 
 def without_compile_notice(err):
-    """The one line a cold Numba cache adds (a fresh clone's first run: test_compile_notice checks it)."""
-    return err.replace(cli.COMPILE_NOTICE + "\n", "")
+    """Without the lines a slow start adds: a cold Numba cache's compile notice (a fresh clone's first run:
+    test_compile_notice checks it) and the line of a load over a second (a busy machine: test_console checks it)."""
+    err = err.replace(cli.COMPILE_NOTICE + "\n", "")
+    return re.sub(r"^loaded \S+ \([^)\n]*\) in [\d.]+ s\n", "", err, flags=re.M)
 
 
 def assert_one_line_error(code, err):

@@ -336,6 +336,25 @@ def test_generate_penalties_match_a_loop_without_cache(model, prompt):
     assert not np.array_equal(out, generate(model, prompt, 12, stop_at_eos=False))  # the penalties changed it
 
 
+def test_presence_penalty_does_not_count_the_prompt(model):
+    """Token 5 leads token 6 by 0.5 at every step; the prompt is all 5s. A presence penalty of 1 lets 5 out first
+    (the prompt is not counted), then 6 wins."""
+
+    class Fixed:
+        config = model.config
+
+        def new_cache(self):
+            return None
+
+        def forward(self, ids, cache=None, last_only=False, observe=None):
+            logits = np.zeros((1, 10), np.float32)
+            logits[0, 5], logits[0, 6] = 1.0, 0.5
+            return logits
+
+    out = generate(Fixed(), np.full(8, 5), 2, stop_at_eos=False, presence_penalty=1.0)
+    assert out.tolist() == [5, 6]
+
+
 def test_generate_stops_at_any_stop_id_and_at_a_stop_callback(model, prompt):
     greedy = generate(model, prompt, 20, stop_at_eos=False)
     eos = model.config.eos_token_id

@@ -3,7 +3,6 @@ tensor types (tests/fixtures/gguf, tools/make_gguf_reference.py) and the real Sm
 tools/make_smollm2_reference.py). Against the safetensors reference: the llama-gqa-tied fixture rewritten as GGUF
 here (q/k rows permuted as llama.cpp's converter does). Damaged files fail in one line; the CLI reads .gguf files."""
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -194,8 +193,7 @@ def test_cli_generate_and_info_on_smollm2(capsys, smollm2):
     model, tok = smollm2
     prompt = "The capital of France is"
     code, out, err = call(capsys, "generate", prompt, "--model", model.path, "--max-new-tokens", 6)
-    loaded = r"loaded SmolLM2-135M-Instruct.Q4_1.gguf \(134.5M parameters, Q4_1/F32 -> float32\) in \d+\.\d s\n"
-    assert code == 0 and (err == "" or re.fullmatch(loaded, err))  # the line when loading took over a second
+    assert code == 0 and err == ""  # (call drops the line of a load over a second)
     assert out == prompt + tok.decode(radial_min.generate(model, tok.encode(prompt), 6)) + "\n"
     assert out.startswith(prompt + " Paris")
     code, out, err = call(capsys, "info", "--model", model.path)
