@@ -359,6 +359,28 @@ MUTANTS = [
         "if False:\n            return penalty",
         (T("generation"),),
     ),
+    # what a first session meets
+    Mutant(
+        "a mistyped local folder is taken for a Hub id",
+        "radial_min/io/hub.py",
+        'if "/" in text and Path(first).is_dir():',
+        "if False:",
+        (T("hub"),),
+    ),
+    Mutant(
+        "a slow load is not reported",
+        "cli.py",
+        "if model.load_seconds > LOADING_NOTE_AFTER:",
+        "if False:",
+        (T("console"), "-k", "load"),
+    ),
+    Mutant(
+        "Ctrl-C while cli.py imports gives a traceback",
+        "cli.py",
+        "    quiet_interrupt()\n\nimport numpy as np",
+        "\nimport numpy as np",
+        (T("console"), "-k", "ctrl"),
+    ),
     # chat templates
     Mutant(
         "chat template: trim_blocks off",
