@@ -58,7 +58,7 @@ def test_ctrl_c_while_the_modules_load_ends_with_one_line(tmp_path):
         "            os.kill(os.getpid(), signal.SIGINT)\n"
         "sys.meta_path.insert(0, Hook())\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     p = run(sys.executable, "cli.py", "generate", "Hi", env=env)
     assert (p.returncode, p.stdout, p.stderr) == (130, "", "\ninterrupted\n")
     p = run(sys.executable, "-m", "radial_min", "generate", "Hi", env=env)
