@@ -103,7 +103,8 @@ def download(repo_id: str, local: Path) -> Path:
         raise CheckpointError(
             f"{repo_id}: not a local folder, and downloading it from the Hugging Face Hub failed ({type(e).__name__}: "
             f"{reason}). To use it offline, place config.json with model.safetensors (or pytorch_model.bin), plus "
-            f"vocab.json and merges.txt for OPT, in {local}/ and pass --model {local}"
+            f"the tokenizer files of a language model (tokenizer.json, or vocab.json and merges.txt) or the "
+            f"preprocessor_config.json of a ViT, in {local}/ and pass --model {local}"
         ) from None
     if not (local / "config.json").is_file():
         raise CheckpointError(
