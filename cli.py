@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""radial_min's command line: generate text, classify images, inspect, train, profile and route.
+"""radial_min's command line: generate text, chat, classify images, inspect, train, profile and route.
 
     python cli.py generate "In the beginning"              # the shipped model, offline
     python cli.py generate "Hello" --model facebook/opt-125m --temperature 0.8 --top-p 0.9
-    python cli.py classify photo.jpg --model weights/vit-base-patch16-224
+    python cli.py chat --model SmolLM2-135M-Instruct.Q4_1.gguf   # an instruct model, in its chat template
+    python cli.py classify photo.jpg --model google/vit-base-patch16-224
     python cli.py info
     python cli.py train --out runs/opt-kjv-wiki --export runs/opt-kjv-wiki/export
+
+Installed (pip install -e .), the same commands run as `radial-min generate ...` (radial_min/console.py).
 
 Results go under runs/ by default; a command refuses to replace files that exist unless given --overwrite.
 Bad input ends with one line on stderr naming what is wrong, and exit code 2; anything else is a bug and keeps
@@ -164,9 +167,11 @@ def _repetition_penalty(args, model):
 
 def _prompt_text(args):
     """The prompt: the argument, -p, `-` (standard input) or --prompt-file, checked as UTF-8; one source only."""
-    given = [(k, v) for k, v in (("PROMPT", args.prompt), ("-p", args.prompt_opt), ("-f", args.prompt_file)) if v]
+    given = [
+        k for k, v in (("PROMPT", args.prompt), ("-p", args.prompt_opt), ("-f", args.prompt_file)) if v is not None
+    ]
     if len(given) > 1:
-        raise RadialError(f"{' and '.join(k for k, _ in given)}: give the prompt one way")
+        raise RadialError(f"{' and '.join(given)}: give the prompt one way")
     if args.prompt_file is not None:
         return _read_prompt(Path(args.prompt_file), f"--prompt-file {args.prompt_file}")
     text = args.prompt_opt if args.prompt_opt is not None else args.prompt

@@ -143,6 +143,7 @@ def test_block_forward_backward(kind, pre_norm):
         assert_grad(analytic, lambda: (forward()[0] * R).sum(), arr)
 
 
+@pytest.mark.slow
 def test_block_forward_is_the_engine_block(tiny_model):
     """Training's block forward and the inference engine's block (blocks.py, Numba kernels) agree."""
     from radial_min.models.opt import OPT
@@ -160,6 +161,7 @@ def test_block_forward_is_the_engine_block(tiny_model):
         x = y
 
 
+@pytest.mark.slow
 def test_fast_attention_matches_numpy():
     """The Numba attention kernels used in training agree with the NumPy ones checked above."""
     B, T, E, H = 3, 17, 32, 4

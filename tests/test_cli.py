@@ -128,6 +128,7 @@ def expected_generation(folder, prompt, n, **kw):
 # ------------------------------------------------------------------------------------------------ generate
 
 
+@pytest.mark.slow
 def test_generate_greedy_streams_the_library_output(capsys, opt_with_tokenizer):
     code, out, err = call(capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 12)
     assert code == 0 and err == ""
@@ -198,12 +199,14 @@ def test_generate_stats_and_zero_tokens(capsys, opt_with_tokenizer):
     ), err
 
 
+@pytest.mark.slow
 def test_generate_as_a_subprocess(opt_with_tokenizer):
     p = run("generate", PROMPT, "--model", opt_with_tokenizer, "--max-new-tokens", 8)
     assert p.returncode == 0 and p.stderr == ""
     assert p.stdout == PROMPT + expected_generation(opt_with_tokenizer, PROMPT, 8) + "\n"
 
 
+@pytest.mark.slow
 def test_a_reader_that_leaves_early_ends_it_quietly(opt_with_tokenizer):
     """`generate ... | head`: the pipe closes before the text is written; exit 141 (SIGPIPE), no traceback."""
     p = subprocess.Popen(
@@ -277,6 +280,7 @@ def parse_classify(out):
     return lines[0], [(float(m.group(1)), m.group(2)) for m in rows]
 
 
+@pytest.mark.slow
 def test_classify_photo(capsys):
     shared("images", "chelsea.png")
     code, out, err = call(capsys, "classify", PHOTO, "--model", FIXTURES / "vit-cls")
@@ -330,6 +334,7 @@ def test_every_subcommand_has_help(capsys):
     assert code == 0 and all(name in out for name in names)
 
 
+@pytest.mark.slow
 def test_help_as_a_subprocess():
     p = run("generate", "--help")
     assert p.returncode == 0 and "--max-new-tokens" in p.stdout and p.stderr == ""
@@ -394,6 +399,7 @@ def test_bad_inputs_give_one_error_line(capsys, tmp_path, corrupt_checkpoint, op
 
 
 @pytest.mark.parametrize("label", ["missing model folder", "negative max-new-tokens", "classify an OPT"])
+@pytest.mark.slow
 def test_bad_inputs_as_a_subprocess(tmp_path, corrupt_checkpoint, opt_with_tokenizer, label):
     args, fragment = bad_inputs(tmp_path, corrupt_checkpoint, opt_with_tokenizer)[label]
     p = run(*args)
@@ -405,6 +411,7 @@ def test_bad_inputs_as_a_subprocess(tmp_path, corrupt_checkpoint, opt_with_token
 # ------------------------------------------------------------------------------------------------ profile, simulate
 
 
+@pytest.mark.slow
 def test_profile_end_to_end(capsys, tiny_random_opt, tmp_path):
     model_dir, text = tiny_random_opt
     out = tmp_path / "profile"
@@ -437,6 +444,7 @@ def test_profile_end_to_end(capsys, tiny_random_opt, tmp_path):
     assert rows[0].startswith("model,phase,block,") and len(rows) == 1 + 4 + 2 + 1  # 4 blocks, att/ffn, overall
 
 
+@pytest.mark.slow
 def test_simulate_end_to_end(capsys, tiny_random_opt, tmp_path):
     model_dir, text = tiny_random_opt
     out = tmp_path / "simulate"
@@ -467,6 +475,7 @@ def test_simulate_end_to_end(capsys, tiny_random_opt, tmp_path):
     assert len(csv_rows) == 5 and csv_rows[0].startswith("tau,rule,ppl,mean_depth")
 
 
+@pytest.mark.slow
 def test_without_shared_data_one_fast_line_names_the_option(capsys, monkeypatch, tmp_path, tiny_random_opt):
     """No ../shared/data: WikiText-2 would come from the Hub; without pyarrow, or offline, one line at once that
     names the command's own option for a text file."""
@@ -546,6 +555,7 @@ def test_profile_without_matplotlib_still_prints_and_saves_tables(capsys, tiny_r
 # ------------------------------------------------------------------------------------------------ routing, training
 
 
+@pytest.mark.slow
 def test_train_router_then_generate_with_it(capsys, monkeypatch, tiny_random_opt, tmp_path):
     """Distil a router from the oracle on a tiny model, then generate through it: depths shown, summary printed."""
     model_dir, text = tiny_random_opt
@@ -649,6 +659,7 @@ def test_more_bad_inputs(capsys, tmp_path, args, fragment):
     assert fragment in err
 
 
+@pytest.mark.slow
 def test_train_exports_a_checkpoint_that_generates(capsys, tmp_path):
     """`train` end to end on the default corpus with a tiny model: resumable state, log, loss curve, export, report."""
     shared("kjv", "kjv.txt")
@@ -774,6 +785,7 @@ def test_generate_says_when_the_context_cuts_it_short(capsys, opt_with_tokenizer
     assert code == 0 and f"--max-new-tokens {context + 5}: the model's context of {context} tokens" in err
 
 
+@pytest.mark.slow
 def test_results_already_there_are_not_replaced(capsys, tiny_random_opt, tmp_path):
     model_dir, text = tiny_random_opt
     args = [

@@ -124,6 +124,7 @@ def test_top_k_larger_than_vocabulary_keeps_everything():
     assert stat < CHI2_999[dof]
 
 
+@pytest.mark.slow
 def test_top_p_keeps_the_smallest_prefix_reaching_p():
     p0 = np.array([0.1, 0.5, 0.15, 0.25])  # sorted: 0.5, 0.25, 0.15, 0.1
     logits = np.log(p0).astype(np.float32)

@@ -62,6 +62,7 @@ def generate(d, *extra):
     return ["generate", "In the", "--model", d, "--max-new-tokens", "2", *extra]
 
 
+@pytest.mark.slow
 def test_tokenizer_settings_of_the_wrong_type(case, capsys):
     d = case("opt")
     good = (d / "tokenizer_config.json").read_text()
@@ -212,6 +213,7 @@ def test_a_run_folder_with_broken_files(trained, capsys):
     refused(capsys, resume, "train_config.json: state.safetensors was saved with lr=0.5")
 
 
+@pytest.mark.slow
 def test_a_run_saved_before_the_routing_settings_existed_resumes(trained, capsys):
     """An older train_config.json does not name the settings added since: they were their defaults then."""
     d = json.loads((trained / "train_config.json").read_text())

@@ -138,6 +138,7 @@ def test_any_download_failure_is_a_checkpoint_error(weights, monkeypatch):
         radial_min.io.hub.resolve("org/model")
 
 
+@pytest.mark.slow
 def test_bin_only_repo_is_converted_once_to_safetensors(weights, tmp_path, monkeypatch):
     repo = fake_repo(tmp_path, "config.json", "pytorch_model.bin")
     hub = FakeHub(repo)

@@ -164,6 +164,7 @@ CASES = [  # (policy, forward_only, pre-LN, max_depth, cost, step-encoding scale
 
 
 @pytest.mark.parametrize("policy,forward_only,pre_norm,max_depth,cost,scale", CASES)
+@pytest.mark.slow
 def test_whole_radial_network_gradients(policy, forward_only, pre_norm, max_depth, cost, scale):
     """End to end: every block parameter, the embeddings and the router, sampled entries, against finite
     differences, under every policy, with and without reuse, pre- and post-LN, with the compute term (and, for
@@ -218,6 +219,7 @@ def test_explore_swaps_block_moves_for_other_allowed_blocks():
     assert abs((half != moves)[~exits].mean() - 0.5) < 0.03
 
 
+@pytest.mark.slow
 def test_explored_network_gradients():
     """With exploration the swapped blocks run gated by their own probability: the gradients stay exact (the same
     draws at each finite-difference evaluation), the routes differ from the router's argmax ones, and without a
