@@ -48,9 +48,12 @@ def test_entry_point_runs_the_checkouts_cli_under_its_own_name():
 
 
 def test_ctrl_c_while_the_modules_load_ends_with_one_line(tmp_path):
-    """SIGINT delivered while cli.py imports NumPy (a sitecustomize hook sends it then): one line, exit 130."""
+    """SIGINT delivered while cli.py imports NumPy (a sitecustomize hook sends it then): one line, exit 130. The
+    hook first gives SIGINT Python's usual handler, as on a terminal (a job started in the background, as by
+    nohup, inherits SIGINT ignored)."""
     (tmp_path / "sitecustomize.py").write_text(
         "import os, signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "class Hook:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name == 'numpy':\n"
