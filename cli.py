@@ -137,7 +137,7 @@ def cmd_generate(args):
     if routed:
         sys.stdout.flush()
         print(format_routing(runner, len(ids)), file=sys.stderr)
-    notice = None if args.chat else C.instruct_notice(args.model, new, tok, model)
+    notice = None if args.chat else C.instruct_notice(model.path, new, tok, model)
     if notice:
         _warn(notice)
 
