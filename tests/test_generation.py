@@ -338,8 +338,8 @@ def test_generate_penalties_match_a_loop_without_cache(model, prompt):
 
 
 def test_presence_penalty_does_not_count_the_prompt(model):
-    """Token 5 leads token 6 by 0.5 at every step; the prompt is all 5s. A presence penalty of 1 lets 5 out first
-    (the prompt is not counted), then 6 wins."""
+    """Token 5 leads token 6 by 0.5 at every step; the prompt is all 5s, which the counts leave out: a presence
+    penalty of 1 lets 5 out once, then 6 wins; a frequency penalty of 0.1 lets 5 win while it has come out < 5 times."""
 
     class Fixed:
         config = model.config
@@ -354,6 +354,8 @@ def test_presence_penalty_does_not_count_the_prompt(model):
 
     out = generate(Fixed(), np.full(8, 5), 2, stop_at_eos=False, presence_penalty=1.0)
     assert out.tolist() == [5, 6]
+    out = generate(Fixed(), np.full(8, 5), 4, stop_at_eos=False, frequency_penalty=0.1)
+    assert out.tolist() == [5, 5, 5, 5]  # 5 generated thrice: 1 - 0.3 still beats 0.5 (with the prompt's 8: not)
 
 
 def test_generate_stops_at_any_stop_id_and_at_a_stop_callback(model, prompt):
