@@ -33,7 +33,6 @@ def loud_interrupt():
 
 
 def main(argv=None) -> int:
-    quiet_interrupt()
     if not CLI.is_file():
         print(
             f"error: radial-min runs the checkout's cli.py, which is not at {CLI}: install the checkout in "
@@ -41,7 +40,11 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    spec = importlib.util.spec_from_file_location("radial_min_cli", CLI)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli.main(argv, prog="radial-min")
+    quiet_interrupt()
+    try:
+        spec = importlib.util.spec_from_file_location("radial_min_cli", CLI)
+        cli = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cli)
+        return cli.main(argv, prog="radial-min")
+    finally:
+        loud_interrupt()  # (argparse's --help and --version exit before cli.main restores it)

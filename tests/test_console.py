@@ -3,6 +3,8 @@ loading line, the prompt from standard input or a file, Ctrl-C while the modules
 
 import os
 import re
+import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +12,12 @@ from pathlib import Path
 import pytest
 
 import radial_min
+from radial_min import console
 from radial_min.io.hub import DEFAULT_MODEL
 from radial_min.io.loading import loading_line
 from test_cli import ROOT, cli, without_compile_notice
 
-pytestmark = pytest.mark.slow  # subprocesses: each starts Python, NumPy and Numba (~1 s)
+SLOW = pytest.mark.slow  # subprocesses: each starts Python, NumPy and Numba (~1 s)
 
 
 def run(*args, env=None, input=None):
@@ -26,6 +29,7 @@ def run(*args, env=None, input=None):
     return p
 
 
+@SLOW
 def test_entry_point_runs_the_checkouts_cli_under_its_own_name():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -47,6 +51,7 @@ def test_entry_point_runs_the_checkouts_cli_under_its_own_name():
     assert p.returncode == 0 and p.stdout.startswith(f"model       {DEFAULT_MODEL}\n")
 
 
+@SLOW
 def test_ctrl_c_while_the_modules_load_ends_with_one_line(tmp_path):
     """SIGINT delivered while cli.py imports NumPy (a sitecustomize hook sends it then): one line, exit 130. The
     hook first gives SIGINT Python's usual handler, as on a terminal (a job started in the background, as by
@@ -68,6 +73,7 @@ def test_ctrl_c_while_the_modules_load_ends_with_one_line(tmp_path):
     assert (p.returncode, p.stdout, p.stderr) == (130, "", "\ninterrupted\n")
 
 
+@SLOW
 def test_prompt_from_standard_input_or_a_file(tmp_path):
     prompt = "And God said"
     base = [sys.executable, "cli.py", "generate", "-n", 5, "--quiet"]
@@ -85,6 +91,21 @@ def test_prompt_from_standard_input_or_a_file(tmp_path):
     assert p.stderr == f"error: --prompt-file {tmp_path / 'bad.txt'}: not valid UTF-8 (byte 0xe9 at offset 3)\n"
     p = run(*base, input="ignored")  # a pipe, but no `-`: the default prompt, and a warning
     assert p.stderr == "warning: standard input is a pipe but is not read: pass - as the prompt to read it\n"
+
+
+def test_console_and_python_m_run_the_checkouts_cli(capsys, monkeypatch):
+    """In this process: `radial-min --version` (console.main) and `python -m radial_min --version` (__main__)."""
+    with pytest.raises(SystemExit) as e:
+        console.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"radial_min {radial_min.__version__}\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back, even after an early exit
+    monkeypatch.setattr(sys, "argv", ["radial_min", "--version"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("radial_min", run_name="__main__")
+    assert e.value.code == 0 and capsys.readouterr().out == f"radial_min {radial_min.__version__}\n"
+    monkeypatch.setattr(console, "CLI", console.CLI.with_name("missing.py"))
+    assert console.main(["info"]) == 2
+    assert capsys.readouterr().err.startswith("error: radial-min runs the checkout's cli.py, which is not at ")
 
 
 def test_a_load_over_a_second_is_reported_in_one_line(capsys, monkeypatch):
