@@ -167,9 +167,8 @@ def _repetition_penalty(args, model):
 
 def _prompt_text(args):
     """The prompt: the argument, -p, `-` (standard input) or --prompt-file, checked as UTF-8; one source only."""
-    given = [
-        k for k, v in (("PROMPT", args.prompt), ("-p", args.prompt_opt), ("-f", args.prompt_file)) if v is not None
-    ]
+    sources = (("PROMPT", args.prompt), ("-p/--prompt", args.prompt_opt), ("-f/--prompt-file", args.prompt_file))
+    given = [k for k, v in sources if v is not None]
     if len(given) > 1:
         raise RadialError(f"{' and '.join(given)}: give the prompt one way")
     if args.prompt_file is not None:

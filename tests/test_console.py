@@ -84,7 +84,7 @@ def test_prompt_from_standard_input_or_a_file(tmp_path):
     assert run(*base, "-f", tmp_path / "prompt.txt").stdout == expected
     assert run(*base, "-p", prompt).stdout == expected
     p = run(*base, prompt, "-p", prompt)
-    assert p.returncode == 2 and p.stderr == "error: PROMPT and -p: give the prompt one way\n"
+    assert p.returncode == 2 and p.stderr == "error: PROMPT and -p/--prompt: give the prompt one way\n"
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9")
     p = run(*base, "-f", tmp_path / "bad.txt")
     assert p.returncode == 2
