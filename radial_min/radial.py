@@ -78,6 +78,10 @@ class RadialNetwork:
         return self.model.path
 
     @property
+    def load_seconds(self) -> float:
+        return self.model.load_seconds
+
+    @property
     def n_params(self) -> int:
         router = getattr(self.router, "params", {})
         return self.model.n_params + sum(a.size for a in router.values())

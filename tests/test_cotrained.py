@@ -74,6 +74,7 @@ def close(a, b):
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
 @given(spec=configs, prompt=st.lists(st.integers(3, 60), min_size=1, max_size=6), n_new=st.integers(1, 8))
+@pytest.mark.slow
 def test_training_forward_is_generation(tmp_path, spec, prompt, n_new):
     trained = random_network(**spec)
     net = radial_min.load(export(tmp_path, trained))
@@ -161,6 +162,7 @@ def _initial_router(out, policy):
 
 
 @pytest.mark.parametrize("policy,explore", [("global", 0.0), ("per-step", 0.0), ("global", 0.3)])
+@pytest.mark.slow
 def test_radial_training_resumes_bit_identically(corpus, tmp_path, policy, explore):
     """Stop after 3 steps and resume to 6: the same parameters, router included, and the same compute cost (the
     depth target's controller), bit for bit, as 6 steps straight; the log records blocks/token and the cost.
@@ -186,6 +188,7 @@ def test_radial_training_resumes_bit_identically(corpus, tmp_path, policy, explo
     assert not np.array_equal(straight["router.w2"], start["router.w2"])  # the router learned after its warm-up
 
 
+@pytest.mark.slow
 def test_cli_trains_a_radial_network_that_generates_routed(capsys, corpus, tmp_path):
     """`train --radial` end to end: the export loads as a RadialNetwork, `generate` routes it by default and prints
     the routing summary, `info` shows the router and the policy; a finished run says so."""

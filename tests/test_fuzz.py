@@ -93,6 +93,7 @@ def good(tmp_path_factory):
     flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
     cut=st.integers(-40, 40),
 )
+@pytest.mark.slow
 def test_safetensors_byte_mutants(good, tmp_path, flips, cut):
     data = bytearray(good)
     for position, xor in flips:
@@ -117,6 +118,7 @@ ENTRY = st.fixed_dictionaries(
     header=st.dictionaries(st.sampled_from(["a", "b", "c\n\x1b[1m", "__metadata__"]), ENTRY, max_size=3),
     data=st.integers(0, 48),
 )
+@pytest.mark.slow
 def test_safetensors_header_mutants(tmp_path, header, data):
     head = json.dumps(header).encode()
     path = tmp_path / "h.safetensors"
@@ -162,6 +164,7 @@ OPT_FIELDS = [
     model_type=st.sampled_from(["opt", "vit", "llama", "qwen2"]),
     changes=st.dictionaries(st.sampled_from(OPT_FIELDS), JSON, max_size=3),
 )
+@pytest.mark.slow
 def test_config_mutants(tmp_path, model_type, changes):
     d = {
         "model_type": model_type,
@@ -214,6 +217,7 @@ def load_router_bounded(folder, config: bytes, weights: bytes):
 
 @FUZZ
 @given(changes=st.dictionaries(st.sampled_from(ROUTER_FIELDS), JSON, max_size=3))
+@pytest.mark.slow
 def test_router_config_mutants(router_files, tmp_path, changes):
     config, weights = router_files
     load_router_bounded(tmp_path, json.dumps({**json.loads(config), **changes}).encode(), weights)
@@ -225,6 +229,7 @@ def test_router_config_mutants(router_files, tmp_path, changes):
     flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
     cut=st.integers(-40, 8),
 )
+@pytest.mark.slow
 def test_router_byte_mutants(router_files, tmp_path, which, flips, cut):
     files = dict(zip(["config", "weights"], router_files))
     data = bytearray(files[which])
@@ -270,6 +275,7 @@ def read_pickle_bounded(path):
     flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
     cut=st.integers(-40, 0),
 )
+@pytest.mark.slow
 def test_pickle_byte_mutants(pickle_parts, tmp_path, flips, cut):
     """data.pkl's bytes flipped or cut, inside a well-formed zip: the unpickler's every path."""
     records, pkl, _ = pickle_parts
@@ -289,6 +295,7 @@ def test_pickle_byte_mutants(pickle_parts, tmp_path, flips, cut):
         max_size=3,
     )
 )
+@pytest.mark.slow
 def test_pickle_integer_mutants(pickle_parts, tmp_path, picks):
     """A size, stride, offset, numel or memo index replaced by an absurd value (as LONG1, so any value fits):
     refused from the pickle and the archive's real sizes, before anything of that size is allocated."""
@@ -308,6 +315,7 @@ def test_pickle_integer_mutants(pickle_parts, tmp_path, picks):
     flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
     cut=st.integers(-200, 0),
 )
+@pytest.mark.slow
 def test_pickle_zip_mutants(tmp_path, flips, cut):
     """The archive itself damaged: local headers, the central directory, the storages."""
     data = bytearray(BIN.read_bytes())

@@ -78,6 +78,7 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+@pytest.mark.slow
 def test_gguf_f32_equals_transformers_on_the_safetensors_fixture(tmp_path):
     model = radial_min.load(write_gguf(tmp_path / "tiny.gguf"))
     ref = np.load(FIXTURES / "llama-gqa-tied" / "reference.npz")
@@ -153,6 +154,7 @@ def smollm2():
     return radial_min.load(path), radial_min.Tokenizer(path)
 
 
+@pytest.mark.slow
 def test_smollm2_logits_and_greedy_tokens_equal_transformers(smollm2):
     model, tok = smollm2
     ref = np.load(FIXTURES / "smollm2_reference.npz")
@@ -167,6 +169,7 @@ def test_smollm2_logits_and_greedy_tokens_equal_transformers(smollm2):
     np.testing.assert_array_equal(greedy, ref["greedy_0"])
 
 
+@pytest.mark.slow
 def test_cli_info_on_a_gguf_file(tmp_path):
     import subprocess
     import sys
@@ -183,18 +186,19 @@ def test_cli_generate_streams_from_a_gguf_file(capsys):
     path = GGUF_FIXTURES / "llama-gqa-untied.gguf"
     model, tok = radial_min.load(path), radial_min.Tokenizer(path)
     prompt = "The lazy dog"
-    expected = tok.decode(radial_min.generate(model, tok.encode(prompt), 12, repetition_penalty=1.2))
+    expected = tok.decode(radial_min.generate(model, tok.encode(prompt), 12))  # the command's defaults are the API's
     code, out, err = call(capsys, "generate", prompt, "--model", path, "--max-new-tokens", 12)
     assert code == 0 and err == "" and out == prompt + expected + "\n"
     assert call(capsys, "generate", prompt, "--model", path, "--max-new-tokens", 12, "--quiet")[1] == expected + "\n"
 
 
+@pytest.mark.slow
 def test_cli_generate_and_info_on_smollm2(capsys, smollm2):
     model, tok = smollm2
     prompt = "The capital of France is"
     code, out, err = call(capsys, "generate", prompt, "--model", model.path, "--max-new-tokens", 6)
-    assert code == 0 and err == ""
-    assert out == prompt + tok.decode(radial_min.generate(model, tok.encode(prompt), 6, repetition_penalty=1.2)) + "\n"
+    assert code == 0 and err == ""  # (call drops the line of a load over a second)
+    assert out == prompt + tok.decode(radial_min.generate(model, tok.encode(prompt), 6)) + "\n"
     assert out.startswith(prompt + " Paris")
     code, out, err = call(capsys, "info", "--model", model.path)
     assert code == 0 and "type        llama  (Llama)\n" in out
@@ -204,6 +208,7 @@ def test_cli_generate_and_info_on_smollm2(capsys, smollm2):
 
 
 @pytest.mark.parametrize("name", sorted(WRITTEN))
+@pytest.mark.slow
 def test_cli_profile_of_a_gguf_file_in_memory_and_streamed(capsys, tmp_path, name):
     """profile on a .gguf, whole and with its blocks streamed from the file: both equal profile_text on the model
     as loaded (so streaming un-permutes exactly the q/k rows loading does: Llama's, not Qwen2's)."""

@@ -62,6 +62,7 @@ def generate(d, *extra):
     return ["generate", "In the", "--model", d, "--max-new-tokens", "2", *extra]
 
 
+@pytest.mark.slow
 def test_tokenizer_settings_of_the_wrong_type(case, capsys):
     d = case("opt")
     good = (d / "tokenizer_config.json").read_text()
@@ -106,7 +107,10 @@ def test_prompts_the_model_cannot_take(case, capsys):
 @pytest.mark.parametrize(
     "option, value, expect",
     [
-        ("--seed", "-1", "argument --seed: expected an integer >= 0, got -1"),
+        ("--seed", "-1", "argument -s/--seed: expected an integer >= 0, got -1"),
+        ("--seed", "x", "argument -s/--seed: expected an integer >= 0, got 'x'"),
+        ("--min-p", "2", "--min-p: min_p must be in [0, 1], got 2.0"),
+        ("--presence-penalty", "nan", "--presence-penalty: presence_penalty must be a finite number, got nan"),
         ("--top-k", "0", "--top-k: top_k must be >= 1, got 0"),
         ("--max-new-tokens", "-1", "--max-new-tokens: max_new_tokens must be >= 0"),
         ("--repetition-penalty", "nan", "--repetition-penalty: repetition_penalty must be > 0, got nan"),
@@ -209,6 +213,7 @@ def test_a_run_folder_with_broken_files(trained, capsys):
     refused(capsys, resume, "train_config.json: state.safetensors was saved with lr=0.5")
 
 
+@pytest.mark.slow
 def test_a_run_saved_before_the_routing_settings_existed_resumes(trained, capsys):
     """An older train_config.json does not name the settings added since: they were their defaults then."""
     d = json.loads((trained / "train_config.json").read_text())
@@ -265,7 +270,7 @@ def test_control_characters_never_reach_the_terminal(capsys, monkeypatch):
         raise RadialError("x.bin: tensor a\nerror: all good\x1b[0m")
 
     parser = test_cli.cli.build_parser()
-    monkeypatch.setattr(test_cli.cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(test_cli.cli, "build_parser", lambda *a: parser)
     monkeypatch.setattr(parser, "parse_args", lambda argv: SimpleNamespace(func=forged))
     line = refused(capsys, ["info"], "x.bin: tensor a\\nerror: all good\\x1b[0m")
     assert "\x1b" not in line

@@ -26,6 +26,7 @@ NONE = np.zeros(0, np.float32)  # an absent bias or scale
     cols_per_task=st.sampled_from([4, 8, 64]),
     int8=st.booleans(),
 )
+@pytest.mark.slow
 def test_matmul_matches_reference(rows, n_in, n_out, bias, cols_per_task, int8):
     """The 4x4-tiled kernel, including ragged row and column tails, several tasks, and int8 weights against
     float32 math on their dequantized values."""
@@ -45,6 +46,7 @@ def test_matmul_matches_reference(rows, n_in, n_out, bias, cols_per_task, int8):
     n_out=st.integers(1, 13),
     k_block=st.sampled_from([1, 3, 8, 1024]),
 )
+@pytest.mark.slow
 def test_gemm_matches_reference(rows, n_in, extra, n_out, k_block):
     """The serial tiled core of matmul and attention: the first n_in columns of wider rows, summed in slices."""
     a, w = randn(rows, n_in + extra), randn(n_out, n_in + extra)
@@ -56,6 +58,7 @@ def test_gemm_matches_reference(rows, n_in, extra, n_out, k_block):
 
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("n_in,n_out", [(1, 1), (7, 5), (768, 3072)])
+@pytest.mark.slow
 def test_matvec_matches_reference(n_in, n_out, int8):
     x, w, b = randn(n_in), randn(n_out, n_in), randn(n_out)
     q = kernels.Int8Matrix.quantize(w)
@@ -83,6 +86,7 @@ def test_int8_quantization_per_row():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 9])
+@pytest.mark.slow
 def test_linear_on_int8_weights(rows):
     """linear() on an Int8Matrix (matvec for one row, matmul for more, serial or parallel) equals float32 math on
     the dequantized weights."""
@@ -205,6 +209,7 @@ def test_attention_refuses_unsorted_key_positions():
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.slow
 def test_half_precision_weights(dtype):
     """matvec over half-precision weights equals float32 math on the same (rounded) weights; sign, subnormals."""
     x, w, b = randn(70), randn(45, 70), randn(45)
@@ -250,6 +255,7 @@ def test_attention_over_picked_rows():
     picked=st.booleans(),
     seed=st.integers(0, 1000),
 )
+@pytest.mark.slow
 def test_blocked_attention_matches_reference(n_q, n_past, n_head, group, causal, picked, seed):
     """The prefill kernel (_attention_blocked, one task per head, scores and outputs through _gemm) against the
     reference: causal or not, grouped-query, over keys picked out of a larger store with holes in the positions,

@@ -99,6 +99,7 @@ def test_the_head_is_read_in_pieces_no_larger_than_a_block(monkeypatch):
     np.testing.assert_allclose(streamed.head(x), loaded.head(x), rtol=0, atol=1e-5 * np.abs(loaded.head(x)).max())
 
 
+@pytest.mark.slow
 def test_each_block_is_read_just_before_it_runs_and_freed_before_the_next(monkeypatch):
     model = stream.StreamedModel(FIXTURES / "opt-fp16-sharded")
     reads, alive, events = [], [], []
@@ -335,6 +336,7 @@ def command(name, folder, text, out):
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
+@pytest.mark.slow
 def test_cli_stream_writes_the_same_files(capsys, tmp_path, with_tokenizer, name):
     folders, text = with_tokenizer
     code, _, _ = run_cli(capsys, command(name, folders["opt-fp16-sharded"], text, tmp_path / "memory"))
@@ -350,6 +352,7 @@ def test_cli_stream_writes_the_same_files(capsys, tmp_path, with_tokenizer, name
         assert a.replace(str(tmp_path / "memory"), "") == b.replace(str(tmp_path / "st"), "")
 
 
+@pytest.mark.slow
 def test_profile_overlays_streamed_and_loaded_models_by_size(capsys, tmp_path, with_tokenizer):
     """`profile --model A --model B --stream`: A streamed, B (not streamable) loaded whole; the same files as
     without --stream, with the median-ratio-by-size table, CSV and plot."""
@@ -370,6 +373,7 @@ def test_profile_overlays_streamed_and_loaded_models_by_size(capsys, tmp_path, w
     assert "median     att     ffn" in out
 
 
+@pytest.mark.slow
 def test_interrupted_simulate_command_resumes_with_the_same_files(capsys, tmp_path, with_tokenizer, monkeypatch):
     folders, text = with_tokenizer
     argv = command("simulate", folders["opt-fp16-sharded"], text, tmp_path / "memory")
@@ -393,6 +397,7 @@ def test_interrupted_simulate_command_resumes_with_the_same_files(capsys, tmp_pa
     assert_same_files(tmp_path / "memory", tmp_path / "stream")
 
 
+@pytest.mark.slow
 def test_streamed_simulate_counts_every_pass_on_one_bar(capsys, tmp_path, with_tokenizer, monkeypatch):
     """simulate --stream: one bar, never restarting, over each sequence through each block and the head of every
     pass (the sweep's, the baselines', the routing trace's), its total known before the last passes run, each
@@ -421,6 +426,7 @@ def test_streamed_simulate_counts_every_pass_on_one_bar(capsys, tmp_path, with_t
         assert any(f"opt-fp16-sharded: {label}" in line for line in lines), label
 
 
+@pytest.mark.slow
 def test_streaming_switches_on_when_the_model_would_not_fit(capsys, tmp_path, with_tokenizer, monkeypatch):
     folders, text = with_tokenizer
     monkeypatch.setattr(memory, "available_bytes", lambda: 10_000)
@@ -428,6 +434,7 @@ def test_streaming_switches_on_when_the_model_would_not_fit(capsys, tmp_path, wi
     assert code == 0 and "streaming weights block by block (automatic: the model needs" in err
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_streamed_is_loaded_whole_if_it_fits(capsys, tmp_path, with_tokenizer, monkeypatch):
     folders, text = with_tokenizer
     code, _, err = run_cli(capsys, command("profile", folders["opt-bin-shared"], text, tmp_path / "a") + ["--stream"])

@@ -292,6 +292,7 @@ def test_hand_made_tensor_reads_back(tmp_path):
     max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(position=st.integers(min_value=0), xor=st.integers(min_value=1, max_value=255))
+@pytest.mark.slow
 def test_any_flipped_byte_gives_the_right_values_or_a_checkpoint_error(position, xor, expected, tmp_path):
     data = bytearray(GOOD.read_bytes())
     data[position % len(data)] ^= xor
@@ -305,6 +306,7 @@ def test_any_flipped_byte_gives_the_right_values_or_a_checkpoint_error(position,
         assert_matches(*result, expected)  # only bytes nobody reads (timestamps, padding) may change
 
 
+@pytest.mark.slow
 def test_every_truncation_gives_a_checkpoint_error(tmp_path):
     data = GOOD.read_bytes()
     path = tmp_path / "cut.bin"

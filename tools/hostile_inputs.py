@@ -592,6 +592,11 @@ def cli_cases():
     yield from bad(GENERATE, "--top-p", ["nan", "0", "1.5", "inf"])
     yield from bad(GENERATE, "--seed", ["-1", str(2**70), "x"])
     yield from bad(GENERATE, "--repetition-penalty", ["0", "nan", "inf", "-1"])
+    yield from bad(GENERATE, "--min-p", ["-0.1", "2", "nan"])
+    yield from bad(GENERATE, "--presence-penalty", ["nan", "inf", "x"])
+    yield from bad(GENERATE, "--frequency-penalty", ["nan", "-inf"])
+    yield from bad(GENERATE, "--threads", ["0", "x"])
+    yield from bad(tuple(a for a in GENERATE if a != "In the"), "--prompt-file", ["{d}/no-such-file", "{d}"])
     yield from bad(GENERATE + ("--router", "{d}/router"), "--max-depth", ["0", "-1", str(10**9)])
     yield from bad(
         GENERATE + ("--router", "{d}/router", "--cache-policy", "global"),

@@ -77,10 +77,12 @@ class Tokenizer:
 
 class Streamer:
     """Prints generated text as it comes. Byte-level BPE can split a character across tokens, so we decode
-    everything so far and print only the new, complete part (held back while it ends in U+FFFD)."""
+    everything so far and print only the new, complete part (held back while it ends in U+FFFD). With `stops`
+    (generation.StopStrings), a tail that may become a stop string is held back too, and nothing from a stop string
+    on is printed."""
 
-    def __init__(self, tokenizer: Tokenizer, write):
-        self.tokenizer, self.write, self.ids, self.shown = tokenizer, write, [], 0
+    def __init__(self, tokenizer: Tokenizer, write, stops=None):
+        self.tokenizer, self.write, self.stops, self.ids, self.shown = tokenizer, write, stops, [], 0
 
     def push(self, token_id: int) -> str:
         """Add a token; return the text it completes ('' while a character is still split)."""
@@ -88,7 +90,8 @@ class Streamer:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
-        piece, self.shown = text[self.shown :], len(text)
+        end = len(text) if self.stops is None else self.stops.safe_length(text)
+        piece, self.shown = text[self.shown : end], max(self.shown, end)
         return piece
 
     def __call__(self, token_id: int):
@@ -97,10 +100,12 @@ class Streamer:
             self.write(piece)
 
     def finish(self) -> str:
-        """Write (and return) what is still held back when generation ends: a character left incomplete, or a
-        text that really ends in U+FFFD. Afterwards everything written equals `decode` of all the ids."""
+        """Write (and return) what is still held back when generation ends: a character left incomplete, a text
+        that really ends in U+FFFD, or a tail that did not become a stop string. Afterwards everything written
+        equals `decode` of all the ids, up to the first stop string."""
         text = self.tokenizer.decode(self.ids)
-        piece, self.shown = text[self.shown :], len(text)
+        end = len(text) if self.stops is None else self.stops.cut(text)
+        piece, self.shown = text[self.shown : end], max(self.shown, end)
         if piece:
             self.write(piece)
         return piece

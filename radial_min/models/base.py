@@ -13,7 +13,8 @@ Llama) define `embed`, `final` and the tensors they are built from; everything e
     new_cache(batch, train)                  a KV cache for it (cache.py)
     named_parameters() / gradients()         {Hugging Face name: array}, views into the modules' arrays
 
-and what loading tells it: `path` (its folder or file), `weights_dtype` (in memory), `dtypes_on_disk`, `file_type`.
+and what loading tells it: `path` (its folder or file), `weights_dtype` (in memory), `dtypes_on_disk`, `file_type`
+(a GGUF's quantization mix), `generation_defaults` (generation_config.json's) and `load_seconds`.
 """
 
 from collections import Counter
@@ -29,12 +30,25 @@ from ..radial import RadialNetwork
 class Model:
     """What every model holds: its config, its blocks, where it was loaded from, its parameters."""
 
-    def __init__(self, config, blocks, *, path=None, weights_dtype="float32", dtypes_on_disk=None, file_type=None):
+    def __init__(
+        self,
+        config,
+        blocks,
+        *,
+        path=None,
+        weights_dtype="float32",
+        dtypes_on_disk=None,
+        file_type=None,
+        generation_defaults=None,
+        load_seconds=0.0,
+    ):
         self.config, self.blocks = config, blocks
         self.n_layer = config.num_hidden_layers
         self.path = None if path is None else Path(path)
         self.weights_dtype, self.file_type = weights_dtype, file_type
         self.dtypes_on_disk = Counter(dtypes_on_disk or {})
+        self.generation_defaults = generation_defaults or {}  # generation_config.json's (generation.py)
+        self.load_seconds = load_seconds  # how long `load` took to read it
         self.sequential = RadialNetwork(self, keep_routes=False)  # every block in order: the one walk, in order
 
     def modules(self) -> list:
