@@ -131,7 +131,9 @@ def test_block_reuse_and_any_order():
     logits = radial.forward(np.array([5, 9]), cache)
     assert np.isfinite(logits).all() and radial.routes == routes
     layer0, layer1 = cache.parts[0], cache.parts[1]  # per-layer: a partition per layer, entries in (pos, step) order
-    assert layer0.keys[0, : layer0.count[0]].tolist() == order_key(np.array([0, 0, 1, 1]), np.array([1, 3, 0, 2])).tolist()
+    assert (
+        layer0.keys[0, : layer0.count[0]].tolist() == order_key(np.array([0, 0, 1, 1]), np.array([1, 3, 0, 2])).tolist()
+    )
     assert layer1.keys[0, : layer1.count[0]].tolist() == order_key(np.array([0, 0]), np.array([0, 5])).tolist()
     # the same routes by hand: block 0 twice for token 0 attends over its own first entry the second time
     x = model.embed(np.array([5]), np.array([0]))
