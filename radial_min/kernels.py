@@ -21,10 +21,14 @@ import time
 import types
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba import types as nb_types
 from numba.core import event
+from numba.extending import intrinsic, overload
 
 from .dtypes import Int8Matrix, to_float32, to_storage  # noqa: F401 (kernels.to_storage is public API)
+from .quant import BlockMatrix
 
 _BACKEND = {"matmul": "numba"}
 
@@ -102,19 +106,21 @@ def on_first_compile(callback):
 TRAINING_FASTMATH = {"nnan", "ninf", "nsz", "arcp"}
 
 
-# When to wake Numba's thread pool. On an idle machine a parallel call costs microseconds more than a serial one,
-# which pays from about a million multiply-adds (a 1024 x 1024 float32 matvec reads 4 MB, ~0.15 ms on one core).
-# On a busy machine it costs milliseconds: each parallel call waits until all its threads get a core. Measured
-# here at a load average of 23 on 2 cores: a [768] x [3072, 768] matvec took 36 ms with the pool against 0.13 ms
-# without it, and even OPT-125M's LM head [50272, 768] was faster serial (20 against 36 ms). So a kernel runs
-# its serial copy below SERIAL_BELOW multiply-adds, and always while the load average exceeds the CPUs by more
-# than one (our own two busy threads count; checked at most once a second).
-SERIAL_BELOW = 1 << 20
+# When to wake Numba's thread pool. On an idle machine a parallel call costs ~2 us more than a serial one (OpenMP
+# layer, measured on this project's 2-core machine), which pays once a kernel reads about 64 KB: a [576] x [576,
+# 576] Q4_1 matvec reads 207 KB (~20 us on one core), SmolLM2's gate/up/down 553 KB each, OPT-125M's fc1 in
+# float32 9.4 MB. So the rule is in bytes: a kernel reading (or, for the compute-bound matmul and attention,
+# multiply-adding) at least PARALLEL_FROM runs on the pool. On a busy machine a parallel call costs
+# milliseconds instead: each call waits until all its threads get a core. Measured at a load average of 23 on 2
+# cores: a [768] x [3072, 768] matvec took 36 ms with the pool against 0.13 ms without it, and even OPT-125M's LM
+# head [50272, 768] was faster serial (20 against 36 ms). So while the load average exceeds the CPUs by more than
+# one (our own two busy threads count; checked at most once a second), every kernel runs its serial copy.
+PARALLEL_FROM = 64 << 10
 _LOAD = {"checked": -1.0, "busy": False}
 
 
 def machine_busy() -> bool:
-    """Whether other work leaves this process's thread pool waiting for cores (see SERIAL_BELOW)."""
+    """Whether other work leaves this process's thread pool waiting for cores (see PARALLEL_FROM)."""
     now = time.monotonic()
     if now - _LOAD["checked"] > 1.0:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -136,8 +142,9 @@ def _one_thread(kernel):
 
 
 def _sized(kernel, serial, work: int):
-    """The parallel kernel for work worth the thread pool on a machine with cores to spare, else its serial copy."""
-    return kernel if work >= SERIAL_BELOW and not machine_busy() else serial
+    """The parallel kernel for work worth the thread pool (bytes read, or multiply-adds: see PARALLEL_FROM) on a
+    machine with cores to spare, else its serial copy."""
+    return kernel if work >= PARALLEL_FROM and not machine_busy() else serial
 
 
 # ---------------------------------------------------------------------------------------------------- linear
@@ -289,21 +296,204 @@ def matvec_half(x, w, b, is_bf16, out):  # [in], [out, in] uint16 bits, [out] or
 matvec_half_serial = _one_thread(matvec_half)
 
 
+# GGUF's block formats (quant.py): BlockMatrix, rows interleaved in groups of 32. A dot product per row needs, per
+# block of 32 weights, sum_j (scale q_j + offset) x_j = scale * sum_j q_j x_j + offset * sum_j x_j: the block sums
+# of x are computed once per matvec (`_q4_prepare`), and the kernels accumulate sum_j q_j x_j in float32 for the 32
+# rows of a group side by side (one SIMD loop over the rows), then add the block's scale and offset terms.
+#
+# A 4-bit byte holds q_j (low nibble) and q_{j+16} (high): its value is v = q_j + 16 q_{j+16}. Rather than unpack
+# the nibbles with integer shifts (Numba widens every integer operation to 64 bits, and LLVM then vectorizes
+# them badly: 64-bit lanes, 3-7 GMAC/s), the kernel converts the byte to float once and splits it there:
+#     q_j x_j + q_{j+16} x_{j+16} = v x_j + floor(v / 16) (x_{j+16} - 16 x_j)
+# all exact in float32 (v < 256, dividing by 16 is exact), two multiply-adds per byte with x2 = x_{j+16} - 16 x_j
+# prepared once per matvec like the block sums. llama.cpp instead quantizes x to 8 bits per block and multiplies
+# integers; written that way in Numba (int32 partial sums, which LLVM turns into vpmaddwd), the kernel was no faster
+# here than this one (docs/performance.md), and this one keeps x in float32: the only error is the file's own.
+
+
+@intrinsic
+def _half_bits_to_float(typingctx, bits):
+    """float16 bits (uint16) -> float32 in one instruction (F16C's vcvtph2ps): LLVM's fpext from `half`."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return nb_types.float32(nb_types.uint16), codegen
+
+
+def widen(v):
+    """A scale as float32 inside a kernel: float16 bits (uint16) converted, float32 as it is."""
+    return np.float32(v.view(np.float16)) if np.asarray(v).dtype == np.uint16 else np.float32(v)
+
+
+@overload(widen, inline="always")
+def _widen_jit(v):
+    if v == nb_types.uint16:
+        return lambda v: _half_bits_to_float(v)
+    return lambda v: np.float32(v)
+
+
+_SIXTEENTH = np.float32(1.0 / 16.0)
+
+
+@njit(fastmath=True, cache=True)
+def _q4_prepare(x):  # [in] -> block sums [in/32], x2 [in/2] = x_{j+16} - 16 x_j per block
+    n_blocks = x.size // 32
+    sums, x2 = np.empty(n_blocks, np.float32), np.empty(n_blocks * 16, np.float32)
+    for b in range(n_blocks):
+        acc = np.float32(0.0)
+        for j in range(16):
+            lo, hi = x[b * 32 + j], x[b * 32 + 16 + j]
+            x2[b * 16 + j] = hi - np.float32(16.0) * lo
+            acc += lo + hi
+        sums[b] = acc
+    return sums, x2
+
+
+@njit(fastmath=True, inline="always")
+def _q4_group(x, x2, sums, q, scale, offset, acc, part):
+    """acc[:G] = the dot products of x with the G rows of one group: q [blocks, 16, G], scale/offset [blocks, G]
+    (part [G] scratch). Unsigned loop bounds let Numba drop its negative-index checks, so the row loop vectorizes."""
+    n_blocks, _, G = q.shape
+    acc[:] = 0.0
+    for b in range(np.uint64(n_blocks)):
+        part[:] = 0.0
+        for j in range(np.uint64(16)):
+            lo, d = x[b * np.uint64(32) + j], x2[b * np.uint64(16) + j]
+            for r in range(np.uint64(G)):
+                v = np.float32(q[b, j, r])
+                part[r] += v * lo + np.floor(v * _SIXTEENTH) * d
+        for r in range(np.uint64(G)):
+            acc[r] += widen(scale[b, r]) * part[r] + widen(offset[b, r]) * sums[b]
+
+
+@njit(fastmath=True, inline="always")
+def _q8_group(x, q, scale, acc, part):
+    """acc[:G] for one group of 8-bit rows: q [blocks, block, G] int8, scale [blocks, G]."""
+    n_blocks, block, G = q.shape
+    acc[:] = 0.0
+    for b in range(np.uint64(n_blocks)):
+        part[:] = 0.0
+        for j in range(np.uint64(block)):
+            xj = x[b * np.uint64(block) + j]
+            for r in range(np.uint64(G)):
+                part[r] += np.float32(q[b, j, r]) * xj
+        for r in range(np.uint64(G)):
+            acc[r] += widen(scale[b, r]) * part[r]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matvec_q4(x, q, scale, offset, b, out):  # [in], BlockMatrix 4-bit arrays, [out] or [0] -> out [out]
+    """One row times a 4-bit block matrix (Q4_0, Q4_1, Q4_K): a task per group of 32 rows."""
+    n_groups, G = q.shape[0], q.shape[3]
+    sums, x2 = _q4_prepare(x)
+    for g in prange(n_groups):
+        acc, part = np.empty(G, np.float32), np.empty(G, np.float32)
+        _q4_group(x, x2, sums, q[g], scale[g], offset[g], acc, part)
+        for r in range(min(G, out.size - g * G)):
+            out[g * G + r] = acc[r] + b[g * G + r] if b.size else acc[r]
+
+
+matvec_q4_serial = _one_thread(matvec_q4)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matvec_q8(x, q, scale, b, out):  # [in], BlockMatrix 8-bit arrays, [out] or [0] -> out [out]
+    """One row times an 8-bit block matrix (Q8_0, Q6_K): a task per group of 32 rows."""
+    n_groups, G = q.shape[0], q.shape[3]
+    for g in prange(n_groups):
+        acc, part = np.empty(G, np.float32), np.empty(G, np.float32)
+        _q8_group(x, q[g], scale[g], acc, part)
+        for r in range(min(G, out.size - g * G)):
+            out[g * G + r] = acc[r] + b[g * G + r] if b.size else acc[r]
+
+
+matvec_q8_serial = _one_thread(matvec_q8)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def dequantize_q4(q, scale, offset, g_lo, out):  # groups g_lo.. -> out [in, rows] float32 (transposed)
+    """Groups of a 4-bit block matrix as float32 columns, for many-row products (prefill): a task per group. The
+    transposed layout keeps the group's 32 rows side by side as they are in q, so the stores are contiguous."""
+    n_blocks, _, G = q.shape[1:]
+    for g in prange(out.shape[1] // G):
+        for b in range(np.uint64(n_blocks)):
+            for j in range(np.uint64(16)):
+                lo, hi = out[b * np.uint64(32) + j], out[b * np.uint64(32) + np.uint64(16) + j]
+                for r in range(np.uint64(G)):
+                    v = np.float32(q[g_lo + g, b, j, r])
+                    high = np.floor(v * _SIXTEENTH)
+                    s, o = widen(scale[g_lo + g, b, r]), widen(offset[g_lo + g, b, r])
+                    lo[g * G + r] = s * (v - np.float32(16.0) * high) + o
+                    hi[g * G + r] = s * high + o
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def dequantize_q8(q, scale, g_lo, out):  # groups g_lo.. -> out [in, rows] float32 (transposed)
+    n_blocks, block, G = q.shape[1:]
+    for g in prange(out.shape[1] // G):
+        for b in range(np.uint64(n_blocks)):
+            for j in range(np.uint64(block)):
+                col = out[b * np.uint64(block) + j]
+                for r in range(np.uint64(G)):
+                    col[g * G + r] = widen(scale[g_lo + g, b, r]) * np.float32(q[g_lo + g, b, j, r])
+
+
+DEQUANTIZE_ROWS = 4096  # a prefill widens a block matrix this many rows at a time (the LM head: 9 MB, not 113)
+MATVEC_ROWS = 4  # up to this many rows, a block matrix is multiplied row by row (no widening)
+
+
+def _block_linear(x, w: BlockMatrix, bias):
+    """linear() for a BlockMatrix: matvec_q4/matvec_q8 for one row; for many, tiles of DEQUANTIZE_ROWS rows
+    widened to float32, each multiplied by the many-row backend (sgemm or our matmul)."""
+    if x.shape[0] == 1:
+        out, b = np.empty((1, w.shape[0]), np.float32), _NO_BIAS if bias is None else bias
+        if w.bits == 4:
+            _sized(matvec_q4, matvec_q4_serial, w.nbytes)(x[0], w.q, w.scale, w.offset, b, out[0])
+        else:
+            _sized(matvec_q8, matvec_q8_serial, w.nbytes)(x[0], w.q, w.scale, b, out[0])
+        return out
+    if x.shape[0] <= MATVEC_ROWS:
+        return np.concatenate([_block_linear(x[i : i + 1], w, bias) for i in range(x.shape[0])])
+    G = w.q.shape[3]
+    y = np.empty((x.shape[0], w.shape[0]), np.float32)
+    tile = np.empty((w.shape[1], min(DEQUANTIZE_ROWS, w.q.shape[0] * G)), np.float32)  # [in, rows]
+    for lo in range(0, w.shape[0], DEQUANTIZE_ROWS):
+        hi = min(w.shape[0], lo + DEQUANTIZE_ROWS)
+        cols = tile[:, : -(-(hi - lo) // G) * G]
+        if w.bits == 4:
+            dequantize_q4(w.q, w.scale, w.offset, lo // G, cols)
+        else:
+            dequantize_q8(w.q, w.scale, lo // G, cols)
+        if _BACKEND["matmul"] == "blas":
+            y[:, lo:hi] = x @ cols[:, : hi - lo]  # [T, in] @ [in, rows]
+        else:
+            y[:, lo:hi] = linear(x, np.ascontiguousarray(cols[:, : hi - lo].T))
+    if bias is not None:
+        y += bias
+    return y
+
+
 _NO_BIAS = np.zeros(0, np.float32)
 
 
 def linear(x, w, b=None):
     """y = x @ w.T + b for weights in nn.Linear's [out, in] layout: our matvec for one row, our matmul (or sgemm,
     see set_backend) for many. `w` may be stored as float16 or bfloat16 (uint16 bits) or as an Int8Matrix;
-    computation is float32 either way."""
+    computation is float32 either way. A GGUF block matrix (quant.BlockMatrix) is read as it is stored for one
+    row and widened in tiles for many (`_block_linear`)."""
+    if isinstance(w, BlockMatrix):
+        return _block_linear(x, w, b)
     bias = _NO_BIAS if b is None else b
     q, scale = (w.q, w.scale) if isinstance(w, Int8Matrix) else (w, _NO_BIAS)
     if x.shape[0] == 1:
         out = np.empty((1, q.shape[0]), np.float32)
         if q.dtype in (np.float32, np.int8):
-            _sized(matvec, matvec_serial, q.size)(x[0], q, scale, bias, out[0])  # [1, in] -> [1, out]
+            _sized(matvec, matvec_serial, q.nbytes)(x[0], q, scale, bias, out[0])  # [1, in] -> [1, out]
         else:
-            _sized(matvec_half, matvec_half_serial, q.size)(x[0], q.view(np.uint16), bias, q.dtype == np.uint16, out[0])
+            _sized(matvec_half, matvec_half_serial, q.nbytes)(
+                x[0], q.view(np.uint16), bias, q.dtype == np.uint16, out[0]
+            )
         return out
     if _BACKEND["matmul"] == "numba":
         if q.dtype not in (np.float32, np.int8):

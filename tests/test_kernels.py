@@ -283,14 +283,14 @@ def test_blocked_attention_matches_reference(n_q, n_past, n_head, group, causal,
 
 
 def test_small_work_and_a_busy_machine_run_serial(monkeypatch):
-    """The thread pool only for work above SERIAL_BELOW on a machine whose load leaves it cores; the load average
+    """The thread pool only for work above PARALLEL_FROM on a machine whose load leaves it cores; the load average
     is read at most once a second."""
     monkeypatch.setattr(kernels, "_LOAD", {"checked": -1.0, "busy": False})
     cpus = len(__import__("os").sched_getaffinity(0))
     monkeypatch.setattr("os.getloadavg", lambda: (0.5, 0.5, 0.5))
-    assert kernels._sized("pool", "serial", kernels.SERIAL_BELOW) == "pool"
-    assert kernels._sized("pool", "serial", kernels.SERIAL_BELOW - 1) == "serial"
+    assert kernels._sized("pool", "serial", kernels.PARALLEL_FROM) == "pool"
+    assert kernels._sized("pool", "serial", kernels.PARALLEL_FROM - 1) == "serial"
     monkeypatch.setattr("os.getloadavg", lambda: (cpus + 1.5, 0.0, 0.0))
-    assert kernels._sized("pool", "serial", kernels.SERIAL_BELOW) == "pool"  # the last reading is under a second old
+    assert kernels._sized("pool", "serial", kernels.PARALLEL_FROM) == "pool"  # the last reading is under a second old
     kernels._LOAD["checked"] = -1.0
     assert kernels._sized("pool", "serial", 1 << 40) == "serial" and kernels.machine_busy()

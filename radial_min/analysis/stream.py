@@ -25,7 +25,7 @@ from ..errors import CheckpointError
 from ..io.gguf_file import GGUFStore, is_gguf, open_reader
 from ..io.hub import resolve
 from ..kernels import linear
-from ..io.loading import open_checkpoint_folder, open_gguf, read_checked
+from ..io.loading import open_checkpoint_folder, open_gguf, read_stored
 from .memory import drop_pages
 
 # model type -> (module, layer prefix, the names of each block's tensors start with these after the prefix)
@@ -89,16 +89,15 @@ class _GGUFRows:
     pages read are handed back afterwards (`_release_mapped`), as after each block."""
 
     def __init__(self, store: GGUFStore, name: str):
-        self.store, self.t, self.shape = store, store.tensors[name], store.shape(name)
+        self.store, self.name, self.shape = store, name, store.shape(name)
 
     def rows(self, lo: int, hi: int) -> np.ndarray:
         return self[np.arange(lo, hi)]  # [hi - lo, P]
 
     def __getitem__(self, ids) -> np.ndarray:
-        ids = np.asarray(ids)
-        w = self.store.quants.dequantize(np.asarray(self.t.data[ids]), self.t.tensor_type)
+        w = self.store.read_rows(self.name, np.asarray(ids))
         _release_mapped(self.store)
-        return np.asarray(w, np.float32).reshape(len(ids), self.shape[1])  # [T] -> [T, P]
+        return w  # [T] -> [T, P]
 
 
 def _release_mapped(store):
@@ -143,7 +142,8 @@ class StreamedModel:
         self._check_partition()
         self._check_storages()
         self.n_params = sum(int(np.prod(self.store.shape(t), dtype=np.int64)) for t in self.names.values())
-        self._read = lambda ours: read_checked(self.store, self.names[ours])
+        dtype = "native" if is_gguf(source) else "float32"  # as `load` keeps them by default: the same kernels run
+        self._read = lambda ours: read_stored(self.store, ours, self.names[ours], dtype)
         small = {o: self._read(o) for o in self._top() if o not in _ROWS}  # norms, positions, projections
         small.update({o: self._rows(o) for o in self._top() if o in _ROWS})
         cls = opt.OPT if cfg.model_type == "opt" else llama.Llama
