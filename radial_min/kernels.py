@@ -30,7 +30,7 @@ from numba.extending import intrinsic, overload
 from .dtypes import Int8Matrix, to_float32, to_storage  # noqa: F401 (kernels.to_storage is public API)
 from .quant import GROUP_ROWS, BlockMatrix
 
-_BACKEND = {"matmul": "numba"}
+_BACKEND = {"matmul": "blas"}
 
 
 def get_backend() -> str:
@@ -38,7 +38,8 @@ def get_backend() -> str:
 
 
 def set_backend(matmul: str) -> None:
-    """Choose the many-row matmul: "numba" (ours, the default) or "blas" (NumPy). Decode always uses `matvec`."""
+    """Choose the many-row matmul: "blas" (NumPy's sgemm, OpenBLAS here: the default) or "numba" (ours, the readable
+    reference, 4x4 register tiles). Decode always uses the matvec kernels."""
     if matmul not in ("blas", "numba"):
         raise ValueError(f"matmul backend must be 'blas' or 'numba', got {matmul!r}")
     _BACKEND["matmul"] = matmul
@@ -410,10 +411,12 @@ def matvec_q8(x, q, scale, b, out):  # [in], BlockMatrix 8-bit arrays, [out] or 
 matvec_q8_serial = _one_thread(matvec_q8)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, cache=True)
 def dequantize_q4(q, scale, offset, g_lo, out):  # groups g_lo.. -> out [in, rows] float32 (transposed)
     """Groups of a 4-bit block matrix as float32 columns, for many-row products (prefill): a task per group. The
-    transposed layout keeps the group's 32 rows side by side as they are in q, so the stores are contiguous."""
+    transposed layout keeps the group's 32 rows side by side as they are in q, so the stores are contiguous. No
+    fastmath: scale * q + offset rounded twice, as BlockMatrix.dequantize does (a streamed LM head widens its rows
+    that way), not fused into one multiply-add."""
     n_blocks, _, G = q.shape[1:]
     for g in prange(out.shape[1] // G):
         for b in range(np.uint64(n_blocks)):
@@ -465,7 +468,7 @@ def _block_linear(x, w: BlockMatrix, bias):
         else:
             dequantize_q8(w.q, w.scale, lo // G, cols)
         if _BACKEND["matmul"] == "blas":
-            y[:, lo:hi] = x @ cols[:, : hi - lo]  # [T, in] @ [in, rows]
+            _sgemm(x, cols[:, : hi - lo], y[:, lo:hi])
         else:
             y[:, lo:hi] = linear(x, np.ascontiguousarray(cols[:, : hi - lo].T))
     if bias is not None:
@@ -500,10 +503,23 @@ def linear(x, w, b=None):
         out = np.empty((x.shape[0], q.shape[0]), np.float32)
         _sized(matmul, matmul_serial, x.shape[0] * q.size)(np.ascontiguousarray(x), q, scale, bias, out)
         return out
-    y = x @ to_float32(w).T  # [T, in] -> [T, out]
+    y = np.empty((x.shape[0], q.shape[0]), np.float32)
+    _sgemm(x, to_float32(w).T, y)  # [T, in] -> [T, out]
     if b is not None:
         y += b
     return y
+
+
+BLAS_COLUMNS = 256  # sgemm computes the output in tiles of this many columns
+
+
+def _sgemm(x, wt, y):
+    """y = x @ wt ([T, in] @ [in, out]) through NumPy's sgemm, BLAS_COLUMNS output columns per call: OpenBLAS's
+    rounding of a column depends on the width of the call, so a fixed tile width makes each column's bits
+    independent of the matrix it belongs to (a streamed LM head, read in pieces aligned to the tiles, gives the
+    logits of the whole one bit for bit). Measured cost: none beyond the noise on prefill shapes."""
+    for lo in range(0, wt.shape[1], BLAS_COLUMNS):
+        np.matmul(x, wt[:, lo : lo + BLAS_COLUMNS], out=y[:, lo : lo + BLAS_COLUMNS])
 
 
 # ------------------------------------------------------------------------------------------------- layernorm
@@ -607,6 +623,23 @@ def rope_angles(pos, head_dim, theta):
     return np.cos(angle), np.sin(angle)
 
 
+class RopeTable:
+    """cos and sin of every position, computed once (rope_angles, called by every attention block for q and k,
+    recomputed the same table 60 times per SmolLM2 token: ~1.2 ms). `table(pos)` -> (cos, sin) [T, D/2] each,
+    equal to rope_angles(pos, head_dim, theta); the table doubles when a position goes past it."""
+
+    def __init__(self, head_dim: int, theta: float, n_positions: int = 1024):
+        self.head_dim, self.theta = head_dim, theta
+        self.cos, self.sin = rope_angles(np.arange(n_positions), head_dim, theta)  # [P, D/2] each
+
+    def __call__(self, pos):
+        pos = np.asarray(pos)
+        if pos.size and pos.max() >= len(self.cos):
+            n = max(2 * len(self.cos), int(pos.max()) + 1)
+            self.cos, self.sin = rope_angles(np.arange(n), self.head_dim, self.theta)
+        return self.cos[pos], self.sin[pos]
+
+
 def rope_ref(x, n_head, cos, sin):
     """Rotate each head's pairs (i, i + D/2) by its position's angles (the `rotate_half` layout of transformers)."""
     T, E = x.shape
@@ -690,6 +723,80 @@ def activation(name, x):
     """Apply an activation in place and return x; names as in Hugging Face configs."""
     _sized(*ACTIVATIONS[name], 4 * x.size)(x)
     return x
+
+
+# ------------------------------------------------------------------------------------- gated FFN: gate and up
+
+
+def gate_up_silu_ref(x, w_gate, w_up):
+    """Llama's gated FFN input, silu(x @ gate.T) * (x @ up.T): [T, E] -> [T, F]."""
+    return silu_ref(x @ to_float32(w_gate).T) * (x @ to_float32(w_up).T)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _gate_up_silu_q4(x, qg, sg, og, qu, su, ou, out):  # [E], two 4-bit BlockMatrix's arrays -> out [F]
+    """Both 4-bit matvecs of one row in one call, x prepared once, silu(gate) * up written per group."""
+    G = GROUP_ROWS
+    sums, x2 = _q4_prepare(x)
+    for g in prange(qg.shape[0]):
+        gate, up, part = np.empty(G, np.float32), np.empty(G, np.float32), np.empty(G, np.float32)
+        _q4_rows(x, x2, sums, qg, sg, og, g, gate, part)
+        _q4_rows(x, x2, sums, qu, su, ou, g, up, part)
+        for r in range(min(G, out.size - g * G)):
+            v = gate[r]
+            out[g * G + r] = v / (np.float32(1.0) + math.exp(-v)) * up[r]
+
+
+_gate_up_silu_q4_serial = _one_thread(_gate_up_silu_q4)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _gate_up_silu_rows(x, wg, sg, wu, su, out):  # [E], [F, E] float32 or int8 (+ row scales or [0]) x2 -> [F]
+    """Both float32 (or int8) matvecs of one row in one call: each task reads a gate row and an up row."""
+    for n in prange(wg.shape[0]):
+        g, u = np.float32(0.0), np.float32(0.0)
+        for k in range(wg.shape[1]):
+            g += x[k] * np.float32(wg[n, k])
+            u += x[k] * np.float32(wu[n, k])
+        if sg.size:
+            g, u = g * sg[n], u * su[n]
+        out[n] = g / (np.float32(1.0) + math.exp(-g)) * u
+
+
+_gate_up_silu_rows_serial = _one_thread(_gate_up_silu_rows)
+
+
+def _alike(a, b) -> bool:
+    """Two weights stored the same way (one fused kernel can read both)."""
+    if isinstance(a, BlockMatrix) or isinstance(b, BlockMatrix):
+        return isinstance(a, BlockMatrix) and isinstance(b, BlockMatrix) and a.bits == b.bits == 4
+    if isinstance(a, Int8Matrix) or isinstance(b, Int8Matrix):
+        return isinstance(a, Int8Matrix) and isinstance(b, Int8Matrix)
+    return a.dtype == b.dtype == np.float32
+
+
+def gate_up_silu(x, w_gate, w_up):
+    """silu(x @ w_gate.T) * (x @ w_up.T), Llama's gated FFN before its down projection: [T, E] -> [T, F].
+
+    For one row (decode) with both weights 4-bit blocks, int8 or float32, one kernel computes both products and
+    the activation (x read and prepared once, no [F] temporaries); otherwise (many rows, other storage) two
+    `linear` calls and the activation."""
+    if x.shape[0] == 1 and w_gate.shape == w_up.shape and _alike(w_gate, w_up):
+        out = np.empty((1, w_gate.shape[0]), np.float32)
+        work = 2 * w_gate.nbytes
+        if isinstance(w_gate, BlockMatrix):
+            kernel = _sized(_gate_up_silu_q4, _gate_up_silu_q4_serial, work)
+            kernel(x[0], w_gate.q, w_gate.scale, w_gate.offset, w_up.q, w_up.scale, w_up.offset, out[0])
+        elif isinstance(w_gate, Int8Matrix):
+            kernel = _sized(_gate_up_silu_rows, _gate_up_silu_rows_serial, work)
+            kernel(x[0], w_gate.q, w_gate.scale, w_up.q, w_up.scale, out[0])
+        else:
+            kernel = _sized(_gate_up_silu_rows, _gate_up_silu_rows_serial, work)
+            kernel(x[0], w_gate, _NO_BIAS, w_up, _NO_BIAS, out[0])
+        return out
+    h = activation("silu", linear(x, w_gate))  # [T, E] -> [T, F]
+    h *= linear(x, w_up)
+    return h
 
 
 # --------------------------------------------------------------------------------------------------- softmax

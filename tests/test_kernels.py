@@ -107,9 +107,9 @@ def test_linear_dispatch(backend, rows):
     np.testing.assert_allclose(kernels.linear(x, w), kernels.linear_ref(x, w), rtol=1e-5, atol=1e-5)
 
 
-def test_default_backend_is_numba():
-    """Runs after test_linear_dispatch in file order: a test that left "blas" behind would show here."""
-    assert kernels.get_backend() == "numba"
+def test_default_backend_is_blas():
+    """Runs after test_linear_dispatch in file order: a test that left "numba" behind would show here."""
+    assert kernels.get_backend() == "blas"
 
 
 def test_set_backend_rejects_unknown():

@@ -24,6 +24,7 @@ from ..dtypes import to_float32
 from ..errors import CheckpointError
 from ..io.gguf_file import GGUFStore, is_gguf, open_reader
 from ..io.hub import resolve
+from .. import kernels
 from ..kernels import linear
 from ..io.loading import open_checkpoint_folder, open_gguf, read_stored
 from .memory import drop_pages
@@ -37,7 +38,7 @@ _LAYOUT = {
 }  # fmt: skip
 _LAYOUT["qwen2"] = _LAYOUT["llama"]
 _ROWS = ("embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")  # [V, P] matrices left on disk
-HEAD_ROWS_ALIGN = 64  # the LM head is read in pieces of a multiple of 64 rows: the matmul kernel's column tasks
+HEAD_ROWS_ALIGN = kernels.BLAS_COLUMNS  # the LM head is read in pieces of whole sgemm column tiles (4 numba tasks)
 
 
 class NotStreamable(CheckpointError):
