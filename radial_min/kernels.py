@@ -441,8 +441,9 @@ def dequantize_q8(q, scale, g_lo, out):  # groups g_lo.. -> out [in, rows] float
                     col[g * G + r] = widen(scale[g_lo + g, b, r]) * np.float32(q[g_lo + g, b, j, r])
 
 
+dequantize_q4_serial, dequantize_q8_serial = _one_thread(dequantize_q4), _one_thread(dequantize_q8)
 DEQUANTIZE_ROWS = 4096  # a prefill widens a block matrix this many rows at a time (the LM head: 9 MB, not 113)
-MATVEC_ROWS = 4  # up to this many rows, a block matrix is multiplied row by row (no widening)
+MATVEC_ROWS = 16  # up to this many rows a block matrix is multiplied row by row: widening it costs more (measured)
 
 
 def _block_linear(x, w: BlockMatrix, bias):
@@ -464,9 +465,9 @@ def _block_linear(x, w: BlockMatrix, bias):
         hi = min(w.shape[0], lo + DEQUANTIZE_ROWS)
         cols = tile[:, : -(-(hi - lo) // G) * G]
         if w.bits == 4:
-            dequantize_q4(w.q, w.scale, w.offset, lo // G, cols)
+            _sized(dequantize_q4, dequantize_q4_serial, cols.nbytes)(w.q, w.scale, w.offset, lo // G, cols)
         else:
-            dequantize_q8(w.q, w.scale, lo // G, cols)
+            _sized(dequantize_q8, dequantize_q8_serial, cols.nbytes)(w.q, w.scale, lo // G, cols)
         if _BACKEND["matmul"] == "blas":
             _sgemm(x, cols[:, : hi - lo], y[:, lo:hi])
         else:
@@ -513,11 +514,49 @@ def linear(x, w, b=None):
 BLAS_COLUMNS = 256  # sgemm computes the output in tiles of this many columns
 
 
+def _blas_threads():
+    """NumPy's OpenBLAS as (set_num_threads, get_num_threads) through ctypes, or None if it is not found (another
+    BLAS, another platform): found by its path among the libraries this process has mapped."""
+    import ctypes
+
+    try:
+        maps = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        return None
+    for path in sorted({ln.split()[-1] for ln in maps if "openblas" in ln.lower() and ln.split()[-1].startswith("/")}):
+        lib = ctypes.CDLL(path)
+        for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
+            setter, getter = f"{prefix}_set_num_threads{suffix}", f"{prefix}_get_num_threads{suffix}"
+            if hasattr(lib, setter) and hasattr(lib, getter):
+                return getattr(lib, setter), getattr(lib, getter)
+    return None
+
+
+_BLAS = {"found": None, "threads": None, "default": None}
+
+
+def _blas_fit_to_load():
+    """One OpenBLAS thread while the machine is busy (machine_busy), its default otherwise: OpenBLAS's threads spin
+    waiting for each other, so on a loaded machine a small sgemm took 34 ms on 2 threads (measured at a load
+    average of 14 on 2 cores) instead of microseconds. The thread count does not change sgemm's rounding."""
+    if _BLAS["found"] is None:
+        _BLAS["found"] = _blas_threads() or False
+        if _BLAS["found"]:
+            _BLAS["default"] = _BLAS["threads"] = int(_BLAS["found"][1]())
+    if not _BLAS["found"]:
+        return
+    want = 1 if machine_busy() else _BLAS["default"]
+    if want != _BLAS["threads"]:
+        _BLAS["found"][0](want)
+        _BLAS["threads"] = want
+
+
 def _sgemm(x, wt, y):
     """y = x @ wt ([T, in] @ [in, out]) through NumPy's sgemm, BLAS_COLUMNS output columns per call: OpenBLAS's
     rounding of a column depends on the width of the call, so a fixed tile width makes each column's bits
     independent of the matrix it belongs to (a streamed LM head, read in pieces aligned to the tiles, gives the
     logits of the whole one bit for bit). Measured cost: none beyond the noise on prefill shapes."""
+    _blas_fit_to_load()
     for lo in range(0, wt.shape[1], BLAS_COLUMNS):
         np.matmul(x, wt[:, lo : lo + BLAS_COLUMNS], out=y[:, lo : lo + BLAS_COLUMNS])
 

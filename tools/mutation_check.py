@@ -499,8 +499,8 @@ MUTANTS = [
     Mutant(
         "prefill tiles: every tile widened from the first rows",
         K,
-        "dequantize_q4(w.q, w.scale, w.offset, lo // G, cols)",
-        "dequantize_q4(w.q, w.scale, w.offset, 0, cols)",
+        "(w.q, w.scale, w.offset, lo // G, cols)",
+        "(w.q, w.scale, w.offset, 0, cols)",
         (T("quant"),),
     ),
     Mutant(
