@@ -5,13 +5,15 @@ width, N for keys in a cache and H, D for heads and head size.
 
 Which kernel runs where (measured in docs/performance.md):
 - one row (decode): `matvec`, a dot product per output row, the rows split across the cores: bandwidth-bound.
-  Weights in float32 or int8 (an Int8Matrix, widened as read); `matvec_half` for 16-bit weights.
-- many rows (prefill, ViT): `matmul`, 4x4 register tiles over 64-column panels of the weights (`_gemm`). On one
-  core of this project's machine (AMD EPYC, Zen 5) 150-170 GFLOP/s on OPT-125M's prefill shapes, against ~120 for
-  NumPy's OpenBLAS sgemm and ~100 for torch's; inside the engine, OpenBLAS's threads would also spin on the cores
-  Numba's threads need. `set_backend("blas")` switches to NumPy, so the comparison can be rerun.
+  Weights in float32 or int8 (an Int8Matrix, widened as read); `matvec_half` for 16-bit weights; `matvec_q4` and
+  `matvec_q8` for GGUF blocks kept quantized (quant.BlockMatrix), 32 rows at a time; `gate_up_silu` fuses Llama's
+  two FFN input projections and the activation.
+- many rows (prefill, ViT): NumPy's sgemm (OpenBLAS), in fixed tiles of output columns (`_sgemm`); block matrices
+  are widened tile by tile first. `set_backend("numba")` switches to our own `matmul`, the readable reference: 4x4
+  register tiles over 64-column panels of the weights (`_gemm`), also the core of the blocked attention.
 - attention: one task per query and head for a few queries (decode), `_attention_blocked` for many (prefill).
-- anything small, or anything while the machine is busy, runs a serial copy of its kernel (SERIAL_BELOW).
+- anything small, or anything while the machine is busy, runs a serial copy of its kernel (PARALLEL_FROM), and
+  OpenBLAS one thread.
 """
 
 import contextlib

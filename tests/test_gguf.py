@@ -244,3 +244,26 @@ def test_cli_profile_of_a_gguf_file_in_memory_and_streamed(capsys, tmp_path, nam
         ratios = np.load(out_dir / f"ratios_{name}.gguf_prefill.npz")["ratios"]
         np.testing.assert_allclose(ratios, expected, rtol=1e-5, atol=1e-7)
         assert f"overall median {np.median(expected):.4f}" in out
+
+
+def test_damaged_headers_fail_in_one_line_naming_the_file(tmp_path):
+    """The header reader (gguf_file.GGUFFile) on a fixture cut short anywhere and with bytes of its header
+    overwritten: the model loads or a RadialError names the file, in one line; never another exception."""
+    good = (GGUF_FIXTURES / "llama-gqa-untied.gguf").read_bytes()
+    rng = np.random.default_rng(0)
+    header = len(good) - sum(
+        t.data.nbytes for t in radial_min.io.gguf_file.open_reader(GGUF_FIXTURES / "llama-gqa-untied.gguf").tensors
+    )
+    damaged = [good[:n] for n in sorted(rng.integers(0, len(good), 12))] + [good[:4], b"GGUF" + b"\xff" * 20]
+    for _ in range(60):
+        b = bytearray(good)
+        for at in rng.integers(0, header, 3):
+            b[at] = rng.integers(0, 256)
+        damaged.append(bytes(b))
+    for i, data in enumerate(damaged):
+        path = tmp_path / f"d{i}.gguf"
+        path.write_bytes(data)
+        try:
+            radial_min.load(path)
+        except radial_min.RadialError as e:
+            assert str(path) in str(e) and "\n" not in str(e), str(e)
