@@ -1,6 +1,8 @@
-"""GGUF files (llama.cpp's format) through the optional `gguf` package: the config from the file's metadata, every
-tensor dequantized to float32 when read, and the tokenizer from its `tokenizer.ggml.*` fields. `loading.open_gguf`
-checks a file's tensors against its config, as for a Hugging Face folder.
+"""GGUF files (llama.cpp's format): the header read here (`GGUFFile`: metadata, tensor places, the data memory-mapped),
+the config from its metadata, the tensors kept in their block format (`GGUFStore.read_blocks`, quant.BlockMatrix)
+or widened to float32 (`read`; Q5_0, Q5_1, Q2_K, Q3_K and Q5_K through the optional `gguf` package), and the
+tokenizer from its `tokenizer.ggml.*` fields. `loading.open_gguf` checks a file's tensors against its config, as for
+a Hugging Face folder.
 
 Two things differ from a Hugging Face checkpoint. Names: `blk.3.attn_q.weight` is `layers.3.self_attn.q_proj.weight`.
 Layout: for Llama, llama.cpp's converter permutes the rows of the q and k weights (each head's rotary pairs
