@@ -10,7 +10,7 @@ import numpy as np
 from . import quant
 from .errors import SettingError
 
-STORAGE_DTYPES = ("native", "float32", "float16", "bfloat16", "int8")  # native: as the file stores them
+STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8", "native")  # native: as stored; cli.py takes [:2]
 _CHUNK = 1 << 20  # elements converted at a time: no full-size temporaries while loading
 
 
