@@ -95,6 +95,13 @@ class _GGUFRows:
     def rows(self, lo: int, hi: int) -> np.ndarray:
         return self[np.arange(lo, hi)]  # [hi - lo, P]
 
+    def weights(self, lo: int, hi: int):
+        """Rows lo..hi as the head multiplies them: kept in their block format (as `load` keeps the whole matrix,
+        so the same kernels give the same bits), else float32."""
+        w = self.store.read_blocks(self.name, lo, hi)
+        _release_mapped(self.store)
+        return self.rows(lo, hi) if w is None else w
+
     def __getitem__(self, ids) -> np.ndarray:
         w = self.store.read_rows(self.name, np.asarray(ids))
         _release_mapped(self.store)
@@ -265,7 +272,7 @@ class StreamedModel:
         hs = [self.shell.final(x) for x in xs]  # [T, P] each
         out = [np.empty((len(h), self.shell.lm_head.shape[0]), np.float32) for h in hs]
         for lo, hi in self.head_pieces():
-            w = self.shell.lm_head.rows(lo, hi)  # [hi - lo, P]
+            w = getattr(self.shell.lm_head, "weights", self.shell.lm_head.rows)(lo, hi)  # [hi - lo, P]
             for h, logits in zip(hs, out):
                 logits[:, lo:hi] = linear(h, w)
             del w

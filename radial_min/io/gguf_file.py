@@ -282,9 +282,10 @@ class GGUFStore:
         part = name.split(".")[2] if name.startswith("blk.") and name.count(".") == 3 else ""
         return self.heads.get(part)
 
-    def read_blocks(self, name):
-        """A tensor in a block format kept quantized (quant.FORMATS) as a BlockMatrix, its bytes decoded from the
-        memory-mapped file (q and k rows put back in transformers' order first); None for any other type."""
+    def read_blocks(self, name, lo=0, hi=None):
+        """A tensor (or its rows lo..hi) in a block format kept quantized (quant.FORMATS) as a BlockMatrix, its bytes
+        decoded from the memory-mapped file (q and k rows put back in transformers' order first); None for any other
+        type."""
         t = self.tensors[name]
         kind = t.tensor_type.name
         if kind not in FORMATS or len(t.shape) != 2:
@@ -292,8 +293,9 @@ class GGUFStore:
         raw, heads = t.data, self._permuted(name)
         if heads is not None:
             raw = _unpermute(raw, heads)  # whole rows move: their blocks stay together
+        raw = raw[lo:hi]
         try:
-            return BlockMatrix.from_gguf(kind, raw, self.shape(name))
+            return BlockMatrix.from_gguf(kind, raw, (len(raw), self.shape(name)[1]))
         except ValueError as e:
             raise CheckpointError(f"{self.description}: tensor {name!r} cannot be read ({e})") from None
 
