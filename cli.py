@@ -762,8 +762,8 @@ SAMPLING = [  # generate's and chat's (llama-cli's short names where it has them
            "0, off"),
     option("--stop", "append", None, "end the answer before this text; repeat for more", "none", metavar="TEXT"),
     option("-t --threads", _positive_int, None, "Numba threads for the kernels", "all cores"),
-    option("--weights-dtype", str, "float32", "keep weight matrices in this precision in memory; compute stays "
-           "float32", choices=STORAGE_DTYPES),
+    option("--weights-dtype", str, None, "keep weight matrices in this precision in memory (native: as the file "
+           "holds them); compute stays float32", "native for a .gguf file, else float32", choices=STORAGE_DTYPES),
 ]  # fmt: skip
 OVERWRITE = option("--overwrite", bool, False, "replace results already in --out")
 TEXT = [

@@ -63,7 +63,7 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(autouse=True)
 def _restore_matmul_backend():
-    """Every test leaves the matmul backend as it found it (the default "numba"), whatever it switched to."""
+    """Every test leaves the matmul backend as it found it (the default "blas"), whatever it switched to."""
     before = kernels.get_backend()
     yield
     kernels.set_backend(before)

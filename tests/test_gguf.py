@@ -10,7 +10,9 @@ import pytest
 
 import radial_min
 from conftest import need_gguf, smollm2_gguf
+from radial_min.dtypes import to_float32
 from radial_min.io.checkpoint import SafetensorsFile
+from radial_min.quant import BlockMatrix
 from radial_min.errors import CheckpointError
 from test_cli import call
 
@@ -88,18 +90,25 @@ def test_gguf_f32_equals_transformers_on_the_safetensors_fixture(tmp_path):
 
 
 @pytest.mark.parametrize("quant,step", [("Q8_0", 1 / 127), ("Q4_1", 1 / 15)])
-def test_gguf_quantized_weights_are_dequantized(tmp_path, quant, step):
-    """Each weight within one quantization step (of its block's range) of the original, rows un-permuted."""
+def test_gguf_quantized_weights_are_kept_or_dequantized(tmp_path, quant, step):
+    """Each weight within one quantization step (of its block's range) of the original, rows un-permuted; loaded
+    "native" (the default for GGUF) the blocks stay quantized and widen to exactly what "float32" loads."""
     qtype = getattr(gguf.GGMLQuantizationType, quant)
-    model = radial_min.load(write_gguf(tmp_path / "q.gguf", qtype))
+    path = write_gguf(tmp_path / "q.gguf", qtype)
+    model, wide = radial_min.load(path), radial_min.load(path, weights_dtype="float32")
     exact = radial_min.load(FIXTURES / "llama-gqa-tied")
     assert model.dtypes_on_disk[quant] == 2 * 6 + 1  # q k v o gate up per layer, embeddings (down: rows of 48)
+    assert model.weights_dtype == "native" and wide.weights_dtype == "float32"
     for b in (0, 2):
-        w, w0 = model.blocks[b].qkv.weight, exact.blocks[b].qkv.weight  # q, k, v stacked
+        kept, w, w0 = model.blocks[b].qkv.weight, wide.blocks[b].qkv.weight, exact.blocks[b].qkv.weight  # q, k, v
+        assert isinstance(kept, BlockMatrix) and kept.kind == quant and kept.shape == w0.shape
+        np.testing.assert_array_equal(to_float32(kept), w)
         err = np.abs(w - w0).max()
         assert 0 < err <= step * 2 * np.abs(w0).max()
     ref = np.load(FIXTURES / "llama-gqa-tied" / "reference.npz")
-    assert 1e-5 < rel_err(model.forward(ref["input_ids"]), ref["logits"])  # the rounding reaches the logits
+    logits = model.forward(ref["input_ids"])
+    assert 1e-5 < rel_err(logits, ref["logits"])  # the rounding reaches the logits
+    assert rel_err(logits, wide.forward(ref["input_ids"])) <= 1e-5
 
 
 # tensor types of each fixture, as tools/make_gguf_reference.py writes them (F32 norms and biases included)
@@ -240,3 +249,26 @@ def test_cli_profile_of_a_gguf_file_in_memory_and_streamed(capsys, tmp_path, nam
         ratios = np.load(out_dir / f"ratios_{name}.gguf_prefill.npz")["ratios"]
         np.testing.assert_allclose(ratios, expected, rtol=1e-5, atol=1e-7)
         assert f"overall median {np.median(expected):.4f}" in out
+
+
+def test_damaged_headers_fail_in_one_line_naming_the_file(tmp_path):
+    """The header reader (gguf_file.GGUFFile) on a fixture cut short anywhere and with bytes of its header
+    overwritten: the model loads or a RadialError names the file, in one line; never another exception."""
+    good = (GGUF_FIXTURES / "llama-gqa-untied.gguf").read_bytes()
+    rng = np.random.default_rng(0)
+    header = len(good) - sum(
+        t.data.nbytes for t in radial_min.io.gguf_file.open_reader(GGUF_FIXTURES / "llama-gqa-untied.gguf").tensors
+    )
+    damaged = [good[:n] for n in sorted(rng.integers(0, len(good), 12))] + [good[:4], b"GGUF" + b"\xff" * 20]
+    for _ in range(60):
+        b = bytearray(good)
+        for at in rng.integers(0, header, 3):
+            b[at] = rng.integers(0, 256)
+        damaged.append(bytes(b))
+    for i, data in enumerate(damaged):
+        path = tmp_path / f"d{i}.gguf"
+        path.write_bytes(data)
+        try:
+            radial_min.load(path)
+        except radial_min.RadialError as e:
+            assert str(path) in str(e) and "\n" not in str(e), str(e)

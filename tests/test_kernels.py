@@ -111,9 +111,9 @@ def test_linear_dispatch(backend, rows):
     np.testing.assert_allclose(kernels.linear(x, w), kernels.linear_ref(x, w), rtol=1e-5, atol=1e-5)
 
 
-def test_default_backend_is_numba():
-    """Runs after test_linear_dispatch in file order: a test that left "blas" behind would show here."""
-    assert kernels.get_backend() == "numba"
+def test_default_backend_is_blas():
+    """Runs after test_linear_dispatch in file order: a test that left "numba" behind would show here."""
+    assert kernels.get_backend() == "blas"
 
 
 def test_set_backend_rejects_unknown():
@@ -289,14 +289,14 @@ def test_blocked_attention_matches_reference(n_q, n_past, n_head, group, causal,
 
 
 def test_small_work_and_a_busy_machine_run_serial(monkeypatch):
-    """The thread pool only for work above SERIAL_BELOW on a machine whose load leaves it cores; the load average
+    """The thread pool only for work above PARALLEL_FROM on a machine whose load leaves it cores; the load average
     is read at most once a second."""
     monkeypatch.setattr(kernels, "_LOAD", {"checked": -1.0, "busy": False})
     cpus = len(__import__("os").sched_getaffinity(0))
     monkeypatch.setattr("os.getloadavg", lambda: (0.5, 0.5, 0.5))
-    assert kernels._sized("pool", "serial", kernels.SERIAL_BELOW) == "pool"
-    assert kernels._sized("pool", "serial", kernels.SERIAL_BELOW - 1) == "serial"
+    assert kernels._sized("pool", "serial", kernels.PARALLEL_FROM) == "pool"
+    assert kernels._sized("pool", "serial", kernels.PARALLEL_FROM - 1) == "serial"
     monkeypatch.setattr("os.getloadavg", lambda: (cpus + 1.5, 0.0, 0.0))
-    assert kernels._sized("pool", "serial", kernels.SERIAL_BELOW) == "pool"  # the last reading is under a second old
+    assert kernels._sized("pool", "serial", kernels.PARALLEL_FROM) == "pool"  # the last reading is under a second old
     kernels._LOAD["checked"] = -1.0
     assert kernels._sized("pool", "serial", 1 << 40) == "serial" and kernels.machine_busy()

@@ -166,5 +166,7 @@ def test_int8_refuses_what_it_cannot_quantize(monkeypatch):
     with pytest.raises(radial_min.RadialError, match=r"patch_embeddings.projection.weight is 4-D") as e:
         radial_min.load(FIXTURES / "vit-cls", weights_dtype="int8")
     assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="weights dtype must be one of float32, float16, bfloat16, int8, got 'int4'"):
+    with pytest.raises(
+        ValueError, match="weights dtype must be one of float32, float16, bfloat16, int8, native, got 'int4'"
+    ):
         radial_min.load(FIXTURES / "opt-pre", weights_dtype="int4")

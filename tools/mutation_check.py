@@ -665,6 +665,63 @@ MUTANTS = [
         "rng = np.random.default_rng([cfg.run.seed, 0])",
         (T("train"),),
     ),
+    # GGUF block formats kept quantized (quant.py) and their kernels
+    Mutant(
+        "block matvec: high nibbles dropped",
+        K,
+        "part[r] += v * lo + np.floor(v * _SIXTEENTH) * d",
+        "part[r] += v * lo",
+        (T("quant"),),
+    ),
+    Mutant(
+        "block matvec: offsets (Q4_1's minimum) dropped",
+        K,
+        "acc[r] += widen(scale[g, b, r]) * part[r] + widen(offset[g, b, r]) * sums[b]",
+        "acc[r] += widen(scale[g, b, r]) * part[r]",
+        (T("quant"),),
+    ),
+    Mutant(
+        "prefill tiles: every tile widened from the first rows",
+        K,
+        "(w.q, w.scale, w.offset, lo // G, cols)",
+        "(w.q, w.scale, w.offset, 0, cols)",
+        (T("quant"),),
+    ),
+    Mutant(
+        "Q4_K: the high bits of the minimums dropped",
+        "radial_min/quant.py",
+        "(s[..., 8:12] >> 4) | ((s[..., 4:8] >> 2) & 48)",
+        "(s[..., 8:12] >> 4)",
+        (T("quant"),),
+    ),
+    Mutant(
+        "Q6_K: values not centred on 32",
+        "radial_min/quant.py",
+        ".astype(np.int16) - 32)",
+        ".astype(np.int16) - 31)",
+        (T("quant"),),
+    ),
+    Mutant(
+        "GGUF native: q/k rows left in llama.cpp's order",
+        "radial_min/io/gguf_file.py",
+        "raw = _unpermute(raw, heads)  # whole rows move",
+        "raw = raw  # whole rows move",
+        (T("gguf"), "-k", "writer_fixture"),
+    ),
+    Mutant(
+        "sgemm in one call of the whole width (a streamed head's pieces round differently)",
+        K,
+        "np.matmul(x, wt[:, lo : lo + BLAS_COLUMNS], out=y[:, lo : lo + BLAS_COLUMNS])",
+        "np.matmul(x, wt, out=y)",
+        (T("stream"), "-k", "head_is_read"),
+    ),
+    Mutant(
+        "fused gate/up: silu on the up projection",
+        K,
+        "out[g * G + r] = v / (np.float32(1.0) + math.exp(-v)) * up[r]",
+        "out[g * G + r] = up[r] / (np.float32(1.0) + math.exp(-up[r])) * v",
+        (T("quant"), "-k", "gate_up"),
+    ),
 ]
 
 

@@ -24,8 +24,9 @@ from ..dtypes import to_float32
 from ..errors import CheckpointError
 from ..io.gguf_file import GGUFStore, is_gguf, open_reader
 from ..io.hub import resolve
+from .. import kernels
 from ..kernels import linear
-from ..io.loading import open_checkpoint_folder, open_gguf, read_checked
+from ..io.loading import open_checkpoint_folder, open_gguf, read_stored
 from ..errors import RadialError
 from ..progress import BlockBar
 from . import memory
@@ -33,7 +34,7 @@ from .memory import drop_pages
 
 # model type -> (module, layer prefix, the names of each block's tensors start with these after the prefix)
 _ROWS = ("embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")  # [V, P] matrices left on disk
-HEAD_ROWS_ALIGN = 64  # the LM head is read in pieces of a multiple of 64 rows: the matmul kernel's column tasks
+HEAD_ROWS_ALIGN = kernels.BLAS_COLUMNS  # the LM head is read in pieces of whole sgemm column tiles (4 numba tasks)
 
 
 class NotStreamable(CheckpointError):
@@ -85,16 +86,22 @@ class _GGUFRows:
     pages read are handed back afterwards (`_release_mapped`), as after each block."""
 
     def __init__(self, store: GGUFStore, name: str):
-        self.store, self.t, self.shape = store, store.tensors[name], store.shape(name)
+        self.store, self.name, self.shape = store, name, store.shape(name)
 
     def rows(self, lo: int, hi: int) -> np.ndarray:
         return self[np.arange(lo, hi)]  # [hi - lo, P]
 
-    def __getitem__(self, ids) -> np.ndarray:
-        ids = np.asarray(ids)
-        w = self.store.quants.dequantize(np.asarray(self.t.data[ids]), self.t.tensor_type)
+    def weights(self, lo: int, hi: int):
+        """Rows lo..hi as the head multiplies them: kept in their block format (as `load` keeps the whole matrix,
+        so the same kernels give the same bits), else float32."""
+        w = self.store.read_blocks(self.name, lo, hi)
         _release_mapped(self.store)
-        return np.asarray(w, np.float32).reshape(len(ids), self.shape[1])  # [T] -> [T, P]
+        return self.rows(lo, hi) if w is None else w
+
+    def __getitem__(self, ids) -> np.ndarray:
+        w = self.store.read_rows(self.name, np.asarray(ids))
+        _release_mapped(self.store)
+        return w  # [T] -> [T, P]
 
 
 def _release_mapped(store):
@@ -141,7 +148,8 @@ class StreamedModel:
         self._check_partition()
         self._check_storages()
         self.n_params = sum(int(np.prod(self.store.shape(t), dtype=np.int64)) for t in self.names.values())
-        self._read = lambda ours: read_checked(self.store, self.names[ours])
+        dtype = "native" if is_gguf(source) else "float32"  # as `load` keeps them by default: the same kernels run
+        self._read = lambda ours: read_stored(self.store, ours, self.names[ours], dtype)
         small = {o: self._read(o) for o in self._top() if o not in _ROWS}  # norms, positions, projections
         small.update({o: self._rows(o) for o in self._top() if o in _ROWS})
         self.shell = arch.model(replace(cfg, num_hidden_layers=0), small)  # the model's embed and final, no blocks
@@ -262,7 +270,8 @@ class StreamedModel:
         hs = [self.shell.final(x) for x in xs]  # [T, P] each
         out = [np.empty((len(h), self.shell.lm_head.weight.shape[0]), np.float32) for h in hs]
         for lo, hi in self.head_pieces():
-            w = self.shell.lm_head.weight.rows(lo, hi)  # [hi - lo, P]
+            head = self.shell.lm_head.weight  # on disk: its rows in float32, or in a GGUF's own blocks
+            w = getattr(head, "weights", head.rows)(lo, hi)  # [hi - lo, P]
             for h, logits in zip(hs, out):
                 logits[:, lo:hi] = linear(h, w)
             del w
