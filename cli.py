@@ -400,9 +400,10 @@ def cmd_train(args):
     plots.training_curve(tr.read_log(out), out / "loss.png")
     if args.export:
         tr.export_checkpoint(net, out, args.export, args.dtype, overwrite=args.overwrite)
-        print(f"exported {args.export}; validation perplexity on the full held-out streams ...", file=sys.stderr)
+        what = f"the first {cfg.run.eval_tokens:,} tokens of" if cfg.run.eval_tokens else "the whole of"
+        print(f"exported {args.export}; perplexity on {what} each held-out stream ...", file=sys.stderr)
         with progress.Bar(0, "evaluate", "seq", leave=False) as bar:
-            rep = tr.report(args.export, train_ids, val_streams, cfg.model.seq_len, bar)
+            rep = tr.report(args.export, train_ids, val_streams, cfg.model.seq_len, bar, max_tokens=cfg.run.eval_tokens)
         write_json(out / "report.json", rep)
         print(tr.format_report(rep))
 

@@ -27,6 +27,7 @@ import numpy as np
 from . import ops
 from .config import LlamaConfig, OPTConfig, config_to_dict
 from .data import MIN_VOCAB, pack
+from .generation import GENERATION_CONFIG
 from .errors import RadialError
 from .io.checkpoint import SafetensorsFile, write_safetensors
 from .io.loading import load
@@ -156,6 +157,7 @@ class RunSettings:
     batch_size: int = setting(16, "sequences per step")
     eval_every: int = setting(100, "steps between validation losses")
     eval_sequences: int = setting(64, "sequences per validation set, fixed across evaluations")
+    eval_tokens: int = setting(100_000, "the export's report: tokens scored per held-out stream, 0 = all", low=0)
     save_every: int = setting(50, "steps between checkpoints")
     seed: int = setting(0, "seed for init and batches", low=0)
 
@@ -574,6 +576,8 @@ def export_checkpoint(net, tokenizer_dir, out_dir, dtype: str = "float16", overw
         for f in sorted(Path(tokenizer_dir).iterdir()):
             if f.name in TOKENIZER_FILES:
                 write_bytes(tmp / f.name, f.read_bytes())
+        # generation defaults: a fine-tuned model's own; a small model trained here loops greedily without a penalty
+        write_json(tmp / GENERATION_CONFIG, {"repetition_penalty": 1.2, **model.generation_defaults})
         if isinstance(net.router, Router):
             write_radial(tmp, net.router, net.cache_policy, net.step_encoding_scale)
 
@@ -617,14 +621,14 @@ def format_report(rep) -> str:
     return "\n".join(lines)
 
 
-def report(export, train_ids, val_streams: dict, seq_len: int, bar=None, batch_size: int = 64) -> dict:
-    """Perplexity of the exported checkpoint `export` (loaded as generation loads it) on every full validation
-    stream, packed in sequences of `seq_len`, beside the n-gram baselines, and a Radial Network's blocks per token.
-    `bar` (a `progress.Bar`) counts the sequences."""
+def report(export, train_ids, val_streams: dict, seq_len: int, bar=None, batch_size=64, max_tokens=0) -> dict:
+    """Perplexity of the exported checkpoint `export` (loaded as generation loads it) on every validation stream
+    (its first `max_tokens` tokens, 0: all), packed in sequences of `seq_len`, beside the n-gram baselines, and a
+    Radial Network's blocks per token. `bar` (a `progress.Bar`) counts the sequences."""
     net = load(export)
     net = net if isinstance(net, RadialNetwork) else net.sequential
     out = {}
-    packed = {name: pack(stream, seq_len) for name, stream in val_streams.items()}
+    packed = {name: pack(stream[: max_tokens or None], seq_len) for name, stream in val_streams.items()}
     if bar is not None:
         bar.extend(sum(len(s) for s in packed.values()))
     for name, seqs in packed.items():  # each row: tokens 0..T-2 predict 1..T-1, as the engine scores a sequence
