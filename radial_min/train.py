@@ -379,6 +379,22 @@ def evaluate(net, sequences: np.ndarray, batch_size: int = 16) -> float:
     return float(total / len(sequences))
 
 
+def sequence_nll(net, sequences: np.ndarray, batch_size: int = 64, progress=None):
+    """Next-token NLL [n_seq, T - 1], blocks per token [n_seq, T] and every token's route [n_seq, T, max_depth]
+    (-1 = none) of packed sequences [n_seq, T], by the inference path in batches (what generation computes)."""
+    nll, depth, routes = [], [], []
+    starts = range(0, len(sequences), batch_size)
+    for i in starts if progress is None else progress(starts):
+        ids = sequences[i : i + batch_size]
+        z = net.forward(ids).reshape(*ids.shape, -1)[:, :-1].astype(np.float64)
+        z -= z.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        nll.append(-np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0])
+        depth.append(net.last_walk.depth.reshape(ids.shape))
+        routes.append(net.last_walk.routes.reshape(*ids.shape, -1))
+    return np.concatenate(nll), np.concatenate(depth), np.concatenate(routes)
+
+
 # --------------------------------------------------------------------------------------------- the trainer
 
 
