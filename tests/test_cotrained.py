@@ -79,7 +79,7 @@ def test_training_forward_is_generation(tmp_path, spec, prompt, n_new):
     trained = random_network(**spec)
     net = radial_min.load(export(tmp_path, trained))
     assert isinstance(net, RadialNetwork) and net.gate and net.cache_policy == trained.cache_policy
-    new = radial_min.generate(net, np.array(prompt), n_new, stop_at_eos=False)
+    new = radial_min.generate(net, np.array(prompt), n_new, stop_at_eos=False, repetition_penalty=1.0)
     ids = np.array(prompt + new.tolist()[:-1])  # the tokens the network read
     logits, routes = training_forward(trained, ids)
     assert net.routes == routes
@@ -95,6 +95,7 @@ def test_co_trained_files(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [
             "config.json",
+            "generation_config.json",
             "model.safetensors",
             "router.json",
             "router.safetensors",
