@@ -880,12 +880,18 @@ def softmax(x):
 # ------------------------------------------------------------------------------------------------- attention
 
 
-def attention_weights(q, k, visible=True):
-    """softmax(q k^T / sqrt(D)) over the keys each query may see: the one NumPy definition of attention, shared
-    by `attention_ref` and the trainers (backprop.py). [..., Tq, D], [..., Tk, D], visible [..., Tq, Tk] bool
-    (broadcast; every query must see a key) -> [..., Tq, Tk]."""
+def attention_scores(q, k, visible=True):
+    """q k^T / sqrt(D) over the keys each query may see, -inf elsewhere: the one NumPy definition of attention's
+    scores, whose softmax weighs the values (`attention_weights`), shared by `attention_ref` and the trainer's
+    reference (ops.attention_forward_ref). [..., Tq, D], [..., Tk, D], visible [..., Tq, Tk] bool (broadcast; every
+    query must see a key) -> [..., Tq, Tk]."""
     scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])  # a Python float keeps float32 float32
-    return softmax_ref(np.where(visible, scores, -np.inf))
+    return np.where(visible, scores, -np.inf)
+
+
+def attention_weights(q, k, visible=True):
+    """softmax of `attention_scores`: [..., Tq, Tk]."""
+    return softmax_ref(attention_scores(q, k, visible))
 
 
 def attention_ref(q, k, v, n_head, q_pos=None, k_pos=None, n_kv_head=None):

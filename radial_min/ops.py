@@ -183,16 +183,16 @@ def visible(keys, count, seq, qkey):
 
 
 def attention_forward_ref(q, K, V, keys, count, seq, qkey):
-    """The reference: softmax(q k^T / sqrt(D)) v over the visible entries, in q's dtype -> y [n, H, D], lse [n, H]."""
+    """The reference: softmax(q k^T / sqrt(D)) v over the visible entries (kernels.attention_weights, the one
+    definition), in q's dtype -> y [n, H, D], and lse [n, H], the log of each softmax's normaliser."""
     group = q.shape[1] // K.shape[1]
     k = np.repeat(K[seq], group, axis=1)  # [n, H, cap, D]
     v = np.repeat(V[seq], group, axis=1)
-    s = np.einsum("nhd,nhjd->nhj", q, k) / math.sqrt(q.shape[-1])
-    s = np.where(visible(keys, count, seq, qkey)[:, None, :], s, -np.inf)
-    best = s.max(-1, keepdims=True)
-    p = np.exp(s - best)
-    total = p.sum(-1, keepdims=True)
-    return np.einsum("nhj,nhjd->nhd", p / total, v), (best + np.log(total))[..., 0]
+    see = visible(keys, count, seq, qkey)[:, None, None, :]  # [n, 1, 1, cap]
+    scores = kernels.attention_scores(q[:, :, None, :], k, see)[:, :, 0]  # [n, H, cap]
+    best = scores.max(-1, keepdims=True)
+    lse = (best + np.log(np.exp(scores - best).sum(-1, keepdims=True)))[..., 0]
+    return (kernels.attention_weights(q[:, :, None, :], k, see) @ v)[:, :, 0], lse
 
 
 def attention_backward_ref(dy, q, K, V, keys, count, seq, qkey, y, lse):
