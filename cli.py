@@ -669,7 +669,7 @@ def _sequences(model, args, text=None, max_sequences=None):
         )
     tok = radial_min.Tokenizer(args.tokenizer or model.path)
     path = text or getattr(args, "text", None) or data.default_text("test")
-    ids = _check_vocab(tok.encode(data.read_text(path)), model, tok.source)
+    ids = _check_vocab(tok.encode(data.read_text(path), source=path), model, tok.source)
     return data.pack(ids, args.seq_len, max_sequences or args.max_sequences, source=path), tok
 
 

@@ -11,7 +11,6 @@ applied to the logits in training and in use. Training is plain supervised learn
 with forward/backward pairs from `backprop` and AdamW from `optim`; no autograd.
 """
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from .kernels import mean_rstd
 from .optim import adamw_step, lr_at
 from .analysis import oracle
 from .analysis.oracle import Decisions, SimulationPass, run_sequence, threshold
-from .io.outputs import write_json
+from .io.outputs import present, read_json, write_json
 from .progress import Bar
 
 NEG = -1e9  # logit of a forbidden move: exp underflows to exactly 0, without the NaN that -inf - (-inf) gives
@@ -176,7 +175,7 @@ def _decide(x, prev, depth, w1, b1, w2, b2, forward_only, depth_limit, out, prob
         for m in range(n_moves):
             if logits[m] > -np.inf:
                 total += np.exp(logits[m] - best_logit)
-        out[i], prob[i] = best, 1.0 / total
+        out[i], prob[i] = best, 1.0 / total if total > 0 else 1.0  # NaN states: every logit NaN, EXIT
 
 
 class Router:
@@ -226,20 +225,18 @@ class Router:
     def load(cls, path):
         """From `path`.json and `path`.safetensors (`path` may name either file)."""
         weights, config = _router_files(path)
+        if not present(config, CheckpointError):
+            raise CheckpointError(f"{config}: not found (a router is a .json config beside its .safetensors)")
+        d = read_json(config, CheckpointError, "a router config")
         try:
-            d = json.loads(config.read_text())
             cfg = RouterConfig(**d)
-        except FileNotFoundError:
-            raise CheckpointError(f"{config}: not found (a router is a .json config beside its .safetensors)") from None
-        except OSError as e:
-            raise CheckpointError(f"{config}: cannot read ({e.strerror or e})") from None
-        except (TypeError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        except TypeError as e:
             raise CheckpointError(f"{config}: not a router config ({e})") from None
         _check_router_config(d, str(config))
-        if not weights.is_file():
+        if not present(weights, CheckpointError):
             raise CheckpointError(f"{weights}: not found (a router is a .json config beside its .safetensors)")
         f = SafetensorsFile(weights)
-        expected = {k: v.shape for k, v in init_router(cfg).items()}
+        expected = router_shapes(cfg)  # from the config alone: nothing of its size is allocated before the check
         found = {n: f.shape(n) for n in f.entries}
         if found != expected:
             raise CheckpointError(f"{weights}: tensors {found} do not match {config.name}, expected {expected}")
@@ -247,7 +244,34 @@ class Router:
         for n, a in params.items():
             if a.dtype.kind != "f" or not np.isfinite(a).all():
                 raise CheckpointError(f"{weights}: tensor {n!r} is not all finite floats ({a.dtype})")
+        bound = logit_bound(params, cfg.width)
+        if not bound < _FLOAT32_SAFE:
+            raise CheckpointError(
+                f"{weights}: weights so large that the router's logits could reach {bound:.3g}, beyond what "
+                f"float32 holds ({_FLOAT32_SAFE:.0e})"
+            )
         return cls(cfg, params)
+
+
+def router_shapes(cfg: RouterConfig) -> dict:
+    """The shape of each of a router's tensors: `init_router`'s, without allocating them."""
+    return {
+        "w1": (cfg.hidden, cfg.n_in),
+        "b1": (cfg.hidden,),
+        "w2": (cfg.n_blocks + 1, cfg.hidden),
+        "b2": (cfg.n_blocks + 1,),
+    }
+
+
+_FLOAT32_SAFE = 1e37  # logits below this: their differences, sums and exponentials stay finite in float32
+
+
+def logit_bound(params: dict, width: int) -> float:
+    """The largest |logit| (or partial sum) `_decide` can reach, in float64: LN(x) has |x_k| <= sqrt(width), so
+    |h_j| <= |b1_j| + max |onehot weights| + sqrt(width) sum_k |w1_jk| and |logit_m| <= |b2_m| + sum_j |w2_mj| h_j."""
+    w1 = np.abs(params["w1"])
+    h = np.abs(params["b1"]) + w1[:, width:].max(1) + np.sqrt(width) * w1[:, :width].sum(1, dtype=np.float64)
+    return float((np.abs(params["b2"]) + np.abs(params["w2"]) @ h).max())
 
 
 MAX_PASSES = 4  # a router may run at most 4 * n_blocks blocks per token (forward_only routers: n_blocks)
@@ -266,7 +290,7 @@ def _check_router_config(d: dict, source: str) -> None:
         if name in d:
             check_field(source, name, d[name], *spec)
     if d.get("max_depth") is not None:
-        check_field(source, "max_depth", d["max_depth"], int, 0, MAX_PASSES * d["n_blocks"])
+        check_field(source, "max_depth", d["max_depth"], int, 1, MAX_PASSES * d["n_blocks"])  # 0: no block runs
     if d.get("tau") is not None:
         check_field(source, "tau", d["tau"], float)
     for name in ("kv_rule", "model"):

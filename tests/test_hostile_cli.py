@@ -69,7 +69,7 @@ def test_tokenizer_settings_of_the_wrong_type(case, capsys):
     refused(capsys, generate(d), "tokenizer_config.json: bos_token is 5, expected a token")
     (d / "tokenizer_config.json").write_text(good)
     (d / "special_tokens_map.json").write_text("[" * 1000 + "]" * 1000)
-    refused(capsys, generate(d), "special_tokens_map.json: not valid JSON")
+    refused(capsys, generate(d), "special_tokens_map.json: nested more than 64 levels deep")
 
 
 def test_a_tokenizer_json_that_makes_the_library_panic(case, capfd):
@@ -127,7 +127,7 @@ def test_router_files(case, capsys):
     refused(capsys, generate(d, "--router", d / "router"), "router.safetensors: tensors", "do not match router.json")
     (d / "router.json").unlink()
     (d / "router.json").mkdir()
-    refused(capsys, generate(d, "--router", d / "router"), "router.json: cannot read (Is a directory)")
+    refused(capsys, generate(d, "--router", d / "router"), "router.json: is a folder, expected a file")
 
 
 def test_router_weights_must_be_finite(case, capsys):
