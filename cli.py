@@ -35,7 +35,7 @@ from radial_min.io.gguf_file import is_gguf
 from radial_min.io.hub import DEFAULT_MODEL
 from radial_min.kernels import softmax
 from radial_min.models.opt import POSITION_OFFSET
-from radial_min.io.outputs import write_csv, write_json, write_npz
+from radial_min.io.outputs import check_out, write_csv, write_json, write_npz
 from radial_min.radial import DEPTH_STYLES, RadialNetwork, depth_streamer, format_routing
 from radial_min.io.tokenizer import Streamer
 
@@ -284,6 +284,9 @@ def cmd_train(args):
         **_radial_settings(args),
     )
     check_train_settings(cfg)
+    check_out(cfg.out, "--out", RUN_FILES)  # a file, a read-only mount, a folder named log.jsonl: refused now
+    if args.export:
+        check_out(args.export, "--export")
     tr.check_resume(cfg)  # a saved run resumed with other settings: refused before the corpus is prepared
     done = _saved_step(Path(cfg.out) / "state.safetensors")
     if args.export and not args.overwrite and _nonempty(args.export):
@@ -328,6 +331,9 @@ def cmd_train(args):
         print(format_train_report(rep))
 
 
+# what a run folder holds: each, if there, must be a regular file (a FIFO named state.safetensors would be
+# taken as no state, and the run would start again at step 0)
+RUN_FILES = ("state.safetensors", "train_config.json", "log.jsonl", "tokens.npz", "vocab.json", "merges.txt")
 _RADIAL_OPTIONS = tuple(f for f in tr.RADIAL_FIELDS if f != "radial")  # train --radial's routing options
 
 
@@ -430,7 +436,7 @@ def format_train_report(rep):
 
 
 def cmd_profile(args):
-    out = Path(args.out)
+    out = check_out(args.out, "--out", ["summary.json", "summary.csv"])
     models = args.model or [str(DEFAULT_MODEL)]
     _check_free(out, ["summary.json", "summary.csv"], args.overwrite)
     hist, layer_summaries, csv_rows, report, sizes, streamed = {}, {}, [], {}, {}, []
@@ -544,7 +550,7 @@ def cmd_simulate(args):
     for r in rules:
         if r not in oracle.KV_RULES:
             raise RadialError(f"--kv-rule: {r!r} is not one of {', '.join(oracle.KV_RULES)}")
-    out = Path(args.out)
+    out = check_out(args.out, "--out", ["simulate.json", "simulate.csv"])
     _check_free(out, ["simulate.json", "simulate.csv"], args.overwrite)
     model = _load_maybe_streamed(args.model, args.stream, "lm", out / ".stream")
     streamed = getattr(model, "layer_major", False)
@@ -593,7 +599,7 @@ def cmd_train_router(args):
         if router.config.tau is None or router.config.kv_rule is None:
             raise RadialError(f"--evaluate {args.evaluate}: its router.json records no tau/kv_rule to compare with")
         args.tau, args.kv_rule = router.config.tau, router.config.kv_rule
-    out = Path(args.out or f"runs/router-tau{args.tau:g}")
+    out = check_out(args.out if args.out is not None else f"runs/router-tau{args.tau:g}")
     _check_free(
         out, ([] if args.evaluate else ["router.safetensors", "router.json"]) + ["train_router.json"], args.overwrite
     )
@@ -807,7 +813,7 @@ def build_parser():
     )
     g.add_argument(
         "--step-encoding-scale",
-        type=_finite(1e6),
+        type=_finite(1e3, low=0.0),  # the range radial.json allows
         default=None,
         help="with --router --cache-policy global: weight of the sinusoidal step codes (default: 1)",
     )
@@ -1146,16 +1152,17 @@ def _generate_count(text):
     return value
 
 
-def _finite(bound):
-    """An argparse type: a float of magnitude at most `bound` (NaN and infinities refused)."""
+def _finite(bound, low=None):
+    """An argparse type: a float in [`low`, `bound`] (default low: -bound; NaN and infinities refused)."""
+    low = -bound if low is None else low
 
     def parse(text):
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not abs(value) <= bound:
-            raise argparse.ArgumentTypeError(f"expected a number between -{bound:g} and {bound:g}, got {text}")
+        if not low <= value <= bound:
+            raise argparse.ArgumentTypeError(f"expected a number between {low:g} and {bound:g}, got {text}")
         return value
 
     return parse

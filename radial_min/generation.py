@@ -13,7 +13,9 @@ def sample(logits, temperature: float = 0.0, top_k: int | None = None, top_p: fl
     """Pick the next token from one row of logits [V]."""
     if temperature <= 0.0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
+    z = logits.astype(np.float64)
+    top = z.max()  # the largest logit subtracted first: at a tiny temperature, z / T would overflow to inf - inf
+    z = (z - top) / temperature if np.isfinite(top) else np.where(z == top, 0.0, -np.inf)
     if top_k is not None and 0 < top_k < z.size:
         kth = np.partition(z, -top_k)[-top_k]
         z = np.where(z < kth, -np.inf, z)
@@ -41,13 +43,14 @@ def penalize_repeats(logits, seen, penalty: float):
 
 
 def check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty=1.0):
-    """Refuse sampling settings that have no meaning, naming the argument."""
-    if not repetition_penalty > 0:
-        raise SettingError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    """Refuse sampling settings that have no meaning, naming the argument. An infinite temperature (or 1e309, which
+    is one) would make every token equally likely, an infinite penalty every seen token impossible: refused."""
+    if not 0 < repetition_penalty < np.inf:  # also refuses NaN
+        raise SettingError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty}")
     if max_new_tokens < 0:
         raise SettingError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not temperature >= 0:  # also refuses NaN
-        raise SettingError(f"temperature must be >= 0, got {temperature}")
+    if not 0 <= temperature < np.inf:
+        raise SettingError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise SettingError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:

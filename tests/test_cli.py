@@ -354,7 +354,7 @@ def bad_inputs(tmp_path, corrupt, good_opt):
         "top-p 2": (["generate", "Hi", "--model", good_opt, "--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
         "negative temperature": (
             ["generate", "Hi", "--model", good_opt, "--temperature", "-1"],
-            "temperature must be >= 0",
+            "temperature must be a finite number >= 0",
         ),
         "top-k 0": (["generate", "Hi", "--model", good_opt, "--top-k", "0"], "top_k must be >= 1"),
         "image does not exist": (

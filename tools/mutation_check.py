@@ -279,8 +279,8 @@ MUTANTS = [
     Mutant(
         "router config: max_depth unbounded",
         "radial_min/router.py",
-        'int, 0, MAX_PASSES * d["n_blocks"])',
-        "int, 0, 1 << 40)",
+        'int, 1, MAX_PASSES * d["n_blocks"])',
+        "int, 1, 1 << 40)",
         (T("hostile"), T("fuzz")),
     ),
     # generation
@@ -355,8 +355,8 @@ MUTANTS = [
     Mutant(
         "shard names may leave the checkpoint folder",
         "radial_min/io/checkpoint.py",
-        'if Path(shard).name != shard or shard in ("", ".", "..") or "\\\\" in shard or "/" in shard:',
-        "if False:",
+        'bad = Path(shard).name != shard or shard in ("", ".", "..") or "\\\\" in shard or "/" in shard or "\\0" in shard',
+        "bad = False",
         (T("hostile"),),
     ),
     Mutant(
@@ -404,7 +404,7 @@ MUTANTS = [
     Mutant(
         "image bomb: pixels not bounded",
         "radial_min/io/images.py",
-        "if im.width * im.height > MAX_PIXELS:",
+        "if width * height > MAX_PIXELS:",
         "if False:",
         (T("hostile"), T("images")),
     ),

@@ -8,6 +8,7 @@ interleaved rather than split in halves); `_unpermute` puts them back, as transf
 rotary already pairs the halves (llama.cpp's NEOX mode), so its q and k are stored as they are.
 """
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,42 @@ def open_reader(path):
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable GGUF file, truncated or corrupt ({reason})") from None
     reader.path = path
+    check_layout(reader, path.stat().st_size)
     return reader
+
+
+def check_layout(reader, size: int) -> None:
+    """The tensor table checked as llama.cpp's loader (gguf.cpp) checks it, before any tensor is read: at most 4
+    dimensions, the fastest a whole number of its type's blocks, each tensor at the offset where the previous one
+    ended (rounded up to general.alignment), the last ending inside the file and the file ending there (plus
+    padding). A type field changed (F32 relabelled Q8_0) changes the tensor's size and so breaks the tiling; an
+    offset of 2**64 - 1, which the gguf package adds to the data start and wraps around, is refused here.
+    Header-level only: which types can be dequantized is GGUFStore's business."""
+    from gguf import GGML_QUANT_SIZES
+
+    align, expected, end = reader.alignment, 0, 0
+    for t in reader.tensors:
+        _, _, _, dims, _, offset = t.field.parts
+        dims, offset = [int(d) for d in dims], int(offset[0])
+        bad = f"{reader.path}: tensor {t.name!r:.80}"
+        block, type_size = GGML_QUANT_SIZES[t.tensor_type]
+        if len(dims) > 4 or dims and dims[0] % block:
+            raise CheckpointError(
+                f"{bad} has dimensions {dims}: expected at most 4, the first a multiple of "
+                f"{t.tensor_type.name}'s block of {block}"
+            )
+        if offset != expected:
+            raise CheckpointError(
+                f"{bad} ({t.tensor_type.name}) starts at data byte {offset}, expected {expected} (where the previous "
+                f"tensor ends, aligned to {align}): its type, shape or offset does not match the file"
+            )
+        end = offset + math.prod(dims) // block * type_size
+        expected = -(-end // align) * align
+    if not reader.data_offset + end <= size <= reader.data_offset + expected:
+        raise CheckpointError(
+            f"{reader.path}: the tensors end at byte {reader.data_offset + end} but the file has {size}: "
+            + ("truncated" if size < reader.data_offset + end else "bytes after the last tensor")
+        )
 
 
 def field(reader, key, default=None):
