@@ -355,8 +355,8 @@ MUTANTS = [
     Mutant(
         "shard names may leave the checkpoint folder",
         "radial_min/io/checkpoint.py",
-        'bad = Path(shard).name != shard or shard in ("", ".", "..") or "\\\\" in shard or "/" in shard or "\\0" in shard',
-        "bad = False",
+        "if bad or len(os.fsencode(shard)) > 255:",
+        "if len(os.fsencode(shard)) > 255:",
         (T("hostile"),),
     ),
     Mutant(
