@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError
-from .io.outputs import read_json
+from .io.outputs import present, read_json
 
 
 @dataclass
@@ -371,7 +371,7 @@ def _check(cfg, source):
 
 def read_config(folder: Path):
     path = Path(folder) / "config.json"
-    if not path.is_file():
+    if not present(path, CheckpointError):  # a FIFO or folder of that name is refused by name
         raise CheckpointError(f"{path}: not found (a checkpoint folder needs config.json beside its weights)")
     return config_from_dict(read_json(path, CheckpointError), str(path))
 

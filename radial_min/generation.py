@@ -15,7 +15,8 @@ def sample(logits, temperature: float = 0.0, top_k: int | None = None, top_p: fl
         return int(np.argmax(logits))
     z = logits.astype(np.float64)
     top = z.max()  # the largest logit subtracted first: at a tiny temperature, z / T would overflow to inf - inf
-    z = (z - top) / temperature if np.isfinite(top) else np.where(z == top, 0.0, -np.inf)
+    with np.errstate(over="ignore"):  # a tiny temperature: the other logits go to -inf, probability 0
+        z = (z - top) / temperature if np.isfinite(top) else np.where(z == top, 0.0, -np.inf)
     if top_k is not None and 0 < top_k < z.size:
         kth = np.partition(z, -top_k)[-top_k]
         z = np.where(z < kth, -np.inf, z)

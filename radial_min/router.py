@@ -175,7 +175,7 @@ def _decide(x, prev, depth, w1, b1, w2, b2, forward_only, depth_limit, out, prob
         for m in range(n_moves):
             if logits[m] > -np.inf:
                 total += np.exp(logits[m] - best_logit)
-        out[i], prob[i] = best, 1.0 / total if total > 0 else 1.0  # NaN states: every logit NaN, EXIT
+        out[i], prob[i] = best, 1.0 / total
 
 
 class Router:

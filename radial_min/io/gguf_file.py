@@ -57,21 +57,23 @@ def open_reader(path):
     return reader
 
 
-def check_layout(reader, size: int) -> None:
+def check_layout(reader, size: int, sizes=None) -> None:
     """The tensor table checked as llama.cpp's loader (gguf.cpp) checks it, before any tensor is read: at most 4
     dimensions, the fastest a whole number of its type's blocks, each tensor at the offset where the previous one
     ended (rounded up to general.alignment), the last ending inside the file and the file ending there (plus
     padding). A type field changed (F32 relabelled Q8_0) changes the tensor's size and so breaks the tiling; an
     offset of 2**64 - 1, which the gguf package adds to the data start and wraps around, is refused here.
-    Header-level only: which types can be dequantized is GGUFStore's business."""
-    from gguf import GGML_QUANT_SIZES
+    Header-level only: which types can be dequantized is GGUFStore's business. `sizes`: each type's (elements per
+    block, bytes per block), by default the gguf package's table."""
+    if sizes is None:
+        from gguf import GGML_QUANT_SIZES as sizes
 
     align, expected, end = reader.alignment, 0, 0
     for t in reader.tensors:
         _, _, _, dims, _, offset = t.field.parts
         dims, offset = [int(d) for d in dims], int(offset[0])
         bad = f"{reader.path}: tensor {t.name!r:.80}"
-        block, type_size = GGML_QUANT_SIZES[t.tensor_type]
+        block, type_size = sizes[t.tensor_type]
         if len(dims) > 4 or dims and dims[0] % block:
             raise CheckpointError(
                 f"{bad} has dimensions {dims}: expected at most 4, the first a multiple of "

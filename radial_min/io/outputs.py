@@ -57,8 +57,9 @@ class _Refused(Exception):
 
 
 def _bounded_int(text: str) -> int:
-    if len(text) - text.startswith("-") > MAX_INT_DIGITS:
-        raise _Refused("has", f"an integer of {len(text):,} digits (at most {MAX_INT_DIGITS})")
+    digits = len(text) - text.startswith("-")
+    if digits > MAX_INT_DIGITS:
+        raise _Refused("has", f"an integer of {digits:,} digits (at most {MAX_INT_DIGITS})")
     return int(text)
 
 
@@ -128,6 +129,7 @@ def _check_tree(value, surrogates: bool):
 
 
 _KINDS = {
+    stat.S_IFREG: "a file",
     stat.S_IFDIR: "a folder",
     stat.S_IFIFO: "a FIFO",
     stat.S_IFSOCK: "a socket",
