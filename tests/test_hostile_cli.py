@@ -355,3 +355,47 @@ def test_a_log_with_lines_nested_too_deep_is_repaired(trained, capsys):
     code, _, err = call(capsys, *TRAIN, "--out", trained, "--steps", "3")
     assert code == 0, err
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+
+
+# One case per reader the battery feeds: refused, naming the file, shows the case reached that reader. A change that
+# left a reader out of tools/hostile_inputs.py (or a case that no longer reaches it) fails here.
+REACHED = {
+    "config.json": "a 5,000-digit integer",
+    "model.safetensors.index.json": "a 5,000-digit integer",
+    "router.json": "a 5,000-digit integer",
+    "tokenizer_config.json": "a 5,000-digit integer",
+    "special_tokens_map.json": "a 5,000-digit integer",
+    "vocab.json": "a 5,000-digit integer",
+    "tokenizer.json": "a 5,000-digit integer",
+    "preprocessor_config.json": "a 5,000-digit integer",
+    "train_config.json": "a 5,000-digit integer",
+    "radial.json": "a 5,000-digit integer",
+    "model.safetensors": "empty file",
+    "model-00001-of-00003.safetensors": "a link to a text file",
+    "router.safetensors": "weights of 3e38",
+    "state.safetensors": "a FIFO",
+    "pytorch_model.bin": "empty file",
+    "merges.txt": "invalid UTF-8",
+    "tokens.npz": "empty file",
+    "log.jsonl": "a folder",
+    "text.txt": "one 20 MB word",
+    "img.npy": "pixels over 255",
+    "img.png": "a 7000x7000 PNG of zeros",
+    "img.tif": "a directory that points to itself",
+    "img.ppm": "16-bit, truncated",
+    "model.gguf": "offset 2**64 - 1",  # the first tensor's
+}
+
+
+def test_the_battery_reaches_every_reader(bases, tmp_path):
+    import random
+
+    cases = list(hostile_inputs.cases(bases, random.Random(0)))
+    optional = {"img.png", "img.tif", "img.ppm", "model.gguf"}  # with Pillow, with the gguf package
+    for rel, label in REACHED.items():
+        case = next((c for c in cases if rel in c.edits and label in c.label), None)
+        if case is None and rel in optional:
+            continue
+        assert case is not None, f"no case of {rel} labelled {label!r}"
+        outcomes = hostile_inputs.run_case(case, bases, tmp_path, timeout=60, factor=20)
+        assert [o for o, _, _ in outcomes] == ["refused"] * len(case.commands), (case.label, outcomes)
