@@ -318,7 +318,7 @@ def test_max_depth_bounds_every_route():
 @pytest.mark.parametrize("policy", ["per-layer", "global"])
 def test_max_depth_bounds_a_token_routed_alone(policy):
     """route_token, the engine of one token at a time (a prompt of one token, decoding, the global policy), stops a
-    token at max_depth = 2 although its router would run all 6 blocks (its own limit): exactly 2 blocks each, never 3."""
+    token at max_depth = 2 although its router would run all 6 blocks (its own limit): 2 blocks each, never 3."""
     model = random_opt(seed=1, num_hidden_layers=3)
     radial = RadialNetwork(model, SequentialRouter(6), max_depth=2, cache_policy=policy)
     cache = radial.new_cache()
