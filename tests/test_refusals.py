@@ -22,7 +22,7 @@ from radial_min.config import read_config
 from radial_min.errors import CheckpointError, RadialError, SettingError
 from radial_min.generation import check_sampling, sample
 from radial_min.io import images
-from radial_min.io.checkpoint import SafetensorsFile, open_checkpoint, write_safetensors
+from radial_min.io.checkpoint import SafetensorsFile, open_checkpoint
 from radial_min.io.gguf_file import check_layout
 from radial_min.io.outputs import check_out, parse_json, present, read_json, read_json_lines
 from radial_min.io.tokenizer import CHUNK, Tokenizer
