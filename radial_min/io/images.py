@@ -7,7 +7,7 @@ when shrinking, computed in 22-bit fixed point on 8-bit images. We reimplement t
 to decode PNG/JPEG files.
 """
 
-import os
+import io
 import struct
 import warnings
 from pathlib import Path
@@ -16,13 +16,14 @@ import numpy as np
 
 from ..config import check_field
 from ..errors import RadialError
-from .outputs import npy_header, present, read_json
+from .outputs import npy_header, present, read_bytes, read_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy"}
 _PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit resampling
 
 
 MAX_PIXELS = 50_000_000  # ~7000x7000; Pillow's own bomb limit is 89M (warning) and 179M (error)
+MAX_FILE_BYTES = 1 << 28  # an image file (PNG, JPEG, ...) read whole before Pillow decodes it
 
 
 def side_limit(image_size: int) -> int:
@@ -57,11 +58,14 @@ def read_image(path, max_side: int | None = None) -> np.ndarray:
                 f"{path}: reading {path.suffix} images needs Pillow (pip install 'radial_min[images]'), "
                 "or pass a .npy array"
             ) from None
-        _check_tiff_directories(path)
+        data = read_bytes(path, RadialError, MAX_FILE_BYTES)
+        _check_tiff_directories(data, path)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a bomb or corrupt-EXIF warning: we say what matters ourselves
-                with Image.open(path) as im:  # reads the header only: bound the pixels before decoding any
+                # from the bytes, not the file: Pillow asks the file for as many bytes as a chunk's length field
+                # says (a 90-byte PNG can say 2 GB), and a file's read(n) allocates n first; a buffer's does not
+                with Image.open(io.BytesIO(data)) as im:  # reads the header only: bound the pixels first
                     _check_size(path, im.width, im.height, max_side)
                     a = np.asarray(im.convert("RGB"))
         except RadialError:
@@ -91,28 +95,23 @@ def _check_size(path, width: int, height: int, max_side: int | None) -> None:
         raise RadialError(f"{path}: image is {width}x{height}, over the {MAX_PIXELS:,}-pixel limit")
 
 
-def _check_tiff_directories(path) -> None:
+def _check_tiff_directories(data: bytes, path) -> None:
     """A TIFF's chain of image directories (IFDs), followed from the header: each in the file, none visited twice.
     Pillow stops quietly at a directory that points back to itself or an earlier one; a file like that is corrupt."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        order = {b"II*\0": "<", b"MM\0*": ">"}.get(head[:4])
-        if order is None or len(head) < 8:
-            return
-        size = os.fstat(f.fileno()).st_size
-        offset, seen = int.from_bytes(head[4:8], "little" if order == "<" else "big"), set()
-        while offset:
-            if offset in seen or offset + 2 > size or len(seen) >= 4096:
-                why = "loops back to an earlier one" if offset in seen else "points outside the file"
-                raise RadialError(f"{path}: not a readable image (TIFF: its image directory at byte {offset} {why})")
-            seen.add(offset)
-            f.seek(offset)
-            (n,) = struct.unpack(order + "H", f.read(2))
-            f.seek(offset + 2 + 12 * n)
-            nxt = f.read(4)
-            if len(nxt) < 4:
-                raise RadialError(f"{path}: not a readable image (TIFF: truncated in its image directory at {offset})")
-            (offset,) = struct.unpack(order + "I", nxt)
+    order = {b"II*\0": "<", b"MM\0*": ">"}.get(data[:4])
+    if order is None or len(data) < 8:
+        return
+    (offset,), seen = struct.unpack(order + "I", data[4:8]), set()
+    while offset:
+        if offset in seen or offset + 2 > len(data) or len(seen) >= 4096:
+            why = "loops back to an earlier one" if offset in seen else "points outside the file"
+            raise RadialError(f"{path}: not a readable image (TIFF: its image directory at byte {offset} {why})")
+        seen.add(offset)
+        (n,) = struct.unpack(order + "H", data[offset : offset + 2])
+        at = offset + 2 + 12 * n
+        if at + 4 > len(data):
+            raise RadialError(f"{path}: not a readable image (TIFF: truncated in its image directory at {offset})")
+        (offset,) = struct.unpack(order + "I", data[at : at + 4])
 
 
 def _taps(n_in: int, n_out: int):

@@ -268,9 +268,14 @@ def write_csv(path, rows: list[dict]) -> Path:
 def npy_header(f, nbytes: int):
     """The (shape, dtype) a .npy stream declares, read from its header only; ValueError unless it is a plain array
     that fits in the `nbytes` the file (or zip record) holds, so nothing is allocated for a lying header."""
-    version = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _, dtype = read(f)
+    try:  # numpy parses the header's dictionary with Python's tokenizer: a damaged one raises any of its errors
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    except (ValueError, EOFError, OSError):
+        raise
+    except Exception as e:
+        raise ValueError(f"its header does not parse ({type(e).__name__}: {str(e)[:80]})") from None
     if dtype.hasobject or any(n < 0 for n in shape) or math.prod(shape) * dtype.itemsize > nbytes:
         raise ValueError(f"the header declares {dtype}{list(shape)}, more than the {count(nbytes, 'byte')} it holds")
     return shape, dtype
