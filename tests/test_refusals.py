@@ -393,14 +393,18 @@ def png(path, width, height, rows: bytes = b""):
 
 def test_an_image_far_larger_than_the_model_needs_is_refused_before_decoding(tmp_path):
     """A 7000x7000 PNG of zeros: 143 KB, under Pillow's bomb limits, 147 MB decoded (2.5 GB and a minute in the old
-    resize). For a 224-pixel model no side needs more than 4096."""
+    resize). For a 224-pixel model no side needs more than 4096: refused from the header, PNG or .npy."""
+    settings = {"size": (224, 224), "do_resize": True, "do_rescale": True, "do_normalize": False}
+    np.save(tmp_path / "row.npy", np.zeros((1, 5000, 3), np.uint8))
+    with pytest.raises(RadialError, match=r"row.npy: image is 5000x1, over 4,096 pixels a side"):
+        images.model_pixels(tmp_path / "row.npy", settings, 224)
+    assert images.side_limit(1024) == 4096 and images.side_limit(2048) == 8192
     pytest.importorskip("PIL")
     path = png(tmp_path / "zeros.png", 7000, 7000)
-    settings = {"size": (224, 224), "do_resize": True, "do_rescale": True, "do_normalize": False}
     start = time.perf_counter()
     with pytest.raises(RadialError, match=r"zeros.png: image is 7000x7000, over 4,096 pixels a side"):
         images.model_pixels(path, settings, 224)
-    assert time.perf_counter() - start < 2 and images.side_limit(1024) == 4096 and images.side_limit(2048) == 8192
+    assert time.perf_counter() - start < 2
 
 
 def test_resize_needs_no_copy_of_the_image_in_64_bit_integers():
@@ -428,22 +432,40 @@ def test_npy_pixels_outside_0_255_are_refused(tmp_path, array, expect):
         images.read_image(tmp_path / "x.npy")
 
 
-def tiff(path, loop=False):
-    Image = pytest.importorskip("PIL.Image")
-    Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(path)
-    raw = bytearray(path.read_bytes())
-    offset = struct.unpack("<I", raw[4:8])[0]
-    (n,) = struct.unpack("<H", raw[offset : offset + 2])
-    if loop:  # the next-directory pointer of the only directory points back to it
-        raw[offset + 2 + 12 * n : offset + 6 + 12 * n] = struct.pack("<I", offset)
-    path.write_bytes(bytes(raw))
+def tiff(path, next_offset=0):
+    """A TIFF made by hand: little-endian header, one directory at byte 8 with no entries, then `next_offset`."""
+    path.write_bytes(b"II*\0" + struct.pack("<I", 8) + struct.pack("<H", 0) + struct.pack("<I", next_offset))
     return path
 
 
-def test_a_tiff_whose_directories_loop_is_refused(tmp_path):
-    assert images.read_image(tiff(tmp_path / "ok.tif")).shape == (4, 5, 3)
-    with pytest.raises(RadialError, match=r"loop.tif: not a readable image \(TIFF: its image directory at byte"):
-        images.read_image(tiff(tmp_path / "loop.tif", loop=True))
+@pytest.mark.parametrize("next_offset, why", [(8, "loops back to an earlier one"), (4000, "points outside the file")])
+def test_a_tiff_whose_directories_loop_is_refused(tmp_path, next_offset, why):
+    """Pillow stops quietly at a directory that points back to itself; the chain is followed first (without Pillow
+    too), and a loop or a pointer out of the file refused."""
+    with pytest.raises(
+        RadialError, match=rf"x.tif: not a readable image \(TIFF: its image directory at byte \d+ {why}"
+    ):
+        images.read_image(tiff(tmp_path / "x.tif", next_offset))
+    Image = pytest.importorskip("PIL.Image")
+    Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / "ok.tif")
+    assert images.read_image(tmp_path / "ok.tif").shape == (4, 5, 3)
+
+
+def test_any_error_of_the_image_decoder_is_named(tmp_path, monkeypatch):
+    """Pillow's decoders raise OSError, but also ValueError (a truncated .ppm), SyntaxError, struct.error...: whatever
+    it raises is one line naming the file (here a stand-in decoder, so the test needs no Pillow)."""
+    import sys
+    import types
+
+    def refuse(*_):
+        raise ValueError("not enough image data")
+
+    fake = types.ModuleType("PIL")
+    fake.Image = types.SimpleNamespace(open=refuse)
+    monkeypatch.setitem(sys.modules, "PIL", fake)
+    (tmp_path / "cut.ppm").write_bytes(b"P6\n48 40\n255\n")
+    with pytest.raises(RadialError, match=r"^.*cut.ppm: not a readable image \(ValueError: not enough image data\)$"):
+        images.read_image(tmp_path / "cut.ppm")
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,8 @@ def read_image(path, max_side: int | None = None) -> np.ndarray:
         except (ValueError, EOFError, OSError) as e:  # an empty file is an EOFError
             raise RadialError(f"{path}: not a readable .npy array ({e})") from None
     else:
+        data = read_bytes(path, RadialError, MAX_FILE_BYTES)
+        _check_tiff_directories(data, path)  # a corrupt file is refused as corrupt, Pillow or not
         try:
             from PIL import Image
         except ImportError:
@@ -58,8 +60,6 @@ def read_image(path, max_side: int | None = None) -> np.ndarray:
                 f"{path}: reading {path.suffix} images needs Pillow (pip install 'radial_min[images]'), "
                 "or pass a .npy array"
             ) from None
-        data = read_bytes(path, RadialError, MAX_FILE_BYTES)
-        _check_tiff_directories(data, path)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a bomb or corrupt-EXIF warning: we say what matters ourselves
