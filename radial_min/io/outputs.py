@@ -211,8 +211,8 @@ def check_out(path, option: str = "--out", files=()) -> Path:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):  # not made yet, or a parent is a file (found below)
         mode = None
-    except OSError as e:
-        raise RadialError(f"{option} {path}: cannot use it ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte in it
+        raise RadialError(f"{option} {path}: cannot use it ({getattr(e, 'strerror', None) or e})") from None
     if mode is not None and not stat.S_ISDIR(mode):
         raise RadialError(f"{option} {path}: is {_kind(mode)}, expected a folder")
     base = path if mode is not None else path.parent

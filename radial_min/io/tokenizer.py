@@ -42,7 +42,7 @@ class Tokenizer:
             # truncation.max_length of 0 would silently drop every prompt)
             self.backend.no_truncation()
             self.backend.no_padding()
-        elif _library_file(vocab) & _library_file(merges):
+        elif all([_library_file(vocab), _library_file(merges)]):  # both checked: a FIFO of either is refused
             bpe = _build(f"{vocab} with merges.txt", lambda: models.BPE.from_file(str(vocab), str(merges)))
             self.source = vocab
             self.backend = HFTokenizer(bpe)
