@@ -224,6 +224,7 @@ def test_resize_random_sizes_match_pillow():
 
 @pytest.mark.parametrize("name,size", [("chelsea.png", (224, 224)), ("coffee.png", (32, 32)), ("brick.png", (50, 300))])
 def test_resize_photos_like_pillow(name, size):
+    pil()  # the photos are PNGs
     a = images.read_image(photo(name))
     np.testing.assert_array_equal(images.resize(a, *size), pillow_resize(a, *size))
 
