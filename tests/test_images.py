@@ -318,6 +318,7 @@ def test_preprocess_range_and_switches(tmp_path):
 
 def test_preprocess_photo_through_pillow_matches_our_pipeline():
     """A real photo: our resize is Pillow's, so preprocess equals Pillow-resized pixels, rescaled and normalized."""
+    pil()
     a = images.read_image(photo("rocket.jpg"))
     s = images.read_preprocessor(FIXTURES / "vit-cls", 32)
     expected = (pillow_resize(a, 32, 32).astype(np.float32) * np.float32(1 / 255) - 0.5) / 0.5
