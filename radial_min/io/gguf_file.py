@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
+from .outputs import present
 
 ARCHITECTURES = ("llama", "qwen2")
 # what gguf.quants dequantizes (the K-quants included); anything else in a file is refused before reading
@@ -44,7 +45,7 @@ def _gguf_module(path):
 
 def open_reader(path):
     path = Path(path)
-    if not path.is_file():
+    if not present(path, CheckpointError):  # a FIFO (memory-mapping would fail oddly) or a folder: refused by name
         raise CheckpointError(f"{path}: no such .gguf file")
     gguf = _gguf_module(path)
     try:
