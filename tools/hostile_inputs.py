@@ -4,9 +4,13 @@
     python tools/hostile_inputs.py config router    # only these kinds (see --list)
     python tools/hostile_inputs.py --show refused   # also print every refusal's message (or: accepted, all)
 
-A case is one mutated input (a config.json field, a safetensors header, a pickle opcode, a router, a tokenizer
-file, an image, a training run's state, tokens.npz or log, a text file, a command-line value) and one `cli.py`
-command that reads it, run in this process through `cli.main` on tiny checkpoints built from tests/fixtures.
+A case is one mutated input (a config.json field, a safetensors header, a pickle opcode, a router, a co-trained
+network's radial.json, a GGUF tensor table (with the gguf extra), a tokenizer file, an image, a training run's
+state, tokens.npz or log, a text file, a command-line value; or a folder, FIFO or link where a file should be) and
+one `cli.py` command that reads it, run in this process through `cli.main` on tiny checkpoints built from
+tests/fixtures. Every JSON file also gets the bounds of the JSON reader: a 5,000-digit integer (over Python's own
+limit), 65-deep lists, a key twice, a lone surrogate. Silent wrong results (a command that exits 0 on input it
+should refuse) show as `accepted`: read that list (`--show accepted`).
 Each case ends as one of:
 
     accepted   exit 0: the mutant is still a usable input
