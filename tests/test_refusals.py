@@ -627,3 +627,13 @@ def test_perplexity_of_sequences_of_one_token_is_refused():
         with pytest.raises(SettingError, match=r"sequences of 1 token have no next token to score.*\(--seq-len\)"):
             run(np.zeros((2, 1), np.int64))
     assert np.isfinite(oracle.simulate(model, np.zeros((1, 2), np.int64), oracle.threshold(0.0)).ppl)
+
+
+def test_the_pixel_limit_holds_for_any_model_and_format():
+    """MAX_PIXELS in all, whatever the model's side limit: checked from a header's width and height (the PNG test of
+    test_hostile needs Pillow; this needs nothing)."""
+    images._check_size("x.npy", 7000, 7000, None)  # 49 megapixels: under the limit
+    with pytest.raises(RadialError, match=r"^x.npy: image is 8000x7000, over the 50,000,000-pixel limit$"):
+        images._check_size("x.npy", 8000, 7000, None)
+    with pytest.raises(RadialError, match=r"over the 50,000,000-pixel limit"):
+        images._check_size("x.npy", 8000, 8000, images.side_limit(4096))  # a side of 16384 allowed, not 64 MP

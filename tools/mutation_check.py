@@ -408,7 +408,7 @@ MUTANTS = [
         "radial_min/io/images.py",
         "if width * height > MAX_PIXELS:",
         "if False:",
-        (T("hostile"), T("images")),
+        (T("hostile"), T("images"), REF, "-k", "bomb or pixel_limit"),
     ),
     # hostile inputs through the command line (tools/hostile_inputs.py found each of these)
     Mutant(
