@@ -42,7 +42,7 @@ from radial_min.generation import REPETITION_PENALTY, StopStrings, check_samplin
 from radial_min.io import images
 from radial_min.io.hub import DEFAULT_MODEL, installed_smollm2
 from radial_min.io.loading import loading_line
-from radial_min.io.outputs import write_csv, write_json, write_npz
+from radial_min.io.outputs import check_out, write_csv, write_json, write_npz
 from radial_min.io.tokenizer import Streamer
 from radial_min.kernels import softmax
 from radial_min.models import ARCHITECTURES, describe
@@ -362,6 +362,11 @@ format_info = describe
 # -------------------------------------------------------------------------------------------------- train
 
 
+# what a run folder holds: each, if there, must be a regular file (a FIFO named state.safetensors would be
+# taken as no state, and the run would start again at step 0)
+RUN_FILES = ("state.safetensors", "train_config.json", "log.jsonl", "tokens.npz", *tr.TOKENIZER_FILES)
+
+
 def cmd_train(args):
     given = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS}
     cfg = tr.TrainConfig.of(**given)
@@ -369,6 +374,9 @@ def cmd_train(args):
     problems = cfg.problems(memory.available_bytes())
     if problems:
         raise RadialError("; ".join(problems))
+    check_out(cfg.run.out, "--out", RUN_FILES)  # a file, a read-only mount, a folder named log.jsonl: refused now
+    if args.export:
+        check_out(args.export, "--export")
     tr.check_resume(cfg)  # a saved run resumed with other settings: refused before the corpus is prepared
     out, steps = Path(cfg.run.out), cfg.run.steps
     done = tr.saved_step(out / "state.safetensors") if (out / "state.safetensors").is_file() else None
@@ -424,7 +432,7 @@ def _check_budget(cfg, given):
 
 
 def cmd_profile(args):
-    out = Path(args.out)
+    out = check_out(args.out, "--out", ["summary.json", "summary.csv"])
     _check_free(out, ["summary.json", "summary.csv"], args.overwrite)
     hist, layer_summaries, csv_rows, report, sizes, streamed = {}, {}, [], {}, {}, []
     for source in args.model or [str(DEFAULT_MODEL)]:
@@ -508,7 +516,7 @@ def cmd_simulate(args):
     rules = args.kv_rule.split(",")
     if bad := [r for r in rules if r not in oracle.KV_RULES]:
         raise RadialError(f"--kv-rule: {bad[0]!r} is not one of {', '.join(oracle.KV_RULES)}")
-    out = Path(args.out)
+    out = check_out(args.out, "--out", ["simulate.json", "simulate.csv"])
     _check_free(out, ["simulate.json", "simulate.csv"], args.overwrite)
     model = _load_maybe_streamed(args.model, args.stream, "lm", out / ".stream")
     streamed, (seqs, _) = getattr(model, "layer_major", False), _sequences(model, args)
@@ -547,7 +555,7 @@ def cmd_train_router(args):
         if router.config.tau is None or router.config.kv_rule is None:
             raise RadialError(f"--evaluate {args.evaluate}: its router.json records no tau/kv_rule to compare with")
         args.tau, args.kv_rule = router.config.tau, router.config.kv_rule
-    out = Path(args.out or f"runs/router-tau{args.tau:g}")
+    out = check_out(args.out if args.out is not None else f"runs/router-tau{args.tau:g}")
     names = ([] if args.evaluate else ["router.safetensors", "router.json"]) + ["train_router.json"]
     _check_free(out, names, args.overwrite)
     model = _load_maybe_streamed(args.model, args.stream, "lm", out / ".stream")
@@ -598,7 +606,7 @@ def _sequences(model, args, text=None, max_sequences=None):
         raise RadialError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings {limit}")
     tok = radial_min.Tokenizer(args.tokenizer or model.path)
     path = text or getattr(args, "text", None) or data.default_text("test")
-    ids = _check_vocab(tok.encode(data.read_text(path)), model, tok.source)
+    ids = _check_vocab(tok.encode(data.read_text(path), source=path), model, tok.source)
     return data.pack(ids, args.seq_len, max_sequences or args.max_sequences, source=path), tok
 
 
@@ -707,15 +715,19 @@ def _generate_count(text):
     return value
 
 
-def _finite(text):
-    """A float, NaN and infinities refused."""
+def _finite(text, low=-1e6, high=1e6):
+    """A float in [low, high], NaN and infinities refused."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not abs(value) <= 1e6:
-        raise argparse.ArgumentTypeError(f"expected a number between -1e+06 and 1e+06, got {text}")
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"expected a number between {low:g} and {high:g}, got {text}")
     return value
+
+
+def _step_code_scale(text):
+    return _finite(text, 0.0, 1e3)  # the range radial.json allows
 
 
 def _router_width(text):
@@ -802,7 +814,7 @@ COMMANDS = {  # name: (function, help, description or None, options)
         option("--max-depth", _positive_int, None, "with --router: most blocks a token may run", "the router's"),
         option("--cache-policy", str, None, "with --router: what a query attends to in the unified KV cache",
                "per-layer", choices=list(POLICIES)),
-        option("--step-encoding-scale", _finite, None, "with --router --cache-policy global: weight of the "
+        option("--step-encoding-scale", _step_code_scale, None, "with --router --cache-policy global: weight of the "
                "sinusoidal step codes", "1"),
         option("--show-depth", str, None, "with --router: mark each token with the blocks that produced it, as a "
                "subscript count or a grey shade", "auto = shade on a terminal, none when piped",

@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from radial_min.models import opt
+from radial_min.models import opt  # noqa: E402
 
 from radial_min.analysis import stream  # noqa: E402
 from radial_min.blocks import Rows, run_block  # noqa: E402

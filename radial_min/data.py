@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import RadialError
-from .io.outputs import npy_header, write_json, write_npz
+from .io.outputs import npy_header, present, write_json, write_npz
 from .io.tokenizer import Tokenizer
 
 SHARED = Path(os.environ.get("RADIAL_MIN_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
@@ -27,7 +27,7 @@ KJV = SHARED / "kjv" / "kjv.txt"
 
 def read_text(path) -> str:
     path = Path(path)
-    if not path.is_file():
+    if not present(path):  # a folder or FIFO is refused by name
         raise RadialError(f"{path}: no such text file")
     try:
         return path.read_text(encoding="utf-8")

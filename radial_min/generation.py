@@ -7,12 +7,12 @@ and any `stop_ids`, such as a chat template's end of turn), when `stop` says so 
 after `max_new_tokens`, or when the position table is full.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .errors import CheckpointError, SettingError
+from .io.outputs import present, read_json
 
 # The repetition penalty when neither the caller nor the model says otherwise: off, as in transformers and
 # llama.cpp. A model's folder may set its own in generation_config.json (transformers' file for a model's
@@ -33,7 +33,10 @@ def sample(
     """Pick the next token from one row of logits [V]."""
     if temperature <= 0.0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
+    z = logits.astype(np.float64)
+    top = z.max()  # the largest logit subtracted first: at a tiny temperature, z / T would overflow to inf - inf
+    with np.errstate(over="ignore"):  # a tiny temperature: the other logits go to -inf, probability 0
+        z = (z - top) / temperature if np.isfinite(top) else np.where(z == top, 0.0, -np.inf)
     if top_k is not None and 0 < top_k < z.size:
         kth = np.partition(z, -top_k)[-top_k]
         z = np.where(z < kth, -np.inf, z)
@@ -95,15 +98,9 @@ def read_generation_defaults(folder) -> dict:
     """From a checkpoint folder's generation_config.json, the defaults `generate` takes from a model: its
     repetition_penalty (the other fields, such as sampling settings, are left to the caller). {} without the file."""
     path = Path(folder) / GENERATION_CONFIG
-    if not path.is_file():
+    if not present(path, CheckpointError):
         return {}
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-    penalty = d.get("repetition_penalty") if isinstance(d, dict) else None
+    penalty = read_json(path, CheckpointError, "a JSON object of generation settings").get("repetition_penalty")
     if penalty is None:
         return {}
     if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty < 1e6:
@@ -121,13 +118,14 @@ def check_sampling(
     presence_penalty=0.0,
     frequency_penalty=0.0,
 ):
-    """Refuse sampling settings that have no meaning, naming the argument."""
-    if not repetition_penalty > 0:
-        raise SettingError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    """Refuse sampling settings that have no meaning, naming the argument. An infinite temperature (or 1e309, which
+    is one) would make every token equally likely, an infinite penalty every seen token impossible: refused."""
+    if not 0 < repetition_penalty < np.inf:  # also refuses NaN
+        raise SettingError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty}")
     if max_new_tokens < 0:
         raise SettingError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not temperature >= 0:  # also refuses NaN
-        raise SettingError(f"temperature must be >= 0, got {temperature}")
+    if not 0 <= temperature < np.inf:
+        raise SettingError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise SettingError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:

@@ -26,7 +26,7 @@ from . import ops
 from .config import check_field
 from .errors import CheckpointError
 from .io.checkpoint import SafetensorsFile, write_safetensors
-from .io.outputs import read_json, write_json
+from .io.outputs import present, read_json, write_json
 from .kernels import mean_rstd
 
 NEG = -1e9  # logit of a forbidden move: exp underflows to exactly 0, without the NaN that -inf - (-inf) gives
@@ -233,19 +233,18 @@ class Router:
     def load(cls, path):
         """From `path`.json and `path`.safetensors (`path` may name either file)."""
         weights, config = router_files(path)
-        if not config.exists():
+        if not present(config, CheckpointError):
             raise CheckpointError(f"{config}: not found (a router is a .json config beside its .safetensors)")
         d = read_json(config, CheckpointError, "a router config")
-        _check_router_config(d, str(config))
         try:
             cfg = RouterConfig(**d)
         except TypeError as e:
             raise CheckpointError(f"{config}: not a router config ({e})") from None
-        if not weights.is_file():
+        _check_router_config(d, str(config))
+        if not present(weights, CheckpointError):
             raise CheckpointError(f"{weights}: not found (a router is a .json config beside its .safetensors)")
         f = SafetensorsFile(weights)
-        expected = {"w1": (cfg.hidden, cfg.n_in), "b1": (cfg.hidden,), "w2": (cfg.n_blocks + 1, cfg.hidden)}
-        expected["b2"] = (cfg.n_blocks + 1,)
+        expected = router_shapes(cfg)  # from the config alone: nothing of its size is allocated before the check
         found = {n: f.shape(n) for n in f.entries}
         if found != expected:
             raise CheckpointError(f"{weights}: tensors {found} do not match {config.name}, expected {expected}")
@@ -253,7 +252,34 @@ class Router:
         for n, a in params.items():
             if a.dtype.kind != "f" or not np.isfinite(a).all():
                 raise CheckpointError(f"{weights}: tensor {n!r} is not all finite floats ({a.dtype})")
+        bound = logit_bound(params, cfg.width)
+        if not bound < _FLOAT32_SAFE:
+            raise CheckpointError(
+                f"{weights}: weights so large that the router's logits could reach {bound:.3g}, beyond what "
+                f"float32 holds ({_FLOAT32_SAFE:.0e})"
+            )
         return cls(cfg, params)
+
+
+def router_shapes(cfg: RouterConfig) -> dict:
+    """The shape of each of a router's tensors: `init_router`'s, without allocating them."""
+    return {
+        "w1": (cfg.hidden, cfg.n_in),
+        "b1": (cfg.hidden,),
+        "w2": (cfg.n_blocks + 1, cfg.hidden),
+        "b2": (cfg.n_blocks + 1,),
+    }
+
+
+_FLOAT32_SAFE = 1e37  # logits below this: their differences, sums and exponentials stay finite in float32
+
+
+def logit_bound(params: dict, width: int) -> float:
+    """The largest |logit| (or partial sum) `_decide` can reach, in float64: LN(x) has |x_k| <= sqrt(width), so
+    |h_j| <= |b1_j| + max |onehot weights| + sqrt(width) sum_k |w1_jk| and |logit_m| <= |b2_m| + sum_j |w2_mj| h_j."""
+    w1 = np.abs(params["w1"].astype(np.float64))
+    h = np.abs(params["b1"].astype(np.float64)) + w1[:, width:].max(1) + np.sqrt(width) * w1[:, :width].sum(1)
+    return float((np.abs(params["b2"]) + np.abs(params["w2"]) @ h).max())
 
 
 class InOrder:

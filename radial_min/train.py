@@ -31,9 +31,9 @@ from .generation import GENERATION_CONFIG
 from .errors import RadialError
 from .io.checkpoint import SafetensorsFile, write_safetensors
 from .io.loading import load
-from .io.outputs import read_json, write_bytes, write_folder, write_json, write_text
+from .io.outputs import read_json, read_json_lines, write_bytes, write_folder, write_json, write_text
 from .models import ARCHITECTURES
-from .optim import adamw_step, clip_grads, lr_at
+from .optim import adamw_step, check_state, clip_grads, lr_at
 from .progress import Bar
 from .radial import RadialNetwork, write_radial
 from .router import MAX_PASSES, Router, RouterConfig, init_router
@@ -412,11 +412,7 @@ def _repair_log(log_path: Path, step: int) -> None:
     if not log_path.is_file():
         return
     kept, seen = [], set()
-    for line in log_path.read_text(errors="replace").splitlines(keepends=True):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for line, record in read_json_lines(log_path, RadialError):
         whole = line.endswith("\n") and isinstance(record, dict) and isinstance(record.get("step"), int)
         if whole and record["step"] <= step and record["step"] not in seen:
             kept.append(line)
@@ -426,7 +422,7 @@ def _repair_log(log_path: Path, step: int) -> None:
 
 def read_log(out) -> list[dict]:
     """The records of run `out`'s log.jsonl, one a step (validation losses on the steps that ran them)."""
-    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines() if line.strip()]
+    return [r for _, r in read_json_lines(Path(out) / "log.jsonl", RadialError) if r is not None]
 
 
 def _remove_stale_temps(out: Path) -> None:
@@ -474,19 +470,16 @@ def load_state(path: Path, params: dict):
     if wrong:
         shown = ", ".join(map(repr, wrong[:3])) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
         raise RadialError(f"{path}: tensors missing, unexpected or of the wrong shape for this run's model: {shown}")
-    m, v = {}, {}
-    for name in f.entries:
-        if name.startswith("adam.m."):
-            m[name[7:]] = f.read(name)
-        elif name.startswith("adam.v."):
-            v[name[7:]] = f.read(name)
-        else:
-            params[name][...] = f.read(name)
+    saved = {k: f.read(k) for k in shapes}
+    m, v = ({k: f.read(f"adam.{moment}.{k}") for k in shapes} for moment in "mv")
     cost = f.metadata.get("cost")
     try:
         cost = None if cost is None else float(cost)
     except ValueError:
         raise RadialError(f"{path}: metadata 'cost' is {cost!r:.40}, expected a number") from None
+    check_state(saved, m, v, path)  # a NaN or a negative second moment: refused before any weight is replaced
+    for k, a in saved.items():
+        params[k][...] = a
     return m, v, step, cost
 
 

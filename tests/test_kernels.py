@@ -300,3 +300,15 @@ def test_small_work_and_a_busy_machine_run_serial(monkeypatch):
     assert kernels._sized("pool", "serial", kernels.PARALLEL_FROM) == "pool"  # the last reading is under a second old
     kernels._LOAD["checked"] = -1.0
     assert kernels._sized("pool", "serial", 1 << 40) == "serial" and kernels.machine_busy()
+
+
+@pytest.mark.parametrize("norm", [kernels.rmsnorm, kernels.rmsnorm_ref])
+def test_rmsnorm_eps_counts_for_small_inputs(norm):
+    """Rows of +-1e-3 have a mean square of 1e-6, as large as eps: y = 1e-3 / sqrt(1e-6 + 1e-6) = 1 / sqrt(2), not
+    1 (eps dropped). Inputs of order 1, as in the kernel-against-reference test, cannot tell the two apart."""
+    x = np.full((3, 16), 1e-3, np.float32)
+    x[1] *= -1
+    x[2, ::2] *= -1
+    w = np.full(16, 2.0, np.float32)
+    np.testing.assert_allclose(norm(x, w, 1e-6), 2.0 * np.sign(x) / np.sqrt(2.0), rtol=1e-5)
+    np.testing.assert_allclose(norm(x, w, 0.0), 2.0 * np.sign(x), rtol=1e-5)

@@ -312,6 +312,18 @@ def test_max_depth_bounds_every_route():
     assert decisions.step.tolist() == [2, 2, 2] and (decisions.next == 6).all()
 
 
+@pytest.mark.parametrize("policy", ["per-layer", "global"])
+def test_max_depth_bounds_a_token_routed_alone(policy):
+    """The walk of one token at a time (a prompt of one token, decoding: `_Walk.run_one`) stops a token at
+    max_depth = 2 although its router would run all 6 blocks: 2 blocks each, never 3."""
+    model = random_opt(seed=1, num_hidden_layers=3)
+    radial = RadialNetwork(model, ScriptedRouter([list(range(6))] * 3, 6), max_depth=2, cache_policy=policy)
+    cache = radial.new_cache()
+    for token in (3, 8, 1):
+        radial.forward(np.array([token]), cache)
+    assert radial.routes == [[0, 1]] * 3
+
+
 def _random_router(model, seed, forward_only=True, exit_bias=-3.0):
     """A Router MLP with random weights (the fused decision kernel, softmax gates), for routes of a few blocks."""
     from radial_min import router as R

@@ -2,6 +2,7 @@
 files as the in-memory path on every fixture layout, each block read just before it runs and freed after, the LM
 head in pieces, resumption after an interruption, and one-line refusals for checkpoints that cannot be streamed."""
 
+import importlib.util
 import gc
 import json
 import os
@@ -348,7 +349,8 @@ def test_cli_stream_writes_the_same_files(capsys, tmp_path, with_tokenizer, name
     assert "streaming weights block by block (--stream)" in err and "peak memory (VmHWM)" in out
     report = {"train-router": "train_router.json"}.get(name)  # it names its own folder
     names = assert_same_files(tmp_path / "memory", tmp_path / "st", skip=(report,))
-    assert len(names) >= 5 and not any(n.startswith(".stream") for n in names)  # checkpoints cleared at the end
+    plots = importlib.util.find_spec("matplotlib") is not None  # the .png files need it (the plots extra)
+    assert len(names) >= (5 if plots else 2) and not any(n.startswith(".stream") for n in names)  # checkpoints cleared
     if report:
         a, b = ((tmp_path / d / report).read_text() for d in ("memory", "st"))
         assert a.replace(str(tmp_path / "memory"), "") == b.replace(str(tmp_path / "st"), "")
@@ -365,7 +367,8 @@ def test_profile_overlays_streamed_and_loaded_models_by_size(capsys, tmp_path, w
     code, out, err = run_cli(capsys, [*argv, "--out", tmp_path / "st", "--stream"])
     assert code == 0 and "opt-fp16-sharded: streaming weights" in err and "not streaming (" in err
     names = assert_same_files(tmp_path / "memory", tmp_path / "st")
-    assert {"sizes.csv", "median_by_size.png", "ratio_hist.png"} <= set(names)
+    plots = {"median_by_size.png", "ratio_hist.png"} if importlib.util.find_spec("matplotlib") else set()
+    assert {"sizes.csv"} | plots <= set(names)
     rows = (tmp_path / "st" / "sizes.csv").read_text().splitlines()
     summary = json.loads((tmp_path / "st" / "summary.json").read_text())
     for row in rows[1:]:

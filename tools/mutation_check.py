@@ -43,6 +43,8 @@ R, K, C, B, O, P, G = (
 )
 T = "tests/test_{}.py".format
 RADIAL, KERNELS, LLAMA, PROFILING = T("radial"), T("kernels"), T("llama"), T("profiling")
+REF = T("refusals")
+OUT, TOK, IMG, GGUF = (f"radial_min/io/{f}.py" for f in ("outputs", "tokenizer", "images", "gguf_file"))
 MUTANTS = [
     # routing and the unified KV cache
     Mutant(
@@ -539,8 +541,8 @@ MUTANTS = [
     Mutant(
         "shard names may leave the checkpoint folder",
         "radial_min/io/checkpoint.py",
-        'if Path(shard).name != shard or shard in ("", ".", "..") or "\\\\" in shard or "/" in shard:',
-        "if False:",
+        "if bad or len(os.fsencode(shard)) > 255:",
+        "if len(os.fsencode(shard)) > 255:",
         (T("hostile"),),
     ),
     Mutant(
@@ -588,9 +590,9 @@ MUTANTS = [
     Mutant(
         "image bomb: pixels not bounded",
         "radial_min/io/images.py",
-        "if im.width * im.height > MAX_PIXELS:",
+        "if width * height > MAX_PIXELS:",
         "if False:",
-        (T("hostile"), T("images")),
+        (T("hostile"), T("images"), REF, "-k", "bomb or pixel_limit"),
     ),
     # hostile inputs through the command line (tools/hostile_inputs.py found each of these)
     Mutant(
@@ -641,6 +643,251 @@ MUTANTS = [
         "    if wrong:",
         "    if False:",
         (T("hostile_cli"), "-k", "state_tensors"),
+    ),
+    # bounds on hostile files and settings, each at its mechanism (tests/test_refusals.py)
+    Mutant("JSON: integers unbounded", OUT, "if digits > MAX_INT_DIGITS:", "if False:", (REF, "-k", "json")),
+    Mutant("JSON: nesting unbounded", OUT, "if depth > MAX_DEPTH:", "if False:", (REF, "-k", "json_reader")),
+    Mutant("JSON: a key twice kept", OUT, "if len(d) != len(pairs):", "if False:", (REF, "-k", "json_reader")),
+    Mutant(
+        "JSON: lone surrogates kept",
+        OUT,
+        "surrogates = _SURROGATE.search(text) is not None",
+        "surrogates = False",
+        (REF, "-k", "json_reader or surrogate"),
+    ),
+    Mutant("JSON: file size unbounded", OUT, "if len(raw) > max_bytes:", "if False:", (REF, "-k", "regular_file")),
+    Mutant(
+        "files: a folder or FIFO read as a file",
+        OUT,
+        "if not stat.S_ISREG(mode):",
+        "if False:",
+        (REF, "-k", "regular_file"),
+    ),
+    Mutant(
+        "JSON: every JSON file not through the bounded reader (config.json)",
+        "radial_min/models/__init__.py",
+        "return parse_config(read_json(path, CheckpointError), str(path))",
+        "return parse_config(__import__('json').loads(path.read_text()), str(path))",
+        (REF, "-k", "every_json"),
+    ),
+    Mutant(
+        "safetensors: a file's first bytes shown as a header length",
+        "radial_min/io/checkpoint.py",
+        'f"{self.path}: not a safetensors file, or truncated: its first 8 bytes do not give a header "',
+        'f"{self.path}: not a safetensors file {n}, or truncated: its first 8 bytes do not give a header "',
+        (REF, "-k", "linked_text"),
+    ),
+    Mutant(
+        "checkpoint: a FIFO in place of the weights skipped",
+        "radial_min/io/checkpoint.py",
+        "if present(single, CheckpointError):",
+        "if single.is_file():",
+        (REF, "-k", "fifo_in_place"),
+    ),
+    Mutant(
+        "checkpoint: shard names of any length",
+        "radial_min/io/checkpoint.py",
+        "if bad or len(os.fsencode(shard)) > 255:",
+        "if bad:",
+        (REF, "-k", "100_kb"),
+    ),
+    Mutant(
+        "router: shapes from allocated weights",
+        "radial_min/router.py",
+        "expected = router_shapes(cfg)",
+        "expected = {k: v.shape for k, v in init_router(cfg).items()}",
+        (REF, "-k", "router_shapes"),
+    ),
+    Mutant(
+        "router: logits may overflow float32",
+        "radial_min/router.py",
+        "if not bound < _FLOAT32_SAFE:",
+        "if False:",
+        (REF, "-k", "overflow_float32"),
+    ),
+    Mutant(
+        "config: nulls taken as defaults",
+        "radial_min/config.py",
+        "if key not in NULLABLE[cls]:",
+        "if False:",
+        (REF, "-k", "nulls"),
+    ),
+    Mutant(
+        "config: OPT token ids beyond the vocabulary",
+        "radial_min/config.py",
+        "if not _NO_TOKEN <= v < cfg.vocab_size:",
+        "if False:",
+        (REF, "-k", "token_ids"),
+    ),
+    Mutant(
+        "tokenizer: a tokenizer.json FIFO taken as absent",
+        TOK,
+        "if _library_file(whole):",
+        "if whole.is_file():",
+        (REF, "-k", "tokenizer_json_fifo"),
+    ),
+    Mutant(
+        "tokenizer: the file's truncation kept", TOK, "self.backend.no_truncation()", "pass", (REF, "-k", "truncation")
+    ),
+    Mutant(
+        "tokenizer: duplicate ids kept",
+        TOK,
+        "if len(set(vocab.values())) != len(vocab):",
+        "if False:",
+        (REF, "-k", "duplicate_ids"),
+    ),
+    Mutant("tokenizer: one enormous word tokenized", TOK, "if not cuts:", "if False:", (REF, "-k", "enormous")),
+    Mutant(
+        "tokenizer: pieces cut without checking the tokens",
+        TOK,
+        "if self._cuts_cleanly(text, c)), None)",
+        "if True), None)",
+        (REF, "-k", "tokenize"),
+    ),
+    Mutant(
+        "images: no side limit for the model",
+        IMG,
+        "if max_side is not None and max(width, height) > max_side:",
+        "if False:",
+        (REF, "-k", "far_larger"),
+    ),
+    Mutant(
+        "images: .npy pixels outside 0..255",
+        IMG,
+        "if a.dtype != np.uint8 and a.size and not 0 <= a.min() <= a.max() <= 255:",
+        "if False:",
+        (REF, "-k", "npy_pixels"),
+    ),
+    Mutant(
+        "images: TIFF directories not followed",
+        IMG,
+        "_check_tiff_directories(data, path)  #",
+        "pass  #",
+        (REF, "-k", "tiff"),
+    ),
+    Mutant(
+        "images: only Pillow's OSError named",
+        IMG,
+        "except Exception as e:  # Pillow's decoders",
+        "except OSError as e:  # Pillow's decoders",
+        (REF, "-k", "decoder"),
+    ),
+    Mutant("GGUF: tensors need not tile the data", GGUF, "if offset != expected:", "if False:", (REF, "-k", "gguf")),
+    Mutant(
+        "GGUF: blocks and dimensions unchecked",
+        GGUF,
+        "if len(dims) > 4 or dims and dims[0] % block:",
+        "if False:",
+        (REF, "-k", "gguf"),
+    ),
+    Mutant(
+        "GGUF: the file's end unchecked",
+        GGUF,
+        "if not data_offset + end <= size <= data_offset + expected:",
+        "if False:",
+        (REF, "-k", "gguf"),
+    ),
+    Mutant(
+        "sampling: an infinite temperature accepted",
+        G,
+        "if not 0 <= temperature < np.inf:",
+        "if not temperature >= 0:",
+        (REF, "-k", "sampling"),
+    ),
+    Mutant(
+        "sampling: an infinite repetition penalty accepted",
+        G,
+        "if not 0 < repetition_penalty < np.inf:",
+        "if not repetition_penalty > 0:",
+        (REF, "-k", "sampling"),
+    ),
+    Mutant(
+        "sampling: logits divided before the largest is subtracted",
+        G,
+        "z = (z - top) / temperature if np.isfinite(top)",
+        "z = z / temperature if np.isfinite(top)",
+        (REF, "-k", "tiny_temperature"),
+    ),
+    Mutant(
+        "resume: a negative Adam v accepted",
+        "radial_min/optim.py",
+        'if prefix == "adam.v." and (a < 0).any():',
+        "if False:",
+        (REF, "-k", "resumed_state"),
+    ),
+    Mutant(
+        "resume: NaN in a state accepted",
+        "radial_min/optim.py",
+        "            if bad:",
+        "            if False:",
+        (REF, "-k", "resumed_state"),
+    ),
+    Mutant(
+        "--out: an empty name is the current folder",
+        OUT,
+        "if not text.strip():",
+        "if False:",
+        (REF, "-k", "output_folders"),
+    ),
+    Mutant(
+        "--out: a file taken as the folder",
+        OUT,
+        "if mode is not None and not stat.S_ISDIR(mode):",
+        "if False:",
+        (REF, "-k", "output_folders"),
+    ),
+    Mutant(
+        "--out: a path under a file", OUT, "if not stat.S_ISDIR(base_mode):", "if False:", (REF, "-k", "output_folders")
+    ),
+    Mutant(
+        "--out: a read-only mount",
+        OUT,
+        "if not os.access(base, os.W_OK | os.X_OK):",
+        "if False:",
+        (REF, "-k", "read_only"),
+    ),
+    Mutant(
+        "--out: the run's files not checked",
+        OUT,
+        "            present(path / name)",
+        "            pass",
+        (REF, "-k", "output_folders"),
+    ),
+    Mutant(
+        "perplexity of sequences of one token",
+        O,
+        "    check_scorable(sequences)\n    if getattr",
+        "    if getattr",
+        (REF, "-k", "one_token"),
+    ),
+    # the tests that missed real bugs
+    Mutant(
+        "streamed .bin: storage offset in bytes, not elements",
+        "radial_min/io/torch_pickle.py",
+        "+ ref.offset * stored.itemsize, stored",
+        "+ ref.offset, stored",
+        (T("torch_pickle"), "-k", "storage_offset"),
+    ),
+    Mutant(
+        "a token decoded alone runs one block past max_depth",
+        R,
+        "while step < net.max_depth:",
+        "while step <= net.max_depth:",
+        (RADIAL, "-k", "max_depth"),
+    ),
+    Mutant(
+        "RMSNorm kernel without eps",
+        K,
+        "r = np.float32(1.0 / math.sqrt(ss / n + eps))",
+        "r = np.float32(1.0 / math.sqrt(ss / n))",
+        (KERNELS, "-k", "rmsnorm"),
+    ),
+    Mutant(
+        "RMSNorm reference without eps",
+        K,
+        "rstd = (1.0 / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps)).astype(x.dtype)",
+        "rstd = (1.0 / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True))).astype(x.dtype)",
+        (KERNELS, "-k", "rmsnorm"),
     ),
     # the test suite's own guards
     Mutant(

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import layer_major
 from ..blocks import AttentionBlock, Rows, begin
+from ..errors import SettingError, count
 from .profiling import block_ratio
 
 KV_RULES = ("fill", "drop")
@@ -54,8 +55,19 @@ def next_token_nll(logits, ids) -> np.ndarray:
     return -logp[np.arange(len(ids) - 1), ids[1:]]
 
 
+def check_scorable(sequences) -> None:
+    """Perplexity needs a next token to predict: sequences of one token have none, and their mean NLL is NaN."""
+    lengths = {len(s) for s in sequences}
+    if not lengths or min(lengths) < 2:
+        raise SettingError(
+            f"sequences of {count(min(lengths, default=0), 'token')} have no next token to score: perplexity needs "
+            "at least 2 tokens per sequence (--seq-len)"
+        )
+
+
 def perplexity(model, sequences: np.ndarray) -> float:
     """exp of the mean next-token NLL over packed sequences [n, T], each run whole by the inference engine."""
+    check_scorable(sequences)
     return float(np.exp(np.concatenate([next_token_nll(model.forward(s), s) for s in sequences]).mean()))
 
 
@@ -119,6 +131,7 @@ def decide_block(b, block, x, pos, decide, kv_rule, kind, keep, ratios, observe=
 
 def simulate(model, sequences, decide, kv_rule: str = "fill", kind: str = "output", progress=None) -> Run:
     """Run every packed sequence [n_seq, T] under `decide`, scoring the next-token likelihood."""
+    check_scorable(sequences)
     if getattr(model, "layer_major", False):  # weights streamed block by block (stream.py): the same Run
         a = layer_major.run(SimulationPass(model, sequences, decide, kv_rule, kind)).arrays
         return Run(a["keep"], a["ratios"], a["nll"])

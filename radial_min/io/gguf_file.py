@@ -11,6 +11,7 @@ rotary already pairs the halves (llama.cpp's NEOX mode), so its q and k are stor
 """
 
 import struct
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import numpy as np
 from ..dtypes import to_float32
 from ..errors import CheckpointError
 from ..quant import FORMATS, BlockMatrix
+from .outputs import present
 
 ARCHITECTURES = ("llama", "qwen2")
 # what gguf.quants dequantizes (the K-quants included); anything else in a file is refused before reading
@@ -104,8 +106,18 @@ class GGUFFile:
         align = self.fields.get("general.alignment", 32)
         if not isinstance(align, int) or not 0 < align <= 1 << 20:
             raise ValueError(f"general.alignment {align!r}")
-        start = -(-self.pos // align) * align
-        self.tensors = [self._tensor(start, *info) for info in infos]
+        self.alignment, self.data_offset = align, -(-self.pos // align) * align
+        check_layout(
+            path,
+            [
+                (name, TYPES.get(ident, (f"type {ident}",))[0], list(shape), offset)
+                for name, shape, ident, offset in infos
+            ],
+            align,
+            self.data_offset,
+            len(self.data),
+        )
+        self.tensors = [self._tensor(self.data_offset, *info) for info in infos]
 
     def _take(self, n: int):
         if n < 0 or self.pos + n > len(self.buf):
@@ -183,7 +195,7 @@ def open_reader(path):
     """The file's header read (GGUFFile). A command opens the file twice (the model, then its tokenizer): the last
     reader is kept, for as long as the file keeps its inode, size and mtime."""
     path = Path(path)
-    if not path.is_file():
+    if not present(path, CheckpointError):  # a FIFO (memory-mapping would fail oddly) or a folder: refused by name
         raise CheckpointError(f"{path}: no such .gguf file")
     st = path.stat()
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
@@ -204,6 +216,39 @@ def _open_reader(path):
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable GGUF file, truncated or corrupt ({reason})") from None
     return reader
+
+
+def check_layout(path, table, alignment: int, data_offset: int, size: int, sizes=None) -> None:
+    """The tensor table checked as llama.cpp's loader (gguf.cpp) checks it, before any tensor is read: at most 4
+    dimensions, the fastest a whole number of its type's blocks, each tensor at the offset where the previous one
+    ended (rounded up to general.alignment), the last ending inside the file and the file ending there (plus
+    padding). A type field changed (F32 relabelled Q8_0) changes the tensor's size and so breaks the tiling; an
+    offset of 2**64 - 1 is refused here. `table`: (name, type name, dims fastest first, offset) per tensor in the
+    file's order; `sizes`: each type name's (elements per block, bytes per block), by default ggml's (TYPES). A type
+    not in it ends the check: GGUFStore refuses it by name."""
+    sizes = sizes or {name: (per, nbytes) for name, per, nbytes in TYPES.values()}
+    expected, end = 0, 0
+    for name, kind, dims, offset in table:
+        if kind not in sizes:
+            return
+        bad = f"{path}: tensor {name!r:.80}"
+        block, type_size = sizes[kind]
+        if len(dims) > 4 or dims and dims[0] % block:
+            raise CheckpointError(
+                f"{bad} has dimensions {dims}: expected at most 4, the first a multiple of {kind}'s block of {block}"
+            )
+        if offset != expected:
+            raise CheckpointError(
+                f"{bad} ({kind}) starts at data byte {offset}, expected {expected} (where the previous "
+                f"tensor ends, aligned to {alignment}): its type, shape or offset does not match the file"
+            )
+        end = offset + math.prod(dims) // block * type_size
+        expected = -(-end // alignment) * alignment
+    if not data_offset + end <= size <= data_offset + expected:
+        raise CheckpointError(
+            f"{path}: the tensors end at byte {data_offset + end} but the file has {size}: "
+            + ("truncated" if size < data_offset + end else "bytes after the last tensor")
+        )
 
 
 def field(reader, key, default=None):

@@ -13,7 +13,7 @@ from types import ModuleType
 from ..config import LlamaConfig, OPTConfig, ViTConfig, config_from_dict
 from ..errors import CheckpointError, count
 from ..io.gguf_file import is_gguf
-from ..io.outputs import read_json
+from ..io.outputs import present, read_json
 from . import llama, opt, vit
 
 
@@ -59,7 +59,7 @@ def parse_config(d: dict, source: str = "config.json"):
 
 def read_config(folder):
     path = Path(folder) / "config.json"
-    if not path.is_file():
+    if not present(path, CheckpointError):  # a FIFO or folder of that name is refused by name
         raise CheckpointError(f"{path}: not found (a checkpoint folder needs config.json beside its weights)")
     return parse_config(read_json(path, CheckpointError), str(path))
 
