@@ -145,9 +145,12 @@ class Rotary:
 
     head_dim: int
     theta: float = 10000.0
+    table: kernels.RopeTable | None = field(default=None, repr=False)  # every position's angles, made once
 
     def __call__(self, x, n_head, pos, tape=None):  # [n, H*D], [n] -> [n, H*D]
-        cos, sin = kernels.rope_angles(pos, self.head_dim, self.theta)  # [n, D/2] each
+        if self.table is None:  # one model's attention blocks share this Rotary, so the table is built once
+            self.table = kernels.RopeTable(self.head_dim, self.theta)
+        cos, sin = self.table(pos)  # [n, D/2] each
         if tape is None:
             return kernels.rope(x, n_head, cos, sin)
         tape.append((n_head, cos.astype(x.dtype), sin.astype(x.dtype)))
@@ -318,6 +321,8 @@ class FFNBlock(Block):
         h = self.norm(x, tape) if self.pre_norm else x
         if tape is None and self.gate is None:
             a = kernels.activation(self.act, self.fc1(h))  # [n, E] -> [n, F]
+        elif tape is None and self.act == "silu" and self.gate.bias is None and self.fc1.bias is None:
+            a = kernels.gate_up_silu(h, self.gate.weight, self.fc1.weight)  # [n, E] -> [n, F], one call
         elif tape is None:
             a = kernels.activation(self.act, self.gate(h)) * self.fc1(h)  # [n, E] -> [n, F]
         elif self.gate is None:

@@ -935,6 +935,20 @@ MUTANTS = [
         (T("quant"),),
     ),
     Mutant(
+        "fused gate/up (int8, float32): silu(gate) times gate, not up",
+        K,
+        "out[n] = g / (np.float32(1.0) + math.exp(-g)) * u",
+        "out[n] = g / (np.float32(1.0) + math.exp(-g)) * g",
+        (T("quant"), T("llama")),
+    ),
+    Mutant(
+        "rotary table: angles of position 2p (p + 1 would survive: rotary scores depend on differences only)",
+        K,
+        "self.cos, self.sin = rope_angles(np.arange(n_positions), head_dim, theta)  # [P, D/2] each",
+        "self.cos, self.sin = rope_angles(2 * np.arange(n_positions), head_dim, theta)  # [P, D/2] each",
+        (T("llama"),),
+    ),
+    Mutant(
         "Q4_K: the high bits of the minimums dropped",
         "radial_min/quant.py",
         "(s[..., 8:12] >> 4) | ((s[..., 4:8] >> 2) & 48)",
