@@ -364,12 +364,13 @@ format_info = describe
 
 # what a run folder holds: each, if there, must be a regular file (a FIFO named state.safetensors would be
 # taken as no state, and the run would start again at step 0)
+SAMPLE_PROMPT = "And it came to pass"  # train --sample: a start both halves of the corpus (KJV, WikiText) can continue
 RUN_FILES = ("state.safetensors", "train_config.json", "log.jsonl", "tokens.npz", *tr.TOKENIZER_FILES)
 
 
 def cmd_train(args):
     given = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS}
-    cfg = tr.TrainConfig.of(**given)
+    cfg = tr.TrainConfig.of(**{**tr.PRESETS.get(args.preset, {}), **given})  # an option given beats the preset
     _check_budget(cfg, given)
     problems = cfg.problems(memory.available_bytes())
     if problems:
@@ -414,6 +415,11 @@ def cmd_train(args):
             rep = tr.report(args.export, train_ids, val_streams, cfg.model.seq_len, bar, max_tokens=cfg.run.eval_tokens)
         write_json(out / "report.json", rep)
         print(tr.format_report(rep))
+    sample = args.sample if args.sample is not None else 60 if args.preset else 0
+    if sample:
+        tok = radial_min.Tokenizer(out)
+        ids = radial_min.generate(net, tok.encode(SAMPLE_PROMPT), sample, temperature=0.8, top_k=40, seed=cfg.run.seed)
+        print(f"\nsample ({sample} tokens, temperature 0.8, top-k 40):\n{SAMPLE_PROMPT}{tok.decode(ids)}")
 
 
 def _check_budget(cfg, given):
@@ -838,6 +844,10 @@ COMMANDS = {  # name: (function, help, description or None, options)
         "chapter held out) plus WikiText-2 valid.txt, validating on the held-out KJV and WikiText-2 test.txt (read "
         "from ../shared/data when present); --init-from fine-tunes a checkpoint with its own tokenizer. State is "
         "saved atomically every --save-every steps and on Ctrl-C; rerun the same command to resume.", [
+        option("--preset", str, None, "named settings under any option given: quick (~3 minutes, then a sample)",
+               "none", choices=sorted(tr.PRESETS)),
+        option("--sample", _nonneg_int, None, f"after training, print this many tokens sampled after "
+               f"{SAMPLE_PROMPT!r}", "60 with --preset, else 0"),
         option("--export", str, None, "after training, write a Hugging Face checkpoint to this folder", "none"),
         option("--overwrite", bool, False, "replace an existing --export folder"),
         option("--dtype", str, "float16", "dtype of the exported weights", choices=STORAGE_DTYPES[:2])]),

@@ -164,6 +164,16 @@ class RunSettings:
 
 GROUPS = {"model": ModelSettings, "radial": RadialSettings, "optim": OptimSettings, "run": RunSettings}
 
+# named sets of settings (`train --preset NAME`), under any option given beside them. quick: nanoGPT's
+# shakespeare_char in spirit, a small OPT (2 layers of width 128, 2,048-token BPE, 64-token context) that goes from
+# a loss of 7.6 (uniform) to ~4.3 in ~2 minutes on 2 cores, evaluated on 20,000 tokens per stream, then sampled
+PRESETS = {
+    "quick": dict(
+        vocab_size=2048, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, seq_len=64, lr=3e-3, warmup=30,
+        out="runs/quick", steps=400, eval_every=100, eval_sequences=16, eval_tokens=20_000, save_every=100,
+    ),
+}  # fmt: skip
+
 
 @dataclass
 class TrainConfig:

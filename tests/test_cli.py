@@ -694,6 +694,21 @@ def test_train_exports_a_checkpoint_that_generates(capsys, tmp_path):
     assert err.splitlines()[-1].startswith("error: ") and "prepared with a vocabulary of 300, not 500" in err
 
 
+@pytest.mark.slow
+def test_train_preset_quick_trains_then_samples(capsys, tmp_path):
+    """`train --preset quick`: the preset's settings under the options given (--steps 2 beats its 400), then a sample
+    of 60 tokens after the prompt, printed."""
+    shared("kjv", "kjv.txt")
+    code, out, err = call(capsys, "train", "--preset", "quick", "--steps", 2, "--eval-every", 1, "--out", tmp_path)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "train_config.json").read_text())
+    quick = cli.tr.PRESETS["quick"]
+    assert saved["steps"] == 2 and saved["out"] == str(tmp_path)
+    assert all(saved[k] == v for k, v in quick.items() if k not in ("steps", "out", "eval_every")), saved
+    assert f"sample (60 tokens, temperature 0.8, top-k 40):\n{cli.SAMPLE_PROMPT}" in out
+    assert len(out.split(cli.SAMPLE_PROMPT, 1)[1].strip()) > 20  # 60 tokens of text, whatever the model says
+
+
 # ------------------------------------------------------------------------------------------- newcomer's trips
 
 
@@ -861,7 +876,7 @@ def test_train_options_are_the_training_settings():
                 if isinstance(shown, float)
                 else f"(default: {shown})" in action.help
             )
-    assert set(actions) == {"help", "export", "overwrite", "dtype"}
+    assert set(actions) == {"help", "preset", "sample", "export", "overwrite", "dtype"}
     args = parser.parse_args(["train"])
     assert cli.tr.TrainConfig.of(**{k: v for k, v in vars(args).items() if k in cli._TRAIN_FIELDS}) == default
     args = parser.parse_args(["train", "--layers", "3", "--lr", "1e-3", "--radial", "--cache-policy", "per-step"])

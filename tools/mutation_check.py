@@ -983,6 +983,13 @@ MUTANTS = [
         "out[g * G + r] = up[r] / (np.float32(1.0) + math.exp(-up[r])) * v",
         (T("quant"), "-k", "gate_up"),
     ),
+    Mutant(
+        "train --preset ignored",
+        "cli.py",
+        "cfg = tr.TrainConfig.of(**{**tr.PRESETS.get(args.preset, {}), **given})",
+        "cfg = tr.TrainConfig.of(**given)",
+        (T("cli"), "-k", "preset"),
+    ),
 ]
 
 
