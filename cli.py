@@ -47,7 +47,7 @@ from radial_min.io.tokenizer import Streamer
 from radial_min.kernels import softmax
 from radial_min.models import ARCHITECTURES, describe
 from radial_min.radial import DEPTH_STYLES, RadialNetwork, depth_streamer, format_routing
-from radial_min.router import Router
+from radial_min.router import SKIPPABLE, Router, mandatory_blocks
 
 DEFAULT_PROMPT = "In the beginning"
 TAU = 0.2  # the default threshold: the shipped router's; on the shipped model 0.05 skips almost nothing
@@ -295,7 +295,7 @@ def _warn_without_effect(args, co_trained=False):
     if args.system is not None and not args.chat:
         _warn("--system has no effect without --chat")
     if args.router is None and not co_trained:
-        names = ("max_depth", "cache_policy", "step_encoding_scale", "show_depth")
+        names = ("max_depth", "cache_policy", "step_encoding_scale", "show_depth", "kv_rule", "sink")
         unused = [f"--{k.replace('_', '-')}" for k in names if getattr(args, k) is not None]
         if unused:
             _warn(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect without --router")
@@ -317,8 +317,15 @@ def _radial_network(model, args):
         depth = model.max_depth if args.max_depth is None else min(model.max_depth, args.max_depth)
         return RadialNetwork(model.model, model.router, depth, policy, scale, model.gate)
     router = _load_router(model, args.router, "--router")
+    if args.sink is not None:
+        router.config.sink = args.sink
     scale = 1.0 if args.step_encoding_scale is None else args.step_encoding_scale
-    return RadialNetwork(model, router, args.max_depth, args.cache_policy or "per-layer", scale)
+    try:
+        return RadialNetwork(
+            model, router, args.max_depth, args.cache_policy or "per-layer", scale, kv_rule=args.kv_rule
+        )
+    except ValueError as e:
+        raise RadialError(f"--kv-rule {args.kv_rule}: {e}") from None
 
 
 def _load_router(model, path, option):
@@ -578,8 +585,14 @@ def cmd_train_router(args):
         what = f"oracle labels (tau={args.tau}, {args.kv_rule}) from {count(len(train_seqs), 'sequence')}"
         print(f"{model.path.name}: {what} x {train_seqs.shape[1]} tokens", file=sys.stderr)
         settings = (args.hidden, args.max_depth, args.epochs, args.lr, args.batch_size, args.seed)
+        sink = args.sink if args.sink is not None else int(model.config.model_type in ("llama", "qwen2"))
+        if getattr(model, "layer_major", False):
+            if args.skippable != "both" or args.sink:
+                raise RadialError("--stream: labels of the plain oracle only (--sink 0 --skippable both)")
+            sink = 0
+        rules = {"sink": sink, "mandatory": mandatory_blocks(model.blocks, args.skippable)}
         router, ex = distill.distill(
-            model, train_seqs, args.tau, args.kv_rule, args.kind, *settings, _bar("oracle labels", "seq")
+            model, train_seqs, args.tau, args.kv_rule, args.kind, *settings, _bar("oracle labels", "seq"), **rules
         )
         router.save(out / "router")
     text = args.test_text or data.default_text("test", "--test-text")
@@ -822,6 +835,11 @@ COMMANDS = {  # name: (function, help, description or None, options)
                "per-layer", choices=list(POLICIES)),
         option("--step-encoding-scale", _step_code_scale, None, "with --router --cache-policy global: weight of the "
                "sinusoidal step codes", "1"),
+        option("--kv-rule", str, None, "with --router: keys/values of a skipped attention block: fill (projected "
+               "from the state passing by) or drop (none)", "the rule the router was distilled under",
+               choices=("fill", "drop")),
+        option("--sink", _nonneg_int, None, "with --router: the first N positions run every block (the attention "
+               "sink)", "the router's"),
         option("--show-depth", str, None, "with --router: mark each token with the blocks that produced it, as a "
                "subscript count or a grey shade", "auto = shade on a terminal, none when piped",
                choices=DEPTH_STYLES)]),
@@ -878,8 +896,12 @@ COMMANDS = {  # name: (function, help, description or None, options)
         "against mean blocks per token for router, oracle and static baselines. The router and its report go to "
         "the --out folder.", [MODEL,
         option("--tau", _tau, TAU, "oracle threshold the router imitates"),
-        option("--kv-rule", str, "drop", "oracle's rule for skipped attention; drop is what routed execution does",
-               choices=oracle.KV_RULES),
+        option("--kv-rule", str, "drop", "oracle's rule for skipped attention, and the router's in use: fill (the "
+               "skipped tokens' keys projected from their states) or drop (none)", choices=oracle.KV_RULES),
+        option("--skippable", str, "both", "the blocks the router may skip: the others run for every token",
+               choices=SKIPPABLE),
+        option("--sink", _nonneg_int, None, "the first N positions of a sequence run every block (the attention "
+               "sink), in the labels and in use", "1 for Llama/Qwen2, 0 for OPT"),
         option("--kind", str, profiling.KINDS[0], "residual ratio definition", choices=profiling.KINDS),
         option("--train-text", str, None, "text for the labels", "wikitext-2/valid.txt"),
         option("--test-text", str, None, "held-out text", "wikitext-2/test.txt"),

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import kernels, ops
 from .cache import KVCache, read_backward, write_backward
+from .quant import BlockMatrix
 
 # ------------------------------------------------------------------------------------ modules with parameters
 
@@ -272,6 +273,44 @@ class AttentionBlock(Block):
             return q, k, v
         return rows.cache.write(self.layer, q, k, v, rows, tape)
 
+    def write_kv(self, x, rows: Rows, tape=None):
+        """The `fill` rule of routed execution (radial.py): rows x that skip this block still write their keys and
+        values into the cache, projected from the state passing by (a skipped block leaves it unchanged), so that
+        later tokens attend to them as if they had run it. Only the key and value rows of the stacked projection
+        are multiplied (a quarter of the block's weights in SmolLM2: 2 x 576 x 192 of 576 x 960 + 576 x 576); with a
+        tape, the block's whole first half, whose backward (`write_kv_backward`) gives the weights their gradient."""
+        if tape is not None:
+            q = self.branch_in(x, rows, tape)[0]
+            tape.append((q.shape, q.dtype))
+            return
+        kv = self.kv_projection()
+        if kv is None:  # the key/value rows cannot be cut out as stored: project all three
+            _, k, v = self.project_qkv(x, rows.pos)
+        else:
+            h = self.norm(x) if self.pre_norm else x
+            kvs = kv(h)  # [n, E] -> [n, 2Ekv]
+            half = kvs.shape[1] // 2
+            k, v = kvs[:, :half], np.ascontiguousarray(kvs[:, half:])
+            if self.rotary is not None:
+                k = self.rotary(k, self.n_kv_head, rows.pos)
+        rows.cache.write(self.layer, np.empty((len(x), 0), k.dtype), k, v, rows)  # no query: the policy's encode
+        # is the identity under per-layer, the only policy with this rule
+
+    def write_kv_backward(self, tape):  # -> dx
+        shape, dtype = tape.pop()
+        return self.branch_in_backward(np.zeros(shape, dtype), tape)
+
+    def kv_projection(self):
+        """A Linear of the key and value rows of the stacked projection, sharing its storage (made once), or None
+        when they cannot be cut out as stored (`row_slice`)."""
+        if not hasattr(self, "_kv"):
+            total = self.qkv.weight.shape[0]
+            lo = total - 2 * (total * self.n_kv_head // (self.n_head + 2 * self.n_kv_head))
+            w = row_slice(self.qkv.weight, lo, total)
+            b = None if self.qkv.bias is None else self.qkv.bias[lo:]
+            self._kv = None if w is None else Linear(w, b)
+        return self._kv
+
     def branch_out(self, h, rows: Rows, tape=None):
         """Each query reads what the cache's policy shows it (`KVCache.read`), then the output projection."""
         if rows.cache is None:
@@ -342,6 +381,20 @@ class FFNBlock(Block):
             dh = self.fc1.backward(du, tape)
             dh += self.gate.backward(dg, tape)
         return self.norm.backward(dh, tape) if self.pre_norm else dh
+
+
+def row_slice(w, lo: int, hi: int):
+    """Rows lo:hi of a weight matrix [out, in] as it is stored, sharing its memory: a view of a float array, of an
+    Int8Matrix's values and scales, or of a GGUF block matrix's row groups when lo and hi fall on group edges
+    (quant.GROUP_ROWS); None otherwise."""
+    if isinstance(w, BlockMatrix):
+        G = w.q.shape[-1]
+        if lo % G or (hi % G and hi != w.shape[0]):
+            return None
+        cut = slice(lo // G, -(-hi // G))
+        offset = None if w.offset is None else w.offset[cut]
+        return BlockMatrix(w.kind, (hi - lo, w.shape[1]), w.q[cut], w.scale[cut], offset)
+    return w[lo:hi]  # an ndarray, or an Int8Matrix (its __getitem__ cuts values and scales alike)
 
 
 def run_block(i, block, x, rows: Rows, observe=None, gate=None, tape=None):

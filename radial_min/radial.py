@@ -16,6 +16,14 @@ Which tokens go together in a round is the walk's `schedule`, the cheapest order
 - token: each token's steps in turn, all its sequences at once: any policy (the global one, reuse under per-layer).
 Within a round every block first writes its keys and values, then reads (blocks.Block.branch_in / branch_out).
 
+What a token that skips an attention block offers later tokens there is the walk's `kv_rule` (the oracle's two
+rules, analysis/oracle.py): `drop`, nothing (the per-layer cache has a hole there); `fill`, its keys and values
+projected from the state passing by, which a skipped block leaves unchanged (AttentionBlock.write_kv). Fill is
+defined for forward-only routers under the per-layer policy, where a token's state at a skipped block is its state
+when it jumped: in the block schedule the tokens passing over block b write there just before its round (so every
+query of the round reads them); a token walked alone (a decode step, the token schedule) writes at each skipped
+block as soon as it has chosen its move. A Llama-family model needs it (docs/real-model.md).
+
 Training uses the same walk with a tape (a list of what each op's backward needs): `forward(ids, tape=tape)` then
 `backward(dlogits, tape)`, which replays the rounds and decisions in reverse and leaves the gradients in the
 model's and the router's `grad`. A network trained with its router (`gate=True`) scales each block's branch by the
@@ -37,6 +45,8 @@ from .router import MAX_PASSES, InOrder, Router
 
 RADIAL_CONFIG = "radial.json"  # beside a co-trained network's checkpoint: its routing settings; the router beside
 SCHEDULES = ("block", "step", "token")
+KV_RULES = ("drop", "fill")  # what a token that skips an attention block offers later tokens there (module doc)
+FILL = "fill"  # marks a round of `fill` writes in a walk's tape
 
 
 class RadialNetwork:
@@ -52,6 +62,8 @@ class RadialNetwork:
         gate: bool = False,
         explore: float = 0.0,
         keep_routes: bool = True,
+        kv_rule: str | None = None,
+        relax: bool = False,
     ):
         self.model, self.blocks = model, model.blocks
         self.router = router if router is not None else InOrder(len(model.blocks))
@@ -63,6 +75,11 @@ class RadialNetwork:
         self.gate = gate  # networks trained with their router scale each block's branch by the router's probability
         self.explore = explore  # training only: the share of block decisions swapped for another block (`explore`)
         self.keep_routes = keep_routes
+        self.kv_rule = self._kv_rule(kv_rule)
+        # training only: every row runs the next block, its branch scaled by the router's probability of that move
+        # (a soft skip, Router-Tuning's relaxation, exact when each move is "run the next block or pass over it");
+        # the compute term then prices those probabilities (`expected_blocks`)
+        self.relax = relax
         self.routes = []  # with keep_routes: one list of block indices per token processed
         self.cache = None  # the latest cache made by new_cache (for memory reports)
         self.last_walk = None  # the latest forward's walk: routes [n, max_depth] and decisions
@@ -89,6 +106,17 @@ class RadialNetwork:
     @property
     def in_order(self) -> bool:
         return isinstance(self.router, InOrder)
+
+    def _kv_rule(self, rule):
+        """The rule asked for, else the one the router was distilled under when the walk can run it, else drop."""
+        fillable = self.router.config.forward_only and self.cache_policy in ("per-layer", "per-block")
+        if rule is None:
+            return "fill" if self.router.config.kv_rule == "fill" and fillable else "drop"
+        if rule not in KV_RULES:
+            raise ValueError(f"kv_rule must be one of {', '.join(KV_RULES)}, got {rule!r}")
+        if rule == "fill" and not fillable:
+            raise ValueError("kv_rule 'fill' needs a forward-only router and the per-layer cache policy")
+        return rule
 
     def new_cache(self, batch: int = 1, train: bool = False) -> KVCache:
         n_kv_head, head_dim = self.model.kv_heads
@@ -157,6 +185,9 @@ class _Walk:
         self.rng = rng if net.explore > 0 else None
         self.routes = np.full((len(x), max(1, net.max_depth)), -1)  # [n, max_depth] blocks run, -1 = none
         self.decisions, self.router_tape, self.rounds, self.start = [], [], [], None  # decisions: (rows, probs)
+        self.priced = []  # relaxed training: each decision's moves, whose probabilities are the expected blocks
+        self.fill = net.kv_rule == "fill" and not net.in_order
+        self.fill_on_decision = False  # the token schedule's fill: each row writes once it has chosen (module doc)
 
     def run(self, schedule: str, T: int):
         """Every row from its embedding to EXIT, in rounds ordered by `schedule` (T tokens per sequence)."""
@@ -169,6 +200,10 @@ class _Walk:
         self.prev, self.step = np.full(n, -1), np.zeros(n, np.int64)
         self.move, self.gate = np.full(n, self.exit), np.ones(n, self.X.dtype)
         self.chooser = np.zeros((n, 2), np.int64)  # (decision, row in it) that chose each row's current move
+        if self.fill and schedule == "token":
+            if self.train:
+                raise ValueError("the fill rule trains in the block schedule only (no observer)")
+            self.fill_on_decision = True
         self.decide(np.arange(n))  # START: every row's first move, from its embedding
         self.start = 0 if self.decisions else None  # the START decision, if the router was asked (training)
         if schedule == "token":
@@ -184,8 +219,27 @@ class _Walk:
                 self.round(rows)
         else:
             for b in range(self.exit):  # forward-only: a row that has just run block b moves to a later one
+                if self.fill:
+                    self.fill_block(b, np.flatnonzero((self.move > b) & (self.prev < b)))  # rows passing over b
                 if len(rows := np.flatnonzero(self.move == b)):
                     self.round(rows)
+
+    def fill_block(self, b, rows):
+        """The fill rule at block b (an attention block): the rows passing over it write their keys and values there
+        from their states (blocks.AttentionBlock.write_kv); in training a round of its own on the tape."""
+        write = getattr(self.net.blocks[b], "write_kv", None)
+        if write is None or not len(rows):
+            return
+        tape = [] if self.train else None
+        pos = None if self.pos is None else self.pos[rows]
+        write(self.X[rows], Rows(pos, self.cache, self.step[rows], self.seq[rows]), tape)
+        if self.train:
+            self.rounds.append(([(b, rows, tape)], FILL))
+
+    def fill_moves(self, rows):
+        """The fill rule for rows that have just chosen their moves: each writes at the blocks it passes over."""
+        for b in range(int(self.prev[rows].min()) + 1, int(self.move[rows].max())):
+            self.fill_block(b, rows[(self.prev[rows] < b) & (self.move[rows] > b)])
 
     def run_in_order(self):
         """The in-order router's walk, known in advance: every row runs every block, one round per block, the block
@@ -206,9 +260,16 @@ class _Walk:
         arrays of rows, as a loop: ask the router, run the block it picked over the cache, ask again."""
         net, x, prev, step, pos = self.net, self.X, -1, 0, self.pos
         begin(self.observe, x)
-        while step < net.max_depth:
-            moves, gate = net.router.decide(x, np.array([prev]), np.array([step]), pos)
-            if (b := int(moves[0])) == self.exit:
+        while True:
+            b, gate = self.exit, None
+            if step < net.max_depth:
+                moves, gate = net.router.decide(x, np.array([prev]), np.array([step]), pos)
+                b = int(moves[0])
+            for skipped in range(prev + 1, b) if self.fill else ():  # the fill rule: keys where it passes over
+                write = getattr(net.blocks[skipped], "write_kv", None)
+                if write is not None:
+                    write(x, Rows(pos, self.cache, step, self.seq))
+            if b == self.exit:
                 break
             x = run_block(
                 b, net.blocks[b], x, Rows(pos, self.cache, step, self.seq), self.observe, gate if net.gate else None
@@ -223,13 +284,15 @@ class _Walk:
         net = self.net
         if self.train and isinstance(net.router, Router):
             x, prev, step = self.X[rows], self.prev[rows], self.step[rows]
-            probs = net.router.probabilities(x, prev, step, self.router_tape)  # [r, N + 1]; EXIT only at the limit
-            moves = probs.argmax(-1)
+            pos = None if self.pos is None else self.pos[rows]
+            probs = net.router.probabilities(x, prev, step, self.router_tape, pos)  # [r, N + 1]
+            moves = np.minimum(prev + 1, self.exit) if net.relax else probs.argmax(-1)
             if self.rng is not None:
                 moves = explore(moves, probs, net.explore, self.rng)
             moves[step >= net.max_depth] = self.exit
             self.chooser[rows] = np.stack([np.full(len(rows), len(self.decisions)), np.arange(len(rows))], 1)
             self.decisions.append((rows, probs))
+            self.priced.append(moves)
             self.move[rows], self.gate[rows] = moves, probs[np.arange(len(rows)), moves]
             return
         self.move[rows] = self.exit
@@ -240,6 +303,8 @@ class _Walk:
             self.move[rows] = moves
             if gate is not None:
                 self.gate[rows] = gate
+        if self.fill_on_decision:
+            self.fill_moves(rows)
 
     def round(self, rows):
         """The rows run the blocks they chose, a group per block: every group's first half (an attention block
@@ -275,9 +340,17 @@ class _Walk:
         then the START decision. -> the gradient of the embeddings [n, E]."""
         n, blocks = len(dX), self.net.blocks
         dprobs = [np.zeros_like(p) for _, p in self.decisions]
-        for d in dprobs:  # expected blocks = (1/n) sum over decisions of (1 - p_EXIT)
-            d[:, self.exit] -= d_expected / n
+        for d, moves in zip(dprobs, self.priced):  # expected blocks = (1/n) sum over decisions of (1 - p_EXIT)
+            if self.net.relax:  # relaxed: (1/n) sum over decisions of p(the next block), EXIT not a block
+                run = np.flatnonzero(moves < self.exit)
+                d[run, moves[run]] += d_expected / n
+            else:
+                d[:, self.exit] -= d_expected / n
         for groups, after in reversed(self.rounds):
+            if after is FILL:  # the fill rule's writes: every query that read them is behind
+                for b, r, tape in groups:
+                    dX[r] += blocks[b].write_kv_backward(tape)
+                continue
             if after is not None:
                 self._decision_backward(after, dX, dprobs)
             halves = []
@@ -307,7 +380,11 @@ class _Walk:
         return (self.routes >= 0).sum(1)
 
     def expected_blocks(self) -> float:
-        """The mean over rows of the blocks each expected to run: the sum over its decisions of 1 - p(EXIT)."""
+        """The mean over rows of the blocks each expected to run: the sum over its decisions of 1 - p(EXIT); relaxed,
+        of p(the next block), the gates it ran its blocks with."""
+        if self.net.relax:
+            gates = [p[np.arange(len(p)), m][m < self.exit] for (_, p), m in zip(self.decisions, self.priced)]
+            return sum(float(g.sum()) for g in gates) / len(self.X)
         return sum(float((1 - p[:, self.exit]).sum()) for _, p in self.decisions) / len(self.X)
 
 

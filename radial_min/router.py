@@ -7,8 +7,16 @@ in its route, and picks the next block to run, or EXIT.
     next   = argmax over the allowed moves (a softmax over them for training)
 
 A forward-only router may only move to a later block or EXIT; the mask is applied to the logits in training and
-in use. Generation asks `decide` (one fused Numba kernel, no temporaries); training asks `probabilities` with a
-tape and gets the gradient of the states back from `backward` (ops.py's pairs, no autograd). How the router
+in use. Two more rules of a router's config shape its moves, for real models (docs/real-model.md):
+- `mandatory`: blocks no move may pass over (skipping restricted to attention blocks, to FFN blocks, or both: the
+  others are mandatory). The mask forbids every move beyond the next mandatory block, so the argmax is taken over
+  the moves that remain, in the kernel as in training.
+- `sink`, `sink_norm`: the attention sink (Xiao et al., 2023). The first `sink` positions of a sequence, and any
+  token whose state is longer than `sink_norm` (a massive activation), run every block: their move is always the
+  next block, with probability 1 (a constant in training: no gradient). A Llama-family model parks attention on
+  its first token; a token that skips its blocks takes that sink away from every later token.
+Generation asks `decide` (one fused Numba kernel, no temporaries); training asks `probabilities` with a tape and
+gets the gradient of the states back from `backward` (ops.py's pairs, no autograd). How the router
 learns is radial.py's and train.py's business: distilled from the oracle's choices (analysis/distill.py), or
 trained with the blocks (the gate y = x + p f(x)).
 
@@ -43,6 +51,9 @@ class RouterConfig:
     tau: float | None = None  # oracle threshold it was distilled from (for the record)
     kv_rule: str | None = None
     model: str | None = None
+    mandatory: list | None = None  # blocks a move may not pass over (skippable_blocks); None: any may be skipped
+    sink: int = 0  # the first `sink` positions of a sequence run every block
+    sink_norm: float = 0.0  # tokens whose state norm exceeds this run every block; 0: off
 
     @property
     def exit(self) -> int:
@@ -56,6 +67,31 @@ class RouterConfig:
     @property
     def n_in(self) -> int:
         return self.width + self.n_blocks + 1  # state + onehot(prev), prev in {START, 0..n_blocks-1}
+
+    def reach(self) -> np.ndarray:
+        """[n_blocks + 1]: reach[prev + 1] is the furthest move allowed after block prev (-1 = START): the first
+        mandatory block after it, or EXIT (= n_blocks) when none is left."""
+        out, nxt = np.empty(self.n_blocks + 1, np.int64), self.exit
+        fixed = set(self.mandatory or ())
+        for p in range(self.n_blocks - 1, -2, -1):  # p = prev, from the last block back to START
+            out[p + 1] = nxt
+            if p in fixed:
+                nxt = p
+        return out
+
+
+SKIPPABLE = ("both", "attention", "ffn")  # which blocks a router may skip: train-router --skippable
+
+
+def mandatory_blocks(blocks, skippable: str) -> list | None:
+    """The blocks a router that may skip only `skippable` ones must run: the FFN blocks for "attention", the
+    attention blocks for "ffn"; None for "both"."""
+    if skippable not in SKIPPABLE:
+        raise ValueError(f"skippable must be one of {', '.join(SKIPPABLE)}, got {skippable!r}")
+    if skippable == "both":
+        return None
+    keep = "ffn" if skippable == "attention" else "att"
+    return [i for i, b in enumerate(blocks) if b.kind == keep]
 
 
 def init_router(cfg: RouterConfig, seed: int = 0, in_order: float = 0.0) -> dict:
@@ -104,11 +140,13 @@ def features(x, prev, n_blocks: int):
 
 
 def allowed_moves(prev, step, cfg: RouterConfig):
-    """[n, n_blocks + 1] bool: forward-only routers may go to a later block or EXIT; at the depth limit only EXIT."""
+    """[n, n_blocks + 1] bool: forward-only routers may go to a later block or EXIT, passing over no mandatory
+    block; at the depth limit only EXIT."""
     prev, step = np.asarray(prev), np.asarray(step)
     cols = np.arange(cfg.n_blocks + 1)
     ok = cols[None, :] > prev[:, None] if cfg.forward_only else np.ones((len(prev), cfg.n_blocks + 1), bool)
     ok[:, cfg.exit] = True
+    ok &= cols[None, :] <= cfg.reach()[prev + 1][:, None]
     ok[step >= cfg.depth_limit] = cols == cfg.exit
     return ok
 
@@ -135,9 +173,9 @@ def softmax(logits):
 
 
 @njit(fastmath=True, cache=True)
-def _decide(x, prev, step, w1, b1, w2, b2, forward_only, depth_limit, out, prob):  # [n, E], [n], [n] -> [n], [n]
-    """`features`, `allowed_moves`, `mlp_forward`, argmax and the softmax probability of the chosen move, one row at
-    a time, in float32 (statistics in float64), with no temporaries: the onehot of prev is one column of W1 added
+def _decide(x, prev, step, w1, b1, w2, b2, forward_only, reach, depth_limit, out, prob):  # [n, E] -> [n], [n]
+    """`features`, `allowed_moves` (reach: RouterConfig.reach), `mlp_forward`, argmax and the softmax probability of
+    the chosen move, one row at a time, in float32 (statistics in float64), with no temporaries: the onehot of prev is one column of W1 added
     instead of a product. Ties go to the first block, as argmax. Serial: a decision is ~E * hidden multiply-adds,
     less than waking a thread pool."""
     n_rows, E = x.shape
@@ -161,7 +199,7 @@ def _decide(x, prev, step, w1, b1, w2, b2, forward_only, depth_limit, out, prob)
         best, best_logit = exit_, -np.inf
         for m in range(n_moves):
             logits[m] = -np.inf
-            if forward_only and m <= prev[i] and m != exit_:
+            if forward_only and m <= prev[i] and m != exit_ or m > reach[prev[i] + 1]:
                 continue
             logit = b2[m]
             for j in range(hidden):
@@ -184,31 +222,55 @@ class Router:
 
     def __init__(self, cfg: RouterConfig, params: dict):
         self.config, self.params, self.grad = cfg, params, {}
+        self.reach = cfg.reach()
 
     def decide(self, x, prev, step, pos=None):
         """Next block for each row ([n] ints, n_blocks = EXIT) and the router's softmax probability of it ([n]
-        float32: a network trained with its router scales the chosen block's branch by it); 1 at the depth limit."""
+        float32: a network trained with its router scales the chosen block's branch by it); 1 at the depth limit
+        and for sink rows (`sinks`: rows at positions `pos` [n] below config.sink, or with long states)."""
         p, cfg = self.params, self.config
         x = np.ascontiguousarray(x, dtype=np.float32)
         moves, prob = np.empty(len(x), np.int64), np.empty(len(x), np.float32)
         prev, step = np.asarray(prev, np.int64), np.asarray(step, np.int64)
-        _decide(x, prev, step, p["w1"], p["b1"], p["w2"], p["b2"], cfg.forward_only, cfg.depth_limit, moves, prob)
+        _decide(
+            x, prev, step, p["w1"], p["b1"], p["w2"], p["b2"], cfg.forward_only, self.reach, cfg.depth_limit,
+            moves, prob,
+        )  # fmt: skip
+        sink = self.sinks(x, step, pos)
+        if sink.any():
+            moves[sink], prob[sink] = prev[sink] + 1, 1.0
         return moves, prob
 
     def choose(self, x, prev, step, pos=None) -> np.ndarray:
-        return self.decide(x, prev, step)[0]
+        return self.decide(x, prev, step, pos)[0]
+
+    def sinks(self, x, step, pos=None) -> np.ndarray:
+        """[n] bool: the rows that run every block (module doc): positions below config.sink (when `pos` is known)
+        and states longer than config.sink_norm (when set), below the depth limit."""
+        cfg = self.config
+        sink = np.zeros(len(x), bool)
+        if cfg.sink and pos is not None:
+            sink |= np.broadcast_to(np.asarray(pos) < cfg.sink, sink.shape)
+        if cfg.sink_norm:
+            sink |= np.einsum("ij,ij->i", x, x, dtype=np.float64) > cfg.sink_norm**2
+        return sink & (np.asarray(step) < cfg.depth_limit)
 
     def logits(self, x, prev, step):
         """The float64 reference `decide` is tested against: masked logits [n, n_blocks + 1]."""
         z = features(x, prev, self.config.n_blocks)
         return mlp_forward(self.params, z, allowed_moves(prev, step, self.config))[0]
 
-    def probabilities(self, x, prev, step, tape):
-        """Training: the softmax over the allowed moves [n, n_blocks + 1] (forbidden moves 0), in x's dtype; the
-        tape keeps what `backward` needs."""
+    def probabilities(self, x, prev, step, tape, pos=None):
+        """Training: the softmax over the allowed moves [n, n_blocks + 1] (forbidden moves 0), in x's dtype; a sink
+        row's is 1 on the next block (a constant: softmax's backward of a one-hot row is zero). The tape keeps
+        what `backward` needs."""
         z, c_feat = features_forward(x, prev, self.config.n_blocks)
         logits, c_mlp = mlp_forward(self.params, z, allowed_moves(prev, step, self.config))
         probs = softmax(logits)
+        sink = self.sinks(x, step, pos)
+        if sink.any():
+            probs[sink] = 0.0
+            probs[sink, np.asarray(prev)[sink] + 1] = 1.0
         tape.append((c_feat, c_mlp, probs))
         return probs
 
@@ -334,6 +396,19 @@ def _check_router_config(d: dict, source: str) -> None:
     for name in ("kv_rule", "model"):
         if d.get(name) is not None:
             check_field(source, name, d[name], str)
+    if "sink" in d:
+        check_field(source, "sink", d["sink"], int, 0, 1 << 30)
+    if "sink_norm" in d:
+        check_field(source, "sink_norm", d["sink_norm"], float, 0.0, 1e30)
+    fixed = d.get("mandatory")
+    if fixed is not None:
+        if not isinstance(fixed, list) or len(fixed) > d["n_blocks"] or not d.get("forward_only", True):
+            raise CheckpointError(
+                f"{source}: field 'mandatory' is {fixed!r:.40}, expected a list of at most n_blocks block indices "
+                "(forward-only routers only)"
+            )
+        for i, b in enumerate(fixed):
+            check_field(source, f"mandatory[{i}]", b, int, 0, d["n_blocks"] - 1)
 
 
 def router_files(path):

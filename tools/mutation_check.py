@@ -43,6 +43,7 @@ R, K, C, B, O, P, G = (
 )
 T = "tests/test_{}.py".format
 RADIAL, KERNELS, LLAMA, PROFILING = T("radial"), T("kernels"), T("llama"), T("profiling")
+RULES = T("routing_rules")
 REF = T("refusals")
 OUT, TOK, IMG, GGUF = (f"radial_min/io/{f}.py" for f in ("outputs", "tokenizer", "images", "gguf_file"))
 MUTANTS = [
@@ -235,11 +236,17 @@ MUTANTS = [
     Mutant(
         "oracle keeps on ratio > tau instead of >=",
         O,
-        "        return r >= tau\n",
-        "        return r > tau\n",
+        "return (r >= tau) | (rows < sink)",
+        "return (r > tau) | (rows < sink)",
         (PROFILING,),
     ),
-    Mutant("oracle comparison inverted", O, "        return r >= tau\n", "        return r < tau\n", (PROFILING,)),
+    Mutant(
+        "oracle comparison inverted",
+        O,
+        "return (r >= tau) | (rows < sink)",
+        "return (r < tau) | (rows < sink)",
+        (PROFILING,),
+    ),
     Mutant(
         "oracle: skipped rows take the block's output",
         O,
@@ -279,8 +286,8 @@ MUTANTS = [
     Mutant(
         "fused router may rerun its block",
         "radial_min/router.py",
-        "if forward_only and m <= prev[i] and m != exit_:",
-        "if forward_only and m < prev[i] and m != exit_:",
+        "if forward_only and m <= prev[i] and m != exit_ or m > reach[prev[i] + 1]:",
+        "if forward_only and m < prev[i] and m != exit_ or m > reach[prev[i] + 1]:",
         (T("router"),),
     ),
     Mutant(
@@ -871,8 +878,8 @@ MUTANTS = [
     Mutant(
         "a token decoded alone runs one block past max_depth",
         R,
-        "while step < net.max_depth:",
-        "while step <= net.max_depth:",
+        "            if step < net.max_depth:\n                moves, gate = net.router.decide(",
+        "            if step <= net.max_depth:\n                moves, gate = net.router.decide(",
         (RADIAL, "-k", "max_depth"),
     ),
     Mutant(
@@ -989,6 +996,119 @@ MUTANTS = [
         "cfg = tr.TrainConfig.of(**{**tr.PRESETS.get(args.preset, {}), **given})",
         "cfg = tr.TrainConfig.of(**given)",
         (T("cli"), "-k", "preset"),
+    ),
+    # the routing rules a real model needs: fill, the sink, restricted skipping, the relaxed walk
+    Mutant(
+        "fill: tokens passing over a block write no keys (block schedule)",
+        R,
+        "self.fill_block(b, np.flatnonzero((self.move > b) & (self.prev < b)))",
+        "self.fill_block(b, np.flatnonzero((self.move > b) & (self.prev < b))[:0])",
+        (RULES, "-k", "oracle_under_both_rules or fill_writes"),
+    ),
+    Mutant(
+        "fill: a decoded token writes no key at the last block it passes over",
+        R,
+        "for skipped in range(prev + 1, b) if self.fill else ():",
+        "for skipped in range(prev + 1, b - 1) if self.fill else ():",
+        (RULES, "-k", "oracle_under_both_rules"),
+    ),
+    Mutant(
+        "fill: the token schedule writes no keys",
+        R,
+        "self.fill_moves(rows)",
+        "self.fill_moves(rows[:0])",
+        (RULES, "-k", "oracle_under_both_rules"),
+    ),
+    Mutant(
+        "fill: keys not rotated",
+        B,
+        "k = self.rotary(k, self.n_kv_head, rows.pos)",
+        "k = k",
+        (RULES, "-k", "oracle_under_both_rules"),
+    ),
+    Mutant(
+        "fill: keys and values swapped",
+        B,
+        "k, v = kvs[:, :half], np.ascontiguousarray(kvs[:, half:])",
+        "v, k = kvs[:, :half], np.ascontiguousarray(kvs[:, half:])",
+        (RULES, "-k", "oracle_under_both_rules"),
+    ),
+    Mutant(
+        "fill: the filled keys' gradient dropped",
+        R,
+        "dX[r] += blocks[b].write_kv_backward(tape)",
+        "blocks[b].write_kv_backward(tape)",
+        (RULES, "-k", "fill_rule_gradients"),
+    ),
+    Mutant(
+        "row_slice: a block matrix cut one group late",
+        B,
+        "cut = slice(lo // G, -(-hi // G))",
+        "cut = slice(lo // G + 1, -(-hi // G) + 1)",
+        (RULES, "-k", "row_slice"),
+    ),
+    Mutant(
+        "sink: position 0 routed like the rest",
+        "radial_min/router.py",
+        "sink |= np.broadcast_to(np.asarray(pos) < cfg.sink, sink.shape)",
+        "sink |= np.broadcast_to(np.asarray(pos) < cfg.sink - 1, sink.shape)",
+        (RULES, "-k", "sink"),
+    ),
+    Mutant(
+        "sink: a sink row jumps two blocks",
+        "radial_min/router.py",
+        "moves[sink], prob[sink] = prev[sink] + 1, 1.0",
+        "moves[sink], prob[sink] = prev[sink] + 2, 1.0",
+        (RULES, "-k", "sink"),
+    ),
+    Mutant(
+        "sink: trained as any other row",
+        "radial_min/router.py",
+        "probs[sink] = 0.0",
+        "probs[sink] = probs[sink]",
+        (RULES, "-k", "sink"),
+    ),
+    Mutant(
+        "restriction: the kernel may pass over a mandatory block",
+        "radial_min/router.py",
+        "and m != exit_ or m > reach[prev[i] + 1]:",
+        "and m != exit_:",
+        (RULES, "-k", "mandatory"),
+    ),
+    Mutant(
+        "restriction: the training mask may pass over a mandatory block",
+        "radial_min/router.py",
+        "ok &= cols[None, :] <= cfg.reach()[prev + 1][:, None]",
+        "ok &= cols[None, :] <= cfg.exit",
+        (RULES, "-k", "mandatory"),
+    ),
+    Mutant(
+        "restriction: the reach stops one block past a mandatory block",
+        "radial_min/router.py",
+        "                nxt = p\n",
+        "                nxt = p + 1\n",
+        (RULES, "-k", "mandatory"),
+    ),
+    Mutant(
+        "oracle: the sink and mandatory blocks ignored",
+        O,
+        "(rows < sink) | (b in fixed)",
+        "(b < 0)",
+        (RULES, "-k", "oracle_follows"),
+    ),
+    Mutant(
+        "relaxed walk: rows take the router's argmax",
+        R,
+        "moves = np.minimum(prev + 1, self.exit) if net.relax else probs.argmax(-1)",
+        "moves = probs.argmax(-1)",
+        (RULES, "-k", "relaxed"),
+    ),
+    Mutant(
+        "relaxed walk: the compute term rewards the gates",
+        R,
+        "d[run, moves[run]] += d_expected / n",
+        "d[run, moves[run]] -= d_expected / n",
+        (RULES, "-k", "relaxed"),
     ),
 ]
 

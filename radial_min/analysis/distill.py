@@ -64,16 +64,20 @@ class _Recorder(Decisions):
         self.states.append(x.astype(np.float32))
 
 
-def oracle_examples(model, sequences, tau: float, kv_rule: str = "drop", kind: str = "output", progress=None) -> dict:
+def oracle_examples(
+    model, sequences, tau: float, kv_rule: str = "drop", kind: str = "output", progress=None, **rules
+) -> dict:
     """The oracle's routes as router training examples: at the start and after each block a token runs, the
     state it has then, the block it came from, its routing step (blocks run so far), and the oracle's next block
-    (or EXIT)."""
+    (or EXIT). `rules` (sink, mandatory: oracle.threshold) make them routes a router with those rules can take."""
     if getattr(model, "layer_major", False):  # weights streamed block by block: the same examples, loops swapped
+        if rules.get("sink") or rules.get("mandatory"):
+            raise ValueError("streamed labels follow the plain oracle: no sink or mandatory blocks")
         return _streamed_examples(model, sequences, tau, kv_rule, kind)
     out = {"x": [], "prev": [], "step": [], "label": [], "token": []}
     base = 0
     for ids in sequences if progress is None else progress(sequences):
-        rec = _Recorder(threshold(tau))
+        rec = _Recorder(threshold(tau, None, **rules))
         _, keep, _ = run_sequence(model, ids, rec, kv_rule, kind)
         states = np.stack(rec.states)  # [n + 1, T, E]
         t_idx, b_idx, prev, step, label = routes_from_keep(keep)
@@ -238,12 +242,15 @@ def train_router(
     return Router(cfg, params)
 
 
-def distill(model, sequences, tau, kv_rule, kind, hidden, max_depth, epochs, lr, batch_size, seed, progress=None):
+def distill(
+    model, sequences, tau, kv_rule, kind, hidden, max_depth, epochs, lr, batch_size, seed, progress=None, **rules
+):
     """A router for `model` distilled from the oracle at `tau` on `sequences`: the oracle's examples, then the router
-    trained on them. -> (router, examples)."""
-    ex = oracle_examples(model, sequences, tau, kv_rule, kind, progress)
+    trained on them. `rules` (sink, mandatory) are the oracle's and the router's (router.py). -> (router,
+    examples)."""
+    ex = oracle_examples(model, sequences, tau, kv_rule, kind, progress, **rules)
     n = len(model.blocks)
-    cfg = RouterConfig(model.config.hidden_size, n, hidden, True, max_depth, tau, kv_rule, model.path.name)
+    cfg = RouterConfig(model.config.hidden_size, n, hidden, True, max_depth, tau, kv_rule, model.path.name, **rules)
     return train_router(ex, cfg, epochs, lr, batch_size, seed), ex
 
 
@@ -257,11 +264,12 @@ def evaluate(model, router: Router, sequences, kind: str = "output", train_examp
     the router's depth, the router and the static baselines that bracket that depth; then every one of them at
     the router's depth. `bar` (a `progress.Passes`) counts each pass under its name."""
     tau, kv_rule, n = router.config.tau, router.config.kv_rule, len(model.blocks)
+    rules = {"sink": router.config.sink, "mandatory": router.config.mandatory}  # the oracle follows them too
 
     def track(label):
         return None if bar is None else lambda items: bar.track(items, label)
 
-    test_ex = oracle_examples(model, sequences, tau, kv_rule, kind, track("held-out labels"))
+    test_ex = oracle_examples(model, sequences, tau, kv_rule, kind, track("held-out labels"), **rules)
     sequential = oracle.simulate(
         model, sequences, threshold(0.0, "sequential on test"), "fill", kind, track("sequential on test")
     )
@@ -269,7 +277,7 @@ def evaluate(model, router: Router, sequences, kind: str = "output", train_examp
     decisions.label = "router on test"
     routed = oracle.simulate(model, sequences, decisions, kv_rule, kind, track("router on test"))
     depth = float(routed.depth.mean())
-    oracles = oracle.around_depth(model, sequences, tau, kv_rule, kind, depth, sequential, bar)
+    oracles = oracle.around_depth(model, sequences, tau, kv_rule, kind, depth, sequential, bar, **rules)
     runs = {
         "sequential": sequential,
         **{f"oracle (tau={t:g}, {kv_rule})": r for t, r in oracles.items() if t},

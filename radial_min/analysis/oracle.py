@@ -9,6 +9,10 @@ at that layer? Two rules, both reported:
 - fill: compute its keys/values from the hidden state passing by anyway, as CALM does for early-exited tokens;
 - drop: it offers none; later tokens attend only to the tokens that ran the block.
 The paper's oracle only counts skipped compute; here every setting is also scored by perplexity.
+
+The oracle can follow a router's rules (router.py): `threshold(tau, sink=1, mandatory=...)` keeps every block for
+the first `sink` positions (the attention sink) and keeps the mandatory blocks for every token (skipping
+restricted to attention or FFN blocks), so its labels are routes such a router can take.
 """
 
 import copy
@@ -195,12 +199,14 @@ class SimulationPass(layer_major.Pass):
             setattr(self.decide[int(s)], attr, np.array(v))
 
 
-def threshold(tau: float, label: str | None = None):
-    """The oracle: keep a block for a token when its ratio is at least tau. `label` names its pass on progress bars
-    (the rule included, e.g. 'oracle tau=0.2, drop')."""
+def threshold(tau: float, label: str | None = None, sink: int = 0, mandatory=None):
+    """The oracle: keep a block for a token when its ratio is at least tau, and always for the first `sink`
+    positions and at the `mandatory` blocks (module doc). `label` names its pass on progress bars (the rule
+    included, e.g. 'oracle tau=0.2, drop')."""
+    fixed = frozenset(mandatory or ())
 
     def decide(b, rows, r):
-        return r >= tau
+        return (r >= tau) | (rows < sink) | (b in fixed)
 
     decide.label = label
     return decide
@@ -242,16 +248,18 @@ def agreement(run: Run, tau: float) -> dict:
     }
 
 
-def around_depth(model, sequences, tau, kv_rule, kind, depth, sequential: Run, bar=None, step=0.02, most=5) -> dict:
+def around_depth(
+    model, sequences, tau, kv_rule, kind, depth, sequential: Run, bar=None, step=0.02, most=5, **rules
+) -> dict:
     """The oracle at `tau` and, to compare with a router at its own `depth` (blocks per token), at thresholds `step`
     apart toward that depth until two of them bracket it (tau = 0 is the `sequential` run): {tau: Run}, by tau.
-    `bar` (a `progress.Passes`) counts each pass."""
+    `bar` (a `progress.Passes`) counts each pass; `rules` (sink, mandatory) go to `threshold`."""
     runs = {0.0: sequential}
     for _ in range(most):
         if tau not in runs:
             label = f"oracle tau={tau:g} on test"
             progress = None if bar is None else (lambda items: bar.track(items, label))
-            runs[tau] = simulate(model, sequences, threshold(tau, label), kv_rule, kind, progress)
+            runs[tau] = simulate(model, sequences, threshold(tau, label, **rules), kv_rule, kind, progress)
         depths = [r.depth.mean() for r in runs.values()]
         if min(depths) <= depth <= max(depths) and len(runs) > 2 or tau == 0:
             break
