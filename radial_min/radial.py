@@ -41,7 +41,7 @@ from .cache import POLICIES, KVCache, dense_cache_bytes, make_policy
 from .config import check_field
 from .errors import CheckpointError
 from .io.outputs import read_json, write_json
-from .router import MAX_PASSES, InOrder, Router
+from .router import MAX_PASSES, ExpertChoice, InOrder, Router
 
 RADIAL_CONFIG = "radial.json"  # beside a co-trained network's checkpoint: its routing settings; the router beside
 SCHEDULES = ("block", "step", "token")
@@ -64,6 +64,7 @@ class RadialNetwork:
         keep_routes: bool = True,
         kv_rule: str | None = None,
         relax: bool = False,
+        sample: bool = False,
     ):
         self.model, self.blocks = model, model.blocks
         self.router = router if router is not None else InOrder(len(model.blocks))
@@ -74,6 +75,7 @@ class RadialNetwork:
         self.cache_policy, self.step_encoding_scale = cache_policy, step_encoding_scale
         self.gate = gate  # networks trained with their router scale each block's branch by the router's probability
         self.explore = explore  # training only: the share of block decisions swapped for another block (`explore`)
+        self.sample = sample  # training only: moves drawn from the router's softmax (the score-function estimator)
         self.keep_routes = keep_routes
         self.kv_rule = self._kv_rule(kv_rule)
         # training only: every row runs the next block, its branch scaled by the router's probability of that move
@@ -166,12 +168,12 @@ class RadialNetwork:
 
     __call__ = forward
 
-    def backward(self, dlogits, tape, d_expected: float = 0.0):
+    def backward(self, dlogits, tape, d_expected: float = 0.0, advantage=None):
         """The forward undone in reverse: head, walk, embedding. `d_expected`: d loss / d the mean number of blocks
-        the tokens expect to run (the compute term's price of a block). Gradients go to the model's and the router's
-        `grad` (zeroed by the caller)."""
+        the tokens expect to run (the compute term's price of a block); `advantage`: the score-function estimator's
+        (_Walk.backward). Gradients go to the model's and the router's `grad` (zeroed by the caller)."""
         dx = self.model.head_backward(dlogits, tape)
-        dx = tape.pop().backward(dx, d_expected)
+        dx = tape.pop().backward(dx, d_expected, advantage)
         self.model.embed_backward(dx, tape)
 
 
@@ -182,12 +184,13 @@ class _Walk:
     def __init__(self, net: RadialNetwork, x, seq, pos, cache, observe, train: bool, rng):
         self.net, self.X, self.seq, self.pos, self.cache, self.observe = net, x, seq, pos, cache, observe
         self.exit, self.train = len(net.blocks), train
-        self.rng = rng if net.explore > 0 else None
+        self.rng = rng if net.explore > 0 or net.sample else None
         self.routes = np.full((len(x), max(1, net.max_depth)), -1)  # [n, max_depth] blocks run, -1 = none
         self.decisions, self.router_tape, self.rounds, self.start = [], [], [], None  # decisions: (rows, probs)
         self.priced = []  # relaxed training: each decision's moves, whose probabilities are the expected blocks
         self.fill = net.kv_rule == "fill" and not net.in_order
         self.fill_on_decision = False  # the token schedule's fill: each row writes once it has chosen (module doc)
+        self.taken, self.aux_loss = [], 0.0  # each decision's moves (-1: forced), an expert choice's auxiliary loss
 
     def run(self, schedule: str, T: int):
         """Every row from its embedding to EXIT, in rounds ordered by `schedule` (T tokens per sequence)."""
@@ -204,6 +207,8 @@ class _Walk:
             if self.train:
                 raise ValueError("the fill rule trains in the block schedule only (no observer)")
             self.fill_on_decision = True
+        if self.train and isinstance(self.net.router, ExpertChoice):
+            return self.run_expert_choice()
         self.decide(np.arange(n))  # START: every row's first move, from its embedding
         self.start = 0 if self.decisions else None  # the START decision, if the router was asked (training)
         if schedule == "token":
@@ -255,6 +260,41 @@ class _Walk:
                 self.rounds.append(([(b, rows, tape, None)], None))
         self.routes[:, :depth] = np.arange(depth)
 
+    def run_expert_choice(self):
+        """Training an expert-choice router (router.ExpertChoice): step by step, each decision's candidates (every
+        row forward-only, the rows still going otherwise) scored together and the top of each sequence run, so the
+        rounds follow the steps; a decision is recorded as the `after` of the round before it (the START decision
+        for step 0), which is where the backward wants it."""
+        net, router = self.net, self.net.router
+        active = np.arange(len(self.X))
+        begin(self.observe, self.X)
+        for p in range(net.max_depth):
+            b, m = router.block_at(p), router.decision_at(p)
+            if m is not None:
+                k = len(self.decisions)
+                chosen, probs, aux = router.pick(
+                    self.X[active], m, b, self.seq[active], self.pos[active], self.router_tape
+                )
+                self.decisions.append((active, probs))
+                self.priced.append(np.where(chosen, b, self.exit))
+                self.taken.append(None)
+                self.aux_loss += aux
+                if self.rounds:
+                    self.rounds[-1] = (self.rounds[-1][0], k)
+                else:
+                    self.start = k
+                rows = active[chosen]
+                self.gate[rows] = probs[chosen, b]
+                self.chooser[rows] = np.stack([np.full(len(rows), k), np.flatnonzero(chosen)], 1)
+                if not router.config.forward_only:
+                    active = rows  # the others exit
+            else:
+                rows = active
+            self.move[rows] = b
+            self.round(rows, decide=False, gated=m is not None)
+            if not len(active):
+                break
+
     def run_one(self):
         """One token, not training (a decode step): its rounds are one block each, so the walk runs them without
         arrays of rows, as a loop: ask the router, run the block it picked over the cache, ask again."""
@@ -286,13 +326,18 @@ class _Walk:
             x, prev, step = self.X[rows], self.prev[rows], self.step[rows]
             pos = None if self.pos is None else self.pos[rows]
             probs = net.router.probabilities(x, prev, step, self.router_tape, pos)  # [r, N + 1]
-            moves = np.minimum(prev + 1, self.exit) if net.relax else probs.argmax(-1)
-            if self.rng is not None:
+            if net.relax:
+                moves = np.minimum(prev + 1, self.exit)
+            else:
+                moves = sample_moves(probs, self.rng) if net.sample else probs.argmax(-1)
+            if net.explore > 0 and self.rng is not None:
                 moves = explore(moves, probs, net.explore, self.rng)
-            moves[step >= net.max_depth] = self.exit
+            forced = step >= net.max_depth
+            moves[forced] = self.exit
             self.chooser[rows] = np.stack([np.full(len(rows), len(self.decisions)), np.arange(len(rows))], 1)
             self.decisions.append((rows, probs))
             self.priced.append(moves)
+            self.taken.append(np.where(forced, -1, moves))
             self.move[rows], self.gate[rows] = moves, probs[np.arange(len(rows)), moves]
             return
         self.move[rows] = self.exit
@@ -306,11 +351,12 @@ class _Walk:
         if self.fill_on_decision:
             self.fill_moves(rows)
 
-    def round(self, rows):
+    def round(self, rows, decide=True, gated=True):
         """The rows run the blocks they chose, a group per block: every group's first half (an attention block
-        writes its keys and values), then every group's second half and its residual join y = x + p f(x); then
-        they choose again."""
+        writes its keys and values), then every group's second half and its residual join y = x + p f(x) (the gate
+        p if the network has one and `gated`); then they choose again (`decide`)."""
         moves, net = self.move[rows], self.net
+        gated = net.gate and gated
         blocks = np.unique(moves)
         groups = []
         for b in blocks:
@@ -321,7 +367,7 @@ class _Walk:
         for b, r, at, x, tape, h in groups:
             block = net.blocks[b]
             f = block.branch_out(h, at, tape)
-            y = block.residual(x, f, self.gate[r] if net.gate else None, tape)
+            y = block.residual(x, f, self.gate[r] if gated else None, tape)
             if self.observe is not None:
                 self.observe(b, block, x, f, y)
             self.X[r] = y
@@ -329,15 +375,17 @@ class _Walk:
         chosen_by = [self.chooser[r].copy() for _, r, *_ in groups]  # the decisions whose gates these blocks used
         self.prev[rows], self.step[rows] = moves, self.step[rows] + 1
         decided = len(self.decisions)
-        self.decide(rows)
+        if decide:
+            self.decide(rows)
         if self.train:
             after = decided if len(self.decisions) > decided else None  # the decision that followed, if any
             record = [(b, r, tape, c) for (b, r, _, _, tape, _), c in zip(groups, chosen_by)]
             self.rounds.append((record, after))
 
-    def backward(self, dX, d_expected: float):
+    def backward(self, dX, d_expected: float, advantage=None):
         """The walk in reverse: the decision after each round, then the round (second halves, then first halves),
-        then the START decision. -> the gradient of the embeddings [n, E]."""
+        then the START decision. -> the gradient of the embeddings [n, E]. `advantage` [n] (the score-function
+        estimator, sampled moves): each row's loss minus a baseline, times d log p(move) of each move it drew."""
         n, blocks = len(dX), self.net.blocks
         dprobs = [np.zeros_like(p) for _, p in self.decisions]
         for d, moves in zip(dprobs, self.priced):  # expected blocks = (1/n) sum over decisions of (1 - p_EXIT)
@@ -346,6 +394,10 @@ class _Walk:
                 d[run, moves[run]] += d_expected / n
             else:
                 d[:, self.exit] -= d_expected / n
+        if advantage is not None:  # d/dp of (1/n) sum_rows A log p(move) = A / (n p(move)) at the move drawn
+            for (rows, probs), moves, d in zip(self.decisions, self.taken, dprobs):
+                i = np.flatnonzero(moves >= 0)
+                d[i, moves[i]] += advantage[rows[i]] / (n * probs[i, moves[i]])
         for groups, after in reversed(self.rounds):
             if after is FILL:  # the fill rule's writes: every query that read them is behind
                 for b, r, tape in groups:
@@ -381,11 +433,21 @@ class _Walk:
 
     def expected_blocks(self) -> float:
         """The mean over rows of the blocks each expected to run: the sum over its decisions of 1 - p(EXIT); relaxed,
-        of p(the next block), the gates it ran its blocks with."""
+        of p(the next block), the gates it ran its blocks with; an expert-choice router's: the blocks run, fixed by
+        its capacity."""
+        if isinstance(self.net.router, ExpertChoice):
+            return float(self.depth.mean())
         if self.net.relax:
             gates = [p[np.arange(len(p)), m][m < self.exit] for (_, p), m in zip(self.decisions, self.priced)]
             return sum(float(g.sum()) for g in gates) / len(self.X)
         return sum(float((1 - p[:, self.exit]).sum()) for _, p in self.decisions) / len(self.X)
+
+
+def sample_moves(probs, rng):
+    """One move per row [r] drawn from its probabilities [r, N + 1] (inverse CDF; forbidden moves have p = 0)."""
+    cdf = np.cumsum(probs, 1)
+    u = rng.random(len(probs)) * cdf[:, -1]
+    return np.minimum((cdf <= u[:, None]).sum(1), probs.shape[1] - 1)
 
 
 def explore(moves, probs, share: float, rng):
@@ -408,7 +470,7 @@ def explore(moves, probs, share: float, rng):
 # ------------------------------------------------------------------------------ a co-trained network's files
 
 
-def write_radial(folder, router: Router, cache_policy: str, step_encoding_scale: float):
+def write_radial(folder, router: Router, cache_policy: str, step_encoding_scale: float, gate: bool = True):
     """A co-trained network's routing beside its checkpoint: router.safetensors + router.json, and radial.json."""
     folder = Path(folder)
     router.save(folder / "router")
@@ -419,7 +481,7 @@ def write_radial(folder, router: Router, cache_policy: str, step_encoding_scale:
             "cache_policy": cache_policy,
             "max_depth": router.config.depth_limit,
             "step_encoding_scale": step_encoding_scale,
-            "gate": True,
+            "gate": gate,
             "n_blocks": router.config.n_blocks,
             "width": router.config.width,
             "trained": "router and blocks from scratch, together (cli.py train --radial)",

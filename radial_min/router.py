@@ -54,6 +54,8 @@ class RouterConfig:
     mandatory: list | None = None  # blocks a move may not pass over (skippable_blocks); None: any may be skipped
     sink: int = 0  # the first `sink` positions of a sequence run every block
     sink_norm: float = 0.0  # tokens whose state norm exceeds this run every block; 0: off
+    kind: str = "mlp"  # "mlp": Router; "expert-choice": ExpertChoice (Mixture-of-Depths / -Recursions)
+    capacity: float | None = None  # expert choice: the share of candidate tokens each decision keeps in training
 
     @property
     def exit(self) -> int:
@@ -67,6 +69,11 @@ class RouterConfig:
     @property
     def n_in(self) -> int:
         return self.width + self.n_blocks + 1  # state + onehot(prev), prev in {START, 0..n_blocks-1}
+
+    @property
+    def n_scores(self) -> int:
+        """Expert choice: one score per block in order (forward-only), else one per pass after the first."""
+        return self.n_blocks if self.forward_only else -(-self.depth_limit // self.n_blocks) - 1
 
     def reach(self) -> np.ndarray:
         """[n_blocks + 1]: reach[prev + 1] is the furthest move allowed after block prev (-1 = START): the first
@@ -320,11 +327,13 @@ class Router:
                 f"{weights}: weights so large that the router's logits could reach {bound:.3g}, beyond what "
                 f"float32 holds ({_FLOAT32_SAFE:.0e})"
             )
-        return cls(cfg, params)
+        return (ExpertChoice if cfg.kind == "expert-choice" else Router)(cfg, params)
 
 
 def router_shapes(cfg: RouterConfig) -> dict:
     """The shape of each of a router's tensors: `init_router`'s, without allocating them."""
+    if cfg.kind == "expert-choice":
+        return {"w": (cfg.n_scores, cfg.width), "b": (cfg.n_scores,)}
     return {
         "w1": (cfg.hidden, cfg.n_in),
         "b1": (cfg.hidden,),
@@ -339,9 +348,130 @@ _FLOAT32_SAFE = 1e37  # logits below this: their differences, sums and exponenti
 def logit_bound(params: dict, width: int) -> float:
     """The largest |logit| (or partial sum) `_decide` can reach, in float64: LN(x) has |x_k| <= sqrt(width), so
     |h_j| <= |b1_j| + max |onehot weights| + sqrt(width) sum_k |w1_jk| and |logit_m| <= |b2_m| + sum_j |w2_mj| h_j."""
+    if "w" in params:  # expert choice: |score| <= |b| + sqrt(width) sum |w|
+        return float((np.abs(params["b"].astype(np.float64)) + np.sqrt(width) * np.abs(params["w"]).sum(1)).max())
     w1 = np.abs(params["w1"].astype(np.float64))
     h = np.abs(params["b1"].astype(np.float64)) + w1[:, width:].max(1) + np.sqrt(width) * w1[:, :width].sum(1)
     return float((np.abs(params["b2"]) + np.abs(params["w2"]) @ h).max())
+
+
+class ExpertChoice:
+    """Expert-choice routing (Mixture-of-Depths, Raposo et al. 2024; Mixture-of-Recursions, Bae et al. 2025): a score
+    per token and decision, s = w_m . LN(x) + b_m, and the block runs on the tokens it picks, its branch scaled by
+    sigmoid(s). In training each decision keeps the top `capacity` share of its candidates, per sequence (the
+    non-causal choice both papers train with) and a binary cross-entropy teaches sigmoid(s) to predict that choice
+    (their auxiliary loss, weight `aux_weight`); generation, which cannot see later tokens, runs a block where
+    s > 0 (`decide`). The first token of a sequence (the attention sink) runs every block, its gate 1.
+
+    Forward-only (Mixture-of-Depths): decision m picks the tokens that run block m; the others skip it and are
+    candidates again for the next block. Otherwise (Mixture-of-Recursions): the tokens run the blocks in order, pass
+    after pass (the network's blocks shared, up to max_depth), and decision m, before pass m + 2, picks which
+    tokens go on; the others exit. The gate scales the pass's first block."""
+
+    def __init__(self, cfg: RouterConfig, params: dict, aux_weight: float = 0.0):
+        self.config, self.params, self.grad, self.aux_weight = cfg, params, {}, aux_weight
+
+    @classmethod
+    def new(cls, cfg: RouterConfig, seed: int = 0, aux_weight: float = 0.0):
+        """Small random weights and a bias of 1: every block (pass) runs at first, gate 0.73."""
+        rng = np.random.default_rng(seed)
+        w = (0.1 * rng.standard_normal((cfg.n_scores, cfg.width)) / np.sqrt(cfg.width)).astype(np.float32)
+        return cls(cfg, {"w": w, "b": np.ones(cfg.n_scores, np.float32)}, aux_weight)
+
+    def block_at(self, p: int) -> int:
+        """The block a token runs at its step p (forward-only: the block p it may run or skip)."""
+        return p % self.config.n_blocks
+
+    def decision_at(self, p: int) -> int | None:
+        """The decision taken before step p (the score row), or None: forward-only every step, else pass starts."""
+        n = self.config.n_blocks
+        if self.config.forward_only:
+            return p
+        return p // n - 1 if p % n == 0 and p > 0 else None
+
+    def scores(self, x, m=None):
+        """Scores [n, n_scores] (or decision m's [n]) in float64: the reference `decide` and `pick` use."""
+        xn = ops.layernorm_forward(np.asarray(x, np.float64), None, None, 1e-5)[0]
+        w, b = self.params["w"].astype(np.float64), self.params["b"].astype(np.float64)
+        return xn @ w.T + b if m is None else xn @ w[m] + b[m]
+
+    def decide(self, x, prev, step, pos=None):
+        """Generation: each row's next block and its gate, by the rule s > 0 (module doc); [n] ints, [n] float32."""
+        cfg, n = self.config, self.config.n_blocks
+        prev, step = np.asarray(prev, np.int64), np.asarray(step, np.int64)
+        sink = np.zeros(len(prev), bool) if pos is None else np.asarray(pos) == 0
+        s = self.scores(x)  # [r, n_scores]
+        moves, gate = np.full(len(prev), cfg.exit, np.int64), np.ones(len(prev), np.float32)
+        for i in range(len(prev)):
+            if step[i] >= cfg.depth_limit:
+                continue
+            if cfg.forward_only:
+                later = np.arange(prev[i] + 1, n)
+                run = later if sink[i] else later[s[i, later] > 0]
+                if len(run):
+                    moves[i] = run[0]
+                    gate[i] = 1.0 if sink[i] else 1 / (1 + np.exp(-s[i, run[0]]))
+            elif (m := self.decision_at(int(step[i]))) is None:
+                moves[i] = step[i] % n  # inside a pass: the next block
+            elif sink[i] or s[i, m] > 0:
+                moves[i], gate[i] = 0, 1.0 if sink[i] else 1 / (1 + np.exp(-s[i, m]))
+        return moves, gate
+
+    def choose(self, x, prev, step, pos=None):
+        return self.decide(x, prev, step, pos)[0]
+
+    def pick(self, x, m: int, block: int, seq, pos, tape):
+        """Training: decision m over candidate rows x [r, E] of sequences seq [r] at positions pos [r] -> which rows
+        run (bool [r]), their gates as a [r, n_blocks + 1] matrix (column `block`; the walk's decisions are kept in
+        that shape), and the auxiliary loss. The top ceil(capacity x candidates) of each sequence by score run,
+        sinks besides."""
+        xn, c_ln = ops.layernorm_forward(x, None, None, 1e-5)
+        s = xn @ self.params["w"][m] + self.params["b"][m]  # [r]
+        gate = 1 / (1 + np.exp(-s))
+        sink = np.asarray(pos) == 0
+        order = np.lexsort((-s, sink, seq))  # by sequence, sinks last, the best scores first
+        seq_sorted = seq[order]
+        first = np.searchsorted(seq_sorted, seq_sorted, side="left")  # where each row's sequence starts in order
+        counts = np.bincount(seq, weights=(~sink).astype(np.float64), minlength=seq.max() + 1 if len(seq) else 0)
+        keep = np.ceil(self.config.capacity * counts - 1e-9).astype(np.int64)  # per sequence
+        chosen = np.zeros(len(s), bool)
+        chosen[order] = np.arange(len(s)) - first < keep[seq_sorted]
+        chosen |= sink
+        target = chosen & ~sink
+        free = ~sink
+        bce = -np.where(target, np.log(gate + 1e-12), np.log(1 - gate + 1e-12))[free].mean() if free.any() else 0.0
+        probs = np.zeros((len(s), self.config.n_blocks + 1), x.dtype)
+        probs[:, block] = np.where(sink, 1.0, gate)
+        tape.append((m, block, c_ln, xn, gate.astype(x.dtype), target, free))
+        return chosen, probs, float(self.aux_weight * bce)
+
+    def backward(self, dprobs, tape):
+        """d loss / d the gates (column `block` of dprobs [r, n_blocks + 1]) plus the auxiliary loss's -> d states
+        [r, E]; the parameters' gradients are added into `grad`."""
+        m, block, c_ln, xn, gate, target, free = tape.pop()
+        ds = dprobs[:, block] * gate * (1 - gate)  # sigmoid backward
+        if free.any():
+            ds = ds + self.aux_weight * (gate - target) / free.sum()  # BCE on the logit: sigmoid - target
+        ds = np.where(free, ds, 0.0).astype(xn.dtype)  # a sink's gate is the constant 1
+        self.grad.setdefault("w", np.zeros_like(self.params["w"]))[m] += ds @ xn
+        self.grad.setdefault("b", np.zeros_like(self.params["b"]))[m] += ds.sum()
+        return ops.layernorm_backward(np.outer(ds, self.params["w"][m]).astype(xn.dtype), None, c_ln)[0]
+
+    def save(self, path):
+        Router.save(self, path)
+
+
+def capacity_for(target_depth: float, n_blocks: int, depth_limit: int, forward_only: bool) -> float:
+    """The share of candidates each expert-choice decision keeps for tokens to run `target_depth` blocks on average:
+    target / n_blocks (forward-only), else the q with n_blocks (1 + q + ... + q^(passes - 1)) = target."""
+    if forward_only:
+        return min(1.0, target_depth / n_blocks)
+    passes = -(-depth_limit // n_blocks)
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        q = (lo + hi) / 2
+        lo, hi = (q, hi) if n_blocks * sum(q**r for r in range(passes)) < target_depth else (lo, q)
+    return lo
 
 
 class InOrder:
@@ -409,6 +539,10 @@ def _check_router_config(d: dict, source: str) -> None:
             )
         for i, b in enumerate(fixed):
             check_field(source, f"mandatory[{i}]", b, int, 0, d["n_blocks"] - 1)
+    if d.get("kind", "mlp") not in ("mlp", "expert-choice"):
+        raise CheckpointError(f"{source}: field 'kind' is {d['kind']!r:.40}, expected 'mlp' or 'expert-choice'")
+    if d.get("capacity") is not None:
+        check_field(source, "capacity", d["capacity"], float, 0.0, 1.0)
 
 
 def router_files(path):

@@ -36,7 +36,7 @@ from .models import ARCHITECTURES
 from .optim import adamw_step, check_state, clip_grads, lr_at
 from .progress import Bar
 from .radial import RadialNetwork, write_radial
-from .router import MAX_PASSES, Router, RouterConfig, init_router
+from .router import MAX_PASSES, ExpertChoice, Router, RouterConfig, capacity_for, init_router
 
 # ------------------------------------------------------------------------------------------------ settings
 
@@ -109,6 +109,9 @@ class ModelSettings:
         )
 
 
+ESTIMATORS = ("gate", "reinforce", "expert-choice")
+
+
 @dataclass
 class RadialSettings:
     """A Radial Network trained from scratch with its router (--radial; docs/cotraining.md)."""
@@ -131,6 +134,13 @@ class RadialSettings:
     cost_rate: float = setting(0.0002, "with --target-depth: how fast the cost follows it, per step and block of error")
     depth_weight: float = setting(0.05, "with --target-depth: weight of (expected blocks - target)^2 in the loss")
     explore: float = setting(0.0, "share of block decisions swapped for another allowed block while training")
+    estimator: str = setting(
+        "gate",
+        "how the router learns: gate (y = x + p f(x)), reinforce (routes sampled, the score function with the batch "
+        "mean as baseline), expert-choice (each block keeps its top tokens: Mixture-of-Depths/-Recursions)",
+        choices=ESTIMATORS,
+    )
+    aux_weight: float = setting(0.1, "expert-choice: weight of the loss that teaches the causal rule the top-k choice")
 
     def router_config(self, model_cfg) -> RouterConfig:
         n = 2 * model_cfg.num_hidden_layers
@@ -251,6 +261,13 @@ class TrainConfig:
             )
         if not 0 <= r.step_encoding_scale < 1e3:
             out.append(f"--step-encoding-scale must be in [0, 1000), got {r.step_encoding_scale}")
+        if r.estimator == "expert-choice":
+            if r.target_depth is None:
+                out.append("--estimator expert-choice: its capacity comes from --target-depth BLOCKS")
+            if not r.forward_only and depth % n:
+                out.append(f"--max-depth {depth}: expert-choice recursion runs whole passes over the {n} blocks")
+            if r.cache_policy == "global":
+                out.append("--estimator expert-choice: --cache-policy per-layer (forward-only) or per-step")
         return out
 
 
@@ -308,16 +325,23 @@ def build_network(cfg: TrainConfig):
         model = arch.model(model_cfg, arch.module.init_tensors(model_cfg, cfg.run.seed))
     if not r.radial:
         return model.sequential
-    router = Router(r.router_config(model.config), init_router(r.router_config(model.config), cfg.run.seed, r.in_order))
+    rc = r.router_config(model.config)
+    if r.estimator == "expert-choice":
+        rc = dataclasses.replace(rc, kind="expert-choice", hidden=0)
+        rc.capacity = capacity_for(r.target_depth, rc.n_blocks, rc.depth_limit, rc.forward_only)
+        router = ExpertChoice.new(rc, cfg.run.seed, r.aux_weight)
+    else:
+        router = Router(rc, init_router(rc, cfg.run.seed, r.in_order))
     return RadialNetwork(
         model,
         router,
         r.max_depth,
         r.cache_policy,
         r.step_encoding_scale,
-        gate=True,
+        gate=r.estimator != "reinforce",
         explore=r.explore,
         keep_routes=False,
+        sample=r.estimator == "reinforce",
     )
 
 
@@ -343,6 +367,19 @@ def compute_slope(rs: RadialSettings, expected: float) -> float:
     return slope
 
 
+def reinforce_advantage(c_ce, depth, cost: float):
+    """The score-function estimator's signal per token [n]: its own loss (next-token NLL, times its mask weight
+    scaled so that the mean over tokens is the LM loss) plus cost x the blocks it ran, minus the batch's mean (the
+    baseline, which keeps the estimate unbiased and cuts its variance). Each token is credited with its own loss
+    only: what its route did to later tokens (through the keys it wrote) is not in it."""
+    probs, targets, weights = c_ce
+    nll = -np.log(np.maximum(probs[np.arange(len(targets)), targets].astype(np.float64), 1e-30))
+    if weights is not None:
+        nll *= weights * len(weights) / weights.sum()
+    reward = nll + cost * depth
+    return (reward - reward.mean()).astype(probs.dtype)
+
+
 def update_cost(rs: RadialSettings, mean_depth: float) -> None:
     """Dual ascent on the constraint "mean blocks/token = target": the cost per block rises while tokens run more
     blocks than asked and falls while they run fewer, below 0 if need be (then each block earns a little, which is
@@ -364,16 +401,20 @@ def loss_and_grads(net, batch, rs: RadialSettings | None = None, need_grads=True
     walk = net.last_walk
     expected = walk.expected_blocks()
     info = {"lm_loss": float(lm_loss), "blocks": float(walk.depth.mean()), "expected_blocks": expected}
-    info["routes"] = walk.routes
-    loss = float(lm_loss) + (compute_term(rs, expected) if rs is not None and rs.radial else 0.0)
+    info["routes"], info["aux_loss"] = walk.routes, walk.aux_loss
+    budget = rs is not None and rs.radial and rs.estimator == "gate"  # expert choice: its capacity is the budget
+    loss = float(lm_loss) + walk.aux_loss + (compute_term(rs, expected) if budget else 0.0)
+    advantage = None
+    if need_grads and rs is not None and rs.radial and rs.estimator == "reinforce":
+        advantage = reinforce_advantage(c_ce, walk.depth, rs.cost)
     if not need_grads:
         return loss, None, info
     model, router = net.model, net.router
     model.zero_grad()
     if isinstance(router, Router):
         router.grad = {k: np.zeros_like(a) for k, a in router.params.items()}
-    slope = compute_slope(rs, expected) if rs is not None and rs.radial else 0.0
-    net.backward(ops.crossentropy_backward(c_ce), tape, slope)
+    slope = compute_slope(rs, expected) if budget else 0.0
+    net.backward(ops.crossentropy_backward(c_ce), tape, slope, advantage)
     model.flush_grads()
     grads = {**model.gradients(), **{ROUTER + k: g for k, g in getattr(router, "grad", {}).items()}}
     return loss, grads, info
@@ -598,7 +639,7 @@ def export_checkpoint(net, tokenizer_dir, out_dir, dtype: str = "float16", overw
         # generation defaults: a fine-tuned model's own; a small model trained here loops greedily without a penalty
         write_json(tmp / GENERATION_CONFIG, {"repetition_penalty": 1.2, **model.generation_defaults})
         if isinstance(net.router, Router):
-            write_radial(tmp, net.router, net.cache_policy, net.step_encoding_scale)
+            write_radial(tmp, net.router, net.cache_policy, net.step_encoding_scale, net.gate)
 
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
