@@ -266,15 +266,13 @@ class _Walk:
         rounds follow the steps; a decision is recorded as the `after` of the round before it (the START decision
         for step 0), which is where the backward wants it."""
         net, router = self.net, self.net.router
-        active = np.arange(len(self.X))
+        active, seq = np.arange(len(self.X)), np.zeros(len(self.X), np.int64) + self.seq  # seq: 0 for one sequence
         begin(self.observe, self.X)
         for p in range(net.max_depth):
             b, m = router.block_at(p), router.decision_at(p)
             if m is not None:
                 k = len(self.decisions)
-                chosen, probs, aux = router.pick(
-                    self.X[active], m, b, self.seq[active], self.pos[active], self.router_tape
-                )
+                chosen, probs, aux = router.pick(self.X[active], m, b, seq[active], self.pos[active], self.router_tape)
                 self.decisions.append((active, probs))
                 self.priced.append(np.where(chosen, b, self.exit))
                 self.taken.append(None)

@@ -110,6 +110,7 @@ class ModelSettings:
 
 
 ESTIMATORS = ("gate", "reinforce", "expert-choice")
+LEARNED = (Router, ExpertChoice)  # the routers with parameters the trainer updates
 
 
 @dataclass
@@ -327,7 +328,7 @@ def build_network(cfg: TrainConfig):
         return model.sequential
     rc = r.router_config(model.config)
     if r.estimator == "expert-choice":
-        rc = dataclasses.replace(rc, kind="expert-choice", hidden=0)
+        rc = dataclasses.replace(rc, kind="expert-choice")
         rc.capacity = capacity_for(r.target_depth, rc.n_blocks, rc.depth_limit, rc.forward_only)
         router = ExpertChoice.new(rc, cfg.run.seed, r.aux_weight)
     else:
@@ -411,7 +412,7 @@ def loss_and_grads(net, batch, rs: RadialSettings | None = None, need_grads=True
         return loss, None, info
     model, router = net.model, net.router
     model.zero_grad()
-    if isinstance(router, Router):
+    if isinstance(router, LEARNED):
         router.grad = {k: np.zeros_like(a) for k, a in router.params.items()}
     slope = compute_slope(rs, expected) if budget else 0.0
     net.backward(ops.crossentropy_backward(c_ce), tape, slope, advantage)
@@ -638,7 +639,7 @@ def export_checkpoint(net, tokenizer_dir, out_dir, dtype: str = "float16", overw
                 write_bytes(tmp / f.name, f.read_bytes())
         # generation defaults: a fine-tuned model's own; a small model trained here loops greedily without a penalty
         write_json(tmp / GENERATION_CONFIG, {"repetition_penalty": 1.2, **model.generation_defaults})
-        if isinstance(net.router, Router):
+        if isinstance(net.router, LEARNED):
             write_radial(tmp, net.router, net.cache_policy, net.step_encoding_scale, net.gate)
 
 
@@ -703,7 +704,7 @@ def report(export, train_ids, val_streams: dict, seq_len: int, bar=None, batch_s
             if bar is not None:
                 bar.update(len(batch))
         row = {"tokens": int(seqs[:, 1:].size), "model": float(np.exp(nll / len(seqs)))}
-        if isinstance(net.router, Router):
+        if isinstance(net.router, LEARNED):
             row["blocks"] = blocks / len(seqs)
         out[name] = {**row, **ngram_perplexities(train_ids, seqs, net.config.vocab_size)}
     return out

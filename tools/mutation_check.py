@@ -44,6 +44,7 @@ R, K, C, B, O, P, G = (
 T = "tests/test_{}.py".format
 RADIAL, KERNELS, LLAMA, PROFILING = T("radial"), T("kernels"), T("llama"), T("profiling")
 RULES = T("routing_rules")
+EST = T("estimators")
 REF = T("refusals")
 OUT, TOK, IMG, GGUF = (f"radial_min/io/{f}.py" for f in ("outputs", "tokenizer", "images", "gguf_file"))
 MUTANTS = [
@@ -1099,8 +1100,8 @@ MUTANTS = [
     Mutant(
         "relaxed walk: rows take the router's argmax",
         R,
-        "moves = np.minimum(prev + 1, self.exit) if net.relax else probs.argmax(-1)",
-        "moves = probs.argmax(-1)",
+        "moves = np.minimum(prev + 1, self.exit)\n",
+        "moves = probs.argmax(-1)\n",
         (RULES, "-k", "relaxed"),
     ),
     Mutant(
@@ -1109,6 +1110,63 @@ MUTANTS = [
         "d[run, moves[run]] += d_expected / n",
         "d[run, moves[run]] -= d_expected / n",
         (RULES, "-k", "relaxed"),
+    ),
+    # the router estimators: expert choice (Mixture-of-Depths / -Recursions) and the score function
+    Mutant(
+        "expert choice: the gate's sigmoid backward dropped",
+        "radial_min/router.py",
+        "ds = dprobs[:, block] * gate * (1 - gate)  # sigmoid backward",
+        "ds = dprobs[:, block] * gate  # sigmoid backward",
+        (EST, "-k", "expert_choice_gradients"),
+    ),
+    Mutant(
+        "expert choice: the auxiliary loss's gradient reversed",
+        "radial_min/router.py",
+        "ds = ds + self.aux_weight * (gate - target) / free.sum()",
+        "ds = ds + self.aux_weight * (target - gate) / free.sum()",
+        (EST, "-k", "expert_choice_gradients"),
+    ),
+    Mutant(
+        "expert choice: capacity rounded down",
+        "radial_min/router.py",
+        "keep = np.ceil(self.config.capacity * counts - 1e-9).astype(np.int64)",
+        "keep = np.floor(self.config.capacity * counts).astype(np.int64)",
+        (EST, "-k", "pick or capacity"),
+    ),
+    Mutant(
+        "expert choice: the sinks not kept",
+        "radial_min/router.py",
+        "chosen |= sink\n",
+        "chosen |= sink & False\n",
+        (EST, "-k", "pick"),
+    ),
+    Mutant(
+        "expert choice: generation runs blocks of any score",
+        "radial_min/router.py",
+        "run = later if sink[i] else later[s[i, later] > 0]",
+        "run = later",
+        (EST, "-k", "decide or causal"),
+    ),
+    Mutant(
+        "router gradients pile up over steps (only the MLP router's are zeroed)",
+        "radial_min/train.py",
+        "    if isinstance(router, LEARNED):\n        router.grad",
+        "    if isinstance(router, Router):\n        router.grad",
+        (EST, "-k", "pile_up"),
+    ),
+    Mutant(
+        "score function: 1/p left out of d log p",
+        R,
+        "d[i, moves[i]] += advantage[rows[i]] / (n * probs[i, moves[i]])",
+        "d[i, moves[i]] += advantage[rows[i]] / n",
+        (EST, "-k", "score_function"),
+    ),
+    Mutant(
+        "score function: moves drawn from half the distribution",
+        R,
+        "u = rng.random(len(probs)) * cdf[:, -1]",
+        "u = rng.random(len(probs)) * 0.5 * cdf[:, -1]",
+        (EST, "-k", "sample_moves"),
     ),
 ]
 
