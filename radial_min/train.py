@@ -142,6 +142,7 @@ class RadialSettings:
         choices=ESTIMATORS,
     )
     aux_weight: float = setting(0.1, "expert-choice: weight of the loss that teaches the causal rule the top-k choice")
+    capacity_warmup: int = setting(0, "expert-choice: steps over which the capacity falls from 1 to its target")
 
     def router_config(self, model_cfg) -> RouterConfig:
         n = 2 * model_cfg.num_hidden_layers
@@ -381,6 +382,12 @@ def reinforce_advantage(c_ce, depth, cost: float):
     return (reward - reward.mean()).astype(probs.dtype)
 
 
+def capacity_at(step: int, final: float, warmup: int) -> float:
+    """An expert-choice router's capacity at `step`: from 1 (every token runs every block, as the sequential model
+    the blocks start as) down to `final` linearly over `warmup` steps (Mixture-of-Recursions' capacity warm-up)."""
+    return final if step >= warmup else 1.0 - (1.0 - final) * step / warmup
+
+
 def update_cost(rs: RadialSettings, mean_depth: float) -> None:
     """Dual ascent on the constraint "mean blocks/token = target": the cost per block rises while tokens run more
     blocks than asked and falls while they run fewer, below 0 if need be (then each block earns a little, which is
@@ -560,6 +567,7 @@ def train(cfg: TrainConfig, train_tokens, val_sets: dict, progress: bool = True,
     interrupted = []
     handlers = {s: signal.signal(s, lambda *_: interrupted.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
     bar = Bar(cfg.run.steps, "train", "step", initial=step, enabled=progress)
+    final_capacity = getattr(net.router.config, "capacity", None)
     last_save, t0, tokens_done = step, time.perf_counter(), 0
     try:  # signals only raise a flag, so a step is never cut in half; the loop ends after a whole step
         with open(log_path, "a") as log:
@@ -568,6 +576,8 @@ def train(cfg: TrainConfig, train_tokens, val_sets: dict, progress: bool = True,
                 rng = np.random.default_rng([cfg.run.seed, step, 1])  # its own stream, resumable
                 batch = batches(step)
                 batch, mask = batch if isinstance(batch, tuple) else (batch, None)
+                if isinstance(net.router, ExpertChoice):
+                    net.router.config.capacity = capacity_at(step, final_capacity, rs.capacity_warmup)
                 loss, grads, info = loss_and_grads(net, batch, rs, rng=rng, mask=mask)
                 routing = rs.radial and step >= rs.router_warmup
                 if rs.radial and not routing:  # warm-up: untrained blocks would teach the router to exit

@@ -3,6 +3,7 @@ Mixture-of-Recursions per pass) and the score function (REINFORCE), beside the g
 Gradients against float64 finite differences through the whole network; the top-k rule, the capacity, the causal
 rule generation uses and the sampler against direct computations."""
 
+import json
 import math
 
 import numpy as np
@@ -10,9 +11,11 @@ import pytest
 
 from radial_min import train as tr
 from radial_min.radial import RadialNetwork, sample_moves
+from radial_min.train import capacity_at
 from radial_min.router import ExpertChoice, Router, RouterConfig, capacity_for, init_router
-from conftest import random_opt
+from conftest import random_opt, tiny_train_config
 from test_backward import E, check_all, loss_of, model64
+from test_cotrained import corpus  # noqa: F401 (a fixture)
 from test_ops import assert_grad
 
 BATCH = np.random.default_rng(7).integers(0, 23, size=(2, 8))
@@ -259,3 +262,42 @@ def walk_ce(net):
 
     logits = net.model.head(net.last_walk.X)
     return ops.crossentropy_forward(logits, BATCH[:, 1:].ravel(), None)[1]
+
+
+# ------------------------------------------------------------------------------------------- in the trainer
+
+
+def test_capacity_warms_up_from_every_token():
+    assert [capacity_at(s, 0.25, 4) for s in range(6)] == [1.0, 0.8125, 0.625, 0.4375, 0.25, 0.25]
+    assert capacity_at(0, 0.25, 0) == 0.25
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "estimator,run",
+    [
+        ("reinforce", {"max_depth": 6}),
+        ("expert-choice", {"cache_policy": "per-step", "max_depth": 8, "capacity_warmup": 4}),
+        ("expert-choice", {"cache_policy": "per-layer", "forward_only": True}),
+    ],
+    ids=["reinforce", "recursion", "depths"],
+)
+def test_estimators_train_and_resume_bit_identically(corpus, tmp_path, estimator, run):  # noqa: F811
+    """Each estimator through the one trainer: 3 steps then a resume to 6 give the parameters of 6 straight, bit
+    for bit (the score function's draws come from (seed, step)); the loss falls; an expert-choice run warms its
+    capacity up from every token to the target's."""
+    from radial_min import data
+
+    _, train_ids, val_streams = corpus
+    val = {k: data.validation_sequences(s, 16, 2) for k, s in val_streams.items()}
+    settings = dict(radial=True, estimator=estimator, target_depth=5.0 if "capacity_warmup" in run else 2.5, **run)
+    straight = tr.parameters(tr.train(tiny_train_config(tmp_path / "a", 6, **settings), train_ids, val, progress=False))
+    tr.train(tiny_train_config(tmp_path / "b", 6, **settings), train_ids, val, progress=False, stop_after=3)
+    resumed = tr.parameters(tr.train(tiny_train_config(tmp_path / "b", 6, **settings), train_ids, val, progress=False))
+    assert any(k.startswith(tr.ROUTER) for k in straight)
+    for name in straight:
+        np.testing.assert_array_equal(resumed[name], straight[name])
+    log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["lm_loss"] < log[0]["lm_loss"]
+    if "capacity_warmup" in run:  # 2 passes of 4 blocks: all of them at capacity 1, then fewer
+        assert log[0]["blocks"] == 8 and log[-1]["blocks"] < log[1]["blocks"] < 8

@@ -1168,6 +1168,13 @@ MUTANTS = [
         "u = rng.random(len(probs)) * 0.5 * cdf[:, -1]",
         (EST, "-k", "sample_moves"),
     ),
+    Mutant(
+        "expert choice: no capacity warm-up",
+        "radial_min/train.py",
+        "net.router.config.capacity = capacity_at(step, final_capacity, rs.capacity_warmup)",
+        "net.router.config.capacity = final_capacity",
+        (EST, "-k", "resume and recursion"),
+    ),
 ]
 
 
