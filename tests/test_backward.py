@@ -166,14 +166,15 @@ def test_llama_init_is_a_loadable_checkpoint(arch):
 
 # --------------------------------------------------------------------------------------- radial networks
 
+SLOW = pytest.mark.slow  # the token schedule's reused blocks: ~10-30 s each; per-step reuse stays in the fast subset
 CASES = [  # (policy, forward_only, pre-LN, max_depth, cost, step-encoding scale, architecture)
-    ("global", False, True, 6, 0.3, 1.0, "opt"),
-    ("global", False, False, 5, 0.0, 2.0, "opt"),
-    ("per-layer", False, True, 6, 0.2, 1.0, "opt"),
+    pytest.param("global", False, True, 6, 0.3, 1.0, "opt", marks=SLOW),
+    pytest.param("global", False, False, 5, 0.0, 2.0, "opt", marks=SLOW),
+    pytest.param("per-layer", False, True, 6, 0.2, 1.0, "opt", marks=SLOW),
     ("per-layer", True, True, None, 0.3, 1.0, "opt"),
     ("per-step", False, False, 6, 0.1, 1.0, "opt"),
     ("per-step", True, True, 3, 0.0, 1.0, "opt"),
-    ("global", False, True, 6, 0.2, 1.0, "llama"),
+    pytest.param("global", False, True, 6, 0.2, 1.0, "llama", marks=SLOW),
     ("per-layer", True, True, None, 0.2, 1.0, "qwen2"),
 ]
 
@@ -219,6 +220,7 @@ def test_explore_swaps_block_moves_for_other_allowed_blocks():
     assert abs((half != moves)[~exits].mean() - 0.5) < 0.03
 
 
+@pytest.mark.slow
 def test_explored_network_gradients():
     """With exploration the swapped blocks run gated by their own probability: the gradients stay exact (the same
     draws at each finite-difference evaluation), the routes differ from the router's argmax ones, and without a
