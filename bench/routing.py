@@ -54,12 +54,12 @@ def trained_router(model, path: Path) -> R.Router:
 
 
 def decision_us(net, n=2000) -> float:
-    """Microseconds per routing decision of one token (RadialNetwork.decide on a [1, E] state, as decode asks)."""
+    """Microseconds per routing decision of one token (the router's `decide` on a [1, E] state, as decode asks)."""
     x = np.random.default_rng(0).standard_normal((1, net.config.hidden_size)).astype(np.float32)
-    net.decide(x, [-1], [0])
+    net.router.decide(x, [-1], [0])
     t0 = time.perf_counter()
     for i in range(n):
-        net.decide(x, [i % 3 - 1], [i % 3])
+        net.router.decide(x, [i % 3 - 1], [i % 3])
     return (time.perf_counter() - t0) / n * 1e6
 
 

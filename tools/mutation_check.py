@@ -1175,6 +1175,13 @@ MUTANTS = [
         "net.router.config.capacity = final_capacity",
         (EST, "-k", "resume and recursion"),
     ),
+    Mutant(
+        "bench: the routing timer asks the network instead of its router",
+        "bench/routing.py",
+        "    net.router.decide(x, [-1], [0])",
+        "    net.decide(x, [-1], [0])",
+        (T("bench"),),
+    ),
 ]
 
 
