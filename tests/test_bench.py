@@ -1,5 +1,6 @@
-"""The bench scripts stay in step with the library: each imports, and the routing bench's timing helper runs on a
-tiny routed network (a refactor once renamed what it called and only `bench.py --quick` noticed)."""
+"""The bench and tools scripts stay in step with the library: each imports (those that make reference fixtures
+need torch, absent here, and are skipped), and the routing bench's timing helper runs on a tiny routed network (a
+refactor once renamed what it called and only `bench.py --quick` noticed)."""
 
 import importlib
 import sys
@@ -14,6 +15,7 @@ from radial_min.router import Router, RouterConfig, init_router
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py"))
+TOOLS = BENCH.parent / "tools"
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +31,19 @@ def test_bench_script_imports(name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(p.stem for p in TOOLS.glob("*.py")))
+def test_tool_script_imports(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(TOOLS))
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name in ("torch", "transformers"):
+            pytest.skip(f"tools/{name}.py makes reference fixtures with {e.name}")
+        raise
+    assert module.__doc__, f"tools/{name}.py says what it does"
+    sys.modules.pop(name, None)
+
+
 def test_decision_timer_runs_the_router():
     import routing
 
