@@ -481,6 +481,56 @@ MUTANTS = [
         "rng = np.random.default_rng([cfg.seed, 0])",
         (T("train"),),
     ),
+    # the variable-depth task
+    Mutant(
+        "hop task: answers one hop short",
+        "radial_min/tasks.py",
+        "for _ in range(k):",
+        "for _ in range(k - 1):",
+        (T("tasks"),),
+    ),
+    Mutant(
+        "hop task: f two cycles instead of one",
+        "radial_min/tasks.py",
+        "f[cycle] = np.roll(cycle, -1)",
+        "f[cycle] = np.roll(cycle, -2)",
+        (T("tasks"),),
+    ),
+    Mutant(
+        "hop task: start nodes may repeat",
+        "radial_min/tasks.py",
+        "rng.permutation(n)[: task.queries]",
+        "rng.integers(0, n, task.queries)",
+        (T("tasks"),),
+    ),
+    Mutant(
+        "hop task: sequences not seeded by their index",
+        "radial_min/tasks.py",
+        "np.random.default_rng([_SALT[stream], seed, i])",
+        "np.random.default_rng([_SALT[stream], seed, 0])",
+        (T("tasks"),),
+    ),
+    Mutant(
+        "hop task: the eval stream is the train stream",
+        "radial_min/tasks.py",
+        '_SALT = {"train": 0x7A51, "eval": 0x3E7A}',
+        '_SALT = {"train": 0x7A51, "eval": 0x7A51}',
+        (T("tasks"),),
+    ),
+    Mutant(
+        "hop task: accuracy scores the noise tokens",
+        "radial_min/tasks.py",
+        "if label != NOISE:",
+        "if True:",
+        (T("tasks"),),
+    ),
+    Mutant(
+        "depth task: the loss mask ignored",
+        "tools/depth_task.py",
+        "p *= (weights / norm)[:, None].astype(p.dtype)",
+        "p *= 1 / len(targets)",
+        (T("depth_task"),),
+    ),
 ]
 
 
