@@ -135,9 +135,9 @@ def machine(threads, torch_mod) -> list:
         ["load average at start", f"{os.getloadavg()[0]:.1f}"],
     ]
     busy = kernels.machine_busy()
-    pool = f"for work above {kernels.SERIAL_BELOW:,} multiply-adds"
+    pool = f"for work above {kernels.PARALLEL_FROM:,} bytes (kernels.PARALLEL_FROM)"
     if busy:
-        pool = "NOT USED: the load average exceeds the CPUs (kernels.SERIAL_BELOW): radial_min serial, torch 1 thread"
+        pool = "NOT USED: the load average exceeds the CPUs (kernels.machine_busy): radial_min serial, torch 1 thread"
     rows.append(["thread pool", pool])
     if torch_mod is not None:
         import transformers

@@ -37,24 +37,13 @@ def bandwidth(mib=1024, passes=10) -> float:
     return a.nbytes / best / 1e9
 
 
-def weight_arrays(obj, seen=None):
-    """Every array a model holds, once (the tied LM head is the embedding), through its attributes and blocks; an
-    Int8Matrix gives its int8 values and its scales."""
-    seen = set() if seen is None else seen
-    for v in vars(obj).values() if hasattr(obj, "__dict__") else obj:
-        if isinstance(v, np.ndarray) and id(v) not in seen:
-            seen.add(id(v))
-            yield v
-        elif isinstance(v, list) or (hasattr(v, "__dict__") and not isinstance(v, type)):
-            yield from weight_arrays(v, seen)
-
-
 def decode_bytes(model) -> int:
     """Bytes one decode step reads: every array held but a position table and an untied token embedding, of which
     it reads one row."""
-    n = sum(a.nbytes for a in weight_arrays(model))
-    n -= getattr(model, "embed_positions", np.zeros(0)).nbytes
-    return n - (model.embed_tokens.nbytes if model.lm_head is not model.embed_tokens else 0)
+    n = sum(a.nbytes for a in model.arrays())
+    positions = getattr(model, "embed_positions", None)
+    n -= 0 if positions is None else positions.weight.nbytes
+    return n - (model.embed_tokens.weight.nbytes if model.lm_head.weight is not model.embed_tokens.weight else 0)
 
 
 def prefill_flops(cfg, T: int) -> int:
@@ -161,7 +150,7 @@ def run_memory(path, models: dict, sz) -> dict:
         env = {**os.environ, "NUMBA_CACHE_DIR": cache}
         cold = probe(path, "float32", ids[:8], 1, env)
     for dtype, model in models.items():
-        held = sum(a.nbytes for a in weight_arrays(model))
+        held = sum(a.nbytes for a in model.arrays())
         run = probe(path, dtype, ids, sz["rss_new"])
         warm = [probe(path, dtype, ids[:8], 1) for _ in range(3)]
         start = statistics.median(w["import_s"] + w["load_s"] + w["generate_s"] for w in warm)

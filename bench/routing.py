@@ -15,7 +15,9 @@ import radial_min
 from radial_min.analysis import profiling
 from radial_min import router as R
 from radial_min.radial import RadialNetwork, depth_streamer, format_routing
-from radial_min.testing import ScriptedRouter, SequentialRouter
+from radial_min.analysis import distill
+from radial_min.router import InOrder as SequentialRouter
+from radial_min.router import Scripted as ScriptedRouter
 
 SKIP_RATES = (0.25, 0.5, 0.75, 1.0)  # 1.0 = every block skipped: embedding, LM head and sampling only
 SHIPPED_ROUTER = ROOT / "weights" / "opt-kjv-wiki" / "router-tau0.2"
@@ -42,11 +44,11 @@ def trained_router(model, path: Path) -> R.Router:
         return R.Router.load(files)
     seqs = np.stack([prompt_ids(64, model.config.vocab_size, seed=100 + i) for i in range(8)])
     tau = float(np.quantile(profiling.profile_text(model, seqs), TAU_QUANTILE))
-    ex = R.oracle_examples(model, seqs, tau, "drop")
+    ex = distill.oracle_examples(model, seqs, tau, "drop")
     cfg = R.RouterConfig(
         width=model.config.hidden_size, n_blocks=len(model.blocks), tau=tau, kv_rule="drop", model=path.name
     )
-    router = R.train_router(ex, cfg, progress=False)
+    router = distill.train_router(ex, cfg, progress=False)
     router.save(files)
     return router
 

@@ -79,7 +79,7 @@ def block_flops(m, tokens):
 
 
 def head_flops(m, tokens):
-    V, P = m.shell.lm_head.shape
+    V, P = m.shell.lm_head.weight.shape
     return 2 * V * P * tokens
 
 

@@ -25,10 +25,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from radial_min.models import opt
+from radial_min.models import opt  # noqa: E402
 
 from radial_min.analysis import stream  # noqa: E402
-from radial_min.blocks import Step, run_block  # noqa: E402
+from radial_min.blocks import Rows, run_block  # noqa: E402
 from radial_min.config import OPTConfig  # noqa: E402
 
 SIZES = {  # layers, width, FFN width, heads, parameters: the facebook/opt-* configs
@@ -70,12 +70,12 @@ def random_block(E, F, H, kind, rng):
 def seconds_per_sequence(block, E, T, n_seq, repeats, rng):
     xs = [rng.standard_normal((T, E), dtype=np.float32) for _ in range(n_seq)]
     pos = np.arange(T)
-    run_block(0, block, xs[0], Step(pos))  # compiles the kernels of these sizes (serial or parallel) on first use
+    run_block(0, block, xs[0], Rows(pos))  # compiles the kernels of these sizes (serial or parallel) on first use
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         for x in xs:
-            run_block(0, block, x, Step(pos))
+            run_block(0, block, x, Rows(pos))
         best = min(best, (time.perf_counter() - t0) / n_seq)
     return best
 

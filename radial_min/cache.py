@@ -1,150 +1,303 @@
-"""Key/value caches for incremental decoding.
+"""The KV cache: every key/value pair an executed attention block wrote, and the rule for which a query reads.
 
-`KVCache` is the sequential model's cache: one store per layer, each row tagged with its token position, so a
-layer may hold fewer rows than there are tokens (a token that skipped the layer leaves a hole, and attention
-masks by position, not by row index).
+One cache serves the sequential model and the Radial Network, generation and training (paper, Sec. 5.2: when
+tokens skip and reuse blocks, per-layer caches have holes and no fixed shape, so the Radial Network keeps one
+*unified* cache of whatever was written). Each entry is tagged with its token's position and its routing step (how
+many blocks the token had run before this one), and goes into the partition its cache policy names:
 
-`UnifiedKVCache` is the Radial Network's (paper, Sec. 5.2): when tokens skip and reuse blocks, per-layer
-caches have holes and no fixed shape, so every key/value pair any executed attention block writes goes into one
-global store, tagged with (token position, layer, routing step). Memory grows with the attention blocks
-actually run, not with layers x tokens. A query chooses what it sees by a named policy:
+- per-layer (the paper's per-block policy): a partition per layer, the entries written by that layer's attention
+  block. With nothing skipped this is the sequential model's cache; with skips it is the oracle's `drop` rule (a
+  token that skipped a layer offers no keys there).
+- per-step: a partition per routing step, whichever block wrote the entry (Mixture-of-Recursions' recursion-wise
+  caching): step s of a token reads step s of the tokens before it, and its own.
+- global: one partition, every entry so far. Entries of different steps are told apart by a sinusoidal encoding of
+  the step added to keys and queries, so q.k gains a term PE(s_q).PE(s_k) that is largest for equal steps. A model
+  trained sequentially never learned this mixing; it is meant for networks trained with it (train --radial).
 
-- per-layer: the entries written by the same layer (the paper's per-block policy: a layer has one attention
-  block, and only attention blocks write). With nothing skipped this is exactly the sequential cache; with skips
-  it is the oracle's `drop` rule (a token that skipped a layer offers no keys there).
-- per-step: the entries written at the same routing step, whichever block wrote them (Mixture-of-Recursions'
-  recursion-wise caching): step s of a token reads step s of the tokens before it, and its own.
-- global: every entry so far, i.e. all previous tokens' entries and the current token's earlier steps.
-  Entries from different steps are told apart by a sinusoidal encoding of the step added to keys and
-  queries, so q.k gains a term PE(s_q).PE(s_k) that is largest for equal steps. A model trained sequentially
-  never learned this mixing; the policy is meant for networks trained with it (radial_train.py).
+The visibility rule is one for every policy: a query at (position p, step s) reads the entries of its partition
+whose (position, step) is at most (p, s), in that order: every earlier token's entries, and its own entries of
+earlier steps (and the one it just wrote). Entries are stored in that order, as `order_key(pos, step)`, so what a
+query reads is a prefix of its partition: the attention kernels count it by binary search. The order holds however
+the walk batches its tokens (radial.py: token by token, a routing step of every token at once, or a block of every
+token at once), so every batch order that the policy allows gives each token the same keys.
+
+A cache has a batch axis (B sequences, for training and evaluation; 1 in generation) and, when made for training, a
+backward: the gradients of its entries accumulate as queries are differentiated, in reverse order of the walk.
 """
 
 import numpy as np
 
-POLICIES = ("per-layer", "per-step", "global")
+from . import kernels, ops
+
+STEP_BITS = 16  # order_key: the routing step in the low 16 bits (router.MAX_PASSES * n_blocks stays below)
 
 
-class _Rows:
-    """Growable key and value tables, head-major [H, capacity, D] so attention reads each head's keys
-    contiguously, plus int64 tags per row; capacity doubles when full."""
-
-    def __init__(self, width: int, n_head: int, tags=("pos",), capacity: int = 64):
-        self.n_head, self.d_head = n_head, width // n_head
-        self.k = np.empty((n_head, capacity, self.d_head), np.float32)
-        self.v = np.empty_like(self.k)
-        self.tags = {t: np.empty(capacity, np.int64) for t in tags}
-        self.n = 0
-
-    def reserve(self, need: int):
-        """Room for `need` rows in all (one copy, instead of doublings each copying everything so far)."""
-        if need > self.k.shape[1]:
-            cap = max(need, 2 * self.k.shape[1])
-            self.k, self.v = _grow(self.k, self.n, cap, axis=1), _grow(self.v, self.n, cap, axis=1)
-            self.tags = {t: _grow(a, self.n, cap) for t, a in self.tags.items()}
-
-    def append(self, k, v, **tags):  # [T, E], [T, E], each tag [T] or a scalar
-        T = len(k)
-        need = self.n + T
-        self.reserve(need)
-        self.k[:, self.n : need] = k.reshape(T, self.n_head, self.d_head).transpose(1, 0, 2)
-        self.v[:, self.n : need] = v.reshape(T, self.n_head, self.d_head).transpose(1, 0, 2)
-        for t, value in tags.items():
-            self.tags[t][self.n : need] = value
-        self.n = need
-
-    def tag(self, name):
-        return self.tags[name][: self.n]
-
-    def view(self):
-        """Keys and values as stored, [H, capacity, D] (the first n valid), and the n positions."""
-        return self.k, self.v, self.tag("pos")
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the rows in use: keys, values and tags."""
-        return self.n * (2 * self.n_head * self.d_head * 4 + 8 * len(self.tags))
+def order_key(pos, step):
+    """Entries' order within a partition, and a query's bound: position first, then routing step. [n] -> [n]
+    (positions are int64 arrays; the step an int, or one per row)."""
+    return (pos << STEP_BITS) | step
 
 
-def _grow(a, n, cap, axis=0):
-    shape = list(a.shape)
-    shape[axis] = cap
-    grown = np.empty(shape, a.dtype)
-    index = (slice(None),) * axis + (slice(0, n),)
-    grown[index] = a[index]
-    return grown
-
-
-class KVCache:
-    """One key/value store per layer. `n_tokens` counts the tokens the model has consumed so far."""
-
-    def __init__(self, n_layer: int, width: int, n_head: int):
-        self.layers = [_Rows(width, n_head) for _ in range(n_layer)]
-        self.n_tokens = 0
-
-    def update(self, layer: int, q, k, v, pos, hop: int = 0):
-        """Store the new rows of `layer`. Returns what the query attends to: (query, key storage, value storage,
-        key positions, rows), where rows = None means the first len(positions) rows of the storage."""
-        rows = self.layers[layer]
-        rows.append(k, v, pos=pos)
-        return (q, *rows.view(), None)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of keys, values and position tags actually held (not capacity)."""
-        return sum(r.nbytes for r in self.layers)
-
-
-def step_encoding(hop: int, width: int) -> np.ndarray:
+def step_encoding(step: int, width: int) -> np.ndarray:
     """The sinusoidal encoding of Vaswani et al. for one step index: sin at even, cos at odd dims, [width]."""
-    angle = hop / 10000.0 ** (np.arange(0, width, 2) / width)
+    angle = step / 10000.0 ** (np.arange(0, width, 2) / width)
     pe = np.empty(width, np.float32)
     pe[0::2], pe[1::2] = np.sin(angle), np.cos(angle)[: width // 2]
     return pe
 
 
-class UnifiedKVCache:
-    """One global store of every key/value pair written, tagged (position, layer, step); see the module doc."""
+# ------------------------------------------------------------------------------------------------ policies
 
-    def __init__(self, width: int, n_head: int, policy: str = "per-layer", step_encoding_scale: float = 1.0):
-        if policy not in POLICIES:
-            raise ValueError(f"cache policy must be one of {POLICIES}, got {policy!r}")
-        self.width, self.policy, self.scale = width, policy, step_encoding_scale
-        self.rows = _Rows(width, n_head, tags=("pos", "layer", "hop"))
-        self.views = {}  # layer (per-layer) or step (per-step) -> (growable int64 array of entry indices, count)
-        self.n_tokens = 0
 
-    def update(self, layer: int, q, k, v, pos, hop: int = 0):
-        if self.policy == "global" and self.scale:
-            enc = self.scale * step_encoding(hop, self.width)  # [Ekv]
-            group = q.shape[1] // k.shape[1]  # grouped-query: each query head gets its key/value head's encoding
-            q, k = q + np.repeat(enc.reshape(self.rows.n_head, -1), group, axis=0).reshape(-1), k + enc
-        first = self.rows.n
-        self.rows.append(k, v, pos=pos, layer=layer, hop=hop)
-        if self.policy == "global":  # tokens arrive in order, so everything stored is visible
-            return (q, *self.rows.view(), None)
-        key = layer if self.policy == "per-layer" else hop  # the view this query reads, kept as entries arrive
-        index, n = self.views.get(key, (np.empty(16, np.int64), 0))
-        if n + len(pos) > len(index):
-            index = _grow(index, n, max(2 * len(index), n + len(pos)))
-        index[n : n + len(pos)] = np.arange(first, self.rows.n)
-        n += len(pos)
-        self.views[key] = (index, n)
-        return q, self.rows.k, self.rows.v, self.rows.tag("pos")[index[:n]], index[:n]
+class PerLayer:
+    """A partition per layer: a query reads the entries its own layer wrote."""
 
-    def reserve(self, n_more: int):
-        """Room for n_more entries beyond those stored (a prompt's tokens x attention blocks, say)."""
-        self.rows.reserve(self.rows.n + n_more)
+    name = "per-layer"
 
-    def __len__(self) -> int:
-        return self.rows.n
+    def partition(self, layer: int, step: int) -> int:
+        return layer
+
+    def encode(self, q, k, step, n_kv_head):
+        return q, k
+
+
+class PerStep(PerLayer):
+    """A partition per routing step: a query reads the entries written at its own step, by any block."""
+
+    name = "per-step"
+
+    def partition(self, layer: int, step: int) -> int:
+        return step
+
+
+class Global(PerLayer):
+    """One partition: a query reads every entry so far, keys and queries carrying a sinusoidal code of their step."""
+
+    name = "global"
+
+    def __init__(self, scale: float = 1.0):
+        self.scale, self.table = scale, np.zeros((0, 0), np.float32)
+
+    def partition(self, layer: int, step: int) -> int:
+        return 0
+
+    def code(self, step, width: int) -> np.ndarray:
+        """scale * step_encoding(step) for a step ([width]) or each of several steps ([n] -> [n, width]), from a
+        table made once for the steps seen so far."""
+        top = int(np.max(step)) + 1
+        if self.table.shape[1] != width or len(self.table) < top:
+            self.table = np.stack([self.scale * step_encoding(s, width) for s in range(max(top, 2 * len(self.table)))])
+        return self.table[step]
+
+    def encode(self, q, k, step, n_kv_head):
+        """q + code, k + code of each row's step (constants: the backward passes gradients through unchanged).
+        Under grouped-query attention each query head gets its key/value head's code."""
+        if not self.scale:
+            return q, k
+        enc = self.code(step, k.shape[1]).astype(k.dtype, copy=False).reshape(-1, n_kv_head, k.shape[1] // n_kv_head)
+        group = q.shape[1] // k.shape[1]  # [1 or n, Hkv, D]: one step for every row, or one per row
+        return q + np.repeat(enc, group, axis=1).reshape(len(enc), -1), k + enc.reshape(len(enc), -1)
+
+
+POLICIES = {"per-layer": PerLayer, "per-block": PerLayer, "per-step": PerStep, "global": Global}
+
+
+def make_policy(name: str, step_encoding_scale: float = 1.0):
+    if name not in POLICIES:
+        raise ValueError(f"cache policy must be one of {', '.join(POLICIES)}, got {name!r}")
+    return Global(step_encoding_scale) if name == "global" else POLICIES[name]()
+
+
+# ---------------------------------------------------------------------------------------------- the store
+
+
+class _Entries:
+    """One partition: per sequence, its entries in order, head-major [B, Hkv, cap, D] so attention reads each head's
+    keys contiguously, their order keys [B, cap] and counts [B]; capacity doubles when full. For training also the
+    keys and values transposed, [B, Hkv, D, cap] (the kernels' dot products sweep over the entries), and the
+    entries' gradients."""
+
+    def __init__(self, batch, n_kv_head, d_head, dtype, train, capacity):
+        self.train = train
+        self.k = np.zeros((batch, n_kv_head, capacity, d_head), dtype)  # zeros: unwritten entries are finite
+        self.v = np.zeros_like(self.k)
+        self.kt = self.vt = None
+        if train:
+            self.kt, self.vt = (np.zeros((batch, n_kv_head, d_head, capacity), dtype) for _ in "kv")
+        self.keys = np.zeros((batch, capacity), np.int64)
+        self.count = np.zeros(batch, np.int64)
+        self.dk = self.dv = None
+
+    def reserve(self, need: int):
+        cap = self.k.shape[2]
+        if need <= cap:
+            return
+        cap = max(need, 2 * cap)
+        n = int(self.count.max())
+        for name, axis in (("k", 2), ("v", 2), ("kt", 3), ("vt", 3), ("keys", 1)):
+            a = getattr(self, name)
+            if a is not None:
+                shape = list(a.shape)
+                shape[axis] = cap
+                grown = np.zeros(shape, a.dtype)
+                index = (slice(None),) * axis + (slice(0, n),)
+                grown[index] = a[index]
+                setattr(self, name, grown)
+
+    def append(self, seq, keys, k, v):
+        """Entries k, v [n, Hkv, D] of sequences seq [n] with order keys [n], each put in its place in its sequence's
+        key order. Entries almost always come after those stored (then they are appended); a round of the walk
+        in which several blocks write one partition (per-step) may interleave them (then they are merged in)."""
+        if len(self.count) == 1:  # one sequence (generation): the entries follow on, written as a slice
+            n, m = int(self.count[0]), len(k)
+            self.reserve(n + m)
+            in_order = (n == 0 or keys[0] > self.keys[0, n - 1]) and (m == 1 or (np.diff(keys) > 0).all())
+            self.k[0, :, n : n + m], self.v[0, :, n : n + m] = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
+            self.keys[0, n : n + m] = keys
+            if self.train:
+                self.kt[0, :, :, n : n + m], self.vt[0, :, :, n : n + m] = k.transpose(1, 2, 0), v.transpose(1, 2, 0)
+            self.count[0] += m
+        else:
+            new = np.bincount(seq, minlength=len(self.count))
+            first = np.cumsum(new) - new  # where each sequence's rows start in seq's stable order
+            order = np.argsort(seq, kind="stable")
+            rank = np.empty(len(seq), np.int64)
+            rank[order] = np.arange(len(seq)) - np.repeat(first, new)
+            slots = self.count[seq] + rank
+            self.reserve(int(np.max(self.count + new)))
+            last = np.where(self.count > 0, self.keys[np.arange(len(self.count)), np.maximum(self.count - 1, 0)], -1)
+            s, kk = seq[order], keys[order]
+            in_order = (keys > last[seq]).all() and not ((s[1:] == s[:-1]) & (kk[1:] <= kk[:-1])).any()
+            self.count += new
+            self.k[seq, :, slots], self.v[seq, :, slots], self.keys[seq, slots] = k, v, keys
+            if self.train:
+                self.kt[seq, :, :, slots], self.vt[seq, :, :, slots] = k, v
+        if not in_order:
+            for b in np.unique(seq):
+                self._sort(b)
+
+    def _sort(self, b):
+        """Sequence b's entries back in key order (a stable sort)."""
+        n = int(self.count[b])
+        order = np.argsort(self.keys[b, :n], kind="stable")
+        self.keys[b, :n] = self.keys[b, order]
+        self.k[b, :, :n], self.v[b, :, :n] = (
+            self.k[b, :, order].transpose(1, 0, 2),
+            self.v[b, :, order].transpose(1, 0, 2),
+        )
+        if self.train:
+            self.kt[b, :, :, :n], self.vt[b, :, :, :n] = (
+                self.kt[b, :, :, order].transpose(1, 2, 0),
+                self.vt[b, :, :, order].transpose(1, 2, 0),
+            )
+
+    def slots(self, seq, keys):
+        """Where the entries of (sequence, key) are now: [n]."""
+        out = np.empty(len(seq), np.int64)
+        for b in np.unique(seq):
+            mine = seq == b
+            out[mine] = np.searchsorted(self.keys[b, : self.count[b]], keys[mine])
+        return out
 
     @property
     def nbytes(self) -> int:
-        """Keys and values plus three int64 tags per entry."""
-        return self.rows.nbytes
+        """Bytes of the entries in use: keys, values and one order key each."""
+        return int(self.count.sum()) * (2 * self.k.shape[1] * self.k.shape[3] * self.k.itemsize + 8)
+
+
+class KVCache:
+    """The entries of every attention block run so far, in partitions by policy; see the module doc.
+
+    `n_tokens` counts the tokens each sequence has consumed (generation continues from there)."""
+
+    def __init__(self, policy, n_kv_head: int, head_dim: int, batch: int = 1, train: bool = False, capacity=64):
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self.n_kv_head, self.head_dim, self.batch, self.train = n_kv_head, head_dim, batch, train
+        self.capacity, self.parts, self.n_tokens = capacity, {}, 0
+
+    def entries(self, key: int, dtype) -> _Entries:
+        if key not in self.parts:
+            self.parts[key] = _Entries(self.batch, self.n_kv_head, self.head_dim, dtype, self.train, self.capacity)
+        return self.parts[key]
+
+    def write(self, layer: int, q, k, v, rows, tape=None):
+        """Store layer `layer`'s keys and values [n, Hkv*D] for `rows` (blocks.Rows: each row's sequence, position and
+        routing step) in the partition the policy names. -> what `read` needs: the queries [n, H*D] (with the
+        global policy's step code), the partition, and the rows' sequences and order keys. The rows of one call
+        fall in one partition (the walk's rounds see to it)."""
+        if isinstance(rows.step, (int, np.integer)):  # one step for every row (the sequential model, decode)
+            part = self.policy.partition(layer, int(rows.step))
+        else:
+            parts = {self.policy.partition(layer, int(s)) for s in np.unique(rows.step)}
+            if len(parts) > 1:
+                raise ValueError(
+                    f"KVCache.write: rows of steps {sorted(set(rows.step.tolist()))} fall in several partitions"
+                )
+            part = parts.pop()
+        q, k = self.policy.encode(q, k, rows.step, self.n_kv_head)
+        store = self.entries(part, q.dtype)
+        n, D = len(q), self.head_dim
+        keys = order_key(rows.pos, rows.step)
+        seq = 0 if self.batch == 1 and tape is None else np.broadcast_to(np.asarray(rows.seq, np.int64), (n,))
+        store.append(seq, keys, k.reshape(n, -1, D), v.reshape(n, -1, D))
+        if tape is not None:
+            tape.append((store, seq, keys))
+        return q, store, seq, keys
+
+    def read(self, written, tape=None):
+        """Each query reads the entries of its partition that it sees (module doc) -> [n, H*D]: the fast inference
+        kernels (kernels.attention, one sequence at a time), or with a tape the training kernels (ops.py)."""
+        q, store, seq, keys = written
+        n, D = len(q), self.head_dim
+        if tape is not None:
+            qh = np.ascontiguousarray(q.reshape(n, -1, D))
+            y, lse = ops.attention_forward(qh, store, seq, keys)
+            tape.append((qh, store, seq, keys, y, lse))
+            return y.reshape(n, -1)
+        H = q.shape[1] // D
+        if self.batch == 1:
+            count = int(store.count[0])
+            return kernels.attention(q, store.k[0], store.v[0], H, keys, store.keys[0, :count], None, self.n_kv_head)
+        out = np.empty_like(q)
+        for b in np.unique(seq):
+            mine, count = np.flatnonzero(seq == b), int(store.count[b])
+            out[mine] = kernels.attention(
+                np.ascontiguousarray(q[mine]), store.k[b], store.v[b], H, keys[mine], store.keys[b, :count], None,
+                self.n_kv_head,
+            )  # fmt: skip
+        return out
+
+    def __len__(self) -> int:
+        return int(sum(p.count.sum() for p in self.parts.values()))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts.values())
+
+
+def read_backward(da, tape):
+    """The backward of `KVCache.read`: -> dq [n, H*D]; the gradients of the entries read are added into their
+    partition (dk, dv), to be collected by `write_backward`."""
+    qh, store, seq, keys, y, lse = tape.pop()
+    if store.dk is None:
+        store.dk, store.dv = np.zeros_like(store.k), np.zeros_like(store.v)
+    return ops.attention_backward(np.ascontiguousarray(da.reshape(qh.shape)), qh, store, seq, keys, y, lse).reshape(
+        len(qh), -1
+    )
+
+
+def write_backward(tape):
+    """The backward of `KVCache.write`: the complete gradients dk, dv [n, Hkv*D] of the entries that call wrote.
+    Complete once every query that reads them has been differentiated: the queries of the same round (the walk
+    differentiates a round's reads before its writes) and of later rounds (the backward visits rounds in reverse)."""
+    store, seq, keys = tape.pop()
+    slots = store.slots(seq, keys)
+    if store.dk is None:  # nothing read them (cannot happen: a query reads its own entry), zeros
+        store.dk, store.dv = np.zeros_like(store.k), np.zeros_like(store.v)
+    n = len(seq)
+    return store.dk[seq, :, slots].reshape(n, -1), store.dv[seq, :, slots].reshape(n, -1)
 
 
 def dense_cache_bytes(n_layer: int, n_tokens: int, width: int) -> int:
-    """What a sequential per-layer cache holds for the same tokens: every layer, every token."""
+    """What a sequential per-layer cache holds for the same tokens: every layer, every token, one key each."""
     return n_layer * n_tokens * (2 * width * 4 + 8)

@@ -7,10 +7,8 @@ given (an activation we have no kernel for, say) are refused by name rather than
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .errors import CheckpointError
-from .io.outputs import read_json
 
 
 @dataclass
@@ -263,28 +261,25 @@ def _shown(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def config_from_dict(d: dict, source: str = "config.json"):
-    """Build an OPTConfig or ViTConfig from a parsed config.json, refusing what we cannot compute."""
-    model_type = d.get("model_type")
-    classes = {"opt": OPTConfig, "vit": ViTConfig, "llama": LlamaConfig, "qwen2": LlamaConfig}
-    if not isinstance(model_type, str) or model_type not in classes:
-        raise CheckpointError(
-            f"{source}: model_type {_shown(model_type)} is not supported (expected one of {sorted(classes)})"
-        )
-    cls = classes[model_type]
+def config_from_dict(d: dict, cls, source: str = "config.json"):
+    """Build config class `cls` (the architecture registry, models.ARCHITECTURES, says which) from a parsed
+    config.json, refusing what we cannot compute."""
     if cls is LlamaConfig:
         return _llama_from_dict(d, source)
     kwargs = {}
     for key, value in d.items():
         key = _RENAMES.get(key, key)
-        if key in FIELDS[cls] and value is not None:
-            if key == "dtype" and isinstance(value, str):
-                value = value.replace("torch.", "")
-            kwargs[key] = check_field(source, key, value, *FIELDS[cls][key])
+        if key not in FIELDS[cls] or _null(source, key, value, cls):
+            continue
+        if key == "dtype" and isinstance(value, str):
+            value = value.replace("torch.", "")
+        kwargs[key] = check_field(source, key, value, *FIELDS[cls][key])
     if "id2label" in kwargs:
         kwargs["id2label"] = _labels(kwargs["id2label"], source)
     if "architectures" in kwargs and not all(isinstance(a, str) for a in kwargs["architectures"]):
         raise CheckpointError(f"{source}: field 'architectures' must be a list of strings")
+    if cls is OPTConfig:  # a null token id: none (transformers keeps None; our -1 matches no token)
+        kwargs.update({k: _NO_TOKEN for k in ("pad_token_id", "bos_token_id", "eos_token_id") if d.get(k, 0) is None})
     cfg = cls(**kwargs)
     _check(cfg, source)
     return cfg
@@ -297,7 +292,7 @@ def _llama_from_dict(d: dict, source: str):
     kwargs = {}
     for key, value in d.items():
         key = _RENAMES.get(key, key)
-        if key in names and value is not None:
+        if key in names and not _null(source, key, value, LlamaConfig):
             kwargs[key] = value
     kwargs["dtype"] = str(kwargs.get("dtype", "float32")).replace("torch.", "")
     try:
@@ -306,6 +301,26 @@ def _llama_from_dict(d: dict, source: str):
         raise CheckpointError(f"{source}: {e}") from None
     _check_llama(cfg, source)
     return cfg
+
+
+# Fields a config.json may set to null: the ones whose null means something (a width that follows hidden_size, no
+# BOS/EOS token) or that are informational. Any other null is refused by name: transformers would keep the None
+# and fail (or compute something else) later, and taking our default instead would be a silent guess.
+NULLABLE = {
+    OPTConfig: {"word_embed_proj_dim", "dtype", "pad_token_id", "bos_token_id", "eos_token_id"},
+    ViTConfig: {"pooler_output_size", "dtype", "architectures", "id2label"},
+    LlamaConfig: {"num_key_value_heads", "head_dim", "bos_token_id", "eos_token_id", "dtype"},
+}
+_NO_TOKEN = -1  # an OPT token id given as null: no such token (EOS never stops generation, as in transformers)
+
+
+def _null(source: str, key: str, value, cls) -> bool:
+    """Whether a field is null and so skipped (its default applies, see NULLABLE); a null that may not be, refused."""
+    if value is not None:
+        return False
+    if key not in NULLABLE[cls]:
+        raise CheckpointError(f"{source}: field {key!r} is null, expected a value (a null would be a guess)")
+    return True
 
 
 def _labels(id2label: dict, source: str) -> dict:
@@ -330,6 +345,13 @@ def _check(cfg, source):
         raise CheckpointError(
             f"{source}: hidden_size {cfg.hidden_size} is not divisible by num_attention_heads {cfg.num_attention_heads}"
         )
+    if isinstance(cfg, OPTConfig):
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            v = getattr(cfg, name)
+            if not _NO_TOKEN <= v < cfg.vocab_size:
+                raise CheckpointError(
+                    f"{source}: field {name!r} is {v}, expected a token id below vocab_size {cfg.vocab_size} (or -1)"
+                )
     if isinstance(cfg, ViTConfig):
         if cfg.image_size % cfg.patch_size:
             raise CheckpointError(
@@ -337,13 +359,6 @@ def _check(cfg, source):
             )
         if cfg.pooler_act != "tanh":
             raise CheckpointError(f"{source}: pooler_act {_shown(cfg.pooler_act)} is not supported (expected 'tanh')")
-
-
-def read_config(folder: Path):
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found (a checkpoint folder needs config.json beside its weights)")
-    return config_from_dict(read_json(path, CheckpointError), str(path))
 
 
 def config_to_dict(cfg) -> dict:

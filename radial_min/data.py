@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import RadialError
-from .io.outputs import npy_header, write_json, write_npz
+from .io.outputs import npy_header, present, write_json, write_npz
 from .io.tokenizer import Tokenizer
 
 SHARED = Path(os.environ.get("RADIAL_MIN_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
+MIN_VOCAB = 260  # a byte-level BPE: 256 bytes + 4 special tokens
 WIKITEXT_TEST = SHARED / "wikitext-2" / "test.txt"
 WIKITEXT_VALID = SHARED / "wikitext-2" / "valid.txt"
 KJV = SHARED / "kjv" / "kjv.txt"
@@ -26,7 +27,7 @@ KJV = SHARED / "kjv" / "kjv.txt"
 
 def read_text(path) -> str:
     path = Path(path)
-    if not path.is_file():
+    if not present(path):  # a folder or FIFO is refused by name
         raise RadialError(f"{path}: no such text file")
     try:
         return path.read_text(encoding="utf-8")
@@ -170,18 +171,21 @@ def default_corpus() -> tuple[list[str], dict]:
 
 
 def tokenize_documents(tokenizer, docs: list[str]) -> np.ndarray:
-    """One stream: each document starts with BOS (`</s>`), as OPT's pre-training packs documents."""
+    """One stream: each document starts with BOS (`</s>`) if the tokenizer adds one, as OPT's pre-training packs
+    documents."""
     ids = [tokenizer.encode(d) for d in docs]
     return np.concatenate(ids).astype(np.int32)
 
 
-def prepare_corpus(out, vocab_size: int, docs=None, val_docs=None) -> tuple[np.ndarray, dict]:
-    """Train the tokenizer (once) and tokenize the corpus into `out`, returning (train stream, val streams)."""
+def prepare_corpus(out, vocab_size: int, docs=None, val_docs=None, tokenizer_from=None) -> tuple[np.ndarray, dict]:
+    """Train the tokenizer (once) and tokenize the corpus into `out`, returning (train stream, val streams). With
+    `tokenizer_from` (the checkpoint a run fine-tunes: a folder or a .gguf) its own tokenizer instead, saved in
+    `out` (its vocabulary size is the model's business, not `vocab_size`'s)."""
     out = Path(out)
     cached = out / "tokens.npz"
-    if cached.is_file() and (out / "vocab.json").is_file():
+    if cached.is_file() and any((out / n).is_file() for n in ("vocab.json", "tokenizer.json")):
         z = read_tokens(cached)
-        if z["vocab_size"] != vocab_size:
+        if tokenizer_from is None and z["vocab_size"] != vocab_size:
             raise RadialError(
                 f"{cached}: prepared with a vocabulary of {z['vocab_size']}, not {vocab_size}; "
                 "use the same --vocab-size or a new --out"
@@ -190,11 +194,15 @@ def prepare_corpus(out, vocab_size: int, docs=None, val_docs=None) -> tuple[np.n
     if docs is None:
         docs, val_docs = default_corpus()
     out.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(docs, vocab_size, out)
+    if tokenizer_from is None:
+        train_tokenizer(docs, vocab_size, out)
+    else:
+        Tokenizer(tokenizer_from).save(out)
     tok = Tokenizer(out)
     train_ids = tokenize_documents(tok, docs)
     val_ids = {name: tokenize_documents(tok, d) for name, d in val_docs.items()}
-    write_npz(cached, train=train_ids, vocab_size=np.int64(vocab_size), **{"val_" + k: a for k, a in val_ids.items()})
+    vocab = np.int64(tok.vocab_size if tokenizer_from else vocab_size)
+    write_npz(cached, train=train_ids, vocab_size=vocab, **{"val_" + k: a for k, a in val_ids.items()})
     return train_ids, val_ids
 
 

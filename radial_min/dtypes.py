@@ -7,9 +7,10 @@ NumPy has no bfloat16, so bfloat16 weights are kept as their raw 16 bits in uint
 
 import numpy as np
 
+from . import quant
 from .errors import SettingError
 
-STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8")
+STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8", "native")  # native: as stored; cli.py takes [:2]
 _CHUNK = 1 << 20  # elements converted at a time: no full-size temporaries while loading
 
 
@@ -58,7 +59,13 @@ class Int8Matrix:
 
 
 def stack_rows(mats: list):
-    """Matrices stacked along their rows (the q, k, v projections into one): per-row scales stack with them."""
+    """Matrices stacked along their rows (the q, k, v projections into one): per-row scales stack with them. Kept
+    as they are stored when all are stored alike; else (a GGUF file may mix formats) widened to float32."""
+    kinds = {(type(m), getattr(m, "kind", None), getattr(m, "dtype", None)) for m in mats}
+    if len(kinds) > 1:
+        return np.concatenate([to_float32(m) for m in mats])
+    if isinstance(mats[0], quant.BlockMatrix):
+        return quant.stack_rows(mats)
     if isinstance(mats[0], Int8Matrix):
         return Int8Matrix(np.concatenate([m.q for m in mats]), np.concatenate([m.scale for m in mats]))
     return np.concatenate(mats)
@@ -70,9 +77,10 @@ def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
 
 
 def to_float32(w) -> np.ndarray:
-    """Weights in any storage dtype as float32: uint16 arrays are bfloat16 bits, an Int8Matrix is dequantized,
+    """Weights in any storage dtype as float32: uint16 arrays are bfloat16 bits, an Int8Matrix or a GGUF block
+    matrix (quant.BlockMatrix) is dequantized,
     anything else is cast."""
-    if isinstance(w, Int8Matrix):
+    if isinstance(w, (Int8Matrix, quant.BlockMatrix)):
         return w.dequantize()
     if w.dtype == np.uint16:
         return bf16_to_float32(w)
@@ -86,9 +94,9 @@ def check_storage_dtype(dtype: str) -> None:
 
 def to_storage(w: np.ndarray, dtype: str):
     """float32 weights in the storage dtype: "float32", "float16", "bfloat16" (uint16 bits, rounded to nearest),
-    or "int8" (an Int8Matrix; 2-D only)."""
+    or "int8" (an Int8Matrix; 2-D only). ("native" is decided per tensor by the loader, from the file.)"""
     check_storage_dtype(dtype)
-    if dtype == "float32":
+    if dtype in ("float32", "native"):
         return w.astype(np.float32, copy=False)
     if dtype == "float16":
         return w.astype(np.float16)

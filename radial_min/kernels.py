@@ -5,13 +5,15 @@ width, N for keys in a cache and H, D for heads and head size.
 
 Which kernel runs where (measured in docs/performance.md):
 - one row (decode): `matvec`, a dot product per output row, the rows split across the cores: bandwidth-bound.
-  Weights in float32 or int8 (an Int8Matrix, widened as read); `matvec_half` for 16-bit weights.
-- many rows (prefill, ViT): `matmul`, 4x4 register tiles over 64-column panels of the weights (`_gemm`). On one
-  core of this project's machine (AMD EPYC, Zen 5) 150-170 GFLOP/s on OPT-125M's prefill shapes, against ~120 for
-  NumPy's OpenBLAS sgemm and ~100 for torch's; inside the engine, OpenBLAS's threads would also spin on the cores
-  Numba's threads need. `set_backend("blas")` switches to NumPy, so the comparison can be rerun.
+  Weights in float32 or int8 (an Int8Matrix, widened as read); `matvec_half` for 16-bit weights; `matvec_q4` and
+  `matvec_q8` for GGUF blocks kept quantized (quant.BlockMatrix), 32 rows at a time; `gate_up_silu` fuses Llama's
+  two FFN input projections and the activation.
+- many rows (prefill, ViT): NumPy's sgemm (OpenBLAS), in fixed tiles of output columns (`_sgemm`); block matrices
+  are widened tile by tile first. `set_backend("numba")` switches to our own `matmul`, the readable reference: 4x4
+  register tiles over 64-column panels of the weights (`_gemm`), also the core of the blocked attention.
 - attention: one task per query and head for a few queries (decode), `_attention_blocked` for many (prefill).
-- anything small, or anything while the machine is busy, runs a serial copy of its kernel (SERIAL_BELOW).
+- anything small, or anything while the machine is busy, runs a serial copy of its kernel (PARALLEL_FROM), and
+  OpenBLAS one thread.
 """
 
 import contextlib
@@ -21,12 +23,16 @@ import time
 import types
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba import types as nb_types
 from numba.core import event
+from numba.extending import intrinsic, overload
 
 from .dtypes import Int8Matrix, to_float32, to_storage  # noqa: F401 (kernels.to_storage is public API)
+from .quant import GROUP_ROWS, BlockMatrix
 
-_BACKEND = {"matmul": "numba"}
+_BACKEND = {"matmul": "blas"}
 
 
 def get_backend() -> str:
@@ -34,7 +40,8 @@ def get_backend() -> str:
 
 
 def set_backend(matmul: str) -> None:
-    """Choose the many-row matmul: "numba" (ours, the default) or "blas" (NumPy). Decode always uses `matvec`."""
+    """Choose the many-row matmul: "blas" (NumPy's sgemm, OpenBLAS here: the default) or "numba" (ours, the readable
+    reference, 4x4 register tiles). Decode always uses the matvec kernels."""
     if matmul not in ("blas", "numba"):
         raise ValueError(f"matmul backend must be 'blas' or 'numba', got {matmul!r}")
     _BACKEND["matmul"] = matmul
@@ -102,19 +109,21 @@ def on_first_compile(callback):
 TRAINING_FASTMATH = {"nnan", "ninf", "nsz", "arcp"}
 
 
-# When to wake Numba's thread pool. On an idle machine a parallel call costs microseconds more than a serial one,
-# which pays from about a million multiply-adds (a 1024 x 1024 float32 matvec reads 4 MB, ~0.15 ms on one core).
-# On a busy machine it costs milliseconds: each parallel call waits until all its threads get a core. Measured
-# here at a load average of 23 on 2 cores: a [768] x [3072, 768] matvec took 36 ms with the pool against 0.13 ms
-# without it, and even OPT-125M's LM head [50272, 768] was faster serial (20 against 36 ms). So a kernel runs
-# its serial copy below SERIAL_BELOW multiply-adds, and always while the load average exceeds the CPUs by more
-# than one (our own two busy threads count; checked at most once a second).
-SERIAL_BELOW = 1 << 20
+# When to wake Numba's thread pool. On an idle machine a parallel call costs ~2 us more than a serial one (OpenMP
+# layer, measured on this project's 2-core machine), which pays once a kernel reads about 64 KB: a [576] x [576,
+# 576] Q4_1 matvec reads 207 KB (~20 us on one core), SmolLM2's gate/up/down 553 KB each, OPT-125M's fc1 in
+# float32 9.4 MB. So the rule is in bytes: a kernel reading (or, for the compute-bound matmul and attention,
+# multiply-adding) at least PARALLEL_FROM runs on the pool. On a busy machine a parallel call costs
+# milliseconds instead: each call waits until all its threads get a core. Measured at a load average of 23 on 2
+# cores: a [768] x [3072, 768] matvec took 36 ms with the pool against 0.13 ms without it, and even OPT-125M's LM
+# head [50272, 768] was faster serial (20 against 36 ms). So while the load average exceeds the CPUs by more than
+# one (our own two busy threads count; checked at most once a second), every kernel runs its serial copy.
+PARALLEL_FROM = 64 << 10
 _LOAD = {"checked": -1.0, "busy": False}
 
 
 def machine_busy() -> bool:
-    """Whether other work leaves this process's thread pool waiting for cores (see SERIAL_BELOW)."""
+    """Whether other work leaves this process's thread pool waiting for cores (see PARALLEL_FROM)."""
     now = time.monotonic()
     if now - _LOAD["checked"] > 1.0:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -136,8 +145,9 @@ def _one_thread(kernel):
 
 
 def _sized(kernel, serial, work: int):
-    """The parallel kernel for work worth the thread pool on a machine with cores to spare, else its serial copy."""
-    return kernel if work >= SERIAL_BELOW and not machine_busy() else serial
+    """The parallel kernel for work worth the thread pool (bytes read, or multiply-adds: see PARALLEL_FROM) on a
+    machine with cores to spare, else its serial copy."""
+    return kernel if work >= PARALLEL_FROM and not machine_busy() else serial
 
 
 # ---------------------------------------------------------------------------------------------------- linear
@@ -289,21 +299,206 @@ def matvec_half(x, w, b, is_bf16, out):  # [in], [out, in] uint16 bits, [out] or
 matvec_half_serial = _one_thread(matvec_half)
 
 
+# GGUF's block formats (quant.py): BlockMatrix, rows interleaved in groups of 32. A dot product per row needs, per
+# block of 32 weights, sum_j (scale q_j + offset) x_j = scale * sum_j q_j x_j + offset * sum_j x_j: the block sums
+# of x are computed once per matvec (`_q4_prepare`), and the kernels accumulate sum_j q_j x_j in float32 for the 32
+# rows of a group side by side (one SIMD loop over the rows), then add the block's scale and offset terms.
+#
+# A 4-bit byte holds q_j (low nibble) and q_{j+16} (high): its value is v = q_j + 16 q_{j+16}. Rather than unpack
+# the nibbles with integer shifts (Numba widens every integer operation to 64 bits, and LLVM then vectorizes
+# them badly: 64-bit lanes, 3-7 GMAC/s), the kernel converts the byte to float once and splits it there:
+#     q_j x_j + q_{j+16} x_{j+16} = v x_j + floor(v / 16) (x_{j+16} - 16 x_j)
+# all exact in float32 (v < 256, dividing by 16 is exact), two multiply-adds per byte with x2 = x_{j+16} - 16 x_j
+# prepared once per matvec like the block sums. llama.cpp instead quantizes x to 8 bits per block and multiplies
+# integers; written that way in Numba (int32 partial sums, which LLVM turns into vpmaddwd), the kernel was no faster
+# here than this one (docs/performance.md), and this one keeps x in float32: the only error is the file's own.
+
+
+@intrinsic
+def _half_bits_to_float(typingctx, bits):
+    """float16 bits (uint16) -> float32 in one instruction (F16C's vcvtph2ps): LLVM's fpext from `half`."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return nb_types.float32(nb_types.uint16), codegen
+
+
+def widen(v):
+    """A scale as float32 inside a kernel: float16 bits (uint16) converted, float32 as it is."""
+    return np.float32(v.view(np.float16)) if np.asarray(v).dtype == np.uint16 else np.float32(v)
+
+
+@overload(widen, inline="always")
+def _widen_jit(v):
+    if v == nb_types.uint16:
+        return lambda v: _half_bits_to_float(v)
+    return lambda v: np.float32(v)
+
+
+_SIXTEENTH = np.float32(1.0 / 16.0)
+
+
+@njit(fastmath=True, cache=True)
+def _q4_prepare(x):  # [in] -> block sums [in/32], x2 [in/2] = x_{j+16} - 16 x_j per block
+    n_blocks = x.size // 32
+    sums, x2 = np.empty(n_blocks, np.float32), np.empty(n_blocks * 16, np.float32)
+    for b in range(n_blocks):
+        block = x[b * 32 : b * 32 + 32]
+        x2[b * 16 : b * 16 + 16] = block[16:] - np.float32(16.0) * block[:16]
+        sums[b] = block.sum()
+    return sums, x2
+
+
+@njit(fastmath=True, inline="always")
+def _q4_rows(x, x2, sums, q, scale, offset, g, acc, part):
+    """acc[:G] = the dot products of x with the G rows of group g: q [groups, blocks, 16, G], scale/offset
+    [groups, blocks, G] (part [G] scratch). The row loop's length is the constant GROUP_ROWS and the bounds are
+    unsigned (Numba then drops its negative-index checks), so LLVM turns the row loop into a few SIMD registers."""
+    acc[:] = 0.0
+    for b in range(np.uint64(q.shape[1])):
+        part[:] = 0.0
+        for j in range(np.uint64(16)):
+            lo, d = x[b * np.uint64(32) + j], x2[b * np.uint64(16) + j]
+            for r in range(np.uint64(GROUP_ROWS)):
+                v = np.float32(q[g, b, j, r])
+                part[r] += v * lo + np.floor(v * _SIXTEENTH) * d
+        for r in range(np.uint64(GROUP_ROWS)):
+            acc[r] += widen(scale[g, b, r]) * part[r] + widen(offset[g, b, r]) * sums[b]
+
+
+@njit(fastmath=True, inline="always")
+def _q8_rows(x, q, scale, g, acc, part):
+    """acc[:G] for group g of an 8-bit matrix: q [groups, blocks, block, G] int8, scale [groups, blocks, G]. Here
+    the row loop's length is read from q (measured: with the constant, LLVM unrolled it into scalar code, 4x slower;
+    the 4-bit loop's extra floor() tips it the other way)."""
+    block, n_rows = np.uint64(q.shape[2]), np.uint64(q.shape[3])
+    acc[:] = 0.0
+    for b in range(np.uint64(q.shape[1])):
+        part[:] = 0.0
+        for j in range(block):
+            xj = x[b * block + j]
+            for r in range(n_rows):
+                part[r] += np.float32(q[g, b, j, r]) * xj
+        for r in range(n_rows):
+            acc[r] += widen(scale[g, b, r]) * part[r]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matvec_q4(x, q, scale, offset, b, out):  # [in], BlockMatrix 4-bit arrays, [out] or [0] -> out [out]
+    """One row times a 4-bit block matrix (Q4_0, Q4_1, Q4_K): a task per group of 32 rows."""
+    G = GROUP_ROWS
+    sums, x2 = _q4_prepare(x)
+    for g in prange(q.shape[0]):
+        acc, part = np.empty(G, np.float32), np.empty(G, np.float32)
+        _q4_rows(x, x2, sums, q, scale, offset, g, acc, part)
+        for r in range(min(G, out.size - g * G)):
+            out[g * G + r] = acc[r] + b[g * G + r] if b.size else acc[r]
+
+
+matvec_q4_serial = _one_thread(matvec_q4)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matvec_q8(x, q, scale, b, out):  # [in], BlockMatrix 8-bit arrays, [out] or [0] -> out [out]
+    """One row times an 8-bit block matrix (Q8_0, Q6_K): a task per group of 32 rows."""
+    G = GROUP_ROWS
+    for g in prange(q.shape[0]):
+        acc, part = np.empty(G, np.float32), np.empty(G, np.float32)
+        _q8_rows(x, q, scale, g, acc, part)
+        for r in range(min(G, out.size - g * G)):
+            out[g * G + r] = acc[r] + b[g * G + r] if b.size else acc[r]
+
+
+matvec_q8_serial = _one_thread(matvec_q8)
+
+
+@njit(parallel=True, cache=True)
+def dequantize_q4(q, scale, offset, g_lo, out):  # groups g_lo.. -> out [in, rows] float32 (transposed)
+    """Groups of a 4-bit block matrix as float32 columns, for many-row products (prefill): a task per group. The
+    transposed layout keeps the group's 32 rows side by side as they are in q, so the stores are contiguous. No
+    fastmath: scale * q + offset rounded twice, as BlockMatrix.dequantize does (a streamed LM head widens its rows
+    that way), not fused into one multiply-add."""
+    n_blocks, _, G = q.shape[1:]
+    for g in prange(out.shape[1] // G):
+        for b in range(np.uint64(n_blocks)):
+            for j in range(np.uint64(16)):
+                lo, hi = out[b * np.uint64(32) + j], out[b * np.uint64(32) + np.uint64(16) + j]
+                for r in range(np.uint64(G)):
+                    v = np.float32(q[g_lo + g, b, j, r])
+                    high = np.floor(v * _SIXTEENTH)
+                    s, o = widen(scale[g_lo + g, b, r]), widen(offset[g_lo + g, b, r])
+                    lo[g * G + r] = s * (v - np.float32(16.0) * high) + o
+                    hi[g * G + r] = s * high + o
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def dequantize_q8(q, scale, g_lo, out):  # groups g_lo.. -> out [in, rows] float32 (transposed)
+    n_blocks, block, G = q.shape[1:]
+    for g in prange(out.shape[1] // G):
+        for b in range(np.uint64(n_blocks)):
+            for j in range(np.uint64(block)):
+                col = out[b * np.uint64(block) + j]
+                for r in range(np.uint64(G)):
+                    col[g * G + r] = widen(scale[g_lo + g, b, r]) * np.float32(q[g_lo + g, b, j, r])
+
+
+dequantize_q4_serial, dequantize_q8_serial = _one_thread(dequantize_q4), _one_thread(dequantize_q8)
+DEQUANTIZE_ROWS = 4096  # a prefill widens a block matrix this many rows at a time (the LM head: 9 MB, not 113)
+MATVEC_ROWS = 16  # up to this many rows a block matrix is multiplied row by row: widening it costs more (measured)
+
+
+def _block_linear(x, w: BlockMatrix, bias):
+    """linear() for a BlockMatrix: matvec_q4/matvec_q8 for one row; for many, tiles of DEQUANTIZE_ROWS rows
+    widened to float32, each multiplied by the many-row backend (sgemm or our matmul)."""
+    if x.shape[0] == 1:
+        out, b = np.empty((1, w.shape[0]), np.float32), _NO_BIAS if bias is None else bias
+        if w.bits == 4:
+            _sized(matvec_q4, matvec_q4_serial, w.nbytes)(x[0], w.q, w.scale, w.offset, b, out[0])
+        else:
+            _sized(matvec_q8, matvec_q8_serial, w.nbytes)(x[0], w.q, w.scale, b, out[0])
+        return out
+    if x.shape[0] <= MATVEC_ROWS:
+        return np.concatenate([_block_linear(x[i : i + 1], w, bias) for i in range(x.shape[0])])
+    G = w.q.shape[3]
+    y = np.empty((x.shape[0], w.shape[0]), np.float32)
+    tile = np.empty((w.shape[1], min(DEQUANTIZE_ROWS, w.q.shape[0] * G)), np.float32)  # [in, rows]
+    for lo in range(0, w.shape[0], DEQUANTIZE_ROWS):
+        hi = min(w.shape[0], lo + DEQUANTIZE_ROWS)
+        cols = tile[:, : -(-(hi - lo) // G) * G]
+        if w.bits == 4:
+            _sized(dequantize_q4, dequantize_q4_serial, cols.nbytes)(w.q, w.scale, w.offset, lo // G, cols)
+        else:
+            _sized(dequantize_q8, dequantize_q8_serial, cols.nbytes)(w.q, w.scale, lo // G, cols)
+        if _BACKEND["matmul"] == "blas":
+            _sgemm(x, cols[:, : hi - lo], y[:, lo:hi])
+        else:
+            y[:, lo:hi] = linear(x, np.ascontiguousarray(cols[:, : hi - lo].T))
+    if bias is not None:
+        y += bias
+    return y
+
+
 _NO_BIAS = np.zeros(0, np.float32)
 
 
 def linear(x, w, b=None):
     """y = x @ w.T + b for weights in nn.Linear's [out, in] layout: our matvec for one row, our matmul (or sgemm,
     see set_backend) for many. `w` may be stored as float16 or bfloat16 (uint16 bits) or as an Int8Matrix;
-    computation is float32 either way."""
+    computation is float32 either way. A GGUF block matrix (quant.BlockMatrix) is read as it is stored for one
+    row and widened in tiles for many (`_block_linear`)."""
+    if isinstance(w, BlockMatrix):
+        return _block_linear(x, w, b)
     bias = _NO_BIAS if b is None else b
     q, scale = (w.q, w.scale) if isinstance(w, Int8Matrix) else (w, _NO_BIAS)
     if x.shape[0] == 1:
         out = np.empty((1, q.shape[0]), np.float32)
         if q.dtype in (np.float32, np.int8):
-            _sized(matvec, matvec_serial, q.size)(x[0], q, scale, bias, out[0])  # [1, in] -> [1, out]
+            _sized(matvec, matvec_serial, q.nbytes)(x[0], q, scale, bias, out[0])  # [1, in] -> [1, out]
         else:
-            _sized(matvec_half, matvec_half_serial, q.size)(x[0], q.view(np.uint16), bias, q.dtype == np.uint16, out[0])
+            _sized(matvec_half, matvec_half_serial, q.nbytes)(
+                x[0], q.view(np.uint16), bias, q.dtype == np.uint16, out[0]
+            )
         return out
     if _BACKEND["matmul"] == "numba":
         if q.dtype not in (np.float32, np.int8):
@@ -311,10 +506,61 @@ def linear(x, w, b=None):
         out = np.empty((x.shape[0], q.shape[0]), np.float32)
         _sized(matmul, matmul_serial, x.shape[0] * q.size)(np.ascontiguousarray(x), q, scale, bias, out)
         return out
-    y = x @ to_float32(w).T  # [T, in] -> [T, out]
+    y = np.empty((x.shape[0], q.shape[0]), np.float32)
+    _sgemm(x, to_float32(w).T, y)  # [T, in] -> [T, out]
     if b is not None:
         y += b
     return y
+
+
+BLAS_COLUMNS = 256  # sgemm computes the output in tiles of this many columns
+
+
+def _blas_threads():
+    """NumPy's OpenBLAS as (set_num_threads, get_num_threads) through ctypes, or None if it is not found (another
+    BLAS, another platform): found by its path among the libraries this process has mapped."""
+    import ctypes
+
+    try:
+        maps = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        return None
+    for path in sorted({ln.split()[-1] for ln in maps if "openblas" in ln.lower() and ln.split()[-1].startswith("/")}):
+        lib = ctypes.CDLL(path)
+        for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
+            setter, getter = f"{prefix}_set_num_threads{suffix}", f"{prefix}_get_num_threads{suffix}"
+            if hasattr(lib, setter) and hasattr(lib, getter):
+                return getattr(lib, setter), getattr(lib, getter)
+    return None
+
+
+_BLAS = {"found": None, "threads": None, "default": None}
+
+
+def _blas_fit_to_load():
+    """One OpenBLAS thread while the machine is busy (machine_busy), its default otherwise: OpenBLAS's threads spin
+    waiting for each other, so on a loaded machine a small sgemm took 34 ms on 2 threads (measured at a load
+    average of 14 on 2 cores) instead of microseconds. The thread count does not change sgemm's rounding."""
+    if _BLAS["found"] is None:
+        _BLAS["found"] = _blas_threads() or False
+        if _BLAS["found"]:
+            _BLAS["default"] = _BLAS["threads"] = int(_BLAS["found"][1]())
+    if not _BLAS["found"]:
+        return
+    want = 1 if machine_busy() else _BLAS["default"]
+    if want != _BLAS["threads"]:
+        _BLAS["found"][0](want)
+        _BLAS["threads"] = want
+
+
+def _sgemm(x, wt, y):
+    """y = x @ wt ([T, in] @ [in, out]) through NumPy's sgemm, BLAS_COLUMNS output columns per call: OpenBLAS's
+    rounding of a column depends on the width of the call, so a fixed tile width makes each column's bits
+    independent of the matrix it belongs to (a streamed LM head, read in pieces aligned to the tiles, gives the
+    logits of the whole one bit for bit). Measured cost: none beyond the noise on prefill shapes."""
+    _blas_fit_to_load()
+    for lo in range(0, wt.shape[1], BLAS_COLUMNS):
+        np.matmul(x, wt[:, lo : lo + BLAS_COLUMNS], out=y[:, lo : lo + BLAS_COLUMNS])
 
 
 # ------------------------------------------------------------------------------------------------- layernorm
@@ -380,10 +626,16 @@ def layernorm(x, w, b, eps):
 # --------------------------------------------------------------------------------------------------- rmsnorm
 
 
+def rms_normalize(x, eps):
+    """Rows divided by their root mean square (no centring), and 1/rms: the one NumPy definition of RMSNorm,
+    shared by rmsnorm_ref and the trainer (ops.rmsnorm_forward). Statistics in float64, results in x's dtype."""
+    rstd = (1.0 / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps)).astype(x.dtype)
+    return x * rstd, rstd  # [..., E], [..., 1]
+
+
 def rmsnorm_ref(x, w, eps):
-    """Llama's RMSNorm: divide each row by its root mean square (no centring), then scale."""
-    y = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps)  # [T, E] -> [T, E]
-    return (y * w).astype(np.float32)
+    """Llama's RMSNorm: divide each row by its root mean square, then scale."""
+    return (rms_normalize(x, eps)[0] * w).astype(np.float32)  # [T, E] -> [T, E]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -416,6 +668,23 @@ def rope_angles(pos, head_dim, theta):
     inv_freq = (1.0 / theta**exponent).astype(np.float32)
     angle = np.asarray(pos, np.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
     return np.cos(angle), np.sin(angle)
+
+
+class RopeTable:
+    """cos and sin of every position, computed once (rope_angles, called by every attention block for q and k,
+    recomputed the same table 60 times per SmolLM2 token: ~1.2 ms). `table(pos)` -> (cos, sin) [T, D/2] each,
+    equal to rope_angles(pos, head_dim, theta); the table doubles when a position goes past it."""
+
+    def __init__(self, head_dim: int, theta: float, n_positions: int = 1024):
+        self.head_dim, self.theta = head_dim, theta
+        self.cos, self.sin = rope_angles(np.arange(n_positions), head_dim, theta)  # [P, D/2] each
+
+    def __call__(self, pos):
+        pos = np.asarray(pos)
+        if pos.size and pos.max() >= len(self.cos):
+            n = max(2 * len(self.cos), int(pos.max()) + 1)
+            self.cos, self.sin = rope_angles(np.arange(n), self.head_dim, self.theta)
+        return self.cos[pos], self.sin[pos]
 
 
 def rope_ref(x, n_head, cos, sin):
@@ -503,6 +772,80 @@ def activation(name, x):
     return x
 
 
+# ------------------------------------------------------------------------------------- gated FFN: gate and up
+
+
+def gate_up_silu_ref(x, w_gate, w_up):
+    """Llama's gated FFN input, silu(x @ gate.T) * (x @ up.T): [T, E] -> [T, F]."""
+    return silu_ref(x @ to_float32(w_gate).T) * (x @ to_float32(w_up).T)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _gate_up_silu_q4(x, qg, sg, og, qu, su, ou, out):  # [E], two 4-bit BlockMatrix's arrays -> out [F]
+    """Both 4-bit matvecs of one row in one call, x prepared once, silu(gate) * up written per group."""
+    G = GROUP_ROWS
+    sums, x2 = _q4_prepare(x)
+    for g in prange(qg.shape[0]):
+        gate, up, part = np.empty(G, np.float32), np.empty(G, np.float32), np.empty(G, np.float32)
+        _q4_rows(x, x2, sums, qg, sg, og, g, gate, part)
+        _q4_rows(x, x2, sums, qu, su, ou, g, up, part)
+        for r in range(min(G, out.size - g * G)):
+            v = gate[r]
+            out[g * G + r] = v / (np.float32(1.0) + math.exp(-v)) * up[r]
+
+
+_gate_up_silu_q4_serial = _one_thread(_gate_up_silu_q4)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _gate_up_silu_rows(x, wg, sg, wu, su, out):  # [E], [F, E] float32 or int8 (+ row scales or [0]) x2 -> [F]
+    """Both float32 (or int8) matvecs of one row in one call: each task reads a gate row and an up row."""
+    for n in prange(wg.shape[0]):
+        g, u = np.float32(0.0), np.float32(0.0)
+        for k in range(wg.shape[1]):
+            g += x[k] * np.float32(wg[n, k])
+            u += x[k] * np.float32(wu[n, k])
+        if sg.size:
+            g, u = g * sg[n], u * su[n]
+        out[n] = g / (np.float32(1.0) + math.exp(-g)) * u
+
+
+_gate_up_silu_rows_serial = _one_thread(_gate_up_silu_rows)
+
+
+def _alike(a, b) -> bool:
+    """Two weights stored the same way (one fused kernel can read both)."""
+    if isinstance(a, BlockMatrix) or isinstance(b, BlockMatrix):
+        return isinstance(a, BlockMatrix) and isinstance(b, BlockMatrix) and a.bits == b.bits == 4
+    if isinstance(a, Int8Matrix) or isinstance(b, Int8Matrix):
+        return isinstance(a, Int8Matrix) and isinstance(b, Int8Matrix)
+    return a.dtype == b.dtype == np.float32
+
+
+def gate_up_silu(x, w_gate, w_up):
+    """silu(x @ w_gate.T) * (x @ w_up.T), Llama's gated FFN before its down projection: [T, E] -> [T, F].
+
+    For one row (decode) with both weights 4-bit blocks, int8 or float32, one kernel computes both products and
+    the activation (x read and prepared once, no [F] temporaries); otherwise (many rows, other storage) two
+    `linear` calls and the activation."""
+    if x.shape[0] == 1 and w_gate.shape == w_up.shape and _alike(w_gate, w_up):
+        out = np.empty((1, w_gate.shape[0]), np.float32)
+        work = 2 * w_gate.nbytes
+        if isinstance(w_gate, BlockMatrix):
+            kernel = _sized(_gate_up_silu_q4, _gate_up_silu_q4_serial, work)
+            kernel(x[0], w_gate.q, w_gate.scale, w_gate.offset, w_up.q, w_up.scale, w_up.offset, out[0])
+        elif isinstance(w_gate, Int8Matrix):
+            kernel = _sized(_gate_up_silu_rows, _gate_up_silu_rows_serial, work)
+            kernel(x[0], w_gate.q, w_gate.scale, w_up.q, w_up.scale, out[0])
+        else:
+            kernel = _sized(_gate_up_silu_rows, _gate_up_silu_rows_serial, work)
+            kernel(x[0], w_gate, _NO_BIAS, w_up, _NO_BIAS, out[0])
+        return out
+    h = activation("silu", linear(x, w_gate))  # [T, E] -> [T, F]
+    h *= linear(x, w_up)
+    return h
+
+
 # --------------------------------------------------------------------------------------------------- softmax
 
 
@@ -537,12 +880,18 @@ def softmax(x):
 # ------------------------------------------------------------------------------------------------- attention
 
 
-def attention_weights(q, k, visible=True):
-    """softmax(q k^T / sqrt(D)) over the keys each query may see: the one NumPy definition of attention, shared
-    by `attention_ref` and the trainers (backprop.py). [..., Tq, D], [..., Tk, D], visible [..., Tq, Tk] bool
-    (broadcast; every query must see a key) -> [..., Tq, Tk]."""
+def attention_scores(q, k, visible=True):
+    """q k^T / sqrt(D) over the keys each query may see, -inf elsewhere: the one NumPy definition of attention's
+    scores, whose softmax weighs the values (`attention_weights`), shared by `attention_ref` and the trainer's
+    reference (ops.attention_forward_ref). [..., Tq, D], [..., Tk, D], visible [..., Tq, Tk] bool (broadcast; every
+    query must see a key) -> [..., Tq, Tk]."""
     scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])  # a Python float keeps float32 float32
-    return softmax_ref(np.where(visible, scores, -np.inf))
+    return np.where(visible, scores, -np.inf)
+
+
+def attention_weights(q, k, visible=True):
+    """softmax of `attention_scores`: [..., Tq, Tk]."""
+    return softmax_ref(attention_scores(q, k, visible))
 
 
 def attention_ref(q, k, v, n_head, q_pos=None, k_pos=None, n_kv_head=None):

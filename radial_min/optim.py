@@ -5,6 +5,8 @@ import math
 
 import numpy as np
 
+from .errors import RadialError, count
+
 
 def adamw_step(params, grads, m, v, step, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1):
     """AdamW (Loshchilov & Hutter): Adam's update plus decay applied to matrices only, not to norms or biases."""
@@ -34,3 +36,22 @@ def lr_at(step, max_lr, warmup, total, min_ratio=0.1):
         return max_lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def check_state(params: dict, m: dict, v: dict, source) -> None:
+    """A saved training state fit to resume: every parameter and first moment finite, every second moment finite and
+    >= 0 (a running mean of squares: a negative one makes sqrt(v) NaN at the next step, and a NaN anywhere spreads
+    to every weight, so the run would go on to `loss nan` and exit 0). One error naming the file and the tensor."""
+    for prefix, tensors in (("", params), ("adam.m.", m), ("adam.v.", v)):
+        for name, a in tensors.items():
+            bad = int(a.size - np.isfinite(a).sum())
+            if bad:
+                raise RadialError(
+                    f"{source}: tensor {prefix + name!r} has {count(bad, 'NaN or infinite value')}: the run "
+                    "diverged before this save, or the file is damaged; resume from a good copy or use a new --out"
+                )
+            if prefix == "adam.v." and (a < 0).any():
+                raise RadialError(
+                    f"{source}: tensor {prefix + name!r} has negative values, but Adam's second moment is a mean "
+                    "of squares: the file is damaged; resume from a good copy or use a new --out"
+                )

@@ -63,7 +63,7 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(autouse=True)
 def _restore_matmul_backend():
-    """Every test leaves the matmul backend as it found it (the default "numba"), whatever it switched to."""
+    """Every test leaves the matmul backend as it found it (the default "blas"), whatever it switched to."""
     before = kernels.get_backend()
     yield
     kernels.set_backend(before)
@@ -102,7 +102,7 @@ def random_opt(seed=0, **overrides) -> OPT:
 
 def tiny_train_config(out, steps, **settings) -> "tr.TrainConfig":
     """The trainer's settings for a 2-layer, 16-wide model that trains in a second (tests of train and --radial)."""
-    return tr.TrainConfig(
+    return tr.TrainConfig.of(
         out=str(out),
         vocab_size=300,
         hidden_size=16,

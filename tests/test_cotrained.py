@@ -1,5 +1,5 @@
 """A co-trained Radial Network is one network at training and at generation: exported by the trainer, loaded by
-`radial_min.load` and run token by token by `generate` (RadialNetwork + UnifiedKVCache), it gives the training
+`radial_min.load` and run token by token by `generate` (the inference kernels), it gives the training
 forward's logits and routes, under every cache policy, with and without reuse, pre- and post-LN. And its files:
 radial.json checked against its router and checkpoint."""
 
@@ -13,11 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import radial_min
-from radial_min import radial_train as rt
 from radial_min import train as tr
+from radial_min.config import OPTConfig
 from radial_min.errors import CheckpointError
+from radial_min.models.opt import OPT, init_tensors
 from radial_min.radial import RadialNetwork
-from radial_min.router import init_router
+from radial_min.router import Router, RouterConfig, init_router
 from conftest import tiny_train_config
 
 TOKENIZER = "weights/opt-kjv-wiki"  # any OPT tokenizer files: the exported checkpoint needs some
@@ -37,41 +38,32 @@ configs = st.fixed_dictionaries(
 
 
 def random_network(seed, layers, heads, pre_norm, policy, forward_only, extra_depth, scale):
-    """Parameters and router of a small network, moved off their init so routes differ from token to token."""
-    cfg = tr.OPTConfig(
-        vocab_size=61,
-        hidden_size=16,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        ffn_dim=24,
-        max_position_embeddings=24,
-        word_embed_proj_dim=16,
-        do_layer_norm_before=pre_norm,
-    )
+    """A small float32 network trained with its router (gated), moved off its init so routes differ from token to
+    token."""
+    cfg = OPTConfig(vocab_size=61, hidden_size=16, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=24,
+                    max_position_embeddings=24, word_embed_proj_dim=16, do_layer_norm_before=pre_norm)  # fmt: skip
     n = 2 * layers
     max_depth = max(1, n + extra_depth) if not forward_only else max(1, min(n, n + extra_depth))
-    rcfg = rt.RadialTrainConfig(
-        max_depth=max_depth, forward_only=forward_only, cache_policy=policy, step_encoding_scale=scale, router_hidden=8
-    )
     rng = np.random.default_rng(seed)
-    params = {
-        k: v + (0.3 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in tr.init_params(cfg, seed).items()
-    }
-    router = {
-        k: v + (0.7 * rng.standard_normal(v.shape)).astype(np.float32)
-        for k, v in init_router(rcfg.router_config(cfg), seed).items()
-    }
+    t = {k: v + (0.3 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in init_tensors(cfg, seed).items()}
+    rc = RouterConfig(16, n, 8, forward_only, max_depth)
+    router = {k: v + (0.7 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in init_router(rc, seed).items()}
     router["b2"][n] -= 1.0  # fewer immediate exits
-    return cfg, params, router, rcfg
+    return RadialNetwork(OPT(cfg, t), Router(rc, router), max_depth, policy, scale, gate=True)
 
 
-def export(tmp_path, cfg, params, router, rcfg):
+def export(tmp_path, net):
     folder = tmp_path / "net"
     shutil.rmtree(folder, ignore_errors=True)
-    tr.export_checkpoint(
-        {**params, **{tr.ROUTER + k: v for k, v in router.items()}}, cfg, TOKENIZER, folder, dtype="float32", rcfg=rcfg
-    )
+    tr.export_checkpoint(net, TOKENIZER, folder, dtype="float32")
     return folder
+
+
+def training_forward(net, ids):
+    """The training path (a tape: NumPy ops, the training attention kernel), the whole sequence at once: logits and
+    every token's route."""
+    logits = net.forward(ids[None], tape=[])
+    return logits, net.last_walk.route_lists()
 
 
 def close(a, b):
@@ -82,14 +74,14 @@ def close(a, b):
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
 @given(spec=configs, prompt=st.lists(st.integers(3, 60), min_size=1, max_size=6), n_new=st.integers(1, 8))
+@pytest.mark.slow
 def test_training_forward_is_generation(tmp_path, spec, prompt, n_new):
-    cfg, params, router, rcfg = random_network(**spec)
-    net = radial_min.load(export(tmp_path, cfg, params, router, rcfg))
-    assert isinstance(net, RadialNetwork) and net.gate and net.cache_policy == rcfg.cache_policy
-    new = radial_min.generate(net, np.array(prompt), n_new, stop_at_eos=False)
+    trained = random_network(**spec)
+    net = radial_min.load(export(tmp_path, trained))
+    assert isinstance(net, RadialNetwork) and net.gate and net.cache_policy == trained.cache_policy
+    new = radial_min.generate(net, np.array(prompt), n_new, stop_at_eos=False, repetition_penalty=1.0)
     ids = np.array(prompt + new.tolist()[:-1])  # the tokens the network read
-    logits, tape, _ = rt.forward(params, router, cfg, rcfg, ids[None])  # training: the whole sequence at once
-    routes = [r[r >= 0].tolist() for r in tape.routes]
+    logits, routes = training_forward(trained, ids)
     assert net.routes == routes
     assert (logits[len(prompt) - 1 :].argmax(-1) == new).all()  # greedy generation reads the same logits
     assert close(net.forward(ids), logits)  # and token by token from a fresh cache, every position
@@ -98,11 +90,12 @@ def test_training_forward_is_generation(tmp_path, spec, prompt, n_new):
 def test_co_trained_files(tmp_path):
     """The export holds a plain OPT checkpoint (config.json, model.safetensors) plus the router and radial.json;
     `info`-level attributes are there; settings that contradict the router or the checkpoint are refused."""
-    cfg, params, router, rcfg = random_network(1, 2, 2, True, "global", False, 2, 1.0)
-    folder = export(tmp_path, cfg, params, router, rcfg)
+    trained = random_network(1, 2, 2, True, "global", False, 2, 1.0)
+    folder = export(tmp_path, trained)
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [
             "config.json",
+            "generation_config.json",
             "model.safetensors",
             "router.json",
             "router.safetensors",
@@ -114,7 +107,7 @@ def test_co_trained_files(tmp_path):
         ]
     )
     net = radial_min.load(folder)
-    assert net.max_depth == 6 and net.n_params == sum(a.size for a in [*params.values(), *router.values()])
+    assert net.max_depth == 6 and net.n_params == sum(a.size for a in tr.parameters(trained).values())
     plain = json.loads((folder / "radial.json").read_text())
     for field, value, msg in [
         ("n_blocks", 6, "field 'n_blocks' is 6, but the checkpoint has 4"),
@@ -133,7 +126,7 @@ def test_co_trained_files(tmp_path):
         shutil.copy(f"{TOKENIZER}/router-tau0.2{suffix}", folder / f"router{suffix}")
     with pytest.raises(CheckpointError, match=r"router\.json: field 'n_blocks' is 12, but the checkpoint has 4"):
         radial_min.load(folder)
-    export(tmp_path, cfg, params, router, rcfg)
+    export(tmp_path, trained)
     other = json.loads((folder / "router.json").read_text())
     (folder / "router.json").write_text(json.dumps({**other, "n_blocks": 8, "max_depth": 6}))
     with pytest.raises(CheckpointError, match="do not match router.json"):  # weights of 4 blocks, config of 8
@@ -163,13 +156,14 @@ def radial_run(out, steps, **kw):
 
 
 def _initial_router(out, policy):
-    """The parameters a radial run starts from (0 steps trained)."""
-    rcfg = radial_run(out, 0, cache_policy=policy).radial_config()
-    cfg = radial_run(out, 0).model_config()
-    return {tr.ROUTER + k: v for k, v in init_router(rcfg.router_config(cfg), 0, rcfg.in_order).items()}
+    """The router a radial run starts from (0 steps trained)."""
+    cfg = radial_run(out, 0, cache_policy=policy)
+    rc = cfg.radial.router_config(cfg.model.model_config())
+    return {tr.ROUTER + k: v for k, v in init_router(rc, 0, cfg.radial.in_order).items()}
 
 
 @pytest.mark.parametrize("policy,explore", [("global", 0.0), ("per-step", 0.0), ("global", 0.3)])
+@pytest.mark.slow
 def test_radial_training_resumes_bit_identically(corpus, tmp_path, policy, explore):
     """Stop after 3 steps and resume to 6: the same parameters, router included, and the same compute cost (the
     depth target's controller), bit for bit, as 6 steps straight; the log records blocks/token and the cost.
@@ -180,9 +174,9 @@ def test_radial_training_resumes_bit_identically(corpus, tmp_path, policy, explo
     _, train_ids, val_streams = corpus
     val = {k: data.validation_sequences(s, 16, 2) for k, s in val_streams.items()}
     run = {"cache_policy": policy, "explore": explore}
-    straight = tr.train(radial_run(tmp_path / "a", 6, **run), train_ids, val, progress=False)
+    straight = tr.parameters(tr.train(radial_run(tmp_path / "a", 6, **run), train_ids, val, progress=False))
     tr.train(radial_run(tmp_path / "b", 6, **run), train_ids, val, progress=False, stop_after=3)
-    resumed = tr.train(radial_run(tmp_path / "b", 6, **run), train_ids, val, progress=False)
+    resumed = tr.parameters(tr.train(radial_run(tmp_path / "b", 6, **run), train_ids, val, progress=False))
     assert {k for k in straight if k.startswith(tr.ROUTER)} == {"router.w1", "router.b1", "router.w2", "router.b2"}
     for name in straight:
         np.testing.assert_array_equal(resumed[name], straight[name])
@@ -195,6 +189,7 @@ def test_radial_training_resumes_bit_identically(corpus, tmp_path, policy, explo
     assert not np.array_equal(straight["router.w2"], start["router.w2"])  # the router learned after its warm-up
 
 
+@pytest.mark.slow
 def test_cli_trains_a_radial_network_that_generates_routed(capsys, corpus, tmp_path):
     """`train --radial` end to end: the export loads as a RadialNetwork, `generate` routes it by default and prints
     the routing summary, `info` shows the router and the policy; a finished run says so."""
@@ -264,11 +259,9 @@ def test_the_shipped_co_trained_network_routes_as_it_was_trained():
     net = radial_min.load(SHIPPED)
     assert isinstance(net, RadialNetwork) and net.gate
     ids = radial_min.Tokenizer(net.path).encode(PASSAGE)
-    params, cfg, rcfg = tr.read_export(SHIPPED)
-    blocks, router = tr.split_router(params)
-    logits, tape, _ = rt.forward(blocks, router, cfg, rcfg, ids[None])
+    logits, routes = training_forward(net, ids)
+    net.routes = []
     assert close(net.forward(ids), logits)
-    routes = [r[r >= 0].tolist() for r in tape.routes]
     assert net.routes == routes
     depth = np.mean([len(r) for r in routes])
     assert 5 < depth < 11 and len({tuple(r) for r in routes}) > 1, depth  # skips, and not the same for every token

@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from radial_min.io.checkpoint import SafetensorsFile, write_safetensors
-from radial_min.config import read_config
-from radial_min.errors import CheckpointError
+from radial_min.models import read_config
+from radial_min.errors import CheckpointError, RadialError
+from radial_min.io.outputs import parse_json
 from radial_min.router import MAX_PASSES, Router, RouterConfig, init_router
 from radial_min.io.torch_pickle import TorchFile
 
@@ -93,6 +94,7 @@ def good(tmp_path_factory):
     flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
     cut=st.integers(-40, 40),
 )
+@pytest.mark.slow
 def test_safetensors_byte_mutants(good, tmp_path, flips, cut):
     data = bytearray(good)
     for position, xor in flips:
@@ -117,6 +119,7 @@ ENTRY = st.fixed_dictionaries(
     header=st.dictionaries(st.sampled_from(["a", "b", "c\n\x1b[1m", "__metadata__"]), ENTRY, max_size=3),
     data=st.integers(0, 48),
 )
+@pytest.mark.slow
 def test_safetensors_header_mutants(tmp_path, header, data):
     head = json.dumps(header).encode()
     path = tmp_path / "h.safetensors"
@@ -162,6 +165,7 @@ OPT_FIELDS = [
     model_type=st.sampled_from(["opt", "vit", "llama", "qwen2"]),
     changes=st.dictionaries(st.sampled_from(OPT_FIELDS), JSON, max_size=3),
 )
+@pytest.mark.slow
 def test_config_mutants(tmp_path, model_type, changes):
     d = {
         "model_type": model_type,
@@ -214,6 +218,7 @@ def load_router_bounded(folder, config: bytes, weights: bytes):
 
 @FUZZ
 @given(changes=st.dictionaries(st.sampled_from(ROUTER_FIELDS), JSON, max_size=3))
+@pytest.mark.slow
 def test_router_config_mutants(router_files, tmp_path, changes):
     config, weights = router_files
     load_router_bounded(tmp_path, json.dumps({**json.loads(config), **changes}).encode(), weights)
@@ -225,6 +230,7 @@ def test_router_config_mutants(router_files, tmp_path, changes):
     flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
     cut=st.integers(-40, 8),
 )
+@pytest.mark.slow
 def test_router_byte_mutants(router_files, tmp_path, which, flips, cut):
     files = dict(zip(["config", "weights"], router_files))
     data = bytearray(files[which])
@@ -270,6 +276,7 @@ def read_pickle_bounded(path):
     flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
     cut=st.integers(-40, 0),
 )
+@pytest.mark.slow
 def test_pickle_byte_mutants(pickle_parts, tmp_path, flips, cut):
     """data.pkl's bytes flipped or cut, inside a well-formed zip: the unpickler's every path."""
     records, pkl, _ = pickle_parts
@@ -289,6 +296,7 @@ def test_pickle_byte_mutants(pickle_parts, tmp_path, flips, cut):
         max_size=3,
     )
 )
+@pytest.mark.slow
 def test_pickle_integer_mutants(pickle_parts, tmp_path, picks):
     """A size, stride, offset, numel or memo index replaced by an absurd value (as LONG1, so any value fits):
     refused from the pickle and the archive's real sizes, before anything of that size is allocated."""
@@ -308,6 +316,7 @@ def test_pickle_integer_mutants(pickle_parts, tmp_path, picks):
     flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
     cut=st.integers(-200, 0),
 )
+@pytest.mark.slow
 def test_pickle_zip_mutants(tmp_path, flips, cut):
     """The archive itself damaged: local headers, the central directory, the storages."""
     data = bytearray(BIN.read_bytes())
@@ -316,3 +325,149 @@ def test_pickle_zip_mutants(tmp_path, flips, cut):
     path = tmp_path / "pytorch_model.bin"
     path.write_bytes(bytes(data[: len(data) + cut]))
     read_pickle_bounded(path)
+
+
+# ------------------------------------------------------------------------------------------------ the JSON reader
+
+JSON_TEXT = st.text(alphabet='{}[]",: 0123456789-+.eEtrufalsnNIiy\\udD8', max_size=120)
+
+
+def json_ok_or_refused(text):
+    """parse_json: the value json.loads gives, within the bounds, or one RadialError line naming the source."""
+    try:
+        with bounded(seconds=2.0, slack=4 << 20):
+            value = parse_json(text, "x.json")
+    except RadialError as e:
+        assert_one_line(e, "x.json")
+        return None
+    assert value == json.loads(text) or value != value  # NaN is not equal to itself
+    return value
+
+
+@FUZZ
+@given(text=JSON_TEXT)
+def test_json_reader_on_json_like_text(text):
+    json_ok_or_refused(text)
+
+
+@FUZZ
+@given(value=JSON, flips=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from('[{9\\"u,')), max_size=4))
+def test_json_reader_on_damaged_values(value, flips):
+    text = list(json.dumps({"a": value, "b": [value, {"c": value}]}))
+    for position, char in flips:
+        text[position % len(text)] = char
+    json_ok_or_refused("".join(text))
+
+
+@FUZZ
+@given(depth=st.integers(0, 200), digits=st.integers(1, 6000), key=st.booleans())
+def test_json_reader_bounds_are_exact(depth, digits, key):
+    text = "[" * depth + ("-" + "7" * digits) + "]" * depth
+    if key:
+        text = '{"k": 1, "k": ' + text + "}"
+    value = json_ok_or_refused(text)
+    assert (value is not None) == (depth + key <= 64 and digits <= 40 and not key)
+
+
+# ------------------------------------------------------------------------------------------------ images, .npy, tokens
+
+NPY = io.BytesIO()
+np.save(NPY, np.arange(48, dtype=np.uint8).reshape(4, 4, 3))
+
+
+def read_image_bounded(path):
+    from radial_min.io.images import read_image
+
+    try:
+        with bounded(path, seconds=5.0, factor=8, slack=8 << 20):  # a compressed image inflates: 8 x + 8 MiB
+            a = read_image(path, max_side=64)
+    except RadialError as e:
+        assert_one_line(e, path)
+        return None
+    assert a.ndim == 3 and a.shape[2] == 3 and 0 <= a.min() <= a.max() <= 255 and max(a.shape[:2]) <= 64
+    return a
+
+
+@FUZZ
+@given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4))
+def test_npy_header_mutants(tmp_path, flips):
+    data = bytearray(NPY.getvalue())
+    for position, xor in flips:
+        data[position % min(len(data), 140)] ^= xor  # the magic, the header's length and its dictionary
+    (tmp_path / "x.npy").write_bytes(bytes(data))
+    read_image_bounded(tmp_path / "x.npy")
+
+
+@FUZZ
+@given(
+    fmt=st.sampled_from(["png", "tif", "ppm", "bmp", "gif"]),
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
+    cut=st.integers(-60, 0),
+)
+def test_image_file_mutants(tmp_path, fmt, flips, cut):
+    Image = pytest.importorskip("PIL.Image")
+    path = tmp_path / f"x.{fmt}"
+    Image.fromarray(np.arange(300, dtype=np.uint8).reshape(10, 10, 3)).save(path)
+    data = bytearray(path.read_bytes())
+    for position, xor in flips:
+        data[position % min(len(data), 200)] ^= xor  # headers, directories, chunk lengths
+    path.write_bytes(bytes(data[: len(data) + cut]))
+    read_image_bounded(path)
+
+
+@pytest.fixture(scope="module")
+def token_cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokens") / "tokens.npz"
+    np.savez(path, train=np.arange(100, dtype=np.int32) % 7, val_x=np.arange(20, dtype=np.int32) % 7, vocab_size=7)
+    return path.read_bytes()
+
+
+@FUZZ
+@given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4))
+def test_token_cache_mutants(tmp_path, token_cache, flips):
+    from radial_min.data import read_tokens
+
+    data = bytearray(token_cache)
+    for position, xor in flips:
+        data[position % len(data)] ^= xor
+    path = tmp_path / "tokens.npz"
+    path.write_bytes(bytes(data))
+    try:
+        with bounded(path, factor=8):
+            z = read_tokens(path)
+    except RadialError as e:
+        assert_one_line(e, path)
+    else:
+        assert all(0 <= a.min() and a.max() < z["vocab_size"] for k, a in z.items() if k != "vocab_size")
+
+
+# ------------------------------------------------------------------------------------------------ GGUF headers
+
+
+@pytest.fixture(scope="module")
+def gguf_file():
+    from conftest import need_gguf
+
+    need_gguf()
+    return (FIXTURES / "gguf" / "qwen2-bias-tied.gguf").read_bytes()
+
+
+@FUZZ
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=3),
+    cut=st.integers(-40, 0),
+)
+def test_gguf_header_mutants(tmp_path, gguf_file, flips, cut):
+    """The metadata and the tensor table (the first 4 KB) flipped: read and checked, or refused in one line."""
+    from radial_min.io.loading import open_gguf
+
+    data = bytearray(gguf_file)
+    for position, xor in flips:
+        data[position % 4096] ^= xor
+    path = tmp_path / "m.gguf"
+    path.write_bytes(bytes(data[: len(data) + cut]))
+    try:
+        with bounded(path, seconds=5.0, factor=3):
+            open_gguf(path)
+    except CheckpointError as e:
+        assert_one_line(e, path, f"{path} (metadata)")

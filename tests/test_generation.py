@@ -1,4 +1,5 @@
-"""Sampling semantics (greedy, temperature, top-k, top-p) and the generation loop (seeds, EOS, context limit)."""
+"""Sampling semantics (greedy, temperature, top-k, top-p, min-p, penalties) and the generation loop (seeds, EOS and
+stops, context limit, a continued cache, the default repetition penalty)."""
 
 import dataclasses
 from pathlib import Path
@@ -7,7 +8,21 @@ import numpy as np
 import pytest
 
 import radial_min
-from radial_min.generation import check_sampling, generate, sample
+from radial_min import generation as G
+from radial_min.errors import CheckpointError
+from radial_min.generation import (
+    REPETITION_PENALTY,
+    StopStrings,
+    check_sampling,
+    default_repetition_penalty,
+    generate,
+    keep_min_p,
+    penalize_counts,
+    read_generation_defaults,
+    sample,
+)
+from radial_min.io.hub import DEFAULT_MODEL
+from radial_min.io.tokenizer import Streamer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -109,6 +124,7 @@ def test_top_k_larger_than_vocabulary_keeps_everything():
     assert stat < CHI2_999[dof]
 
 
+@pytest.mark.slow
 def test_top_p_keeps_the_smallest_prefix_reaching_p():
     p0 = np.array([0.1, 0.5, 0.15, 0.25])  # sorted: 0.5, 0.25, 0.15, 0.1
     logits = np.log(p0).astype(np.float32)
@@ -275,3 +291,158 @@ def test_generate_checks_settings_before_running(model, prompt):
         generate(Exploding(), prompt, 5, temperature=1.0, top_p=2.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(Exploding(), prompt, -1)
+
+
+# ------------------------------------------------------------------------ min-p, presence/frequency, stops
+
+
+def test_min_p_keeps_the_tokens_within_its_share_of_the_best():
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+    np.testing.assert_allclose(keep_min_p(p, 0.25), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0])  # bar 0.125
+    np.testing.assert_allclose(keep_min_p(p, 0.3), [0.5, 0.3, 0.15, 0.0] / np.float64(0.95))  # 0.15 is the bar: kept
+    np.testing.assert_allclose(keep_min_p(p, 1.0), [1.0, 0.0, 0.0, 0.0])
+    logits = np.log(p).astype(np.float32)
+    counts = np.bincount(draw(logits, N_DRAWS, seed=3, temperature=1.0, min_p=0.25), minlength=4)
+    stat, dof = chi_square(counts, keep_min_p(softmax(logits), 0.25))
+    assert stat < CHI2_999[dof]
+
+
+def test_min_p_comes_after_the_temperature():
+    """transformers' order: a high temperature flattens the distribution first, so min-p keeps every token; at
+    temperature 1 the same min-p keeps only the best."""
+    logits = np.float32([4.0, 0.0, -1.0])
+    hot = set(draw(logits, 300, seed=1, temperature=1000.0, min_p=0.9))
+    assert hot == {0, 1, 2}
+    assert set(draw(logits, 300, seed=1, temperature=1.0, min_p=0.9)) == {0}
+
+
+def test_presence_and_frequency_penalties_subtract_per_token_and_per_repeat():
+    out = penalize_counts(np.zeros(5, np.float32), [1, 1, 3, 1], presence=0.5, frequency=0.25)
+    np.testing.assert_allclose(out, [0.0, -1.25, 0.0, -0.75, 0.0])
+    assert out.dtype == np.float32
+
+
+def test_generate_penalties_match_a_loop_without_cache(model, prompt):
+    """Greedy with presence/frequency penalties, against the rule applied by hand over full forward passes: the
+    counts are of the generated tokens only (the prompt's repeats are not counted)."""
+    ids = list(prompt)
+    new = []
+    for _ in range(12):
+        logits = model.forward(np.array(ids + new))[-1]
+        if new:
+            logits = penalize_counts(logits, new, 0.7, 0.9)
+        new.append(int(np.argmax(logits)))
+    out = generate(model, prompt, 12, stop_at_eos=False, presence_penalty=0.7, frequency_penalty=0.9)
+    np.testing.assert_array_equal(out, new)
+    assert not np.array_equal(out, generate(model, prompt, 12, stop_at_eos=False))  # the penalties changed it
+
+
+def test_presence_penalty_does_not_count_the_prompt(model):
+    """Token 5 leads token 6 by 0.5 at every step; the prompt is all 5s, which the counts leave out: a presence
+    penalty of 1 lets 5 out once, then 6 wins; a frequency penalty of 0.1 lets 5 win while it has come out < 5 times."""
+
+    class Fixed:
+        config = model.config
+
+        def new_cache(self):
+            return None
+
+        def forward(self, ids, cache=None, last_only=False, observe=None):
+            logits = np.zeros((1, 10), np.float32)
+            logits[0, 5], logits[0, 6] = 1.0, 0.5
+            return logits
+
+    out = generate(Fixed(), np.full(8, 5), 2, stop_at_eos=False, presence_penalty=1.0)
+    assert out.tolist() == [5, 6]
+    out = generate(Fixed(), np.full(8, 5), 4, stop_at_eos=False, frequency_penalty=0.1)
+    assert out.tolist() == [5, 5, 5, 5]  # 5 generated thrice: 1 - 0.3 still beats 0.5 (with the prompt's 8: not)
+
+
+def test_generate_stops_at_any_stop_id_and_at_a_stop_callback(model, prompt):
+    greedy = generate(model, prompt, 20, stop_at_eos=False)
+    eos = model.config.eos_token_id
+    stop = int(next(t for t in greedy[3:] if t != eos))
+    first = int(np.nonzero(greedy == stop)[0][0])
+    np.testing.assert_array_equal(generate(model, prompt, 20, stop_at_eos=False, stop_ids=[stop]), greedy[: first + 1])
+    seen = []
+    out = generate(model, prompt, 20, stop_at_eos=False, stop=lambda t: seen.append(t) or len(seen) == 4)
+    np.testing.assert_array_equal(out, greedy[:4])
+
+
+def test_generate_continues_a_cache(model, prompt):
+    """A conversation's second turn: the cache keeps the first turn, only the new ids are fed, and the tokens are
+    those of a fresh run over the whole text."""
+    first_ids = prompt[:6]
+    cache = model.new_cache()
+    first = generate(model, first_ids, 5, stop_at_eos=False, cache=cache)
+    whole = np.concatenate([first_ids, first, prompt[6:10]])
+    fed = []
+    forward = model.forward
+
+    class Counting:
+        config = model.config
+
+        def forward(self, ids, *a, **k):
+            fed.append(len(ids))
+            return forward(ids, *a, **k)
+
+    cached = len(first_ids) + len(first) - 1  # the last new token was never fed back
+    out = generate(Counting(), whole, 8, stop_at_eos=False, cache=cache, cached=cached)
+    np.testing.assert_array_equal(out, generate(model, whole, 8, stop_at_eos=False))
+    assert fed[0] == len(whole) - cached and fed[1:] == [1] * 7
+    with pytest.raises(ValueError, match="cached must leave at least one"):
+        generate(model, whole, 2, cache=model.new_cache(), cached=len(whole))
+
+
+class CharTokenizer:
+    """One character per id: a text's ids are its code points."""
+
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
+
+def test_stop_strings_end_generation_and_are_held_back_while_streaming():
+    stops = StopStrings(CharTokenizer(), ["END", "##"])
+    shown = []
+    streamer = Streamer(CharTokenizer(), shown.append, stops)
+    ended = []
+    for c in "ab#cEN":
+        streamer(ord(c))
+        ended.append(stops(ord(c)))
+    assert not any(ended) and "".join(shown) == "ab#c"  # '#' went out once the next character was not '#'
+    assert stops.safe_length("ab#cEN") == 4 and stops.safe_length("xE") == 1 and stops.safe_length("x") == 1
+    streamer(ord("D"))
+    assert stops(ord("D")) and stops.found == "END" and stops.text == "ab#c"
+    streamer(ord("z"))  # nothing after a stop string is shown
+    streamer.finish()
+    assert "".join(shown) == "ab#c"
+    tail = StopStrings(CharTokenizer(), ["END"])
+    out = []
+    s = Streamer(CharTokenizer(), out.append, tail)
+    for c in "okEN":
+        s(ord(c))
+    assert "".join(out) == "ok" and s.finish() == "EN" and "".join(out) == "okEN"  # generation ended: no stop
+
+
+def test_repetition_penalty_default_is_the_models_or_the_constant(tmp_path, model):
+    assert default_repetition_penalty(model) == REPETITION_PENALTY == 1.0  # opt-pre has no repetition_penalty
+    shipped = radial_min.load(DEFAULT_MODEL)
+    assert default_repetition_penalty(shipped) == 1.2  # its generation_config.json
+    assert read_generation_defaults(tmp_path) == {}
+    (tmp_path / "generation_config.json").write_text('{"repetition_penalty": 1.3, "do_sample": true}')
+    assert read_generation_defaults(tmp_path) == {"repetition_penalty": 1.3}
+    for bad, message in (
+        ("{", "not valid JSON"),
+        ('{"repetition_penalty": "x"}', "repetition_penalty is 'x', expected a number > 0"),
+    ):
+        (tmp_path / "generation_config.json").write_text(bad)
+        with pytest.raises(CheckpointError, match="generation_config.json: " + message):
+            read_generation_defaults(tmp_path)
+
+
+def test_generate_takes_its_default_penalty_from_the_constant(model, prompt, monkeypatch):
+    monkeypatch.setattr(G, "REPETITION_PENALTY", 1.7)
+    np.testing.assert_array_equal(
+        generate(model, prompt, 12, stop_at_eos=False),
+        generate(model, prompt, 12, stop_at_eos=False, repetition_penalty=1.7),
+    )

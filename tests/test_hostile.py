@@ -60,7 +60,11 @@ def test_safetensors_header_rules(tmp_path, header, data, expect):
         ('{"a": 1}'.encode("utf-16"), "does not start with '{'"),
         (b'{"\xff": 1}', "not UTF-8"),
         (b"[1, 2]", "does not start with '{'"),
-        (b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}", "not valid JSON"),
+        (b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}", "header is nested more than 64 levels deep"),
+        (b'{"a": ' + b"[" * 64 + b"]" * 64 + b"}", "header is nested more than 64 levels deep"),
+        (b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 8]}}', "5,000 digits"),
+        (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"k": "\\udc80"}}', "lone"),
+        (b'{"a": 1,}', "header is not valid JSON"),
     ],
 )
 def test_safetensors_header_encoding(tmp_path, raw, expect):
@@ -199,7 +203,9 @@ def test_image_bomb_is_refused_from_its_header(tmp_path):
 @pytest.mark.parametrize(
     "change, expect",
     [
-        ({"forward_only": False, "max_depth": 10**7}, "field 'max_depth' is 10000000, expected 0 to 8"),
+        ({"forward_only": False, "max_depth": 10**7}, "field 'max_depth' is 10000000, expected 1 to 8"),
+        ({"max_depth": 0}, "field 'max_depth' is 0, expected 1 to 8"),
+        ({"width": 10**4000}, "has an integer of 4,001 digits \\(at most 40\\)"),
         ({"width": "64"}, "field 'width' is '64', expected an integer"),
         ({"forward_only": "false"}, "field 'forward_only' is 'false', expected true or false"),
         ({"hidden": 0}, "field 'hidden' is 0, expected 1 to 65536"),

@@ -138,6 +138,7 @@ def test_any_download_failure_is_a_checkpoint_error(weights, monkeypatch):
         radial_min.io.hub.resolve("org/model")
 
 
+@pytest.mark.slow
 def test_bin_only_repo_is_converted_once_to_safetensors(weights, tmp_path, monkeypatch):
     repo = fake_repo(tmp_path, "config.json", "pytorch_model.bin")
     hub = FakeHub(repo)
@@ -270,3 +271,18 @@ def test_ensure_safetensors_leaves_safetensors_alone(tmp_path):
     radial_min.io.hub.ensure_safetensors(folder)
     assert (folder / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in (FIXTURES / "opt-pre").iterdir())
+
+
+def test_a_mistyped_local_folder_is_not_taken_for_a_hub_id(weights, tmp_path, monkeypatch):
+    """`weights/typo` looks like ORG/NAME, but ./weights/ exists: a local path, refused without a download."""
+    hub = FakeHub(None, RuntimeError("must not download"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights" / "opt-kjv-wiki").mkdir(parents=True)
+    with pytest.raises(CheckpointError) as e:
+        radial_min.load("weights/typo")
+    assert str(e.value) == (
+        "weights/typo: no such checkpoint folder; weights/ holds opt-kjv-wiki/ (read as a local path because "
+        "./weights/ exists; a Hub id is ORG/NAME with no such folder here)"
+    )
+    assert hub.calls == []

@@ -223,7 +223,9 @@ def test_resize_random_sizes_match_pillow():
 
 
 @pytest.mark.parametrize("name,size", [("chelsea.png", (224, 224)), ("coffee.png", (32, 32)), ("brick.png", (50, 300))])
+@pytest.mark.slow
 def test_resize_photos_like_pillow(name, size):
+    pil()  # the photos are PNGs
     a = images.read_image(photo(name))
     np.testing.assert_array_equal(images.resize(a, *size), pillow_resize(a, *size))
 
@@ -317,6 +319,7 @@ def test_preprocess_range_and_switches(tmp_path):
 
 def test_preprocess_photo_through_pillow_matches_our_pipeline():
     """A real photo: our resize is Pillow's, so preprocess equals Pillow-resized pixels, rescaled and normalized."""
+    pil()
     a = images.read_image(photo("rocket.jpg"))
     s = images.read_preprocessor(FIXTURES / "vit-cls", 32)
     expected = (pillow_resize(a, 32, 32).astype(np.float32) * np.float32(1 / 255) - 0.5) / 0.5

@@ -26,6 +26,7 @@ NONE = np.zeros(0, np.float32)  # an absent bias or scale
     cols_per_task=st.sampled_from([4, 8, 64]),
     int8=st.booleans(),
 )
+@pytest.mark.slow
 def test_matmul_matches_reference(rows, n_in, n_out, bias, cols_per_task, int8):
     """The 4x4-tiled kernel, including ragged row and column tails, several tasks, and int8 weights against
     float32 math on their dequantized values."""
@@ -45,6 +46,7 @@ def test_matmul_matches_reference(rows, n_in, n_out, bias, cols_per_task, int8):
     n_out=st.integers(1, 13),
     k_block=st.sampled_from([1, 3, 8, 1024]),
 )
+@pytest.mark.slow
 def test_gemm_matches_reference(rows, n_in, extra, n_out, k_block):
     """The serial tiled core of matmul and attention: the first n_in columns of wider rows, summed in slices."""
     a, w = randn(rows, n_in + extra), randn(n_out, n_in + extra)
@@ -56,6 +58,7 @@ def test_gemm_matches_reference(rows, n_in, extra, n_out, k_block):
 
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("n_in,n_out", [(1, 1), (7, 5), (768, 3072)])
+@pytest.mark.slow
 def test_matvec_matches_reference(n_in, n_out, int8):
     x, w, b = randn(n_in), randn(n_out, n_in), randn(n_out)
     q = kernels.Int8Matrix.quantize(w)
@@ -83,6 +86,7 @@ def test_int8_quantization_per_row():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 9])
+@pytest.mark.slow
 def test_linear_on_int8_weights(rows):
     """linear() on an Int8Matrix (matvec for one row, matmul for more, serial or parallel) equals float32 math on
     the dequantized weights."""
@@ -107,9 +111,9 @@ def test_linear_dispatch(backend, rows):
     np.testing.assert_allclose(kernels.linear(x, w), kernels.linear_ref(x, w), rtol=1e-5, atol=1e-5)
 
 
-def test_default_backend_is_numba():
-    """Runs after test_linear_dispatch in file order: a test that left "blas" behind would show here."""
-    assert kernels.get_backend() == "numba"
+def test_default_backend_is_blas():
+    """Runs after test_linear_dispatch in file order: a test that left "numba" behind would show here."""
+    assert kernels.get_backend() == "blas"
 
 
 def test_set_backend_rejects_unknown():
@@ -205,6 +209,7 @@ def test_attention_refuses_unsorted_key_positions():
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.slow
 def test_half_precision_weights(dtype):
     """matvec over half-precision weights equals float32 math on the same (rounded) weights; sign, subnormals."""
     x, w, b = randn(70), randn(45, 70), randn(45)
@@ -250,6 +255,7 @@ def test_attention_over_picked_rows():
     picked=st.booleans(),
     seed=st.integers(0, 1000),
 )
+@pytest.mark.slow
 def test_blocked_attention_matches_reference(n_q, n_past, n_head, group, causal, picked, seed):
     """The prefill kernel (_attention_blocked, one task per head, scores and outputs through _gemm) against the
     reference: causal or not, grouped-query, over keys picked out of a larger store with holes in the positions,
@@ -283,14 +289,26 @@ def test_blocked_attention_matches_reference(n_q, n_past, n_head, group, causal,
 
 
 def test_small_work_and_a_busy_machine_run_serial(monkeypatch):
-    """The thread pool only for work above SERIAL_BELOW on a machine whose load leaves it cores; the load average
+    """The thread pool only for work above PARALLEL_FROM on a machine whose load leaves it cores; the load average
     is read at most once a second."""
     monkeypatch.setattr(kernels, "_LOAD", {"checked": -1.0, "busy": False})
     cpus = len(__import__("os").sched_getaffinity(0))
     monkeypatch.setattr("os.getloadavg", lambda: (0.5, 0.5, 0.5))
-    assert kernels._sized("pool", "serial", kernels.SERIAL_BELOW) == "pool"
-    assert kernels._sized("pool", "serial", kernels.SERIAL_BELOW - 1) == "serial"
+    assert kernels._sized("pool", "serial", kernels.PARALLEL_FROM) == "pool"
+    assert kernels._sized("pool", "serial", kernels.PARALLEL_FROM - 1) == "serial"
     monkeypatch.setattr("os.getloadavg", lambda: (cpus + 1.5, 0.0, 0.0))
-    assert kernels._sized("pool", "serial", kernels.SERIAL_BELOW) == "pool"  # the last reading is under a second old
+    assert kernels._sized("pool", "serial", kernels.PARALLEL_FROM) == "pool"  # the last reading is under a second old
     kernels._LOAD["checked"] = -1.0
     assert kernels._sized("pool", "serial", 1 << 40) == "serial" and kernels.machine_busy()
+
+
+@pytest.mark.parametrize("norm", [kernels.rmsnorm, kernels.rmsnorm_ref])
+def test_rmsnorm_eps_counts_for_small_inputs(norm):
+    """Rows of +-1e-3 have a mean square of 1e-6, as large as eps: y = 1e-3 / sqrt(1e-6 + 1e-6) = 1 / sqrt(2), not
+    1 (eps dropped). Inputs of order 1, as in the kernel-against-reference test, cannot tell the two apart."""
+    x = np.full((3, 16), 1e-3, np.float32)
+    x[1] *= -1
+    x[2, ::2] *= -1
+    w = np.full(16, 2.0, np.float32)
+    np.testing.assert_allclose(norm(x, w, 1e-6), 2.0 * np.sign(x) / np.sqrt(2.0), rtol=1e-5)
+    np.testing.assert_allclose(norm(x, w, 0.0), 2.0 * np.sign(x), rtol=1e-5)

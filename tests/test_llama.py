@@ -12,8 +12,11 @@ import pytest
 import radial_min
 from radial_min import kernels
 from radial_min.analysis import oracle
-from radial_min.cache import UnifiedKVCache
-from radial_min.config import config_from_dict
+from radial_min.blocks import Rows
+from radial_min.cache import KVCache
+from radial_min.radial import RadialNetwork
+from radial_min.router import InOrder, Scripted
+from radial_min.models import parse_config
 from radial_min.errors import CheckpointError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -37,11 +40,14 @@ def test_llama_logits_and_greedy_tokens(name, matmul_backend):
 def test_fixtures_cover_the_variants():
     m = {n: radial_min.load(FIXTURES / n) for n in LLAMA_FIXTURES}
     gqa, mha, qwen = (m[n] for n in LLAMA_FIXTURES)
-    assert gqa.config.num_key_value_heads < gqa.config.num_attention_heads and gqa.lm_head is gqa.embed_tokens
+    assert (
+        gqa.config.num_key_value_heads < gqa.config.num_attention_heads
+        and gqa.lm_head.weight is gqa.embed_tokens.weight
+    )
     assert gqa.config.rope_theta == 500.0 and mha.config.rope_theta == 10000.0 and qwen.config.rope_theta == 1e6
-    assert mha.lm_head is not mha.embed_tokens and set(mha.dtypes_on_disk) == {"bfloat16"}
+    assert mha.lm_head.weight is not mha.embed_tokens.weight and set(mha.dtypes_on_disk) == {"bfloat16"}
     assert qwen.blocks[0].qkv.bias is not None and qwen.blocks[0].out.bias is None and gqa.blocks[0].qkv.bias is None
-    assert gqa.new_cache().layers[0].n_head == 2 and qwen.new_cache().layers[0].n_head == 1
+    assert gqa.new_cache().n_kv_head == 2 and qwen.new_cache().n_kv_head == 1
 
 
 @pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-bias"])
@@ -70,13 +76,9 @@ def test_unified_cache_with_grouped_query_attention(policy):
     runs (its step encoding is sized for Hkv key heads and repeated across each group of query heads)."""
     model = radial_min.load(FIXTURES / "llama-gqa-tied")
     ids = np.load(FIXTURES / "llama-gqa-tied" / "reference.npz")["input_ids"]
-    from radial_min.blocks import Step, run_blocks
-
-    cache = UnifiedKVCache(*model.kv_shape, policy=policy)
-    rows = []
-    for t, token in enumerate(ids):
-        x = model.embed(np.array([token]), np.array([t]))
-        rows.append(model.head(run_blocks(model.blocks, x, Step(np.array([t]), cache))))
+    net = RadialNetwork(model, InOrder(len(model.blocks)), cache_policy=policy)
+    cache = net.new_cache()
+    rows = [net.forward(ids[t : t + 1], cache) for t in range(len(ids))]  # token by token
     out = np.concatenate(rows)
     assert len(cache) == len(ids) * model.n_layer
     err = rel_err(out, model.forward(ids))
@@ -88,12 +90,12 @@ def test_global_step_encoding_follows_the_query_heads_key_head():
     of key/value head g to its keys and to every query head h with h // 2 == g, so q.k gains PE.PE within a group."""
     from radial_min.cache import step_encoding
 
-    cache = UnifiedKVCache(16, 2, "global", step_encoding_scale=1.0)
+    cache = KVCache("global", 2, 8)
     q, k, v = np.zeros((1, 32), np.float32), np.zeros((1, 16), np.float32), np.zeros((1, 16), np.float32)
-    q_out, k_store, _, _, _ = cache.update(0, q, k, v, np.array([0]), hop=3)
+    q_out, store, _, _ = cache.write(0, q, k, v, Rows(np.array([0]), cache, 3))
     enc = step_encoding(3, 16).reshape(2, 8)  # [Hkv, D]
     np.testing.assert_array_equal(q_out.reshape(4, 8), enc[[0, 0, 1, 1]])
-    np.testing.assert_array_equal(k_store[:, 0], enc)  # head-major storage: [Hkv, rows, D]
+    np.testing.assert_array_equal(store.k[0, :, 0], enc)  # head-major storage: [B, Hkv, entries, D]
 
 
 def test_rmsnorm_kernel_matches_reference():
@@ -171,12 +173,12 @@ BASE = {
 )
 def test_bad_llama_configs_are_refused_by_field(change, match):
     with pytest.raises(CheckpointError, match=match):
-        config_from_dict({**BASE, **change}, "cfg.json")
+        parse_config({**BASE, **change}, "cfg.json")
 
 
 def test_config_accepts_both_dtype_spellings_and_rope_forms():
-    a = config_from_dict({**BASE, "torch_dtype": "bfloat16", "rope_theta": 5.0, "rope_scaling": None})
-    b = config_from_dict({**BASE, "dtype": "bfloat16", "rope_parameters": {"rope_type": "default", "rope_theta": 5.0}})
+    a = parse_config({**BASE, "torch_dtype": "bfloat16", "rope_theta": 5.0, "rope_scaling": None})
+    b = parse_config({**BASE, "dtype": "bfloat16", "rope_parameters": {"rope_type": "default", "rope_theta": 5.0}})
     assert a == b and a.dtype == "bfloat16" and a.rope_theta == 5.0 and a.head_dim == 4
 
 
@@ -199,9 +201,6 @@ def test_routed_execution_with_skips_equals_the_drop_oracle(name):
     """Random per-token skips on a grouped-query model: the radial engine (per-layer unified cache, keys stored after
     the rotation) and the oracle's block-by-block `drop` rule compute the same logits, so the drop rule's cost on a
     real model (docs/real-model.md) is the engine's, not a simulation's."""
-    from radial_min.radial import RadialNetwork
-    from radial_min.testing import ScriptedRouter
-
     model = radial_min.load(FIXTURES / name)
     ids = np.load(FIXTURES / name / "reference.npz")["input_ids"]
     keep = np.random.default_rng(0).random((len(ids), len(model.blocks))) < 0.6
@@ -209,6 +208,6 @@ def test_routed_execution_with_skips_equals_the_drop_oracle(name):
     logits, kept, _ = oracle.run_sequence(model, ids, oracle.forced(keep), "drop")
     np.testing.assert_array_equal(kept, keep)
     routes = [np.flatnonzero(row).tolist() for row in keep]
-    radial = RadialNetwork(model, ScriptedRouter(routes, len(model.blocks)))
+    radial = RadialNetwork(model, Scripted(routes, len(model.blocks)))
     assert rel_err(radial.forward(ids, radial.new_cache()), logits) <= 1e-5
     assert rel_err(logits, model.forward(ids)) > 1e-2  # the skips do change the logits

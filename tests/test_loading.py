@@ -10,7 +10,7 @@ import pytest
 
 import radial_min
 from radial_min.io.checkpoint import SafetensorsFile, bf16_to_float32, write_safetensors
-from radial_min.config import config_from_dict
+from radial_min.models import parse_config
 from radial_min.errors import CheckpointError, RadialError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -105,10 +105,10 @@ def test_config_problems(opt_copy, tmp_path):
 def test_dtype_spellings():
     """transformers 5 writes `dtype`, Hub configs `torch_dtype` (sometimes as 'torch.float16')."""
     base = {"model_type": "opt", "hidden_size": 8, "num_attention_heads": 2}
-    assert config_from_dict({**base, "dtype": "bfloat16"}).dtype == "bfloat16"
-    assert config_from_dict({**base, "torch_dtype": "float16"}).dtype == "float16"
-    assert config_from_dict({**base, "torch_dtype": "torch.float16"}).dtype == "float16"
-    assert config_from_dict(base).word_embed_proj_dim == 8
+    assert parse_config({**base, "dtype": "bfloat16"}).dtype == "bfloat16"
+    assert parse_config({**base, "torch_dtype": "float16"}).dtype == "float16"
+    assert parse_config({**base, "torch_dtype": "torch.float16"}).dtype == "float16"
+    assert parse_config(base).word_embed_proj_dim == 8
 
 
 def test_bf16_upcast_is_exact():
@@ -120,7 +120,7 @@ def test_bf16_upcast_is_exact():
 def test_tied_lm_head_is_not_read(tmp_path):
     """A stored lm_head copy (as some Hub repos have) is accepted but, tied, the embeddings serve as the head."""
     model = radial_min.load(FIXTURES / "opt-bf16-hub")
-    assert model.lm_head is model.embed_tokens
+    assert model.lm_head.weight is model.embed_tokens.weight
 
 
 def test_both_writers_make_files_the_safetensors_package_reads(tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import radial_min
+from radial_min.dtypes import Int8Matrix, to_float32
 from conftest import shared
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -88,7 +89,7 @@ def test_kv_cache_decode_equals_full_forward(name, matmul_backend):
     parts = [model.forward(ids[:5], cache)] + [model.forward(ids[t : t + 1], cache) for t in range(5, len(ids))]
     np.testing.assert_allclose(np.concatenate(parts), full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
     assert cache.n_tokens == len(ids)
-    assert all(r.n == len(ids) for r in cache.layers)
+    assert len(cache.parts) == model.n_layer and all(p.count[0] == len(ids) for p in cache.parts.values())
 
 
 @pytest.mark.parametrize("dtype,tol", [("float16", 2e-3), ("bfloat16", 1.5e-2)])
@@ -110,30 +111,13 @@ def test_half_precision_weights_in_memory(name, dtype, tol):
         np.testing.assert_array_equal(radial_min.generate(model, ids, 20, stop_at_eos=False), ref["greedy"])
 
 
-def _arrays(obj, seen=None):
-    """Every weight array a model holds, once each (the tied LM head is the embedding): ndarrays, and an
-    Int8Matrix's q and scale, found through the attributes of the model, its blocks and their parts."""
-    seen = set() if seen is None else seen
-    for v in vars(obj).values() if hasattr(obj, "__dict__") else obj:
-        if isinstance(v, np.ndarray):
-            if id(v) not in seen:
-                seen.add(id(v))
-                yield v
-        elif isinstance(v, list) or (hasattr(v, "__dict__") and not isinstance(v, (type, str, Path))):
-            yield from _arrays(v, seen)
-
-
 def _dequantized(model):
     """The same model with every Int8Matrix replaced by its float32 values (the NumPy reference of int8)."""
-    from radial_min.blocks import Linear
-    from radial_min.dtypes import Int8Matrix, to_float32
-
-    for block in model.blocks:
-        for part in vars(block).values():
-            if isinstance(part, Linear) and isinstance(part.weight, Int8Matrix):
-                part.weight = to_float32(part.weight)
-    model.embed_tokens = to_float32(model.embed_tokens)
-    model.lm_head = model.embed_tokens if model.config.tie_word_embeddings else to_float32(model.lm_head)
+    for m in model.modules():
+        if isinstance(m.weight, Int8Matrix):
+            m.weight = to_float32(m.weight)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
     return model
 
 
@@ -162,7 +146,7 @@ def test_int8_shipped_model_memory_and_text():
     float32 model's."""
     f32 = radial_min.load(radial_min.io.hub.DEFAULT_MODEL)
     i8 = radial_min.load(radial_min.io.hub.DEFAULT_MODEL, weights_dtype="int8")
-    b32, b8 = sum(a.nbytes for a in _arrays(f32)), sum(a.nbytes for a in _arrays(i8))
+    b32, b8 = sum(a.nbytes for a in f32.arrays()), sum(a.nbytes for a in i8.arrays())
     assert b32 == 4 * f32.n_params and b8 <= 0.3 * b32
     ids = radial_min.Tokenizer(f32.path).encode("And God said")
     np.testing.assert_array_equal(
@@ -182,5 +166,7 @@ def test_int8_refuses_what_it_cannot_quantize(monkeypatch):
     with pytest.raises(radial_min.RadialError, match=r"patch_embeddings.projection.weight is 4-D") as e:
         radial_min.load(FIXTURES / "vit-cls", weights_dtype="int8")
     assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="weights dtype must be one of float32, float16, bfloat16, int8, got 'int4'"):
+    with pytest.raises(
+        ValueError, match="weights dtype must be one of float32, float16, bfloat16, int8, native, got 'int4'"
+    ):
         radial_min.load(FIXTURES / "opt-pre", weights_dtype="int4")

@@ -7,7 +7,7 @@ from conftest import FIXTURES, random_opt
 import radial_min
 from radial_min import kernels
 from radial_min.analysis import oracle, profiling
-from radial_min.blocks import Step
+from radial_min.blocks import Rows
 
 SEQS = np.random.default_rng(0).integers(3, 60, size=(3, 16))
 
@@ -36,7 +36,7 @@ def test_recorded_ratio_equals_direct_computation(model):
         model.forward(SEQS[0], observe=rec)
         x = model.embed(SEQS[0], np.arange(16))
         for i, block in enumerate(model.blocks):
-            f = block.branch(x, Step(np.arange(16)))
+            f = block.branch(x, Rows(np.arange(16)))
             y = x + f if block.pre_norm else kernels.layernorm_ref(x + f, block.norm.weight, block.norm.bias, 1e-5)
             dx, xx, yx = (np.linalg.norm(a.astype(np.float64), axis=1) for a in (y - x, x, y))
             expected = dx / yx if kind == "output" else dx / (xx + dx)
@@ -50,7 +50,7 @@ def test_post_ln_ratio_is_the_share_a_skip_removes():
     model = random_opt(seed=7, num_hidden_layers=3, do_layer_norm_before=False)
     x = model.embed(SEQS[0], np.arange(16))
     for block in model.blocks:
-        f = block.branch(x, Step(np.arange(16)))
+        f = block.branch(x, Rows(np.arange(16)))
         y = block.residual(x, f)
         skip_effect = np.linalg.norm(y - x, axis=1) / np.linalg.norm(y, axis=1)  # running vs skipping the block
         np.testing.assert_allclose(profiling.block_ratio(block, x, f), skip_effect, rtol=1e-5)

@@ -17,10 +17,12 @@ import radial_min
 import radial_min.radial
 from radial_min import kernels
 from radial_min.analysis import oracle
-from radial_min.cache import KVCache, UnifiedKVCache, dense_cache_bytes, step_encoding
+from radial_min.analysis.distill import RouterDecisions
+from radial_min.blocks import Rows
+from radial_min.cache import KVCache, dense_cache_bytes, order_key, step_encoding
 from radial_min.radial import RadialNetwork, depth_streamer, shade
-from radial_min.router import RouterDecisions
-from radial_min.testing import ScriptedRouter, SequentialRouter
+from radial_min.router import InOrder as SequentialRouter
+from radial_min.router import Scripted as ScriptedRouter
 
 configs = st.fixed_dictionaries(
     {
@@ -55,32 +57,28 @@ def test_never_skipping_router_is_the_sequential_model(cfg, prompt, n_new):
 
 @SETTINGS
 @given(cfg=configs, prompt=prompts, n_decode=st.integers(0, 6))
-def test_unified_cache_per_layer_policy_is_the_per_layer_cache(cfg, prompt, n_decode):
-    """The sequential model runs unchanged on the unified cache: prefill, then token-by-token decode."""
+def test_cached_decode_is_the_whole_sequence(cfg, prompt, n_decode):
+    """The sequential model through its KV cache: a prompt, then one token at a time, gives the logits of the whole
+    sequence run at once (among its own rows, no cache)."""
     model = random_opt(**cfg)
     ids = np.array(prompt + list(range(5, 5 + n_decode)))
     split = len(prompt)
-    outs = []
-    E, H = model.config.hidden_size, model.config.num_attention_heads
-    for cache in (KVCache(model.n_layer, E, H), UnifiedKVCache(E, H, "per-layer")):
-        parts = [model.forward(ids[:split], cache)]  # the prompt, then one token at a time
-        parts += [model.forward(ids[t : t + 1], cache) for t in range(split, len(ids))]
-        outs.append(np.concatenate(parts))
-    assert close(outs[1], outs[0])  # not bitwise: SIMD reductions may split differently with array alignment
+    cache = model.new_cache()
+    parts = [model.forward(ids[:split], cache)]  # the prompt, then one token at a time
+    parts += [model.forward(ids[t : t + 1], cache) for t in range(split, len(ids))]
+    assert close(np.concatenate(parts), model.forward(ids))  # not bitwise: SIMD reductions split by alignment
 
 
 def test_caches_grow_past_their_first_capacity_without_losing_rows():
-    """100 tokens decoded one at a time: both caches grow their key/value tables (64 rows at first) and the unified
-    cache its per-layer index (16 at first) several times, and every row written survives each growth."""
+    """100 tokens decoded one at a time: the cache grows its key/value tables (64 entries at first) and every
+    entry written survives each growth."""
     model = random_opt(seed=3, max_position_embeddings=128)
     ids = np.random.default_rng(1).integers(3, 60, 100)
-    E, H = model.config.hidden_size, model.config.num_attention_heads
     full = model.forward(ids)
-    for cache in (KVCache(model.n_layer, E, H), UnifiedKVCache(E, H, "per-layer")):
-        steps = [model.forward(ids[:3], cache)] + [model.forward(ids[t : t + 1], cache) for t in range(3, 100)]
-        out = np.concatenate(steps)
-        assert close(out, full)
-    assert len(cache) == 100 * model.n_layer and cache.rows.k.shape[1] >= 100 * model.n_layer
+    cache = model.new_cache()
+    steps = [model.forward(ids[:3], cache)] + [model.forward(ids[t : t + 1], cache) for t in range(3, 100)]
+    assert close(np.concatenate(steps), full)
+    assert len(cache) == 100 * model.n_layer and min(p.k.shape[2] for p in cache.parts.values()) >= 100
 
 
 @SETTINGS
@@ -132,31 +130,30 @@ def test_block_reuse_and_any_order():
     cache = radial.new_cache()
     logits = radial.forward(np.array([5, 9]), cache)
     assert np.isfinite(logits).all() and radial.routes == routes
-    layer = cache.rows.tag("layer")
-    assert layer.tolist() == [1, 0, 0, 1, 0, 0]  # attention blocks 2, 0, 0, 2 then 0, 0 (layers 1, 0, 0, 1, 0, 0)
-    assert cache.rows.tag("hop").tolist() == [0, 1, 3, 5, 0, 2]
+    layer0, layer1 = cache.parts[0], cache.parts[1]  # per-layer: a partition per layer, entries in (pos, step) order
+    assert (
+        layer0.keys[0, : layer0.count[0]].tolist() == order_key(np.array([0, 0, 1, 1]), np.array([1, 3, 0, 2])).tolist()
+    )
+    assert layer1.keys[0, : layer1.count[0]].tolist() == order_key(np.array([0, 0]), np.array([0, 5])).tolist()
     # the same routes by hand: block 0 twice for token 0 attends over its own first entry the second time
     x = model.embed(np.array([5]), np.array([0]))
-    from radial_min.blocks import Step
-
-    manual = UnifiedKVCache(model.config.hidden_size, model.config.num_attention_heads)
-    for hop, b in enumerate(routes[0]):
-        x = model.blocks[b](x, Step(np.array([0]), manual, hop))
+    manual = model.new_cache()
+    for step, b in enumerate(routes[0]):
+        x = model.blocks[b](x, Rows(np.array([0]), manual, step))
     assert close(model.head(x), logits[:1])
 
 
 def test_global_policy_sees_every_layer_and_earlier_steps():
-    cache = UnifiedKVCache(8, 2, "global", step_encoding_scale=0.0)
-    q = np.ones((1, 8), np.float32)
-    for pos, layer, hop in [(0, 0, 0), (0, 1, 1), (1, 0, 0)]:
-        kv = np.full((1, 8), 10 * pos + layer, np.float32)
-        _, K, V, P, rows = cache.update(layer, q, kv, kv, np.array([pos]), hop)
-    assert rows is None and K[0, : len(P), 0].tolist() == [0, 1, 10] and P.tolist() == [0, 0, 1]  # head-major storage
-    per_layer = UnifiedKVCache(8, 2, "per-layer")
-    for pos, layer in [(0, 0), (0, 1), (1, 0)]:
-        kv = np.full((1, 8), 10 * pos + layer, np.float32)
-        _, K, _, P, rows = per_layer.update(layer, q, kv, kv, np.array([pos]))
-    assert K[1, rows, 0].tolist() == [0, 10] and P.tolist() == [0, 1] and rows.tolist() == [0, 2]
+    """Global: one partition, a query reads every entry of (position, step) up to its own; per-layer: a partition
+    per layer. Entries hold their values here, so a uniform attention's output is the mean of what it read."""
+    for policy, want in (("global", [[0], [0, 1], [0, 1, 10]]), ("per-layer", [[0], [1], [0, 10]])):
+        cache = KVCache(policy, 2, 4)
+        cache.policy.scale = 0.0  # no step codes: the values read come back as they were written
+        q = np.zeros((1, 8), np.float32)  # equal scores: the output is the mean of the values read
+        for (pos, layer, step), seen in zip([(0, 0, 0), (0, 1, 1), (1, 0, 0)], want):
+            kv = np.full((1, 8), 10 * pos + layer, np.float32)
+            a = cache.read(cache.write(layer, q, kv, kv, Rows(np.array([pos]), cache, step)))
+            assert np.allclose(a, np.mean(seen)), (policy, pos, layer)
 
 
 def test_step_encoding_marks_steps():
@@ -166,7 +163,7 @@ def test_step_encoding_marks_steps():
     sims = pe @ pe[2]
     assert sims.argmax() == 2 and sims[1] > sims[0] and sims[3] > sims[5]
     with pytest.raises(ValueError, match="cache policy"):
-        UnifiedKVCache(8, 2, "everything")
+        KVCache("everything", 2, 4)
 
 
 def test_memory_against_dense():
@@ -177,7 +174,7 @@ def test_memory_against_dense():
     radial.forward(np.array([4, 5, 6, 7]), cache)
     E = model.config.hidden_size
     assert len(cache) == 2 + 1 + 3 + 0
-    assert cache.nbytes == 6 * (2 * E * 4 + 3 * 8)
+    assert cache.nbytes == 6 * (2 * E * 4 + 8)  # keys, values and one order key per entry
     assert dense_cache_bytes(3, 4, E) == 3 * 4 * (2 * E * 4 + 8)
 
 
@@ -215,7 +212,7 @@ def _policy_by_hand(model, ids, policy, scale, choose):
                 break
             hop, blk = len(route), model.blocks[b]
             if blk.kind == "att":
-                q, k, v = blk.project_qkv(x)
+                q, k, v = blk.project_qkv(x, np.array([pos]))
                 enc = scale * step_encoding(hop, E) if policy == "global" else 0.0
                 entries.append((blk.layer, hop, k + enc, v))
                 seen = [
@@ -226,7 +223,7 @@ def _policy_by_hand(model, ids, policy, scale, choose):
                 keys, vals = (np.concatenate(a) for a in zip(*seen))
                 f = blk.out(kernels.attention_ref(q + enc, keys, vals, blk.n_head))
             else:
-                f = blk.branch(x)
+                f = blk.branch(x, Rows())
             x, prev = blk.residual(x, gate * f), b
             route.append(b)
         states.append(x)
@@ -284,11 +281,11 @@ def test_gate_scales_each_branch_by_the_routers_probability():
 
 
 class _RecordingRouter(ScriptedRouter):
-    """A scripted router that keeps the (prev, depth) it was asked with."""
+    """A scripted router that keeps the (prev, step) it was asked with."""
 
-    def choose(self, x, prev, depth):
-        self.asked = getattr(self, "asked", []) + [(int(prev[0]), int(depth[0]))]
-        return super().choose(x, prev, depth)
+    def decide(self, x, prev, step, pos=None):
+        self.asked = getattr(self, "asked", []) + [(int(prev[0]), int(step[0]))]
+        return super().decide(x, prev, step, pos)
 
 
 def test_router_is_told_the_block_just_run():
@@ -312,7 +309,19 @@ def test_max_depth_bounds_every_route():
     for b in range(6):
         ran = decisions(b, np.arange(3), None)
         decisions.after(b, np.zeros((3, model.config.hidden_size), np.float32), ran)
-    assert decisions.depth.tolist() == [2, 2, 2] and (decisions.next == 6).all()
+    assert decisions.step.tolist() == [2, 2, 2] and (decisions.next == 6).all()
+
+
+@pytest.mark.parametrize("policy", ["per-layer", "global"])
+def test_max_depth_bounds_a_token_routed_alone(policy):
+    """The walk of one token at a time (a prompt of one token, decoding: `_Walk.run_one`) stops a token at
+    max_depth = 2 although its router would run all 6 blocks: 2 blocks each, never 3."""
+    model = random_opt(seed=1, num_hidden_layers=3)
+    radial = RadialNetwork(model, ScriptedRouter([list(range(6))] * 3, 6), max_depth=2, cache_policy=policy)
+    cache = radial.new_cache()
+    for token in (3, 8, 1):
+        radial.forward(np.array([token]), cache)
+    assert radial.routes == [[0, 1]] * 3
 
 
 def _random_router(model, seed, forward_only=True, exit_bias=-3.0):
@@ -344,7 +353,7 @@ def test_routed_prefill_together_equals_token_by_token(cfg, prompt, gate, n_new,
     ids = np.array(prompt)
     together = RadialNetwork(model, router, max_depth, gate=gate)
     alone = RadialNetwork(model, router, max_depth, gate=gate)
-    assert together.routes_together
+    assert together.schedule() == "block"
     got = together.forward(ids)
     cache = alone.new_cache()
     want = np.concatenate([alone.forward(ids[t : t + 1], cache) for t in range(len(ids))])
@@ -360,28 +369,28 @@ def test_routed_prefill_together_equals_token_by_token(cfg, prompt, gate, n_new,
 
 
 def test_routing_together_runs_each_block_once(monkeypatch):
-    """Routed together, a block runs at most once per forward, over all the tokens that chose it; the router is
-    asked once at the start and once after each block that ran. A router that may move back, or a policy that
-    reads other layers' or steps' keys, routes token by token."""
+    """Routed together, a block runs at most once per forward, over all the tokens that chose it. A router that may
+    move back, or a policy that reads other layers' or steps' keys, routes in other rounds (token or step)."""
     model = random_opt(seed=3, num_hidden_layers=3)
     router = _random_router(model, 1)
     calls = []
-    run_block = radial_min.radial.run_block
+    for i, block in enumerate(model.blocks):
+        run = block.branch_in
 
-    def counted(i, block, x, *args, **kwargs):
-        calls.append((i, len(x)))
-        return run_block(i, block, x, *args, **kwargs)
+        def counted(x, rows, tape=None, i=i, run=run):
+            calls.append((i, len(x)))
+            return run(x, rows, tape)
 
-    monkeypatch.setattr(radial_min.radial, "run_block", counted)
+        monkeypatch.setattr(block, "branch_in", counted)
     net = RadialNetwork(model, router)
     net.forward(np.arange(3, 23))
     ran = [i for i, _ in calls]
     assert ran == sorted(set(ran)) and max(n for _, n in calls) > 1
     assert 0 < sum(map(len, net.routes)) < 20 * len(model.blocks)  # some blocks skipped, some run
     assert sum(n for _, n in calls) == sum(map(len, net.routes))
-    assert not RadialNetwork(model, _random_router(model, 1, forward_only=False)).routes_together
-    assert not RadialNetwork(model, router, cache_policy="per-step").routes_together
-    assert not RadialNetwork(model, router, cache_policy="global").routes_together
+    assert RadialNetwork(model, _random_router(model, 1, forward_only=False)).schedule() == "token"
+    assert RadialNetwork(model, router, cache_policy="per-step").schedule() == "step"
+    assert RadialNetwork(model, router, cache_policy="global").schedule() == "token"
 
 
 def test_depth_markers_only_on_a_terminal_and_shades_distinct(monkeypatch):

@@ -288,10 +288,27 @@ def test_hand_made_tensor_reads_back(tmp_path):
     assert tensors["w"].tolist() == [[1.0, 3.0], [2.0, 4.0]] and dtypes == {"w": "float32"}
 
 
+def test_a_tensor_at_a_storage_offset_streams_from_the_right_bytes(tmp_path):
+    """A [2, 3] tensor starting 4 elements into its storage (as torch.save writes a view, or a tensor sharing a
+    storage): the streamed path reads its rows straight from the file at span()'s byte offset, which counts the
+    storage offset in elements times their size; taken as bytes it would read the storage from element 1."""
+    from radial_min.analysis.stream import _FileRows
+
+    pkl = b"\x80\x02}" + p_str("w") + p_tensor((2, 3), (3, 1), 4, numel=10) + b"s."
+    path = torch_like_zip(tmp_path, pkl, {"0": np.arange(10, dtype="<f4").tobytes()})
+    f = TorchFile(path)
+    assert f.read("w").tolist() == [[4.0, 5.0, 6.0], [7.0, 8.0, 9.0]]
+    offset, stored = f.span("w")
+    rows = _FileRows(path, stored, offset, (2, 3))
+    np.testing.assert_array_equal(rows.rows(0, 2), f.read("w"))
+    np.testing.assert_array_equal(rows[[1, 0]], f.read("w")[[1, 0]])
+
+
 @settings(
     max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(position=st.integers(min_value=0), xor=st.integers(min_value=1, max_value=255))
+@pytest.mark.slow
 def test_any_flipped_byte_gives_the_right_values_or_a_checkpoint_error(position, xor, expected, tmp_path):
     data = bytearray(GOOD.read_bytes())
     data[position % len(data)] ^= xor
@@ -305,6 +322,7 @@ def test_any_flipped_byte_gives_the_right_values_or_a_checkpoint_error(position,
         assert_matches(*result, expected)  # only bytes nobody reads (timestamps, padding) may change
 
 
+@pytest.mark.slow
 def test_every_truncation_gives_a_checkpoint_error(tmp_path):
     data = GOOD.read_bytes()
     path = tmp_path / "cut.bin"

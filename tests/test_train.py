@@ -50,20 +50,20 @@ def test_batches_are_a_function_of_seed_and_step(corpus, tmp_path):
     _, train_ids, _ = corpus
     cfg = tiny(tmp_path, 4)
     batches = [tr.batch_at(train_ids, step, cfg) for step in range(4)]
-    assert all(b.shape == (cfg.batch_size, cfg.seq_len + 1) for b in batches)
+    assert all(b.shape == (cfg.run.batch_size, cfg.model.seq_len + 1) for b in batches)
     assert len({b.tobytes() for b in batches}) == 4
     np.testing.assert_array_equal(tr.batch_at(train_ids, 2, cfg), batches[2])
-    other = tr.batch_at(train_ids, 2, tr.TrainConfig(**{**tr.asdict(cfg), "seed": 1}))
+    other = tr.batch_at(train_ids, 2, tr.TrainConfig.of(**{**cfg.flat(), "seed": 1}))
     assert not np.array_equal(other, batches[2])
     starts = [
         int(
-            np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(train_ids, cfg.seq_len + 1) == row, axis=1))[
-                0
-            ]
+            np.flatnonzero(
+                np.all(np.lib.stride_tricks.sliding_window_view(train_ids, cfg.model.seq_len + 1) == row, axis=1)
+            )[0]
         )
         for row in batches[0]
     ]
-    assert all(0 <= s <= len(train_ids) - cfg.seq_len - 1 for s in starts)  # windows of the stream itself
+    assert all(0 <= s <= len(train_ids) - cfg.model.seq_len - 1 for s in starts)  # windows of the stream itself
 
 
 def test_tokenizer_in_opt_layout(corpus):
@@ -80,10 +80,10 @@ def test_resume_gives_the_same_model(corpus, tmp_path):
     """Stop after 3 steps and resume to 6: the same parameters, bit for bit, as 6 steps straight."""
     _, train_ids, val_streams = corpus
     val = {k: data.validation_sequences(s, 16, 2) for k, s in val_streams.items()}
-    straight = tr.train(tiny(tmp_path / "a", 6), train_ids, val, progress=False)
+    straight = tr.parameters(tr.train(tiny(tmp_path / "a", 6), train_ids, val, progress=False))
     tr.train(tiny(tmp_path / "b", 6), train_ids, val, progress=False, stop_after=3)
     assert SafetensorsFile(tmp_path / "b" / "state.safetensors").metadata["step"] == "3"
-    resumed = tr.train(tiny(tmp_path / "b", 6), train_ids, val, progress=False)
+    resumed = tr.parameters(tr.train(tiny(tmp_path / "b", 6), train_ids, val, progress=False))
     for name in straight:
         np.testing.assert_array_equal(resumed[name], straight[name])
     log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
@@ -101,16 +101,20 @@ def test_schedule_and_clipping():
     assert np.sqrt(sum((g**2).sum() for g in grads.values())) == pytest.approx(1.0)
 
 
-def test_exported_checkpoint_is_an_opt_checkpoint(corpus, tmp_path):
-    """The export loads through the same loader as Hub checkpoints and computes the trainer's loss."""
+@pytest.mark.parametrize("architecture", ["opt", "llama", "qwen2"])
+def test_exported_checkpoint_is_a_hugging_face_checkpoint(corpus, tmp_path, architecture):
+    """A fresh model of each trainable architecture, exported: it loads through the same loader as Hub checkpoints
+    and computes the trainer's loss; config.json names transformers' class."""
     folder, train_ids, _ = corpus
-    cfg = tiny(tmp_path, 1)
-    params = tr.init_params(cfg.model_config(), 0)
-    tr.export_checkpoint(params, cfg.model_config(), folder, tmp_path / "export", dtype="float32")
+    cfg = tr.TrainConfig.of(**{**tiny(tmp_path, 1).flat(), "architecture": architecture, "num_key_value_heads": 1})
+    net = tr.build_network(cfg)
+    tr.export_checkpoint(net, folder, tmp_path / "export", dtype="float32")
     model = radial_min.load(tmp_path / "export")
-    assert json.loads((tmp_path / "export" / "config.json").read_text())["architectures"] == ["OPTForCausalLM"]
+    want = {"opt": "OPTForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[architecture]
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["architectures"] == [want]
+    assert model.config.model_type == architecture
     batch = train_ids[None, :17].astype(np.int64)
-    loss, _ = tr.loss_and_grads(params, cfg.model_config(), batch, need_grads=False)
+    loss = tr.loss_and_grads(net, batch)[0]  # the training path
     logits = model.forward(batch[0, :-1]).astype(np.float64)
     m = logits.max(-1, keepdims=True)
     logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
@@ -135,7 +139,7 @@ def test_resume_repairs_the_log_refuses_changed_settings_and_cleans_stale_temps(
     for change in ({"seed": 1}, {"lr": 1e-3}, {"batch_size": 8}):
         saved = f"train_config.json: state.safetensors was saved with {next(iter(change))}="
         with pytest.raises(RadialError, match=saved):
-            tr.train(tr.TrainConfig(**{**tr.asdict(tiny(out, 6)), **change}), train_ids, val, progress=False)
+            tr.train(tr.TrainConfig.of(**{**tiny(out, 6).flat(), **change}), train_ids, val, progress=False)
     config = (out / "train_config.json").read_text()
     (out / "train_config.json").unlink()
     with pytest.raises(RadialError, match="train_config.json: missing beside state.safetensors"):

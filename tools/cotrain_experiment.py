@@ -172,7 +172,7 @@ def evaluate_distilled(model_dir: Path, router_dir: Path, streams: dict, seq_len
     import radial_min
     from radial_min import data
     from radial_min.analysis import oracle
-    from radial_min.router import RouterDecisions
+    from radial_min.analysis.distill import RouterDecisions
     from radial_min.router import Router
 
     model, router = radial_min.load(model_dir), Router.load(router_dir / "router")
@@ -191,16 +191,16 @@ def evaluate_distilled(model_dir: Path, router_dir: Path, streams: dict, seq_len
 
 
 def evaluate_radial(model_dir: Path, streams: dict, seq_len: int) -> dict:
+    import radial_min
     from radial_min import data
     from radial_min import train as tr
-    from radial_min.radial_train import sequence_nll
 
-    params, cfg, rcfg = tr.read_export(model_dir)
-    blocks, router = tr.split_router(params)
+    net = radial_min.load(model_dir)
+    net.keep_routes = False
     out = {}
     for name, stream in streams.items():
         seqs = data.pack(stream, seq_len)
-        nll, depth, routes = sequence_nll(blocks, router, cfg, rcfg, seqs)
+        nll, depth, routes = tr.sequence_nll(net, seqs)
         out[name] = {
             "ppl": float(np.exp(nll.mean())),
             "blocks": float(depth.mean()),
@@ -256,19 +256,19 @@ def route_kinds(routes: np.ndarray) -> dict:
 def cmd_routes(args):
     """What the co-trained routers learned, on the first 256 WikiText-2 test sequences: shares of early exit,
     reuse and skips (route_kinds)."""
+    import radial_min
     from radial_min import data
     from radial_min import train as tr
-    from radial_min.radial_train import sequence_nll
 
     for s in args.seeds:
         for m, (_, opts) in MODELS.items():
             folder = OUT / run_name(m, s)
             if "--radial" not in opts or not (folder / "report.json").is_file():
                 continue
-            params, cfg, rcfg = tr.read_export(folder / "export")
-            blocks, router = tr.split_router(params)
+            net = radial_min.load(folder / "export")
+            net.keep_routes = False
             seqs = data.pack(held_out_streams(folder)["wiki"], 64)[:256]
-            _, depth, routes = sequence_nll(blocks, router, cfg, rcfg, seqs)
+            _, depth, routes = tr.sequence_nll(net, seqs)
             kinds = route_kinds(routes)
             print(
                 f"{run_name(m, s)}: {depth.mean():.2f} blocks/token; "

@@ -8,7 +8,8 @@ Recorded (only through the public API and the command line, so the same script r
 - logits on fixed ids and 20 greedy tokens of every shipped model, every test fixture and the SmolLM2 GGUF (when
   installed), in float32 and int8 weights; ViT fixtures' logits on fixed pixels;
 - the shipped co-trained network's and the shipped router's route of every token of a fixed text, and their logits;
-- `profile` and `simulate` on the shipped model (a few sequences): every file they write;
+- `profile` and `simulate` on the shipped model (a few sequences): every file they write (its numbers compared
+  within the tolerance);
 - fixed-seed training runs through `cli.py train` (a sequential OPT, and co-trained networks under each cache
   policy): the logged losses and the parameters after the last step.
 `compare` prints the largest relative difference of every array (relative to the array's largest magnitude),
@@ -16,9 +17,9 @@ whether token ids and routes are identical, and which written files differ; it e
 """
 
 import argparse
-import hashlib
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,8 +150,22 @@ def cli_outputs(folder: Path):
         out[f"cli/{cmd[0]}/stdout"] = r.stdout.replace(str(folder), "<snapshot>")
         for f in sorted(dest.rglob("*")):
             if f.is_file() and f.suffix != ".png":
-                out[f"cli/{cmd[0]}/{f.relative_to(dest)}"] = hashlib.sha256(f.read_bytes()).hexdigest()
+                out.update(_file_values(f"cli/{cmd[0]}/{f.relative_to(dest)}", f))
     return out
+
+
+def _file_values(key, f: Path) -> dict:
+    """A written file as what it says: an .npz's arrays; a .json's or .csv's numbers as one array and the rest
+    as text (numbers are compared within the tolerance: the kernels may run serial or parallel by the load)."""
+    if f.suffix == ".npz":
+        with np.load(f) as z:
+            return {f"{key}/{k}": z[k] for k in z.files}
+    text = f.read_text()
+    numbers = re.findall(r"-?\d+\.\d+(?:[eE][-+]?\d+)?", text)
+    return {
+        key + "/numbers": np.array([float(x) for x in numbers]),
+        key: re.sub(r"-?\d+\.\d+(?:[eE][-+]?\d+)?", "#", text),
+    }
 
 
 def training(folder: Path):
@@ -204,7 +219,7 @@ def compare(a: Path, b: Path, tol: float) -> int:
         x, y = A[k], B[k]
         if x.shape != y.shape:
             bad.append(f"{name}: shape {x.shape} -> {y.shape}")
-        elif x.dtype.kind in "iub":
+        elif x.dtype.kind in "iubUSO":
             if not np.array_equal(x, y):
                 bad.append(f"{name}: ids differ at {int(np.flatnonzero(x.ravel() != y.ravel())[0])}")
         else:

@@ -4,9 +4,13 @@
     python tools/hostile_inputs.py config router    # only these kinds (see --list)
     python tools/hostile_inputs.py --show refused   # also print every refusal's message (or: accepted, all)
 
-A case is one mutated input (a config.json field, a safetensors header, a pickle opcode, a router, a tokenizer
-file, an image, a training run's state, tokens.npz or log, a text file, a command-line value) and one `cli.py`
-command that reads it, run in this process through `cli.main` on tiny checkpoints built from tests/fixtures.
+A case is one mutated input (a config.json field, a safetensors header, a pickle opcode, a router, a co-trained
+network's radial.json, a GGUF tensor table (with the gguf extra), a tokenizer file, an image, a training run's
+state, tokens.npz or log, a text file, a command-line value; or a folder, FIFO or link where a file should be) and
+one `cli.py` command that reads it, run in this process through `cli.main` on tiny checkpoints built from
+tests/fixtures. Every JSON file also gets the bounds of the JSON reader: a 5,000-digit integer (over Python's own
+limit), 65-deep lists, a key twice, a lone surrogate. Silent wrong results (a command that exits 0 on input it
+should refuse) show as `accepted`: read that list (`--show accepted`).
 Each case ends as one of:
 
     accepted   exit 0: the mutant is still a usable input
@@ -25,6 +29,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import pickletools
 import random
 import shutil
@@ -36,6 +41,7 @@ import time
 import traceback
 import tracemalloc
 import zipfile
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -48,6 +54,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 import cli  # noqa: E402
 from radial_min import data  # noqa: E402
 from radial_min.config import LlamaConfig, OPTConfig, ViTConfig  # noqa: E402
+from radial_min.radial import write_radial  # noqa: E402
 from radial_min.router import Router, RouterConfig, init_router  # noqa: E402
 
 DEFECTS = ("VAGUE", "TRACEBACK", "HANG", "MEMORY")
@@ -61,9 +68,17 @@ class Case(NamedTuple):
     kind: str
     label: str
     base: str  # the folder copied for the case: a key of `bases`
-    edits: dict  # relative path -> bytes to write, or None to delete
+    edits: dict  # relative path -> bytes to write, None to delete (a .json: a folder instead), or a Make
     commands: tuple  # argv lists; "{d}" is the case's folder, "{o}" a fresh output folder
     names: tuple  # an error line must contain one of these (the mutated file's name, or the option)
+
+
+class Make(NamedTuple):
+    """Something other than bytes in a file's place: a "folder", a "fifo" (a read would block), or a "link" to
+    `target` ("{d}" is the case's folder)."""
+
+    kind: str
+    target: str = ""
 
 
 # ------------------------------------------------------------------------------------------- base inputs
@@ -95,7 +110,20 @@ def build_bases(root: Path) -> dict:
     try:
         from PIL import Image
 
-        Image.fromarray(np.load(vit / "img.npy")).save(vit / "img.png")
+        for suffix in ("png", "tif", "ppm"):
+            Image.fromarray(np.load(vit / "img.npy")).save(vit / f"img.{suffix}")
+    except ImportError:
+        pass
+    radial = root / "radial"  # a co-trained network: the opt base with radial.json beside its router
+    shutil.copytree(opt, radial)
+    write_radial(radial, Router.load(opt / "router"), "global", 1.0)
+    bases["radial"] = radial
+    try:
+        import gguf  # noqa: F401 (the optional extra that reads .gguf files)
+
+        (root / "gguf").mkdir()
+        shutil.copy(FIXTURES / "gguf" / "llama-gqa-untied.gguf", root / "gguf" / "model.gguf")
+        bases["gguf"] = root / "gguf"
     except ImportError:
         pass
     run = root / "run"  # a training run after 2 steps: tokens.npz, tokenizer, state, train_config.json, log.jsonl
@@ -174,8 +202,15 @@ def json_mutants(obj, rng, fields=None, values=VALUES):
         yield f"top level {json.dumps(top)[:20]}", dumps(top)
     yield "1,000-deep list", b"[" * 1000 + b"]" * 1000
     yield "100,000-deep list", b"[" * 100_000 + b"]" * 100_000
-    if not isinstance(obj, dict):
+    yield "65-deep list", b"[" * 65 + b"]" * 65
+    if not isinstance(obj, dict) or not obj:
         return
+    first = next(iter(obj)).encode()
+    yield "a 5,000-digit integer", text[:-1] + b', "x": ' + b"9" * 5000 + b"}"  # over Python's int(str) limit
+    yield "a 41-digit integer", text[:-1] + b', "x": -' + b"9" * 41 + b"}"
+    yield "a key twice", text[:-1] + b', "' + first + b'": ' + dumps(obj[next(iter(obj))]) + b"}"
+    yield "a lone surrogate", text[:-1] + b', "x": "\\udc80"}'
+    yield "a FIFO", Make("fifo")
     keys = list(obj) if fields is None else fields
     for key in keys:
         if key in obj:
@@ -211,7 +246,7 @@ def safetensors_mutants(raw: bytes, rng):
     for length in (0, 1, 2, n - 1, n + 1, len(raw) - 8, len(raw), 2**63, 2**64 - 1):
         yield f"header length {length}", struct.pack("<Q", length) + raw[8:]
     for label, h in json_mutants(header, rng, fields=[]):
-        if h is not None:
+        if isinstance(h, bytes):
             yield f"header {label}", pack(h)
     yield "header with a duplicate key", pack(dumps(header)[:-1] + b', "' + next(iter(header)).encode() + b'": {}}')
     name = sorted(k for k in header if k != "__metadata__")[0]
@@ -292,10 +327,15 @@ def pickle_mutants(raw: bytes, rng):
 
 def png_mutants(raw: bytes, rng):
     def chunk(kind, body):
-        import zlib
 
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
+    rows = zlib.compress(bytes(7000 * (1 + 3 * 7000)), 9)  # 143 KB, under Pillow's bomb limit, 147 MB decoded
+    ihdr = struct.pack(">IIBBBBB", 7000, 7000, 8, 2, 0, 0, 0)
+    yield (
+        "a 7000x7000 PNG of zeros",
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", rows) + chunk(b"IEND", b""),
+    )
     for w, h in ((12000, 12000), (20000, 20000), (0, 10), (1, 10**6), (2**31 - 1, 1)):
         ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
         yield (
@@ -378,12 +418,79 @@ def npz_mutants(raw: bytes, rng):
     yield from byte_mutants(raw, rng, n_flips=15)
 
 
+def tiff_mutants(raw: bytes, rng):
+    """A TIFF whose directory chain loops back to itself (Pillow stops there quietly) or runs off the file."""
+    offset = struct.unpack("<I", raw[4:8])[0]
+    (n,) = struct.unpack("<H", raw[offset : offset + 2])
+    at = offset + 2 + 12 * n  # the next-directory pointer of the first directory
+    yield "a directory that points to itself", raw[:at] + struct.pack("<I", offset) + raw[at + 4 :]
+    yield "a directory that points past the end", raw[:at] + struct.pack("<I", len(raw) + 100) + raw[at + 4 :]
+    yield "the first directory past the end", raw[:4] + struct.pack("<I", 2**32 - 1) + raw[8:]
+    yield from byte_mutants(raw, rng, n_flips=15)
+
+
+def ppm_mutants(raw: bytes, rng):
+    """Netpbm files cut short (Pillow raises ValueError for some, OSError for others) or with odd headers."""
+    for cut in (3, 8, 12, len(raw) // 2, len(raw) - 1):
+        yield f"truncated to {cut} bytes", raw[:cut]
+    yield "16-bit, truncated", b"P6\n48 40\n65535\n" + bytes(1000)
+    yield "plain P3, truncated", b"P3\n4 4\n255\n1 2 3"
+    yield "plain P1, truncated", b"P1\n4 4\n1 0"
+    yield "a float PFM, truncated", b"Pf\n4 4\n-1.0\n" + bytes(10)
+    yield "size 100000x100000", b"P6\n100000 100000\n255\n" + bytes(100)
+    yield from byte_mutants(raw, rng, n_flips=10)
+
+
+def state_mutants(raw: bytes):
+    """A training state whose tensors hold NaN or infinity, or a negative Adam second moment."""
+    from radial_min.io.checkpoint import SafetensorsFile, write_safetensors
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "s.safetensors"
+        path.write_bytes(raw)
+        f = SafetensorsFile(path)
+        tensors = {n: f.read(n) for n in f.entries}
+        param = next(n for n in tensors if not n.startswith("adam."))
+        for label, name, value in (
+            ("a parameter NaN", param, np.nan),
+            ("a parameter inf", param, np.inf),
+            ("an Adam m NaN", "adam.m." + param, np.nan),
+            ("an Adam v negative", "adam.v." + param, -1.0),
+            ("an Adam v inf", "adam.v." + param, np.inf),
+        ):
+            changed = {**tensors, name: tensors[name].copy()}
+            changed[name].flat[0] = value
+            write_safetensors(path, changed, f.metadata)
+            yield label, path.read_bytes()
+
+
+def gguf_mutants(raw: bytes, rng):
+    """A GGUF file whose tensor table lies: a type relabelled (F32 as Q8_0), an offset misaligned or 2**64 - 1."""
+    import gguf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "m.gguf").write_bytes(raw)
+        tensors = [
+            (t.name, t.tensor_type.name, t.field.offset, t.field.parts)
+            for t in gguf.GGUFReader(Path(tmp) / "m.gguf").tensors
+        ]
+    for name, kind, at, parts in tensors[:3] + tensors[-1:]:
+        at += sum(int(part.nbytes) for part in parts[:4])  # the type field follows the name and the dimensions
+        if kind == "F32":
+            yield f"{name} F32 relabelled Q8_0", raw[:at] + struct.pack("<I", 8) + raw[at + 4 :]
+        offset = struct.unpack("<Q", raw[at + 4 : at + 12])[0]
+        for label, value in (("misaligned", offset + 4), ("2**64 - 1", 2**64 - 1), ("0", 0)):
+            yield f"{name} offset {label}", raw[: at + 4] + struct.pack("<Q", value) + raw[at + 12 :]
+    yield from byte_mutants(raw, rng, n_flips=20)
+
+
 def text_mutants():
     yield "invalid UTF-8", b"In the \xff\xfe beginning\n" * 50
     yield "empty", b""
     yield "only spaces", b" " * 100
     yield "NUL bytes", b"\0" * 1000
     yield "one 2 MB line", b"word " * 400_000
+    yield "one 20 MB word", b"In the " + b"a" * 20_000_000  # byte-level BPE on it: 3.8 GB and growing at 60 s
     yield "UTF-16", TEXT.encode("utf-16")
     yield "fewer tokens than one sequence", b"In"
 
@@ -416,6 +523,10 @@ def cases(bases: dict, rng: random.Random):
         yield from file_cases(
             "config", base, "config.json", json_mutants(d, rng, fields), (INFO,) if base != "opt" else load_cmds
         )
+    d = json.loads((opt / "config.json").read_text())
+    beyond = [(f"{k}: vocab_size", dumps({**d, k: d["vocab_size"]})) for k in ("bos_token_id", "eos_token_id")]
+    beyond.append(("config.json a FIFO", Make("fifo")))
+    yield from file_cases("config", "opt", "config.json", beyond, load_cmds)
     yield from file_cases(
         "safetensors",
         "opt",
@@ -441,10 +552,11 @@ def cases(bases: dict, rng: random.Random):
     ):
         idx_mutants.append((f"weight_map entry -> {v!r}", dumps({**index, "weight_map": {**wm, first: v}})))
     idx_mutants.append(("weight_map names an unknown tensor", dumps({**index, "weight_map": {**wm, "ghost": shard}})))
+    idx_mutants.append(("a shard name of 100 KB", dumps({**index, "weight_map": {**wm, first: "x" * 100_000}})))
     yield from file_cases("index", "sharded", "model.safetensors.index.json", idx_mutants, (INFO,))
-    yield from file_cases(
-        "safetensors", "sharded", shard, byte_mutants((bases["sharded"] / shard).read_bytes(), rng), (INFO,)
-    )
+    shard_mutants = list(byte_mutants((bases["sharded"] / shard).read_bytes(), rng))
+    shard_mutants += [("a link to a text file", Make("link", "{d}/config.json")), ("a FIFO", Make("fifo"))]
+    yield from file_cases("safetensors", "sharded", shard, shard_mutants, (INFO,))
     yield from file_cases(
         "pickle",
         "bin",
@@ -454,8 +566,16 @@ def cases(bases: dict, rng: random.Random):
     )
     # routers
     router = json.loads((opt / "router.json").read_text())
+    router_json = list(json_mutants(router, rng))
+    for width, hidden in ((16384, 16384), (65536, 65536), (32, 65536)):  # a 1 KB file that would need gigabytes
+        router_json.append((f"width {width}, hidden {hidden}", dumps({**router, "width": width, "hidden": hidden})))
+    yield from file_cases("router", "opt", "router.json", router_json, (GENERATE + ("--router", "{d}/router"),))
+    huge = {k: v * 0 + 3e38 for k, v in init_router(RouterConfig(**router)).items()}  # finite, but logits overflow
+    with tempfile.TemporaryDirectory() as tmp:
+        Router(RouterConfig(**router), huge).save(Path(tmp) / "r")
+        weights = (Path(tmp) / "r.safetensors").read_bytes()
     yield from file_cases(
-        "router", "opt", "router.json", json_mutants(router, rng), (GENERATE + ("--router", "{d}/router"),)
+        "router", "opt", "router.safetensors", [("weights of 3e38", weights)], (GENERATE + ("--router", "{d}/router"),)
     )
     yield from file_cases(
         "router",
@@ -474,6 +594,8 @@ def cases(bases: dict, rng: random.Random):
             json_mutants(d, rng, values=VALUES[:16] + [{"content": 5}, {"content": "<zz>"}]),
             (GENERATE,),
         )
+        surrogate = dumps(d)[:-1] + b', "unk_token": "\\udc80"}'  # tokenizers raised its own exception on it
+        yield from file_cases("tokenizer", "opt", rel, [("unk_token a lone surrogate", surrogate)], (GENERATE,))
     vocab = json.loads((opt / "vocab.json").read_text())
     voc = list(json_mutants(vocab, rng, fields=[]))
     for label, change in (
@@ -510,6 +632,10 @@ def cases(bases: dict, rng: random.Random):
         ("model a list", {"model": [1]}),
         ("added_tokens a string", {"added_tokens": "x"}),
         (
+            "truncation.max_length 0",  # silently dropped the prompt: now off, as transformers turns it off
+            {"truncation": {"max_length": 0, "stride": 0, "strategy": "LongestFirst", "direction": "Right"}},
+        ),
+        (
             "a normalizer that makes the library panic",
             {"normalizer": {"type": "Replace", "pattern": {"Regex": ""}, "content": "xx"}},
         ),
@@ -528,6 +654,15 @@ def cases(bases: dict, rng: random.Random):
             (("classify", "{d}/img.png", "--model", "{d}"),),
         )
     yield from file_cases("image", "vit", "img.npy", npy_mutants((vit / "img.npy").read_bytes(), rng), (CLASSIFY,))
+    for suffix, mutants in (("tif", tiff_mutants), ("ppm", ppm_mutants)):
+        if (vit / f"img.{suffix}").is_file():
+            yield from file_cases(
+                "image",
+                "vit",
+                f"img.{suffix}",
+                mutants((vit / f"img.{suffix}").read_bytes(), rng),
+                (("classify", f"{{d}}/img.{suffix}", "--model", "{d}"),),
+            )
     pre = {
         "do_normalize": True,
         "do_rescale": True,
@@ -552,6 +687,8 @@ def cases(bases: dict, rng: random.Random):
         ("step 'abc'", _replace_metadata(state, {"step": "abc"})),
         ("step '-3'", _replace_metadata(state, {"step": "-3"})),
         ("step 10**30", _replace_metadata(state, {"step": str(10**30)})),
+        ("a FIFO", Make("fifo")),  # was taken as no state: the run started again at step 0
+        *state_mutants(state),
     ]
     yield from file_cases("state", "run", "state.safetensors", st, (RESUME,))
     tc = json.loads((run / "train_config.json").read_text())
@@ -564,9 +701,25 @@ def cases(bases: dict, rng: random.Random):
         ("garbage lines", b"x\n[1]\n" + log + b"\xff\n"),
         ("a NUL-filled file", b"\0" * 4096),
         ("step a string", log.replace(b'"step": 1', b'"step": "1"')),
+        ("a folder", Make("folder")),
+        ("a FIFO", Make("fifo")),
+        ("a line nested 100,000 deep", log + b"[" * 100_000 + b"]" * 100_000 + b"\n"),
+        ("a step of 5,000 digits", log + b'{"step": ' + b"9" * 5000 + b"}\n"),
     ]
     yield from file_cases("state", "run", "log.jsonl", logs, (RESUME,))
     yield from file_cases("tokens", "run", "tokens.npz", npz_mutants((run / "tokens.npz").read_bytes(), rng), (RESUME,))
+    # a co-trained network's radial.json
+    radial = json.loads((bases["radial"] / "radial.json").read_text())
+    yield from file_cases("radial", "radial", "radial.json", json_mutants(radial, rng), load_cmds)
+    # GGUF (with the optional gguf package)
+    if "gguf" in bases:
+        yield from file_cases(
+            "gguf",
+            "gguf",
+            "model.gguf",
+            gguf_mutants((bases["gguf"] / "model.gguf").read_bytes(), rng),
+            (("info", "--model", "{d}/model.gguf"),),
+        )
     # text files
     for label, new in text_mutants():
         yield Case(
@@ -587,16 +740,21 @@ def cli_cases():
             )
 
     yield from bad(GENERATE, "--max-new-tokens", ["-1", "10**9", "1e3", "x"])
-    yield from bad(GENERATE, "--temperature", ["nan", "inf", "-1", "1e400"])
+    yield from bad(GENERATE, "--temperature", ["nan", "inf", "-1", "1e400", "1e309"])
     yield from bad(GENERATE, "--top-k", ["0", "-1", str(10**30)])
     yield from bad(GENERATE, "--top-p", ["nan", "0", "1.5", "inf"])
     yield from bad(GENERATE, "--seed", ["-1", str(2**70), "x"])
     yield from bad(GENERATE, "--repetition-penalty", ["0", "nan", "inf", "-1"])
+    yield from bad(GENERATE, "--min-p", ["-0.1", "2", "nan"])
+    yield from bad(GENERATE, "--presence-penalty", ["nan", "inf", "x"])
+    yield from bad(GENERATE, "--frequency-penalty", ["nan", "-inf"])
+    yield from bad(GENERATE, "--threads", ["0", "x"])
+    yield from bad(tuple(a for a in GENERATE if a != "In the"), "--prompt-file", ["{d}/no-such-file", "{d}"])
     yield from bad(GENERATE + ("--router", "{d}/router"), "--max-depth", ["0", "-1", str(10**9)])
     yield from bad(
         GENERATE + ("--router", "{d}/router", "--cache-policy", "global"),
         "--step-encoding-scale",
-        ["nan", "inf", "1e308", "-1e308"],
+        ["nan", "inf", "1e308", "-1e308", "-1"],
     )
     yield from bad(
         GENERATE,
@@ -630,6 +788,11 @@ def cli_cases():
     yield from bad(PROFILE, "--tokenizer", ["{d}/nope", "{d}/text.txt"], names=("--tokenizer", "nope", "text.txt"))
     yield from bad(SIMULATE, "--taus", ["", ",", "nan", "1,abc", "-1", "inf"])
     yield from bad(SIMULATE, "--kv-rule", ["", "x", "fill,fill", "both", ","])
+    yield from bad(SIMULATE, "--seq-len", ["1"])
+    outs = ["", "{d}/text.txt", "/dev/null", "{d}/text.txt/sub"]  # not a folder (a read-only mount: the suite)
+    for command in (SIMULATE, PROFILE, ROUTER_TRAIN):
+        yield from bad(command, "--out", outs)
+    yield from bad(RESUME, "--out", ["{d}/log.jsonl", "/dev/null", "{d}/log.jsonl/sub"], base="run")
     # train on the prepared run: settings are checked before any work, so a changed one is refused by name (a
     # sane but different value then by the resume check, naming train_config.json)
     for option, values in (
@@ -692,17 +855,21 @@ def run_case(case: Case, bases: dict, work: Path, timeout: float, factor: float)
     shutil.copytree(bases[case.base], d, symlinks=True)
     for rel, new in case.edits.items():
         path = d / rel
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
         if new is None and not rel.endswith(".json"):
             continue
-        if new is None:
+        if new is None or isinstance(new, Make) and new.kind == "folder":
             path.mkdir()
+        elif isinstance(new, Make) and new.kind == "fifo":
+            os.mkfifo(path)
+        elif isinstance(new, Make):
+            path.symlink_to(new.target.replace("{d}", str(d)))
         else:
             path.write_bytes(new)
-    size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and not f.is_symlink())
     outcomes = []
     for command in case.commands:
         argv = [str(a).replace("{d}", str(d)).replace("{o}", str(work / "out")) for a in command]

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 from radial_min.io.checkpoint import write_safetensors  # noqa: E402
 from radial_min.config import OPTConfig, config_to_dict  # noqa: E402
 from radial_min.data import SHARED  # noqa: E402
-from radial_min.opt_backprop import init_params  # noqa: E402
+from radial_min.models.opt import init_tensors  # noqa: E402
 
 
 def main(argv=None):
@@ -41,7 +41,7 @@ def main(argv=None):
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    params = init_params(cfg, args.seed)
+    params = init_tensors(cfg, args.seed)
     write_safetensors(out / "model.safetensors", {"model." + k: v for k, v in params.items()}, {"format": "pt"})
     (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):

@@ -2,7 +2,7 @@
 ratio fall as models grow, as the paper found for OPT-125M..66B?
 
     python tools/train_family.py                 # trains what is missing (resumable), then profiles and reports
-    python tools/train_family.py --report-only   # profiles the exported models only
+    python tools/train_family.py --report-only   # profiles the exported models only (and scores them, without runs/)
     python tools/train_family.py --seed 1        # a second seed: runs/family-seed1/ (weights not shipped)
     python tools/train_family.py --seed 1 --sizes 64x2,128x3   # some sizes only
 
@@ -17,10 +17,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import radial_min  # noqa: E402
+
+from radial_min import data, progress  # noqa: E402
+from radial_min.analysis import oracle  # noqa: E402
 
 SIZES = [(64, 2, 2), (128, 3, 4), (192, 4, 6), (256, 6, 8)]  # (width, layers, heads)
 STEPS = 600
@@ -78,6 +83,22 @@ def profile(folders, out: Path, max_sequences):
     return json.loads((out / "summary.json").read_text())
 
 
+def held_out_perplexities(folder, seq_len: int) -> dict:
+    """An exported model's perplexity on the held-out streams as `train` reports it (every 20th KJV chapter and
+    WikiText-2 test, tokenized by the model's tokenizer, packed in rows of `seq_len` and scored whole): for a
+    fresh clone, which has the shipped models but not the training runs' report.json."""
+    _, val_docs = data.default_corpus()
+    tok, model = radial_min.Tokenizer(folder), radial_min.load(folder)
+    out = {}
+    for k, docs in val_docs.items():
+        seqs = data.pack(data.tokenize_documents(tok, docs), seq_len)
+        nll = [
+            oracle.next_token_nll(model.forward(s), s) for s in progress.track(seqs, f"score {folder.name} {k}", "seq")
+        ]
+        out[k] = {"model": float(np.exp(np.concatenate(nll).mean()))}  # as oracle.perplexity, with a progress bar
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="init and batch seed (default: 0, the shipped family)")
@@ -113,8 +134,13 @@ def main(argv=None):
     for (E, L, H), folder in zip(sizes, folders):
         s = summary[f"{folder.name}/prefill"]
         report = runs / folder.name / "report.json"
-        rep = json.loads(report.read_text()) if report.is_file() else {}
-        n_params = radial_min.load(folder).n_params
+        model = radial_min.load(folder)
+        if report.is_file():
+            rep = json.loads(report.read_text())
+        else:
+            print(f"{folder.name}: no {report}; its perplexities scored here", file=sys.stderr, flush=True)
+            rep = held_out_perplexities(folder, model.config.max_position_embeddings)
+        n_params = model.n_params
         rows.append(
             {
                 "model": folder.name,
@@ -133,7 +159,7 @@ def main(argv=None):
         f"\n{'model':<12}{'params':>10}{'blocks':>8}{'median r':>10}{'att':>8}{'ffn':>8}{'ppl wiki':>10}{'ppl kjv':>9}"
     )
     for r in rows:
-        ppl = [float("nan") if r[k] is None else r[k] for k in ("ppl_wiki", "ppl_kjv")]
+        ppl = [r["ppl_wiki"], r["ppl_kjv"]]
         print(
             f"{r['model']:<12}{r['params']:>10,}{r['blocks']:>8}{r['median_ratio']:10.3f}{r['median_att']:8.3f}"
             f"{r['median_ffn']:8.3f}{ppl[0]:10.1f}{ppl[1]:9.1f}"

@@ -4,7 +4,7 @@ The in-memory path runs sequence by sequence, every block in turn. Profiling, th
 only ever need one block at a time, so here the loops are swapped: every sequence is embedded first, then for
 each block its weights are read, the block runs over all sequences' hidden states, and the weights are dropped
 before the next block is read. This module is the loop and its checkpoints; what a pass does to each block sits
-beside its in-memory version (`profiling.ProfilePass`, `oracle.SimulationPass`, `router.LabelPass`) and runs the
+beside its in-memory version (`profiling.ProfilePass`, `oracle.SimulationPass`, `distill.LabelPass`) and runs the
 in-memory path's own per-sequence steps (`blocks.run_block`, `oracle.decide_block`), so every number is identical.
 
 Memory: one block's weights at a time, the hidden states [n_seq, T, E] (in two memory-mapped scratch files when
@@ -100,7 +100,7 @@ def _finish(job, store, progress, n):
         for s in range(n_seq):
             job.finish(s, np.array(store.x[s]), None)
         return
-    group = max(1, model.largest_block_bytes() // 2 // (T * model.shell.lm_head.shape[0] * 4))
+    group = max(1, model.largest_block_bytes() // 2 // (T * model.shell.lm_head.weight.shape[0] * 4))
     done = set()
     for s in progress(range(n_seq), n):
         if s in done:

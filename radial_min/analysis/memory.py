@@ -30,7 +30,8 @@ def peak_rss_bytes() -> int:
 
 
 def drop_pages(m):
-    """A memory-mapped file's pages out of this process's resident set (the page cache keeps them)."""
-    mm = getattr(m, "_mmap", None)
+    """A memory-mapped file's pages out of this process's resident set (the page cache keeps them). `m` is a
+    np.memmap or a view of one (a GGUF reader's data)."""
+    mm = getattr(m, "_mmap", None) or getattr(getattr(m, "base", None), "_mmap", None)
     if mm is not None and hasattr(mm, "madvise"):
         mm.madvise(mmap.MADV_DONTNEED)

@@ -9,6 +9,10 @@ at that layer? Two rules, both reported:
 - fill: compute its keys/values from the hidden state passing by anyway, as CALM does for early-exited tokens;
 - drop: it offers none; later tokens attend only to the tokens that ran the block.
 The paper's oracle only counts skipped compute; here every setting is also scored by perplexity.
+
+The oracle can follow a router's rules (router.py): `threshold(tau, sink=1, mandatory=...)` keeps every block for
+the first `sink` positions (the attention sink) and keeps the mandatory blocks for every token (skipping
+restricted to attention or FFN blocks), so its labels are routes such a router can take.
 """
 
 import copy
@@ -17,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import layer_major
-from ..blocks import AttentionBlock, Step, begin
+from ..blocks import AttentionBlock, Rows, begin
+from ..errors import SettingError, count
 from .profiling import block_ratio
 
 KV_RULES = ("fill", "drop")
@@ -54,8 +59,19 @@ def next_token_nll(logits, ids) -> np.ndarray:
     return -logp[np.arange(len(ids) - 1), ids[1:]]
 
 
+def check_scorable(sequences) -> None:
+    """Perplexity needs a next token to predict: sequences of one token have none, and their mean NLL is NaN."""
+    lengths = {len(s) for s in sequences}
+    if not lengths or min(lengths) < 2:
+        raise SettingError(
+            f"sequences of {count(min(lengths, default=0), 'token')} have no next token to score: perplexity needs "
+            "at least 2 tokens per sequence (--seq-len)"
+        )
+
+
 def perplexity(model, sequences: np.ndarray) -> float:
     """exp of the mean next-token NLL over packed sequences [n, T], each run whole by the inference engine."""
+    check_scorable(sequences)
     return float(np.exp(np.concatenate([next_token_nll(model.forward(s), s) for s in sequences]).mean()))
 
 
@@ -77,7 +93,7 @@ def run_sequence(model, ids, decide, kv_rule: str = "fill", kind: str = "output"
 
     `decide(b, rows, ratios) -> keep` gets a block index, the token rows being decided and their ratios; a
     `Decisions` also sees the states after the embedding and after each block.
-    `observe` follows the contract of `blocks.run_blocks`; here y = x for the rows that skip the block.
+    `observe` follows the contract of `blocks.run_block`; here y = x for the rows that skip the block.
     """
     if kv_rule not in KV_RULES:
         raise ValueError(f"kv rule must be one of {KV_RULES}, got {kv_rule!r}")
@@ -108,7 +124,7 @@ def decide_block(b, block, x, pos, decide, kv_rule, kind, keep, ratios, observe=
 
         f, keep[:] = block.branch_dropping(x, keeps)
     else:
-        f = block.branch(x, Step(pos))  # fill: every token's keys/values from the state passing by
+        f = block.branch(x, Rows(pos))  # fill: every token's keys/values from the state passing by
         ratios[:] = block_ratio(block, x, f, kind)
         keep[:] = decide(b, np.arange(len(x)), ratios)
     y = np.where(keep[:, None], block.residual(x, f), x)  # a skipped row passes its state on unchanged
@@ -119,6 +135,7 @@ def decide_block(b, block, x, pos, decide, kv_rule, kind, keep, ratios, observe=
 
 def simulate(model, sequences, decide, kv_rule: str = "fill", kind: str = "output", progress=None) -> Run:
     """Run every packed sequence [n_seq, T] under `decide`, scoring the next-token likelihood."""
+    check_scorable(sequences)
     if getattr(model, "layer_major", False):  # weights streamed block by block (stream.py): the same Run
         a = layer_major.run(SimulationPass(model, sequences, decide, kv_rule, kind)).arrays
         return Run(a["keep"], a["ratios"], a["nll"])
@@ -182,12 +199,14 @@ class SimulationPass(layer_major.Pass):
             setattr(self.decide[int(s)], attr, np.array(v))
 
 
-def threshold(tau: float, label: str | None = None):
-    """The oracle: keep a block for a token when its ratio is at least tau. `label` names its pass on progress bars
-    (the rule included, e.g. 'oracle tau=0.2, drop')."""
+def threshold(tau: float, label: str | None = None, sink: int = 0, mandatory=None):
+    """The oracle: keep a block for a token when its ratio is at least tau, and always for the first `sink`
+    positions and at the `mandatory` blocks (module doc). `label` names its pass on progress bars (the rule
+    included, e.g. 'oracle tau=0.2, drop')."""
+    fixed = frozenset(mandatory or ())
 
     def decide(b, rows, r):
-        return r >= tau
+        return (r >= tau) | (rows < sink) | (b in fixed)
 
     decide.label = label
     return decide
@@ -229,16 +248,18 @@ def agreement(run: Run, tau: float) -> dict:
     }
 
 
-def around_depth(model, sequences, tau, kv_rule, kind, depth, sequential: Run, bar=None, step=0.02, most=5) -> dict:
+def around_depth(
+    model, sequences, tau, kv_rule, kind, depth, sequential: Run, bar=None, step=0.02, most=5, **rules
+) -> dict:
     """The oracle at `tau` and, to compare with a router at its own `depth` (blocks per token), at thresholds `step`
     apart toward that depth until two of them bracket it (tau = 0 is the `sequential` run): {tau: Run}, by tau.
-    `bar` (a `progress.Passes`) counts each pass."""
+    `bar` (a `progress.Passes`) counts each pass; `rules` (sink, mandatory) go to `threshold`."""
     runs = {0.0: sequential}
     for _ in range(most):
         if tau not in runs:
             label = f"oracle tau={tau:g} on test"
             progress = None if bar is None else (lambda items: bar.track(items, label))
-            runs[tau] = simulate(model, sequences, threshold(tau, label), kv_rule, kind, progress)
+            runs[tau] = simulate(model, sequences, threshold(tau, label, **rules), kv_rule, kind, progress)
         depths = [r.depth.mean() for r in runs.values()]
         if min(depths) <= depth <= max(depths) and len(runs) > 2 or tau == 0:
             break

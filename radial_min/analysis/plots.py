@@ -19,6 +19,17 @@ def _pyplot():
     return plt
 
 
+def _finish(fig, ax, plt, path, xlabel, ylabel, title=None, legend=True):
+    """Label the axes, title, legend, then write the figure (PNG) atomically."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
 def _save(fig, plt, path):
     buf = io.BytesIO()
     fig.tight_layout()
@@ -45,11 +56,8 @@ def ratio_histogram(series: dict, path, kind: str = "output"):
             label=f"{label} (median {np.median(r):.3f})",
         )
         ax.axvline(np.median(r), color=line[2][0].get_edgecolor(), linestyle="--", linewidth=1)
-    ax.set_xlabel(f"residual ratio ({kind}); values above 1.2 shown at 1.2")
-    ax.set_ylabel("density")
-    ax.set_title("Residual ratio of every block and token")
-    ax.legend(fontsize=8)
-    return _save(fig, plt, path)
+    xlabel = f"residual ratio ({kind}); values above 1.2 shown at 1.2"
+    return _finish(fig, ax, plt, path, xlabel, "density", "Residual ratio of every block and token")
 
 
 def layer_profile(summaries: dict, path):
@@ -68,12 +76,8 @@ def layer_profile(summaries: dict, path):
             std = np.array([s["std"] for _, s in items])
             (line,) = ax.plot(layers, mean, style, marker="o", markersize=3, label=f"{label} {kind}")
             ax.fill_between(layers, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("layer")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel("residual ratio (mean +- std)")
-    ax.set_title("Residual ratio by layer")
-    ax.legend(fontsize=8)
-    return _save(fig, plt, path)
+    return _finish(fig, ax, plt, path, "layer", "residual ratio (mean +- std)", "Residual ratio by layer")
 
 
 def median_by_size(points: dict, path):
@@ -90,11 +94,8 @@ def median_by_size(points: dict, path):
     for label, (p, m) in order:
         ax.annotate(label, (p, m["overall"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("median residual ratio")
-    ax.set_title("Median residual ratio against model size")
-    ax.legend(fontsize=8)
-    return _save(fig, plt, path)
+    title = "Median residual ratio against model size"
+    return _finish(fig, ax, plt, path, "parameters", "median residual ratio", title)
 
 
 def routing_trace(keep: np.ndarray, names: list, path, title: str = "Routing trace"):
@@ -126,10 +127,7 @@ def depth_histogram(hists: dict, path):
         offset = (j - (len(hists) - 1) / 2) * width  # the group of bars centred on its depth
         ax.bar(np.arange(len(counts)) + offset, counts / counts.sum(), width=width, label=label)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_xlabel("blocks executed per token (dynamic depth)")
-    ax.set_ylabel("fraction of tokens")
-    ax.legend(fontsize=8)
-    return _save(fig, plt, path)
+    return _finish(fig, ax, plt, path, "blocks executed per token (dynamic depth)", "fraction of tokens")
 
 
 def ppl_vs_depth(curves: dict, n_blocks: int, path, ymax: float | None = None):
@@ -147,12 +145,11 @@ def ppl_vs_depth(curves: dict, n_blocks: int, path, ymax: float | None = None):
         ax.set_yscale("log")
     if ymax is not None:
         ax.set_ylim(top=ymax)
-    ax.set_xlabel(f"mean blocks per token (of {n_blocks})")
-    ax.set_ylabel("perplexity" + (" (log scale)" if ax.get_yscale() == "log" else ""))
     ax.invert_xaxis()
-    ax.legend(fontsize=8)
-    ax.set_title("Quality against dynamic depth")
-    return _save(fig, plt, path)
+    ylabel = "perplexity" + (" (log scale)" if ax.get_yscale() == "log" else "")
+    return _finish(
+        fig, ax, plt, path, f"mean blocks per token (of {n_blocks})", ylabel, "Quality against dynamic depth"
+    )
 
 
 def training_curve(records: list, path):
@@ -169,8 +166,4 @@ def training_curve(records: list, path):
     for key in sorted({k for r in records for k in r if k.startswith("val_")}):
         pts = [(r["step"], r[key]) for r in records if key in r]
         ax.plot(*zip(*pts), marker="o", markersize=3, label=key.replace("val_", "validation: "))
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats per token)")
-    ax.legend(fontsize=8)
-    ax.set_title("Training")
-    return _save(fig, plt, path)
+    return _finish(fig, ax, plt, path, "step", "cross-entropy (nats per token)", "Training")

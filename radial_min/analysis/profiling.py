@@ -16,7 +16,7 @@ Profiling hooks into the model's `observe` callback, which costs nothing when it
 import numpy as np
 
 from . import layer_major
-from ..blocks import Step, run_block
+from ..blocks import Rows, run_block
 from ..generation import generate
 
 KINDS = ("output", "sum")
@@ -40,7 +40,7 @@ def block_ratio(block, x, f, kind: str = "output"):
 
 
 class RatioRecorder:
-    """An observer (see `blocks.run_blocks`) collecting each block's ratios: `rows()` -> [tokens, blocks].
+    """An observer (see `blocks.run_block`) collecting each block's ratios: `rows()` -> [tokens, blocks].
     One row per token that entered the blocks; NaN where the token did not run the block (routed execution)."""
 
     def __init__(self, n_blocks: int, kind: str = "output"):
@@ -86,7 +86,7 @@ class ProfilePass(layer_major.Pass):
 
     def block(self, b, block, s, x, pos):
         self.rows = slice(s * self.T, (s + 1) * self.T)
-        return run_block(b, block, x, Step(pos), self)
+        return run_block(b, block, x, Rows(pos), self)
 
     def __call__(self, i, block, x, f, y):  # the observer of run_block
         self.arrays["ratios"][self.rows, i] = block_ratio(block, x, f, self.kind)

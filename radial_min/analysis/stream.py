@@ -9,7 +9,7 @@ Safetensors (single or sharded), pytorch_model.bin (each tensor cut from its own
     model = StreamedModel("facebook/opt-13b", state_dir="runs/x/.stream")   # reads headers only
     ratios = profiling.profile_text(model, sequences)                        # these three stream it block-major
     run = oracle.simulate(model, sequences, oracle.threshold(0.2), "drop")   # (layer_major.py)
-    ex = router.oracle_examples(model, sequences, 0.2)
+    ex = distill.oracle_examples(model, sequences, 0.2)
 """
 
 import os
@@ -18,26 +18,23 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models import llama, opt
+from ..models import ARCHITECTURES
 from ..io.checkpoint import _ST_DTYPES, SafetensorsFile, open_checkpoint, quote
 from ..dtypes import to_float32
 from ..errors import CheckpointError
 from ..io.gguf_file import GGUFStore, is_gguf, open_reader
 from ..io.hub import resolve
+from .. import kernels
 from ..kernels import linear
-from ..io.loading import open_checkpoint_folder, open_gguf, read_checked
+from ..io.loading import open_checkpoint_folder, open_gguf, read_stored
+from ..errors import RadialError
+from ..progress import BlockBar
+from . import memory
 from .memory import drop_pages
 
 # model type -> (module, layer prefix, the names of each block's tensors start with these after the prefix)
-_LAYOUT = {
-    "opt": (opt, "decoder.layers.{}.", {"att": ("self_attn.", "self_attn_layer_norm."),
-                                        "ffn": ("fc1.", "fc2.", "final_layer_norm.")}),
-    "llama": (llama, "layers.{}.", {"att": ("self_attn.", "input_layernorm."),
-                                    "ffn": ("mlp.", "post_attention_layernorm.")}),
-}  # fmt: skip
-_LAYOUT["qwen2"] = _LAYOUT["llama"]
 _ROWS = ("embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")  # [V, P] matrices left on disk
-HEAD_ROWS_ALIGN = 64  # the LM head is read in pieces of a multiple of 64 rows: the matmul kernel's column tasks
+HEAD_ROWS_ALIGN = kernels.BLAS_COLUMNS  # the LM head is read in pieces of whole sgemm column tiles (4 numba tasks)
 
 
 class NotStreamable(CheckpointError):
@@ -89,16 +86,22 @@ class _GGUFRows:
     pages read are handed back afterwards (`_release_mapped`), as after each block."""
 
     def __init__(self, store: GGUFStore, name: str):
-        self.store, self.t, self.shape = store, store.tensors[name], store.shape(name)
+        self.store, self.name, self.shape = store, name, store.shape(name)
 
     def rows(self, lo: int, hi: int) -> np.ndarray:
         return self[np.arange(lo, hi)]  # [hi - lo, P]
 
-    def __getitem__(self, ids) -> np.ndarray:
-        ids = np.asarray(ids)
-        w = self.store.quants.dequantize(np.asarray(self.t.data[ids]), self.t.tensor_type)
+    def weights(self, lo: int, hi: int):
+        """Rows lo..hi as the head multiplies them: kept in their block format (as `load` keeps the whole matrix,
+        so the same kernels give the same bits), else float32."""
+        w = self.store.read_blocks(self.name, lo, hi)
         _release_mapped(self.store)
-        return np.asarray(w, np.float32).reshape(len(ids), self.shape[1])  # [T] -> [T, P]
+        return self.rows(lo, hi) if w is None else w
+
+    def __getitem__(self, ids) -> np.ndarray:
+        w = self.store.read_rows(self.name, np.asarray(ids))
+        _release_mapped(self.store)
+        return w  # [T] -> [T, P]
 
 
 def _release_mapped(store):
@@ -123,33 +126,36 @@ class StreamedModel:
     when asked. `embed`, `final` and the small tensors are the model's own (a model of zero layers), on an embedding
     matrix and an LM head left on disk. Safetensors (single or sharded), pytorch_model.bin and GGUF.
 
-    `state_dir`: where passes checkpoint (None: nothing is kept); `progress`: see `layer_major.run`;
+    `state_dir`: where passes checkpoint (None: nothing is kept; {} is the model's name); `progress`: see
+    `layer_major.run` (True: a progress.BlockBar over every block);
     `scratch_limit`: hidden states larger than this many bytes go to a memory-mapped file (default: a quarter of
     the memory available)."""
 
-    layer_major = True  # profiling.profile_text, oracle.simulate and router.oracle_examples run it block-major
+    layer_major = True  # profiling.profile_text, oracle.simulate and distill.oracle_examples run it block-major
 
     def __init__(self, source, state_dir=None, progress=None, scratch_limit: int | None = None):
         opened = open_gguf(source) if is_gguf(source) else open_checkpoint_folder(source)
         path, self.config, self.store, self.names = opened
         self.path = Path(path)
         cfg = self.config
-        if cfg.model_type not in _LAYOUT:
+        arch = ARCHITECTURES[cfg.model_type]
+        if arch.block_parts is None:
             raise NotStreamable(f"{self.path}: streaming covers OPT, Llama and Qwen2, this is {cfg.model_type}")
-        self.module, prefix, self.parts = _LAYOUT[cfg.model_type]
+        self.module, prefix, self.parts = arch.module, arch.layer_prefix, arch.block_parts
         self.prefix, self.n_layer = prefix, cfg.num_hidden_layers
         self.blocks = [_Slot(i, kind) for i in range(self.n_layer) for kind in ("att", "ffn")]
         self.block_names = [self._block_tensors(b) for b in range(len(self.blocks))]
         self._check_partition()
         self._check_storages()
         self.n_params = sum(int(np.prod(self.store.shape(t), dtype=np.int64)) for t in self.names.values())
-        self._read = lambda ours: read_checked(self.store, self.names[ours])
+        dtype = "native" if is_gguf(source) else "float32"  # as `load` keeps them by default: the same kernels run
+        self._read = lambda ours: read_stored(self.store, ours, self.names[ours], dtype)
         small = {o: self._read(o) for o in self._top() if o not in _ROWS}  # norms, positions, projections
         small.update({o: self._rows(o) for o in self._top() if o in _ROWS})
-        cls = opt.OPT if cfg.model_type == "opt" else llama.Llama
-        self.shell = cls(replace(cfg, num_hidden_layers=0), small)  # the model's embed and final, no blocks
-        self.shell.config = cfg
-        self.state_dir = None if state_dir is None else Path(state_dir)
+        self.shell = arch.model(replace(cfg, num_hidden_layers=0), small)  # the model's embed and final, no blocks
+        self.state_dir = None if state_dir is None else Path(str(state_dir).format(self.path.name))
+        if progress is True:  # a bar over every block of every pass (and the head)
+            progress = BlockBar(self.path.name, len(self.blocks) + 1)
         self.progress, self.scratch_limit = progress, scratch_limit
 
     # ------------------------------------------------------------------------------------- what is read when
@@ -255,16 +261,17 @@ class StreamedModel:
     def head_pieces(self):
         """The LM head's (lo, hi) row ranges, each no larger than half the largest block as float32 (the logits
         they make are bounded the same way, so the head never holds more than a block)."""
-        V, P = self.shell.lm_head.shape
+        V, P = self.shell.lm_head.weight.shape
         return _row_chunks(V, P * 4, self.largest_block_bytes() // 2)
 
     def heads(self, xs) -> list:
         """Logits [T, V] for each of several final states [T, E], the head read once in pieces for all of them:
         equal to the in-memory `model.head(x)` (the matmul's columns do not interact)."""
         hs = [self.shell.final(x) for x in xs]  # [T, P] each
-        out = [np.empty((len(h), self.shell.lm_head.shape[0]), np.float32) for h in hs]
+        out = [np.empty((len(h), self.shell.lm_head.weight.shape[0]), np.float32) for h in hs]
         for lo, hi in self.head_pieces():
-            w = self.shell.lm_head.rows(lo, hi)  # [hi - lo, P]
+            head = self.shell.lm_head.weight  # on disk: its rows in float32, or in a GGUF's own blocks
+            w = getattr(head, "weights", head.rows)(lo, hi)  # [hi - lo, P]
             for h, logits in zip(hs, out):
                 logits[:, lo:hi] = linear(h, w)
             del w
@@ -275,6 +282,36 @@ class StreamedModel:
 
 
 # --------------------------------------------------------------------------------------------------- memory
+
+
+def streamed_or_none(source, want_stream: bool, state_dir):
+    """(a StreamedModel, why) when the model is to be streamed: asked (`want_stream`), or it would not fit in the
+    memory available; (None, "") when it is to be loaded whole; (None, why not) when it cannot be streamed but fits.
+    `state_dir` ({} for the model's name): where its passes checkpoint, so that a rerun resumes."""
+    need, avail = model_bytes(source), memory.available_bytes()
+    if not want_stream and need <= avail:
+        return None, ""
+    if want_stream:
+        why = "--stream"
+    else:
+        why = f"automatic: the model needs {need / 2**30:.1f} GiB as float32, {avail / 2**30:.1f} GiB available"
+    try:
+        return StreamedModel(source, state_dir, progress=True), why
+    except NotStreamable as e:
+        if need > avail:
+            raise RadialError(f"--model {source}: does not fit in memory and cannot be streamed: {e}") from None
+        return None, str(e)
+
+
+def memory_report(models, extra=""):
+    """The peak resident memory of a streamed command beside what bounds it: two blocks' weights and the states
+    ([(model, tokens)], the largest of each)."""
+    two = max(sum(sorted(m.block_bytes(b) for b in range(len(m.blocks)))[-2:]) for m, _ in models)
+    states = max(n_tokens * m.config.hidden_size * 4 for m, n_tokens in models)
+    return (
+        f"peak memory (VmHWM) {memory.peak_rss_bytes() / 2**20:,.0f} MiB; two largest blocks "
+        f"{two / 2**20:,.1f} MiB as float32, hidden states {states / 2**20:,.1f} MiB{extra}"
+    )
 
 
 def model_bytes(source) -> int:

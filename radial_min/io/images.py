@@ -7,7 +7,8 @@ when shrinking, computed in 22-bit fixed point on 8-bit images. We reimplement t
 to decode PNG/JPEG files.
 """
 
-import math
+import io
+import struct
 import warnings
 from pathlib import Path
 
@@ -15,33 +16,43 @@ import numpy as np
 
 from ..config import check_field
 from ..errors import RadialError
-from .outputs import npy_header, read_json
+from .outputs import npy_header, present, read_bytes, read_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy"}
 _PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit resampling
 
 
 MAX_PIXELS = 50_000_000  # ~7000x7000; Pillow's own bomb limit is 89M (warning) and 179M (error)
+MAX_FILE_BYTES = 1 << 28  # an image file (PNG, JPEG, ...) read whole before Pillow decodes it
 
 
-def read_image(path) -> np.ndarray:
-    """An image file as [H, W, 3]: uint8 from PNG/JPEG (Pillow), uint8 or float in 0..255 from .npy.
+def side_limit(image_size: int) -> int:
+    """The longest side an image for a model of `image_size` pixels may have: 4096 (a 16-megapixel photo), or four
+    times the model's side for a larger model. Anything larger is refused before a pixel is decoded: a model of 224
+    pixels needs none of it, and a 143 KB PNG of zeros can declare 7000x7000 (under Pillow's own bomb limits)."""
+    return max(4096, 4 * image_size)
+
+
+def read_image(path, max_side: int | None = None) -> np.ndarray:
+    """An image file as [H, W, 3]: uint8 from PNG/JPEG (Pillow), uint8 or float in 0..255 from .npy. Larger than
+    `max_side` on a side (or MAX_PIXELS in all), refused from its header.
 
     Grayscale is repeated to three channels and an alpha channel dropped, as Pillow's convert("RGB") does.
     """
     path = Path(path)
-    if not path.is_file():
+    if not present(path):  # a folder or FIFO named like an image is refused by name
         raise RadialError(f"{path}: no such image file")
     if path.suffix.lower() == ".npy":
         try:
             with open(path, "rb") as f:
                 shape, _ = npy_header(f, path.stat().st_size)  # before anything is allocated for it
-            if math.prod(shape[:2]) > MAX_PIXELS:
-                raise RadialError(f"{path}: image is {shape[1]}x{shape[0]}, over the {MAX_PIXELS:,}-pixel limit")
+            _check_size(path, shape[1] if len(shape) > 1 else 1, shape[0] if shape else 1, max_side)
             a = np.load(path, allow_pickle=False)
         except (ValueError, EOFError, OSError) as e:  # an empty file is an EOFError
             raise RadialError(f"{path}: not a readable .npy array ({e})") from None
     else:
+        data = read_bytes(path, RadialError, MAX_FILE_BYTES)
+        _check_tiff_directories(data, path)  # a corrupt file is refused as corrupt, Pillow or not
         try:
             from PIL import Image
         except ImportError:
@@ -51,14 +62,16 @@ def read_image(path) -> np.ndarray:
             ) from None
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we say it ourselves, below
-                with Image.open(path) as im:  # reads the header only: bound the pixels before decoding any
-                    if im.width * im.height > MAX_PIXELS:
-                        size = f"{im.width}x{im.height}"
-                        raise RadialError(f"{path}: image is {size}, over the {MAX_PIXELS:,}-pixel limit")
+                warnings.simplefilter("ignore")  # a bomb or corrupt-EXIF warning: we say what matters ourselves
+                # from the bytes, not the file: Pillow asks the file for as many bytes as a chunk's length field
+                # says (a 90-byte PNG can say 2 GB), and a file's read(n) allocates n first; a buffer's does not
+                with Image.open(io.BytesIO(data)) as im:  # reads the header only: bound the pixels first
+                    _check_size(path, im.width, im.height, max_side)
                     a = np.asarray(im.convert("RGB"))
-        except (OSError, Image.DecompressionBombError) as e:
-            raise RadialError(f"{path}: not a readable image ({e})") from None
+        except RadialError:
+            raise
+        except Exception as e:  # Pillow's decoders raise OSError, ValueError (a truncated .ppm), SyntaxError, ...
+            raise RadialError(f"{path}: not a readable image ({type(e).__name__}: {str(e)[:120]})") from None
     if a.ndim == 2:
         a = np.repeat(a[:, :, None], 3, axis=2)
     if a.ndim != 3 or a.shape[2] not in (1, 3, 4) or a.dtype.kind not in "uif" or 0 in a.shape:
@@ -67,31 +80,83 @@ def read_image(path) -> np.ndarray:
         a = np.repeat(a, 3, axis=2)
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         raise RadialError(f"{path}: has NaN or infinite pixel values")
+    if a.dtype != np.uint8 and a.size and not 0 <= a.min() <= a.max() <= 255:  # [0, 1] floats would pass: can't tell
+        raise RadialError(f"{path}: pixel values run from {a.min():g} to {a.max():g}, expected 0..255")
     return a[:, :, :3]
 
 
-def _coefficients(n_in: int, n_out: int) -> np.ndarray:
-    """Pillow's bilinear resampling weights as a dense [n_out, n_in] matrix (rows sum to 1)."""
+def _check_size(path, width: int, height: int, max_side: int | None) -> None:
+    if max_side is not None and max(width, height) > max_side:
+        raise RadialError(
+            f"{path}: image is {width}x{height}, over {max_side:,} pixels a side (the limit for this model): "
+            "downscale it first"
+        )
+    if width * height > MAX_PIXELS:
+        raise RadialError(f"{path}: image is {width}x{height}, over the {MAX_PIXELS:,}-pixel limit")
+
+
+def _check_tiff_directories(data: bytes, path) -> None:
+    """A TIFF's chain of image directories (IFDs), followed from the header: each in the file, none visited twice.
+    Pillow stops quietly at a directory that points back to itself or an earlier one; a file like that is corrupt."""
+    order = {b"II*\0": "<", b"MM\0*": ">"}.get(data[:4])
+    if order is None or len(data) < 8:
+        return
+    (offset,), seen = struct.unpack(order + "I", data[4:8]), set()
+    while offset:
+        if offset in seen or offset + 2 > len(data) or len(seen) >= 4096:
+            why = "loops back to an earlier one" if offset in seen else "points outside the file"
+            raise RadialError(f"{path}: not a readable image (TIFF: its image directory at byte {offset} {why})")
+        seen.add(offset)
+        (n,) = struct.unpack(order + "H", data[offset : offset + 2])
+        at = offset + 2 + 12 * n
+        if at + 4 > len(data):
+            raise RadialError(f"{path}: not a readable image (TIFF: truncated in its image directory at {offset})")
+        (offset,) = struct.unpack(order + "I", data[at : at + 4])
+
+
+def _taps(n_in: int, n_out: int):
+    """Pillow's bilinear resampling weights, by bands: output i reads inputs starts[i]..starts[i] + m - 1 with
+    weights k[i] (each row sums to 1; zero past its band). The triangle filter has support 1, widened when shrinking
+    (antialiasing), so a band holds ~2 * n_in / n_out inputs: never the dense [n_out, n_in] matrix."""
     scale = n_in / n_out
     filterscale = max(scale, 1.0)
-    support = 1.0 * filterscale  # the triangle filter has support 1, widened when shrinking (antialiasing)
-    w = np.zeros((n_out, n_in), np.float64)
+    support = 1.0 * filterscale
+    bands = []
     for i in range(n_out):
         center = (i + 0.5) * scale
         lo = max(int(center - support + 0.5), 0)
         hi = min(int(center + support + 0.5), n_in)
         x = (np.arange(lo, hi) - center + 0.5) / filterscale
         k = np.maximum(1.0 - np.abs(x), 0.0)
-        w[i, lo:hi] = k / k.sum()
+        bands.append((lo, k / k.sum()))
+    m = max(len(k) for _, k in bands)
+    k = np.zeros((n_out, m), np.float64)
+    for i, (_, band) in enumerate(bands):
+        k[i, : len(band)] = band
+    return np.array([lo for lo, _ in bands], np.int64), k
+
+
+def _coefficients(n_in: int, n_out: int) -> np.ndarray:
+    """The weights of `_taps` as a dense [n_out, n_in] matrix (rows sum to 1): the float path's."""
+    starts, k = _taps(n_in, n_out)
+    w = np.zeros((n_out, n_in), np.float64)
+    for i, lo in enumerate(starts):
+        n = min(k.shape[1], n_in - lo)
+        w[i, lo : lo + n] = k[i, :n]
     return w
 
 
-def _resample_8bit(a, w):
-    """One pass along axis 0 in Pillow's fixed point: round the weights, accumulate in integers, clip to 0..255."""
-    scaled = w * (1 << _PRECISION_BITS)
+def _resample_8bit(a, starts, k):
+    """One pass along axis 0 in Pillow's fixed point: round the weights, accumulate in integers, clip to 0..255.
+    Band by band, so the integer copy is one band of rows, not the image."""
+    scaled = k * (1 << _PRECISION_BITS)
     k = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int64)
-    acc = np.tensordot(k, a.astype(np.int64), axes=(1, 0)) + (1 << (_PRECISION_BITS - 1))
-    return np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
+    out = np.empty((len(starts),) + a.shape[1:], np.uint8)
+    for i, lo in enumerate(starts):
+        rows = a[lo : lo + k.shape[1]]
+        acc = np.tensordot(k[i, : len(rows)], rows.astype(np.int64), axes=(0, 0)) + (1 << (_PRECISION_BITS - 1))
+        out[i] = np.clip(acc >> _PRECISION_BITS, 0, 255)
+    return out
 
 
 def resize(image, height: int, width: int) -> np.ndarray:
@@ -109,16 +174,19 @@ def resize(image, height: int, width: int) -> np.ndarray:
     def horizontal(a):
         if a.shape[1] == width:
             return a
-        cw = _coefficients(a.shape[1], width)
         a = a.transpose(1, 0, 2)  # [W, H, C]: resample along axis 0
-        a = _resample_8bit(a, cw) if eight_bit else np.tensordot(cw, a, axes=(1, 0))
+        if eight_bit:
+            a = _resample_8bit(a, *_taps(a.shape[0], width))
+        else:
+            a = np.tensordot(_coefficients(a.shape[0], width), a, axes=(1, 0))
         return a.transpose(1, 0, 2)
 
     def vertical(a):
         if a.shape[0] == height:
             return a
-        ch = _coefficients(a.shape[0], height)
-        return _resample_8bit(a, ch) if eight_bit else np.tensordot(ch, a, axes=(1, 0))
+        if eight_bit:
+            return _resample_8bit(a, *_taps(a.shape[0], height))
+        return np.tensordot(_coefficients(a.shape[0], height), a, axes=(1, 0))
 
     if height < h and h - height > 2 * (w - width):
         return horizontal(vertical(out))
@@ -128,7 +196,7 @@ def resize(image, height: int, width: int) -> np.ndarray:
 def read_preprocessor(folder, image_size: int) -> dict:
     """The settings of `preprocessor_config.json` we use, with ViTImageProcessor's defaults, each checked."""
     path = Path(folder) / "preprocessor_config.json"
-    d = read_json(path, RadialError, "a JSON object of settings") if path.is_file() else {}
+    d = read_json(path, RadialError, "a JSON object of settings") if present(path) else {}
     if d.get("resample", 2) != 2:
         raise RadialError(
             f"{path}: resample {d['resample']!r:.40} is not supported (only 2, Pillow's bilinear, as ViT uses)"
@@ -160,7 +228,7 @@ def read_preprocessor(folder, image_size: int) -> dict:
 
 def model_pixels(path, settings: dict, image_size: int) -> np.ndarray:
     """The image file at `path` as a ViT of `image_size` takes it, [3, S, S], or one error naming the file."""
-    x = preprocess(read_image(path), settings)
+    x = preprocess(read_image(path, side_limit(image_size)), settings)
     if x.shape[1:] != (image_size, image_size):
         why = "its field 'size' is" if settings["do_resize"] else "do_resize is false, and the image is"
         raise RadialError(

@@ -4,56 +4,88 @@ Every tensor name and shape is checked against what the config implies *before* 
 checkpoint that does not match its config fails with one message listing all that is wrong, never half-loaded.
 """
 
+import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from .. import kernels
-from ..models import llama, opt, vit
+from ..models import ARCHITECTURES, llama, parse_config, read_config
 from .checkpoint import open_checkpoint, quote
 from ..dtypes import check_storage_dtype, to_storage
-from ..config import config_from_dict, read_config
 from ..errors import CheckpointError, SettingError, count
+from ..generation import read_generation_defaults
 from .gguf_file import GGUFStore, Renamed, config_dict, field, is_gguf, open_reader
 from .hub import resolve
+from ..analysis.memory import drop_pages
 from ..radial import RADIAL_CONFIG, load_radial
 
-ARCHITECTURES = {
-    "opt": (opt, opt.OPT),
-    "vit": (vit, vit.ViT),
-    "llama": (llama, llama.Llama),
-    "qwen2": (llama, llama.Llama),
-}
 
-
-def load(source, *, weights_dtype: str = "float32"):
+def load(source, *, weights_dtype: str | None = None):
     """Load a model from a local folder (config.json + weights), a .gguf file, or a Hub id such as "facebook/opt-125m".
     A folder with a radial.json (a network trained with its router, `cli.py train --radial`) loads as the routed
     `RadialNetwork`.
 
-    `weights_dtype` "float16" or "bfloat16" keeps the weight matrices in half precision in memory (half the
-    memory; decode ~1.5x faster at OPT-125M), "int8" in 8 bits with a float32 scale per row (a quarter; see
-    dtypes.Int8Matrix); everything is still computed in float32."""
-    check_storage_dtype(weights_dtype)  # refuse an unknown dtype before reading anything
+    `weights_dtype` (default: "native" for a .gguf file, "float32" otherwise): "native" keeps every weight matrix
+    as the file stores it: a GGUF's Q4_0, Q4_1, Q4_K, Q8_0 and Q6_K blocks stay quantized (quant.BlockMatrix; other
+    quantized types are widened to float32), float16 and bfloat16 stay half precision. "float16" or "bfloat16"
+    keeps the matrices in half precision (half the memory; decode ~1.5x faster at OPT-125M), "int8" in 8 bits with
+    a float32 scale per row (a quarter; see dtypes.Int8Matrix); everything is still computed in float32."""
+    t0 = time.perf_counter()
     gguf = is_gguf(source)  # a single llama.cpp file (optional `gguf` package), else a Hugging Face folder
+    weights_dtype = weights_dtype or ("native" if gguf else "float32")
+    check_storage_dtype(weights_dtype)  # refuse an unknown dtype before reading anything
     path, cfg, store, names = open_gguf(source) if gguf else open_checkpoint_folder(source)
     check_quantizable(store, names, weights_dtype)
     tensors = {}
     for ours, theirs in names.items():  # one tensor at a time, narrowed as read: peak memory = model + one tensor
-        a = read_checked(store, theirs)
-        tensors[ours] = to_storage(a, weights_dtype) if _is_matrix(ours, a.ndim) else a
-    n_params = sum(a.size for a in tensors.values())  # before Llama consumes the q/k/v tensors
-    model = ARCHITECTURES[cfg.model_type][1](cfg, tensors)
-    model.path = Path(path)
-    model.dtypes_on_disk = Counter(store.dtype(theirs) for theirs in names.values())
-    model.n_params, model.weights_dtype = n_params, weights_dtype
-    if gguf:
-        model.file_type = field(store.reader, "general.file_type")  # llama.cpp's name for the quantization mix
+        tensors[ours] = read_stored(store, ours, theirs, weights_dtype)
+    model = ARCHITECTURES[cfg.model_type].model(
+        cfg,
+        tensors,
+        path=path,
+        weights_dtype=weights_dtype,
+        dtypes_on_disk=Counter(store.dtype(theirs) for theirs in names.values()),
+        file_type=field(store.reader, "general.file_type") if gguf else None,  # llama.cpp's quantization mix
+        generation_defaults={} if gguf else read_generation_defaults(path),
+        load_seconds=time.perf_counter() - t0,  # the reading: building the blocks takes a fraction of it
+    )
     kernels.start()
     if not gguf and (Path(path) / RADIAL_CONFIG).is_file():  # a network co-trained with its router: routed
-        return load_radial(model, path)
+        model = load_radial(model, path)
     return model
+
+
+def loading_line(model, seconds: float | None = None) -> str:
+    """One line for a load worth mentioning: 'loaded NAME (134.5M parameters, Q4_1 -> float32) in 4.0 s'. `seconds`
+    defaults to the load's own time; a caller that also read the tokenizer passes the sum."""
+    seconds = model.load_seconds if seconds is None else seconds
+    n = model.n_params
+    size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+    on_disk = "/".join(sorted(model.dtypes_on_disk, key=lambda d: -model.dtypes_on_disk[d])[:2])
+    stored = model.weights_dtype if on_disk == model.weights_dtype else f"{on_disk} -> {model.weights_dtype}"
+    return f"loaded {Path(model.path).name} ({size} parameters, {stored}) in {seconds:.1f} s"
+
+
+_NATIVE = {"float16": "float16", "F16": "float16", "bfloat16": "bfloat16", "BF16": "bfloat16"}  # else float32
+
+
+def read_stored(store, ours, theirs, weights_dtype):
+    """One tensor as the model keeps it: a weight matrix in the storage dtype (native: a GGUF block format stays
+    quantized, its pages handed back to the page cache once decoded), anything else float32."""
+    if weights_dtype == "native" and isinstance(store, GGUFStore):
+        blocks = store.read_blocks(theirs)
+        if blocks is not None:
+            drop_pages(store.reader.data)  # the decoded copy is all we keep: peak memory = model + one tensor
+            if not blocks.finite():
+                raise CheckpointError(f"{store.description}: tensor {quote(theirs)} has NaN or infinite scales")
+            return blocks
+    a = read_checked(store, theirs)
+    if not _is_matrix(ours, a.ndim):
+        return a
+    dtype = _NATIVE.get(store.dtype(theirs), "float32") if weights_dtype == "native" else weights_dtype
+    return to_storage(a, dtype)
 
 
 def open_checkpoint_folder(source):
@@ -62,14 +94,14 @@ def open_checkpoint_folder(source):
     folder = resolve(source)
     cfg = read_config(folder)
     store = open_checkpoint(folder)
-    return folder, cfg, store, _match(store, cfg, ARCHITECTURES[cfg.model_type][0])
+    return folder, cfg, store, _match(store, cfg, ARCHITECTURES[cfg.model_type].module)
 
 
 def open_gguf(path):
     """(path, config, store, names): a .gguf file opened and its tensors checked against the config from its
     metadata, nothing dequantized yet; `names` maps transformers' tensor names to the file's."""
     reader = open_reader(path)
-    cfg = config_from_dict(config_dict(reader), f"{path} (metadata)")
+    cfg = parse_config(config_dict(reader), f"{path} (metadata)")
     store = GGUFStore(reader, cfg.num_attention_heads, cfg.num_key_value_heads, permuted=cfg.model_type == "llama")
     renamed = Renamed(store)
     return path, cfg, store, {ours: renamed.gguf[theirs] for ours, theirs in _match(renamed, cfg, llama).items()}

@@ -7,14 +7,13 @@ than query heads) and a gated FFN, fc2(silu(gate(x)) * up(x)). Qwen2 adds biases
 Follow one token: `embed` looks up its row; each block adds its branch; `head` normalises and projects to logits.
 """
 
+import math
+
 import numpy as np
 
-from .. import kernels
-from ..blocks import AttentionBlock, FFNBlock, Linear, RMSNorm, Rotary
-from ..cache import KVCache
+from ..blocks import AttentionBlock, Embedding, FFNBlock, Linear, RMSNorm, Rotary
 from ..config import LlamaConfig
-from ..dtypes import stack_rows
-from .opt import OPT, _check_ids
+from .base import CausalLM, check_ids, stacked
 
 
 def expected_tensors(cfg: LlamaConfig) -> tuple[dict, dict, dict]:
@@ -52,59 +51,90 @@ def normalize_name(name: str) -> str:
 
 
 def make_block(cfg: LlamaConfig, t: dict, i: int, kind: str):
-    """Layer i's attention ("att") or FFN ("ffn") block from tensors `t` (consumed); `stream.py` builds one block
-    at a time with it."""
+    """Layer i's attention ("att") or FFN ("ffn") block from tensors `t` (consumed); analysis/stream.py builds one
+    block at a time with it."""
     p = f"layers.{i}."
     if kind == "att":
-        qkv = Linear(  # q, k, v stacked: [H*D + 2*Hkv*D, E]; popped, so the separate copies are freed (peak memory)
-            stack_rows([t.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
-            np.concatenate([t.pop(p + f"self_attn.{x}_proj.bias") for x in "qkv"]) if cfg.qkv_bias else None,
-        )
+        qkv = stacked(t, [p + f"self_attn.{x}_proj" for x in "qkv"], cfg.qkv_bias)  # [H*D + 2*Hkv*D, E]
         out = Linear.from_tensors(t, p + "self_attn.o_proj")
-        norm = RMSNorm(t[p + "input_layernorm.weight"], cfg.rms_norm_eps)
+        norm = _rmsnorm(t, p + "input_layernorm", cfg.rms_norm_eps)
         rotary = Rotary(cfg.head_dim, float(cfg.rope_theta))
         return AttentionBlock(i, norm, True, qkv, out, cfg.num_attention_heads, cfg.num_key_value_heads, rotary)
     up, gate, down = (Linear.from_tensors(t, p + f"mlp.{x}_proj") for x in ("up", "gate", "down"))
-    norm = RMSNorm(t[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+    norm = _rmsnorm(t, p + "post_attention_layernorm", cfg.rms_norm_eps)
     return FFNBlock(i, norm, True, up, down, cfg.hidden_act, gate=gate)
 
 
-class Llama:
+def _rmsnorm(t, prefix, eps):
+    return RMSNorm(t[prefix + ".weight"], eps, names={"weight": [(prefix + ".weight", None)]})
+
+
+def init_tensors(cfg: LlamaConfig, seed: int) -> dict:
+    """A fresh model's tensors for training, under transformers' names: N(0, 0.02) weights (the output and down
+    projections, which write into the residual stream, scaled by 1/sqrt(2L) as GPT-2 does), zero biases, unit
+    norms."""
+    rng = np.random.default_rng(seed)
+    E, F, L, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.head_dim
+    Q, KV = cfg.num_attention_heads * D, cfg.num_key_value_heads * D
+
+    def normal(*shape, std=0.02):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    t = {"embed_tokens.weight": normal(cfg.vocab_size, E), "norm.weight": np.ones(E, np.float32)}
+    out_std = 0.02 / math.sqrt(2 * L)
+    for i in range(L):
+        p = f"layers.{i}."
+        for name, shape, std in (
+            ("self_attn.q_proj", (Q, E), 0.02),
+            ("self_attn.k_proj", (KV, E), 0.02),
+            ("self_attn.v_proj", (KV, E), 0.02),
+            ("self_attn.o_proj", (E, Q), out_std),
+            ("mlp.gate_proj", (F, E), 0.02),
+            ("mlp.up_proj", (F, E), 0.02),
+            ("mlp.down_proj", (E, F), out_std),
+        ):
+            t[p + name + ".weight"] = normal(*shape, std=std)
+        if cfg.qkv_bias:
+            for x, n in (("q", Q), ("k", KV), ("v", KV)):
+                t[p + f"self_attn.{x}_proj.bias"] = np.zeros(n, np.float32)
+        t[p + "input_layernorm.weight"] = np.ones(E, np.float32)
+        t[p + "post_attention_layernorm.weight"] = np.ones(E, np.float32)
+    if not cfg.tie_word_embeddings:
+        t["lm_head.weight"] = normal(cfg.vocab_size, E)
+    return t
+
+
+class Llama(CausalLM):
     """A Llama or Qwen2 causal language model as a list of residual blocks. Built from tensors `t` (consumed)."""
 
-    def __init__(self, cfg: LlamaConfig, t: dict):
-        self.config = cfg
-        self.n_layer = cfg.num_hidden_layers
-        self.embed_tokens = t["embed_tokens.weight"]  # [V, E]
-        self.final_norm = RMSNorm(t["norm.weight"], cfg.rms_norm_eps)
-        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else t["lm_head.weight"]
-        self.blocks = [make_block(cfg, t, i, kind) for i in range(self.n_layer) for kind in ("att", "ffn")]
+    def __init__(self, cfg: LlamaConfig, t: dict, **origin):
+        self.embed_tokens = Embedding(t["embed_tokens.weight"], names={"weight": [("embed_tokens.weight", None)]})
+        self.final_norm = _rmsnorm(t, "norm", cfg.rms_norm_eps)
+        head = "embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        self.lm_head = Linear(
+            self.embed_tokens.weight if cfg.tie_word_embeddings else t[head], names={"weight": [(head, None)]}
+        )
+        blocks = [make_block(cfg, t, i, kind) for i in range(cfg.num_hidden_layers) for kind in ("att", "ffn")]
+        super().__init__(cfg, blocks, **origin)
 
-    # --------------------------------------------------------------------------------------------- pieces
-
-    def embed(self, input_ids, pos):
+    def embed(self, input_ids, pos, tape=None):
         """Token rows; positions enter inside attention (rotary), so `pos` is only checked here."""
-        input_ids = _check_ids(input_ids, self.config.vocab_size)
+        input_ids = check_ids(input_ids, self.config.vocab_size)
         if np.min(pos) < 0:
             raise ValueError(f"positions must be >= 0, got {np.min(pos)}")
-        return kernels.to_float32(self.embed_tokens[input_ids])  # [T] -> [T, E]
+        return self.embed_tokens(input_ids, tape)  # [n] -> [n, E]
 
-    def final(self, x):
+    def embed_backward(self, dx, tape):
+        self.embed_tokens.backward(dx, tape)
+
+    def final(self, x, tape=None):
         """What the LM head multiplies: the last states normalised."""
-        return self.final_norm(x)
+        return self.final_norm(x, tape)
 
-    def head(self, x):
-        return kernels.linear(self.final(x), self.lm_head)  # [T, E] -> [T, V]
+    def final_backward(self, dx, tape):
+        return self.final_norm.backward(dx, tape)
 
     @property
-    def kv_shape(self) -> tuple[int, int]:
-        """(width, heads) of the keys and values a cache stores: Hkv heads under grouped-query attention."""
-        return self.config.num_key_value_heads * self.config.head_dim, self.config.num_key_value_heads
-
-    def new_cache(self) -> KVCache:
-        return KVCache(self.n_layer, *self.kv_shape)
-
-    # -------------------------------------------------------------------------------------------- forward
-
-    forward = OPT.forward  # the same walk: embed, every block in order over the cache, head
-    __call__ = forward
+    def kv_heads(self) -> tuple[int, int]:
+        """(heads, head size) of the keys and values a cache stores: Hkv heads under grouped-query attention."""
+        return self.config.num_key_value_heads, self.config.head_dim

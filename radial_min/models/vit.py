@@ -4,8 +4,9 @@ token, a learned CLS token in front, then the same residual blocks as OPT (pre-L
 
 import numpy as np
 
-from ..blocks import AttentionBlock, FFNBlock, LayerNorm, Linear, Step, run_blocks
+from ..blocks import AttentionBlock, FFNBlock, LayerNorm, Linear
 from ..config import ViTConfig
+from .base import Model, stacked
 
 
 def expected_tensors(cfg: ViTConfig) -> tuple[dict, dict, dict]:
@@ -48,34 +49,30 @@ def normalize_name(name: str) -> str:
     return name[len("vit.") :] if name.startswith("vit.") else name
 
 
-class ViT:
+class ViT(Model):
     """ViTForImageClassification (logits over id2label) or ViTModel (tanh pooler output, or the CLS state).
     Built from tensors `t` (consumed)."""
 
-    def __init__(self, cfg: ViTConfig, t: dict):
-        self.config = cfg
-        self.n_layer = cfg.num_hidden_layers
+    def __init__(self, cfg: ViTConfig, t: dict, **origin):
         self.cls_token = t["embeddings.cls_token"].reshape(1, -1)  # [1, E]
         self.pos_embed = t["embeddings.position_embeddings"][0]  # [N + 1, E]
         w = t["embeddings.patch_embeddings.projection.weight"]  # [E, C, P, P]: a conv with stride = kernel
         self.patch = Linear(w.reshape(w.shape[0], -1), t["embeddings.patch_embeddings.projection.bias"])
         self.final_norm = LayerNorm.from_tensors(t, "layernorm", cfg.layer_norm_eps)
-        self.blocks = []
-        for i in range(self.n_layer):
+        blocks = []
+        for i in range(cfg.num_hidden_layers):
             p = f"encoder.layer.{i}."
             names = [p + f"attention.attention.{x}" for x in ("query", "key", "value")]
-            qkv = Linear(  # popped: the separate copies are freed as the stacked one is made (peak memory)
-                np.concatenate([t.pop(n + ".weight") for n in names]),
-                np.concatenate([t.pop(n + ".bias") for n in names]) if cfg.qkv_bias else None,
-            )
+            qkv = stacked(t, names, cfg.qkv_bias)
             out = Linear.from_tensors(t, p + "attention.output.dense")
             ln1 = LayerNorm.from_tensors(t, p + "layernorm_before", cfg.layer_norm_eps)
             ln2 = LayerNorm.from_tensors(t, p + "layernorm_after", cfg.layer_norm_eps)
-            self.blocks.append(AttentionBlock(i, ln1, True, qkv, out, cfg.num_attention_heads))
+            blocks.append(AttentionBlock(i, ln1, True, qkv, out, cfg.num_attention_heads))
             fc1, fc2 = Linear.from_tensors(t, p + "intermediate.dense"), Linear.from_tensors(t, p + "output.dense")
-            self.blocks.append(FFNBlock(i, ln2, True, fc1, fc2, cfg.hidden_act))
+            blocks.append(FFNBlock(i, ln2, True, fc1, fc2, cfg.hidden_act))
         self.classifier = Linear.from_tensors(t, "classifier") if cfg.is_classifier else None
         self.pooler = Linear.from_tensors(t, "pooler.dense") if "pooler.dense.weight" in t else None
+        super().__init__(cfg, blocks, **origin)
 
     def patches(self, image):
         """Cut one [C, H, W] image into flattened patches, row by row: [N, C*P*P] in the conv's (c, y, x) order."""
@@ -105,7 +102,8 @@ class ViT:
         outs = []
         for image in pixel_values:  # images are independent sequences of patch tokens
             x = self.embed(image)  # [C, H, W] -> [N + 1, E]
-            outs.append(self.head(run_blocks(self.blocks, x, Step(), observe)))
+            walk = self.sequential.walk(x, 0, None, None, observe)  # pos None: attention among all the patches
+            outs.append(self.head(walk.X))
         return np.concatenate(outs)
 
     __call__ = forward
