@@ -46,7 +46,7 @@ it and gives them back; `show` prints a sequence with each token's label under i
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +180,112 @@ def sequences(task: HopTask, seed: int, start: int, count: int, stream: str = "t
 def batch(task: HopTask, seed: int, k: int, batch_size: int, stream: str = "train"):
     """Training batch k of seed `seed`: sequences k * batch_size .. (k + 1) * batch_size - 1 of the stream."""
     return sequences(task, seed, k * batch_size, batch_size, stream)
+
+
+def curriculum(task: HopTask, step: int, every: int) -> HopTask:
+    """The task of training step `step` when one more hop count is let in every `every` steps: hops up to
+    1 + step // every (weighted as in `task`), the whole task from then on. every = 0: the task itself.
+
+    Why: a stationary mix gives the hop count a model learns next only its share of the answers, and a lookup is
+    learned late when few answers need it (docs/variable-depth.md); opening the counts in turn gives each its turn.
+    The schedule depends on the step only, so a batch stays a pure function of (seed, step)."""
+    top = task.max_hops if every <= 0 else min(task.max_hops, 1 + step // every)
+    if top == task.max_hops:
+        return task
+    w = task.probabilities()
+    w[top + 1 :] = 0
+    return replace(task, hop_weights=tuple(w.tolist()))
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+STREAM_OPTIONS = {"curriculum": 0, "loss": "scored"}  # a training stream's settings beside the task's own
+LOSSES = ("scored", "all")
+
+
+def parse_spec(spec: str, seq_len: int) -> tuple[HopTask, dict]:
+    """`train --task`'s value -> (task, stream options). "hop" is the default task; "hop:nodes=8,max_hops=2,
+    hop_weights=1/1/2,curriculum=300,loss=all" sets fields of HopTask (seq_len is the model's) and the stream's
+    options: `curriculum` N lets in one more hop count every N steps (0: all from the start), `loss` "scored"
+    trains on the scored tokens only (NOISE masked out of the loss) or "all" (the plain LM loss)."""
+    name, _, rest = spec.partition(":")
+    if name != "hop":
+        raise SettingError(f"--task {spec!r:.60}: expected 'text' or 'hop[:field=value,...]'")
+    kinds = {f.name: f.type for f in fields(HopTask)}
+    task_args, options = {"seq_len": seq_len}, dict(STREAM_OPTIONS)
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or (key not in kinds and key not in options) or key == "seq_len":
+            known = ", ".join(sorted(set(kinds) - {"seq_len"} | set(options)))
+            raise SettingError(f"--task: {item!r:.40} is not field=value with a field among {known}")
+        try:
+            if key == "hop_weights":
+                task_args[key] = tuple(float(w) for w in value.split("/"))
+            elif key in ("nodes", "max_hops", "curriculum"):
+                (task_args if key in kinds else options)[key] = int(value)
+            else:
+                (task_args if key in kinds else options)[key] = value
+        except ValueError:
+            raise SettingError(f"--task: {item!r:.40}: expected a whole number (hop_weights: w0/w1/...)") from None
+    if options["loss"] not in LOSSES or options["curriculum"] < 0:
+        raise SettingError(f"--task: loss={options['loss']!r:.20}, curriculum={options['curriculum']}: expected "
+                           f"loss one of {', '.join(LOSSES)} and curriculum >= 0")  # fmt: skip
+    return HopTask(**task_args), options
+
+
+def loss_mask(labels: np.ndarray, loss: str) -> np.ndarray:
+    """The loss's weight per predicted token [B, T] (float32): 1 for the scored ones and 0 for NOISE ("scored"),
+    1 everywhere ("all"). Masking the random draws out keeps their irreducible loss from drowning the answers'."""
+    if loss == "all":
+        return np.ones(labels[:, 1:].shape, np.float32)
+    return scored_mask(labels).astype(np.float32)
+
+
+class HopStream:
+    """Training batches for `train.train`: `batch(step)` -> (tokens [B, T + 1], loss mask [B, T]), a pure function
+    of (seed, step), so resumed runs see the batches an uninterrupted one would."""
+
+    def __init__(self, task: HopTask, seed: int, batch_size: int, curriculum: int = 0, loss: str = "scored"):
+        self.task, self.seed, self.batch_size, self.curriculum, self.loss = task, seed, batch_size, curriculum, loss
+
+    def batch(self, step: int):
+        tokens, labels = batch(curriculum(self.task, step, self.curriculum), self.seed, step, self.batch_size)
+        return tokens, loss_mask(labels, self.loss)
+
+
+def score(net, tokens: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> dict:
+    """A network (sequential or radial) on held-out sequences [N, T + 1], by the inference path: greedy accuracy
+    and mean blocks run per label (the blocks of the position that predicts the token), and blocks per token
+    over all positions. -> {"accuracy": {label: share}, "blocks": {label: mean}, "scored": {label: count},
+    "blocks_per_token": mean}, labels as strings (JSON keys)."""
+    counts, blocks, all_blocks = {}, {}, []
+    for i in range(0, len(tokens), batch_size):
+        tok, lab = tokens[i : i + batch_size], labels[i : i + batch_size]
+        B, T = tok[:, :-1].shape
+        logits = net.forward(tok[:, :-1]).reshape(B, T, -1)  # [B, T, V]
+        add_counts(counts, accuracy_by_label(logits, tok, lab))
+        depth = net.last_walk.depth.reshape(B, T)  # blocks run at each input position
+        all_blocks.append(depth.ravel())
+        for label in np.unique(lab[:, 1:]):
+            chosen = lab[:, 1:] == label
+            s, n = blocks.get(int(label), (0.0, 0))
+            blocks[int(label)] = (s + float(depth[chosen].sum()), n + int(chosen.sum()))
+    return {
+        "accuracy": {str(k): c / m for k, (c, m) in sorted(counts.items())},
+        "blocks": {str(k): s / n for k, (s, n) in sorted(blocks.items()) if k != NOISE},
+        "scored": {str(k): m for k, (_, m) in sorted(counts.items())},
+        "blocks_per_token": float(np.concatenate(all_blocks).mean()),
+    }
+
+
+def format_score(rep: dict) -> str:
+    """`score`'s numbers as a small table: one row per label, accuracy and blocks run."""
+    lines = [f"{'label':<10}{'scored':>8}{'accuracy':>10}{'blocks':>8}"]
+    for k, acc in rep["accuracy"].items():
+        name = "easy (0)" if k == "0" else f"{k} hop" + ("s" if k != "1" else "")
+        lines.append(f"{name:<10}{rep['scored'][k]:>8}{acc:>10.3f}{rep['blocks'][k]:>8.2f}")
+    lines.append(f"blocks per token, every position: {rep['blocks_per_token']:.2f}")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ accuracy

@@ -3,6 +3,7 @@ answer agrees with a solver written here independently of the generator, accurac
 the saved file reads back or fails with one line naming it."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,3 +176,122 @@ def test_bad_files_and_settings_fail_with_one_line(tmp_path):
                 {"max_hops": 2, "hop_weights": (1, 1)}, {"max_hops": 2, "hop_weights": (1, -1, 1)}):  # fmt: skip
         with pytest.raises(SettingError, match="HopTask"):
             tasks.HopTask(**bad)
+
+
+def test_curriculum_lets_in_one_hop_count_at_a_time():
+    task = tasks.HopTask(nodes=16, max_hops=4, seq_len=64, hop_weights=(1, 2, 1, 1, 4))
+    assert tasks.curriculum(task, 10_000, 0) is task
+    for step, top in ((0, 1), (99, 1), (100, 2), (250, 3), (300, 4), (10_000, 4)):
+        t = tasks.curriculum(task, step, 100)
+        p = t.probabilities()
+        assert np.all(p[top + 1 :] == 0) and np.all(p[: top + 1] > 0), (step, p)
+        np.testing.assert_allclose(
+            p[: top + 1], task.probabilities()[: top + 1] / task.probabilities()[: top + 1].sum()
+        )
+        _, labels = tasks.batch(t, 0, step, 8)
+        assert labels.max() <= top
+    assert tasks.curriculum(task, 300, 100) == task  # from the last opening on, the task itself
+
+
+# ------------------------------------------------------------------------------------------------ training on it
+
+SMALL = tasks.HopTask(nodes=6, max_hops=2, seq_len=22)
+
+
+def small_config(tmp_path, **kw):
+    from radial_min import train as tr
+
+    flat = dict(vocab_size=SMALL.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                seq_len=SMALL.seq_len, batch_size=8, steps=40, lr=1e-2, warmup=5, eval_every=20, save_every=40,
+                out=str(tmp_path / "run"), task="hop:nodes=6,max_hops=2")  # fmt: skip
+    return tr.TrainConfig.of(**{**flat, **kw})
+
+
+def test_stream_batches_and_loss_masks():
+    stream = tasks.HopStream(SMALL, seed=3, batch_size=5, curriculum=10)
+    tokens, mask = stream.batch(4)
+    ref_tokens, ref_labels = tasks.batch(tasks.curriculum(SMALL, 4, 10), 3, 4, 5)
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    assert ref_labels.max() == 1  # the curriculum's first stage: up to 1 hop
+    assert mask.shape == (5, SMALL.seq_len) and mask.dtype == np.float32
+    np.testing.assert_array_equal(mask, (ref_labels[:, 1:] != tasks.NOISE).astype(np.float32))
+    assert 0 < mask.sum() < mask.size
+    _, every = tasks.HopStream(SMALL, 3, 5, 10, loss="all").batch(4)
+    assert every.shape == mask.shape and np.all(every == 1)
+
+
+@pytest.mark.slow
+def test_masked_loss_is_the_mean_over_the_mask():
+    """The one trainer's loss with a task's mask is the mean NLL over the scored targets, and its gradient is that
+    loss's: a step along it changes the masked loss by what the gradient says (a directional finite difference)."""
+    from radial_min import train as tr
+
+    net = tr.build_network(small_config(Path(".")))
+    tokens, mask = tasks.HopStream(SMALL, 0, 4).batch(0)
+    loss, grads, _ = tr.loss_and_grads(net, tokens, mask=mask)
+    z = net.forward(tokens[:, :-1]).reshape(*mask.shape, -1).astype(np.float64)  # [B, T, V]
+    z -= z.max(-1, keepdims=True)
+    nll = np.log(np.exp(z).sum(-1)) - np.take_along_axis(z, tokens[:, 1:, None], -1)[..., 0]  # [B, T]
+    assert abs(loss - (nll * mask).sum() / mask.sum()) < 1e-5
+    assert abs(loss - nll.mean()) > 1e-3  # the mask matters on this batch
+    _, every, _ = tr.loss_and_grads(net, tokens)
+    params = tr.parameters(net)
+    name = "decoder.layers.0.fc2.weight"
+    g = grads[name].astype(np.float64)
+    assert not np.allclose(g, every[name], atol=1e-7)
+    eps, w = 1e-2 / np.linalg.norm(g), params[name].copy()
+    losses = []
+    for sign in (1, -1):
+        params[name][...] = w + sign * eps * g
+        losses.append(tr.loss_and_grads(net, tokens, mask=mask, need_grads=False)[0])
+    params[name][...] = w
+    assert (losses[0] - losses[1]) / (2 * eps) == pytest.approx(float((g * g).sum()), rel=2e-2)
+
+
+@pytest.mark.slow
+def test_a_tiny_model_learns_the_task_through_the_trainer(tmp_path):
+    """train.train on a HopStream: its first logged loss is the masked loss of batch 0 at init, and 40 steps
+    cut the training loss and solve the easy tokens."""
+    from radial_min import train as tr
+
+    cfg = small_config(tmp_path)
+    stream = tasks.HopStream(SMALL, cfg.run.seed, cfg.run.batch_size)
+    tokens, labels = tasks.sequences(SMALL, 0, 0, 32, stream="eval")
+    tokens0, mask0 = stream.batch(0)
+    first = tr.loss_and_grads(tr.build_network(cfg), tokens0, mask=mask0, need_grads=False)[0]
+    net = tr.train(cfg, stream, {"hop": tokens}, progress=False)
+    log = tr.read_log(cfg.run.out)
+    assert log[0]["loss"] == pytest.approx(first, abs=2e-4)
+    rep = tasks.score(net, tokens, labels)
+    assert rep["accuracy"]["0"] > 0.9 and rep["blocks"]["0"] == 2.0 and rep["blocks_per_token"] == 2.0
+    assert np.mean([r["loss"] for r in log[-5:]]) < 0.6 * log[0]["loss"]
+
+
+class _Oracle:
+    """A stand-in network for `score`: right on every target whose position (0-based, among the targets) is even,
+    wrong on the rest, and position t runs t + 1 blocks."""
+
+    def __init__(self, tokens):
+        self.tokens, self.last_walk = tokens, None
+
+    def forward(self, ids):
+        B, T = ids.shape
+        rows = {tuple(r[:-1]): r[1:] for r in self.tokens}
+        targets = np.stack([rows[tuple(r)] for r in ids])  # [B, T]
+        guess = np.where(np.arange(T) % 2 == 0, targets, (targets + 1) % SMALL.vocab_size)
+        self.last_walk = type("Walk", (), {"depth": np.tile(np.arange(1, T + 1), B)})()
+        return np.eye(SMALL.vocab_size, dtype=np.float32)[guess].reshape(B * T, -1)
+
+
+def test_score_counts_accuracy_and_blocks_per_label():
+    tokens, labels = tasks.sequences(SMALL, 0, 0, 9, stream="eval")
+    rep = tasks.score(_Oracle(tokens), tokens, labels, batch_size=4)
+    target_labels = labels[:, 1:]
+    position = np.broadcast_to(np.arange(SMALL.seq_len), target_labels.shape)
+    for label in ("0", "1", "2"):
+        chosen = target_labels == int(label)
+        assert rep["scored"][label] == chosen.sum() > 0
+        assert rep["accuracy"][label] == pytest.approx(np.mean(position[chosen] % 2 == 0))
+        assert rep["blocks"][label] == pytest.approx(np.mean(position[chosen] + 1))
+    assert rep["blocks_per_token"] == pytest.approx((SMALL.seq_len + 1) / 2)
+    assert "-1" not in rep["accuracy"] and "-1" not in rep["blocks"]

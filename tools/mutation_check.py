@@ -963,11 +963,32 @@ MUTANTS = [
         (T("tasks"),),
     ),
     Mutant(
-        "depth task: the loss mask ignored",
-        "tools/depth_task.py",
-        "p *= (weights / norm)[:, None].astype(p.dtype)",
-        "p *= 1 / len(targets)",
-        (T("depth_task"),),
+        "hop task: the loss mask keeps the noise tokens",
+        "radial_min/tasks.py",
+        "    return scored_mask(labels).astype(np.float32)",
+        "    return np.ones(labels[:, 1:].shape, np.float32)",
+        (T("tasks"),),
+    ),
+    Mutant(
+        "trainer: a batch's loss mask dropped",
+        "radial_min/train.py",
+        "loss_and_grads(net, batch, rs, rng=rng, mask=mask)",
+        "loss_and_grads(net, batch, rs, rng=rng, mask=None)",
+        (T("tasks"), "-k", "trainer"),
+    ),
+    Mutant(
+        "masked cross-entropy: the backward ignores the mask",
+        "radial_min/ops.py",
+        "        probs *= (weights / weights.sum())[:, None].astype(probs.dtype)",
+        "        probs /= len(targets)",
+        (T("tasks"), "-k", "mask"),
+    ),
+    Mutant(
+        "hop task: blocks per label read one position late",
+        "radial_min/tasks.py",
+        "depth = net.last_walk.depth.reshape(B, T)  # blocks run at each input position",
+        "depth = np.roll(net.last_walk.depth.reshape(B, T), -1, 1)  # blocks run at each input position",
+        (T("tasks"), "-k", "score"),
     ),
     # GGUF block formats kept quantized (quant.py) and their kernels
     Mutant(
