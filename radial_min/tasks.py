@@ -187,7 +187,7 @@ def curriculum(task: HopTask, step: int, every: int) -> HopTask:
     1 + step // every (weighted as in `task`), the whole task from then on. every = 0: the task itself.
 
     Why: a stationary mix gives the hop count a model learns next only its share of the answers, and a lookup is
-    learned late when few answers need it (docs/variable-depth.md); opening the counts in turn gives each its turn.
+    learned late when few answers need it (docs/depth-task.md); opening the counts in turn gives each its turn.
     The schedule depends on the step only, so a batch stays a pure function of (seed, step)."""
     top = task.max_hops if every <= 0 else min(task.max_hops, 1 + step // every)
     if top == task.max_hops:

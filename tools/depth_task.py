@@ -34,7 +34,7 @@ from radial_min.io.outputs import read_json, write_bytes, write_json, write_text
 
 RUNS = ROOT / "runs" / "depth"
 TRAIN_FIELDS = ("steps", "batch", "lr", "warmup", "seed", "loss", "eval", "curriculum")
-RADIAL_FIELDS = ("estimator", "target_depth", "router_warmup", "router_lr", "forward_only", "max_depth")
+RADIAL_FIELDS = ("estimator", "target_depth", "router_warmup", "router_lr")
 
 # ------------------------------------------------------------------------------------------- one run
 
@@ -61,10 +61,7 @@ def train_config(args, task: tasks.HopTask) -> tr.TrainConfig:
     if getattr(args, "estimator", None):
         flat.update(radial=True, estimator=args.estimator, target_depth=args.target_depth,
                     router_warmup=args.router_warmup, router_lr=args.router_lr)  # fmt: skip
-        if args.estimator == "expert-choice":
-            flat.update(forward_only=True, cache_policy="per-layer")
-        else:
-            flat.update(forward_only=args.forward_only, max_depth=args.max_depth)
+        flat.update(forward_only=True, cache_policy="per-layer")  # every estimator alike: blocks in order, skips
     return tr.TrainConfig.of(**flat)
 
 
@@ -129,7 +126,9 @@ def add_train_args(p):
 
 
 def add_radial_args(p, one: bool):
-    """A routed run's settings (train.RadialSettings); `one`: a single run (train), else lists (radial)."""
+    """A routed run's settings (train.RadialSettings); `one`: a single run (train), else lists (radial). Every
+    routed run here is forward-only with the per-layer cache (a token runs the blocks in order and may skip any,
+    Mixture-of-Depths' setting, the one expert choice needs), so the estimators differ in how the router learns only."""
     if one:
         p.add_argument("--estimator", default=None, choices=tr.ESTIMATORS, help="train a Radial Network (default: "
                        "sequential)")  # fmt: skip
@@ -139,8 +138,6 @@ def add_radial_args(p, one: bool):
         p.add_argument("--targets", type=float, nargs="+", default=[3.0, 5.0], help="target blocks per token")
     p.add_argument("--router-warmup", type=int, default=200, help="steps the blocks train before the router does")
     p.add_argument("--router-lr", type=float, default=0.1, help="the router's learning rate, a share of --lr")
-    p.add_argument("--forward-only", action="store_true", help="blocks in order, each at most once")
-    p.add_argument("--max-depth", type=int, default=None, help="most blocks a token runs (default 2 x layers)")
 
 
 # ------------------------------------------------------------------------------------------- the curve
