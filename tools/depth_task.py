@@ -205,6 +205,10 @@ def hard_mean(accuracy: dict) -> float:
     return float(np.mean([a for k, a in accuracy.items() if int(k) >= 1]))
 
 
+def seed_of(r: dict) -> int:
+    return r["train"]["seed"]
+
+
 def summarize(runs: list[dict]) -> list[dict]:
     """One row per (kind, width, blocks of the network): accuracy and blocks run per label and blocks per token,
     each a mean and 95% CI over seeds, and minutes per run."""
@@ -216,11 +220,12 @@ def summarize(runs: list[dict]) -> list[dict]:
         labels = sorted({k for r in rs for k in r["final"]["accuracy"]}, key=int)
         rows.append({
             "kind": family, "width": width, "blocks": blocks, "layers": blocks // 2,
-            "seeds": sorted(r["train"]["seed"] for r in rs),
+            "seeds": sorted(map(seed_of, rs)),
             "accuracy": {k: mean_ci([r["final"]["accuracy"][k] for r in rs]) for k in labels},
             "blocks_run": {k: mean_ci([r["final"]["blocks"][k] for r in rs]) for k in labels},
             "blocks_per_token": mean_ci([r["final"]["blocks_per_token"] for r in rs]),
             "hard_mean": mean_ci([hard_mean(r["final"]["accuracy"]) for r in rs]),
+            "hardest_by_seed": [round(r["final"]["accuracy"][labels[-1]], 3) for r in sorted(rs, key=seed_of)],
             "minutes": [round(r["seconds"] / 60, 1) for r in rs], "load": [round(r["load_average"], 1) for r in rs],
             "steps": rs[0]["train"]["steps"], "tokens_seen": rs[0]["tokens_seen"],
         })  # fmt: skip
@@ -245,12 +250,14 @@ def label_name(k: str) -> str:
 def table(rows: list[dict]) -> str:
     """Accuracy per label (mean ± 95% CI over seeds) and blocks per token, one row per network."""
     labels = sorted({k for r in rows for k in r["accuracy"]}, key=int)
-    head = ["network", "width", "blocks", "seeds", "blocks/token", *map(label_name, labels), "hops >= 1, mean"]
+    head = ["network", "width", "blocks", "seeds", "blocks/token", *map(label_name, labels), "hops >= 1, mean",
+            f"{label_name(labels[-1])} by seed"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|---|" + " ---: |" * (len(head) - 1)]
     for r in rows:
         cells = [r["kind"], str(r["width"]), str(r["blocks"]), str(len(r["seeds"])), ci(r["blocks_per_token"], 2)]
         cells += [ci(r["accuracy"][k]) if k in r["accuracy"] else "" for k in labels]
-        lines.append("| " + " | ".join([*cells, ci(r["hard_mean"])]) + " |")
+        by_seed = ", ".join(f"{a:.3f}" for a in r["hardest_by_seed"])
+        lines.append("| " + " | ".join([*cells, ci(r["hard_mean"]), by_seed]) + " |")
     return "\n".join(lines)
 
 
