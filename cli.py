@@ -30,7 +30,7 @@ if __name__ == "__main__":  # Ctrl-C while the modules below load: one line, not
 
 import radial_min
 from radial_min import chat as C
-from radial_min import data, kernels, progress
+from radial_min import data, kernels, progress, tasks
 from radial_min import train as tr
 from radial_min.analysis import distill, layer_major, memory, oracle, plots, profiling, stream
 from radial_min.cache import POLICIES
@@ -379,6 +379,8 @@ def cmd_train(args):
     given = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS}
     cfg = tr.TrainConfig.of(**{**tr.PRESETS.get(args.preset, {}), **given})  # an option given beats the preset
     _check_budget(cfg, given)
+    if cfg.run.task != "text":
+        return _train_on_task(cfg, args, given)
     problems = cfg.problems(memory.available_bytes())
     if problems:
         raise RadialError("; ".join(problems))
@@ -427,6 +429,31 @@ def cmd_train(args):
         tok = radial_min.Tokenizer(out)
         ids = radial_min.generate(net, tok.encode(SAMPLE_PROMPT), sample, temperature=0.8, top_k=40, seed=cfg.run.seed)
         print(f"\nsample ({sample} tokens, temperature 0.8, top-k 40):\n{SAMPLE_PROMPT}{tok.decode(ids)}")
+
+
+def _train_on_task(cfg, args, given):
+    """`train --task hop...`: a model (or, with --radial, a Radial Network) on the pointer-chasing task of tasks.py,
+    its loss masked to the scored tokens, validated on the task's eval stream (seed 0, the same sequences for every
+    run); at the end accuracy and blocks run per difficulty label on --eval-sequences of them, in hop_report.json."""
+    task, options = tasks.parse_spec(cfg.run.task, cfg.model.seq_len)
+    if given.get("vocab_size", task.vocab_size) != task.vocab_size or cfg.model.init_from or args.export:
+        raise RadialError(
+            f"--task {cfg.run.task}: trains a new model on the task's own {task.vocab_size} tokens; --vocab-size, "
+            "--init-from and --export are for text"
+        )
+    cfg.model.vocab_size = task.vocab_size
+    problems = cfg.problems(memory.available_bytes())
+    if problems:
+        raise RadialError("; ".join(problems))
+    check_out(cfg.run.out, "--out", RUN_FILES)
+    tr.check_resume(cfg)
+    stream = tasks.HopStream(task, cfg.run.seed, cfg.run.batch_size, **options)
+    tokens, labels = tasks.sequences(task, 0, 0, cfg.run.eval_sequences, stream="eval")
+    net = tr.train(cfg, stream, {"hop": tokens})
+    plots.training_curve(tr.read_log(cfg.run.out), Path(cfg.run.out) / "loss.png")
+    rep = {"task": dataclasses.asdict(task), **options, **tasks.score(net, tokens, labels)}
+    write_json(Path(cfg.run.out) / "hop_report.json", rep)
+    print(tasks.format_score(rep))
 
 
 def _check_budget(cfg, given):

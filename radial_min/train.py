@@ -172,6 +172,11 @@ class RunSettings:
     eval_tokens: int = setting(100_000, "the export's report: tokens scored per held-out stream, 0 = all", low=0)
     save_every: int = setting(50, "steps between checkpoints")
     seed: int = setting(0, "seed for init and batches", low=0)
+    task: str = setting(
+        "text",
+        "training data: text (KJV + WikiText-2) or hop[:field=value,...], the pointer-chasing task of tasks.py "
+        "(e.g. hop:nodes=8,max_hops=3,curriculum=300; docs/depth-task.md)",
+    )
 
 
 GROUPS = {"model": ModelSettings, "radial": RadialSettings, "optim": OptimSettings, "run": RunSettings}
@@ -223,7 +228,7 @@ class TrainConfig:
                 f"would need about {need / 2**30:,.1f} GiB (weights, gradients, Adam moments and a batch's "
                 f"activations), {available_bytes / 2**30:,.1f} GiB are available"
             )
-        if m.vocab_size < MIN_VOCAB and not m.init_from:
+        if m.vocab_size < MIN_VOCAB and not m.init_from and run.task == "text":  # a task brings its vocabulary
             out.append(
                 f"--vocab-size {m.vocab_size}: a byte-level BPE needs at least {MIN_VOCAB} "
                 "(256 bytes + 4 special tokens)"
@@ -283,7 +288,7 @@ def training_bytes(cfg: TrainConfig) -> int:
     return 4 * (4 * weights + activations)
 
 
-RESUME_GROUPS = ("model", "radial", "optim")  # and the batches: batch_size and seed
+RESUME_GROUPS = ("model", "radial", "optim")  # and the batches: batch_size, seed and task
 ROUTER = "router."  # the router's parameters in a Radial Network's training state: router.w1, ...
 
 
@@ -301,7 +306,7 @@ def check_resume(cfg: TrainConfig) -> None:
         )
     saved = read_json(config_path, RadialError, "a JSON object of training settings")
     default, now = TrainConfig().flat(), cfg.flat()  # a setting the file lacks was saved by an older version
-    keys = [f.name for g in RESUME_GROUPS for f in dataclasses.fields(GROUPS[g])] + ["batch_size", "seed"]
+    keys = [f.name for g in RESUME_GROUPS for f in dataclasses.fields(GROUPS[g])] + ["batch_size", "seed", "task"]
     changed = [k for k in keys if saved.get(k, default[k]) != now[k]]
     if changed:
         was = ", ".join(f"{k}={saved.get(k)!r:.24} (now {now[k]!r})" for k in changed[:4])
