@@ -118,7 +118,8 @@ def main(argv=None):
         contenders = {"routed": lambda m=model, r=router: RadialNetwork(m, r, kv_rule="fill")}
         dropped = None
         if args.skip_share:
-            script, dropped = scripted_skip(model, args.skip_share, args.static_choices, args.prompt_len + args.new + 1)
+            positions = max(args.prompt_len + args.new, args.prefill_len) + 1  # a generation, the timed prefill
+            script, dropped = scripted_skip(model, args.skip_share, args.static_choices, positions)
             contenders[f"scripted {args.skip_share:.0%}"] = lambda m=model, s=script: RadialNetwork(
                 m, s, kv_rule="fill"
             )
