@@ -9,7 +9,8 @@ Methods (skipping k of the N blocks; budgets 5, 10, 20 and 30% of N):
   blocks of least angular distance between its input and output (Gromov et al. 2024); SLEB's greedy removal of the
   block whose removal costs the calibration perplexity least (Song et al. 2024); early exit (the last k);
 - dynamic, per token: random routes (each token skips k blocks at random, sink kept, fill); the oracle (the
-  residual-ratio threshold, fill rule, sink kept; over all blocks and over attention blocks only); every router
+  residual-ratio threshold, fill rule, sink kept; over all blocks, and with --oracle-attention over attention blocks
+  only); every router
   folder under --routers (routed execution: RadialNetwork, fill rule, the router's own sink and restriction).
 A dynamic method's points (its settings' mean blocks per token) are joined by the mean NLL interpolated linearly
 between the two that bracket a budget (oracle.at_depth: the score of mixing the two settings over sequences), the
@@ -240,6 +241,7 @@ def main(argv=None):
     p.add_argument("--sleb-len", type=int, default=128)
     p.add_argument("--taus", default="0.04,0.07,0.1,0.13,0.16", help="the oracle's thresholds")
     p.add_argument("--sink", type=int, default=None, help="positions that run every block (default: 1 for Llama)")
+    p.add_argument("--oracle-attention", action="store_true", help="also the oracle restricted to attention blocks")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -295,7 +297,8 @@ def main(argv=None):
         jobs[f"random:k{k}"] = lambda s, k=k: run_random(model, s, k, sink, 0)
     for tau in taus:
         jobs[f"oracle-fill-sink:tau{tau:g}"] = lambda s, t=tau: run_oracle(model, s, t, sink, None)
-        jobs[f"oracle-fill-sink-attention:tau{tau:g}"] = lambda s, t=tau: run_oracle(model, s, t, sink, att_only)
+        if args.oracle_attention:
+            jobs[f"oracle-fill-sink-attention:tau{tau:g}"] = lambda s, t=tau: run_oracle(model, s, t, sink, att_only)
     for d in routers:
         jobs[f"router:{d.name}"] = lambda s, d=d: run_router(model, s, d)
 

@@ -7,9 +7,10 @@ with the model's; for each weight storage (float32, int8, the file's own blocks)
 
 Decode reads every weight of the blocks a token runs once per token, so its time follows the bytes read: the ideal
 speed-up of a route is (bytes of the sequential token) / (bytes of the routed token), counting each block's weights,
-the key/value rows a skipped attention block still multiplies under the fill rule, the router's weights per decision,
-and the LM head (tied to the embedding in SmolLM2, read whole for every token). `--skip-share` adds scripted routes
-that skip that share of the blocks for every decoded token (the static lowest-ratio choice of bench/real_pareto.py's
+the key/value rows a skipped attention block still multiplies under the fill rule, the router's weights once (a few
+hundred KB: after the token's first decision they are read from the core's cache, not memory), and the LM head
+(tied to the embedding in SmolLM2, read whole for every token). `--skip-share` adds scripted routes that skip that
+share of the blocks for every decoded token (the static lowest-ratio choice of bench/real_pareto.py's
 static_choices.json if given, else evenly spread attention blocks) to measure the mechanism apart from a router.
 Contenders alternate within each round, so the machine's load hits them alike; the load average is recorded.
 """
@@ -53,7 +54,7 @@ def token_bytes(model, route, router_bytes=0) -> int:
     total += nbytes(model.final_norm.weight) + model.config.hidden_size * 4  # final norm, one embedding row
     for b, block in enumerate(model.blocks):
         total += block_bytes(block) if b in run else kv_bytes(block)
-    return total + router_bytes * (len(route) + 1)
+    return total + router_bytes
 
 
 def timed_generate(runner, ids, n_new):
@@ -117,11 +118,13 @@ def main(argv=None):
         contenders = {"routed": lambda m=model, r=router: RadialNetwork(m, r, kv_rule="fill")}
         dropped = None
         if args.skip_share:
-            script, dropped = scripted_skip(model, args.skip_share, args.static_choices, args.prompt_len + args.new + 1)
+            positions = max(args.prompt_len + args.new, args.prefill_len) + 1  # a generation, the timed prefill
+            script, dropped = scripted_skip(model, args.skip_share, args.static_choices, positions)
             contenders[f"scripted {args.skip_share:.0%}"] = lambda m=model, s=script: RadialNetwork(
                 m, s, kv_rule="fill"
             )
         seq_bytes = token_bytes(model, range(len(model.blocks)))
+        head_bytes = nbytes(model.lm_head.weight)
         for threads in map(int, args.threads.split(",")):
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
             busy = kernels.machine_busy()
@@ -144,7 +147,9 @@ def main(argv=None):
             for name in contenders:
                 a = np.array(rows[name])
                 depth = float(np.mean([len(r) for r in routes[name]]))
-                ideal = seq_bytes / np.mean([token_bytes(model, r, router_bytes) for r in routes[name]])
+                rb = router_bytes if name == "routed" else 0  # scripted routes need no router
+                routed_bytes = float(np.mean([token_bytes(model, r, rb) for r in routes[name]]))
+                ideal = seq_bytes / routed_bytes
                 run = {
                     "dtype": dtype,
                     "threads": threads,
@@ -157,6 +162,7 @@ def main(argv=None):
                     "prefill_ratio_median": float(np.median(a[:, 1] / seq[:, 1])),
                     "blocks_per_decoded_token": depth,
                     "ideal_from_bytes": float(ideal),
+                    "token_bytes": {"sequential": seq_bytes, "routed": routed_bytes, "lm_head": head_bytes},
                     "ideal_from_blocks": len(model.blocks) / depth,
                     "tokens_equal_share": float(np.mean(equal[name])),
                     "load_average": os.getloadavg()[0],
@@ -165,7 +171,8 @@ def main(argv=None):
                     run["dropped"] = [model.blocks[b].name for b in dropped]
                 result["runs"].append(run)
                 print(
-                    f"{dtype:>8} {threads}t pool {run['thread_pool']:<3} {name:<14} decode {run['decode_tok_s']['routed']:6.1f} "
+                    f"{dtype:>8} {threads}t pool {run['thread_pool']:<3} {name:<14} "
+                    f"decode {run['decode_tok_s']['routed']:6.1f} "
                     f"vs {run['decode_tok_s']['sequential']:6.1f} tok/s = {run['decode_ratio_median']:.2f}x "
                     f"({run['decode_ratio_range'][0]:.2f}-{run['decode_ratio_range'][1]:.2f}); ideal "
                     f"{ideal:.2f}x ({depth:.1f} blocks); prefill {run['prefill_ratio_median']:.2f}x; "

@@ -620,6 +620,12 @@ def test_train_router_then_generate_with_it(capsys, monkeypatch, tiny_random_opt
     assert re.search(r"\[routing: [\d.]+ of 4 blocks per token .* KV cache [\d.]+ KiB unified \(per-layer\)", err)
     code, _, err = call(capsys, "generate", "The quick", "--model", model_dir, "--router", router, "--max-depth", 0)
     assert_one_line_error(code, err)
+    fill = ["generate", "The quick", "--model", model_dir, "--router", router, "--kv-rule", "fill", "--sink", 1]
+    code, out, err = call(capsys, *fill, "--max-new-tokens", 3)
+    assert code == 0 and "[routing:" in err, err
+    code, _, err = call(capsys, *fill, "--cache-policy", "global")
+    assert_one_line_error(code, err)
+    assert "--kv-rule fill" in err and "per-layer" in err
     before = (router / "router.safetensors").read_bytes()
     code, _, err = call(capsys, *args)  # the same --out again: refused, the router untouched
     assert_one_line_error(code, err)

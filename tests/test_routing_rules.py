@@ -226,3 +226,15 @@ def test_relaxed_walk_gradients():
     gates = sum(p[np.arange(len(p)), np.minimum(m, 3)][m < 4].sum() for (_, p), m in zip(walk.decisions, walk.priced))
     gates /= n
     assert walk.expected_blocks() == pytest.approx(gates) and 2 < gates < 4  # FFN gates are 1, attention's not
+
+
+def test_shipped_smollm2_routers_follow_the_rules_they_were_measured_under():
+    """weights/smollm2-135m: routers for SmolLM2's 60 blocks that skip only attention blocks (every FFN block
+    mandatory), keep the first position's blocks (the sink) and fill the keys of skipped attention blocks."""
+    folder = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m"
+    for name in ("router-tuned-target44", "router-tuned-target54"):
+        router = Router.load(folder / name)
+        c = router.config
+        assert (c.width, c.n_blocks, c.kv_rule, c.sink) == (576, 60, "fill", 1), name
+        assert list(c.mandatory) == list(range(1, 60, 2)), name  # blocks 1, 3, ..: the FFN halves of the layers
+        assert all(np.isfinite(a).all() for a in router.params.values()), name
