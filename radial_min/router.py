@@ -182,9 +182,9 @@ def softmax(logits):
 @njit(fastmath=True, cache=True)
 def _decide(x, prev, step, w1, b1, w2, b2, forward_only, reach, depth_limit, out, prob):  # [n, E] -> [n], [n]
     """`features`, `allowed_moves` (reach: RouterConfig.reach), `mlp_forward`, argmax and the softmax probability of
-    the chosen move, one row at a time, in float32 (statistics in float64), with no temporaries: the onehot of prev is one column of W1 added
-    instead of a product. Ties go to the first block, as argmax. Serial: a decision is ~E * hidden multiply-adds,
-    less than waking a thread pool."""
+    the chosen move, one row at a time, in float32 (statistics in float64), with no temporaries: the onehot of prev
+    is one column of W1 added instead of a product. Ties go to the first block, as argmax. Serial: a decision is
+    ~E * hidden multiply-adds, less than waking a thread pool."""
     n_rows, E = x.shape
     hidden, n_moves = w1.shape[0], w2.shape[0]
     exit_ = n_moves - 1

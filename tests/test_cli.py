@@ -719,8 +719,8 @@ def test_train_preset_quick_trains_then_samples(capsys, tmp_path):
 def test_train_on_the_hop_task(capsys, tmp_path):
     """`train --task hop:...`: the task's vocabulary, its masked loss, accuracy and blocks per label printed and
     saved; a bad task spec or a text-only option beside it is one error line."""
-    args = ["train", "--task", "hop:nodes=6,max_hops=2,curriculum=5", "--seq-len", 22, "--hidden-size", 16,
-            "--layers", 1, "--heads", 2, "--steps", 6, "--batch-size", 4, "--eval-every", 3, "--eval-sequences", 8]  # fmt: skip
+    opts = "--seq-len 22 --hidden-size 16 --layers 1 --heads 2 --steps 6 --batch-size 4 --eval-every 3"
+    args = ["train", "--task", "hop:nodes=6,max_hops=2,curriculum=5", *opts.split(), "--eval-sequences", "8"]
     code, out, err = call(capsys, *args, "--out", tmp_path / "run")
     assert code == 0, err
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
@@ -728,8 +728,12 @@ def test_train_on_the_hop_task(capsys, tmp_path):
     rep = json.loads((tmp_path / "run" / "hop_report.json").read_text())
     assert rep["curriculum"] == 5 and rep["loss"] == "scored" and set(rep["accuracy"]) == {"0", "1", "2"}
     assert "2 hops" in out and rep["blocks"]["2"] == 2.0
-    for bad, fragment in (("hop:nodes=6,hops=2", "'hops=2' is not field=value"), ("maze", "expected 'text' or"),
-                          ("hop:nodes=6,max_hops=9", "HopTask.max_hops is 9"), ("hop:loss=some", "loss one of")):  # fmt: skip
+    for bad, fragment in (
+        ("hop:nodes=6,hops=2", "'hops=2' is not field=value"),
+        ("maze", "expected 'text' or"),
+        ("hop:nodes=6,max_hops=9", "HopTask.max_hops is 9"),
+        ("hop:loss=some", "loss one of"),
+    ):
         code, _, err = call(capsys, *args[:2], bad, *args[3:], "--out", tmp_path / "bad")
         assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
     code, _, err = call(capsys, *args, "--vocab-size", 300, "--out", tmp_path / "bad")

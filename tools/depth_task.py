@@ -235,8 +235,11 @@ def summarize(runs: list[dict]) -> list[dict]:
 def sequential_at(rows: list[dict], width: int, blocks: float, key: str, label: str | None = None):
     """The sequential curve at `blocks` blocks per token (linear between the block counts trained; None outside
     them): mean and CI half-width of accuracy on `label` (key 'accuracy') or of 'hard_mean'."""
-    pts = sorted((r["blocks"], r[key][label] if label else r[key]) for r in rows
-                 if r["kind"] == "sequential" and r["width"] == width and (label is None or label in r[key]))  # fmt: skip
+    pts = sorted(
+        (r["blocks"], r[key][label] if label else r[key])
+        for r in rows
+        if r["kind"] == "sequential" and r["width"] == width and (label is None or label in r[key])
+    )
     if not pts or not pts[0][0] <= blocks <= pts[-1][0]:
         return None
     xs = [p[0] for p in pts]
