@@ -41,7 +41,7 @@ from .cache import POLICIES, KVCache, dense_cache_bytes, make_policy
 from .config import check_field
 from .errors import CheckpointError
 from .io.outputs import read_json, write_json
-from .router import MAX_PASSES, ExpertChoice, InOrder, Router
+from .router import MAX_PASSES, ExpertChoice, InOrder, Router, router_files
 
 RADIAL_CONFIG = "radial.json"  # beside a co-trained network's checkpoint: its routing settings; the router beside
 SCHEDULES = ("block", "step", "token")
@@ -495,8 +495,8 @@ def load_radial(model, folder) -> RadialNetwork:
     n, width = len(model.blocks), model.config.hidden_size
     src = str(path)
     name = check_field(src, "router", d.get("router"), str)
-    if Path(name).name != name or name in ("", ".", ".."):
-        raise CheckpointError(f"{path}: field 'router' is {name!r}, expected a file name in {folder}")
+    if Path(name).name != name or name in ("", ".", "..") or len(name) > 200:  # its .safetensors: a name's 255
+        raise CheckpointError(f"{path}: field 'router' is {name!r:.60}, expected a file name in {folder}")
     policy = check_field(src, "cache_policy", d.get("cache_policy"), str)
     if policy not in POLICIES:
         raise CheckpointError(f"{path}: field 'cache_policy' is {policy!r}, expected one of {', '.join(POLICIES)}")
@@ -506,6 +506,10 @@ def load_radial(model, folder) -> RadialNetwork:
     for field, want in (("n_blocks", n), ("width", width)):
         if field in d and check_field(src, field, d[field], int) != want:
             raise CheckpointError(f"{path}: field {field!r} is {d[field]}, but the checkpoint has {want}")
+    weights, config = router_files(Path(folder) / name)
+    missing = [f.name for f in (config, weights) if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: field 'router' is {name!r}, but {' and '.join(missing)} not found in {folder}")
     router = Router.load(Path(folder) / name)
     rc, rsrc = router.config, Path(folder) / (name + ".json")
     checks = (("n_blocks", rc.n_blocks, n), ("width", rc.width, width), ("max_depth", rc.depth_limit, max_depth))

@@ -116,6 +116,8 @@ def test_co_trained_files(tmp_path):
         ("max_depth", 0, "field 'max_depth' is 0, expected 1 to 16"),
         ("max_depth", 5, "router.json: field 'max_depth' is 6, but radial.json has 5"),
         ("router", "../router", "field 'router' is '../router', expected a file name"),
+        ("router", "x", "radial.json: field 'router' is 'x', but x.json and x.safetensors not found"),
+        ("router", "a" * 300, "radial.json: field 'router' is 'aaaa"),
         ("gate", "yes", "field 'gate' is 'yes', expected"),
     ]:
         (folder / "radial.json").write_text(json.dumps({**plain, field: value}))

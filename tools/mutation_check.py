@@ -1260,6 +1260,13 @@ MUTANTS = [
         "if False and (found := installed_smollm2()) is not None:",
         (T("chat"), "-k", "file_name"),
     ),
+    Mutant(
+        "radial.json naming a missing router: the error names the router's file, not radial.json's field",
+        R,
+        "    if missing:\n        raise CheckpointError(",
+        "    if False:\n        raise CheckpointError(",
+        (T("cotrained"), "-k", "co_trained_files"),
+    ),
 ]
 
 
