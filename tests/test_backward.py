@@ -166,7 +166,7 @@ def test_llama_init_is_a_loadable_checkpoint(arch):
 
 # --------------------------------------------------------------------------------------- radial networks
 
-SLOW = pytest.mark.slow  # the token schedule's reused blocks: ~10-30 s each; per-step reuse stays in the fast subset
+SLOW = pytest.mark.slow  # the token schedule's reused blocks: 10-30 s each; per-step reuse stays in the fast subset
 CASES = [  # (policy, forward_only, pre-LN, max_depth, cost, step-encoding scale, architecture)
     pytest.param("global", False, True, 6, 0.3, 1.0, "opt", marks=SLOW),
     pytest.param("global", False, False, 5, 0.0, 2.0, "opt", marks=SLOW),

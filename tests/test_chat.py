@@ -202,6 +202,7 @@ def test_stop_strings_cut_the_answer(shipped_chat):
     assert cut == full[: full.index(word)] == "".join(shown)
 
 
+@pytest.mark.slow
 def test_chat_command_answers_each_line_of_a_pipe(shipped_chat, capsys, monkeypatch):
     d, model, tok, template = shipped_chat
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"In the beginning\n\nAnd the \\\nearth\n")))

@@ -390,6 +390,7 @@ REACHED = {
 }
 
 
+@pytest.mark.slow
 def test_the_battery_reaches_every_reader(bases, tmp_path):
     import random
 
