@@ -312,3 +312,14 @@ def test_rmsnorm_eps_counts_for_small_inputs(norm):
     w = np.full(16, 2.0, np.float32)
     np.testing.assert_allclose(norm(x, w, 1e-6), 2.0 * np.sign(x) / np.sqrt(2.0), rtol=1e-5)
     np.testing.assert_allclose(norm(x, w, 0.0), 2.0 * np.sign(x), rtol=1e-5)
+
+
+def test_openblas_runs_on_one_thread():
+    """A many-row linear goes through NumPy's sgemm with OpenBLAS on one thread: its own threads would spin on the
+    cores Numba's pool then waits for (kernels._blas_one_thread)."""
+    found = kernels._blas_threads()
+    if not found:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS this process can reach")
+    kernels.set_backend("blas")
+    kernels.linear(np.ones((4, 8), np.float32), np.ones((3, 8), np.float32))  # many rows: sgemm
+    assert found[1]() == 1

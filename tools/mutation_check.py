@@ -1267,6 +1267,13 @@ MUTANTS = [
         "    if False:\n        raise CheckpointError(",
         (T("cotrained"), "-k", "co_trained_files"),
     ),
+    Mutant(
+        "OpenBLAS keeps its own threads (they spin on the Numba pool's cores)",
+        K,
+        '        _BLAS["found"][0](1)\n',
+        '        _BLAS["found"][0](2)\n',
+        (T("kernels"), "-k", "one_thread"),
+    ),
 ]
 
 
