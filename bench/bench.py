@@ -38,7 +38,7 @@ def parse_args(argv=None):
         help="radial_min's weights in sections 2a-4, the "
         "first also in 6-7 (default: %(default)s; float32 must be among them)",
     )
-    p.add_argument("--matmul", choices=["numba", "blas"], default=None, help="radial_min's many-row matmul")
+    p.add_argument("--matmul", choices=["auto", "numba", "blas"], default=None, help="radial_min's many-row matmul")
     p.add_argument("--no-transformers", action="store_true", help="radial_min's figures only")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every number to this JSON file")
     p.add_argument(

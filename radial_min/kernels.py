@@ -8,9 +8,10 @@ Which kernel runs where (measured in docs/performance.md):
   Weights in float32 or int8 (an Int8Matrix, widened as read); `matvec_half` for 16-bit weights; `matvec_q4` and
   `matvec_q8` for GGUF blocks kept quantized (quant.BlockMatrix), 32 rows at a time; `gate_up_silu` fuses Llama's
   two FFN input projections and the activation.
-- many rows (prefill, ViT): NumPy's sgemm (OpenBLAS), in fixed tiles of output columns (`_sgemm`); block matrices
-  are widened tile by tile first. `set_backend("numba")` switches to our own `matmul`, the readable reference: 4x4
-  register tiles over 64-column panels of the weights (`_gemm`), also the core of the blocked attention.
+- many rows (prefill, ViT): by default ("auto") our own `matmul` for float32 and int8 weights, 4x4 register tiles
+  over 64-column panels of the weights (`_gemm`, also the core of the blocked attention), on Numba's pool; NumPy's
+  sgemm (OpenBLAS, one thread) in fixed tiles of output columns (`_sgemm`) for block matrices, widened tile by
+  tile first. `set_backend("blas")` or `("numba")` sends every many-row product to one of the two.
 - attention: one task per query and head for a few queries (decode), `_attention_blocked` for many (prefill).
 - anything small, or anything while the machine is busy, runs a serial copy of its kernel (PARALLEL_FROM), and
   OpenBLAS one thread.
@@ -32,7 +33,11 @@ from numba.extending import intrinsic, overload
 from .dtypes import Int8Matrix, to_float32, to_storage  # noqa: F401 (kernels.to_storage is public API)
 from .quant import GROUP_ROWS, BlockMatrix
 
-_BACKEND = {"matmul": "blas"}
+# "auto": Numba's matmul on its 2-thread pool beat one-thread sgemm on plain matrices (prefill of 256 tokens, load
+# ~1: the shipped model 8,866-9,351 against 7,792-7,875 tokens/s, SmolLM2 in float32 543-563 against 417-419),
+# sgemm won on GGUF block tiles (370 against 260: our matmul wants the widened tile transposed first)
+BACKENDS = ("auto", "blas", "numba")
+_BACKEND = {"matmul": "auto"}
 
 
 def get_backend() -> str:
@@ -40,10 +45,11 @@ def get_backend() -> str:
 
 
 def set_backend(matmul: str) -> None:
-    """Choose the many-row matmul: "blas" (NumPy's sgemm, OpenBLAS here: the default) or "numba" (ours, the readable
-    reference, 4x4 register tiles). Decode always uses the matvec kernels."""
-    if matmul not in ("blas", "numba"):
-        raise ValueError(f"matmul backend must be 'blas' or 'numba', got {matmul!r}")
+    """Choose the many-row matmul: "auto" (the default: ours for plain matrices, sgemm for GGUF block tiles), "blas"
+    (NumPy's sgemm, OpenBLAS here) or "numba" (ours, the readable reference, 4x4 register tiles) for all. Decode
+    always uses the matvec kernels."""
+    if matmul not in BACKENDS:
+        raise ValueError(f"matmul backend must be one of {', '.join(BACKENDS)}, got {matmul!r}")
     _BACKEND["matmul"] = matmul
 
 
@@ -470,7 +476,7 @@ def _block_linear(x, w: BlockMatrix, bias):
             _sized(dequantize_q4, dequantize_q4_serial, cols.nbytes)(w.q, w.scale, w.offset, lo // G, cols)
         else:
             _sized(dequantize_q8, dequantize_q8_serial, cols.nbytes)(w.q, w.scale, lo // G, cols)
-        if _BACKEND["matmul"] == "blas":
+        if _BACKEND["matmul"] in ("blas", "auto"):
             _sgemm(x, cols[:, : hi - lo], y[:, lo:hi])
         else:
             y[:, lo:hi] = linear(x, np.ascontiguousarray(cols[:, : hi - lo].T))
@@ -500,7 +506,7 @@ def linear(x, w, b=None):
                 x[0], q.view(np.uint16), bias, q.dtype == np.uint16, out[0]
             )
         return out
-    if _BACKEND["matmul"] == "numba":
+    if _BACKEND["matmul"] in ("numba", "auto"):
         if q.dtype not in (np.float32, np.int8):
             q = to_float32(q)  # prefill is compute-bound: widen half precision once
         out = np.empty((x.shape[0], q.shape[0]), np.float32)

@@ -63,13 +63,13 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(autouse=True)
 def _restore_matmul_backend():
-    """Every test leaves the matmul backend as it found it (the default "blas"), whatever it switched to."""
+    """Every test leaves the matmul backend as it found it (the default "auto"), whatever it switched to."""
     before = kernels.get_backend()
     yield
     kernels.set_backend(before)
 
 
-@pytest.fixture(params=["numba", "blas"])
+@pytest.fixture(params=["numba", "blas", "auto"])
 def matmul_backend(request):
     """Run a test under both many-row matmul backends (restored afterwards by _restore_matmul_backend)."""
     kernels.set_backend(request.param)

@@ -101,7 +101,7 @@ def test_linear_on_int8_weights(rows):
     )
 
 
-@pytest.mark.parametrize("backend", ["numba", "blas"])  # "blas" last: test_default_backend_is_numba checks
+@pytest.mark.parametrize("backend", ["numba", "blas", "auto"])
 @pytest.mark.parametrize("rows", [1, 2, 9])
 def test_linear_dispatch(backend, rows):
     """linear() picks matvec for one row and the chosen backend otherwise; all give the reference."""
@@ -111,9 +111,29 @@ def test_linear_dispatch(backend, rows):
     np.testing.assert_allclose(kernels.linear(x, w), kernels.linear_ref(x, w), rtol=1e-5, atol=1e-5)
 
 
-def test_default_backend_is_blas():
-    """Runs after test_linear_dispatch in file order: a test that left "numba" behind would show here."""
-    assert kernels.get_backend() == "blas"
+def test_auto_backend_sends_plain_matrices_to_our_matmul_and_block_tiles_to_sgemm(monkeypatch):
+    """ "auto": our matmul for float32 and int8 weights (it beat one-thread sgemm there), sgemm for GGUF block tiles."""
+    calls = []
+    monkeypatch.setattr(kernels, "_sgemm", lambda x, wt, y: calls.append("sgemm") or y.__setitem__(..., x @ wt))
+    for name in ("matmul", "matmul_serial"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, real=real: calls.append("matmul") or real(*a))
+    kernels.set_backend("auto")
+    x = randn(20, 64)
+    kernels.linear(x, randn(8, 64))
+    kernels.linear(x, kernels.to_storage(randn(8, 64), "int8"))
+    assert calls == ["matmul", "matmul"]
+    calls.clear()
+    from radial_min.quant import BlockMatrix
+    from test_quant import raw_blocks
+
+    kernels.linear(x, BlockMatrix.from_gguf("Q4_1", raw_blocks("Q4_1", 32, 64), (32, 64)))
+    assert calls == ["sgemm"]
+
+
+def test_default_backend_is_auto():
+    """Runs after test_linear_dispatch in file order: a test that left another backend behind would show here."""
+    assert kernels.get_backend() == "auto"
 
 
 def test_set_backend_rejects_unknown():

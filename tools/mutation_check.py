@@ -1274,6 +1274,20 @@ MUTANTS = [
         '        _BLAS["found"][0](2)\n',
         (T("kernels"), "-k", "one_thread"),
     ),
+    Mutant(
+        "auto backend: plain matrices sent to sgemm",
+        K,
+        'if _BACKEND["matmul"] in ("numba", "auto"):',
+        'if _BACKEND["matmul"] == "numba":',
+        (T("kernels"), "-k", "auto_backend"),
+    ),
+    Mutant(
+        "auto backend: block tiles sent to our matmul",
+        K,
+        'if _BACKEND["matmul"] in ("blas", "auto"):',
+        'if _BACKEND["matmul"] == "blas":',
+        (T("kernels"), "-k", "auto_backend"),
+    ),
 ]
 
 
