@@ -137,7 +137,7 @@ def machine(threads, torch_mod) -> list:
     busy = kernels.machine_busy()
     pool = f"for work above {kernels.PARALLEL_FROM:,} bytes (kernels.PARALLEL_FROM)"
     if busy:
-        pool = "NOT USED: the load average exceeds the CPUs (kernels.machine_busy): radial_min serial, torch 1 thread"
+        pool = "NOT USED: other processes leave one free core (kernels.free_cores): radial_min serial, torch 1 thread"
     rows.append(["thread pool", pool])
     if torch_mod is not None:
         import transformers

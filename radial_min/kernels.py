@@ -13,7 +13,8 @@ Which kernel runs where (measured in docs/performance.md):
   sgemm (OpenBLAS, one thread) in fixed tiles of output columns (`_sgemm`) for block matrices, widened tile by
   tile first. `set_backend("blas")` or `("numba")` sends every many-row product to one of the two.
 - attention: one task per query and head for a few queries (decode), `_attention_blocked` for many (prefill).
-- anything small, or anything while the machine is busy, runs a serial copy of its kernel (PARALLEL_FROM), and
+- anything small runs a serial copy of its kernel (PARALLEL_FROM), the rest on as many threads as other processes
+  leave cores free (free_cores: one free core, serial), and
   OpenBLAS one thread.
 """
 
@@ -23,11 +24,12 @@ import os
 import time
 import types
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange
 from numba import types as nb_types
-from numba.core import event
+from numba.core import cgutils, event
 from numba.extending import intrinsic, overload
 
 from .dtypes import Int8Matrix, to_float32, to_storage  # noqa: F401 (kernels.to_storage is public API)
@@ -119,26 +121,54 @@ TRAINING_FASTMATH = {"nnan", "ninf", "nsz", "arcp"}
 # layer, measured on this project's 2-core machine), which pays once a kernel reads about 64 KB: a [576] x [576,
 # 576] Q4_1 matvec reads 207 KB (~20 us on one core), SmolLM2's gate/up/down 553 KB each, OPT-125M's fc1 in
 # float32 9.4 MB. So the rule is in bytes: a kernel reading (or, for the compute-bound matmul and attention,
-# multiply-adding) at least PARALLEL_FROM runs on the pool. On a busy machine a parallel call costs
-# milliseconds instead: each call waits until all its threads get a core. Measured at a load average of 23 on 2
-# cores: a [768] x [3072, 768] matvec took 36 ms with the pool against 0.13 ms without it, and even OPT-125M's LM
-# head [50272, 768] was faster serial (20 against 36 ms). So while the load average exceeds the CPUs by more than
-# one (our own two busy threads count; checked at most once a second), every kernel runs its serial copy.
+# multiply-adding) at least PARALLEL_FROM runs on the pool.
+#
+# With fewer free cores than pool threads a parallel call costs milliseconds instead: it waits until its last
+# thread gets a core, and the threads that finished first spin (OpenMP's default) on the cores the late one
+# needs. Measured on 2 cores with one other busy process (a niced training run), SmolLM2 Q4_1 decode on a 2-thread
+# pool: 1.0 tokens/s, against 49 on one thread; at a load average of 23, a [768] x [3072, 768] matvec took 36 ms
+# with the pool against 0.13 ms without it. Spinning less (GOMP_SPINCOUNT=0) avoids the collapse (49 tokens/s)
+# but halves the idle machine's speed (78 -> 40 tokens/s: a sleeping thread takes ~10 us to wake, 200 times a
+# token). So the pool gets the free cores: the CPUs less the threads of other processes that want one right now
+# (Linux's /proc: its running count less ours, smoothed over the last ~second), one free core meaning the serial
+# copies. Without /proc, a load average above the CPUs by more than one (ours counted) means serial.
 PARALLEL_FROM = 64 << 10
-_LOAD = {"checked": -1.0, "busy": False}
+_LOAD = {"checked": -1.0, "others": 0.0}
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def others_running(proc="/proc") -> int | None:
+    """Threads of other processes runnable right now: the running count in /proc/loadavg less this process's own
+    running threads (/proc/self/task/*/stat), or None where /proc is not Linux's."""
+    try:
+        with open(f"{proc}/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])  # "0.52 0.58 0.59 3/412 1234": 3 running
+        own = 0
+        for task in os.scandir(f"{proc}/self/task"):
+            with open(f"{task.path}/stat", "rb") as f:
+                own += f.read().rpartition(b")")[2].split()[0] == b"R"  # "pid (name) R ...": the state
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, running - own)
+
+
+def free_cores() -> int:
+    """Cores this process's thread pool can have now (see PARALLEL_FROM), read at most four times a second."""
+    now = time.monotonic()
+    if now - _LOAD["checked"] > 0.25:
+        others = others_running()
+        if others is None:
+            try:
+                others = _CPUS if os.getloadavg()[0] > _CPUS + 1 else 0
+            except (AttributeError, OSError):  # no load average either (Windows): assume the cores are free
+                others = 0
+        _LOAD.update(checked=now, others=0.5 * _LOAD["others"] + 0.5 * others)
+    return max(1, min(_CPUS, numba.config.NUMBA_NUM_THREADS, _CPUS - round(_LOAD["others"])))
 
 
 def machine_busy() -> bool:
-    """Whether other work leaves this process's thread pool waiting for cores (see PARALLEL_FROM)."""
-    now = time.monotonic()
-    if now - _LOAD["checked"] > 1.0:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        try:
-            busy = os.getloadavg()[0] > cpus + 1
-        except (AttributeError, OSError):  # no load average (Windows): assume cores to spare
-            busy = False
-        _LOAD.update(checked=now, busy=busy)
-    return _LOAD["busy"]
+    """Whether other work leaves this process's thread pool a single core: every kernel then runs serially."""
+    return free_cores() == 1
 
 
 def _one_thread(kernel):
@@ -151,9 +181,14 @@ def _one_thread(kernel):
 
 
 def _sized(kernel, serial, work: int):
-    """The parallel kernel for work worth the thread pool (bytes read, or multiply-adds: see PARALLEL_FROM) on a
-    machine with cores to spare, else its serial copy."""
-    return kernel if work >= PARALLEL_FROM and not machine_busy() else serial
+    """The parallel kernel, on as many threads as there are free cores, for work worth the thread pool (bytes read,
+    or multiply-adds: see PARALLEL_FROM) on a machine with cores to spare; else its serial copy."""
+    threads = free_cores() if work >= PARALLEL_FROM else 1
+    if threads == 1:
+        return serial
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
+    return kernel
 
 
 # ---------------------------------------------------------------------------------------------------- linear
@@ -318,6 +353,12 @@ matvec_half_serial = _one_thread(matvec_half)
 # prepared once per matvec like the block sums. llama.cpp instead quantizes x to 8 bits per block and multiplies
 # integers; written that way in Numba (int32 partial sums, which LLVM turns into vpmaddwd), the kernel was no faster
 # here than this one (docs/performance.md), and this one keeps x in float32: the only error is the file's own.
+#
+# Streamed from memory (a decode step reads every block matrix once: 66 MB for SmolLM2's layers), these kernels
+# ran at 4.5 GB/s where the same work on cached data runs at 8 (one core, measured): the hardware's prefetcher
+# does not run far enough ahead of a loop that reads a group's 512-byte block and then computes on it for ~200
+# cycles. So each block's loop first asks for the block PREFETCH_BLOCKS ahead (`prefetch`, LLVM's llvm.prefetch,
+# a hint with no effect on results): SmolLM2's 4-bit matrices 14.8 -> 10.1 ms per token on one core.
 
 
 @intrinsic
@@ -328,6 +369,39 @@ def _half_bits_to_float(typingctx, bits):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
     return nb_types.float32(nb_types.uint16), codegen
+
+
+@intrinsic
+def prefetch(typingctx, array, byte):
+    """Start loading the cache line holding byte `byte` of `array`'s data, for a read soon (LLVM's llvm.prefetch:
+    a hint; an address past the array's end is harmless, as x86 and Arm ignore prefetches that would fault)."""
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        address = builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()), [args[1]])
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        hint = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0"
+        )
+        builder.call(hint, [address, i32(0), i32(3), i32(1)])  # read, keep in all cache levels, data
+        return context.get_dummy_value()
+
+    return nb_types.none(array, nb_types.intp), codegen
+
+
+PREFETCH_BLOCKS = 4  # blocks ahead (measured on SmolLM2's 4-bit matrices, one core: 2 -> 10.4 ms, 4 -> 9.9, 8 -> 10.7)
+
+
+@njit(inline="always")
+def _prefetch_block(q, scale, offset, g, b):
+    """Prefetch block b + PREFETCH_BLOCKS of group g: its weight bytes [bytes, G] and its scales (and offsets)."""
+    n_blocks, per_block = q.shape[1], q.shape[2] * q.shape[3]
+    ahead = g * n_blocks + np.int64(b) + PREFETCH_BLOCKS
+    for line in range(0, per_block, 64):
+        prefetch(q, ahead * per_block + line)
+    prefetch(scale, ahead * q.shape[3] * scale.itemsize)
+    if offset.size:
+        prefetch(offset, ahead * q.shape[3] * offset.itemsize)
 
 
 def widen(v):
@@ -343,6 +417,7 @@ def _widen_jit(v):
 
 
 _SIXTEENTH = np.float32(1.0 / 16.0)
+_NO_SCALE = np.zeros(0, np.uint16)  # an 8-bit matrix's absent offsets, for _prefetch_block
 
 
 @njit(fastmath=True, cache=True)
@@ -363,6 +438,7 @@ def _q4_rows(x, x2, sums, q, scale, offset, g, acc, part):
     unsigned (Numba then drops its negative-index checks), so LLVM turns the row loop into a few SIMD registers."""
     acc[:] = 0.0
     for b in range(np.uint64(q.shape[1])):
+        _prefetch_block(q, scale, offset, g, b)
         part[:] = 0.0
         for j in range(np.uint64(16)):
             lo, d = x[b * np.uint64(32) + j], x2[b * np.uint64(16) + j]
@@ -381,6 +457,7 @@ def _q8_rows(x, q, scale, g, acc, part):
     block, n_rows = np.uint64(q.shape[2]), np.uint64(q.shape[3])
     acc[:] = 0.0
     for b in range(np.uint64(q.shape[1])):
+        _prefetch_block(q, scale, _NO_SCALE, g, b)
         part[:] = 0.0
         for j in range(block):
             xj = x[b * block + j]

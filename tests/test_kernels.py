@@ -309,17 +309,37 @@ def test_blocked_attention_matches_reference(n_q, n_past, n_head, group, causal,
 
 
 def test_small_work_and_a_busy_machine_run_serial(monkeypatch):
-    """The thread pool only for work above PARALLEL_FROM on a machine whose load leaves it cores; the load average
-    is read at most once a second."""
-    monkeypatch.setattr(kernels, "_LOAD", {"checked": -1.0, "busy": False})
-    cpus = len(__import__("os").sched_getaffinity(0))
-    monkeypatch.setattr("os.getloadavg", lambda: (0.5, 0.5, 0.5))
-    assert kernels._sized("pool", "serial", kernels.PARALLEL_FROM) == "pool"
+    """The thread pool only for work above PARALLEL_FROM, on as many threads as other processes leave cores free
+    (their running threads smoothed over readings at most four a second); one free core means the serial copy."""
+    monkeypatch.setattr(kernels, "_LOAD", {"checked": -1.0, "others": 0.0})
+    monkeypatch.setattr(kernels, "_CPUS", 4)
+    monkeypatch.setattr(kernels.numba.config, "NUMBA_NUM_THREADS", 4)
+    threads = []
+    monkeypatch.setattr(kernels.numba, "set_num_threads", threads.append)
+    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: threads[-1] if threads else 4)
+    others = iter([0, 2, 2, 2, 9])
+    monkeypatch.setattr(kernels, "others_running", lambda: next(others))
+    assert kernels._sized("pool", "serial", kernels.PARALLEL_FROM) == "pool" and threads == []
     assert kernels._sized("pool", "serial", kernels.PARALLEL_FROM - 1) == "serial"
-    monkeypatch.setattr("os.getloadavg", lambda: (cpus + 1.5, 0.0, 0.0))
-    assert kernels._sized("pool", "serial", kernels.PARALLEL_FROM) == "pool"  # the last reading is under a second old
+    assert kernels._sized("pool", "serial", kernels.PARALLEL_FROM) == "pool"  # the last reading is recent: no read
+    for expected in (3, 2, 2):  # 2 others running: the smoothed count goes 1, 1.5, 1.75 (rounded: 1, 2, 2)
+        kernels._LOAD["checked"] = -1.0
+        assert kernels._sized("pool", "serial", kernels.PARALLEL_FROM) == "pool" and threads[-1] == expected
     kernels._LOAD["checked"] = -1.0
     assert kernels._sized("pool", "serial", 1 << 40) == "serial" and kernels.machine_busy()
+
+
+def test_other_processes_running_threads_are_read_from_proc(tmp_path):
+    """The running count of /proc/loadavg less this process's own running threads (state R in their stat files,
+    whose command names may hold spaces and parentheses); None where the files are not Linux's."""
+    (tmp_path / "loadavg").write_text("1.20 0.90 0.70 5/312 4242\n")
+    for i, state in enumerate("RSR"):
+        (tmp_path / "self" / "task" / str(i)).mkdir(parents=True)
+        (tmp_path / "self" / "task" / str(i) / "stat").write_text(f"{i} (a (b) c) {state} 1 1 1 0\n")
+    assert kernels.others_running(str(tmp_path)) == 3
+    (tmp_path / "loadavg").write_text("1.20 0.90 0.70 1/312 4242\n")
+    assert kernels.others_running(str(tmp_path)) == 0  # never negative
+    assert kernels.others_running(str(tmp_path / "missing")) is None
 
 
 @pytest.mark.parametrize("norm", [kernels.rmsnorm, kernels.rmsnorm_ref])

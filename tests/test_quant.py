@@ -89,7 +89,7 @@ def test_one_row_kernels_equal_the_widened_product(kind, pool, monkeypatch):
     """matvec_q4/q8 against x @ W.T + b on the dequantized weights (the NumPy reference), with the thread pool
     and with the serial copy, bias or not."""
     monkeypatch.setattr(kernels, "PARALLEL_FROM", 0 if pool else 1 << 62)
-    monkeypatch.setattr(kernels, "machine_busy", lambda: False)
+    monkeypatch.setattr(kernels, "free_cores", lambda: 2)
     shape = SHAPES[kind]
     w = BlockMatrix.from_gguf(kind, raw_blocks(kind, *shape), shape)
     rng = np.random.default_rng(1)
@@ -147,7 +147,7 @@ def test_gate_up_silu_equals_its_reference(kinds, rows, pool, monkeypatch):
     """One kernel for a decode row (4-bit blocks, int8, float32 pairs), linear + silu otherwise: all equal to
     silu(x @ gate.T) * (x @ up.T) on the widened weights."""
     monkeypatch.setattr(kernels, "PARALLEL_FROM", 0 if pool else 1 << 62)
-    monkeypatch.setattr(kernels, "machine_busy", lambda: False)
+    monkeypatch.setattr(kernels, "free_cores", lambda: 2)
     shape = (70, 96)
     gate, up = _ffn_weights(kinds[0], shape, 3), _ffn_weights(kinds[1], shape, 4)
     x = np.random.default_rng(5).standard_normal((rows, shape[1])).astype(np.float32)

@@ -993,6 +993,20 @@ MUTANTS = [
     ),
     # GGUF block formats kept quantized (quant.py) and their kernels
     Mutant(
+        "the thread pool ignores other processes' running threads",
+        K,
+        '_CPUS - round(_LOAD["others"])',
+        "_CPUS",
+        (KERNELS, "-k", "busy"),
+    ),
+    Mutant(
+        "a sleeping thread of ours counted as running",
+        K,
+        'own += f.read().rpartition(b")")[2].split()[0] == b"R"',
+        'own += f.read().rpartition(b")")[2].split()[0] in b"RS"',
+        (KERNELS, "-k", "proc"),
+    ),
+    Mutant(
         "block matvec: high nibbles dropped",
         K,
         "part[r] += v * lo + np.floor(v * _SIXTEENTH) * d",
