@@ -445,20 +445,41 @@ def _q4_prepare(x):  # [in] -> block sums [in/32], x2 [in/2] = x_{j+16} - 16 x_j
     return sums, x2
 
 
+_1, _2, _3, _4 = (np.uint64(i) for i in range(1, 5))  # unsigned offsets: uint64 + int64 would be a float in Numba
+
+
+@njit(fastmath=True, inline="always")
+def _byte4(v, lo, d):  # a 4-bit byte's value v (float) -> q_j x_j + q_{j+16} x_{j+16} (see above)
+    return v * lo + np.floor(v * _SIXTEENTH) * d
+
+
 @njit(fastmath=True, inline="always")
 def _q4_rows(x, x2, sums, q, scale, offset, g, acc, part):
     """acc[:G] = the dot products of x with the G rows of group g: q [groups, blocks, 16, G], scale/offset
     [groups, blocks, G] (part [G] scratch). The row loop's length is the constant GROUP_ROWS and the bounds are
-    unsigned (Numba then drops its negative-index checks), so LLVM turns the row loop into a few SIMD registers."""
+    unsigned (Numba then drops its negative-index checks), so LLVM turns the row loop into a few SIMD registers.
+    Four bytes per pass: LLVM cannot keep part in registers (it might alias q), so each pass reads and writes it
+    once for four bytes, not four times (measured: SmolLM2's 4-bit matrices 10.5 -> 9.0 ms a token, one core)."""
     acc[:] = 0.0
     for b in range(np.uint64(q.shape[1])):
         _prefetch_block(q, scale, offset, g, b)
         part[:] = 0.0
-        for j in range(np.uint64(16)):
-            lo, d = x[b * np.uint64(32) + j], x2[b * np.uint64(16) + j]
+        for j in range(np.uint64(0), np.uint64(16), _4):
+            i, h = b * np.uint64(32) + j, b * np.uint64(16) + j
+            l0, l1, l2, l3, d0, d1, d2, d3 = (
+                x[i],
+                x[i + _1],
+                x[i + _2],
+                x[i + _3],
+                x2[h],
+                x2[h + _1],
+                x2[h + _2],
+                x2[h + _3],
+            )
             for r in range(np.uint64(GROUP_ROWS)):
-                v = np.float32(q[g, b, j, r])
-                part[r] += v * lo + np.floor(v * _SIXTEENTH) * d
+                v0, v1 = np.float32(q[g, b, j, r]), np.float32(q[g, b, j + _1, r])
+                v2, v3 = np.float32(q[g, b, j + _2, r]), np.float32(q[g, b, j + _3, r])
+                part[r] += (_byte4(v0, l0, d0) + _byte4(v1, l1, d1)) + (_byte4(v2, l2, d2) + _byte4(v3, l3, d3))
         for r in range(np.uint64(GROUP_ROWS)):
             acc[r] += widen(scale[g, b, r]) * part[r] + widen(offset[g, b, r]) * sums[b]
 
@@ -467,16 +488,20 @@ def _q4_rows(x, x2, sums, q, scale, offset, g, acc, part):
 def _q8_rows(x, q, scale, g, acc, part):
     """acc[:G] for group g of an 8-bit matrix: q [groups, blocks, block, G] int8, scale [groups, blocks, G]. Here
     the row loop's length is read from q (measured: with the constant, LLVM unrolled it into scalar code, 4x slower;
-    the 4-bit loop's extra floor() tips it the other way)."""
+    the 4-bit loop's extra floor() tips it the other way). Four bytes per pass, as in _q4_rows (blocks of 32 and
+    16 both divide by 4; measured: SmolLM2's Q8_0 LM head 2.75 -> 2.13 ms, one core)."""
     block, n_rows = np.uint64(q.shape[2]), np.uint64(q.shape[3])
     acc[:] = 0.0
     for b in range(np.uint64(q.shape[1])):
         _prefetch_block(q, scale, _NO_SCALE, g, b)
         part[:] = 0.0
-        for j in range(block):
-            xj = x[b * block + j]
+        for j in range(np.uint64(0), block, _4):
+            i = b * block + j
+            x0, x1, x2, x3 = x[i], x[i + _1], x[i + _2], x[i + _3]
             for r in range(n_rows):
-                part[r] += np.float32(q[g, b, j, r]) * xj
+                w0, w1 = np.float32(q[g, b, j, r]), np.float32(q[g, b, j + _1, r])
+                w2, w3 = np.float32(q[g, b, j + _2, r]), np.float32(q[g, b, j + _3, r])
+                part[r] += (w0 * x0 + w1 * x1) + (w2 * x2 + w3 * x3)
         for r in range(n_rows):
             acc[r] += widen(scale[g, b, r]) * part[r]
 

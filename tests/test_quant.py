@@ -111,7 +111,8 @@ def test_many_row_products_equal_the_widened_product(kind, rows, matmul_backend,
     x = rng.standard_normal((rows, shape[1])).astype(np.float32)
     b = rng.standard_normal(shape[0]).astype(np.float32)
     ref = x.astype(np.float64) @ w.dequantize().T.astype(np.float64) + b
-    np.testing.assert_allclose(kernels.linear(x, w, b), ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+    # float32 rounding: the 4-bit kernel's byte split (kernels._byte4) cancels terms up to ~17x its result
+    np.testing.assert_allclose(kernels.linear(x, w, b), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
 def test_dequantize_kernels_equal_the_reference():

@@ -1007,10 +1007,24 @@ MUTANTS = [
         (KERNELS, "-k", "proc"),
     ),
     Mutant(
+        "block matvec: the fourth byte of each pass dropped",
+        K,
+        "part[r] += (_byte4(v0, l0, d0) + _byte4(v1, l1, d1)) + (_byte4(v2, l2, d2) + _byte4(v3, l3, d3))",
+        "part[r] += (_byte4(v0, l0, d0) + _byte4(v1, l1, d1)) + _byte4(v2, l2, d2)",
+        (T("quant"),),
+    ),
+    Mutant(
+        "8-bit block matvec: the second weight of each pass dropped",
+        K,
+        "part[r] += (w0 * x0 + w1 * x1) + (w2 * x2 + w3 * x3)",
+        "part[r] += w0 * x0 + (w2 * x2 + w3 * x3)",
+        (T("quant"),),
+    ),
+    Mutant(
         "block matvec: high nibbles dropped",
         K,
-        "part[r] += v * lo + np.floor(v * _SIXTEENTH) * d",
-        "part[r] += v * lo",
+        "return v * lo + np.floor(v * _SIXTEENTH) * d",
+        "return v * lo",
         (T("quant"),),
     ),
     Mutant(
