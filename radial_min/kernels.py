@@ -18,6 +18,7 @@ Which kernel runs where (measured in docs/performance.md):
   OpenBLAS one thread.
 """
 
+import concurrent.futures
 import contextlib
 import math
 import os
@@ -173,11 +174,11 @@ def machine_busy() -> bool:
 
 def _one_thread(kernel):
     """`kernel` compiled again without the thread pool (prange runs as range), under its own name so Numba's
-    disk cache keeps the two apart."""
+    disk cache keeps the two apart; it lets go of the GIL, so Python threads can run copies side by side."""
     f = kernel.py_func
     g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
     g.__qualname__ = g.__name__
-    return njit(fastmath=kernel.targetoptions.get("fastmath", False), cache=True)(g)
+    return njit(fastmath=kernel.targetoptions.get("fastmath", False), cache=True, nogil=True)(g)
 
 
 def _sized(kernel, serial, work: int):
@@ -571,8 +572,9 @@ MATVEC_ROWS = 16  # up to this many rows a block matrix is multiplied row by row
 
 
 def _block_linear(x, w: BlockMatrix, bias):
-    """linear() for a BlockMatrix: matvec_q4/matvec_q8 for one row; for many, tiles of DEQUANTIZE_ROWS rows
-    widened to float32, each multiplied by the many-row backend (sgemm or our matmul)."""
+    """linear() for a BlockMatrix: matvec_q4/matvec_q8 for one row; for many, tiles of up to DEQUANTIZE_ROWS rows
+    widened to float32, each multiplied by the many-row backend (sgemm or our matmul): on the free cores, tiles
+    spread over threads (each widening with the serial kernel, then sgemm: both let go of the GIL)."""
     if x.shape[0] == 1:
         out, b = np.empty((1, w.shape[0]), np.float32), _NO_BIAS if bias is None else bias
         if w.bits == 4:
@@ -582,23 +584,45 @@ def _block_linear(x, w: BlockMatrix, bias):
         return out
     if x.shape[0] <= MATVEC_ROWS:
         return np.concatenate([_block_linear(x[i : i + 1], w, bias) for i in range(x.shape[0])])
-    G = w.q.shape[3]
     y = np.empty((x.shape[0], w.shape[0]), np.float32)
-    tile = np.empty((w.shape[1], min(DEQUANTIZE_ROWS, w.q.shape[0] * G)), np.float32)  # [in, rows]
-    for lo in range(0, w.shape[0], DEQUANTIZE_ROWS):
-        hi = min(w.shape[0], lo + DEQUANTIZE_ROWS)
-        cols = tile[:, : -(-(hi - lo) // G) * G]
-        if w.bits == 4:
-            _sized(dequantize_q4, dequantize_q4_serial, cols.nbytes)(w.q, w.scale, w.offset, lo // G, cols)
-        else:
-            _sized(dequantize_q8, dequantize_q8_serial, cols.nbytes)(w.q, w.scale, lo // G, cols)
-        if _BACKEND["matmul"] in ("blas", "auto"):
-            _sgemm(x, cols[:, : hi - lo], y[:, lo:hi])
-        else:
-            y[:, lo:hi] = linear(x, np.ascontiguousarray(cols[:, : hi - lo].T))
+    n_out = w.shape[0]
+    threads = free_cores() if _BACKEND["matmul"] in ("blas", "auto") and x.shape[0] * w.size >= PARALLEL_FROM else 1
+    if threads == 1:
+        for lo in range(0, n_out, DEQUANTIZE_ROWS):
+            _widened_product(x, w, lo, min(n_out, lo + DEQUANTIZE_ROWS), y, parallel=True)
+    else:  # tiles of whole sgemm column tiles, about four per thread
+        rows = min(DEQUANTIZE_ROWS, -(-n_out // (4 * threads * BLAS_COLUMNS)) * BLAS_COLUMNS)
+        spans = [(lo, min(n_out, lo + rows)) for lo in range(0, n_out, rows)]
+        list(_threads().map(lambda span: _widened_product(x, w, *span, y, parallel=False), spans))
     if bias is not None:
         y += bias
     return y
+
+
+def _widened_product(x, w: BlockMatrix, lo, hi, y, parallel):
+    """y[:, lo:hi] = x @ rows lo..hi of w (lo a multiple of GROUP_ROWS), the rows widened to float32 first."""
+    G = w.q.shape[3]
+    cols = np.empty((w.shape[1], -(-(hi - lo) // G) * G), np.float32)  # [in, rows]
+    if w.bits == 4:
+        kernel = _sized(dequantize_q4, dequantize_q4_serial, cols.nbytes) if parallel else dequantize_q4_serial
+        kernel(w.q, w.scale, w.offset, lo // G, cols)
+    else:
+        kernel = _sized(dequantize_q8, dequantize_q8_serial, cols.nbytes) if parallel else dequantize_q8_serial
+        kernel(w.q, w.scale, lo // G, cols)
+    if _BACKEND["matmul"] in ("blas", "auto"):
+        _sgemm(x, cols[:, : hi - lo], y[:, lo:hi])
+    else:
+        y[:, lo:hi] = linear(x, np.ascontiguousarray(cols[:, : hi - lo].T))
+
+
+_POOL = []
+
+
+def _threads():
+    """A pool of Python threads, one per CPU, for work whose kernels let go of the GIL."""
+    if not _POOL:
+        _POOL.append(concurrent.futures.ThreadPoolExecutor(_CPUS, thread_name_prefix="radial_min"))
+    return _POOL[0]
 
 
 _NO_BIAS = np.zeros(0, np.float32)

@@ -115,6 +115,24 @@ def test_many_row_products_equal_the_widened_product(kind, rows, matmul_backend,
     np.testing.assert_allclose(kernels.linear(x, w, b), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_many_row_products_spread_over_threads_equal_one_thread_bit_for_bit(kind, monkeypatch):
+    """With free cores, a many-row product's tiles run on Python threads (serial widening, sgemm per thread): the
+    tiles are whole sgemm column tiles, so every output equals the one-thread product's bits, at any thread count."""
+    monkeypatch.setattr(kernels, "PARALLEL_FROM", 0)
+    monkeypatch.setattr(kernels, "DEQUANTIZE_ROWS", 2 * kernels.BLAS_COLUMNS)
+    shape = (5 * kernels.BLAS_COLUMNS + 70, 96)  # 9 column tiles at 2 threads, the last ragged
+    w = BlockMatrix.from_gguf(kind, raw_blocks(kind, *shape), shape)
+    x = np.random.default_rng(3).standard_normal((40, shape[1])).astype(np.float32)
+    products = {}
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(kernels, "free_cores", lambda: threads)
+        products[threads] = kernels.linear(x, w)
+    ref = x.astype(np.float64) @ w.dequantize().T.astype(np.float64)
+    np.testing.assert_allclose(products[1], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    assert np.array_equal(products[1], products[2]) and np.array_equal(products[1], products[3])
+
+
 def test_dequantize_kernels_equal_the_reference():
     """The prefill's widening (kernels.dequantize_q4/q8, transposed tiles) against BlockMatrix.dequantize."""
     for kind in quant.FORMATS:

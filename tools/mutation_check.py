@@ -1007,6 +1007,13 @@ MUTANTS = [
         (KERNELS, "-k", "proc"),
     ),
     Mutant(
+        "many-row block product on threads: the last tile never computed",
+        K,
+        "list(_threads().map(lambda span: _widened_product(x, w, *span, y, parallel=False), spans))",
+        "list(_threads().map(lambda span: _widened_product(x, w, *span, y, parallel=False), spans[:-1]))",
+        (T("quant"), "-k", "threads"),
+    ),
+    Mutant(
         "block matvec: the fourth byte of each pass dropped",
         K,
         "part[r] += (_byte4(v0, l0, d0) + _byte4(v1, l1, d1)) + (_byte4(v2, l2, d2) + _byte4(v3, l3, d3))",
