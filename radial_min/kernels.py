@@ -10,8 +10,9 @@ Which kernel runs where (measured in docs/performance.md):
   two FFN input projections and the activation.
 - many rows (prefill, ViT): by default ("auto") our own `matmul` for float32 and int8 weights, 4x4 register tiles
   over 64-column panels of the weights (`_gemm`, also the core of the blocked attention), on Numba's pool; NumPy's
-  sgemm (OpenBLAS, one thread) in fixed tiles of output columns (`_sgemm`) for block matrices, widened tile by
-  tile first. `set_backend("blas")` or `("numba")` sends every many-row product to one of the two.
+  sgemm (OpenBLAS, one thread per call) in fixed tiles of output columns dealt to Python threads on the free cores
+  (`_sgemm`) for block matrices, widened tile by tile first. `set_backend("blas")` or `("numba")` sends every
+  many-row product to one of the two.
 - attention: one task per query and head for a few queries (decode), `_attention_blocked` for many (prefill).
 - anything small runs a serial copy of its kernel (PARALLEL_FROM), the rest on as many threads as other processes
   leave cores free (free_cores: one free core, serial), and
@@ -37,8 +38,11 @@ from .dtypes import Int8Matrix, to_float32, to_storage  # noqa: F401 (kernels.to
 from .quant import GROUP_ROWS, BlockMatrix
 
 # "auto": Numba's matmul on its 2-thread pool beat one-thread sgemm on plain matrices (prefill of 256 tokens, load
-# ~1: the shipped model 8,866-9,351 against 7,792-7,875 tokens/s, SmolLM2 in float32 543-563 against 417-419),
-# sgemm won on GGUF block tiles (370 against 260: our matmul wants the widened tile transposed first)
+# ~1: the shipped model 8,866-9,351 against 7,792-7,875 tokens/s, SmolLM2 in float32 543-563 against 417-419), and
+# sgemm dealt to Python threads too (SmolLM2 float32, 512 tokens, idle: 535-541 against 462-471, though alone on
+# its shapes it ran at 228-256 GFLOP/s against our 156-179: in a forward, Numba's pool threads spin between
+# kernels on the cores the Python threads need). sgemm won on GGUF block tiles (370 against 260: our matmul wants
+# the widened tile transposed first; tiles on threads, 512 tokens: 446-455 against 392-412 on one).
 BACKENDS = ("auto", "blas", "numba")
 _BACKEND = {"matmul": "auto"}
 
@@ -586,7 +590,7 @@ def _block_linear(x, w: BlockMatrix, bias):
         return np.concatenate([_block_linear(x[i : i + 1], w, bias) for i in range(x.shape[0])])
     y = np.empty((x.shape[0], w.shape[0]), np.float32)
     n_out = w.shape[0]
-    threads = free_cores() if _BACKEND["matmul"] in ("blas", "auto") and x.shape[0] * w.size >= PARALLEL_FROM else 1
+    threads = free_cores() if _BACKEND["matmul"] != "numba" and x.shape[0] * w.size >= PARALLEL_FROM else 1
     if threads == 1:
         for lo in range(0, n_out, DEQUANTIZE_ROWS):
             _widened_product(x, w, lo, min(n_out, lo + DEQUANTIZE_ROWS), y, parallel=True)
@@ -609,10 +613,10 @@ def _widened_product(x, w: BlockMatrix, lo, hi, y, parallel):
     else:
         kernel = _sized(dequantize_q8, dequantize_q8_serial, cols.nbytes) if parallel else dequantize_q8_serial
         kernel(w.q, w.scale, lo // G, cols)
-    if _BACKEND["matmul"] in ("blas", "auto"):
-        _sgemm(x, cols[:, : hi - lo], y[:, lo:hi])
-    else:
+    if _BACKEND["matmul"] == "numba":
         y[:, lo:hi] = linear(x, np.ascontiguousarray(cols[:, : hi - lo].T))
+    else:
+        _sgemm(x, cols[:, : hi - lo], y[:, lo:hi], threads=None if parallel else 1)
 
 
 _POOL = []
@@ -696,14 +700,27 @@ def _blas_one_thread():
         _BLAS["threads"] = 1
 
 
-def _sgemm(x, wt, y):
+def _sgemm(x, wt, y, threads=None):
     """y = x @ wt ([T, in] @ [in, out]) through NumPy's sgemm, BLAS_COLUMNS output columns per call: OpenBLAS's
     rounding of a column depends on the width of the call, so a fixed tile width makes each column's bits
     independent of the matrix it belongs to (a streamed LM head, read in pieces aligned to the tiles, gives the
-    logits of the whole one bit for bit). Measured cost: none beyond the noise on prefill shapes."""
+    logits of the whole one bit for bit). Measured cost: none beyond the noise on prefill shapes. On the free cores
+    the tiles are dealt round-robin to Python threads, each calling a one-thread sgemm (NumPy lets go of the GIL):
+    the same calls, so the same bits, without OpenBLAS's own spinning threads (`_blas_one_thread`). Measured on
+    SmolLM2's shapes, 512 rows, 2 idle cores: 228-256 GFLOP/s against 131-136 on one thread and 156-179 for our
+    matmul on Numba's pool (but see "auto" at the top). `threads` = 1 from inside a thread of that pool."""
     _blas_one_thread()
-    for lo in range(0, wt.shape[1], BLAS_COLUMNS):
-        np.matmul(x, wt[:, lo : lo + BLAS_COLUMNS], out=y[:, lo : lo + BLAS_COLUMNS])
+    spans = [(lo, min(wt.shape[1], lo + BLAS_COLUMNS)) for lo in range(0, wt.shape[1], BLAS_COLUMNS)]
+    if threads is None:
+        threads = min(len(spans), free_cores()) if x.shape[0] * wt.size >= PARALLEL_FROM else 1
+
+    def tiles(k):
+        for lo, hi in spans[k::threads]:
+            np.matmul(x, wt[:, lo:hi], out=y[:, lo:hi])
+
+    if threads == 1:
+        return tiles(0)
+    list(_threads().map(tiles, range(threads)))
 
 
 # ------------------------------------------------------------------------------------------------- layernorm

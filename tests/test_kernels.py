@@ -112,23 +112,37 @@ def test_linear_dispatch(backend, rows):
 
 
 def test_auto_backend_sends_plain_matrices_to_our_matmul_and_block_tiles_to_sgemm(monkeypatch):
-    """ "auto": our matmul for float32 and int8 weights (it beat one-thread sgemm there), sgemm for GGUF block tiles."""
+    """ "auto": our matmul for float32, half precision and int8 weights, sgemm for GGUF block tiles."""
     calls = []
-    monkeypatch.setattr(kernels, "_sgemm", lambda x, wt, y: calls.append("sgemm") or y.__setitem__(..., x @ wt))
+    fake = lambda x, wt, y, threads=None: calls.append("sgemm") or y.__setitem__(..., x @ wt)  # noqa: E731
+    monkeypatch.setattr(kernels, "_sgemm", fake)
     for name in ("matmul", "matmul_serial"):
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, real=real: calls.append("matmul") or real(*a))
     kernels.set_backend("auto")
     x = randn(20, 64)
     kernels.linear(x, randn(8, 64))
+    kernels.linear(x, kernels.to_storage(randn(8, 64), "float16"))
     kernels.linear(x, kernels.to_storage(randn(8, 64), "int8"))
-    assert calls == ["matmul", "matmul"]
+    assert calls == ["matmul", "matmul", "matmul"]
     calls.clear()
     from radial_min.quant import BlockMatrix
     from test_quant import raw_blocks
 
     kernels.linear(x, BlockMatrix.from_gguf("Q4_1", raw_blocks("Q4_1", 32, 64), (32, 64)))
     assert calls == ["sgemm"]
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_sgemm_tiles_on_threads_give_one_threads_bits(threads, monkeypatch):
+    """The tiles dealt to Python threads are the one-thread calls: every column's bits are the same."""
+    x, w = randn(300, 70), randn(70, 5 * kernels.BLAS_COLUMNS + 30)  # [T, in], [in, out]
+    one, many = np.empty((300, w.shape[1]), np.float32), np.empty((300, w.shape[1]), np.float32)
+    kernels._sgemm(x, w, one, threads=1)
+    monkeypatch.setattr(kernels, "free_cores", lambda: threads)
+    kernels._sgemm(x, w, many)
+    assert np.array_equal(one, many)
+    np.testing.assert_allclose(one, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4)
 
 
 def test_default_backend_is_auto():

@@ -1086,8 +1086,8 @@ MUTANTS = [
     Mutant(
         "sgemm in one call of the whole width (a streamed head's pieces round differently)",
         K,
-        "np.matmul(x, wt[:, lo : lo + BLAS_COLUMNS], out=y[:, lo : lo + BLAS_COLUMNS])",
-        "np.matmul(x, wt, out=y)",
+        "spans = [(lo, min(wt.shape[1], lo + BLAS_COLUMNS)) for lo in range(0, wt.shape[1], BLAS_COLUMNS)]",
+        "spans = [(0, wt.shape[1])]",
         (T("stream"), "-k", "head_is_read"),
     ),
     Mutant(
@@ -1319,9 +1319,16 @@ MUTANTS = [
     Mutant(
         "auto backend: block tiles sent to our matmul",
         K,
-        'if _BACKEND["matmul"] in ("blas", "auto"):',
-        'if _BACKEND["matmul"] == "blas":',
+        'if _BACKEND["matmul"] == "numba":\n        y[:, lo:hi]',
+        'if _BACKEND["matmul"] != "blas":\n        y[:, lo:hi]',
         (T("kernels"), "-k", "auto_backend"),
+    ),
+    Mutant(
+        "sgemm on threads: each thread skips its first tile",
+        K,
+        "for lo, hi in spans[k::threads]:",
+        "for lo, hi in spans[k + threads :: threads]:",
+        (T("kernels"), "-k", "sgemm_tiles"),
     ),
 ]
 
