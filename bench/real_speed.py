@@ -31,6 +31,7 @@ import numba  # noqa: E402
 import radial_min  # noqa: E402
 from radial_min import data, kernels  # noqa: E402
 from radial_min.radial import RadialNetwork  # noqa: E402
+from radial_min.errors import CheckpointError  # noqa: E402
 from radial_min.router import Router, Scripted  # noqa: E402
 
 
@@ -90,7 +91,12 @@ def scripted_skip(model, share, choices_path, positions):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model folder or .gguf file")
-    p.add_argument("--router", required=True, help="a router folder (router.json + router.safetensors)")
+    p.add_argument(
+        "--router",
+        required=True,
+        help="a router: its path without ending (as `generate --router`), or a folder "
+        "holding router.json + router.safetensors",
+    )
     p.add_argument("--dtypes", default="float32,int8,native", help="weight storages (default: %(default)s)")
     p.add_argument("--threads", default="1,2", help="thread counts (default: %(default)s)")
     p.add_argument("--prompts", type=int, default=2, help="WikiText-2 test sequences whose start is a prompt")
@@ -106,6 +112,11 @@ def main(argv=None):
     seqs = data.pack(tok.encode(data.read_text(data.default_text("test"))), 256, max(args.prompts, 1) + 1)
     prompts = [s[: args.prompt_len] for s in seqs[: args.prompts]]
     long_prompt = seqs[-1][: args.prefill_len]
+    router_path = Path(args.router) / "router" if Path(args.router).is_dir() else Path(args.router)
+    try:
+        Router.load(router_path)
+    except CheckpointError as e:
+        sys.exit(f"error: --router {args.router}: {e}")
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     flags = open("/proc/cpuinfo").read()
     isa = [f for f in ("avx2", "avx512f", "amx_tile") if f" {f}" in flags]
@@ -113,7 +124,7 @@ def main(argv=None):
     print(f"{cpu} ({', '.join(isa)}), {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}", flush=True)
     for dtype in args.dtypes.split(","):
         model = radial_min.load(args.model, weights_dtype=dtype)
-        router = Router.load(Path(args.router) / "router")
+        router = Router.load(router_path)
         router_bytes = sum(a.nbytes for a in router.params.values())
         contenders = {"routed": lambda m=model, r=router: RadialNetwork(m, r, kv_rule="fill")}
         dropped = None
