@@ -101,7 +101,7 @@ def test_linear_on_int8_weights(rows):
     )
 
 
-@pytest.mark.parametrize("backend", ["numba", "blas", "auto"])
+@pytest.mark.parametrize("backend", ["auto", "blas", "numba"])  # "auto" not last: see the next test
 @pytest.mark.parametrize("rows", [1, 2, 9])
 def test_linear_dispatch(backend, rows):
     """linear() picks matvec for one row and the chosen backend otherwise; all give the reference."""
@@ -109,6 +109,11 @@ def test_linear_dispatch(backend, rows):
     kernels.set_backend(backend)  # conftest's autouse fixture restores the previous backend afterwards
     np.testing.assert_allclose(kernels.linear(x, w, b), kernels.linear_ref(x, w, b), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(kernels.linear(x, w), kernels.linear_ref(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_default_backend_is_auto():
+    """Runs after test_linear_dispatch in file order: a test that left another backend behind would show here."""
+    assert kernels.get_backend() == "auto"
 
 
 def test_auto_backend_sends_plain_matrices_to_our_matmul_and_block_tiles_to_sgemm(monkeypatch):
@@ -143,11 +148,6 @@ def test_sgemm_tiles_on_threads_give_one_threads_bits(threads, monkeypatch):
     kernels._sgemm(x, w, many)
     assert np.array_equal(one, many)
     np.testing.assert_allclose(one, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4)
-
-
-def test_default_backend_is_auto():
-    """Runs after test_linear_dispatch in file order: a test that left another backend behind would show here."""
-    assert kernels.get_backend() == "auto"
 
 
 def test_set_backend_rejects_unknown():

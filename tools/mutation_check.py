@@ -205,8 +205,8 @@ MUTANTS = [
     Mutant(
         "SwiGLU: gate and up projections swapped",
         B,
-        "a = kernels.activation(self.act, self.gate(h)) * self.fc1(h)",
-        "a = kernels.activation(self.act, self.fc1(h)) * self.gate(h)",
+        "a = kernels.gate_up_silu(h, self.gate.weight, self.fc1.weight)  # [n, E] -> [n, F], one call",
+        "a = kernels.gate_up_silu(h, self.fc1.weight, self.gate.weight)  # [n, E] -> [n, F], one call",
         (LLAMA,),
     ),
     Mutant(
