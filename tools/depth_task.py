@@ -225,11 +225,19 @@ def summarize(runs: list[dict]) -> list[dict]:
             "blocks_run": {k: mean_ci([r["final"]["blocks"][k] for r in rs]) for k in labels},
             "blocks_per_token": mean_ci([r["final"]["blocks_per_token"] for r in rs]),
             "hard_mean": mean_ci([hard_mean(r["final"]["accuracy"]) for r in rs]),
+            **{k: optional_ci([r["final"].get(k) for r in rs]) for k in ("spearman", "hard_easy_blocks")},
             "hardest_by_seed": [round(r["final"]["accuracy"][labels[-1]], 3) for r in sorted(rs, key=seed_of)],
             "minutes": [round(r["seconds"] / 60, 1) for r in rs], "load": [round(r["load_average"], 1) for r in rs],
             "steps": rs[0]["train"]["steps"], "tokens_seen": rs[0]["tokens_seen"],
         })  # fmt: skip
     return rows
+
+
+def optional_ci(values):
+    """mean_ci over the runs that have the value (None where it is undefined, e.g. Spearman's rho of a constant
+    depth); None if no run has it. -> (mean, half-width, runs counted) or None."""
+    present = [v for v in values if v is not None]
+    return (*mean_ci(present), len(present)) if present else None
 
 
 def sequential_at(rows: list[dict], width: int, blocks: float, key: str, label: str | None = None):
@@ -274,7 +282,8 @@ def routed_table(rows: list[dict]) -> str:
     label and the hop mean, the sequential curve's (interpolated) in brackets."""
     labels = sorted({k for r in rows for k in r["accuracy"]}, key=int)
     head = ["network", "blocks", "seeds", "blocks/token", *(f"blocks, {label_name(k)}" for k in labels),
-            *(f"acc. {label_name(k)} [seq.]" for k in labels), "hops >= 1 [seq.]"]  # fmt: skip
+            *(f"acc. {label_name(k)} [seq.]" for k in labels), "hops >= 1 [seq.]",
+            "Spearman(blocks, hops)", f"blocks {label_name(labels[-1])} / easy"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|---|" + " ---: |" * (len(head) - 1)]
     for r in rows:
         if r["kind"] == "sequential":
@@ -286,6 +295,7 @@ def routed_table(rows: list[dict]) -> str:
             own = r["accuracy"].get(k) if k else r["hard_mean"]
             seq = sequential_at(rows, r["width"], at, "accuracy" if k else "hard_mean", k)
             cells.append((ci(own) if own else "") + (f" [{ci(seq)}]" if seq else " [outside the curve]"))
+        cells += [ci(r[k][:2], 2) if r.get(k) else "" for k in ("spearman", "hard_easy_blocks")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -991,6 +991,20 @@ MUTANTS = [
         "depth = np.roll(net.last_walk.depth.reshape(B, T), -1, 1)  # blocks run at each input position",
         (T("tasks"), "-k", "score"),
     ),
+    Mutant(
+        "hop task: depth against difficulty paired with the input token's label",
+        "radial_min/tasks.py",
+        "target_labels = labels[:, 1:]  # [B, T]: the label of what position t predicts",
+        "target_labels = labels[:, :-1]  # [B, T]: the label of what position t predicts",
+        (T("tasks"), "-k", "difficulty"),
+    ),
+    Mutant(
+        "hop task: Spearman's ranks break ties by order",
+        "radial_min/tasks.py",
+        "    return sums[inverse] / np.bincount(inverse)[inverse]",
+        "    return r",
+        (T("tasks"), "-k", "spearman"),
+    ),
     # GGUF block formats kept quantized (quant.py) and their kernels
     Mutant(
         "block matvec: high nibbles dropped",

@@ -1,0 +1,42 @@
+"""tools/depth_task.py's report: rows are means over seeds with t intervals, routed rows carry the depth-follows-
+difficulty numbers, and a sequential model's undefined Spearman (a constant depth) is left out, not counted as 0."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("depth_task", ROOT / "tools" / "depth_task.py")
+depth_task = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(depth_task)
+
+
+def _run(seed, blocks, acc2, bpt, estimator=None, spearman=None, ratio=None):
+    final = {"accuracy": {"0": 1.0, "1": 1.0, "2": acc2}, "blocks": {"0": bpt, "1": bpt, "2": bpt},
+             "blocks_per_token": bpt, "spearman": spearman, "hard_easy_blocks": ratio}  # fmt: skip
+    return {
+        "model": {"width": 64, "blocks": blocks}, "train": {"seed": seed, "steps": 10}, "tokens_seen": 1,
+        "radial": {"estimator": estimator, "target_depth": 3.0} if estimator else None, "final": final,
+        "seconds": 60, "load_average": 1.0,
+    }  # fmt: skip
+
+
+def test_report_rows_carry_depth_against_difficulty():
+    runs = [_run(s, 2, 0.3, 2.0) for s in (0, 1)] + [_run(s, 4, 0.9, 4.0) for s in (0, 1)]
+    runs += [_run(0, 4, 0.5, 3.0, "gate", 0.6, 2.0), _run(1, 4, 0.7, 3.0, "gate", 0.4, 1.0),
+             _run(2, 4, 0.6, 3.0, "gate", None, None)]  # fmt: skip
+    rows = depth_task.summarize(runs)
+    seq = [r for r in rows if r["kind"] == "sequential"]
+    assert all(r["spearman"] is None for r in seq)
+    gate = next(r for r in rows if r["kind"] == "gate d3")
+    m, h, n = gate["spearman"]
+    assert (m, n) == (pytest.approx(0.5), 2) and h == pytest.approx(12.706 * 0.1414214 / 2**0.5, rel=1e-5)
+    assert gate["hard_easy_blocks"][0] == pytest.approx(1.5)
+    assert depth_task.sequential_at(rows, 64, 3.0, "accuracy", "2")[0] == pytest.approx(0.6)
+    line = depth_task.routed_table(rows).splitlines()[-1]
+    assert (
+        line.startswith("| gate d3 |")
+        and line.split("|")[-3].strip() == "0.50 ± 1.27"
+        and "1.50 ± " in line.split("|")[-2]
+    )
