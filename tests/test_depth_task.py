@@ -17,7 +17,8 @@ def _run(seed, blocks, acc2, bpt, estimator=None, spearman=None, ratio=None):
              "blocks_per_token": bpt, "spearman": spearman, "hard_easy_blocks": ratio}  # fmt: skip
     return {
         "model": {"width": 64, "blocks": blocks}, "train": {"seed": seed, "steps": 10}, "tokens_seen": 1,
-        "radial": {"estimator": estimator, "target_depth": 3.0} if estimator else None, "final": final,
+        "radial": {"estimator": estimator, "target_depth": 3.0, "router_warmup": 600, "kv_rule": "fill"} if estimator
+        else None, "final": final,
         "seconds": 60, "load_average": 1.0,
     }  # fmt: skip
 
@@ -29,14 +30,14 @@ def test_report_rows_carry_depth_against_difficulty():
     rows = depth_task.summarize(runs)
     seq = [r for r in rows if r["kind"] == "sequential"]
     assert all(r["spearman"] is None for r in seq)
-    gate = next(r for r in rows if r["kind"] == "gate d3")
+    gate = next(r for r in rows if r["kind"] == "gate d3 w600 fill")
     m, h, n = gate["spearman"]
     assert (m, n) == (pytest.approx(0.5), 2) and h == pytest.approx(12.706 * 0.1414214 / 2**0.5, rel=1e-5)
     assert gate["hard_easy_blocks"][0] == pytest.approx(1.5)
     assert depth_task.sequential_at(rows, 64, 3.0, "accuracy", "2")[0] == pytest.approx(0.6)
     line = depth_task.routed_table(rows).splitlines()[-1]
     assert (
-        line.startswith("| gate d3 |")
+        line.startswith("| gate d3 w600 fill |")
         and line.split("|")[-3].strip() == "0.50 ± 1.27"
         and "1.50 ± " in line.split("|")[-2]
     )

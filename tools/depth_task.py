@@ -34,7 +34,7 @@ from radial_min.io.outputs import read_json, write_bytes, write_json, write_text
 
 RUNS = ROOT / "runs" / "depth"
 TRAIN_FIELDS = ("steps", "batch", "lr", "warmup", "seed", "loss", "eval", "curriculum")
-RADIAL_FIELDS = ("estimator", "target_depth", "router_warmup", "router_lr")
+RADIAL_FIELDS = ("estimator", "target_depth", "router_warmup", "router_lr", "kv_rule", "capacity_warmup")
 
 # ------------------------------------------------------------------------------------------- one run
 
@@ -60,7 +60,8 @@ def train_config(args, task: tasks.HopTask) -> tr.TrainConfig:
     )  # fmt: skip
     if getattr(args, "estimator", None):
         flat.update(radial=True, estimator=args.estimator, target_depth=args.target_depth,
-                    router_warmup=args.router_warmup, router_lr=args.router_lr)  # fmt: skip
+                    router_warmup=args.router_warmup, router_lr=args.router_lr, kv_rule=args.kv_rule,
+                    capacity_warmup=args.capacity_warmup)  # fmt: skip
         flat.update(forward_only=True, cache_policy="per-layer")  # every estimator alike: blocks in order, skips
     return tr.TrainConfig.of(**flat)
 
@@ -138,6 +139,9 @@ def add_radial_args(p, one: bool):
         p.add_argument("--targets", type=float, nargs="+", default=[3.0, 5.0], help="target blocks per token")
     p.add_argument("--router-warmup", type=int, default=200, help="steps the blocks train before the router does")
     p.add_argument("--router-lr", type=float, default=0.1, help="the router's learning rate, a share of --lr")
+    p.add_argument("--kv-rule", default="drop", choices=["drop", "fill"], help="what a token that skips an attention "
+                   "block offers later tokens there (fill: gate and reinforce)")  # fmt: skip
+    p.add_argument("--capacity-warmup", type=int, default=0, help="expert choice: steps the capacity falls from 1")
 
 
 # ------------------------------------------------------------------------------------------- the curve
@@ -154,8 +158,8 @@ def mean_ci(values) -> tuple[float, float]:
     return float(a.mean()), float(T975[min(len(a) - 2, len(T975) - 1)] * a.std(ddof=1) / np.sqrt(len(a)))
 
 
-def run_name(layers: int, width: int, seed: int, estimator=None, target=None) -> str:
-    routed = f"-{estimator}-d{target:g}" if estimator else ""
+def run_name(layers: int, width: int, seed: int, estimator=None, target=None, warmup=0, kv_rule="drop") -> str:
+    routed = f"-{estimator}-d{target:g}-w{warmup}" + ("-fill" if kv_rule == "fill" else "") if estimator else ""
     return f"L{layers}-w{width}{routed}-s{seed}"
 
 
@@ -164,7 +168,8 @@ def run_grid(args, points):
     grid = Path(args.grid)
     for point in points:
         out = grid / run_name(point["layers"], point["width"], point["seed"], point.get("estimator"),
-                              point.get("target_depth"))  # fmt: skip
+                              point.get("target_depth"), getattr(args, "router_warmup", 0),
+                              getattr(args, "kv_rule", "drop"))  # fmt: skip
         if (out / "result.json").is_file():
             continue
         print(f"== {out}", flush=True)
@@ -195,9 +200,13 @@ def collect(grid: Path) -> list[dict]:
 
 
 def kind(r: dict) -> str:
-    """A run's family: 'sequential' or '<estimator> d<target depth>' (layers told apart by the row)."""
+    """A run's family: 'sequential' or '<estimator> d<target depth> w<router warm-up>[ fill]' (layers told apart
+    by the row)."""
     rad = r.get("radial")
-    return "sequential" if not rad else f"{rad['estimator']} d{rad['target_depth']:g}"
+    if not rad:
+        return "sequential"
+    fill = " fill" if rad.get("kv_rule") == "fill" else ""
+    return f"{rad['estimator']} d{rad['target_depth']:g} w{rad['router_warmup']}{fill}"
 
 
 def hard_mean(accuracy: dict) -> float:

@@ -992,6 +992,13 @@ MUTANTS = [
         (T("tasks"), "-k", "score"),
     ),
     Mutant(
+        "trainer: --kv-rule not passed to the router",
+        "radial_min/train.py",
+        "rc = dataclasses.replace(r.router_config(model.config), kv_rule=r.kv_rule)  # saved with the router",
+        "rc = r.router_config(model.config)",
+        (T("estimators"), "-k", "fill"),
+    ),
+    Mutant(
         "hop task: depth against difficulty paired with the input token's label",
         "radial_min/tasks.py",
         "target_labels = labels[:, 1:]  # [B, T]: the label of what position t predicts",
