@@ -424,3 +424,28 @@ def show(task: HopTask, tokens: np.ndarray, labels: np.ndarray, per_row: int = 1
         rows.append("token " + " ".join(f"{a:>3}" for a, _ in row))
         rows.append("label " + " ".join(f"{b:>3}" for _, b in row))
     return "\n".join(rows)
+
+
+def show_routes(task: HopTask, tokens: np.ndarray, labels: np.ndarray, routes: np.ndarray, paint=None) -> str:
+    """One sequence with the blocks that produced each token: under every token its label, the number of blocks
+    run at the position that predicts it, and which (block indices in the order run, '.' = none). tokens and
+    labels [T + 1], routes [T, max_depth] (the walk's `routes` at the input positions, -1 = none). `paint(text,
+    blocks)` marks a token (e.g. a grey shade by depth, radial.shade), None: plain text."""
+    names = task.names()
+    cells = [(names[int(tokens[0])], ".", "", "")]
+    for t in range(1, len(tokens)):
+        run = [int(b) for b in routes[t - 1] if b >= 0]
+        which = "".join(map(str, run)) if len(run) and max(run) < 10 else "-".join(map(str, run))
+        label = "." if labels[t] == NOISE else str(int(labels[t]))
+        cells.append((names[int(tokens[t])], label, str(len(run)), which or "."))
+    w = max(3, max(len(c[3]) for c in cells))
+    rows = []
+    for i in range(0, len(cells), 12):
+        row = cells[i : i + 12]
+        token = " ".join(paint(f"{a:>{w}}", int(c)) if paint and c else f"{a:>{w}}" for a, _, c, _ in row)
+        rows += ["token  " + token, "label  " + " ".join(f"{b:>{w}}" for _, b, _, _ in row)]
+        rows += [
+            "blocks " + " ".join(f"{c:>{w}}" for _, _, c, _ in row),
+            "which  " + " ".join(f"{d:>{w}}" for *_, d in row),
+        ]
+    return "\n".join(rows)

@@ -4,6 +4,7 @@ difficulty numbers, and a sequential model's undefined Spearman (a constant dept
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,3 +42,41 @@ def test_report_rows_carry_depth_against_difficulty():
         and line.split("|")[-3].strip() == "0.50 ± 1.27"
         and "1.50 ± " in line.split("|")[-2]
     )
+
+
+def test_show_routes_puts_each_token_under_the_blocks_of_the_position_that_predicts_it():
+    from radial_min import tasks
+
+    task = tasks.HopTask(nodes=4, max_hops=1, seq_len=17)  # 18 tokens: two rows of 12 cells
+    tok, lab = tasks.sequences(task, 0, 0, 1, stream="eval")
+    routes = np.full((task.seq_len, 4), -1)
+    for t in range(task.seq_len):
+        routes[t, : t % 4] = np.arange(t % 4)[::-1]  # position t runs t % 4 blocks, last first
+    painted = []
+    text = tasks.show_routes(task, tok[0], lab[0], routes, lambda s, b: painted.append(b) or f"<{s.strip()}>")
+    lines = text.splitlines()
+    blocks = lines[2].split()[1:] + lines[6].split()[1:]
+    which = lines[3].split()[1:] + lines[7].split()[1:]
+    assert blocks == [str(t % 4) for t in range(task.seq_len)]  # token t + 1 under position t's blocks
+    assert which == [("".join(map(str, range(t % 4)[::-1])) or ".") for t in range(task.seq_len)]
+    assert painted == [t % 4 for t in range(task.seq_len)]  # every predicted token, by its blocks; <s> plain
+    assert lines[0].split()[1] == "<s>" and lines[1].split()[1] == "."
+
+
+@pytest.mark.slow
+def test_pack_round_trip(tmp_path):
+    """A tiny run packed as float16 loads back with its task and scores as the run did (to float16 rounding)."""
+    from radial_min import tasks
+
+    run, out = tmp_path / "run", tmp_path / "packed"
+    args = ["--nodes", "6", "--max-hops", "1", "--seq-len", "16", "--width", "16", "--heads", "2", "--layers", "1"]
+    depth_task.main(["train", *args, "--steps", "3", "--eval", "8", "--out", str(run)])
+    depth_task.main(["pack", "--run", str(run), "--out", str(out), "--eval", "8"])
+    assert {f.name for f in out.iterdir()} >= {"config.json", "model.safetensors", "task.json", "hop_report.json"}
+    task, net = depth_task.load_network(out)
+    task0, net0 = depth_task.load_network(run)
+    assert task == task0 == tasks.HopTask(nodes=6, max_hops=1, seq_len=16)
+    tok, _ = tasks.sequences(task, 0, 0, 2, stream="eval")
+    np.testing.assert_allclose(net.forward(tok[:, :-1]), net0.forward(tok[:, :-1]), atol=2e-2)
+    with pytest.raises(SystemExit, match="expected a folder written by `pack`"):
+        depth_task.main(["routes", "--model", str(tmp_path)])

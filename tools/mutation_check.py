@@ -999,6 +999,13 @@ MUTANTS = [
         (T("estimators"), "-k", "fill"),
     ),
     Mutant(
+        "hop routes: a token shown under its own position's blocks",
+        "radial_min/tasks.py",
+        "run = [int(b) for b in routes[t - 1] if b >= 0]",
+        "run = [int(b) for b in routes[min(t, len(routes) - 1)] if b >= 0]",
+        (T("depth_task"), "-k", "show_routes"),
+    ),
+    Mutant(
         "hop task: depth against difficulty paired with the input token's label",
         "radial_min/tasks.py",
         "target_labels = labels[:, 1:]  # [B, T]: the label of what position t predicts",
