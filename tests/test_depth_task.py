@@ -64,7 +64,7 @@ def test_show_routes_puts_each_token_under_the_blocks_of_the_position_that_predi
 
 
 @pytest.mark.slow
-def test_pack_round_trip(tmp_path):
+def test_pack_round_trip(tmp_path, capsys):
     """A tiny run packed as float16 loads back with its task and scores as the run did (to float16 rounding)."""
     from radial_min import tasks
 
@@ -78,5 +78,7 @@ def test_pack_round_trip(tmp_path):
     assert task == task0 == tasks.HopTask(nodes=6, max_hops=1, seq_len=16)
     tok, _ = tasks.sequences(task, 0, 0, 2, stream="eval")
     np.testing.assert_allclose(net.forward(tok[:, :-1]), net0.forward(tok[:, :-1]), atol=2e-2)
+    depth_task.main(["queries", "--model", str(out), "--label", "1", "--eval", "4"])
+    assert "accuracy by query index" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="expected a folder written by `pack`"):
         depth_task.main(["routes", "--model", str(tmp_path)])

@@ -456,6 +456,22 @@ def cmd_routes(args):
     print(f"scored tokens right: {int(right[scored].sum())} of {int(scored.sum())}")
 
 
+def cmd_queries(args):
+    """Accuracy on one label by the query's index in its sequence (the first query has no earlier answers to read):
+    does a network solve the answers from the table alone, or from what earlier queries revealed?"""
+    task, net = load_network(Path(args.model))
+    tok, lab = tasks.sequences(task, 0, 0, args.eval, stream="eval")
+    B, T = tok[:, :-1].shape
+    right = net.forward(tok[:, :-1]).reshape(B, T, -1).argmax(-1) == tok[:, 1:]  # [B, T]
+    query = (np.arange(1, T + 1) - task.query_start) // 3  # the query each target token belongs to
+    cells = []
+    for q in range(task.queries):
+        chosen = (lab[:, 1:] == args.label) & (query == q)
+        if chosen.any():
+            cells.append(f"q{q}: {right[chosen].mean():.3f} ({chosen.sum()})")
+    print(f"{args.model}, label {args.label}, accuracy by query index (scored tokens): " + ", ".join(cells))
+
+
 def cmd_pack(args):
     """A finished run as a small checkpoint folder: the network (float16, with its router and radial.json if routed:
     `radial_min.load` returns it routed), task.json (the HopTask, to make its sequences) and hop_report.json (the
@@ -510,6 +526,10 @@ def main(argv=None):
     s.add_argument("--model", required=True, help="a folder `pack` wrote (weights/hop-16) or a run folder")
     s.add_argument("--index", type=int, default=0, help="which sequence of the eval stream")
     s.add_argument("--shade", default="auto", choices=["auto", "always", "never"], help="grey by blocks run")
+    s = sub.add_parser("queries", help="accuracy on one label by the query's index in its sequence")
+    s.add_argument("--model", required=True, help="a folder `pack` wrote or a run folder")
+    s.add_argument("--label", type=int, default=2)
+    s.add_argument("--eval", type=int, default=256)
     s = sub.add_parser("pack", help="a finished run as a small checkpoint folder with its task (float16)")
     s.add_argument("--run", required=True)
     s.add_argument("--out", required=True)
@@ -521,7 +541,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         commands = {"show": cmd_show, "data": cmd_data, "train": train, "curve": cmd_curve, "radial": cmd_radial}
-        {**commands, "report": cmd_report, "routes": cmd_routes, "pack": cmd_pack}[args.command](args)
+        {**commands, "report": cmd_report, "routes": cmd_routes, "pack": cmd_pack, "queries": cmd_queries}[
+            args.command
+        ](args)
     except RadialError as e:
         sys.exit(f"error: {e}")
 
