@@ -39,8 +39,9 @@ def test_report_rows_carry_depth_against_difficulty():
     line = depth_task.routed_table(rows).splitlines()[-1]
     assert (
         line.startswith("| gate d3 w600 fill |")
-        and line.split("|")[-3].strip() == "0.50 ± 1.27"
-        and "1.50 ± " in line.split("|")[-2]
+        and line.split("|")[-4].strip() == "0.50 ± 1.27"
+        and "1.50 ± " in line.split("|")[-3]
+    assert line.split("|")[-2].strip() == "0.500, 0.700, 0.600"  # by seed; no run started from another
     )
 
 

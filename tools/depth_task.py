@@ -270,10 +270,20 @@ def summarize(runs: list[dict]) -> list[dict]:
             "hard_mean": mean_ci([hard_mean(r["final"]["accuracy"]) for r in rs]),
             **{k: optional_ci([r["final"].get(k) for r in rs]) for k in ("spearman", "hard_easy_blocks")},
             "hardest_by_seed": [round(r["final"]["accuracy"][labels[-1]], 3) for r in sorted(rs, key=seed_of)],
+            "start_by_seed": [start_accuracy(r, labels[-1]) for r in sorted(rs, key=seed_of)],
             "minutes": [round(r["seconds"] / 60, 1) for r in rs], "load": [round(r["load_average"], 1) for r in rs],
             "steps": rs[0]["train"]["steps"], "tokens_seen": rs[0]["tokens_seen"],
         })  # fmt: skip
     return rows
+
+
+def start_accuracy(r: dict, label: str):
+    """A run started from another (--init-from): that run's accuracy on `label`, rounded (None if not, or unread)."""
+    start = r["train"].get("init_from")
+    path = Path(start or "") / "result.json"
+    if not start or not (path.is_file() or (path := ROOT / path).is_file()):
+        return None
+    return round(read_json(path)["final"]["accuracy"].get(label, float("nan")), 3)
 
 
 def optional_ci(values):
@@ -326,7 +336,8 @@ def routed_table(rows: list[dict]) -> str:
     labels = sorted({k for r in rows for k in r["accuracy"]}, key=int)
     head = ["network", "blocks", "seeds", "blocks/token", *(f"blocks, {label_name(k)}" for k in labels),
             *(f"acc. {label_name(k)} [seq.]" for k in labels), "hops >= 1 [seq.]",
-            "Spearman(blocks, hops)", f"blocks {label_name(labels[-1])} / easy"]  # fmt: skip
+            "Spearman(blocks, hops)", f"blocks {label_name(labels[-1])} / easy",
+            f"{label_name(labels[-1])} by seed [its start]"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|---|" + " ---: |" * (len(head) - 1)]
     for r in rows:
         if r["kind"] == "sequential":
@@ -339,6 +350,9 @@ def routed_table(rows: list[dict]) -> str:
             seq = sequential_at(rows, r["width"], at, "accuracy" if k else "hard_mean", k)
             cells.append((ci(own) if own else "") + (f" [{ci(seq)}]" if seq else " [outside the curve]"))
         cells += [ci(r[k][:2], 2) if r.get(k) else "" for k in ("spearman", "hard_easy_blocks")]
+        starts = r.get("start_by_seed") or [None] * len(r["hardest_by_seed"])
+        cells.append(", ".join(f"{a:.3f}" + (f" [{b:.3f}]" if b is not None else "") for a, b in
+                               zip(r["hardest_by_seed"], starts)))  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
