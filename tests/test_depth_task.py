@@ -37,12 +37,9 @@ def test_report_rows_carry_depth_against_difficulty():
     assert gate["hard_easy_blocks"][0] == pytest.approx(1.5)
     assert depth_task.sequential_at(rows, 64, 3.0, "accuracy", "2")[0] == pytest.approx(0.6)
     line = depth_task.routed_table(rows).splitlines()[-1]
-    assert (
-        line.startswith("| gate d3 w600 fill |")
-        and line.split("|")[-4].strip() == "0.50 ± 1.27"
-        and "1.50 ± " in line.split("|")[-3]
-    assert line.split("|")[-2].strip() == "0.500, 0.700, 0.600"  # by seed; no run started from another
-    )
+    cells = [c.strip() for c in line.split("|")]
+    assert cells[1] == "gate d3 w600 fill" and cells[-4] == "0.50 ± 1.27" and cells[-3].startswith("1.50 ± ")
+    assert cells[-2] == "0.500, 0.700, 0.600"  # by seed; no run started from another
 
 
 def test_show_routes_puts_each_token_under_the_blocks_of_the_position_that_predicts_it():
