@@ -256,9 +256,10 @@ class HopStream:
 def score(net, tokens: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> dict:
     """A network (sequential or radial) on held-out sequences [N, T + 1], by the inference path: greedy accuracy
     and mean blocks run per label (the blocks of the position that predicts the token), and blocks per token
-    over all positions. -> {"accuracy": {label: share}, "blocks": {label: mean}, "scored": {label: count},
-    "blocks_per_token": mean}, labels as strings (JSON keys)."""
-    counts, blocks, all_blocks = {}, {}, []
+    over all positions, and whether blocks follow difficulty (`depth_follows_difficulty` over the scored tokens).
+    -> {"accuracy": {label: share}, "blocks": {label: mean}, "scored": {label: count}, "blocks_per_token": mean,
+    "spearman": rho or None, "hard_easy_blocks": ratio or None}, labels as strings (JSON keys)."""
+    counts, blocks, all_blocks, scored_pairs = {}, {}, [], []
     for i in range(0, len(tokens), batch_size):
         tok, lab = tokens[i : i + batch_size], labels[i : i + batch_size]
         B, T = tok[:, :-1].shape
@@ -266,6 +267,7 @@ def score(net, tokens: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> 
         add_counts(counts, accuracy_by_label(logits, tok, lab))
         depth = net.last_walk.depth.reshape(B, T)  # blocks run at each input position
         all_blocks.append(depth.ravel())
+        scored_pairs.append(scored_depths(depth, lab))
         for label in np.unique(lab[:, 1:]):
             chosen = lab[:, 1:] == label
             s, n = blocks.get(int(label), (0.0, 0))
@@ -275,7 +277,42 @@ def score(net, tokens: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> 
         "blocks": {str(k): s / n for k, (s, n) in sorted(blocks.items()) if k != NOISE},
         "scored": {str(k): m for k, (_, m) in sorted(counts.items())},
         "blocks_per_token": float(np.concatenate(all_blocks).mean()),
+        **depth_follows_difficulty(*map(np.concatenate, zip(*scored_pairs))),
     }
+
+
+def scored_depths(depth: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks run and required depth of every scored token: depth [B, T] (blocks run at each input position) and
+    labels [B, T + 1] -> (blocks [n], label [n]), the label of token t + 1 beside the blocks of position t that
+    predicts it, NOISE left out."""
+    target_labels = labels[:, 1:]  # [B, T]: the label of what position t predicts
+    if depth.shape != target_labels.shape:
+        raise SettingError(f"depth {depth.shape} needs labels of shape {(*depth.shape[:-1], depth.shape[-1] + 1)}")
+    chosen = target_labels != NOISE
+    return depth[chosen].astype(np.float64), target_labels[chosen].astype(np.float64)
+
+
+def ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of x, ties given their mean rank (as Spearman's coefficient needs)."""
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(1, len(x) + 1)
+    _, inverse = np.unique(x, return_inverse=True)
+    sums = np.bincount(inverse, weights=r)
+    return sums[inverse] / np.bincount(inverse)[inverse]
+
+
+def depth_follows_difficulty(blocks: np.ndarray, labels: np.ndarray) -> dict:
+    """Does compute follow difficulty? Over scored tokens (blocks run [n], required depth = label [n]):
+    "spearman": Spearman's rank correlation of the two (None when either is constant, as for a sequential model);
+    "hard_easy_blocks": mean blocks of the hardest label present over mean blocks of label 0 (None without both)."""
+    out = {"spearman": None, "hard_easy_blocks": None}
+    if len(blocks) > 1 and np.ptp(blocks) > 0 and np.ptp(labels) > 0:
+        out["spearman"] = float(np.corrcoef(ranks(blocks), ranks(labels))[0, 1])
+    easy = blocks[labels == 0]
+    if len(easy) and easy.mean() > 0 and labels.max() > 0:
+        out["hard_easy_blocks"] = float(blocks[labels == labels.max()].mean() / easy.mean())
+    return out
 
 
 def format_score(rep: dict) -> str:
@@ -386,4 +423,29 @@ def show(task: HopTask, tokens: np.ndarray, labels: np.ndarray, per_row: int = 1
         row = cells[i : i + per_row]
         rows.append("token " + " ".join(f"{a:>3}" for a, _ in row))
         rows.append("label " + " ".join(f"{b:>3}" for _, b in row))
+    return "\n".join(rows)
+
+
+def show_routes(task: HopTask, tokens: np.ndarray, labels: np.ndarray, routes: np.ndarray, paint=None) -> str:
+    """One sequence with the blocks that produced each token: under every token its label, the number of blocks
+    run at the position that predicts it, and which (block indices in the order run, '.' = none). tokens and
+    labels [T + 1], routes [T, max_depth] (the walk's `routes` at the input positions, -1 = none). `paint(text,
+    blocks)` marks a token (e.g. a grey shade by depth, radial.shade), None: plain text."""
+    names = task.names()
+    cells = [(names[int(tokens[0])], ".", "", "")]
+    for t in range(1, len(tokens)):
+        run = [int(b) for b in routes[t - 1] if b >= 0]
+        which = "".join(map(str, run)) if len(run) and max(run) < 10 else "-".join(map(str, run))
+        label = "." if labels[t] == NOISE else str(int(labels[t]))
+        cells.append((names[int(tokens[t])], label, str(len(run)), which or "."))
+    w = max(3, max(len(c[3]) for c in cells))
+    rows = []
+    for i in range(0, len(cells), 12):
+        row = cells[i : i + 12]
+        token = " ".join(paint(f"{a:>{w}}", int(c)) if paint and c else f"{a:>{w}}" for a, _, c, _ in row)
+        rows += ["token  " + token, "label  " + " ".join(f"{b:>{w}}" for _, b, _, _ in row)]
+        rows += [
+            "blocks " + " ".join(f"{c:>{w}}" for _, _, c, _ in row),
+            "which  " + " ".join(f"{d:>{w}}" for *_, d in row),
+        ]
     return "\n".join(rows)

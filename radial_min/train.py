@@ -127,6 +127,12 @@ class RadialSettings:
     cache_policy: str = setting(
         "global", "what attention reads in the unified KV cache", choices=("per-layer", "per-step", "global")
     )
+    kv_rule: str = setting(
+        "drop",
+        "what a token that skips an attention block offers later tokens there: drop (no keys) or fill (keys and "
+        "values from the state passing by; --forward-only, --cache-policy per-layer, gate or reinforce)",
+        choices=("drop", "fill"),
+    )
     step_encoding_scale: float = setting(1.0, "global policy: scale of the step encodings added to queries and keys")
     router_hidden: int = setting(16, "router hidden units, > 2 x --layers")
     in_order: float = setting(6.0, "the router starts routing the blocks in order with this logit margin, 0 = random")
@@ -268,6 +274,10 @@ class TrainConfig:
             )
         if not 0 <= r.step_encoding_scale < 1e3:
             out.append(f"--step-encoding-scale must be in [0, 1000), got {r.step_encoding_scale}")
+        if r.kv_rule == "fill" and not (r.forward_only and r.cache_policy == "per-layer"):
+            out.append("--kv-rule fill: needs --forward-only and --cache-policy per-layer")
+        if r.kv_rule == "fill" and r.estimator == "expert-choice":
+            out.append("--kv-rule fill: gate or reinforce (expert choice trains without it)")
         if r.estimator == "expert-choice":
             if r.target_depth is None:
                 out.append("--estimator expert-choice: its capacity comes from --target-depth BLOCKS")
@@ -332,7 +342,7 @@ def build_network(cfg: TrainConfig):
         model = arch.model(model_cfg, arch.module.init_tensors(model_cfg, cfg.run.seed))
     if not r.radial:
         return model.sequential
-    rc = r.router_config(model.config)
+    rc = dataclasses.replace(r.router_config(model.config), kv_rule=r.kv_rule)  # saved with the router
     if r.estimator == "expert-choice":
         rc = dataclasses.replace(rc, kind="expert-choice")
         rc.capacity = capacity_for(r.target_depth, rc.n_blocks, rc.depth_limit, rc.forward_only)

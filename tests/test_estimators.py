@@ -199,6 +199,27 @@ def test_expert_choice_settings_are_checked():
     assert any("per-layer" in p for p in problems)
 
 
+@pytest.mark.slow
+def test_fill_rule_is_a_training_setting_saved_with_the_router(tmp_path):
+    """--kv-rule fill: the training walk writes keys where tokens pass over an attention block (its gradient is
+    test_routing_rules' test_fill_rule_gradients), the router saves the rule, and it is refused where undefined."""
+    base = dict(radial=True, forward_only=True, cache_policy="per-layer", in_order=0.0, target_depth=2.0)
+    losses = {}
+    for rule in ("drop", "fill"):
+        cfg = tiny_train_config(tmp_path / rule, 1, **base, kv_rule=rule)
+        assert not cfg.problems(1 << 40)
+        net = tr.build_network(cfg)
+        assert net.kv_rule == rule and net.router.config.kv_rule == rule
+        losses[rule] = tr.loss_and_grads(net, BATCH, cfg.radial)[2]["lm_loss"]
+        assert (net.last_walk.routes[:, 0] != 0).any()  # some tokens pass over block 0: the rules differ there
+    assert losses["drop"] != pytest.approx(losses["fill"], abs=1e-6)
+    net.router.save(tmp_path / "router")
+    assert Router.load(tmp_path / "router").config.kv_rule == "fill"
+    for bad in (dict(cache_policy="global"), dict(forward_only=False), dict(estimator="expert-choice")):
+        problems = tr.TrainConfig.of(**{**base, "kv_rule": "fill", **bad}).problems(1 << 40)
+        assert any("--kv-rule fill" in p for p in problems), bad
+
+
 # ------------------------------------------------------------------------------------------- score function
 
 

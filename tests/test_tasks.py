@@ -295,3 +295,49 @@ def test_score_counts_accuracy_and_blocks_per_label():
         assert rep["blocks"][label] == pytest.approx(np.mean(position[chosen] + 1))
     assert rep["blocks_per_token"] == pytest.approx((SMALL.seq_len + 1) / 2)
     assert "-1" not in rep["accuracy"] and "-1" not in rep["blocks"]
+
+
+def _brute_spearman(x, y):
+    """Spearman's rho by its definition: Pearson's r of mid-ranks, each rank counted from scratch."""
+    rank = lambda a: np.array([np.sum(a < v) + (np.sum(a == v) + 1) / 2 for v in a])  # noqa: E731
+    return np.corrcoef(rank(np.asarray(x, float)), rank(np.asarray(y, float)))[0, 1]
+
+
+def test_depth_follows_difficulty_pairs_each_token_with_the_position_that_predicts_it():
+    N = tasks.NOISE
+    labels = np.array([[N, 0, N, 2, 1, 0], [N, N, 1, 0, 2, N]])  # [B, T + 1]: label of token t
+    # blocks run at input position t = 1 + the label of token t + 1 (the token it predicts); NOISE targets get 9
+    depth = np.array([[1, 9, 3, 2, 1], [9, 2, 1, 3, 9]])  # [B, T]
+    blocks, required = tasks.scored_depths(depth, labels)
+    assert sorted(zip(required, blocks)) == [(0, 1), (0, 1), (0, 1), (1, 2), (1, 2), (2, 3), (2, 3)]
+    rep = tasks.depth_follows_difficulty(blocks, required)
+    assert rep["spearman"] == pytest.approx(1.0)
+    assert rep["hard_easy_blocks"] == pytest.approx(3.0)
+    # read one position off (the label of the input token, not of the predicted one), it would not be 1
+    shifted = labels[:, :-1] != N
+    assert _brute_spearman(depth[shifted], labels[:, :-1][shifted]) < 0.5
+    with pytest.raises(SettingError, match="depth"):
+        tasks.scored_depths(depth.T, labels)
+
+
+def test_spearman_ranks_ties_by_their_mean_and_is_none_for_a_constant_depth():
+    rep = tasks.depth_follows_difficulty(np.array([1.0, 2, 2, 3]), np.array([0.0, 0, 1, 1]))
+    assert rep["spearman"] == pytest.approx(3 / np.sqrt(18))  # mid-ranks [1, 2.5, 2.5, 4] against [1.5, 1.5, 3.5, 3.5]
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 5, 200).astype(float), rng.integers(0, 3, 200).astype(float)
+    x += y  # correlated, with many ties
+    assert tasks.depth_follows_difficulty(x, y)["spearman"] == pytest.approx(_brute_spearman(x, y))
+    flat = tasks.depth_follows_difficulty(np.full(4, 8.0), np.array([0.0, 1, 2, 2]))
+    assert flat["spearman"] is None and flat["hard_easy_blocks"] == pytest.approx(1.0)
+
+
+def test_score_reports_whether_depth_follows_difficulty():
+    tokens, labels = tasks.sequences(SMALL, 0, 0, 9, stream="eval")
+    rep = tasks.score(_Oracle(tokens), tokens, labels, batch_size=4)
+    target_labels = labels[:, 1:]
+    position = np.broadcast_to(np.arange(SMALL.seq_len), target_labels.shape)
+    chosen = target_labels != tasks.NOISE
+    assert rep["spearman"] == pytest.approx(_brute_spearman(position[chosen] + 1, target_labels[chosen]))
+    hardest = target_labels == target_labels.max()
+    easy = target_labels == 0
+    assert rep["hard_easy_blocks"] == pytest.approx((position[hardest] + 1).mean() / (position[easy] + 1).mean())

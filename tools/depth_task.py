@@ -33,8 +33,8 @@ from radial_min.errors import RadialError  # noqa: E402
 from radial_min.io.outputs import read_json, write_bytes, write_json, write_text  # noqa: E402
 
 RUNS = ROOT / "runs" / "depth"
-TRAIN_FIELDS = ("steps", "batch", "lr", "warmup", "seed", "loss", "eval", "curriculum")
-RADIAL_FIELDS = ("estimator", "target_depth", "router_warmup", "router_lr")
+TRAIN_FIELDS = ("steps", "batch", "lr", "warmup", "seed", "loss", "eval", "curriculum", "init_from")
+RADIAL_FIELDS = ("estimator", "target_depth", "router_warmup", "router_lr", "kv_rule", "capacity_warmup", "max_depth")
 
 # ------------------------------------------------------------------------------------------- one run
 
@@ -60,14 +60,41 @@ def train_config(args, task: tasks.HopTask) -> tr.TrainConfig:
     )  # fmt: skip
     if getattr(args, "estimator", None):
         flat.update(radial=True, estimator=args.estimator, target_depth=args.target_depth,
-                    router_warmup=args.router_warmup, router_lr=args.router_lr)  # fmt: skip
+                    router_warmup=args.router_warmup, router_lr=args.router_lr, kv_rule=args.kv_rule,
+                    capacity_warmup=args.capacity_warmup)  # fmt: skip
         flat.update(forward_only=True, cache_policy="per-layer")  # every estimator alike: blocks in order, skips
+        if args.max_depth and args.max_depth > 2 * args.layers:  # recursion: the blocks run again, pass after pass
+            flat.update(forward_only=False, max_depth=args.max_depth)
+    if getattr(args, "init_from", None):
+        saved = read_json(Path(args.init_from) / "train_config.json")
+        if (saved["hidden_size"], saved["num_hidden_layers"]) != (args.width, args.layers):
+            found = f"width {saved['hidden_size']}, {saved['num_hidden_layers']} layers"
+            raise RadialError(
+                f"--init-from {args.init_from}: {found}; expected --width {args.width} --layers {args.layers}"
+            )
+        flat.update(init_from=str(exported(Path(args.init_from))))
     return tr.TrainConfig.of(**flat)
+
+
+def exported(run: Path) -> Path:
+    """A finished run's network as a checkpoint folder, RUN/export (float32, written once): what --init-from starts
+    a run from (the blocks; a routed run's router starts fresh)."""
+    out = run / "export"
+    if not (out / "config.json").is_file():
+        if not (run / "state.safetensors").is_file():
+            raise RadialError(f"--init-from {run}: no state.safetensors there (a finished run's folder expected)")
+        cfg = tr.TrainConfig.of(**read_json(run / "train_config.json"))
+        net = tr.build_network(cfg)
+        tr.load_state(run / "state.safetensors", tr.parameters(net))
+        tr.export_checkpoint(net.model.sequential, run, out, dtype="float32")  # the run folder holds no tokenizer
+    return out
 
 
 def train(args) -> dict:
     task = task_from(args)
     out = Path(args.out)
+    if getattr(args, "init_from", None):
+        args.init_from = args.init_from.format(seed=args.seed)
     cfg = train_config(args, task)
     problems = cfg.problems(2**40)
     if problems:
@@ -123,6 +150,8 @@ def add_train_args(p):
     p.add_argument("--curriculum", type=int, default=0, help="let in one more hop count every N steps (0: all)")
     p.add_argument("--eval", type=int, default=256, help="held-out sequences scored")
     p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--init-from", default=None, help="start from this finished run's blocks ({seed} is replaced "
+                   "by the run's seed); the run then trains --steps more")  # fmt: skip
 
 
 def add_radial_args(p, one: bool):
@@ -138,6 +167,11 @@ def add_radial_args(p, one: bool):
         p.add_argument("--targets", type=float, nargs="+", default=[3.0, 5.0], help="target blocks per token")
     p.add_argument("--router-warmup", type=int, default=200, help="steps the blocks train before the router does")
     p.add_argument("--router-lr", type=float, default=0.1, help="the router's learning rate, a share of --lr")
+    p.add_argument("--kv-rule", default="drop", choices=["drop", "fill"], help="what a token that skips an attention "
+                   "block offers later tokens there (fill: gate and reinforce)")  # fmt: skip
+    p.add_argument("--capacity-warmup", type=int, default=0, help="expert choice: steps the capacity falls from 1")
+    p.add_argument("--max-depth", type=int, default=None, help="above 2 x --layers: the blocks are reused, pass "
+                   "after pass (expert choice: Mixture-of-Recursions)")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- the curve
@@ -154,8 +188,9 @@ def mean_ci(values) -> tuple[float, float]:
     return float(a.mean()), float(T975[min(len(a) - 2, len(T975) - 1)] * a.std(ddof=1) / np.sqrt(len(a)))
 
 
-def run_name(layers: int, width: int, seed: int, estimator=None, target=None) -> str:
-    routed = f"-{estimator}-d{target:g}" if estimator else ""
+def run_name(layers, width, seed, estimator=None, target=None, warmup=0, kv_rule="drop", depth=None, init=None):
+    routed = f"-{estimator}-d{target:g}-w{warmup}" + ("-fill" if kv_rule == "fill" else "") if estimator else ""
+    routed += (f"-m{depth}" if depth and depth > 2 * layers else "") + ("-ft" if init else "")
     return f"L{layers}-w{width}{routed}-s{seed}"
 
 
@@ -163,12 +198,14 @@ def run_grid(args, points):
     """Train every run of `points` (dicts of run settings) whose folder has no result.json yet, one after another."""
     grid = Path(args.grid)
     for point in points:
+        init = args.init_from.format(seed=point["seed"]) if getattr(args, "init_from", None) else None
         out = grid / run_name(point["layers"], point["width"], point["seed"], point.get("estimator"),
-                              point.get("target_depth"))  # fmt: skip
+                              point.get("target_depth"), getattr(args, "router_warmup", 0),
+                              getattr(args, "kv_rule", "drop"), getattr(args, "max_depth", None), init)  # fmt: skip
         if (out / "result.json").is_file():
             continue
         print(f"== {out}", flush=True)
-        train(argparse.Namespace(**{**vars(args), **point, "out": out}))
+        train(argparse.Namespace(**{**vars(args), **point, "out": out, "init_from": init}))
 
 
 def cmd_curve(args):
@@ -195,9 +232,15 @@ def collect(grid: Path) -> list[dict]:
 
 
 def kind(r: dict) -> str:
-    """A run's family: 'sequential' or '<estimator> d<target depth>' (layers told apart by the row)."""
+    """A run's family: 'sequential' or '<estimator> d<target depth> w<router warm-up>[ fill]' (layers told apart
+    by the row)."""
     rad = r.get("radial")
-    return "sequential" if not rad else f"{rad['estimator']} d{rad['target_depth']:g}"
+    if not rad:
+        return "sequential"
+    fill = " fill" if rad.get("kv_rule") == "fill" else ""
+    loop = f" max{rad['max_depth']}" if rad.get("max_depth") and rad["max_depth"] > r["model"]["blocks"] else ""
+    init = " from sequential" if r["train"].get("init_from") else ""
+    return f"{rad['estimator']} d{rad['target_depth']:g} w{rad['router_warmup']}{fill}{loop}{init}"
 
 
 def hard_mean(accuracy: dict) -> float:
@@ -225,11 +268,29 @@ def summarize(runs: list[dict]) -> list[dict]:
             "blocks_run": {k: mean_ci([r["final"]["blocks"][k] for r in rs]) for k in labels},
             "blocks_per_token": mean_ci([r["final"]["blocks_per_token"] for r in rs]),
             "hard_mean": mean_ci([hard_mean(r["final"]["accuracy"]) for r in rs]),
+            **{k: optional_ci([r["final"].get(k) for r in rs]) for k in ("spearman", "hard_easy_blocks")},
             "hardest_by_seed": [round(r["final"]["accuracy"][labels[-1]], 3) for r in sorted(rs, key=seed_of)],
+            "start_by_seed": [start_accuracy(r, labels[-1]) for r in sorted(rs, key=seed_of)],
             "minutes": [round(r["seconds"] / 60, 1) for r in rs], "load": [round(r["load_average"], 1) for r in rs],
             "steps": rs[0]["train"]["steps"], "tokens_seen": rs[0]["tokens_seen"],
         })  # fmt: skip
     return rows
+
+
+def start_accuracy(r: dict, label: str):
+    """A run started from another (--init-from): that run's accuracy on `label`, rounded (None if not, or unread)."""
+    start = r["train"].get("init_from")
+    path = Path(start or "") / "result.json"
+    if not start or not (path.is_file() or (path := ROOT / path).is_file()):
+        return None
+    return round(read_json(path)["final"]["accuracy"].get(label, float("nan")), 3)
+
+
+def optional_ci(values):
+    """mean_ci over the runs that have the value (None where it is undefined, e.g. Spearman's rho of a constant
+    depth); None if no run has it. -> (mean, half-width, runs counted) or None."""
+    present = [v for v in values if v is not None]
+    return (*mean_ci(present), len(present)) if present else None
 
 
 def sequential_at(rows: list[dict], width: int, blocks: float, key: str, label: str | None = None):
@@ -274,7 +335,9 @@ def routed_table(rows: list[dict]) -> str:
     label and the hop mean, the sequential curve's (interpolated) in brackets."""
     labels = sorted({k for r in rows for k in r["accuracy"]}, key=int)
     head = ["network", "blocks", "seeds", "blocks/token", *(f"blocks, {label_name(k)}" for k in labels),
-            *(f"acc. {label_name(k)} [seq.]" for k in labels), "hops >= 1 [seq.]"]  # fmt: skip
+            *(f"acc. {label_name(k)} [seq.]" for k in labels), "hops >= 1 [seq.]",
+            "Spearman(blocks, hops)", f"blocks {label_name(labels[-1])} / easy",
+            f"{label_name(labels[-1])} by seed [its start]"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|---|" + " ---: |" * (len(head) - 1)]
     for r in rows:
         if r["kind"] == "sequential":
@@ -286,6 +349,10 @@ def routed_table(rows: list[dict]) -> str:
             own = r["accuracy"].get(k) if k else r["hard_mean"]
             seq = sequential_at(rows, r["width"], at, "accuracy" if k else "hard_mean", k)
             cells.append((ci(own) if own else "") + (f" [{ci(seq)}]" if seq else " [outside the curve]"))
+        cells += [ci(r[k][:2], 2) if r.get(k) else "" for k in ("spearman", "hard_easy_blocks")]
+        starts = r.get("start_by_seed") or [None] * len(r["hardest_by_seed"])
+        cells.append(", ".join(f"{a:.3f}" + (f" [{b:.3f}]" if b is not None else "") for a, b in
+                               zip(r["hardest_by_seed"], starts)))  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -363,6 +430,80 @@ def cmd_data(args):
     print(f"{path}: {args.n} sequences of the {args.stream} stream, seed {args.seed}")
 
 
+def load_network(path: Path):
+    """A trained network and its task: a folder `pack` wrote (a checkpoint, task.json beside it) or a run's folder
+    (train_config.json, state.safetensors, result.json). -> (task, network with .forward and .last_walk)."""
+    from radial_min import load
+    from radial_min.radial import RadialNetwork
+
+    if (path / "task.json").is_file():
+        spec = read_json(path / "task.json")
+        net = load(path, weights_dtype="float32")
+        return tasks.HopTask(**spec), net if isinstance(net, RadialNetwork) else net.sequential
+    if not (path / "result.json").is_file():
+        raise RadialError(f"{path}: expected a folder written by `pack` (task.json) or a finished run (result.json)")
+    cfg = tr.TrainConfig.of(**read_json(path / "train_config.json"))
+    net = tr.build_network(cfg)
+    tr.load_state(path / "state.safetensors", tr.parameters(net))
+    return tasks.HopTask(**read_json(path / "result.json")["task"]), net
+
+
+def cmd_routes(args):
+    """One held-out sequence (the eval stream, seed 0) through a trained network: each token with the blocks run
+    at the position that predicts it, shaded by their number on a terminal (darker = more blocks)."""
+    from radial_min.radial import shade
+
+    task, net = load_network(Path(args.model))
+    tok, lab = tasks.sequences(task, 0, args.index, 1, stream="eval")
+    logits = net.forward(tok[:, :-1]).reshape(1, task.seq_len, -1)
+    right = logits[0].argmax(-1) == tok[0, 1:]
+    deepest = max(len(net.blocks), net.max_depth)
+    paint = args.shade == "always" or (args.shade == "auto" and sys.stdout.isatty())
+    print(f"eval sequence {args.index} of {args.model}: label '.' = not scored; blocks = blocks run at the position")
+    print("that predicts the token; which = those blocks in the order run")
+    print(
+        tasks.show_routes(
+            task, tok[0], lab[0], net.last_walk.routes, (lambda t, b: shade(t, b, deepest)) if paint else None
+        )
+    )
+    scored = lab[0, 1:] != tasks.NOISE
+    print(f"scored tokens right: {int(right[scored].sum())} of {int(scored.sum())}")
+
+
+def cmd_queries(args):
+    """Accuracy on one label by the query's index in its sequence (the first query has no earlier answers to read):
+    does a network solve the answers from the table alone, or from what earlier queries revealed?"""
+    task, net = load_network(Path(args.model))
+    tok, lab = tasks.sequences(task, 0, 0, args.eval, stream="eval")
+    B, T = tok[:, :-1].shape
+    right = net.forward(tok[:, :-1]).reshape(B, T, -1).argmax(-1) == tok[:, 1:]  # [B, T]
+    query = (np.arange(1, T + 1) - task.query_start) // 3  # the query each target token belongs to
+    cells = []
+    for q in range(task.queries):
+        chosen = (lab[:, 1:] == args.label) & (query == q)
+        if chosen.any():
+            cells.append(f"q{q}: {right[chosen].mean():.3f} ({chosen.sum()})")
+    print(f"{args.model}, label {args.label}, accuracy by query index (scored tokens): " + ", ".join(cells))
+
+
+def cmd_pack(args):
+    """A finished run as a small checkpoint folder: the network (float16, with its router and radial.json if routed:
+    `radial_min.load` returns it routed), task.json (the HopTask, to make its sequences) and hop_report.json (the
+    run's scores)."""
+    run, out = Path(args.run), Path(args.out)
+    task, net = load_network(run)
+    tr.export_checkpoint(net, run, out, dtype="float16", overwrite=args.overwrite)
+    write_json(out / "task.json", asdict(task))
+    result = read_json(run / "result.json")
+    write_json(out / "hop_report.json", {k: result[k] for k in ("model", "train", "radial", "final", "tokens_seen")})
+    tok, lab = tasks.sequences(task, 0, 0, args.eval, stream="eval")
+    packed = tasks.score(load_network(out)[1], tok, lab)
+    acc = " ".join(f"{k}:{a:.3f}" for k, a in packed["accuracy"].items())
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"{out}: {size / 1024:.0f} KB; float16, on {args.eval} eval sequences: accuracy {acc}, "
+          f"{packed['blocks_per_token']:.2f} blocks per token")  # fmt: skip
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -395,13 +536,28 @@ def main(argv=None):
     add_radial_args(s, one=False)
     s.add_argument("--grid", default=str(RUNS / "curve"))
     s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    s = sub.add_parser("routes", help="one held-out sequence: each token with the blocks that produced it")
+    s.add_argument("--model", required=True, help="a folder `pack` wrote (weights/hop-16) or a run folder")
+    s.add_argument("--index", type=int, default=0, help="which sequence of the eval stream")
+    s.add_argument("--shade", default="auto", choices=["auto", "always", "never"], help="grey by blocks run")
+    s = sub.add_parser("queries", help="accuracy on one label by the query's index in its sequence")
+    s.add_argument("--model", required=True, help="a folder `pack` wrote or a run folder")
+    s.add_argument("--label", type=int, default=2)
+    s.add_argument("--eval", type=int, default=256)
+    s = sub.add_parser("pack", help="a finished run as a small checkpoint folder with its task (float16)")
+    s.add_argument("--run", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--eval", type=int, default=256, help="eval sequences the packed network is scored on")
+    s.add_argument("--overwrite", action="store_true")
     s = sub.add_parser("report", help="the grid's table (and figure) from its result.json files")
     s.add_argument("--grid", default=str(RUNS / "curve"))
     s.add_argument("--figure", default="", help="write the figure here (PNG; needs matplotlib)")
     args = p.parse_args(argv)
     try:
         commands = {"show": cmd_show, "data": cmd_data, "train": train, "curve": cmd_curve, "radial": cmd_radial}
-        {**commands, "report": cmd_report}[args.command](args)
+        {**commands, "report": cmd_report, "routes": cmd_routes, "pack": cmd_pack, "queries": cmd_queries}[
+            args.command
+        ](args)
     except RadialError as e:
         sys.exit(f"error: {e}")
 

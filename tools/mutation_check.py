@@ -991,6 +991,34 @@ MUTANTS = [
         "depth = np.roll(net.last_walk.depth.reshape(B, T), -1, 1)  # blocks run at each input position",
         (T("tasks"), "-k", "score"),
     ),
+    Mutant(
+        "trainer: --kv-rule not passed to the router",
+        "radial_min/train.py",
+        "rc = dataclasses.replace(r.router_config(model.config), kv_rule=r.kv_rule)  # saved with the router",
+        "rc = r.router_config(model.config)",
+        (T("estimators"), "-k", "fill"),
+    ),
+    Mutant(
+        "hop routes: a token shown under its own position's blocks",
+        "radial_min/tasks.py",
+        "run = [int(b) for b in routes[t - 1] if b >= 0]",
+        "run = [int(b) for b in routes[min(t, len(routes) - 1)] if b >= 0]",
+        (T("depth_task"), "-k", "show_routes"),
+    ),
+    Mutant(
+        "hop task: depth against difficulty paired with the input token's label",
+        "radial_min/tasks.py",
+        "target_labels = labels[:, 1:]  # [B, T]: the label of what position t predicts",
+        "target_labels = labels[:, :-1]  # [B, T]: the label of what position t predicts",
+        (T("tasks"), "-k", "difficulty"),
+    ),
+    Mutant(
+        "hop task: Spearman's ranks break ties by order",
+        "radial_min/tasks.py",
+        "    return sums[inverse] / np.bincount(inverse)[inverse]",
+        "    return r",
+        (T("tasks"), "-k", "spearman"),
+    ),
     # GGUF block formats kept quantized (quant.py) and their kernels
     Mutant(
         "the thread pool ignores other processes' running threads",

@@ -1,0 +1,82 @@
+"""tools/depth_task.py's report: rows are means over seeds with t intervals, routed rows carry the depth-follows-
+difficulty numbers, and a sequential model's undefined Spearman (a constant depth) is left out, not counted as 0."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("depth_task", ROOT / "tools" / "depth_task.py")
+depth_task = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(depth_task)
+
+
+def _run(seed, blocks, acc2, bpt, estimator=None, spearman=None, ratio=None):
+    final = {"accuracy": {"0": 1.0, "1": 1.0, "2": acc2}, "blocks": {"0": bpt, "1": bpt, "2": bpt},
+             "blocks_per_token": bpt, "spearman": spearman, "hard_easy_blocks": ratio}  # fmt: skip
+    return {
+        "model": {"width": 64, "blocks": blocks}, "train": {"seed": seed, "steps": 10}, "tokens_seen": 1,
+        "radial": {"estimator": estimator, "target_depth": 3.0, "router_warmup": 600, "kv_rule": "fill"} if estimator
+        else None, "final": final,
+        "seconds": 60, "load_average": 1.0,
+    }  # fmt: skip
+
+
+def test_report_rows_carry_depth_against_difficulty():
+    runs = [_run(s, 2, 0.3, 2.0) for s in (0, 1)] + [_run(s, 4, 0.9, 4.0) for s in (0, 1)]
+    runs += [_run(0, 4, 0.5, 3.0, "gate", 0.6, 2.0), _run(1, 4, 0.7, 3.0, "gate", 0.4, 1.0),
+             _run(2, 4, 0.6, 3.0, "gate", None, None)]  # fmt: skip
+    rows = depth_task.summarize(runs)
+    seq = [r for r in rows if r["kind"] == "sequential"]
+    assert all(r["spearman"] is None for r in seq)
+    gate = next(r for r in rows if r["kind"] == "gate d3 w600 fill")
+    m, h, n = gate["spearman"]
+    assert (m, n) == (pytest.approx(0.5), 2) and h == pytest.approx(12.706 * 0.1414214 / 2**0.5, rel=1e-5)
+    assert gate["hard_easy_blocks"][0] == pytest.approx(1.5)
+    assert depth_task.sequential_at(rows, 64, 3.0, "accuracy", "2")[0] == pytest.approx(0.6)
+    line = depth_task.routed_table(rows).splitlines()[-1]
+    cells = [c.strip() for c in line.split("|")]
+    assert cells[1] == "gate d3 w600 fill" and cells[-4] == "0.50 ± 1.27" and cells[-3].startswith("1.50 ± ")
+    assert cells[-2] == "0.500, 0.700, 0.600"  # by seed; no run started from another
+
+
+def test_show_routes_puts_each_token_under_the_blocks_of_the_position_that_predicts_it():
+    from radial_min import tasks
+
+    task = tasks.HopTask(nodes=4, max_hops=1, seq_len=17)  # 18 tokens: two rows of 12 cells
+    tok, lab = tasks.sequences(task, 0, 0, 1, stream="eval")
+    routes = np.full((task.seq_len, 4), -1)
+    for t in range(task.seq_len):
+        routes[t, : t % 4] = np.arange(t % 4)[::-1]  # position t runs t % 4 blocks, last first
+    painted = []
+    text = tasks.show_routes(task, tok[0], lab[0], routes, lambda s, b: painted.append(b) or f"<{s.strip()}>")
+    lines = text.splitlines()
+    blocks = lines[2].split()[1:] + lines[6].split()[1:]
+    which = lines[3].split()[1:] + lines[7].split()[1:]
+    assert blocks == [str(t % 4) for t in range(task.seq_len)]  # token t + 1 under position t's blocks
+    assert which == [("".join(map(str, range(t % 4)[::-1])) or ".") for t in range(task.seq_len)]
+    assert painted == [t % 4 for t in range(task.seq_len)]  # every predicted token, by its blocks; <s> plain
+    assert lines[0].split()[1] == "<s>" and lines[1].split()[1] == "."
+
+
+@pytest.mark.slow
+def test_pack_round_trip(tmp_path, capsys):
+    """A tiny run packed as float16 loads back with its task and scores as the run did (to float16 rounding)."""
+    from radial_min import tasks
+
+    run, out = tmp_path / "run", tmp_path / "packed"
+    args = ["--nodes", "6", "--max-hops", "1", "--seq-len", "16", "--width", "16", "--heads", "2", "--layers", "1"]
+    depth_task.main(["train", *args, "--steps", "3", "--eval", "8", "--out", str(run)])
+    depth_task.main(["pack", "--run", str(run), "--out", str(out), "--eval", "8"])
+    assert {f.name for f in out.iterdir()} >= {"config.json", "model.safetensors", "task.json", "hop_report.json"}
+    task, net = depth_task.load_network(out)
+    task0, net0 = depth_task.load_network(run)
+    assert task == task0 == tasks.HopTask(nodes=6, max_hops=1, seq_len=16)
+    tok, _ = tasks.sequences(task, 0, 0, 2, stream="eval")
+    np.testing.assert_allclose(net.forward(tok[:, :-1]), net0.forward(tok[:, :-1]), atol=2e-2)
+    depth_task.main(["queries", "--model", str(out), "--label", "1", "--eval", "4"])
+    assert "accuracy by query index" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="expected a folder written by `pack`"):
+        depth_task.main(["routes", "--model", str(tmp_path)])
