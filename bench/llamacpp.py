@@ -124,12 +124,12 @@ def worker_bandwidth(args) -> dict:
     from numba import njit, prange
 
     @njit(parallel=True, fastmath=True)
-    def read(a, tasks):
+    def read(a, tasks):  # unsigned bounds: with signed ones the loop stayed scalar (11.6 against 18.5 GB/s)
         total = np.float32(0.0)
-        n = a.size // tasks
+        n = np.uint64(a.size // tasks)
         for t in prange(tasks):
             acc = np.float32(0.0)
-            for i in range(t * n, (t + 1) * n):
+            for i in range(np.uint64(t) * n, np.uint64(t + 1) * n):
                 acc += a[i]
             total += acc
         return total
