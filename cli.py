@@ -320,10 +320,9 @@ def _radial_network(model, args):
     if args.sink is not None:
         router.config.sink = args.sink
     scale = 1.0 if args.step_encoding_scale is None else args.step_encoding_scale
+    depth = None if args.max_depth is None else min(router.config.depth_limit, args.max_depth)  # no deeper than it goes
     try:
-        return RadialNetwork(
-            model, router, args.max_depth, args.cache_policy or "per-layer", scale, kv_rule=args.kv_rule
-        )
+        return RadialNetwork(model, router, depth, args.cache_policy or "per-layer", scale, kv_rule=args.kv_rule)
     except ValueError as e:
         raise RadialError(f"--kv-rule {args.kv_rule}: {e}") from None
 

@@ -620,6 +620,11 @@ def test_train_router_then_generate_with_it(capsys, monkeypatch, tiny_random_opt
     assert re.search(r"\[routing: [\d.]+ of 4 blocks per token .* KV cache [\d.]+ KiB unified \(per-layer\)", err)
     code, _, err = call(capsys, "generate", "The quick", "--model", model_dir, "--router", router, "--max-depth", 0)
     assert_one_line_error(code, err)
+    deep = ["generate", "The quick", "--model", model_dir, "--router", router, "--max-new-tokens", 2]
+    code, _, err = call(capsys, *deep, "--max-depth", 10**6)
+    assert code == 0 and "[routing:" in err, err
+    parsed = cli.build_parser().parse_args([str(a) for a in deep] + ["--max-depth", str(10**9)])  # 22 GiB of walk
+    assert cli._radial_network(radial_min.load(model_dir), parsed).max_depth == 4  # capped at the router's limit
     fill = ["generate", "The quick", "--model", model_dir, "--router", router, "--kv-rule", "fill", "--sink", 1]
     code, out, err = call(capsys, *fill, "--max-new-tokens", 3)
     assert code == 0 and "[routing:" in err, err

@@ -652,6 +652,13 @@ MUTANTS = [
         "    if False:",
         (T("hostile_cli"), "-k", "state_tensors"),
     ),
+    Mutant(
+        "generate --router --max-depth not capped at the router's own limit (a 10**9-step walk: 22 GiB)",
+        "cli.py",
+        "depth = None if args.max_depth is None else min(router.config.depth_limit, args.max_depth)",
+        "depth = args.max_depth",
+        (T("cli"), "-k", "router"),
+    ),
     # bounds on hostile files and settings, each at its mechanism (tests/test_refusals.py)
     Mutant("JSON: integers unbounded", OUT, "if digits > MAX_INT_DIGITS:", "if False:", (REF, "-k", "json")),
     Mutant("JSON: nesting unbounded", OUT, "if depth > MAX_DEPTH:", "if False:", (REF, "-k", "json_reader")),
