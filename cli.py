@@ -314,15 +314,15 @@ def _radial_network(model, args):
             )
         policy = args.cache_policy or model.cache_policy
         scale = model.step_encoding_scale if args.step_encoding_scale is None else args.step_encoding_scale
-        depth = model.max_depth if args.max_depth is None else min(model.max_depth, args.max_depth)
-        return RadialNetwork(model.model, model.router, depth, policy, scale, model.gate)
+        return RadialNetwork(model.model, model.router, args.max_depth, policy, scale, model.gate)
     router = _load_router(model, args.router, "--router")
     if args.sink is not None:
         router.config.sink = args.sink
     scale = 1.0 if args.step_encoding_scale is None else args.step_encoding_scale
-    depth = None if args.max_depth is None else min(router.config.depth_limit, args.max_depth)  # no deeper than it goes
     try:
-        return RadialNetwork(model, router, depth, args.cache_policy or "per-layer", scale, kv_rule=args.kv_rule)
+        return RadialNetwork(
+            model, router, args.max_depth, args.cache_policy or "per-layer", scale, kv_rule=args.kv_rule
+        )
     except ValueError as e:
         raise RadialError(f"--kv-rule {args.kv_rule}: {e}") from None
 

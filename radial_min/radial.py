@@ -68,7 +68,8 @@ class RadialNetwork:
     ):
         self.model, self.blocks = model, model.blocks
         self.router = router if router is not None else InOrder(len(model.blocks))
-        self.max_depth = self.router.config.depth_limit if max_depth is None else max_depth
+        limit = self.router.config.depth_limit  # the router exits every token there: no walk goes deeper
+        self.max_depth = limit if max_depth is None else min(max_depth, limit)
         if self.max_depth < 0:
             raise ValueError(f"max_depth must be >= 0, got {self.max_depth}")
         make_policy(cache_policy)  # refuse an unknown policy now

@@ -653,10 +653,10 @@ MUTANTS = [
         (T("hostile_cli"), "-k", "state_tensors"),
     ),
     Mutant(
-        "generate --router --max-depth not capped at the router's own limit (a 10**9-step walk: 22 GiB)",
-        "cli.py",
-        "depth = None if args.max_depth is None else min(router.config.depth_limit, args.max_depth)",
-        "depth = args.max_depth",
+        "a walk's depth not capped at its router's limit (generate --max-depth 10**9: 22 GiB of routes)",
+        R,
+        "self.max_depth = limit if max_depth is None else min(max_depth, limit)",
+        "self.max_depth = limit if max_depth is None else max_depth",
         (T("cli"), "-k", "router"),
     ),
     # bounds on hostile files and settings, each at its mechanism (tests/test_refusals.py)
