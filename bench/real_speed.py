@@ -114,9 +114,10 @@ def main(argv=None):
     long_prompt = seqs[-1][: args.prefill_len]
     router_path = Path(args.router) / "router" if Path(args.router).is_dir() else Path(args.router)
     try:
-        Router.load(router_path)
+        router = Router.load(router_path)  # one router for every storage: it reads the model's states only
     except CheckpointError as e:
         sys.exit(f"error: --router {args.router}: {e}")
+    router_bytes = sum(a.nbytes for a in router.params.values())
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     flags = open("/proc/cpuinfo").read()
     isa = [f for f in ("avx2", "avx512f", "amx_tile") if f" {f}" in flags]
@@ -124,8 +125,6 @@ def main(argv=None):
     print(f"{cpu} ({', '.join(isa)}), {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}", flush=True)
     for dtype in args.dtypes.split(","):
         model = radial_min.load(args.model, weights_dtype=dtype)
-        router = Router.load(router_path)
-        router_bytes = sum(a.nbytes for a in router.params.values())
         contenders = {"routed": lambda m=model, r=router: RadialNetwork(m, r, kv_rule="fill")}
         dropped = None
         if args.skip_share:
