@@ -163,7 +163,7 @@ def main(argv=None):
                 run = {
                     "dtype": dtype,
                     "threads": threads,
-                    "thread_pool": "off (one free core: kernels.free_cores)" if busy else "on",
+                    "thread_pool": "off (one thread: kernels.free_cores)" if busy else "on",
                     "contender": name,
                     "decode_tok_s": {"sequential": float(np.median(seq[:, 0])), "routed": float(np.median(a[:, 0]))},
                     "decode_ratio_median": float(np.median(a[:, 0] / seq[:, 0])),

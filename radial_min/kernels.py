@@ -168,11 +168,24 @@ def free_cores() -> int:
             except (AttributeError, OSError):  # no load average either (Windows): assume the cores are free
                 others = 0
         _LOAD.update(checked=now, others=0.5 * _LOAD["others"] + 0.5 * others)
-    return max(1, min(_CPUS, numba.config.NUMBA_NUM_THREADS, _CPUS - round(_LOAD["others"])))
+    return max(1, min(_CPUS, _thread_ceiling(), _CPUS - round(_LOAD["others"])))
+
+
+_THREADS = {"set": None, "ceiling": None}  # the pool size this module last chose, and the caller's
+
+
+def _thread_ceiling() -> int:
+    """The most threads the caller lets the pool have: Numba's thread count, unless it is the one this module
+    chose last (a numba.set_num_threads(1) by a user or a bench stays in force)."""
+    now = numba.get_num_threads()
+    if now != _THREADS["set"]:
+        _THREADS["ceiling"] = now
+    return _THREADS["ceiling"]
 
 
 def machine_busy() -> bool:
-    """Whether other work leaves this process's thread pool a single core: every kernel then runs serially."""
+    """Whether the pool gets a single thread (other work leaves one free core, or the caller set one thread):
+    every kernel then runs serially."""
     return free_cores() == 1
 
 
@@ -193,6 +206,7 @@ def _sized(kernel, serial, work: int):
         return serial
     if numba.get_num_threads() != threads:
         numba.set_num_threads(threads)
+    _THREADS["set"] = threads
     return kernel
 
 

@@ -326,6 +326,7 @@ def test_small_work_and_a_busy_machine_run_serial(monkeypatch):
     """The thread pool only for work above PARALLEL_FROM, on as many threads as other processes leave cores free
     (their running threads smoothed over readings at most four a second); one free core means the serial copy."""
     monkeypatch.setattr(kernels, "_LOAD", {"checked": -1.0, "others": 0.0})
+    monkeypatch.setattr(kernels, "_THREADS", {"set": None, "ceiling": None})
     monkeypatch.setattr(kernels, "_CPUS", 4)
     monkeypatch.setattr(kernels.numba.config, "NUMBA_NUM_THREADS", 4)
     threads = []
@@ -341,6 +342,38 @@ def test_small_work_and_a_busy_machine_run_serial(monkeypatch):
         assert kernels._sized("pool", "serial", kernels.PARALLEL_FROM) == "pool" and threads[-1] == expected
     kernels._LOAD["checked"] = -1.0
     assert kernels._sized("pool", "serial", 1 << 40) == "serial" and kernels.machine_busy()
+
+
+def test_the_callers_thread_count_is_a_ceiling(monkeypatch):
+    """numba.set_num_threads by the caller (a bench's --threads 1) bounds the pool; the module's own choices
+    (fewer threads while other processes run) do not lower it for good."""
+    monkeypatch.setattr(kernels, "_LOAD", {"checked": -1.0, "others": 0.0})
+    monkeypatch.setattr(kernels, "_THREADS", {"set": None, "ceiling": None})
+    monkeypatch.setattr(kernels, "_CPUS", 4)
+    pool = {"n": 4}
+    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: pool["n"])
+    monkeypatch.setattr(kernels.numba, "set_num_threads", lambda n: pool.update(n=n))
+    others = {"n": 0}
+    monkeypatch.setattr(kernels, "others_running", lambda: others["n"])
+
+    def sized():
+        kernels._LOAD["checked"] = -1.0
+        return kernels._sized("pool", "serial", kernels.PARALLEL_FROM)
+
+    assert sized() == "pool" and pool["n"] == 4
+    pool["n"] = 1  # the caller asks for one thread
+    assert sized() == "serial" and sized() == "serial" and pool["n"] == 1
+    pool["n"] = 2
+    assert sized() == "pool" and pool["n"] == 2
+    others["n"], kernels._LOAD["others"] = 3, 3.0  # ours lowered to 1 by other work: serial, pool left at 2
+    assert sized() == "serial" and pool["n"] == 2
+    others["n"], kernels._LOAD["others"] = 0, 0.0
+    assert sized() == "pool" and pool["n"] == 2  # back to the caller's 2, not the CPUs' 4
+    pool["n"] = 4
+    others["n"], kernels._LOAD["others"] = 1, 1.0
+    assert sized() == "pool" and pool["n"] == 3  # one core taken: three threads, set by the module
+    others["n"], kernels._LOAD["others"] = 0, 0.0
+    assert sized() == "pool" and pool["n"] == 4  # the module's 3 was not a ceiling
 
 
 def test_other_processes_running_threads_are_read_from_proc(tmp_path):

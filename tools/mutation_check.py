@@ -1035,6 +1035,20 @@ MUTANTS = [
         (KERNELS, "-k", "busy"),
     ),
     Mutant(
+        "the caller's numba.set_num_threads overridden by the free-core rule",
+        K,
+        '    return max(1, min(_CPUS, _thread_ceiling(), _CPUS - round(_LOAD["others"])))',
+        '    return max(1, min(_CPUS, numba.config.NUMBA_NUM_THREADS, _CPUS - round(_LOAD["others"])))',
+        (KERNELS, "-k", "ceiling"),
+    ),
+    Mutant(
+        "the module's own lowered thread count taken as the caller's ceiling",
+        K,
+        '    _THREADS["set"] = threads\n',
+        "",
+        (KERNELS, "-k", "ceiling"),
+    ),
+    Mutant(
         "a sleeping thread of ours counted as running",
         K,
         'own += f.read().rpartition(b")")[2].split()[0] == b"R"',
