@@ -8,9 +8,10 @@ Which kernel runs where (measured in docs/performance.md):
   Weights in float32 or int8 (an Int8Matrix, widened as read); `matvec_half` for 16-bit weights; `matvec_q4` and
   `matvec_q8` for GGUF blocks kept quantized (quant.BlockMatrix), 32 rows at a time; `gate_up_silu` fuses Llama's
   two FFN input projections and the activation.
-- many rows (prefill, ViT): by default ("auto") our own `matmul` for float32 and int8 weights, 4x4 register tiles
-  over 64-column panels of the weights (`_gemm`, also the core of the blocked attention), on Numba's pool; NumPy's
-  sgemm (OpenBLAS, one thread per call) in fixed tiles of output columns dealt to Python threads on the free cores
+- many rows (prefill, ViT): by default ("auto") NumPy's sgemm (OpenBLAS, one thread per call) in fixed tiles of
+  the output called from Numba's pool (`matmul_blas`) for float32 weights; our own `matmul` for int8 weights (and
+  for all where NumPy's BLAS is not an OpenBLAS), 4x4 register tiles over 64-column panels of the weights (`_gemm`,
+  also the core of the blocked attention); sgemm in fixed tiles of output columns dealt to Python threads
   (`_sgemm`) for block matrices, widened tile by tile first. `set_backend("blas")` or `("numba")` sends every
   many-row product to one of the two.
 - attention: one task per query and head for a few queries (decode), `_attention_blocked` for many (prefill).
@@ -32,17 +33,20 @@ from llvmlite import ir
 from numba import njit, prange
 from numba import types as nb_types
 from numba.core import cgutils, event
+from numba.experimental import function_type  # noqa: F401 (lets kernels take C functions as arguments)
 from numba.extending import intrinsic, overload
 
 from .dtypes import Int8Matrix, to_float32, to_storage  # noqa: F401 (kernels.to_storage is public API)
 from .quant import GROUP_ROWS, BlockMatrix
 
-# "auto": Numba's matmul on its 2-thread pool beat one-thread sgemm on plain matrices (prefill of 256 tokens, load
-# ~1: the shipped model 8,866-9,351 against 7,792-7,875 tokens/s, SmolLM2 in float32 543-563 against 417-419), and
-# sgemm dealt to Python threads too (SmolLM2 float32, 512 tokens, idle: 535-541 against 462-471, though alone on
-# its shapes it ran at 228-256 GFLOP/s against our 156-179: in a forward, Numba's pool threads spin between
-# kernels on the cores the Python threads need). sgemm won on GGUF block tiles (370 against 260: our matmul wants
-# the widened tile transposed first; tiles on threads, 512 tokens: 446-455 against 392-412 on one).
+# "auto": for plain float32 (and half-precision, widened) weights, OpenBLAS's sgemm called from the tasks of
+# Numba's pool (`matmul_blas`): SmolLM2 in float32, prefill of 512 on 2 cores, load ~1.3 with other jobs paused,
+# 642-655 tokens/s against 495-572 for our matmul; the shipped model, 256 tokens: 6,465-6,672 against 5,172-5,516.
+# Earlier, sgemm dealt to Python threads (`_sgemm`) had lost to our matmul inside a forward though it won alone on
+# its shapes (228-256 GFLOP/s against our 156-179): Numba's pool threads spin between kernels on the cores the
+# Python threads need; on the pool's own threads that conflict is gone. int8 weights stay on our matmul (it widens
+# them as it reads: no float32 copy of the matrix). sgemm on Python threads for GGUF block tiles (370 against 260:
+# our matmul wants the widened tile transposed first; tiles on threads, 512 tokens: 446-455 against 392-412 on one).
 BACKENDS = ("auto", "blas", "numba")
 _BACKEND = {"matmul": "auto"}
 
@@ -52,9 +56,9 @@ def get_backend() -> str:
 
 
 def set_backend(matmul: str) -> None:
-    """Choose the many-row matmul: "auto" (the default: ours for plain matrices, sgemm for GGUF block tiles), "blas"
-    (NumPy's sgemm, OpenBLAS here) or "numba" (ours, the readable reference, 4x4 register tiles) for all. Decode
-    always uses the matvec kernels."""
+    """Choose the many-row matmul: "auto" (the default: sgemm for float32 weights, ours for int8, sgemm for GGUF
+    block tiles), "blas" (NumPy's sgemm, OpenBLAS here) or "numba" (ours, the readable reference, 4x4 register
+    tiles) for all. Decode always uses the matvec kernels."""
     if matmul not in BACKENDS:
         raise ValueError(f"matmul backend must be one of {', '.join(BACKENDS)}, got {matmul!r}")
     _BACKEND["matmul"] = matmul
@@ -664,25 +668,29 @@ def linear(x, w, b=None):
                 x[0], q.view(np.uint16), bias, q.dtype == np.uint16, out[0]
             )
         return out
-    if _BACKEND["matmul"] in ("numba", "auto"):
+    out = np.empty((x.shape[0], q.shape[0]), np.float32)
+    x, work = np.ascontiguousarray(x), x.shape[0] * q.size
+    sgemm = _cblas_sgemm() if _BACKEND["matmul"] != "numba" else None
+    if sgemm is None or x.dtype != np.float32 or (q.dtype == np.int8 and _BACKEND["matmul"] == "auto"):
         if q.dtype not in (np.float32, np.int8):
             q = to_float32(q)  # prefill is compute-bound: widen half precision once
-        out = np.empty((x.shape[0], q.shape[0]), np.float32)
-        _sized(matmul, matmul_serial, x.shape[0] * q.size)(np.ascontiguousarray(x), q, scale, bias, out)
+        _sized(matmul, matmul_serial, work)(x, q, scale, bias, out)
         return out
-    y = np.empty((x.shape[0], q.shape[0]), np.float32)
-    _sgemm(x, to_float32(w).T, y)  # [T, in] -> [T, out]
-    if b is not None:
-        y += b
-    return y
+    _blas_one_thread()
+    wf = np.ascontiguousarray(to_float32(w))
+    _sized(matmul_blas, matmul_blas_serial, work)(sgemm, x, wf, bias, out, BLAS_ROWS, BLAS_COLUMNS)
+    return out
 
 
 BLAS_COLUMNS = 256  # sgemm computes the output in tiles of this many columns
+BLAS_ROWS = 256  # and matmul_blas of this many rows (SmolLM2's shapes, 512 rows, 2 cores: 128 -> 168-237 GFLOP/s,
+# 256 -> 190-271, 512 -> 146-283)
 
 
-def _blas_threads():
-    """NumPy's OpenBLAS as (set_num_threads, get_num_threads) through ctypes, or None if it is not found (another
-    BLAS, another platform): found by its path among the libraries this process has mapped."""
+def _openblas(name):
+    """NumPy's OpenBLAS's function `name` (without its build's prefix and suffix, e.g. "set_num_threads") through
+    ctypes, or None if it is not found (another BLAS, another platform): found by its path among the libraries this
+    process has mapped."""
     import ctypes
 
     try:
@@ -691,14 +699,50 @@ def _blas_threads():
         return None
     for path in sorted({ln.split()[-1] for ln in maps if "openblas" in ln.lower() and ln.split()[-1].startswith("/")}):
         lib = ctypes.CDLL(path)
-        for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
-            setter, getter = f"{prefix}_set_num_threads{suffix}", f"{prefix}_get_num_threads{suffix}"
-            if hasattr(lib, setter) and hasattr(lib, getter):
-                return getattr(lib, setter), getattr(lib, getter)
+        for prefix, suffix in (("scipy_", "64_"), ("", "64_"), ("", "")):
+            if hasattr(lib, prefix + name + suffix):
+                return getattr(lib, prefix + name + suffix)
     return None
 
 
-_BLAS = {"found": None, "threads": None}
+class _CblasSgemm(nb_types.WrapperAddressProtocol):
+    """OpenBLAS's cblas_sgemm as a function a Numba kernel takes as an argument (so the kernel's disk cache holds
+    no address). Its integers are 64-bit (NumPy's OpenBLAS: the "64_" symbols, USE64BITINT), pointers as uintp."""
+
+    def __init__(self, function):
+        import ctypes
+
+        self.address = ctypes.cast(function, ctypes.c_void_p).value
+
+    def __wrapper_address__(self):
+        return self.address
+
+    def signature(self):
+        i32, i64, f32, p = nb_types.int32, nb_types.int64, nb_types.float32, nb_types.uintp
+        return nb_types.void(i32, i32, i32, i64, i64, i64, f32, p, i64, p, i64, f32, p, i64)
+
+
+def _cblas_sgemm():
+    """The 64-bit-integer cblas_sgemm of NumPy's OpenBLAS, or None (another BLAS: our matmul is used instead)."""
+    if _BLAS["sgemm"] is None:
+        config = _openblas("openblas_get_config")
+        function = _openblas("cblas_sgemm")
+        if config is not None:
+            import ctypes
+
+            config.restype = ctypes.c_char_p
+        wide = function is not None and config is not None and b"USE64BITINT" in config()
+        _BLAS["sgemm"] = _CblasSgemm(function) if wide else False
+    return _BLAS["sgemm"] or None
+
+
+def _blas_threads():
+    """NumPy's OpenBLAS's (set_num_threads, get_num_threads), or None if it is not found."""
+    setter, getter = _openblas("openblas_set_num_threads"), _openblas("openblas_get_num_threads")
+    return (setter, getter) if setter and getter else None
+
+
+_BLAS = {"found": None, "threads": None, "sgemm": None}
 
 
 def _blas_one_thread():
@@ -712,6 +756,35 @@ def _blas_one_thread():
     if _BLAS["found"] and _BLAS["threads"] != 1:
         _BLAS["found"][0](1)
         _BLAS["threads"] = 1
+
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = np.int32(101), np.int32(111), np.int32(112)  # CBLAS's enums
+
+
+@njit(parallel=True, cache=True)
+def matmul_blas(sgemm, a, w, b, out, tile_rows, tile_cols):  # [T, in], [out, in] f32, [out] or [0] -> out [T, out]
+    """a @ w.T + b through OpenBLAS's sgemm on one thread per call, the calls being the tasks of Numba's pool, one
+    per tile of tile_rows x tile_cols outputs (BLAS_ROWS x BLAS_COLUMNS). On Numba's pool rather than OpenBLAS's own threads or Python
+    threads: between two kernels of a forward no second set of threads spins on the cores (see `_sgemm`). The
+    tiling is fixed, not cut to the thread count: OpenBLAS's rounding depends on the shape of a call (measured:
+    splitting 130 rows in 2 changes bits), so a fixed tiling gives the same bits on any number of free cores.
+    Measured on SmolLM2's four shapes, 512 rows, 2 idle cores: 190-283 GFLOP/s against 140-183 for our `matmul`."""
+    n_rows, n_in = a.shape
+    n_out = w.shape[0]
+    row_tiles = (n_rows + tile_rows - 1) // tile_rows
+    for t in prange(((n_out + tile_cols - 1) // tile_cols) * row_tiles):
+        i_lo, j_lo = (t % row_tiles) * tile_rows, (t // row_tiles) * tile_cols
+        i_hi, j_hi = min(n_rows, i_lo + tile_rows), min(n_out, j_lo + tile_cols)
+        ptr_a, ptr_w, ptr_out = a[i_lo:].ctypes.data, w[j_lo:].ctypes.data, out[i_lo:, j_lo:].ctypes.data
+        sgemm(_ROW_MAJOR, _NO_TRANS, _TRANS, i_hi - i_lo, j_hi - j_lo, n_in, np.float32(1), ptr_a, n_in, ptr_w, n_in,
+              np.float32(0), ptr_out, n_out)  # fmt: skip
+        if b.size:
+            for i in range(i_lo, i_hi):
+                for j in range(j_lo, j_hi):
+                    out[i, j] += b[j]
+
+
+matmul_blas_serial = _one_thread(matmul_blas)
 
 
 def _sgemm(x, wt, y, threads=None):

@@ -1,5 +1,6 @@
 """Each Numba kernel against its plain-NumPy reference, over shapes that hit every tile edge."""
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
@@ -116,26 +117,70 @@ def test_default_backend_is_auto():
     assert kernels.get_backend() == "auto"
 
 
-def test_auto_backend_sends_plain_matrices_to_our_matmul_and_block_tiles_to_sgemm(monkeypatch):
-    """ "auto": our matmul for float32, half precision and int8 weights, sgemm for GGUF block tiles."""
-    calls = []
-    fake = lambda x, wt, y, threads=None: calls.append("sgemm") or y.__setitem__(..., x @ wt)  # noqa: E731
+def _record_kernels(monkeypatch, calls):
+    """Record which many-row kernel linear() calls: "sgemm-pool", "matmul" or "sgemm-threads"."""
+    fake = lambda x, wt, y, threads=None: calls.append("sgemm-threads") or y.__setitem__(..., x @ wt)  # noqa: E731
     monkeypatch.setattr(kernels, "_sgemm", fake)
-    for name in ("matmul", "matmul_serial"):
+    for name, tag in [("matmul", "matmul"), ("matmul_serial", "matmul")] + [
+        (k, "sgemm-pool") for k in ("matmul_blas", "matmul_blas_serial")
+    ]:
         real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, real=real: calls.append("matmul") or real(*a))
+        monkeypatch.setattr(kernels, name, lambda *a, real=real, tag=tag: calls.append(tag) or real(*a))
+
+
+def test_auto_backend_sends_plain_matrices_to_sgemm_on_the_pool_int8_to_our_matmul(monkeypatch):
+    """ "auto": OpenBLAS's sgemm in Numba's pool for float32 and half-precision weights, our matmul for int8 (it
+    widens as it reads), sgemm tiles on Python threads for GGUF block tiles; without an OpenBLAS to call, our
+    matmul for every plain matrix."""
+    if kernels._cblas_sgemm() is None:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS this process can reach")
+    calls = []
+    _record_kernels(monkeypatch, calls)
     kernels.set_backend("auto")
-    x = randn(20, 64)
-    kernels.linear(x, randn(8, 64))
-    kernels.linear(x, kernels.to_storage(randn(8, 64), "float16"))
-    kernels.linear(x, kernels.to_storage(randn(8, 64), "int8"))
-    assert calls == ["matmul", "matmul", "matmul"]
+    x, plain = randn(20, 64), (randn(8, 64), kernels.to_storage(randn(8, 64), "float16"))
+    for w in plain + (kernels.to_storage(randn(8, 64), "int8"),):
+        kernels.linear(x, w)
+    assert calls == ["sgemm-pool", "sgemm-pool", "matmul"]
     calls.clear()
     from radial_min.quant import BlockMatrix
     from test_quant import raw_blocks
 
     kernels.linear(x, BlockMatrix.from_gguf("Q4_1", raw_blocks("Q4_1", 32, 64), (32, 64)))
-    assert calls == ["sgemm"]
+    assert calls == ["sgemm-threads"]
+    calls.clear()
+    monkeypatch.setitem(kernels._BLAS, "sgemm", False)  # another BLAS
+    for w in plain:
+        np.testing.assert_allclose(kernels.linear(x, w), kernels.linear_ref(x, kernels.to_float32(w)), atol=1e-4)
+    assert calls == ["matmul", "matmul"]
+
+
+@pytest.mark.parametrize("backend", ["auto", "blas"])
+def test_linear_of_float64_rows_is_not_sent_to_sgemm(backend):
+    """The router's features and the trainer's checks pass float64 rows: sgemm would read their bytes as float32,
+    so they go to our matmul (compiled for float64)."""
+    kernels.set_backend(backend)
+    x, w = RNG.standard_normal((9, 33)), randn(17, 33)
+    np.testing.assert_allclose(kernels.linear(x, w), x @ w.T.astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [3, kernels.BLAS_ROWS + 130])
+def test_sgemm_on_the_pool_gives_the_same_bits_on_any_number_of_threads(rows):
+    """matmul_blas cuts the output in fixed tiles, whatever the thread count: the pool on 2 threads gives the bits
+    of its serial copy, and the bias is added once to every tile."""
+    sgemm = kernels._cblas_sgemm()
+    if sgemm is None:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS this process can reach")
+    x, w, b = randn(rows, 70), randn(2 * kernels.BLAS_COLUMNS + 30, 70), randn(2 * kernels.BLAS_COLUMNS + 30)
+    one, two = (np.full((rows, w.shape[0]), np.nan, np.float32) for _ in range(2))
+    kernels.matmul_blas_serial(sgemm, x, w, b, one, kernels.BLAS_ROWS, kernels.BLAS_COLUMNS)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        kernels.matmul_blas(sgemm, x, w, b, two, kernels.BLAS_ROWS, kernels.BLAS_COLUMNS)
+    finally:
+        numba.set_num_threads(before)
+    assert np.array_equal(one, two)
+    np.testing.assert_allclose(one, kernels.linear_ref(x, w, b), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("threads", [2, 3])
