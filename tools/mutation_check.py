@@ -1100,8 +1100,8 @@ MUTANTS = [
     Mutant(
         "fused gate/up (int8, float32): silu(gate) times gate, not up",
         K,
-        "out[n] = g / (np.float32(1.0) + math.exp(-g)) * u",
-        "out[n] = g / (np.float32(1.0) + math.exp(-g)) * g",
+        "out[n] = g / (np.float32(1.0) + exp32(-g)) * u",
+        "out[n] = g / (np.float32(1.0) + exp32(-g)) * g",
         (T("quant"), T("llama")),
     ),
     Mutant(
@@ -1142,8 +1142,8 @@ MUTANTS = [
     Mutant(
         "fused gate/up: silu on the up projection",
         K,
-        "out[g * G + r] = v / (np.float32(1.0) + math.exp(-v)) * up[r]",
-        "out[g * G + r] = up[r] / (np.float32(1.0) + math.exp(-up[r])) * v",
+        "out[g * G + r] = v / (np.float32(1.0) + exp32(-v)) * up[r]",
+        "out[g * G + r] = up[r] / (np.float32(1.0) + exp32(-up[r])) * v",
         (T("quant"), "-k", "gate_up"),
     ),
     Mutant(
@@ -1378,6 +1378,20 @@ MUTANTS = [
         "if sgemm is None or x.dtype != np.float32 or",
         "if sgemm is None or",
         (T("kernels"), "-k", "float64"),
+    ),
+    Mutant(
+        "exp32: the exponent's bias off by one (every value halved)",
+        K,
+        "_EXPONENT_MAGIC = 1023.0 + 2.0**52",
+        "_EXPONENT_MAGIC = 1022.0 + 2.0**52",
+        (T("kernels"), "-k", "exp32"),
+    ),
+    Mutant(
+        "exp32: the series' coefficients a millionth off",
+        K,
+        "math.log(2.0) ** k / math.factorial(k)",
+        "math.log(2.0) ** k / math.factorial(k) * 1.000001",
+        (T("kernels"), "-k", "exp32"),
     ),
     Mutant(
         "sgemm on the pool: the bias left out",
