@@ -142,7 +142,7 @@ TRAINING_FASTMATH = {"nnan", "ninf", "nsz", "arcp"}
 # (Linux's /proc: its running count less ours, smoothed over the last ~second), one free core meaning the serial
 # copies. Without /proc, a load average above the CPUs by more than one (ours counted) means serial.
 PARALLEL_FROM = 64 << 10
-_LOAD = {"checked": -1.0, "others": 0.0}
+_LOAD = {"checked": -1.0, "others": 0.0, "free": 1}
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -162,7 +162,8 @@ def others_running(proc="/proc") -> int | None:
 
 
 def free_cores() -> int:
-    """Cores this process's thread pool can have now (see PARALLEL_FROM), read at most four times a second."""
+    """Cores this process's thread pool can have now (see PARALLEL_FROM), read at most four times a second (with
+    the caller's thread count: a decode token asks ~300 times, and each reading costs microseconds)."""
     now = time.monotonic()
     if now - _LOAD["checked"] > 0.25:
         others = others_running()
@@ -172,7 +173,8 @@ def free_cores() -> int:
             except (AttributeError, OSError):  # no load average either (Windows): assume the cores are free
                 others = 0
         _LOAD.update(checked=now, others=0.5 * _LOAD["others"] + 0.5 * others)
-    return max(1, min(_CPUS, _thread_ceiling(), _CPUS - round(_LOAD["others"])))
+        _LOAD["free"] = max(1, min(_CPUS, _thread_ceiling(), _CPUS - round(_LOAD["others"])))
+    return _LOAD["free"]
 
 
 _THREADS = {"set": None, "ceiling": None}  # the pool size this module last chose, and the caller's
@@ -208,9 +210,10 @@ def _sized(kernel, serial, work: int):
     threads = free_cores() if work >= PARALLEL_FROM else 1
     if threads == 1:
         return serial
-    if numba.get_num_threads() != threads:
-        numba.set_num_threads(threads)
-    _THREADS["set"] = threads
+    if _THREADS["set"] != threads:  # Numba's own getter takes a lock: asked only when the count changes
+        if numba.get_num_threads() != threads:
+            numba.set_num_threads(threads)
+        _THREADS["set"] = threads
     return kernel
 
 
