@@ -9,18 +9,16 @@ Which kernel runs where (measured in docs/performance.md):
   `matvec_q8` for GGUF blocks kept quantized (quant.BlockMatrix), 32 rows at a time; `gate_up_silu` fuses Llama's
   two FFN input projections and the activation.
 - many rows (prefill, ViT): by default ("auto") NumPy's sgemm (OpenBLAS, one thread per call) in fixed tiles of
-  the output called from Numba's pool (`matmul_blas`) for float32 weights; our own `matmul` for int8 weights (and
-  for all where NumPy's BLAS is not an OpenBLAS), 4x4 register tiles over 64-column panels of the weights (`_gemm`,
-  also the core of the blocked attention); sgemm in fixed tiles of output columns dealt to Python threads
-  (`_sgemm`) for block matrices, widened tile by tile first. `set_backend("blas")` or `("numba")` sends every
-  many-row product to one of the two.
+  the output, called from the tasks of Numba's pool: `matmul_blas` for float32 weights, `matmul_blas_int8` and
+  `matmul_blas_blocks` widening int8 and GGUF block weights tile by tile. Where NumPy's BLAS is not an OpenBLAS,
+  or with `set_backend("numba")`, our own `matmul`: 4x4 register tiles over 64-column panels of the weights
+  (`_gemm`, also the core of the blocked attention), the readable reference.
 - attention: one task per query and head for a few queries (decode), `_attention_blocked` for many (prefill).
 - anything small runs a serial copy of its kernel (PARALLEL_FROM), the rest on as many threads as other processes
   leave cores free (free_cores: one free core, serial), and
   OpenBLAS one thread.
 """
 
-import concurrent.futures
 import contextlib
 import math
 import os
@@ -39,14 +37,15 @@ from numba.extending import intrinsic, overload
 from .dtypes import Int8Matrix, to_float32, to_storage  # noqa: F401 (kernels.to_storage is public API)
 from .quant import GROUP_ROWS, BlockMatrix
 
-# "auto": for plain float32 (and half-precision, widened) weights, OpenBLAS's sgemm called from the tasks of
-# Numba's pool (`matmul_blas`): SmolLM2 in float32, prefill of 512 on 2 cores, load ~1.3 with other jobs paused,
-# 642-655 tokens/s against 495-572 for our matmul; the shipped model, 256 tokens: 6,465-6,672 against 5,172-5,516.
-# Earlier, sgemm dealt to Python threads (`_sgemm`) had lost to our matmul inside a forward though it won alone on
-# its shapes (228-256 GFLOP/s against our 156-179): Numba's pool threads spin between kernels on the cores the
-# Python threads need; on the pool's own threads that conflict is gone. int8 weights stay on our matmul (it widens
-# them as it reads: no float32 copy of the matrix). sgemm on Python threads for GGUF block tiles (370 against 260:
-# our matmul wants the widened tile transposed first; tiles on threads, 512 tokens: 446-455 against 392-412 on one).
+# "auto": OpenBLAS's sgemm (one thread per call) in fixed tiles of the output, the calls being the tasks of Numba's
+# pool, for every many-row product: float32 weights as they are (`matmul_blas`), int8 and GGUF block weights
+# widened to float32 tile by tile inside the task (`matmul_blas_int8`, `matmul_blas_blocks`). Measured on this
+# project's 2-core machine (Sapphire Rapids), prefill of 512 tokens, trees interleaved, load ~1.3 with other jobs
+# paused: SmolLM2 float32 642-655 tokens/s against 495-572 for our matmul; SmolLM2 Q4_1 as stored 637-672 against
+# 469-524 for the sgemm tiles dealt to Python threads that came before; int8 642-666 against 432-529 (OPT-125M
+# shapes: 965-1,022 against 739-780) for our matmul. Sgemm on Python threads had lost to our matmul inside a
+# forward though it won alone on its shapes (228-256 GFLOP/s against our 156-179): Numba's pool threads spin
+# between kernels on the cores the Python threads need; on the pool's own threads that conflict is gone.
 BACKENDS = ("auto", "blas", "numba")
 _BACKEND = {"matmul": "auto"}
 
@@ -56,9 +55,9 @@ def get_backend() -> str:
 
 
 def set_backend(matmul: str) -> None:
-    """Choose the many-row matmul: "auto" (the default: sgemm for float32 weights, ours for int8, sgemm for GGUF
-    block tiles), "blas" (NumPy's sgemm, OpenBLAS here) or "numba" (ours, the readable reference, 4x4 register
-    tiles) for all. Decode always uses the matvec kernels."""
+    """Choose the many-row matmul: "auto" (the default: OpenBLAS's sgemm in tiles on Numba's pool where NumPy's BLAS
+    is an OpenBLAS, else ours), "blas" (the same, else NumPy's matmul of the widened matrix) or "numba" (ours, the
+    readable reference, 4x4 register tiles). Decode always uses the matvec kernels."""
     if matmul not in BACKENDS:
         raise ValueError(f"matmul backend must be one of {', '.join(BACKENDS)}, got {matmul!r}")
     _BACKEND["matmul"] = matmul
@@ -458,6 +457,7 @@ def _widen_jit(v):
 
 _SIXTEENTH = np.float32(1.0 / 16.0)
 _NO_SCALE = np.zeros(0, np.uint16)  # an 8-bit matrix's absent offsets, for _prefetch_block
+_NO_OFFSET = np.zeros((0, 0, 0), np.float32)  # and for matmul_blas_blocks (typed as a 4-bit matrix's offsets)
 
 
 @njit(fastmath=True, cache=True)
@@ -597,9 +597,9 @@ MATVEC_ROWS = 16  # up to this many rows a block matrix is multiplied row by row
 
 
 def _block_linear(x, w: BlockMatrix, bias):
-    """linear() for a BlockMatrix: matvec_q4/matvec_q8 for one row; for many, tiles of up to DEQUANTIZE_ROWS rows
-    widened to float32, each multiplied by the many-row backend (sgemm or our matmul): on the free cores, tiles
-    spread over threads (each widening with the serial kernel, then sgemm: both let go of the GIL)."""
+    """linear() for a BlockMatrix: matvec_q4/matvec_q8 for one row; for many, tiles of the weights widened to
+    float32 inside the product (matmul_blas_blocks), or without OpenBLAS (or with the "numba" backend) up to
+    DEQUANTIZE_ROWS rows at a time widened, then multiplied by `linear`."""
     if x.shape[0] == 1:
         out, b = np.empty((1, w.shape[0]), np.float32), _NO_BIAS if bias is None else bias
         if w.bits == 4:
@@ -610,54 +610,39 @@ def _block_linear(x, w: BlockMatrix, bias):
     if x.shape[0] <= MATVEC_ROWS:
         return np.concatenate([_block_linear(x[i : i + 1], w, bias) for i in range(x.shape[0])])
     y = np.empty((x.shape[0], w.shape[0]), np.float32)
-    n_out = w.shape[0]
-    threads = free_cores() if _BACKEND["matmul"] != "numba" and x.shape[0] * w.size >= PARALLEL_FROM else 1
-    if threads == 1:
-        for lo in range(0, n_out, DEQUANTIZE_ROWS):
-            _widened_product(x, w, lo, min(n_out, lo + DEQUANTIZE_ROWS), y, parallel=True)
-    else:  # tiles of whole sgemm column tiles, about four per thread
-        rows = min(DEQUANTIZE_ROWS, -(-n_out // (4 * threads * BLAS_COLUMNS)) * BLAS_COLUMNS)
-        spans = [(lo, min(n_out, lo + rows)) for lo in range(0, n_out, rows)]
-        list(_threads().map(lambda span: _widened_product(x, w, *span, y, parallel=False), spans))
+    sgemm = _sgemm_for(x)
+    if sgemm is not None:
+        kernel = _sized(matmul_blas_blocks, matmul_blas_blocks_serial, x.shape[0] * w.size)
+        offset = _NO_OFFSET if w.offset is None else w.offset
+        kernel(sgemm, np.ascontiguousarray(x), w.q, w.scale, offset, y, BLAS_ROWS, BLAS_COLUMNS)
+    else:
+        for lo in range(0, w.shape[0], DEQUANTIZE_ROWS):
+            hi = min(w.shape[0], lo + DEQUANTIZE_ROWS)
+            y[:, lo:hi] = linear(x, _widened_rows(w, lo, hi))
     if bias is not None:
         y += bias
     return y
 
 
-def _widened_product(x, w: BlockMatrix, lo, hi, y, parallel):
-    """y[:, lo:hi] = x @ rows lo..hi of w (lo a multiple of GROUP_ROWS), the rows widened to float32 first."""
+def _widened_rows(w: BlockMatrix, lo, hi):
+    """Rows lo..hi of a block matrix (lo a multiple of GROUP_ROWS) as float32 [hi - lo, in]."""
     G = w.q.shape[3]
     cols = np.empty((w.shape[1], -(-(hi - lo) // G) * G), np.float32)  # [in, rows]
     if w.bits == 4:
-        kernel = _sized(dequantize_q4, dequantize_q4_serial, cols.nbytes) if parallel else dequantize_q4_serial
-        kernel(w.q, w.scale, w.offset, lo // G, cols)
+        _sized(dequantize_q4, dequantize_q4_serial, cols.nbytes)(w.q, w.scale, w.offset, lo // G, cols)
     else:
-        kernel = _sized(dequantize_q8, dequantize_q8_serial, cols.nbytes) if parallel else dequantize_q8_serial
-        kernel(w.q, w.scale, lo // G, cols)
-    if _BACKEND["matmul"] == "numba":
-        y[:, lo:hi] = linear(x, np.ascontiguousarray(cols[:, : hi - lo].T))
-    else:
-        _sgemm(x, cols[:, : hi - lo], y[:, lo:hi], threads=None if parallel else 1)
-
-
-_POOL = []
-
-
-def _threads():
-    """A pool of Python threads, one per CPU, for work whose kernels let go of the GIL."""
-    if not _POOL:
-        _POOL.append(concurrent.futures.ThreadPoolExecutor(_CPUS, thread_name_prefix="radial_min"))
-    return _POOL[0]
+        _sized(dequantize_q8, dequantize_q8_serial, cols.nbytes)(w.q, w.scale, lo // G, cols)
+    return np.ascontiguousarray(cols[:, : hi - lo].T)
 
 
 _NO_BIAS = np.zeros(0, np.float32)
 
 
 def linear(x, w, b=None):
-    """y = x @ w.T + b for weights in nn.Linear's [out, in] layout: our matvec for one row, our matmul (or sgemm,
-    see set_backend) for many. `w` may be stored as float16 or bfloat16 (uint16 bits) or as an Int8Matrix;
-    computation is float32 either way. A GGUF block matrix (quant.BlockMatrix) is read as it is stored for one
-    row and widened in tiles for many (`_block_linear`)."""
+    """y = x @ w.T + b for weights in nn.Linear's [out, in] layout: our matvec for one row; for many, OpenBLAS's
+    sgemm in tiles on Numba's pool (or our matmul: see set_backend). `w` may be stored as float16 or bfloat16
+    (uint16 bits) or as an Int8Matrix; computation is float32 either way. A GGUF block matrix (quant.BlockMatrix)
+    is read as it is stored for one row and widened in tiles for many (`_block_linear`)."""
     if isinstance(w, BlockMatrix):
         return _block_linear(x, w, b)
     bias = _NO_BIAS if b is None else b
@@ -671,18 +656,34 @@ def linear(x, w, b=None):
                 x[0], q.view(np.uint16), bias, q.dtype == np.uint16, out[0]
             )
         return out
-    out = np.empty((x.shape[0], q.shape[0]), np.float32)
     x, work = np.ascontiguousarray(x), x.shape[0] * q.size
-    sgemm = _cblas_sgemm() if _BACKEND["matmul"] != "numba" else None
-    if sgemm is None or x.dtype != np.float32 or (q.dtype == np.int8 and _BACKEND["matmul"] == "auto"):
-        if q.dtype not in (np.float32, np.int8):
-            q = to_float32(q)  # prefill is compute-bound: widen half precision once
+    out = np.empty((x.shape[0], q.shape[0]), np.float32)
+    sgemm = _sgemm_for(x)
+    if sgemm is not None and q.dtype == np.int8:
+        _sized(matmul_blas_int8, matmul_blas_int8_serial, work)(sgemm, x, q, scale, out, BLAS_ROWS, BLAS_COLUMNS)
+    elif sgemm is not None:
+        wf = np.ascontiguousarray(to_float32(q))  # half precision widened once: prefill is compute-bound
+        _sized(matmul_blas, matmul_blas_serial, work)(sgemm, x, wf, out, BLAS_ROWS, BLAS_COLUMNS)
+    elif _BACKEND["matmul"] == "blas" and x.dtype == np.float32:  # NumPy's BLAS is not an OpenBLAS we can call
+        np.matmul(x, to_float32(w).T, out=out)
+    else:
+        q = q if q.dtype in (np.float32, np.int8) else to_float32(q)
         _sized(matmul, matmul_serial, work)(x, q, scale, bias, out)
         return out
-    _blas_one_thread()
-    wf = np.ascontiguousarray(to_float32(w))
-    _sized(matmul_blas, matmul_blas_serial, work)(sgemm, x, wf, bias, out, BLAS_ROWS, BLAS_COLUMNS)
+    if b is not None:
+        out += b
     return out
+
+
+def _sgemm_for(x):
+    """OpenBLAS's sgemm for a many-row product of x, on one thread per call; None with the "numba" backend, for
+    float64 rows (the router's features: sgemm would read their bytes as float32) or without an OpenBLAS."""
+    if _BACKEND["matmul"] == "numba" or x.dtype != np.float32:
+        return None
+    sgemm = _cblas_sgemm()
+    if sgemm is not None:
+        _blas_one_thread()
+    return sgemm
 
 
 BLAS_COLUMNS = 256  # sgemm computes the output in tiles of this many columns
@@ -765,8 +766,8 @@ _ROW_MAJOR, _NO_TRANS, _TRANS = np.int32(101), np.int32(111), np.int32(112)  # C
 
 
 @njit(parallel=True, cache=True)
-def matmul_blas(sgemm, a, w, b, out, tile_rows, tile_cols):  # [T, in], [out, in] f32, [out] or [0] -> out [T, out]
-    """a @ w.T + b through OpenBLAS's sgemm on one thread per call, the calls being the tasks of Numba's pool, one
+def matmul_blas(sgemm, a, w, out, tile_rows, tile_cols):  # [T, in], [out, in] float32 -> out [T, out]
+    """a @ w.T through OpenBLAS's sgemm on one thread per call, the calls being the tasks of Numba's pool, one
     per tile of tile_rows x tile_cols outputs (BLAS_ROWS x BLAS_COLUMNS). On Numba's pool rather than OpenBLAS's
     own threads or Python threads: between two kernels of a forward no second set of threads spins on the cores
     (see `_sgemm`). The tiling is fixed, not cut to the thread count: OpenBLAS's rounding depends on the shape of
@@ -782,36 +783,54 @@ def matmul_blas(sgemm, a, w, b, out, tile_rows, tile_cols):  # [T, in], [out, in
         ptr_a, ptr_w, ptr_out = a[i_lo:].ctypes.data, w[j_lo:].ctypes.data, out[i_lo:, j_lo:].ctypes.data
         sgemm(_ROW_MAJOR, _NO_TRANS, _TRANS, i_hi - i_lo, j_hi - j_lo, n_in, np.float32(1), ptr_a, n_in, ptr_w, n_in,
               np.float32(0), ptr_out, n_out)  # fmt: skip
-        if b.size:
-            for i in range(i_lo, i_hi):
-                for j in range(j_lo, j_hi):
-                    out[i, j] += b[j]
 
 
 matmul_blas_serial = _one_thread(matmul_blas)
 
 
-def _sgemm(x, wt, y, threads=None):
-    """y = x @ wt ([T, in] @ [in, out]) through NumPy's sgemm, BLAS_COLUMNS output columns per call: OpenBLAS's
-    rounding of a column depends on the width of the call, so a fixed tile width makes each column's bits
-    independent of the matrix it belongs to (a streamed LM head, read in pieces aligned to the tiles, gives the
-    logits of the whole one bit for bit). Measured cost: none beyond the noise on prefill shapes. On the free cores
-    the tiles are dealt round-robin to Python threads, each calling a one-thread sgemm (NumPy lets go of the GIL):
-    the same calls, so the same bits, without OpenBLAS's own spinning threads (`_blas_one_thread`). Measured on
-    SmolLM2's shapes, 512 rows, 2 idle cores: 228-256 GFLOP/s against 131-136 on one thread and 156-179 for our
-    matmul on Numba's pool (but see "auto" at the top). `threads` = 1 from inside a thread of that pool."""
-    _blas_one_thread()
-    spans = [(lo, min(wt.shape[1], lo + BLAS_COLUMNS)) for lo in range(0, wt.shape[1], BLAS_COLUMNS)]
-    if threads is None:
-        threads = min(len(spans), free_cores()) if x.shape[0] * wt.size >= PARALLEL_FROM else 1
+@njit(parallel=True, cache=True)
+def matmul_blas_blocks(sgemm, a, q, scale, offset, out, tile_rows, tile_cols):  # [T, in], BlockMatrix's -> [T, out]
+    """a @ W.T for a GGUF block matrix W (4-bit with offsets, else 8-bit): matmul_blas's tiles, each task widening
+    its tile_cols rows of W to float32 first ([in, cols], the serial dequantize_q4/q8), then one sgemm call."""
+    n_rows, n_in = a.shape
+    n_out, G = out.shape[1], q.shape[3]
+    row_tiles = (n_rows + tile_rows - 1) // tile_rows
+    for t in prange(((n_out + tile_cols - 1) // tile_cols) * row_tiles):
+        i_lo, j_lo = (t % row_tiles) * tile_rows, (t // row_tiles) * tile_cols
+        i_hi, j_hi = min(n_rows, i_lo + tile_rows), min(n_out, j_lo + tile_cols)
+        cols = np.empty((n_in, (j_hi - j_lo + G - 1) // G * G), np.float32)  # whole groups
+        if offset.size:
+            dequantize_q4_serial(q, scale, offset, j_lo // G, cols)
+        else:
+            dequantize_q8_serial(q, scale, j_lo // G, cols)
+        ptr_a, ptr_w, ptr_out = a[i_lo:].ctypes.data, cols.ctypes.data, out[i_lo:, j_lo:].ctypes.data
+        sgemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, i_hi - i_lo, j_hi - j_lo, n_in, np.float32(1), ptr_a, n_in, ptr_w,
+              cols.shape[1], np.float32(0), ptr_out, n_out)  # fmt: skip
 
-    def tiles(k):
-        for lo, hi in spans[k::threads]:
-            np.matmul(x, wt[:, lo:hi], out=y[:, lo:hi])
 
-    if threads == 1:
-        return tiles(0)
-    list(_threads().map(tiles, range(threads)))
+matmul_blas_blocks_serial = _one_thread(matmul_blas_blocks)
+
+
+@njit(parallel=True, cache=True)
+def matmul_blas_int8(sgemm, a, q, scale, out, tile_rows, tile_cols):  # [T, in], Int8Matrix's q, scale -> [T, out]
+    """a @ W.T for an int8 matrix W (row scales): matmul_blas's tiles, each task widening its tile_cols rows of W to
+    float32 (q times the row's scale, as Int8Matrix.dequantize) before its sgemm call."""
+    n_rows, n_in = a.shape
+    n_out = out.shape[1]
+    row_tiles = (n_rows + tile_rows - 1) // tile_rows
+    for t in prange(((n_out + tile_cols - 1) // tile_cols) * row_tiles):
+        i_lo, j_lo = (t % row_tiles) * tile_rows, (t // row_tiles) * tile_cols
+        i_hi, j_hi = min(n_rows, i_lo + tile_rows), min(n_out, j_lo + tile_cols)
+        rows = np.empty((j_hi - j_lo, n_in), np.float32)
+        for j in range(j_hi - j_lo):
+            for k in range(n_in):
+                rows[j, k] = np.float32(q[j_lo + j, k]) * scale[j_lo + j]
+        ptr_a, ptr_w, ptr_out = a[i_lo:].ctypes.data, rows.ctypes.data, out[i_lo:, j_lo:].ctypes.data
+        sgemm(_ROW_MAJOR, _NO_TRANS, _TRANS, i_hi - i_lo, j_hi - j_lo, n_in, np.float32(1), ptr_a, n_in, ptr_w, n_in,
+              np.float32(0), ptr_out, n_out)  # fmt: skip
+
+
+matmul_blas_int8_serial = _one_thread(matmul_blas_int8)
 
 
 # ------------------------------------------------------------------------------------------------- layernorm

@@ -118,40 +118,36 @@ def test_default_backend_is_auto():
 
 
 def _record_kernels(monkeypatch, calls):
-    """Record which many-row kernel linear() calls: "sgemm-pool", "matmul" or "sgemm-threads"."""
-    fake = lambda x, wt, y, threads=None: calls.append("sgemm-threads") or y.__setitem__(..., x @ wt)  # noqa: E731
-    monkeypatch.setattr(kernels, "_sgemm", fake)
-    for name, tag in [("matmul", "matmul"), ("matmul_serial", "matmul")] + [
-        (k, "sgemm-pool") for k in ("matmul_blas", "matmul_blas_serial")
-    ]:
-        real = getattr(kernels, name)
+    """Record which many-row kernel linear() calls."""
+    names = ["matmul", "matmul_blas", "matmul_blas_int8", "matmul_blas_blocks"]
+    for name in names + [n + "_serial" for n in names]:
+        real, tag = getattr(kernels, name), name.removesuffix("_serial")
         monkeypatch.setattr(kernels, name, lambda *a, real=real, tag=tag: calls.append(tag) or real(*a))
 
 
-def test_auto_backend_sends_plain_matrices_to_sgemm_on_the_pool_int8_to_our_matmul(monkeypatch):
-    """ "auto": OpenBLAS's sgemm in Numba's pool for float32 and half-precision weights, our matmul for int8 (it
-    widens as it reads), sgemm tiles on Python threads for GGUF block tiles; without an OpenBLAS to call, our
-    matmul for every plain matrix."""
+def test_auto_backend_sends_every_many_row_product_to_sgemm_on_the_pool(monkeypatch):
+    """ "auto": OpenBLAS's sgemm in tiles on Numba's pool for float32 and half-precision weights, and for int8 and
+    GGUF block weights widened tile by tile; without an OpenBLAS to call, our matmul for all."""
     if kernels._cblas_sgemm() is None:
         pytest.skip("NumPy's BLAS is not an OpenBLAS this process can reach")
-    calls = []
-    _record_kernels(monkeypatch, calls)
-    kernels.set_backend("auto")
-    x, plain = randn(20, 64), (randn(8, 64), kernels.to_storage(randn(8, 64), "float16"))
-    for w in plain + (kernels.to_storage(randn(8, 64), "int8"),):
-        kernels.linear(x, w)
-    assert calls == ["sgemm-pool", "sgemm-pool", "matmul"]
-    calls.clear()
     from radial_min.quant import BlockMatrix
     from test_quant import raw_blocks
 
-    kernels.linear(x, BlockMatrix.from_gguf("Q4_1", raw_blocks("Q4_1", 32, 64), (32, 64)))
-    assert calls == ["sgemm-threads"]
+    calls = []
+    _record_kernels(monkeypatch, calls)
+    kernels.set_backend("auto")
+    x = randn(20, 64)
+    weights = [randn(8, 64), kernels.to_storage(randn(8, 64), "float16"), kernels.to_storage(randn(8, 64), "int8")]
+    weights += [BlockMatrix.from_gguf(kind, raw_blocks(kind, 32, 64), (32, 64)) for kind in ("Q4_1", "Q8_0")]
+    for w in weights:
+        kernels.linear(x, w)
+    assert calls == ["matmul_blas", "matmul_blas", "matmul_blas_int8", "matmul_blas_blocks", "matmul_blas_blocks"]
     calls.clear()
     monkeypatch.setitem(kernels._BLAS, "sgemm", False)  # another BLAS
-    for w in plain:
-        np.testing.assert_allclose(kernels.linear(x, w), kernels.linear_ref(x, kernels.to_float32(w)), atol=1e-4)
-    assert calls == ["matmul", "matmul"]
+    for w in weights:
+        want = kernels.linear_ref(x, w.dequantize() if isinstance(w, BlockMatrix) else kernels.to_float32(w))
+        np.testing.assert_allclose(kernels.linear(x, w), want, atol=1e-4)
+    assert calls == ["matmul"] * 5
 
 
 def test_exp32_is_within_one_ulp_of_e_to_the_x():
@@ -176,34 +172,28 @@ def test_linear_of_float64_rows_is_not_sent_to_sgemm(backend):
 
 @pytest.mark.parametrize("rows", [3, kernels.BLAS_ROWS + 130])
 def test_sgemm_on_the_pool_gives_the_same_bits_on_any_number_of_threads(rows):
-    """matmul_blas cuts the output in fixed tiles, whatever the thread count: the pool on 2 threads gives the bits
-    of its serial copy, and the bias is added once to every tile."""
+    """matmul_blas and matmul_blas_int8 cut the output in fixed tiles, whatever the thread count: the pool on 2
+    threads gives the bits of the serial copy, and both give the product."""
     sgemm = kernels._cblas_sgemm()
     if sgemm is None:
         pytest.skip("NumPy's BLAS is not an OpenBLAS this process can reach")
-    x, w, b = randn(rows, 70), randn(2 * kernels.BLAS_COLUMNS + 30, 70), randn(2 * kernels.BLAS_COLUMNS + 30)
-    one, two = (np.full((rows, w.shape[0]), np.nan, np.float32) for _ in range(2))
-    kernels.matmul_blas_serial(sgemm, x, w, b, one, kernels.BLAS_ROWS, kernels.BLAS_COLUMNS)
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-    try:
-        kernels.matmul_blas(sgemm, x, w, b, two, kernels.BLAS_ROWS, kernels.BLAS_COLUMNS)
-    finally:
-        numba.set_num_threads(before)
-    assert np.array_equal(one, two)
-    np.testing.assert_allclose(one, kernels.linear_ref(x, w, b), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("threads", [2, 3])
-def test_sgemm_tiles_on_threads_give_one_threads_bits(threads, monkeypatch):
-    """The tiles dealt to Python threads are the one-thread calls: every column's bits are the same."""
-    x, w = randn(300, 70), randn(70, 5 * kernels.BLAS_COLUMNS + 30)  # [T, in], [in, out]
-    one, many = np.empty((300, w.shape[1]), np.float32), np.empty((300, w.shape[1]), np.float32)
-    kernels._sgemm(x, w, one, threads=1)
-    monkeypatch.setattr(kernels, "free_cores", lambda: threads)
-    kernels._sgemm(x, w, many)
-    assert np.array_equal(one, many)
-    np.testing.assert_allclose(one, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4)
+    x, w = randn(rows, 70), randn(2 * kernels.BLAS_COLUMNS + 30, 70)
+    w8 = kernels.Int8Matrix.quantize(w)
+    tiles = (kernels.BLAS_ROWS, kernels.BLAS_COLUMNS)
+    for kernel, args, want in [
+        ("matmul_blas", (w,), kernels.linear_ref(x, w)),
+        ("matmul_blas_int8", (w8.q, w8.scale), kernels.linear_ref(x, w8.dequantize())),
+    ]:
+        one, two = (np.full((rows, w.shape[0]), np.nan, np.float32) for _ in range(2))
+        getattr(kernels, kernel + "_serial")(sgemm, x, *args, one, *tiles)
+        before = numba.get_num_threads()
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        try:
+            getattr(kernels, kernel)(sgemm, x, *args, two, *tiles)
+        finally:
+            numba.set_num_threads(before)
+        assert np.array_equal(one, two), kernel
+        np.testing.assert_allclose(one, want, rtol=1e-4, atol=1e-4)
 
 
 def test_set_backend_rejects_unknown():

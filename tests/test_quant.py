@@ -2,6 +2,7 @@
 and the kernels that read them (matvec_q4/q8 for one row, widened tiles for many) equal to x @ W.T on the widened
 weights, with and without the thread pool, under both many-row backends."""
 
+import numba
 import numpy as np
 import pytest
 
@@ -116,21 +117,28 @@ def test_many_row_products_equal_the_widened_product(kind, rows, matmul_backend,
 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
-def test_many_row_products_spread_over_threads_equal_one_thread_bit_for_bit(kind, monkeypatch):
-    """With free cores, a many-row product's tiles run on Python threads (serial widening, sgemm per thread): the
-    tiles are whole sgemm column tiles, so every output equals the one-thread product's bits, at any thread count."""
-    monkeypatch.setattr(kernels, "PARALLEL_FROM", 0)
-    monkeypatch.setattr(kernels, "DEQUANTIZE_ROWS", 2 * kernels.BLAS_COLUMNS)
-    shape = (5 * kernels.BLAS_COLUMNS + 70, 96)  # 9 column tiles at 2 threads, the last ragged
+def test_many_row_block_products_on_the_pool_equal_the_serial_copy_bit_for_bit(kind):
+    """matmul_blas_blocks: each task widens its own tile of rows (ragged last tiles in both directions) and calls
+    sgemm; on 2 threads the bits are the serial copy's, and the product is the widened one's."""
+    sgemm = kernels._cblas_sgemm()
+    if sgemm is None:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS this process can reach")
+    shape = (2 * kernels.BLAS_COLUMNS + 70, 96)
     w = BlockMatrix.from_gguf(kind, raw_blocks(kind, *shape), shape)
-    x = np.random.default_rng(3).standard_normal((40, shape[1])).astype(np.float32)
-    products = {}
-    for threads in (1, 2, 3):
-        monkeypatch.setattr(kernels, "free_cores", lambda: threads)
-        products[threads] = kernels.linear(x, w)
+    x = np.random.default_rng(3).standard_normal((kernels.BLAS_ROWS + 40, shape[1])).astype(np.float32)
+    offset = kernels._NO_OFFSET if w.offset is None else w.offset
+    one, two = (np.full((len(x), shape[0]), np.nan, np.float32) for _ in range(2))
+    args = (sgemm, x, w.q, w.scale, offset)
+    kernels.matmul_blas_blocks_serial(*args, one, kernels.BLAS_ROWS, kernels.BLAS_COLUMNS)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        kernels.matmul_blas_blocks(*args, two, kernels.BLAS_ROWS, kernels.BLAS_COLUMNS)
+    finally:
+        numba.set_num_threads(before)
     ref = x.astype(np.float64) @ w.dequantize().T.astype(np.float64)
-    np.testing.assert_allclose(products[1], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
-    assert np.array_equal(products[1], products[2]) and np.array_equal(products[1], products[3])
+    np.testing.assert_allclose(one, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    assert np.array_equal(one, two)
 
 
 def test_dequantize_kernels_equal_the_reference():
