@@ -8,6 +8,9 @@ Methods (skipping k of the N blocks; budgets 5, 10, 20 and 30% of N):
   ratio; ShortGPT's block influence (1 - cos(block input, block output), Men et al. 2024); the contiguous run of k
   blocks of least angular distance between its input and output (Gromov et al. 2024); SLEB's greedy removal of the
   block whose removal costs the calibration perplexity least (Song et al. 2024); early exit (the last k);
+  attention drop, the k attention blocks of least block influence (He et al. 2024, "What Matters in Transformers?
+  Not All Attention is Needed"; the static counterpart of attention-only routing), also at the two counts around
+  15% of the attention blocks (4 and 5 of SmolLM2's 30);
 - dynamic, per token: random routes (each token skips k blocks at random, sink kept, fill); the oracle (the
   residual-ratio threshold, fill rule, sink kept; over all blocks, and with --oracle-attention over attention blocks
   only); every router
@@ -24,6 +27,7 @@ setting's per-sequence NLL and depth are kept in <out>/settings.json, so a rerun
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -42,7 +46,8 @@ from radial_min.router import Router, Scripted, mandatory_blocks  # noqa: E402
 from radial_min.train import sequence_nll  # noqa: E402
 
 BUDGETS = (0.05, 0.10, 0.20, 0.30)
-STATIC = ("lowest-ratio", "block-influence", "angular-contiguous", "sleb-greedy", "early-exit")
+STATIC = ("lowest-ratio", "block-influence", "angular-contiguous", "sleb-greedy", "early-exit", "attention-drop")
+ATTENTION_SHARE = 0.15  # attention-drop is also measured at the two counts around this share of attention blocks
 
 
 # ------------------------------------------------------------------------------------------------ the data
@@ -88,6 +93,12 @@ def calibration_stats(model, seqs) -> dict:
         ang += np.arccos(np.clip(np.einsum("lte,mte->lmt", u, u), -1, 1)).sum(-1) / np.pi
         count += len(ids)
     return {"ratio": ratio / count, "block_influence": bi / count, "angular": ang / count}
+
+
+def attention_drop(block_influence, kinds, k) -> list:
+    """The k attention blocks whose output is most like their input (least block influence), in block order."""
+    att = [i for i, kind in enumerate(kinds) if kind == "att"]
+    return sorted(sorted(att, key=lambda i: block_influence[i])[:k])
 
 
 def contiguous_least_angle(angular, n, k) -> list:
@@ -163,6 +174,12 @@ def family_curve(settings, names, idx, full_nll, n_blocks):
     return pts + [(float(n_blocks), float(full_nll[idx].mean()))]
 
 
+def _rounded(nll):
+    """A mean NLL for choosing the best static method: ties (the same blocks chosen by two methods, interpolated
+    through different points) go to the method listed first in STATIC."""
+    return np.inf if np.isnan(nll) else round(float(nll), 6)
+
+
 def summarize(settings, families, n_blocks, n_seq, boots=2000, seed=0) -> dict:
     """Every family's perplexity at every budget with a 95% bootstrap interval, and the paired differences of each
     dynamic family against the best static one at that budget."""
@@ -188,7 +205,7 @@ def summarize(settings, families, n_blocks, n_seq, boots=2000, seed=0) -> dict:
                 lo, hi = np.nanpercentile(boot, [2.5, 97.5])
                 entry["ci95"] = [float(np.exp(lo)), float(np.exp(hi))]
             if fam not in static and not np.isnan(est):
-                best = min(static, key=lambda s: out[s][j, 0] if not np.isnan(out[s][j, 0]) else np.inf)
+                best = min(static, key=lambda s: (_rounded(out[s][j, 0]), STATIC.index(s.split(":")[1])))
                 diff = a[j] - out[best][j]
                 lo, hi = np.nanpercentile(diff[1:], [2.5, 97.5])
                 entry["vs_best_static"] = {
@@ -279,6 +296,12 @@ def main(argv=None):
             },
         }
         choices = json.loads(json.dumps(choices))  # int keys as JSON gives them back
+        stats_path.write_text(json.dumps(choices, indent=1) + "\n")
+    if "attention-drop" not in choices:  # added after the first runs: from the stored calibration statistics
+        n_att = sum(b.kind == "att" for b in model.blocks)
+        att_ks = sorted(set(ks) | {math.floor(ATTENTION_SHARE * n_att), math.ceil(ATTENTION_SHARE * n_att)})
+        bi, kinds = choices["stats"]["block_influence"], [b.kind for b in model.blocks]
+        choices["attention-drop"] = {str(k): attention_drop(bi, kinds, k) for k in att_ks if k <= n_att}
         stats_path.write_text(json.dumps(choices, indent=1) + "\n")
     names = [b.name for b in model.blocks]
     for method in STATIC:
