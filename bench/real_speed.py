@@ -10,8 +10,9 @@ speed-up of a route is (bytes of the sequential token) / (bytes of the routed to
 the key/value rows a skipped attention block still multiplies under the fill rule, the router's weights once (a few
 hundred KB: after the token's first decision they are read from the core's cache, not memory), and the LM head
 (tied to the embedding in SmolLM2, read whole for every token). `--skip-share` adds scripted routes that skip that
-share of the blocks for every decoded token (the static lowest-ratio choice of bench/real_pareto.py's
-static_choices.json if given, else evenly spread attention blocks) to measure the mechanism apart from a router.
+share of the blocks for every decoded token (the static choice of bench/real_pareto.py's static_choices.json if
+given, by default the lowest-ratio one, else evenly spread attention blocks) to measure the mechanism apart from a
+router; `--static-method angular-contiguous` (or sleb-greedy) skips FFN blocks too.
 Contenders alternate within each round, so the machine's load hits them alike; the load average is recorded.
 """
 
@@ -74,13 +75,16 @@ def timed_prefill(runner, ids):
     return len(ids) / (time.perf_counter() - t0)
 
 
-def scripted_skip(model, share, choices_path, positions):
+def scripted_skip(model, share, choices_path, positions, method="lowest-ratio"):
     """Routes skipping round(share * N) blocks for every position after the first (module doc)."""
     n = len(model.blocks)
     k = round(share * n)
     dropped = None
     if choices_path and Path(choices_path).is_file():
-        dropped = json.loads(Path(choices_path).read_text())["lowest-ratio"].get(str(k))
+        choices = json.loads(Path(choices_path).read_text())
+        if method not in choices:
+            sys.exit(f"error: --static-method {method}: not in {choices_path} (it has {', '.join(choices)})")
+        dropped = choices[method].get(str(k))
     if dropped is None:
         att = [i for i, b in enumerate(model.blocks) if b.kind == "att"][2:]
         dropped = att[:: max(1, len(att) // k)][:k]
@@ -106,6 +110,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="rounds of every contender (default: %(default)s)")
     p.add_argument("--skip-share", type=float, default=0.2, help="scripted routes' share of blocks skipped, 0: none")
     p.add_argument("--static-choices", default=None, help="bench/real_pareto.py's static_choices.json")
+    p.add_argument("--static-method", default="lowest-ratio", help="the scripted routes' choice in it (%(default)s)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     tok = radial_min.Tokenizer(args.model)
@@ -129,7 +134,7 @@ def main(argv=None):
         dropped = None
         if args.skip_share:
             positions = max(args.prompt_len + args.new, args.prefill_len) + 1  # a generation, the timed prefill
-            script, dropped = scripted_skip(model, args.skip_share, args.static_choices, positions)
+            script, dropped = scripted_skip(model, args.skip_share, args.static_choices, positions, args.static_method)
             contenders[f"scripted {args.skip_share:.0%}"] = lambda m=model, s=script: RadialNetwork(
                 m, s, kv_rule="fill"
             )

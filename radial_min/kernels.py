@@ -770,10 +770,10 @@ def matmul_blas(sgemm, a, w, out, tile_rows, tile_cols):  # [T, in], [out, in] f
     """a @ w.T through OpenBLAS's sgemm on one thread per call, the calls being the tasks of Numba's pool, one
     per tile of tile_rows x tile_cols outputs (BLAS_ROWS x BLAS_COLUMNS). On Numba's pool rather than OpenBLAS's
     own threads or Python threads: between two kernels of a forward no second set of threads spins on the cores
-    (see `_sgemm`). The tiling is fixed, not cut to the thread count: OpenBLAS's rounding depends on the shape of
-    a call (measured: splitting 130 rows in 2 changes bits), so a fixed tiling gives the same bits on any number
-    of free cores.
-    Measured on SmolLM2's four shapes, 512 rows, 2 idle cores: 190-283 GFLOP/s against 140-183 for our `matmul`."""
+    (see "auto" at the top). The tiling is fixed, not cut to the thread count: OpenBLAS's rounding depends on the
+    shape of a call (measured: splitting 130 rows in 2 changes bits), so a fixed tiling gives the same bits on any
+    number of free cores. Measured on SmolLM2's four shapes, 512 rows, 2 idle cores: 190-283 GFLOP/s against
+    140-183 for our `matmul`."""
     n_rows, n_in = a.shape
     n_out = w.shape[0]
     row_tiles = (n_rows + tile_rows - 1) // tile_rows
