@@ -18,7 +18,9 @@ Variants (docs/performance.md, "GGUF blocks kept quantized"):
 
 Then the same kernels streamed: every 4-bit matrix of the model in turn (66 MB, as a decode step reads them), wall
 clock per pass, best of 5 rounds: what prefetching changed (the hardware's prefetcher alone kept the kernel at
-about half its cached speed).
+about half its cached speed). Last, float32 decode's bound: the model's float32 matrices and its LM head in turn
+(538 MB) through `kernels.matvec`, against a plain sum over the same matrices, and both over one array of as many
+bytes, on one core.
 """
 
 import os
@@ -189,6 +191,46 @@ def main():
     for name, t in best.items():
         print(f"  {name:36s} {1536 * 576 / t / 1e9:6.2f}")
     streamed(model)
+    float32_streamed(path)
+
+
+@njit(fastmath=True)
+def _sum(x, w, out):  # the bandwidth probe's loop over one matrix: no x, one running sum
+    flat = w.ravel()
+    acc = np.float32(0.0)
+    for i in range(np.uint64(flat.size)):
+        acc += flat[i]
+    out[0] = acc
+
+
+def float32_streamed(path):
+    """A float32 decode step's matrices in turn (every block's, then the LM head) through matvec and through a
+    plain sum, and the same bytes as one array: GB/s on one core, best of 3."""
+    model = radial_min.load(path, weights_dtype="float32")
+    mats = [m.weight for b in model.blocks for m in vars(b).values() if getattr(m, "weight", None) is not None]
+    mats = [w for w in mats if w.ndim == 2] + [model.lm_head.weight]
+    one = np.ones((sum(w.size for w in mats) // 576, 576), np.float32)
+    none = np.zeros(0, np.float32)
+    out = np.empty(max(w.shape[0] for w in mats + [one]), np.float32)
+    xs = {n: np.ones(n, np.float32) for n in {w.shape[1] for w in mats}}
+    matvec = lambda x, w, o: kernels.matvec_serial(x, w, none, none, o[: w.shape[0]])  # noqa: E731
+    rows = {
+        "matvec, the model's matrices in turn": (matvec, mats),
+        "plain sum, the same matrices": (_sum, mats),
+        "matvec, one array of as many bytes": (matvec, [one]),
+        "plain sum, one array": (_sum, [one]),
+    }
+    gb = sum(w.nbytes for w in mats) / 1e9
+    print(f"float32: {len(mats)} matrices, {gb * 1e3:.0f} MB a decode step, GB/s on one core; "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    for name, (kernel, ws) in rows.items():
+        best = float("inf")
+        for _ in range(4):  # the first round compiles and warms
+            t = time.perf_counter()
+            for w in ws:
+                kernel(xs.get(w.shape[1], xs[576]), w, out)
+            best = min(best, time.perf_counter() - t)
+        print(f"  {name:38s} {gb / best:5.1f}")
 
 
 def streamed(model):
