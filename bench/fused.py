@@ -1,5 +1,5 @@
 """What the fused decode pieces save per SmolLM2-135M token, called directly on the real model's weights (the
-blocks do not use them yet): kernels.gate_up_silu against gate and up as two `linear` calls and the activation,
+blocks use both): kernels.gate_up_silu against gate and up as two `linear` calls and the activation,
 and kernels.RopeTable against rope_angles recomputed for q and k in every attention block. Interleaved rounds,
 medians [min, max] over the rounds, the load average beside them.
 
