@@ -765,6 +765,28 @@ def _blas_one_thread():
 _ROW_MAJOR, _NO_TRANS, _TRANS = np.int32(101), np.int32(111), np.int32(112)  # CBLAS's enums
 
 
+@njit(inline="always")
+def _tile_count(n_rows, n_out, tile_rows, tile_cols):
+    return ((n_rows + tile_rows - 1) // tile_rows) * ((n_out + tile_cols - 1) // tile_cols)
+
+
+@njit(inline="always")
+def _tile(t, n_rows, n_out, tile_rows, tile_cols):  # task t -> its outputs [i_lo:i_hi, j_lo:j_hi]
+    row_tiles = (n_rows + tile_rows - 1) // tile_rows
+    i_lo, j_lo = (t % row_tiles) * tile_rows, (t // row_tiles) * tile_cols
+    return i_lo, min(n_rows, i_lo + tile_rows), j_lo, min(n_out, j_lo + tile_cols)
+
+
+@njit(inline="always")
+def _sgemm_tile(sgemm, a, i_lo, i_hi, w_ptr, ld_w, w_layout, out, j_lo, j_hi):  # out[i, j] = a[i_lo:i_hi] @ W tile
+    """One sgemm call: the rows i_lo..i_hi of `a` times a tile of weights at address w_ptr (leading dimension
+    ld_w; _TRANS for [cols, in] rows, _NO_TRANS for [in, cols] columns) into out[i_lo:i_hi, j_lo:j_hi]."""
+    n_in = a.shape[1]
+    ptr_a, ptr_out = a[i_lo:].ctypes.data, out[i_lo:, j_lo:].ctypes.data
+    sgemm(_ROW_MAJOR, _NO_TRANS, w_layout, i_hi - i_lo, j_hi - j_lo, n_in, np.float32(1), ptr_a, n_in, w_ptr, ld_w,
+          np.float32(0), ptr_out, out.shape[1])  # fmt: skip
+
+
 @njit(parallel=True, cache=True)
 def matmul_blas(sgemm, a, w, out, tile_rows, tile_cols):  # [T, in], [out, in] float32 -> out [T, out]
     """a @ w.T through OpenBLAS's sgemm on one thread per call, the calls being the tasks of Numba's pool, one
@@ -774,15 +796,10 @@ def matmul_blas(sgemm, a, w, out, tile_rows, tile_cols):  # [T, in], [out, in] f
     shape of a call (measured: splitting 130 rows in 2 changes bits), so a fixed tiling gives the same bits on any
     number of free cores. Measured on SmolLM2's four shapes, 512 rows, 2 idle cores: 190-283 GFLOP/s against
     140-183 for our `matmul`."""
-    n_rows, n_in = a.shape
-    n_out = w.shape[0]
-    row_tiles = (n_rows + tile_rows - 1) // tile_rows
-    for t in prange(((n_out + tile_cols - 1) // tile_cols) * row_tiles):
-        i_lo, j_lo = (t % row_tiles) * tile_rows, (t // row_tiles) * tile_cols
-        i_hi, j_hi = min(n_rows, i_lo + tile_rows), min(n_out, j_lo + tile_cols)
-        ptr_a, ptr_w, ptr_out = a[i_lo:].ctypes.data, w[j_lo:].ctypes.data, out[i_lo:, j_lo:].ctypes.data
-        sgemm(_ROW_MAJOR, _NO_TRANS, _TRANS, i_hi - i_lo, j_hi - j_lo, n_in, np.float32(1), ptr_a, n_in, ptr_w, n_in,
-              np.float32(0), ptr_out, n_out)  # fmt: skip
+    n_rows, n_out = a.shape[0], out.shape[1]
+    for t in prange(_tile_count(n_rows, n_out, tile_rows, tile_cols)):
+        i_lo, i_hi, j_lo, j_hi = _tile(t, n_rows, n_out, tile_rows, tile_cols)
+        _sgemm_tile(sgemm, a, i_lo, i_hi, w[j_lo:].ctypes.data, w.shape[1], _TRANS, out, j_lo, j_hi)
 
 
 matmul_blas_serial = _one_thread(matmul_blas)
@@ -792,20 +809,15 @@ matmul_blas_serial = _one_thread(matmul_blas)
 def matmul_blas_blocks(sgemm, a, q, scale, offset, out, tile_rows, tile_cols):  # [T, in], BlockMatrix's -> [T, out]
     """a @ W.T for a GGUF block matrix W (4-bit with offsets, else 8-bit): matmul_blas's tiles, each task widening
     its tile_cols rows of W to float32 first ([in, cols], the serial dequantize_q4/q8), then one sgemm call."""
-    n_rows, n_in = a.shape
-    n_out, G = out.shape[1], q.shape[3]
-    row_tiles = (n_rows + tile_rows - 1) // tile_rows
-    for t in prange(((n_out + tile_cols - 1) // tile_cols) * row_tiles):
-        i_lo, j_lo = (t % row_tiles) * tile_rows, (t // row_tiles) * tile_cols
-        i_hi, j_hi = min(n_rows, i_lo + tile_rows), min(n_out, j_lo + tile_cols)
-        cols = np.empty((n_in, (j_hi - j_lo + G - 1) // G * G), np.float32)  # whole groups
+    n_rows, n_out, G = a.shape[0], out.shape[1], q.shape[3]
+    for t in prange(_tile_count(n_rows, n_out, tile_rows, tile_cols)):
+        i_lo, i_hi, j_lo, j_hi = _tile(t, n_rows, n_out, tile_rows, tile_cols)
+        cols = np.empty((a.shape[1], (j_hi - j_lo + G - 1) // G * G), np.float32)  # whole groups
         if offset.size:
             dequantize_q4_serial(q, scale, offset, j_lo // G, cols)
         else:
             dequantize_q8_serial(q, scale, j_lo // G, cols)
-        ptr_a, ptr_w, ptr_out = a[i_lo:].ctypes.data, cols.ctypes.data, out[i_lo:, j_lo:].ctypes.data
-        sgemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, i_hi - i_lo, j_hi - j_lo, n_in, np.float32(1), ptr_a, n_in, ptr_w,
-              cols.shape[1], np.float32(0), ptr_out, n_out)  # fmt: skip
+        _sgemm_tile(sgemm, a, i_lo, i_hi, cols.ctypes.data, cols.shape[1], _NO_TRANS, out, j_lo, j_hi)
 
 
 matmul_blas_blocks_serial = _one_thread(matmul_blas_blocks)
@@ -815,19 +827,14 @@ matmul_blas_blocks_serial = _one_thread(matmul_blas_blocks)
 def matmul_blas_int8(sgemm, a, q, scale, out, tile_rows, tile_cols):  # [T, in], Int8Matrix's q, scale -> [T, out]
     """a @ W.T for an int8 matrix W (row scales): matmul_blas's tiles, each task widening its tile_cols rows of W to
     float32 (q times the row's scale, as Int8Matrix.dequantize) before its sgemm call."""
-    n_rows, n_in = a.shape
-    n_out = out.shape[1]
-    row_tiles = (n_rows + tile_rows - 1) // tile_rows
-    for t in prange(((n_out + tile_cols - 1) // tile_cols) * row_tiles):
-        i_lo, j_lo = (t % row_tiles) * tile_rows, (t // row_tiles) * tile_cols
-        i_hi, j_hi = min(n_rows, i_lo + tile_rows), min(n_out, j_lo + tile_cols)
+    n_rows, n_in, n_out = a.shape[0], a.shape[1], out.shape[1]
+    for t in prange(_tile_count(n_rows, n_out, tile_rows, tile_cols)):
+        i_lo, i_hi, j_lo, j_hi = _tile(t, n_rows, n_out, tile_rows, tile_cols)
         rows = np.empty((j_hi - j_lo, n_in), np.float32)
         for j in range(j_hi - j_lo):
             for k in range(n_in):
                 rows[j, k] = np.float32(q[j_lo + j, k]) * scale[j_lo + j]
-        ptr_a, ptr_w, ptr_out = a[i_lo:].ctypes.data, rows.ctypes.data, out[i_lo:, j_lo:].ctypes.data
-        sgemm(_ROW_MAJOR, _NO_TRANS, _TRANS, i_hi - i_lo, j_hi - j_lo, n_in, np.float32(1), ptr_a, n_in, ptr_w, n_in,
-              np.float32(0), ptr_out, n_out)  # fmt: skip
+        _sgemm_tile(sgemm, a, i_lo, i_hi, rows.ctypes.data, n_in, _TRANS, out, j_lo, j_hi)
 
 
 matmul_blas_int8_serial = _one_thread(matmul_blas_int8)
