@@ -787,6 +787,18 @@ def _sgemm_tile(sgemm, a, i_lo, i_hi, w_ptr, ld_w, w_layout, out, j_lo, j_hi):  
           np.float32(0), ptr_out, out.shape[1])  # fmt: skip
 
 
+@intrinsic
+def _keep_alive(typingctx, array):
+    """Nothing: a use of `array` after sgemm has read it. Numba frees an array after its last use, and the last use
+    of a task's widened tile is otherwise taking its address for sgemm, so the buffer was freed before sgemm read
+    it (found when glibc returned such buffers to the system at once: a segfault)."""
+
+    def codegen(context, builder, signature, args):
+        return context.get_dummy_value()
+
+    return nb_types.none(array), codegen
+
+
 @njit(parallel=True, cache=True)
 def matmul_blas(sgemm, a, w, out, tile_rows, tile_cols):  # [T, in], [out, in] float32 -> out [T, out]
     """a @ w.T through OpenBLAS's sgemm on one thread per call, the calls being the tasks of Numba's pool, one
@@ -809,15 +821,16 @@ matmul_blas_serial = _one_thread(matmul_blas)
 def matmul_blas_blocks(sgemm, a, q, scale, offset, out, tile_rows, tile_cols):  # [T, in], BlockMatrix's -> [T, out]
     """a @ W.T for a GGUF block matrix W (4-bit with offsets, else 8-bit): matmul_blas's tiles, each task widening
     its tile_cols rows of W to float32 first ([in, cols], the serial dequantize_q4/q8), then one sgemm call."""
-    n_rows, n_out, G = a.shape[0], out.shape[1], q.shape[3]
+    n_rows, n_in, n_out, G = a.shape[0], a.shape[1], out.shape[1], q.shape[3]
     for t in prange(_tile_count(n_rows, n_out, tile_rows, tile_cols)):
         i_lo, i_hi, j_lo, j_hi = _tile(t, n_rows, n_out, tile_rows, tile_cols)
-        cols = np.empty((a.shape[1], (j_hi - j_lo + G - 1) // G * G), np.float32)  # whole groups
+        cols = np.empty((n_in, (j_hi - j_lo + G - 1) // G * G), np.float32)  # whole groups
         if offset.size:
             dequantize_q4_serial(q, scale, offset, j_lo // G, cols)
         else:
             dequantize_q8_serial(q, scale, j_lo // G, cols)
         _sgemm_tile(sgemm, a, i_lo, i_hi, cols.ctypes.data, cols.shape[1], _NO_TRANS, out, j_lo, j_hi)
+        _keep_alive(cols)
 
 
 matmul_blas_blocks_serial = _one_thread(matmul_blas_blocks)
@@ -835,6 +848,7 @@ def matmul_blas_int8(sgemm, a, q, scale, out, tile_rows, tile_cols):  # [T, in],
             for k in range(n_in):
                 rows[j, k] = np.float32(q[j_lo + j, k]) * scale[j_lo + j]
         _sgemm_tile(sgemm, a, i_lo, i_hi, rows.ctypes.data, n_in, _TRANS, out, j_lo, j_hi)
+        _keep_alive(rows)
 
 
 matmul_blas_int8_serial = _one_thread(matmul_blas_int8)

@@ -1,5 +1,9 @@
 """Each Numba kernel against its plain-NumPy reference, over shapes that hit every tile edge."""
 
+import os
+import subprocess
+import sys
+
 import numba
 import numpy as np
 import pytest
@@ -194,6 +198,38 @@ def test_sgemm_on_the_pool_gives_the_same_bits_on_any_number_of_threads(rows):
             numba.set_num_threads(before)
         assert np.array_equal(one, two), kernel
         np.testing.assert_allclose(one, want, rtol=1e-4, atol=1e-4)
+
+
+_WIDENED_TILES = """
+import numpy as np
+from radial_min import kernels
+from radial_min.quant import BlockMatrix
+
+rng = np.random.default_rng(0)
+x = rng.standard_normal((300, 576)).astype(np.float32)
+q = rng.integers(0, 256, (24, 18, 16, 32), dtype=np.uint8)  # 768 x 576, 4-bit
+scale, offset = (rng.uniform(0.01, 0.1, (24, 18, 32)).astype(np.float32) for _ in range(2))
+w4 = BlockMatrix("Q4_1", (768, 576), q, scale, offset)
+w8 = kernels.Int8Matrix.quantize(rng.standard_normal((768, 576)).astype(np.float32))
+for w, dense in ((w4, w4.dequantize()), (w8, w8.dequantize())):
+    want = x.astype(np.float64) @ dense.T.astype(np.float64)
+    assert np.abs(kernels.linear(x, w) - want).max() <= 1e-4 * np.abs(want).max()
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc tunables")
+def test_widened_weight_tiles_stay_alive_until_sgemm_has_read_them():
+    """The pool kernels widen each int8 or block weight tile into a buffer that sgemm then reads. Allocated inside
+    the task, a buffer was freed before sgemm read it (Numba frees an array after its last use, taking its
+    address), unnoticed where glibc kept the memory mapped; with every allocation of 128 KB or more mapped on its
+    own (MALLOC_MMAP_THRESHOLD_), reading a freed one is a segfault. In a subprocess, so a crash fails this test."""
+    if kernels._cblas_sgemm() is None:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS this process can reach")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    run = subprocess.run([sys.executable, "-c", _WIDENED_TILES], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
 
 
 def test_set_backend_rejects_unknown():

@@ -1408,6 +1408,20 @@ MUTANTS = [
         (T("kernels"), "-k", "auto_backend"),
     ),
     Mutant(
+        "block tiles: the widened buffer not kept alive (freed before sgemm reads it)",
+        K,
+        "        _keep_alive(cols)\n",
+        "",
+        (T("kernels"), "-k", "stay_alive"),
+    ),
+    Mutant(
+        "int8 tiles: the widened buffer not kept alive (freed before sgemm reads it)",
+        K,
+        "        _keep_alive(rows)\n",
+        "",
+        (T("kernels"), "-k", "stay_alive"),
+    ),
+    Mutant(
         "int8 tiles on the pool: every row widened with the first rows' scales",
         K,
         "rows[j, k] = np.float32(q[j_lo + j, k]) * scale[j_lo + j]",
