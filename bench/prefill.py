@@ -61,6 +61,14 @@ def contenders(models: dict, hf, torch_mod, ids) -> dict:
     return fns
 
 
+def too_long(model, tokens, name) -> bool:
+    """Whether the prompt is longer than the model's positions (then the section is skipped, saying so)."""
+    limit = model.config.max_position_embeddings
+    if tokens > limit:
+        print(f"{name} skipped: --tokens {tokens} is more than its {limit} positions")
+    return tokens > limit
+
+
 def report(title, stats: dict):
     hf = stats.get("transformers float32")
     rows = [[name, common.fmt(s, 0), "-" if hf is None else f"{common.ratio(s, hf):.2f}x"] for name, s in stats.items()]
@@ -84,13 +92,16 @@ def main(args, threads):
         common.section(f"SmolLM2-135M, {args.tokens} tokens")
         ours = {"float32": radial_min.load(path, weights_dtype="float32")}
         hf = None
-        if torch_mod is not None:
+        if too_long(ours["float32"], args.tokens, "SmolLM2-135M"):
+            ours = {}
+        if ours and torch_mod is not None:
             hf = transformers_mod.AutoModelForCausalLM.from_pretrained(
                 path.parent, gguf_file=path.name, dtype=torch_mod.float32
             ).eval()
-        ids = common.prompt_ids(args.tokens, ours["float32"].config.vocab_size, 1, 1)
-        report("SmolLM2-135M", common.interleaved(contenders(ours, hf, torch_mod, ids), args.reps))
-        load.check("SmolLM2-135M")
+        if ours:
+            ids = common.prompt_ids(args.tokens, ours["float32"].config.vocab_size, 1, 1)
+            report("SmolLM2-135M", common.interleaved(contenders(ours, hf, torch_mod, ids), args.reps))
+            load.check("SmolLM2-135M")
     opt = common.ROOT / "weights" / "random-opt-125m"
     if not (opt / "model.safetensors").is_file():
         print(f"OPT-125M shapes skipped: python tools/make_random_opt.py --out {opt.relative_to(common.ROOT)}")
@@ -98,11 +109,14 @@ def main(args, threads):
         common.section(f"OPT-125M shapes, {args.tokens} tokens")
         ours = {d: radial_min.load(opt, weights_dtype=d) for d in ("float32", "int8")}
         hf = None
-        if torch_mod is not None:
+        if too_long(ours["float32"], args.tokens, "OPT-125M shapes"):
+            ours = {}
+        if ours and torch_mod is not None:
             hf = transformers_mod.OPTForCausalLM.from_pretrained(str(opt), dtype=torch_mod.float32).eval()
-        ids = common.prompt_ids(args.tokens, ours["float32"].config.vocab_size, 1, 2)
-        report("OPT-125M shapes", common.interleaved(contenders(ours, hf, torch_mod, ids), args.reps))
-        load.check("OPT-125M")
+        if ours:
+            ids = common.prompt_ids(args.tokens, ours["float32"].config.vocab_size, 1, 2)
+            report("OPT-125M shapes", common.interleaved(contenders(ours, hf, torch_mod, ids), args.reps))
+            load.check("OPT-125M")
     print(
         "load average and other processes' CPU share: "
         + ", ".join(f"{k} {v['load_average']:.1f}/{100 * v['other_share']:.0f}%" for k, v in load.sections.items())
