@@ -165,6 +165,27 @@ def test_exp32_is_within_one_ulp_of_e_to_the_x():
     assert (got[x < -104] == 0).all() and (got[x > 89] == np.inf).all()
 
 
+def test_blas_backend_without_openblas_uses_numpys_matmul(monkeypatch):
+    """ "blas" where NumPy's BLAS is not an OpenBLAS to call: NumPy's own matmul on the widened weights (any
+    BLAS), not our matmul; float32, int8 and block weights all give the product, bias included."""
+    from radial_min.quant import BlockMatrix
+    from test_quant import raw_blocks
+
+    calls = []
+    _record_kernels(monkeypatch, calls)
+    monkeypatch.setitem(kernels._BLAS, "sgemm", False)
+    kernels.set_backend("blas")
+    x, b = randn(20, 64), randn(32)
+    for w in (
+        randn(32, 64),
+        kernels.to_storage(randn(32, 64), "int8"),
+        BlockMatrix.from_gguf("Q8_0", raw_blocks("Q8_0", 32, 64), (32, 64)),
+    ):
+        dense = w.dequantize() if isinstance(w, BlockMatrix) else kernels.to_float32(w)
+        np.testing.assert_allclose(kernels.linear(x, w, b), kernels.linear_ref(x, dense, b), rtol=1e-5, atol=1e-5)
+    assert calls == []
+
+
 @pytest.mark.parametrize("backend", ["auto", "blas"])
 def test_linear_of_float64_rows_is_not_sent_to_sgemm(backend):
     """The router's features and the trainer's checks pass float64 rows: sgemm would read their bytes as float32,

@@ -1422,6 +1422,13 @@ MUTANTS = [
         (T("kernels"), "-k", "stay_alive"),
     ),
     Mutant(
+        "blas backend without OpenBLAS: our matmul instead of NumPy's",
+        K,
+        'elif _BACKEND["matmul"] == "blas" and x.dtype == np.float32:',
+        "elif False:",
+        (T("kernels"), "-k", "numpys_matmul"),
+    ),
+    Mutant(
         "int8 tiles on the pool: every row widened with the first rows' scales",
         K,
         "rows[j, k] = np.float32(q[j_lo + j, k]) * scale[j_lo + j]",
