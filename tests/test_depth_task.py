@@ -127,3 +127,21 @@ def test_routed_runs_are_paired_with_their_equal_training_control():
     assert cells[6] == f"0.250 ± {12.706 * 0.1 / 2**0.5 / 2**0.5:.3f}"
     assert cells[7] == "0.900 [0.600], 0.900 [0.700]"
     assert depth_task.paired_table(runs[:2]) == ""
+
+
+def test_reused_blocks_are_paired_with_the_sequential_runs_of_their_seed():
+    """A network of 2 blocks run up to 4 deep, against the 2-block (same parameters) and 4-block (its depth)
+    sequential runs of the same seed: differences paired by seed."""
+    runs = [_run(s, 2, 0.5 - 0.1 * s, 2.0) for s in (0, 1)] + [_run(s, 4, 0.9 - 0.2 * s, 4.0) for s in (0, 1)]
+    for s, acc in ((1, 0.9), (0, 1.0)):
+        r = _run(s, 2, acc, 4.0, "expert-choice")
+        r["radial"]["max_depth"] = 4
+        runs.append(r)
+    cells = [c.strip() for c in depth_task.reuse_table(runs).splitlines()[-1].split("|")]
+    assert cells[1:6] == ["expert-choice d3 w600 fill max4", "64", "2", "4.00 ± 0.00", "2"]
+    t = 12.706 / 2**0.5
+    assert cells[6:8] == ["0.950 ± " + f"{t * 0.0707107:.3f}", "0.450 ± " + f"{t * 0.0707107:.3f}"]
+    assert cells[8] == "0.500 ± 0.000"  # 1.0 - 0.5, 0.9 - 0.4
+    assert cells[10] == f"0.150 ± {t * 0.0707107:.3f}"  # 1.0 - 0.9, 0.9 - 0.7
+    assert cells[-2] == "1.000 [0.500, 0.900], 0.900 [0.400, 0.700]"
+    assert depth_task.reuse_table(runs[:4]) == ""

@@ -388,6 +388,37 @@ def paired_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def reuse_table(runs: list[dict]) -> str:
+    """Each family of networks that reuse their blocks (max_depth above their blocks) against the sequential runs of
+    the same seed and width with as many blocks (equal parameters) and with max_depth blocks (the depth they may
+    reach): the hardest label's accuracy, the differences paired by seed, mean and 95% t-interval ("" if none)."""
+    seq = {(seed_of(r), r["model"]["width"], r["model"]["blocks"]): r for r in runs if kind(r) == "sequential"}
+    families = {}
+    for r in runs:
+        depth = (r.get("radial") or {}).get("max_depth") or 0
+        if depth > r["model"]["blocks"]:
+            families.setdefault((kind(r), r["model"]["width"], r["model"]["blocks"], depth), []).append(r)
+    if not families:
+        return ""
+    label = max(runs[0]["final"]["accuracy"], key=int)
+    head = ["network", "width", "blocks (unique)", "blocks/token", "seeds", f"{label_name(label)}",
+            "sequential, same blocks", "difference", "sequential, max depth", "difference",
+            "by seed [same blocks, max depth]"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---|" + " ---: |" * (len(head) - 1)]
+    for (family, width, blocks, depth), rs in sorted(families.items()):
+        rs = [r for r in sorted(rs, key=seed_of) if all((seed_of(r), width, b) in seq for b in (blocks, depth))]
+        if not rs:
+            continue
+        acc = lambda r: r["final"]["accuracy"][label]  # noqa: E731
+        a = np.array([acc(r) for r in rs])
+        same, deep = (np.array([acc(seq[seed_of(r), width, b]) for r in rs]) for b in (blocks, depth))
+        by_seed = ", ".join(f"{x:.3f} [{y:.3f}, {z:.3f}]" for x, y, z in zip(a, same, deep))
+        bpt = ci(mean_ci([r["final"]["blocks_per_token"] for r in rs]), 2)
+        cells = [family, width, blocks, bpt, len(rs), *(ci(mean_ci(v)) for v in (a, same, a - same, deep, a - deep))]
+        lines.append("| " + " | ".join(map(str, [*cells, by_seed])) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def figure(rows: list[dict], path: Path, chance: float):
     """Accuracy against blocks, one line per label, 95% CIs as bars (None without matplotlib)."""
     try:
@@ -437,6 +468,8 @@ def cmd_report(args):
     text = table(rows)
     if any(r["kind"] != "sequential" for r in rows):
         text += "\n\nRouted networks against the sequential curve at their blocks per token:\n\n" + routed_table(rows)
+    if reused := reuse_table(runs):
+        text += "\n\nBlocks reused, against the sequential runs of the same seed (paired):\n\n" + reused
     if paired := paired_table(runs):
         text += "\n\nStarted from a sequential run, against it trained on as long (same start, steps):\n\n" + paired
     write_json(grid / "summary.json", {"task": task, "rows": rows})

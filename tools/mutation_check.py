@@ -1380,6 +1380,13 @@ MUTANTS = [
         (T("depth_task"), "-k", "paired"),
     ),
     Mutant(
+        "hop report: reused blocks paired with the sequential runs of seed 0",
+        "tools/depth_task.py",
+        "same, deep = (np.array([acc(seq[seed_of(r), width, b]) for r in rs]) for b in (blocks, depth))",
+        "same, deep = (np.array([acc(seq[0, width, b]) for r in rs]) for b in (blocks, depth))",
+        (T("depth_task"), "-k", "reused"),
+    ),
+    Mutant(
         "bench: the routing timer asks the network instead of its router",
         "bench/routing.py",
         "    net.router.decide(x, [-1], [0])",
