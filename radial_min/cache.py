@@ -127,6 +127,7 @@ class _Entries:
         self.keys = np.zeros((batch, capacity), np.int64)
         self.count = np.zeros(batch, np.int64)
         self.dk = self.dv = None
+        self.read_to = np.full(batch, -1, np.int64)  # training: per sequence, the largest order key a query read
 
     def reserve(self, need: int):
         cap = self.k.shape[2]
@@ -147,7 +148,16 @@ class _Entries:
     def append(self, seq, keys, k, v):
         """Entries k, v [n, Hkv, D] of sequences seq [n] with order keys [n], each put in its place in its sequence's
         key order. Entries almost always come after those stored (then they are appended); a round of the walk
-        in which several blocks write one partition (per-step) may interleave them (then they are merged in)."""
+        in which several blocks write one partition (per-step) may interleave them (then they are merged in).
+        In training, an entry whose key is at most that of a query already read from this partition is refused:
+        that query should have seen it (the visibility rule) but did not, and the backward, which recomputes each
+        query's weights over what it sees then, would weigh it with the forward's normaliser (weights above 1,
+        overflow): the walk's order is not exact for the cache policy."""
+        if self.train and (np.asarray(keys) <= self.read_to[seq]).any():
+            raise ValueError(
+                "KV cache: an entry written after a query that should see it had read (the walk's order is not "
+                "exact for this cache policy, e.g. blocks reused pass after pass under per-layer: use per-step)"
+            )
         if len(self.count) == 1:  # one sequence (generation): the entries follow on, written as a slice
             n, m = int(self.count[0]), len(k)
             self.reserve(n + m)
@@ -250,6 +260,7 @@ class KVCache:
         q, store, seq, keys = written
         n, D = len(q), self.head_dim
         if tape is not None:
+            np.maximum.at(store.read_to, seq, keys)  # later entries must come after every key read (append)
             qh = np.ascontiguousarray(q.reshape(n, -1, D))
             y, lse = ops.attention_forward(qh, store, seq, keys)
             tape.append((qh, store, seq, keys, y, lse))

@@ -267,6 +267,10 @@ class _Walk:
         rounds follow the steps; a decision is recorded as the `after` of the round before it (the START decision
         for step 0), which is where the backward wants it."""
         net, router = self.net, self.net.router
+        if not router.config.forward_only and net.cache_policy != "per-step":
+            raise ValueError(  # a later pass would write keys that earlier passes of later tokens should have read
+                f"expert-choice recursion trains a pass per round: cache policy per-step, not {net.cache_policy}"
+            )
         active, seq = np.arange(len(self.X)), np.zeros(len(self.X), np.int64) + self.seq  # seq: 0 for one sequence
         begin(self.observe, self.X)
         for p in range(net.max_depth):

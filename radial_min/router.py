@@ -366,7 +366,9 @@ class ExpertChoice:
     Forward-only (Mixture-of-Depths): decision m picks the tokens that run block m; the others skip it and are
     candidates again for the next block. Otherwise (Mixture-of-Recursions): the tokens run the blocks in order, pass
     after pass (the network's blocks shared, up to max_depth), and decision m, before pass m + 2, picks which
-    tokens go on; the others exit. The gate scales the pass's first block."""
+    tokens go on; the others exit. The gate scales the pass's first block. Recursion trains with the per-step cache
+    (each pass reads the keys of its own pass: MoR's recursion-wise caching), the one its pass-by-pass walk is exact
+    for (radial._Walk.run_expert_choice)."""
 
     def __init__(self, cfg: RouterConfig, params: dict, aux_weight: float = 0.0):
         self.config, self.params, self.grad, self.aux_weight = cfg, params, {}, aux_weight

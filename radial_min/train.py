@@ -283,8 +283,12 @@ class TrainConfig:
                 out.append("--estimator expert-choice: its capacity comes from --target-depth BLOCKS")
             if not r.forward_only and depth % n:
                 out.append(f"--max-depth {depth}: expert-choice recursion runs whole passes over the {n} blocks")
-            if r.cache_policy == "global":
-                out.append("--estimator expert-choice: --cache-policy per-layer (forward-only) or per-step")
+            if r.cache_policy == "global" or (not r.forward_only and r.cache_policy != "per-step"):
+                out.append(  # recursion trains a round per pass: under per-layer a later pass writes keys that
+                    # the earlier passes of later tokens should have read (radial._Walk.run_expert_choice)
+                    "--estimator expert-choice: --cache-policy per-layer or per-step (forward-only), per-step "
+                    f"(recursion, --max-depth {depth} without --forward-only)"
+                )
         return out
 
 

@@ -80,3 +80,68 @@ def test_pack_round_trip(tmp_path, capsys):
     assert "accuracy by query index" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="expected a folder written by `pack`"):
         depth_task.main(["routes", "--model", str(tmp_path)])
+
+
+def _args(**over):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    depth_task.add_task_args(p)
+    depth_task.add_train_args(p)
+    depth_task.add_radial_args(p, one=True)
+    return argparse.Namespace(**{**vars(p.parse_args([])), "out": "x", **over})
+
+
+def test_expert_choice_recursion_runs_with_the_per_step_cache():
+    """A routed run whose blocks are reused (--max-depth above 2 x --layers) as expert choice trains with the
+    per-step cache (a pass per round: radial._Walk.run_expert_choice), and its settings pass the trainer's checks;
+    without reuse, forward-only with the per-layer cache."""
+    args = _args(layers=1, max_depth=4, estimator="expert-choice", target_depth=4.0)
+    cfg = depth_task.train_config(args, depth_task.task_from(args))
+    assert (cfg.radial.cache_policy, cfg.radial.forward_only, cfg.radial.max_depth) == ("per-step", False, 4)
+    assert not cfg.problems(1 << 40)
+    args = _args(layers=1, estimator="expert-choice", target_depth=1.5)
+    cfg = depth_task.train_config(args, depth_task.task_from(args))
+    assert (cfg.radial.cache_policy, cfg.radial.forward_only) == ("per-layer", True)
+
+
+def test_routed_runs_are_paired_with_their_equal_training_control():
+    """`curve --init-from` runs (sequential, trained on from the same start as long) are no point of the curve, and
+    the report pairs each routed run started from a sequential one with the control of the same start and steps."""
+
+    def started(r, start, steps=2000):
+        r["train"].update(init_from=start, steps=steps)
+        return r
+
+    runs = [_run(s, 4, 0.5 + 0.1 * s, 4.0) for s in (0, 1)]
+    runs += [started(_run(s, 4, 0.6 + 0.1 * s, 4.0), f"runs/L2-s{s}") for s in (0, 1)]  # the controls
+    runs += [started(_run(s, 4, 0.9, 3.0, "gate"), f"runs/L2-s{s}") for s in (1, 0)]
+    runs += [started(_run(2, 4, 0.1, 3.0, "gate"), "runs/L2-s2")]  # no control: left out
+    rows = depth_task.summarize(runs)
+    assert depth_task.sequential_at(rows, 64, 4.0, "accuracy", "2")[0] == pytest.approx(0.55)  # the curve alone
+    assert {r["kind"] for r in rows} == {"sequential", "sequential, trained on", "gate d3 w600 fill from sequential"}
+    line = depth_task.paired_table(runs).splitlines()[-1]
+    cells = [c.strip() for c in line.split("|")]
+    assert cells[1:4] == ["gate d3 w600 fill from sequential", "64", "2"]
+    assert cells[4].startswith("0.900 ± 0.000") and cells[5].startswith("0.650 ± ")
+    assert cells[6] == f"0.250 ± {12.706 * 0.1 / 2**0.5 / 2**0.5:.3f}"
+    assert cells[7] == "0.900 [0.600], 0.900 [0.700]"
+    assert depth_task.paired_table(runs[:2]) == ""
+
+
+def test_reused_blocks_are_paired_with_the_sequential_runs_of_their_seed():
+    """A network of 2 blocks run up to 4 deep, against the 2-block (same parameters) and 4-block (its depth)
+    sequential runs of the same seed: differences paired by seed."""
+    runs = [_run(s, 2, 0.5 - 0.1 * s, 2.0) for s in (0, 1)] + [_run(s, 4, 0.9 - 0.2 * s, 4.0) for s in (0, 1)]
+    for s, acc in ((1, 0.9), (0, 1.0)):
+        r = _run(s, 2, acc, 4.0, "expert-choice")
+        r["radial"]["max_depth"] = 4
+        runs.append(r)
+    cells = [c.strip() for c in depth_task.reuse_table(runs).splitlines()[-1].split("|")]
+    assert cells[1:6] == ["expert-choice d3 w600 fill max4", "64", "2", "4.00 ± 0.00", "2"]
+    t = 12.706 / 2**0.5
+    assert cells[6:8] == ["0.950 ± " + f"{t * 0.0707107:.3f}", "0.450 ± " + f"{t * 0.0707107:.3f}"]
+    assert cells[8] == "0.500 ± 0.000"  # 1.0 - 0.5, 0.9 - 0.4
+    assert cells[10] == f"0.150 ± {t * 0.0707107:.3f}"  # 1.0 - 0.9, 0.9 - 0.7
+    assert cells[-2] == "1.000 [0.500, 0.900], 0.900 [0.400, 0.700]"
+    assert depth_task.reuse_table(runs[:4]) == ""

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from radial_min import train as tr
+from radial_min.blocks import Rows
+from radial_min.cache import KVCache
 from radial_min.radial import RadialNetwork, sample_moves
 from radial_min.train import capacity_at
 from radial_min.router import ExpertChoice, Router, RouterConfig, capacity_for, init_router
@@ -197,6 +199,40 @@ def test_expert_choice_settings_are_checked():
     assert any("--target-depth" in p for p in problems)
     problems = tr.TrainConfig.of(**base, target_depth=2.0, cache_policy="global").problems(1 << 40)
     assert any("per-layer" in p for p in problems)
+
+
+def test_expert_choice_recursion_trains_with_the_per_step_cache():
+    """Recursion trains a pass per round over every sequence. Under per-layer, pass 2 of token t - 1 writes keys in
+    the partition that pass 1 of token t reads, with an order key below its query's, after that query has read: the
+    forward never saw them, the backward did, with the forward's normaliser (attention weights above 1; a
+    training run's gradient overflowed). The walk and the settings refuse it; per-step trains."""
+    base = dict(radial=True, estimator="expert-choice", target_depth=4.0, max_depth=4, num_hidden_layers=1)
+    problems = tr.TrainConfig.of(**base, cache_policy="per-layer").problems(1 << 40)
+    assert any("per-step (recursion" in p for p in problems), problems
+    assert not tr.TrainConfig.of(**base, cache_policy="per-step").problems(1 << 40)
+    forward = {**base, "forward_only": True, "max_depth": 2, "target_depth": 2.0, "cache_policy": "per-layer"}
+    assert not tr.TrainConfig.of(**forward).problems(1 << 40)
+    with pytest.raises(ValueError, match="expert-choice recursion trains a pass per round"):
+        tr.loss_and_grads(expert_choice64(False, policy="per-layer", capacity=1.0), BATCH, EC)
+    assert np.isfinite(tr.loss_and_grads(expert_choice64(False, policy="per-step", capacity=1.0), BATCH, EC)[0])
+
+
+def test_training_cache_refuses_an_entry_behind_a_read():
+    """A training cache refuses an entry whose order key a query already read covers (the query should have seen
+    it); entries after every key read, and any entry before a read, are taken."""
+    cache = KVCache("per-layer", 1, 2, batch=2, train=True)
+
+    def write(pos, step, seq):
+        kv = np.ones((len(pos), 2), np.float32)
+        return cache.write(0, kv, kv, kv, Rows(np.array(pos), cache, step, np.array(seq)), [])
+
+    write([0, 0], 2, [0, 1])  # an entry before any read: taken
+    cache.read(write([1, 3], 0, [0, 1]), [])  # sequence 0 read up to (1, 0), sequence 1 up to (3, 0)
+    write([2, 4], 0, [0, 1])  # after every key read
+    write([2], 2, [0])  # sequence 0: after its read of (1, 0)
+    with pytest.raises(ValueError, match="written after a query that should see it had read"):
+        write([2], 2, [1])  # sequence 1: (2, 2) is behind its read of (3, 0)
+    assert cache.parts[0].count.tolist() == [4, 3]
 
 
 @pytest.mark.slow

@@ -65,6 +65,8 @@ def train_config(args, task: tasks.HopTask) -> tr.TrainConfig:
         flat.update(forward_only=True, cache_policy="per-layer")  # every estimator alike: blocks in order, skips
         if args.max_depth and args.max_depth > 2 * args.layers:  # recursion: the blocks run again, pass after pass
             flat.update(forward_only=False, max_depth=args.max_depth)
+            if args.estimator == "expert-choice":  # a round per pass: each pass reads its own keys (MoR's cache)
+                flat.update(cache_policy="per-step")
     if getattr(args, "init_from", None):
         saved = read_json(Path(args.init_from) / "train_config.json")
         if (saved["hidden_size"], saved["num_hidden_layers"]) != (args.width, args.layers):
@@ -157,7 +159,9 @@ def add_train_args(p):
 def add_radial_args(p, one: bool):
     """A routed run's settings (train.RadialSettings); `one`: a single run (train), else lists (radial). Every
     routed run here is forward-only with the per-layer cache (a token runs the blocks in order and may skip any,
-    Mixture-of-Depths' setting, the one expert choice needs), so the estimators differ in how the router learns only."""
+    Mixture-of-Depths' setting, the one expert choice needs), so the estimators differ in how the router learns only;
+    expert-choice recursion (--max-depth above 2 x --layers) trains with the per-step cache, each pass reading its
+    own keys (Mixture-of-Recursions' recursion-wise cache: its rounds are passes, exact for that policy only)."""
     if one:
         p.add_argument("--estimator", default=None, choices=tr.ESTIMATORS, help="train a Radial Network (default: "
                        "sequential)")  # fmt: skip
@@ -235,8 +239,8 @@ def kind(r: dict) -> str:
     """A run's family: 'sequential' or '<estimator> d<target depth> w<router warm-up>[ fill]' (layers told apart
     by the row)."""
     rad = r.get("radial")
-    if not rad:
-        return "sequential"
+    if not rad:  # a sequential model trained on from another (the routed runs' equal-training control) is no point
+        return "sequential, trained on" if r["train"].get("init_from") else "sequential"  # of the curve
     fill = " fill" if rad.get("kv_rule") == "fill" else ""
     loop = f" max{rad['max_depth']}" if rad.get("max_depth") and rad["max_depth"] > r["model"]["blocks"] else ""
     init = " from sequential" if r["train"].get("init_from") else ""
@@ -357,6 +361,64 @@ def routed_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(runs: list[dict]) -> str:
+    """Each family of runs started from a sequential one (--init-from) against the sequential runs trained on from
+    the same start for the same steps (`curve --init-from`: the equal-training control), seed by seed: the hardest
+    label's accuracy of both and their difference, mean and 95% t-interval over the seeds that have both ("" if no
+    family has a control)."""
+    control = {(r["train"]["init_from"], r["train"]["steps"]): r for r in runs
+               if not r.get("radial") and r["train"].get("init_from")}  # fmt: skip
+    families = {}
+    for r in runs:
+        key = (r["train"].get("init_from"), r["train"]["steps"])
+        if r.get("radial") and key in control:
+            families.setdefault((kind(r), r["model"]["width"]), []).append((r, control[key]))
+    if not families:
+        return ""
+    label = max(runs[0]["final"]["accuracy"], key=int)
+    head = ["network", "width", "seeds", f"{label_name(label)}: routed", "control", "routed - control",
+            "by seed: routed [control]"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---|" + " ---: |" * (len(head) - 1)]
+    for (family, width), pairs in sorted(families.items()):
+        pairs.sort(key=lambda p: seed_of(p[0]))
+        a, c = (np.array([p[i]["final"]["accuracy"][label] for p in pairs]) for i in (0, 1))
+        by_seed = ", ".join(f"{x:.3f} [{y:.3f}]" for x, y in zip(a, c))
+        lines.append(f"| {family} | {width} | {len(pairs)} | {ci(mean_ci(a))} | {ci(mean_ci(c))} | "
+                     f"{ci(mean_ci(a - c))} | {by_seed} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def reuse_table(runs: list[dict]) -> str:
+    """Each family of networks that reuse their blocks (max_depth above their blocks) against the sequential runs of
+    the same seed and width with as many blocks (equal parameters) and with max_depth blocks (the depth they may
+    reach): the hardest label's accuracy, the differences paired by seed, mean and 95% t-interval ("" if none)."""
+    seq = {(seed_of(r), r["model"]["width"], r["model"]["blocks"]): r for r in runs if kind(r) == "sequential"}
+    families = {}
+    for r in runs:
+        depth = (r.get("radial") or {}).get("max_depth") or 0
+        if depth > r["model"]["blocks"]:
+            families.setdefault((kind(r), r["model"]["width"], r["model"]["blocks"], depth), []).append(r)
+    if not families:
+        return ""
+    label = max(runs[0]["final"]["accuracy"], key=int)
+    head = ["network", "width", "blocks (unique)", "blocks/token", "seeds", f"{label_name(label)}",
+            "sequential, same blocks", "difference", "sequential, max depth", "difference",
+            "by seed [same blocks, max depth]"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---|" + " ---: |" * (len(head) - 1)]
+    for (family, width, blocks, depth), rs in sorted(families.items()):
+        rs = [r for r in sorted(rs, key=seed_of) if all((seed_of(r), width, b) in seq for b in (blocks, depth))]
+        if not rs:
+            continue
+        acc = lambda r: r["final"]["accuracy"][label]  # noqa: E731
+        a = np.array([acc(r) for r in rs])
+        same, deep = (np.array([acc(seq[seed_of(r), width, b]) for r in rs]) for b in (blocks, depth))
+        by_seed = ", ".join(f"{x:.3f} [{y:.3f}, {z:.3f}]" for x, y, z in zip(a, same, deep))
+        bpt = ci(mean_ci([r["final"]["blocks_per_token"] for r in rs]), 2)
+        cells = [family, width, blocks, bpt, len(rs), *(ci(mean_ci(v)) for v in (a, same, a - same, deep, a - deep))]
+        lines.append("| " + " | ".join(map(str, [*cells, by_seed])) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def figure(rows: list[dict], path: Path, chance: float):
     """Accuracy against blocks, one line per label, 95% CIs as bars (None without matplotlib)."""
     try:
@@ -406,6 +468,10 @@ def cmd_report(args):
     text = table(rows)
     if any(r["kind"] != "sequential" for r in rows):
         text += "\n\nRouted networks against the sequential curve at their blocks per token:\n\n" + routed_table(rows)
+    if reused := reuse_table(runs):
+        text += "\n\nBlocks reused, against the sequential runs of the same seed (paired):\n\n" + reused
+    if paired := paired_table(runs):
+        text += "\n\nStarted from a sequential run, against it trained on as long (same start, steps):\n\n" + paired
     write_json(grid / "summary.json", {"task": task, "rows": rows})
     write_text(grid / "table.md", text + "\n")
     print(f"task: {task}\n{text}")
