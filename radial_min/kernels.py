@@ -206,7 +206,7 @@ def _one_thread(kernel):
 def _sized(kernel, serial, work: int):
     """The parallel kernel, on as many threads as there are free cores, for work worth the thread pool (bytes read,
     or multiply-adds: see PARALLEL_FROM) on a machine with cores to spare; else its serial copy."""
-    threads = free_cores() if work >= PARALLEL_FROM else 1
+    threads = min(free_cores(), numba.config.NUMBA_NUM_THREADS) if work >= PARALLEL_FROM else 1
     if threads == 1:
         return serial
     if _THREADS["set"] != threads:  # Numba's own getter takes a lock: asked only when the count changes

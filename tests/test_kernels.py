@@ -447,12 +447,27 @@ def test_small_work_and_a_busy_machine_run_serial(monkeypatch):
     assert kernels._sized("pool", "serial", 1 << 40) == "serial" and kernels.machine_busy()
 
 
+def test_the_pool_never_asks_for_more_threads_than_numba_started(monkeypatch):
+    """More free cores than Numba's pool has threads (NUMBA_NUM_THREADS=1 on a 2-core machine, or a free-core
+    reading above it): the pool gets what it has, not a ValueError from numba.set_num_threads."""
+    monkeypatch.setattr(kernels, "free_cores", lambda: numba.config.NUMBA_NUM_THREADS + 1)
+    monkeypatch.setattr(kernels, "_THREADS", {"set": None, "ceiling": None})
+    before = numba.get_num_threads()
+    try:
+        got = kernels._sized("pool", "serial", kernels.PARALLEL_FROM)
+        assert got == ("serial" if numba.config.NUMBA_NUM_THREADS == 1 else "pool")
+        assert numba.get_num_threads() <= numba.config.NUMBA_NUM_THREADS
+    finally:
+        numba.set_num_threads(before)
+
+
 def test_the_callers_thread_count_is_a_ceiling(monkeypatch):
     """numba.set_num_threads by the caller (a bench's --threads 1) bounds the pool; the module's own choices
     (fewer threads while other processes run) do not lower it for good."""
     monkeypatch.setattr(kernels, "_LOAD", {"checked": -1.0, "others": 0.0})
     monkeypatch.setattr(kernels, "_THREADS", {"set": None, "ceiling": None})
     monkeypatch.setattr(kernels, "_CPUS", 4)
+    monkeypatch.setattr(kernels.numba.config, "NUMBA_NUM_THREADS", 4)
     pool = {"n": 4}
     monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: pool["n"])
     monkeypatch.setattr(kernels.numba, "set_num_threads", lambda n: pool.update(n=n))

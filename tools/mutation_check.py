@@ -1478,6 +1478,13 @@ MUTANTS = [
         (T("kernels"), "-k", "stay_alive"),
     ),
     Mutant(
+        "the pool asks for more threads than Numba started",
+        K,
+        "threads = min(free_cores(), numba.config.NUMBA_NUM_THREADS) if work >= PARALLEL_FROM else 1",
+        "threads = free_cores() if work >= PARALLEL_FROM else 1",
+        (T("kernels"), "-k", "never_asks"),
+    ),
+    Mutant(
         "blas backend without OpenBLAS: our matmul instead of NumPy's",
         K,
         'elif _BACKEND["matmul"] == "blas" and x.dtype == np.float32:',
