@@ -20,6 +20,7 @@ Which kernel runs where (measured in docs/performance.md):
 """
 
 import contextlib
+import functools
 import math
 import os
 import time
@@ -691,18 +692,23 @@ BLAS_ROWS = 256  # and matmul_blas of this many rows (SmolLM2's shapes, 512 rows
 # 256 -> 190-271, 512 -> 146-283)
 
 
-def _openblas(name):
-    """NumPy's OpenBLAS's function `name` (without its build's prefix and suffix, e.g. "set_num_threads") through
-    ctypes, or None if it is not found (another BLAS, another platform): found by its path among the libraries this
-    process has mapped."""
+@functools.cache
+def _openblas_libraries() -> tuple:
+    """The OpenBLAS libraries this process has mapped (NumPy's), opened through ctypes; () without /proc."""
     import ctypes
 
     try:
         maps = open("/proc/self/maps").read().splitlines()
     except OSError:
-        return None
-    for path in sorted({ln.split()[-1] for ln in maps if "openblas" in ln.lower() and ln.split()[-1].startswith("/")}):
-        lib = ctypes.CDLL(path)
+        return ()
+    paths = {ln.split()[-1] for ln in maps if "openblas" in ln.lower() and ln.split()[-1].startswith("/")}
+    return tuple(ctypes.CDLL(path) for path in sorted(paths))
+
+
+def _openblas(name):
+    """NumPy's OpenBLAS's function `name` (without its build's prefix and suffix, e.g. "set_num_threads") through
+    ctypes, or None if it is not found (another BLAS, another platform)."""
+    for lib in _openblas_libraries():
         for prefix, suffix in (("scipy_", "64_"), ("", "64_"), ("", "")):
             if hasattr(lib, prefix + name + suffix):
                 return getattr(lib, prefix + name + suffix)
