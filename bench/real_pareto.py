@@ -271,7 +271,8 @@ def main(argv=None):
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores", flush=True)
 
     stats_path = out / "static_choices.json"
-    if stats_path.is_file():
+    stored = stats_path.is_file()
+    if stored:
         choices = json.loads(stats_path.read_text())
     else:
         t0 = time.process_time()
@@ -296,12 +297,13 @@ def main(argv=None):
             },
         }
         choices = json.loads(json.dumps(choices))  # int keys as JSON gives them back
-        stats_path.write_text(json.dumps(choices, indent=1) + "\n")
-    if "attention-drop" not in choices:  # added after the first runs: from the stored calibration statistics
+    if "attention-drop" not in choices:  # from the calibration statistics (a file of the first runs lacks it)
         n_att = sum(b.kind == "att" for b in model.blocks)
         att_ks = sorted(set(ks) | {math.floor(ATTENTION_SHARE * n_att), math.ceil(ATTENTION_SHARE * n_att)})
         bi, kinds = choices["stats"]["block_influence"], [b.kind for b in model.blocks]
         choices["attention-drop"] = {str(k): attention_drop(bi, kinds, k) for k in att_ks if k <= n_att}
+        stored = False
+    if not stored:
         stats_path.write_text(json.dumps(choices, indent=1) + "\n")
     names = [b.name for b in model.blocks]
     for method in STATIC:
