@@ -160,6 +160,8 @@ class RadialNetwork:
         -> the walk: its `X` are the final states, its `routes` the blocks each row ran."""
         walk = _Walk(self, x, seq, pos, cache, observe, tape is not None, rng)
         walk.run(self.schedule(observe), len(x) if T is None else T)
+        if tape is None:  # last_walk outlives the call; the cache it wrote must not (a prefill's is ~24 MB on 135M)
+            walk.cache = None
         self.last_walk = walk
         if tape is not None:
             tape.append(walk)

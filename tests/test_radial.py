@@ -81,6 +81,30 @@ def test_caches_grow_past_their_first_capacity_without_losing_rows():
     assert len(cache) == 100 * model.n_layer and min(p.k.shape[2] for p in cache.parts.values()) >= 100
 
 
+def test_a_forward_keeps_no_cache_alive_after_it_returns():
+    """The walk a forward leaves in `last_walk` (its routes, for reports) does not hold the cache it wrote: a
+    prefill's cache is freed when the caller lets it go (on a 135M model it is ~24 MB, and a second prefill with a
+    new cache would otherwise hold two). A training forward keeps it: its backward reads the cache."""
+    import gc
+    import weakref
+
+    model = random_opt(seed=4)
+    for net in (model, RadialNetwork(model, ScriptedRouter([[0, 2], [1, 3]], len(model.blocks)))):
+        cache = net.new_cache()
+        net.forward(np.array([5, 6]), cache=cache)
+        gone = weakref.ref(cache)
+        net.new_cache()  # the network's own latest-cache reference moves on
+        del cache
+        gc.disable()  # freed by reference counting, not by a collection that a cycle would need
+        try:
+            assert gone() is None
+        finally:
+            gc.enable()
+    tape = []
+    model.forward(np.array([[5, 6]]), tape=tape)
+    assert model.sequential.last_walk.cache is not None
+
+
 @SETTINGS
 @given(cfg=configs, prompt=st.lists(st.integers(3, 60), min_size=2, max_size=9), p_keep=st.floats(0.2, 0.9))
 def test_routed_execution_replaying_decisions_equals_the_oracle(cfg, prompt, p_keep):

@@ -79,6 +79,13 @@ MUTANTS = [
         (RADIAL,),
     ),
     Mutant(
+        "an inference walk left in last_walk keeps the cache it wrote (two prefill caches alive at once)",
+        R,
+        "        if tape is None:  # last_walk outlives",
+        "        if tape is None and False:  # last_walk outlives",
+        (RADIAL,),
+    ),
+    Mutant(
         "routing step not passed to the cache",
         R,
         "Rows(pos, self.cache, self.step[r], self.seq[r])",
