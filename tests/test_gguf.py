@@ -268,10 +268,34 @@ def test_damaged_headers_fail_in_one_line_naming_the_file(tmp_path):
     for i, data in enumerate(damaged):
         path = tmp_path / f"d{i}.gguf"
         path.write_bytes(data)
-        try:
-            radial_min.load(path)
-        except radial_min.RadialError as e:
-            assert str(path) in str(e) and "\n" not in str(e), str(e)
+        for read in (radial_min.load, radial_min.Tokenizer):
+            try:
+                read(path)
+            except radial_min.RadialError as e:
+                assert str(path) in str(e) and "\n" not in str(e), str(e)
+
+
+def test_vocabulary_strings_are_read_when_asked_and_not_kept(tmp_path):
+    """The header reader steps over the vocabulary and merges (SmolLM2: 100,000 strings, ~7 MB as Python objects)
+    and decodes them for the caller that asks (the tokenizer), so the reader it keeps between opens holds none; a
+    string that is not UTF-8 is then refused in one line naming the file and the field."""
+    from radial_min.io import gguf_file
+
+    src = GGUF_FIXTURES / "llama-gqa-untied.gguf"
+    reader = gguf_file.open_reader(src)
+    tokens = gguf_file.field(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == radial_min.Tokenizer(src).vocab_size and all(isinstance(t, str) for t in tokens)
+    assert tokens == gguf_file.field(reader, "tokenizer.ggml.tokens") is not tokens  # decoded again, not kept
+    assert not any(isinstance(v, list) and v and isinstance(v[0], str) for v in reader.fields.values())
+    raw = bytearray(src.read_bytes())
+    word = tokens[-1].encode()  # the last token of the vocabulary, made invalid UTF-8 in place
+    at = raw.index(len(word).to_bytes(8, "little") + word) + 8
+    raw[at] = 0xFF
+    bad = tmp_path / "bad-vocab.gguf"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="tokenizer.ggml.tokens.*not UTF-8") as e:
+        radial_min.Tokenizer(bad)
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.slow

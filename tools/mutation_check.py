@@ -794,6 +794,20 @@ MUTANTS = [
         "except OSError as e:  # Pillow's decoders",
         (REF, "-k", "decoder"),
     ),
+    Mutant(
+        "GGUF: the vocabulary and merges decoded at open and kept by the reader",
+        GGUF,
+        "return self._skip_strings(n)",
+        "return self.strings(self._skip_strings(n))",
+        (T("gguf"), "-k", "vocabulary"),
+    ),
+    Mutant(
+        "GGUF: the tokenizer library's error on damaged metadata let through",
+        TOK,
+        "_build(folder, lambda: read_tokenizer(folder), what)",
+        "read_tokenizer(folder)",
+        (T("gguf"), "-k", "damaged"),
+    ),
     Mutant("GGUF: tensors need not tile the data", GGUF, "if offset != expected:", "if False:", (REF, "-k", "gguf")),
     Mutant(
         "GGUF: blocks and dimensions unchecked",

@@ -65,6 +65,13 @@ class _Type:
         self.name = TYPES[ident][0] if ident in TYPES else f"type {ident}"
 
 
+class _Strings:
+    """Where an array of n strings sits in the header (GGUFFile.strings reads it)."""
+
+    def __init__(self, start: int, n: int):
+        self.start, self.n = start, n
+
+
 class Tensor:
     """One tensor of a GGUF file: name, type, shape (GGUF's order: fastest dimension first) and its bytes, a view of
     the memory-mapped file: [rows, bytes per row] uint8 for block types, the values for F32/F16, uint16 for BF16."""
@@ -138,18 +145,27 @@ class GGUFFile:
         (n,) = self._unpack("<Q")
         return str(self._take(n), "utf-8")
 
-    def _strings(self, n: int) -> list:
-        """n strings (the vocabulary, the merges: 100,000 for SmolLM2), in one tight loop."""
-        buf, pos, size, unpack, out = self.buf, self.pos, len(self.buf), struct.unpack_from, []
+    def _skip_strings(self, n: int) -> "_Strings":
+        """n strings (the vocabulary, the merges: 100,000 for SmolLM2) stepped over, their lengths checked against
+        the file; decoded only when asked for (`strings`), so the ~7 MB they take as Python objects are not kept."""
+        buf, pos, size, unpack = self.buf, self.pos, len(self.buf), struct.unpack_from
         for _ in range(n):
             if pos + 8 > size:
                 raise ValueError("truncated")
             (k,) = unpack("<Q", buf, pos)
             if pos + 8 + k > size:
                 raise ValueError("truncated")
+            pos += 8 + k
+        start, self.pos = self.pos, pos
+        return _Strings(start, n)
+
+    def strings(self, array: "_Strings") -> list:
+        """The strings of an array stepped over by `_skip_strings` (bounds checked there), in one tight loop."""
+        buf, pos, unpack, out = self.buf, array.start, struct.unpack_from, []
+        for _ in range(array.n):
+            (k,) = unpack("<Q", buf, pos)
             out.append(str(buf[pos + 8 : pos + 8 + k], "utf-8"))
             pos += 8 + k
-        self.pos = pos
         return out
 
     def _value(self, kind: int):
@@ -161,7 +177,7 @@ class GGUFFile:
             item, n = self._unpack("<IQ")
             if item == _STRING:
                 self._count(n, 8)
-                return self._strings(n)
+                return self._skip_strings(n)
             if item not in _SCALARS:
                 raise ValueError(f"array of type {item}")
             dtype = np.dtype("<" + _SCALARS[item])
@@ -252,7 +268,14 @@ def check_layout(path, table, alignment: int, data_offset: int, size: int, sizes
 
 
 def field(reader, key, default=None):
-    return reader.fields.get(key, default)
+    """A metadata value; an array of strings is decoded for this caller and not kept by the reader."""
+    value = reader.fields.get(key, default)
+    if isinstance(value, _Strings):
+        try:
+            return reader.strings(value)
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{reader.path}: metadata {key}: a string that is not UTF-8 ({e.reason})") from None
+    return value
 
 
 def config_dict(reader) -> dict:

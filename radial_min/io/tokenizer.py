@@ -27,7 +27,8 @@ _BREAK = re.compile(r"(?<=\S)(?=\s)|(?<=\w)(?=[^\w\s])|(?<=[^\w\s])(?=\w)")
 class Tokenizer:
     def __init__(self, folder):
         if str(folder).lower().endswith(".gguf"):  # a llama.cpp file carries its own tokenizer
-            self.backend, self.bos_id, self.eos_id, self.add_bos = read_tokenizer(folder)
+            what = "its tokenizer.ggml.* metadata is not a usable tokenizer"
+            self.backend, self.bos_id, self.eos_id, self.add_bos = _build(folder, lambda: read_tokenizer(folder), what)
             self.source = Path(folder)  # the file that numbers the vocabulary
             self.vocab_size = self.backend.get_vocab_size()
             return
@@ -166,7 +167,7 @@ def _build(path, make, what="not a usable tokenizer file"):
                 return make()
             finally:
                 os.dup2(saved, 2)
-    except (KeyboardInterrupt, SystemExit, MemoryError):
+    except (KeyboardInterrupt, SystemExit, MemoryError, CheckpointError):  # ours already name the file
         raise
     except BaseException as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
