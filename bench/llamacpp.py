@@ -16,7 +16,8 @@ Each measurement runs in a fresh process (`--worker`), so peak RSS and start-up 
 process gets its thread count from the environment before its libraries load: first token = process start to the
 first generated token (imports, loading, tokenizer, prompt), warm (a first round is run and discarded, so the
 page cache and Numba's kernel cache are warm). Decode: greedy, 128 new tokens after a 16-token prompt (the same
-ids for both engines). Prefill: one forward of 512 token ids, last position's logits only.
+ids for both engines). Prefill: one forward of 512 token ids, last position's logits only. llama.cpp keeps its KV
+cache in float16; radial_min's is float32 unless a row says "kv16" (--kv-dtype float16).
 
 llama.cpp note: on this project's machine (KVM guest exposing AMX), llama.cpp's extra CPU buffer types (AMX, and
 the repacked Q4_0/Q8_0 layouts) crash in `llama_decode`; the worker loads with use_extra_bufts=False (plain ggml
@@ -59,7 +60,7 @@ def worker_radial(args) -> dict:
 
     import radial_min
 
-    model = radial_min.load(args.model, weights_dtype=args.dtype)
+    model = radial_min.load(args.model, weights_dtype=args.dtype, kv_dtype=args.kv_dtype)
     tok = radial_min.Tokenizer(args.model)
     cache = model.new_cache()
     logits = model.forward(tok.encode(PROMPT_TEXT), cache=cache, last_only=True)
@@ -227,6 +228,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (after one discarded warm-up round)")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--dtypes", default="native,int8,float32", help="radial_min's weights dtypes for SmolLM2")
+    p.add_argument("--kv16-dtypes", default="native", help="weights dtypes also run with a float16 KV cache, as "
+                   "llama.cpp's (rows '... kv16'; '' for none)")  # fmt: skip
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--prefill", type=int, default=512)
@@ -236,6 +239,7 @@ def main(argv=None):
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
+    p.add_argument("--kv-dtype", default="float32", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         args.threads = int(args.threads)
@@ -263,6 +267,9 @@ def main(argv=None):
                 configs.append(("SmolLM2 llama.cpp Q4_1", args.llama_python, "llama", smol, t, extra))
             for d in args.dtypes.split(","):
                 configs.append((f"SmolLM2 radial_min {d}", sys.executable, "radial", smol, t, ["--dtype", d]))
+            for d in filter(None, args.kv16_dtypes.split(",")):  # llama.cpp's own KV cache is float16
+                extra = ["--dtype", d, "--kv-dtype", "float16"]
+                configs.append((f"SmolLM2 radial_min {d} kv16", sys.executable, "radial", smol, t, extra))
     if Path(args.opt, "config.json").is_file():
         for t in threads:
             for d in ("float32", "int8"):

@@ -1266,7 +1266,8 @@ def _attention(q, k, v, rows, n_keys, q_pos, k_pos, causal, out):  # [H, T, D], 
     Head-major layout keeps each head's keys contiguous, so the dot products stream and vectorize. Keys are in
     position order, so a causal query's visible keys are a prefix: nothing masked is touched. `rows` picks the
     keys out of a larger store without copying them (the unified cache's per-layer view); empty = the first
-    n_keys rows. Grouped-query attention: query head h reads key/value head h // (H / Hkv)."""
+    n_keys rows. Grouped-query attention: query head h reads key/value head h // (H / Hkv). Keys and values are
+    float32, or float16 bits (uint16: a half-precision cache, widened as read)."""
     n_head, n_q, d_head = q.shape
     group = n_head // k.shape[0]
     scale = np.float32(1.0 / math.sqrt(d_head))
@@ -1281,7 +1282,7 @@ def _attention(q, k, v, rows, n_keys, q_pos, k_pos, causal, out):  # [H, T, D], 
             r = rows[j] if picked else j
             s = np.float32(0.0)
             for d in range(d_head):
-                s += q[h, i, d] * k[g, r, d]
+                s += q[h, i, d] * widen(k[g, r, d])
             scores[j] = s * scale
             best = max(best, scores[j])
         total = np.float32(0.0)
@@ -1294,7 +1295,7 @@ def _attention(q, k, v, rows, n_keys, q_pos, k_pos, causal, out):  # [H, T, D], 
             r = rows[j] if picked else j
             p = scores[j]
             for d in range(d_head):
-                acc[d] += p * v[g, r, d]
+                acc[d] += p * widen(v[g, r, d])
         for d in range(d_head):
             out[h, i, d] = acc[d] / total
 
@@ -1322,7 +1323,7 @@ def _attention_blocked(q, k, v, rows, n_keys, q_pos, k_pos, causal, out):  # as 
         for j in range(n_all):
             r = rows[j] if picked else j
             for d in range(d_head):
-                kb[j, d], vt[d, j] = k[g, r, d], v[g, r, d]
+                kb[j, d], vt[d, j] = widen(k[g, r, d]), widen(v[g, r, d])
         scores = np.empty((queries_per_block, n_all), np.float32)
         for i_lo in range(0, n_q, queries_per_block):
             n_rows = min(queries_per_block, n_q - i_lo)

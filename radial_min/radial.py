@@ -124,7 +124,8 @@ class RadialNetwork:
     def new_cache(self, batch: int = 1, train: bool = False) -> KVCache:
         n_kv_head, head_dim = self.model.kv_heads
         policy = make_policy(self.cache_policy, self.step_encoding_scale)
-        self.cache = KVCache(policy, n_kv_head, head_dim, batch, train)
+        kv_dtype = "float32" if train else self.model.kv_dtype
+        self.cache = KVCache(policy, n_kv_head, head_dim, batch, train, kv_dtype=kv_dtype)
         return self.cache
 
     def schedule(self, observe=None) -> str:

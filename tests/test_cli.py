@@ -185,6 +185,22 @@ def test_generate_repetition_penalty_option(capsys, opt_with_tokenizer):
     assert code == 2 and err.startswith("error:") and "repetition_penalty" in err
 
 
+def test_generate_kv_dtype_option_reaches_the_cache(capsys, opt_with_tokenizer, monkeypatch):
+    """--kv-dtype float16: the command's caches keep half-precision entries, and it prints what the library
+    generates with the same setting; an unknown precision is refused by name."""
+    made = []
+    new_cache = radial_min.radial.RadialNetwork.new_cache
+    monkeypatch.setattr(
+        radial_min.radial.RadialNetwork, "new_cache", lambda *a, **k: made.append(new_cache(*a, **k)) or made[-1]
+    )
+    code, out, _ = call(capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "-n", 12, "--kv-dtype", "float16")
+    assert code == 0 and made and all(c.kv_dtype == "float16" for c in made)
+    model, tok = radial_min.load(opt_with_tokenizer, kv_dtype="float16"), radial_min.Tokenizer(opt_with_tokenizer)
+    assert out == PROMPT + tok.decode(radial_min.generate(model, tok.encode(PROMPT), 12)) + "\n"
+    code, _, err = call(capsys, "generate", PROMPT, "--model", opt_with_tokenizer, "--kv-dtype", "int4")
+    assert code == 2 and "--kv-dtype" in err
+
+
 def test_generate_stats_and_zero_tokens(capsys, opt_with_tokenizer):
     code, out, err = call(capsys, "generate", "Hi", "--model", opt_with_tokenizer, "--max-new-tokens", 0, "--stats")
     assert code == 0 and out == "Hi\n"

@@ -329,6 +329,23 @@ def test_attention_over_head_major_storage():
     )
 
 
+@pytest.mark.parametrize("n_q", [1, 40])  # decode's kernel, and the blocked one a prefill of 32+ queries takes
+def test_attention_over_half_precision_storage(n_q):
+    """A half-precision cache's keys and values (float16 bits, uint16) give exactly what the float32 kernel gives
+    over the same values widened, and the reference within float16's rounding of the entries."""
+    from radial_min.kernels import split_heads
+
+    q, k, v = randn(n_q, 8), randn(n_q + 5, 8), randn(n_q + 5, 8)
+    k16, v16 = (split_heads(a, 2).astype(np.float16) for a in (k, v))  # [H, N, D]
+    q_pos, k_pos = np.arange(5, 5 + n_q), np.arange(n_q + 5)
+    half = kernels.attention(q, k16.view(np.uint16), v16.view(np.uint16), 2, q_pos, k_pos)
+    wide = kernels.attention(q, k16.astype(np.float32), v16.astype(np.float32), 2, q_pos, k_pos)
+    np.testing.assert_array_equal(half, wide)
+    ref = kernels.attention_ref(q, k, v, 2, q_pos, k_pos)
+    np.testing.assert_allclose(half, ref, rtol=0, atol=2e-2)
+    assert not np.array_equal(half, kernels.attention(q, split_heads(k, 2), split_heads(v, 2), 2, q_pos, k_pos))
+
+
 def test_attention_accepts_strided_views():
     """q, k, v arrive as column slices of one [T, 3E] projection."""
     qkv = randn(6, 24)

@@ -81,6 +81,31 @@ def test_caches_grow_past_their_first_capacity_without_losing_rows():
     assert len(cache) == 100 * model.n_layer and min(p.k.shape[2] for p in cache.parts.values()) >= 100
 
 
+def test_a_half_precision_cache_decodes_as_the_float32_one_within_its_rounding():
+    """kv_dtype float16: the entries take half the bytes and the decode's logits stay within float16's rounding of
+    the keys and values; training caches stay float32 (their backward differentiates the entries)."""
+    model = random_opt(seed=5, max_position_embeddings=128)
+    ids = np.random.default_rng(2).integers(3, 60, 40)
+
+    def decode():
+        cache = model.new_cache()
+        steps = [model.forward(ids[:30], cache)] + [model.forward(ids[t : t + 1], cache) for t in range(30, 40)]
+        return np.concatenate(steps), cache
+
+    full, c32 = decode()
+    model.kv_dtype = "float16"
+    try:
+        half, c16 = decode()
+        assert model.new_cache(train=True).kv_dtype == "float32"
+    finally:
+        model.kv_dtype = "float32"
+    assert c16.nbytes < 0.6 * c32.nbytes and all(p.k.dtype == np.uint16 for p in c16.parts.values())
+    scale = np.abs(full).max()
+    assert 0 < np.abs(half - full).max() <= 2e-3 * scale
+    with pytest.raises(ValueError, match="kv_dtype"):
+        KVCache("per-layer", 2, 4, train=True, kv_dtype="float16")
+
+
 def test_a_forward_keeps_no_cache_alive_after_it_returns():
     """The walk a forward leaves in `last_walk` (its routes, for reports) does not hold the cache it wrote: a
     prefill's cache is freed when the caller lets it go (on a 135M model it is ~24 MB, and a second prefill with a

@@ -79,6 +79,27 @@ MUTANTS = [
         (RADIAL,),
     ),
     Mutant(
+        "half-precision KV cache: entries stored float32 anyway",
+        C,
+        'dtype = np.uint16 if self.kv_dtype == "float16" else dtype',
+        "dtype = dtype",
+        (RADIAL, "-k", "half_precision_cache"),
+    ),
+    Mutant(
+        "half-precision KV cache: decode attention reads the bits as integers",
+        K,
+        "s += q[h, i, d] * widen(k[g, r, d])",
+        "s += q[h, i, d] * np.float32(k[g, r, d])",
+        (KERNELS, "-k", "half_precision_storage"),
+    ),
+    Mutant(
+        "half-precision KV cache: the model's setting never reaches its caches",
+        R,
+        'kv_dtype = "float32" if train else self.model.kv_dtype',
+        'kv_dtype = "float32"',
+        (RADIAL, "-k", "half_precision_cache"),
+    ),
+    Mutant(
         "an inference walk left in last_walk keeps the cache it wrote (two prefill caches alive at once)",
         R,
         "        if tape is None:  # last_walk outlives",

@@ -19,10 +19,11 @@ from ..generation import read_generation_defaults
 from .gguf_file import GGUFStore, Renamed, config_dict, field, is_gguf, open_reader
 from .hub import resolve
 from ..analysis.memory import drop_pages
+from ..cache import KV_DTYPES
 from ..radial import RADIAL_CONFIG, load_radial
 
 
-def load(source, *, weights_dtype: str | None = None):
+def load(source, *, weights_dtype: str | None = None, kv_dtype: str = "float32"):
     """Load a model from a local folder (config.json + weights), a .gguf file, or a Hub id such as "facebook/opt-125m".
     A folder with a radial.json (a network trained with its router, `cli.py train --radial`) loads as the routed
     `RadialNetwork`.
@@ -31,8 +32,13 @@ def load(source, *, weights_dtype: str | None = None):
     as the file stores it: a GGUF's Q4_0, Q4_1, Q4_K, Q8_0 and Q6_K blocks stay quantized (quant.BlockMatrix; other
     quantized types are widened to float32), float16 and bfloat16 stay half precision. "float16" or "bfloat16"
     keeps the matrices in half precision (half the memory; decode ~1.5x faster at OPT-125M), "int8" in 8 bits with
-    a float32 scale per row (a quarter; see dtypes.Int8Matrix); everything is still computed in float32."""
+    a float32 scale per row (a quarter; see dtypes.Int8Matrix); everything is still computed in float32.
+
+    `kv_dtype` "float16" keeps the keys and values of generation's KV cache in half precision (cache.py; llama.cpp's
+    default): half its memory, each entry rounded to float16 once."""
     t0 = time.perf_counter()
+    if kv_dtype not in KV_DTYPES:
+        raise SettingError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
     gguf = is_gguf(source)  # a single llama.cpp file (optional `gguf` package), else a Hugging Face folder
     weights_dtype = weights_dtype or ("native" if gguf else "float32")
     check_storage_dtype(weights_dtype)  # refuse an unknown dtype before reading anything
@@ -51,6 +57,7 @@ def load(source, *, weights_dtype: str | None = None):
         generation_defaults={} if gguf else read_generation_defaults(path),
         load_seconds=time.perf_counter() - t0,  # the reading: building the blocks takes a fraction of it
     )
+    model.kv_dtype = kv_dtype
     kernels.start()
     if not gguf and (Path(path) / RADIAL_CONFIG).is_file():  # a network co-trained with its router: routed
         model = load_radial(model, path)

@@ -49,6 +49,7 @@ class Model:
         self.dtypes_on_disk = Counter(dtypes_on_disk or {})
         self.generation_defaults = generation_defaults or {}  # generation_config.json's (generation.py)
         self.load_seconds = load_seconds  # how long `load` took to read it
+        self.kv_dtype = "float32"  # the precision of an inference KV cache's keys and values (cache.KV_DTYPES)
         self.sequential = RadialNetwork(self, keep_routes=False)  # every block in order: the one walk, in order
 
     def modules(self) -> list:
