@@ -1306,6 +1306,25 @@ _attention_serial = _one_thread(_attention)
 BLOCKED_FROM = 32  # queries from which `attention` runs _attention_blocked, in blocks of as many
 
 
+@njit(inline="always")
+def _softmax_visible(p, n_rows, n_vis, q_pos, k_pos, n_keys, causal, scale):  # p[:n_rows, :n_vis] -> weights
+    """Each row of raw scores q.k, times `scale`, softmaxed over the keys its query (at q_pos[i]) sees: causal,
+    the prefix of keys at positions <= its own, else all n_keys; zero beyond them up to n_vis (what the block's
+    last query sees)."""
+    for i in range(n_rows):
+        n_i = np.searchsorted(k_pos[:n_keys], q_pos[i], side="right") if causal else n_keys
+        best = np.float32(-np.inf)
+        for j in range(n_i):
+            best = max(best, p[i, j])
+        total = np.float32(0.0)
+        for j in range(n_i):
+            p[i, j] = exp32((p[i, j] - best) * scale)
+            total += p[i, j]
+        for j in range(n_i):
+            p[i, j] /= total
+        p[i, n_i:n_vis] = 0.0
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _attention_blocked(q, k, v, rows, n_keys, q_pos, k_pos, causal, out):  # as _attention
     """`_attention` for many queries (a prefill): one task per head, whose visible keys are gathered once into
@@ -1330,22 +1349,51 @@ def _attention_blocked(q, k, v, rows, n_keys, q_pos, k_pos, causal, out):  # as 
             n_vis = np.searchsorted(k_pos[:n_keys], q_pos[i_lo + n_rows - 1], side="right") if causal else n_keys
             p = scores[:n_rows]  # [rows, N]
             _gemm(q[h, i_lo : i_lo + n_rows], kb[:n_vis], p, d_head)  # Q K^T
-            for i in range(n_rows):
-                n_i = np.searchsorted(k_pos[:n_keys], q_pos[i_lo + i], side="right") if causal else n_keys
-                best = np.float32(-np.inf)
-                for j in range(n_i):
-                    best = max(best, p[i, j])
-                total = np.float32(0.0)
-                for j in range(n_i):
-                    p[i, j] = exp32((p[i, j] - best) * scale)
-                    total += p[i, j]
-                for j in range(n_i):
-                    p[i, j] /= total
-                p[i, n_i:n_vis] = 0.0
+            _softmax_visible(p, n_rows, n_vis, q_pos[i_lo:], k_pos, n_keys, causal, scale)
             _gemm(p, vt, out[h, i_lo : i_lo + n_rows], n_vis)  # P V
 
 
 _attention_blocked_serial = _one_thread(_attention_blocked)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _attention_blas(sgemm, q, k, v, rows, n_keys, q_pos, k_pos, causal, out, queries_per_block):  # as _attention
+    """`_attention_blocked` with its two products per block of queries, Q K^T and P V, through OpenBLAS's sgemm (one
+    thread per call, one task per head, as `matmul_blas`): the head's visible keys and values gathered once, as
+    float32 rows [N, D] (widened from a half-precision cache), then per block of queries the scores [rows, N] by one
+    call, the causal softmax of each row over its own visible prefix (zero beyond), and the output by another. One
+    task per head whatever the thread count, so the bits do not depend on it. q and out contiguous."""
+    n_head, n_q, d_head = q.shape
+    group = n_head // k.shape[0]
+    scale = np.float32(1.0 / math.sqrt(d_head))
+    picked = rows.size > 0
+    for h in prange(n_head):
+        g = h // group
+        n_all = np.searchsorted(k_pos[:n_keys], q_pos[n_q - 1], side="right") if causal else n_keys
+        kb, vb = np.empty((n_all, d_head), np.float32), np.empty((n_all, d_head), np.float32)
+        for j in range(n_all):
+            r = rows[j] if picked else j
+            for d in range(d_head):
+                kb[j, d], vb[j, d] = widen(k[g, r, d]), widen(v[g, r, d])
+        p = np.empty((queries_per_block, max(n_all, 1)), np.float32)
+        for i_lo in range(0, n_q, queries_per_block):
+            n_rows = min(queries_per_block, n_q - i_lo)
+            n_vis = np.searchsorted(k_pos[:n_keys], q_pos[i_lo + n_rows - 1], side="right") if causal else n_keys
+            if n_vis == 0:
+                out[h, i_lo : i_lo + n_rows] = 0.0
+                continue
+            sgemm(_ROW_MAJOR, _NO_TRANS, _TRANS, n_rows, n_vis, d_head, np.float32(1), q[h, i_lo:].ctypes.data,
+                  d_head, kb.ctypes.data, d_head, np.float32(0), p.ctypes.data, p.shape[1])  # fmt: skip
+            _softmax_visible(p, n_rows, n_vis, q_pos[i_lo:], k_pos, n_keys, causal, scale)
+            sgemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, n_rows, d_head, n_vis, np.float32(1), p.ctypes.data, p.shape[1],
+                  vb.ctypes.data, d_head, np.float32(0), out[h, i_lo:].ctypes.data, d_head)  # fmt: skip
+        _keep_alive(kb)
+        _keep_alive(vb)
+        _keep_alive(p)
+
+
+_attention_blas_serial = _one_thread(_attention_blas)
+ATTENTION_BLOCK = 64  # queries per sgemm call of _attention_blas
 _NO_POS = np.zeros(0, np.int64)
 
 
@@ -1381,6 +1429,12 @@ def attention(q, k, v, n_head, q_pos=None, k_pos=None, rows=None, n_kv_head=None
     out = np.empty_like(qh)
     rows = _NO_POS if rows is None else rows
     work = 2 * qh.size * n_keys  # q.k and p.v per visible key
+    sgemm = _sgemm_for(qh) if len(q) >= BLOCKED_FROM else None
+    if sgemm is not None:
+        kernel = _sized(_attention_blas, _attention_blas_serial, work)
+        kernel(sgemm, qh, k, v, rows, n_keys, q_pos if causal else _NO_POS, k_pos if causal else _NO_POS, causal, out,
+               ATTENTION_BLOCK)  # fmt: skip
+        return merge_heads(out)
     if len(q) >= BLOCKED_FROM:
         kernel = _sized(_attention_blocked, _attention_blocked_serial, work)
     else:

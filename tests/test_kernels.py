@@ -411,9 +411,9 @@ def test_attention_over_picked_rows():
 )
 @pytest.mark.slow
 def test_blocked_attention_matches_reference(n_q, n_past, n_head, group, causal, picked, seed):
-    """The prefill kernel (_attention_blocked, one task per head, scores and outputs through _gemm) against the
-    reference: causal or not, grouped-query, over keys picked out of a larger store with holes in the positions,
-    query blocks with ragged ends."""
+    """The prefill kernels (_attention_blocked, one task per head, scores and outputs through _gemm, and
+    _attention_blas, the same through sgemm) against the reference: causal or not, grouped-query, over keys picked
+    out of a larger store with holes in the positions, query blocks with ragged ends."""
     rng = np.random.default_rng(seed)
     d, n_kv = 8, max(1, n_head // group)
     n = n_past + n_q
@@ -427,19 +427,16 @@ def test_blocked_attention_matches_reference(n_q, n_past, n_head, group, causal,
     ks, vs = np.zeros_like(store), np.zeros_like(store)
     ks[rows], vs[rows] = k, v
     kh, vh = kernels.split_heads(ks, n_kv), kernels.split_heads(vs, n_kv)
+    args = (kernels.split_heads(q, n_head), kh, vh, rows if picked else np.zeros(0, np.int64), n)
+    args += (q_pos if causal else k_pos[:0], k_pos, causal)
     out = np.empty((n_head, n_q, d), np.float32)
-    kernels._attention_blocked(
-        kernels.split_heads(q, n_head),
-        kh,
-        vh,
-        rows if picked else np.zeros(0, np.int64),
-        n,
-        q_pos if causal else k_pos[:0],
-        k_pos,
-        causal,
-        out,
-    )
+    kernels._attention_blocked(*args, out)
     np.testing.assert_allclose(kernels.merge_heads(out), ref, rtol=1e-5, atol=1e-5)
+    sgemm = kernels._cblas_sgemm()
+    if sgemm is not None:  # the same blocks through OpenBLAS's sgemm, in blocks of 16 queries (ragged ends)
+        out = np.empty((n_head, n_q, d), np.float32)
+        kernels._attention_blas(sgemm, *args, out, 16)
+        np.testing.assert_allclose(kernels.merge_heads(out), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_small_work_and_a_busy_machine_run_serial(monkeypatch):

@@ -79,6 +79,13 @@ MUTANTS = [
         (RADIAL,),
     ),
     Mutant(
+        "prefill attention: a row's weights beyond its visible keys left in place",
+        K,
+        "        p[i, n_i:n_vis] = 0.0",
+        "        pass",
+        (KERNELS, "-k", "blocked_attention"),
+    ),
+    Mutant(
         "half-precision KV cache: entries stored float32 anyway",
         C,
         'dtype = np.uint16 if self.kv_dtype == "float16" else dtype',
@@ -132,22 +139,29 @@ MUTANTS = [
     Mutant(
         "causal mask off (numba kernel)",
         K,
-        'q_pos[i], side="right") if causal else n_keys',
-        'q_pos[i], side="right") if False else n_keys',
+        'n_i = np.searchsorted(k_pos[:n_keys], q_pos[i], side="right") if causal else n_keys',
+        'n_i = np.searchsorted(k_pos[:n_keys], q_pos[i], side="right") if False else n_keys',
         (KERNELS, "-k", "attention"),
     ),
     Mutant(
-        "causal mask off (blocked prefill kernel)",
+        "causal mask off (the prefill kernels' softmax)",
         K,
-        'q_pos[i_lo + i], side="right") if causal else n_keys',
-        'q_pos[i_lo + i], side="right") if False else n_keys',
+        'n_i = np.searchsorted(k_pos[:n_keys], q_pos[i], side="right") if causal else n_keys',
+        'n_i = np.searchsorted(k_pos[:n_keys], q_pos[i], side="right") if False else n_keys',
         (KERNELS, "-k", "attention"),
     ),
     Mutant(
         "causal mask hides the query itself (numba kernel)",
         K,
-        'q_pos[i], side="right")',
-        'q_pos[i], side="left")',
+        'n_vis = np.searchsorted(k_pos[:n_keys], q_pos[i], side="right")',
+        'n_vis = np.searchsorted(k_pos[:n_keys], q_pos[i], side="left")',
+        (KERNELS, "-k", "attention"),
+    ),
+    Mutant(
+        "causal mask hides the query itself (the prefill kernels' softmax)",
+        K,
+        'n_i = np.searchsorted(k_pos[:n_keys], q_pos[i], side="right")',
+        'n_i = np.searchsorted(k_pos[:n_keys], q_pos[i], side="left")',
         (KERNELS, "-k", "attention"),
     ),
     Mutant(
@@ -174,8 +188,15 @@ MUTANTS = [
     Mutant(
         "GQA: wrong key/value head (blocked prefill kernel)",
         K,
-        "g = h // group\n        n_all",
-        "g = h % k.shape[0]\n        n_all",
+        "kb[j, d], vt[d, j] = widen(k[g, r, d]), widen(v[g, r, d])",
+        "kb[j, d], vt[d, j] = widen(k[h % k.shape[0], r, d]), widen(v[h % k.shape[0], r, d])",
+        (LLAMA, KERNELS),
+    ),
+    Mutant(
+        "GQA: wrong key/value head (prefill attention through sgemm)",
+        K,
+        "kb[j, d], vb[j, d] = widen(k[g, r, d]), widen(v[g, r, d])",
+        "kb[j, d], vb[j, d] = widen(k[h % k.shape[0], r, d]), widen(v[h % k.shape[0], r, d])",
         (LLAMA, KERNELS),
     ),
     Mutant(
