@@ -57,20 +57,34 @@ def mean_ci(values) -> tuple:
     return float(a.mean()), float(T975[min(len(a) - 2, len(T975) - 1)] * a.std(ddof=1) / math.sqrt(len(a)))
 
 
-def interleaved_samples(fns: dict, reps: int) -> dict:
-    """common.interleaved, keeping every round's sample (for per-round ratios): {name: [sample per round]}."""
+def now():
+    """(wall-clock seconds, this process's CPU seconds). On a shared machine the CPU time leaves out the time the
+    process waited for a core; on an idle one, single-threaded, the two agree."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(t0, n: int) -> tuple:
+    """Per unit of n: (wall, CPU) seconds since t0 = now()."""
+    t1 = now()
+    return (t1[0] - t0[0]) / n, (t1[1] - t0[1]) / n
+
+
+def interleaved_samples(fns: dict, reps: int) -> tuple:
+    """common.interleaved over fns returning (wall, CPU) pairs, keeping every round's sample (for per-round ratios)
+    -> ({name: [wall per round]}, {name: [CPU per round]})."""
     samples = {name: [] for name in fns}
 
     def keep(name, fn):
         def once():
             v = fn()
             samples[name].append(v)
-            return v
+            return v[0]
 
         return once
 
     interleaved({name: keep(name, fn) for name, fn in fns.items()}, reps)
-    return {name: v[1:] for name, v in samples.items()}  # v[0]: the untimed warm-up call
+    kept = {name: v[1:] for name, v in samples.items()}  # v[0]: the untimed warm-up call
+    return tuple({name: [x[k] for x in v] for name, v in kept.items()} for k in (0, 1))
 
 
 # ------------------------------------------------------------------------------------------ the routers
@@ -153,43 +167,43 @@ def decisions(routes, depth_limit: int) -> float:
 # ------------------------------------------------------------------------------------------ timed calls
 
 
-def replay(runner, seqs) -> float:
-    """Seconds per token of decoding each sequence [N, T + 1] token by token (its first T tokens, one `forward` of
-    one token each over a fresh KV cache: generate's decode step, the held-out token in place of the sampled one)."""
+def replay(runner, seqs) -> tuple:
+    """(Wall, CPU) seconds per token of decoding each sequence [N, T + 1] token by token (its first T tokens, one
+    `forward` of one token each over a fresh KV cache: generate's decode step, the held-out token in place of the
+    sampled one)."""
     import numpy as np
 
-    t0, n = time.perf_counter(), 0
+    t0, n = now(), 0
     for seq in seqs:
         cache = runner.new_cache()
         for t in seq[:-1]:
             runner.forward(np.array([t]), cache, last_only=True)
         n += len(seq) - 1
-    return (time.perf_counter() - t0) / n
+    return since(t0, n)
 
 
-def generated(runner, seqs, n_prompt: int) -> float:
-    """Seconds per decode step of `generate` (greedy, the model's default repetition penalty) from each sequence's
-    first n_prompt tokens to the position table's end: the time from the first new token (out of the prefill) to
-    the last, over the steps between."""
+def generated(runner, seqs, n_prompt: int) -> tuple:
+    """(Wall, CPU) seconds per decode step of `generate` (greedy, the model's default repetition penalty) from each
+    sequence's first n_prompt tokens to the position table's end: the time from the first new token (out of the
+    prefill) to the last, over the steps between."""
     import radial_min
 
-    total, steps = 0.0, 0
+    wall, cpu, steps = 0.0, 0.0, 0
     for seq in seqs:
         stamps = []
-        radial_min.generate(
-            runner, seq[:n_prompt], 10_000, stop_at_eos=False, on_token=lambda t: stamps.append(time.perf_counter())
-        )
-        total, steps = total + stamps[-1] - stamps[0], steps + len(stamps) - 1
-    return total / steps
+        radial_min.generate(runner, seq[:n_prompt], 10_000, stop_at_eos=False, on_token=lambda t: stamps.append(now()))
+        wall, cpu = wall + stamps[-1][0] - stamps[0][0], cpu + stamps[-1][1] - stamps[0][1]
+        steps += len(stamps) - 1
+    return wall / steps, cpu / steps
 
 
-def prefilled(runner, seqs) -> float:
-    """Seconds per token of one forward over each whole sequence (its first T tokens) into a fresh cache."""
-    t0, n = time.perf_counter(), 0
+def prefilled(runner, seqs) -> tuple:
+    """(Wall, CPU) seconds per token of one forward over each whole sequence (its first T tokens), fresh caches."""
+    t0, n = now(), 0
     for seq in seqs:
         runner.forward(seq[:-1], runner.new_cache(), last_only=True)
         n += len(seq) - 1
-    return (time.perf_counter() - t0) / n
+    return since(t0, n)
 
 
 # ------------------------------------------------------------------------------------------ 1. the shipped network
@@ -236,12 +250,12 @@ def run_shipped(args, monitor) -> dict:
     net.keep_routes = False
 
     def replay_scripted():
-        t0 = time.perf_counter()
+        t0 = now()
         for runner, seq in zip(scripted, seqs):
             cache = runner.new_cache()
             for t in seq[:-1]:
                 runner.forward(np.array([t]), cache, last_only=True)
-        return (time.perf_counter() - t0) / (len(seqs) * task.seq_len)
+        return since(t0, len(seqs) * task.seq_len)
 
     fns = {
         "sequential (every block, in order)": lambda: replay(net.model, seqs),
@@ -250,30 +264,32 @@ def run_shipped(args, monitor) -> dict:
         "routed, every block skipped (route [], drop)": lambda: replay(empty, seqs),
         "sequential path, no block (embedding + head)": lambda: replay(no_blocks, seqs),
     }
-    s = interleaved_samples(fns, args.rounds)
+    s, c = interleaved_samples(fns, args.rounds)
     seq_name, routed_name = "sequential (every block, in order)", "routed (shipped router)"
     blocks = float(np.mean([len(r) for r in routes]))
     asks = decisions(routes, net.max_depth)
     attention = [b for b in range(n) if hasattr(net.blocks[b], "write_kv")]
     fills = sum(b not in r for r in routes for b in attention) / len(routes)  # every attention block passed over
     us = decision_us(net.router, net.config.hidden_size)
-    med = {k: stat(v)["median"] for k, v in s.items()}
+    med = {k: stat(v)["median"] for k, v in c.items()}  # CPU: the machine is shared
     fixed, seq_t = med["sequential path, no block (embedding + head)"], med[seq_name]
     ideal = amdahl(seq_t, fixed, blocks / n)
     ideal_w = amdahl(seq_t, fixed, weight_share(net.blocks, routes, net.kv_rule == "fill"))
     rows = []
-    for name, v in s.items():
-        cells = fmt_ratio(ratio_cells(s, name, seq_name))
-        rows.append([name, f"{1 / stat(v)['median']:.0f}", f"{1e6 * stat(v)['median']:.1f}", cells])
-    print_table(["decode, token by token", "tokens/s", "us/token", "speed / sequential: mean ± CI (median)"], rows)
+    for name in s:
+        wall, cpu = stat(s[name])["median"], stat(c[name])["median"]
+        rows.append([name, f"{1 / wall:.0f}", fmt_ratio(ratio_cells(s, name, seq_name)), f"{1e6 * cpu:.1f}"])
+        rows[-1].append(fmt_ratio(ratio_cells(c, name, seq_name)))
+    print_table(["decode, token by token", "tokens/s", "speed / sequential", "CPU us/token", "by CPU time"], rows)
     share = asks * us / 1e6 / med[routed_name]
     print(
         f"{len(seqs)} held-out sequences (eval stream, seed {EVAL_SEED}) x {task.seq_len} tokens per call, "
-        f"{args.rounds} rounds.\nRouted: {blocks:.2f} of {n} blocks per token; {asks:.2f} router decisions per "
-        f"token at {us:.1f} us each = {asks * us:.1f} us, {100 * share:.0f}% of a routed token;\n{fills:.2f} fill "
-        "writes per token (keys and values at an attention block passed over).\nIdeal speed-up (only the blocks "
-        f"run cost time, the rest costs the sequential path's {1e6 * fixed:.1f} us): {ideal:.2f}x by blocks,\n"
-        f"{ideal_w:.2f}x by the weights multiplied (fill's projections counted)."
+        f"{args.rounds} rounds; speed ratios: the mean of the per-round ratios ± its 95% t-interval (the median).\n"
+        f"Routed: {blocks:.2f} of {n} blocks per token; {asks:.2f} router decisions per token at {us:.1f} us each = "
+        f"{asks * us:.1f} us, {100 * share:.0f}% of a routed token's CPU time;\n{fills:.2f} fill writes per token "
+        "(keys and values at an attention block passed over).\nIdeal speed-up (only the blocks run cost time, the "
+        f"rest costs the sequential path's {1e6 * fixed:.1f} us): {ideal:.2f}x by blocks,\n{ideal_w:.2f}x by the "
+        "weights multiplied (fill's projections counted)."
     )
     monitor.check("shipped decode")
 
@@ -288,12 +304,12 @@ def run_shipped(args, monitor) -> dict:
         {seq_name: lambda: prefilled(net.model, seqs), routed_name: lambda: prefilled(net, seqs)}, args.rounds
     )
     rows = []
-    for what, d in (("generate(), decode steps", gen), ("prefill, a whole sequence at once", pre)):
+    for what, (w, cp) in (("generate(), decode steps", gen), ("prefill, a whole sequence at once", pre)):
         rows.append(
-            [what, f"{1 / stat(d[seq_name])['median']:.0f}", f"{1 / stat(d[routed_name])['median']:.0f}",
-             fmt_ratio(ratio_cells(d, routed_name, seq_name))]
+            [what, f"{1 / stat(w[seq_name])['median']:.0f}", f"{1 / stat(w[routed_name])['median']:.0f}",
+             fmt_ratio(ratio_cells(w, routed_name, seq_name)), fmt_ratio(ratio_cells(cp, routed_name, seq_name))]
         )  # fmt: skip
-    print_table(["", "sequential tokens/s", "routed tokens/s", "routed speed / sequential"], rows)
+    print_table(["", "sequential tokens/s", "routed tokens/s", "routed / sequential", "by CPU time"], rows)
     print(
         f"generate: greedy from each sequence's first {task.query_start} tokens (<s>, the table, |) to the position "
         f"table's end ({task.seq_len + 1 - task.query_start} new tokens; repetition penalty "
@@ -303,17 +319,21 @@ def run_shipped(args, monitor) -> dict:
     monitor.check("shipped generate, prefill")
     return {
         "decode_s_per_token": {k: stat(v) for k, v in s.items()},
+        "decode_cpu_s_per_token": {k: stat(v) for k, v in c.items()},
         "decode_ratio": ratio_cells(s, routed_name, seq_name),
+        "decode_ratio_cpu": ratio_cells(c, routed_name, seq_name),
         "blocks_per_token": blocks,
         "decisions_per_token": asks,
         "decision_us": us,
         "router_share": share,
         "ideal_ratio": ideal,
         "ideal_ratio_weights": ideal_w,
-        "generate_ratio": ratio_cells(gen, routed_name, seq_name),
-        "generate_s_per_token": {k: stat(v) for k, v in gen.items()},
-        "prefill_ratio": ratio_cells(pre, routed_name, seq_name),
-        "prefill_s_per_token": {k: stat(v) for k, v in pre.items()},
+        "generate_ratio": ratio_cells(gen[0], routed_name, seq_name),
+        "generate_ratio_cpu": ratio_cells(gen[1], routed_name, seq_name),
+        "generate_s_per_token": {k: stat(v) for k, v in gen[0].items()},
+        "prefill_ratio": ratio_cells(pre[0], routed_name, seq_name),
+        "prefill_ratio_cpu": ratio_cells(pre[1], routed_name, seq_name),
+        "prefill_s_per_token": {k: stat(v) for k, v in pre[0].items()},
         "fill_writes_per_token": fills,
     }
 
@@ -362,7 +382,7 @@ def run_width(width: int, seqs, args) -> dict:
             model, Forced(router, skip_routes(n, P, share)), gate=True, kv_rule=rule, keep_routes=False
         )
 
-    per_call = max(1, min(len(seqs), math.ceil(args.call_s / (replay(model, seqs[:1]) * (P - 1)))))
+    per_call = max(1, min(len(seqs), math.ceil(args.call_s / (replay(model, seqs[:1])[0] * (P - 1)))))
     calls = seqs[:per_call]
     runners = {"sequential": model, "routed, 0% skipped": routed(0.0)}
     for share in SHARES:
@@ -370,20 +390,49 @@ def run_width(width: int, seqs, args) -> dict:
     runners["routed, 50% skipped, drop"] = routed(0.5, "drop")
     runners["routed, 100% skipped, drop"] = routed(1.0, "drop")
     runners["no block (embedding + head)"] = RadialNetwork(model, InOrder(n, max_depth=0), keep_routes=False)
-    s = interleaved_samples({k: (lambda r=r: replay(r, calls)) for k, r in runners.items()}, args.rounds)
-    us = decision_us(router, width)
-    fixed, seq_t = stat(s["no block (embedding + head)"])["median"], stat(s["sequential"])["median"]
-    out = {"width": width, "sequences_per_call": per_call, "decision_us": us, "s_per_token": {}, "ratio": {}}
-    for k, v in s.items():
-        out["s_per_token"][k] = stat(v)
-        out["ratio"][k] = ratio_cells(s, k, "sequential")
-    out["ideal"] = {f"{sh:.0%}": amdahl(seq_t, fixed, 1 - sh) for sh in (0.0, *SHARES)}
-    out["ideal_weights"] = {
-        f"{sh:.0%}": amdahl(seq_t, fixed, weight_share(model.blocks, skip_routes(n, P, sh), True))
-        for sh in (0.0, *SHARES)
-    }
+    timed = interleaved_samples({k: (lambda r=r: replay(r, calls)) for k, r in runners.items()}, args.rounds)
+    out = {"width": width, "sequences_per_call": per_call, "decision_us": decision_us(router, width)}
     out["decisions"] = {f"{sh:.0%}": decisions(skip_routes(n, P, sh), n) for sh in (0.0, *SHARES)}
+    for clock, s in zip(("wall", "cpu"), timed):
+        fixed, seq_t = stat(s["no block (embedding + head)"])["median"], stat(s["sequential"])["median"]
+        out[clock] = {
+            "s_per_token": {k: stat(v) for k, v in s.items()},
+            "ratio": {k: ratio_cells(s, k, "sequential") for k in s},
+            "ideal": {f"{sh:.0%}": amdahl(seq_t, fixed, 1 - sh) for sh in (0.0, *SHARES)},
+            "ideal_weights": {
+                f"{sh:.0%}": amdahl(seq_t, fixed, weight_share(model.blocks, skip_routes(n, P, sh), True))
+                for sh in (0.0, *SHARES)
+            },
+        }
     return out
+
+
+def sweep_table(results: list, clock: str):
+    """The sweep's table by one clock, and the smallest width where routing is faster."""
+    rows = []
+    for r in results:
+        c = r[clock]
+        t = {k: v["median"] for k, v in c["s_per_token"].items()}
+        row = [str(r["width"]), f"{1 / t['sequential']:.0f}", f"{1e6 * t['sequential']:.0f}"]
+        for share in (0.0, *SHARES):
+            key = f"{share:.0%}"
+            row.append(fmt_ratio(c["ratio"][f"routed, {key} skipped"]))
+            if share:
+                row.append(f"{c['ideal'][key]:.2f}, {c['ideal_weights'][key]:.2f}")
+        share = r["decisions"]["50%"] * r["decision_us"] / 1e6 / t["routed, 50% skipped"]
+        row += [fmt_ratio(c["ratio"]["routed, 50% skipped, drop"]), f"{r['decision_us']:.1f}", f"{100 * share:.0f}%"]
+        row += [f"{1e6 * t['routed, 100% skipped, drop']:.0f}", f"{1e6 * t['no block (embedding + head)']:.0f}"]
+        rows.append(row)
+    headers = ["width", "seq. tok/s", "seq. us", "0% skipped", "25% skipped", "ideal", "50% skipped", "ideal"]
+    headers += ["50%, drop", "router us", "router share", "none run us", "no block us"]
+    print_table(headers, rows)
+    for share in SHARES:
+        name = f"routed, {share:.0%} skipped"
+        above = [r["width"] for r in results if faster(r[clock]["ratio"][name])]
+        print(
+            f"{share:.0%} skipped (fill), by {clock} time: routed faster than sequential (interval above 1) at "
+            f"widths {', '.join(map(str, above)) or 'none'}; smallest {min(above) if above else 'none'}."
+        )
 
 
 def run_sweep(args, monitor) -> list:
@@ -397,31 +446,10 @@ def run_sweep(args, monitor) -> list:
     for w in args.widths:
         results.append(run_width(w, seqs, args))
         print(f"  width {w}: done ({results[-1]['sequences_per_call']} sequences per call)", flush=True)
-    rows = []
-    for r in results:
-        seq, t = r["s_per_token"]["sequential"]["median"], r["s_per_token"]
-        row = [str(r["width"]), f"{1 / seq:.0f}", f"{1e6 * seq:.0f}"]
-        for share in (0.0, *SHARES):
-            key = f"{share:.0%}"
-            row.append(fmt_ratio(r["ratio"][f"routed, {key} skipped"]))
-            if share:
-                row.append(f"{r['ideal'][key]:.2f}, {r['ideal_weights'][key]:.2f}")
-        share = r["decisions"]["50%"] * r["decision_us"] / 1e6 / t["routed, 50% skipped"]["median"]
-        row += [fmt_ratio(r["ratio"]["routed, 50% skipped, drop"]), f"{r['decision_us']:.1f}", f"{100 * share:.0f}%"]
-        row += [f"{1e6 * t['routed, 100% skipped, drop']['median']:.0f}"]
-        row += [f"{1e6 * t['no block (embedding + head)']['median']:.0f}"]
-        rows.append(row)
-    headers = ["width", "seq. tok/s", "seq. us", "0% skipped", "25% skipped", "ideal", "50% skipped", "ideal"]
-    headers += ["50%, drop", "router us", "router share", "none run us", "no block us"]
-    print_table(headers, rows)
+    for clock in ("wall", "cpu"):
+        print(f"\nBy {'wall-clock' if clock == 'wall' else 'CPU'} time (tokens/s, us: {clock}):")
+        sweep_table(results, clock)
     print(SWEEP_NOTE)
-    for share in SHARES:
-        name = f"routed, {share:.0%} skipped"
-        above = [r["width"] for r in results if faster(r["ratio"][name])]
-        print(
-            f"{share:.0%} skipped (fill): routed faster than sequential, interval above 1, at widths "
-            f"{', '.join(map(str, above)) or 'none'}; smallest {min(above) if above else 'none'}."
-        )
     monitor.check("width sweep")
     return results
 
