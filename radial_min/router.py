@@ -243,6 +243,8 @@ class Router:
             x, prev, step, p["w1"], p["b1"], p["w2"], p["b2"], cfg.forward_only, self.reach, cfg.depth_limit,
             moves, prob,
         )  # fmt: skip
+        if not (cfg.sink or cfg.sink_norm):  # no sink rule: nothing to override (a decode step's ~1 us of NumPy)
+            return moves, prob
         sink = self.sinks(x, step, pos)
         if sink.any():
             moves[sink], prob[sink] = prev[sink] + 1, 1.0

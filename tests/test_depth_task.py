@@ -145,3 +145,28 @@ def test_reused_blocks_are_paired_with_the_sequential_runs_of_their_seed():
     assert cells[10] == f"0.150 ± {t * 0.0707107:.3f}"  # 1.0 - 0.9, 0.9 - 0.7
     assert cells[-2] == "1.000 [0.500, 0.900], 0.900 [0.400, 0.700]"
     assert depth_task.reuse_table(runs[:4]) == ""
+
+
+def test_the_shipped_hop_network_decodes_as_it_was_trained():
+    """weights/hop-16, loaded as users load it, decodes held-out sequences token by token (the fused router kernel
+    and its sink-free early return, the fill rule at each skip, generation's path) to the routes and logits of its
+    training forward (the router's float64 softmax, a tape), and skips blocks on them (3 of 4 per token in its
+    report). bench/depth_speed.py times exactly this decode."""
+    import radial_min
+    from radial_min import tasks
+    from radial_min.io.outputs import read_json
+    from radial_min.radial import RadialNetwork
+
+    net = radial_min.load(ROOT / "weights" / "hop-16")
+    assert isinstance(net, RadialNetwork) and net.gate and net.kv_rule == "fill" and not net.router.config.sink
+    task = tasks.HopTask(**read_json(ROOT / "weights" / "hop-16" / "task.json"))
+    tok, _ = tasks.sequences(task, 5, 0, 2, stream="eval")
+    for seq in tok[:, :-1]:
+        logits = net.forward(seq[None], tape=[])  # the training path
+        routes = net.last_walk.route_lists()
+        net.routes, cache = [], net.new_cache()
+        decoded = np.concatenate([net.forward(seq[t : t + 1], cache) for t in range(len(seq))])
+        assert net.routes == routes
+        np.testing.assert_allclose(decoded, logits, rtol=1e-4, atol=1e-4 * np.abs(logits).max())
+        depth = np.mean([len(r) for r in routes])
+        assert 2 < depth < 3.8 and len({tuple(r) for r in routes}) > 1, depth

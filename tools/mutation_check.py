@@ -1274,6 +1274,20 @@ MUTANTS = [
         (RULES, "-k", "sink"),
     ),
     Mutant(
+        "sink: decide's sink-free early return taken when only sink_norm is set",
+        "radial_min/router.py",
+        "if not (cfg.sink or cfg.sink_norm):",
+        "if not cfg.sink:",
+        (RULES, "-k", "sink"),
+    ),
+    Mutant(
+        "decide's sink-free early return: the gate halved (a gated network's branches scaled wrong)",
+        "radial_min/router.py",
+        "return moves, prob\n        sink = self.sinks(x, step, pos)",
+        "return moves, prob * 0.5\n        sink = self.sinks(x, step, pos)",
+        (T("depth_task"), "-k", "hop_network"),
+    ),
+    Mutant(
         "sink: a sink row jumps two blocks",
         "radial_min/router.py",
         "moves[sink], prob[sink] = prev[sink] + 1, 1.0",
