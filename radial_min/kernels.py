@@ -1307,6 +1307,24 @@ BLOCKED_FROM = 32  # queries from which `attention` runs _attention_blocked, in 
 
 
 @njit(inline="always")
+def _gather_visible(k, v, g, rows, kb, vb, v_transposed):  # head g's first len(kb) keys/values -> float32 rows
+    """A prefill kernel's per-head copy of the keys it reads: kb[j] = k[g, rows[j]] (or k[g, j] without `rows`),
+    widened to float32 (a half-precision cache stores float16 bits); the values likewise into vb[j], or into
+    vb[:, j] (v_transposed)."""
+    picked = rows.size > 0
+    for j in range(kb.shape[0]):
+        r = rows[j] if picked else j
+        for d in range(kb.shape[1]):
+            kb[j, d] = widen(k[g, r, d])
+        if v_transposed:
+            for d in range(kb.shape[1]):
+                vb[d, j] = widen(v[g, r, d])
+        else:
+            for d in range(kb.shape[1]):
+                vb[j, d] = widen(v[g, r, d])
+
+
+@njit(inline="always")
 def _softmax_visible(p, n_rows, n_vis, q_pos, k_pos, n_keys, causal, scale):  # p[:n_rows, :n_vis] -> weights
     """Each row of raw scores q.k, times `scale`, softmaxed over the keys its query (at q_pos[i]) sees: causal,
     the prefix of keys at positions <= its own, else all n_keys; zero beyond them up to n_vis (what the block's
@@ -1334,15 +1352,12 @@ def _attention_blocked(q, k, v, rows, n_keys, q_pos, k_pos, causal, out):  # as 
     n_head, n_q, d_head = q.shape
     group = n_head // k.shape[0]
     scale = np.float32(1.0 / math.sqrt(d_head))
-    picked, queries_per_block = rows.size > 0, BLOCKED_FROM
+    queries_per_block = BLOCKED_FROM
     for h in prange(n_head):
         g = h // group
         n_all = np.searchsorted(k_pos[:n_keys], q_pos[n_q - 1], side="right") if causal else n_keys
         kb, vt = np.empty((n_all, d_head), np.float32), np.empty((d_head, n_all), np.float32)
-        for j in range(n_all):
-            r = rows[j] if picked else j
-            for d in range(d_head):
-                kb[j, d], vt[d, j] = widen(k[g, r, d]), widen(v[g, r, d])
+        _gather_visible(k, v, g, rows, kb, vt, True)
         scores = np.empty((queries_per_block, n_all), np.float32)
         for i_lo in range(0, n_q, queries_per_block):
             n_rows = min(queries_per_block, n_q - i_lo)
@@ -1366,15 +1381,11 @@ def _attention_blas(sgemm, q, k, v, rows, n_keys, q_pos, k_pos, causal, out, que
     n_head, n_q, d_head = q.shape
     group = n_head // k.shape[0]
     scale = np.float32(1.0 / math.sqrt(d_head))
-    picked = rows.size > 0
     for h in prange(n_head):
         g = h // group
         n_all = np.searchsorted(k_pos[:n_keys], q_pos[n_q - 1], side="right") if causal else n_keys
         kb, vb = np.empty((n_all, d_head), np.float32), np.empty((n_all, d_head), np.float32)
-        for j in range(n_all):
-            r = rows[j] if picked else j
-            for d in range(d_head):
-                kb[j, d], vb[j, d] = widen(k[g, r, d]), widen(v[g, r, d])
+        _gather_visible(k, v, g, rows, kb, vb, False)
         p = np.empty((queries_per_block, max(n_all, 1)), np.float32)
         for i_lo in range(0, n_q, queries_per_block):
             n_rows = min(queries_per_block, n_q - i_lo)
