@@ -439,6 +439,20 @@ def test_blocked_attention_matches_reference(n_q, n_past, n_head, group, causal,
         np.testing.assert_allclose(kernels.merge_heads(out), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_serial_copies_follow_the_parallel_kernels_error_model():
+    """A kernel's serial copy (one thread) computes what its parallel twin does, a division by zero included:
+    RMSNorm of an all-zero row with eps 0 is 0/0 in both (nan), not a ZeroDivisionError in one of them."""
+    x, w = np.zeros((2, 8), np.float32), np.ones(8, np.float32)
+    x[1] = 1.0
+    outs = []
+    for kernel in (kernels._rmsnorm, kernels._rmsnorm_serial):
+        out = np.empty_like(x)
+        kernel(x, w, 0.0, out)
+        outs.append(out)
+    assert np.isnan(outs[1][0]).all() and np.allclose(outs[1][1], 1.0)
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
 def test_small_work_and_a_busy_machine_run_serial(monkeypatch):
     """The thread pool only for work above PARALLEL_FROM, on as many threads as other processes leave cores free
     (their running threads smoothed over readings at most four a second); one free core means the serial copy."""

@@ -186,6 +186,13 @@ MUTANTS = [
         (LLAMA, KERNELS),
     ),
     Mutant(
+        "serial kernel copies compiled with Python's error model (zero checks: scalar loops, exceptions)",
+        K,
+        'cache=True, nogil=True, error_model="numpy")(g)',
+        "cache=True, nogil=True)(g)",
+        (KERNELS, "-k", "error_model"),
+    ),
+    Mutant(
         "GQA: wrong key/value head (the prefill kernels' gather)",
         K,
         "kb[j, d] = widen(k[g, r, d])",
