@@ -26,6 +26,7 @@ setting's per-sequence NLL and depth are kept in <out>/settings.json, so a rerun
 """
 
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -259,6 +260,8 @@ def main(argv=None):
     p.add_argument("--taus", default="0.04,0.07,0.1,0.13,0.16", help="the oracle's thresholds")
     p.add_argument("--sink", type=int, default=None, help="positions that run every block (default: 1 for Llama)")
     p.add_argument("--oracle-attention", action="store_true", help="also the oracle restricted to attention blocks")
+    p.add_argument("--only", default=None, help="evaluate only the settings whose names match one of these "
+                   "comma-separated patterns (fnmatch: 'static:*:k6,router:tune-*'; sequential always)")  # fmt: skip
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -326,6 +329,9 @@ def main(argv=None):
             jobs[f"oracle-fill-sink-attention:tau{tau:g}"] = lambda s, t=tau: run_oracle(model, s, t, sink, att_only)
     for d in routers:
         jobs[f"router:{d.name}"] = lambda s, d=d: run_router(model, s, d)
+    if args.only:  # a larger evaluation of the settings that decide a comparison, at a fraction of the cost
+        patterns = args.only.split(",")
+        jobs = {k: j for k, j in jobs.items() if k == "sequential" or any(fnmatch.fnmatch(k, p) for p in patterns)}
 
     cache_path = out / "settings.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
