@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -400,12 +401,14 @@ def main(argv=None):
 
 
 def router_family(name):
-    """router:distill-attention-tau0.1 -> router:distill-attention (a family: its settings joined on the plot)."""
+    """router:distill-attention-tau0.1 -> router:distill-attention (a family: its settings joined on the plot), and
+    router:search-attention-k6 -> router:search-attention."""
     base = name.split(":", 1)[1]
     for sep in ("-tau", "-target"):
         if sep in base:
             return "router:" + base.split(sep)[0]
-    return name
+    budget = re.fullmatch(r"(.+)-k\d+", base)
+    return "router:" + budget.group(1) if budget else name
 
 
 if __name__ == "__main__":
