@@ -124,6 +124,14 @@ def test_labels_are_the_trainers_examples_and_mark_exactly_the_chosen_blocks():
     assert distill.accuracy(router, ex)["decision"] > distill.accuracy(untrained, ex)["decision"] + 0.2
 
 
+def test_consensus_takes_the_blocks_chosen_most_often():
+    trajectories = [[4, 2, 8, 6], [2, 6, 4, 0], [6, 2, 0, 4]]
+    assert route_search.consensus(trajectories, 1) == [2]  # 4, 2, 6 once each, all first: the lowest index
+    assert route_search.consensus(trajectories, 2) == [2, 6]  # 2 three times, 6 twice, 4 once
+    assert route_search.consensus(trajectories, 3) == [2, 4, 6]  # 2 three times; 4, 6 twice; 8, 0 once
+    assert route_search.consensus([[5, 3], [3, 1]], 2) == [3, 5]  # 5 and 1 once: 5 was chosen earlier
+
+
 def test_search_command_makes_routers_that_follow_its_rules(tmp_path):
     shared("wikitext-2", "valid.txt")
     import sys

@@ -46,7 +46,7 @@ def pareto_tables(report):
         print("| setting | blocks/token | attention blocks run | perplexity | vs sequential |")
         print("| --- | ---: | ---: | ---: | ---: |")
         for name, p in s["points"].items():
-            if name.startswith(("router:", "oracle")):
+            if name.startswith(("router:", "oracle", "consensus:")):
                 att = p.get("attention_blocks_run")
                 att = "-" if att is None else f"{att:.2f}"
                 print(f"| {name} | {p['blocks']:.2f} | {att} | {p['ppl']:.2f} | {p['ppl'] / s['sequential_ppl']:.3f} |")

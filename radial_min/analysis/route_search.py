@@ -103,6 +103,17 @@ def greedy_search(model, ids, candidates, budget, sink=0, kv_rule="fill", reuse=
     return trajectory, blocks_run
 
 
+def consensus(trajectories, k: int) -> list:
+    """The static route the searches agree on: the k blocks most often among the first k of each trajectory (lists
+    of blocks in the order chosen), ties to the block chosen earlier on average, then the lower index."""
+    count, rank = {}, {}
+    for blocks in trajectories:
+        for i, b in enumerate(blocks[:k]):
+            count[b] = count.get(b, 0) + 1
+            rank[b] = rank.get(b, 0) + i
+    return sorted(sorted(count, key=lambda b: (-count[b], rank[b] / count[b], b))[:k])
+
+
 def route_examples(model, sequences, keeps, kv_rule="fill") -> dict:
     """Router training examples (distill.oracle_examples' format: x, prev, step, label, token) for given decisions
     keeps [n_seq, T, n]: the states each route passes through, and at each of them the route's next block."""
