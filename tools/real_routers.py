@@ -82,6 +82,17 @@ def cmd_search(args):
     candidates = [b for b in range(n) if b not in set(rules["mandatory"] or ())]
     if not budgets or budgets[0] < 1 or budgets[-1] > len(candidates):
         raise SystemExit(f"--budgets: expected whole numbers from 1 to {len(candidates)} (the skippable blocks)")
+    if args.time_reuse:  # what running each candidate from its block saves: the first step both ways, interleaved
+        for reuse in (True, False) * args.time_reuse:
+            t0 = time.process_time()
+            traj, blocks = route_search.greedy_search(model, seqs[0], candidates, 1, sink, reuse=reuse)
+            print(
+                f"first step, {'from the block' if reuse else 'from the embedding'}: "
+                f"{time.process_time() - t0:.1f} CPU-s, {blocks} blocks run; block {traj[0]['block']}, "
+                f"KL {traj[0]['kl']:.5f}",
+                flush=True,
+            )
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / f"search-{args.skippable}-trajectories.json"  # one entry per sequence: an interrupted run resumes
@@ -225,6 +236,7 @@ def main(argv=None):
     r.add_argument("--sequences", type=int, default=16, help="calibration sequences (default: %(default)s)")
     r.add_argument("--epochs", type=int, default=8)
     r.add_argument("--lr", type=float, default=3e-3)
+    r.add_argument("--time-reuse", type=int, default=0, help="only time the first step N times each way, then exit")
     args = p.parse_args(argv)
     return {"distill": cmd_distill, "tune": cmd_tune, "search": cmd_search}[args.cmd](args)
 
