@@ -14,7 +14,11 @@ Methods (skipping k of the N blocks; budgets 5, 10, 20 and 30% of N):
 - dynamic, per token: random routes (each token skips k blocks at random, sink kept, fill); the oracle (the
   residual-ratio threshold, fill rule, sink kept; over all blocks, and with --oracle-attention over attention blocks
   only); every router
-  folder under --routers (routed execution: RadialNetwork, fill rule, the router's own sink and restriction).
+  folder under --routers (routed execution: RadialNetwork, fill rule, the router's own sink and restriction);
+- for every router made by `real_routers.py search` (made.json: its per-sequence search trajectories), their
+  consensus as a static route: the k blocks the searches chose most often (route_search.consensus), skipped by
+  every token but the sink (`consensus:`; scored as a dynamic method against the best static one, which it is not:
+  it tells the router's labels apart from the router).
 A dynamic method's points (its settings' mean blocks per token) are joined by the mean NLL interpolated linearly
 between the two that bracket a budget (oracle.at_depth: the score of mixing the two settings over sequences), the
 sequential model being the point at N blocks. Intervals: 2,000 bootstrap resamples of the evaluation sequences,
@@ -30,6 +34,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import radial_min  # noqa: E402
 from radial_min import data  # noqa: E402
-from radial_min.analysis import oracle  # noqa: E402
+from radial_min.analysis import oracle, route_search  # noqa: E402
 from radial_min.analysis.plots import _finish, _pyplot  # noqa: E402
 from radial_min.radial import RadialNetwork  # noqa: E402
 from radial_min.router import Router, Scripted, mandatory_blocks  # noqa: E402
@@ -146,6 +151,15 @@ def run_random(model, seqs, k, sink, seed):
     n, T = len(model.blocks), seqs.shape[1]
     rng = np.random.default_rng(seed)
     routes = [list(range(n)) if t < sink else sorted(rng.choice(n, n - k, replace=False).tolist()) for t in range(T)]
+    net = RadialNetwork(model, Scripted(routes, n), kv_rule="fill", keep_routes=False)
+    nll, depth, _ = sequence_nll(net, seqs, 8)
+    return nll, depth.mean(-1).astype(float)
+
+
+def run_consensus(model, seqs, skipped, sink):
+    """The same blocks skipped by every position from `sink` on (routed execution, fill rule)."""
+    n, T = len(model.blocks), seqs.shape[1]
+    routes = [list(range(n)) if t < sink else [b for b in range(n) if b not in skipped] for t in range(T)]
     net = RadialNetwork(model, Scripted(routes, n), kv_rule="fill", keep_routes=False)
     nll, depth, _ = sequence_nll(net, seqs, 8)
     return nll, depth.mean(-1).astype(float)
@@ -329,6 +343,12 @@ def main(argv=None):
             jobs[f"oracle-fill-sink-attention:tau{tau:g}"] = lambda s, t=tau: run_oracle(model, s, t, sink, att_only)
     for d in routers:
         jobs[f"router:{d.name}"] = lambda s, d=d: run_router(model, s, d)
+        made = json.loads((d / "made.json").read_text()) if (d / "made.json").is_file() else {}
+        if made.get("method") == "search":
+            k = made["budget_blocks"]
+            skipped = route_search.consensus([t["blocks"] for t in made["trajectories"]], k)
+            print(f"consensus of {d.name}: {', '.join(names[b] for b in skipped)}")
+            jobs[f"consensus:{d.name}"] = lambda s, skipped=skipped: run_consensus(model, s, skipped, sink)
     if args.only:  # a larger evaluation of the settings that decide a comparison, at a fraction of the cost
         patterns = args.only.split(",")
         jobs = {k: j for k, j in jobs.items() if k == "sequential" or any(fnmatch.fnmatch(k, p) for p in patterns)}
@@ -379,7 +399,7 @@ def main(argv=None):
         families = {}
         for name in settings:
             if name != "sequential":
-                fam = name.rsplit(":", 1)[0] if not name.startswith("router:") else router_family(name)
+                fam = name.rsplit(":", 1)[0] if not name.startswith(("router:", "consensus:")) else router_family(name)
                 families.setdefault(fam, []).append(name)
         full_ppl = float(np.exp(settings["sequential"]["nll"].mean()))
         summary = summarize(settings, families, n, len(seqs))
@@ -406,12 +426,14 @@ def main(argv=None):
 
 
 def router_family(name):
-    """router:distill-attention-tau0.1 -> router:distill-attention (a family: its settings joined on the plot)."""
-    base = name.split(":", 1)[1]
+    """router:distill-attention-tau0.1 -> router:distill-attention (a family: its settings joined on the plot), and
+    router:search-attention-k6 -> router:search-attention (consensus:search-attention-k6 -> consensus:search-...)."""
+    kind, base = name.split(":", 1)
     for sep in ("-tau", "-target"):
         if sep in base:
-            return "router:" + base.split(sep)[0]
-    return name
+            return f"{kind}:" + base.split(sep)[0]
+    budget = re.fullmatch(r"(.+)-k\d+", base)
+    return f"{kind}:" + budget.group(1) if budget else name
 
 
 if __name__ == "__main__":

@@ -1575,6 +1575,28 @@ MUTANTS = [
         "rows[j, k] = np.float32(q[j_lo + j, k]) * scale[j]",
         (T("kernels"), "-k", "sgemm_on_the_pool"),
     ),
+    # search labels (analysis/route_search.py)
+    Mutant(
+        "route search: the greedy step takes the costliest candidate",
+        "radial_min/analysis/route_search.py",
+        "best = names[int(np.argmin([costs[c] for c in names]))]",
+        "best = names[int(np.argmax([costs[c] for c in names]))]",
+        (T("route_search"), "-k", "brute_force"),
+    ),
+    Mutant(
+        "route search: a candidate run from the stream entering the block before it",
+        "radial_min/analysis/route_search.py",
+        "run_from(model, states[c] if reuse else x0, start, trial, kv_rule)",
+        "run_from(model, states[max(c - 1, 0)] if reuse else x0, start, trial, kv_rule)",
+        (T("route_search"), "-k", "brute_force or reusing"),
+    ),
+    Mutant(
+        "route search: the sink skips the chosen blocks too",
+        "radial_min/analysis/route_search.py",
+        "keep[sink:, list(skipped)] = False",
+        "keep[:, list(skipped)] = False",
+        (T("route_search"), "-k", "labels"),
+    ),
 ]
 
 

@@ -2,6 +2,7 @@
 bench/real_speed.py write (nothing is measured here):
 
     python tools/real_report.py --pareto runs/real/pareto/pareto.json --speed runs/real/speed.json
+    python tools/real_report.py --search runs/real/routers     # tools/real_routers.py search: its searches
 """
 
 import argparse
@@ -46,7 +47,7 @@ def pareto_tables(report):
         print("| setting | blocks/token | attention blocks run | perplexity | vs sequential |")
         print("| --- | ---: | ---: | ---: | ---: |")
         for name, p in s["points"].items():
-            if name.startswith(("router:", "oracle")):
+            if name.startswith(("router:", "oracle", "consensus:")):
                 att = p.get("attention_blocks_run")
                 att = "-" if att is None else f"{att:.2f}"
                 print(f"| {name} | {p['blocks']:.2f} | {att} | {p['ppl']:.2f} | {p['ppl'] / s['sequential_ppl']:.3f} |")
@@ -71,13 +72,40 @@ def speed_table(speed):
         )
 
 
+def search_summary(folder, skippable="attention"):
+    """The searches behind the search routers: cost, what they chose, and how well each router repeats its labels."""
+    folder = Path(folder)
+    for key, runs in json.loads((folder / f"search-{skippable}-trajectories.json").read_text()).items():
+        cpu = [r["cpu_seconds"] for r in runs]
+        print(f"\n{key}: {len(runs)} sequences, {sum(cpu):.0f} CPU-s ({min(cpu):.0f} to {max(cpu):.0f} each); blocks")
+        print(
+            f"run {sum(r['blocks_run'] for r in runs):,} (each candidate from the embedding: "
+            f"{sum(r['blocks_run_from_scratch'] for r in runs):,})"
+        )
+        firsts = [r["trajectory"][0]["block"] for r in runs]
+        print("first block chosen: " + ", ".join(f"block {b} ({firsts.count(b)}x)" for b in sorted(set(firsts))))
+        kl = [[t["kl"] for t in r["trajectory"]] for r in runs]
+        made_all = [json.loads(p.read_text()) for p in folder.glob(f"search-{skippable}-k*/made.json")]
+        for m in sorted(made_all, key=lambda m: m["budget_blocks"]):
+            k, sets = m["budget_blocks"], {frozenset(t["blocks"][: m["budget_blocks"]]) for t in m["trajectories"]}
+            own = [row[k - 1] for row in kl[: len(m["trajectories"])]]
+            print(
+                f"k={k:2d}: {len(sets):2d} distinct sets of blocks; mean KL on its own sequence "
+                f"{sum(own) / len(own):.3f} ({min(own):.3f}-{max(own):.3f}); the router repeats "
+                f"{m['train_accuracy']['decision']:.2%} of the labels' decisions ({m['train_cpu_seconds']:.0f} CPU-s)"
+            )
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pareto", default=None, help="bench/real_pareto.py's pareto.json")
     p.add_argument("--speed", default=None, help="bench/real_speed.py's --out JSON")
+    p.add_argument("--search", default=None, help="tools/real_routers.py search's --out folder")
     args = p.parse_args(argv)
     if args.pareto:
         pareto_tables(json.loads(Path(args.pareto).read_text()))
+    if args.search:
+        search_summary(args.search)
     if args.speed:
         speed_table(json.loads(Path(args.speed).read_text()))
 

@@ -1,4 +1,4 @@
-"""Routers for a real model (docs/real-model.md), made two ways, each saved as a folder with router.json and
+"""Routers for a real model (docs/real-model.md), made three ways, each saved as a folder with router.json and
 router.safetensors that `generate --router` and bench/real_pareto.py take:
 
     distill  labels from the oracle (analysis/distill.py) under the rule routed execution runs: `fill` keys, the
@@ -7,9 +7,14 @@ router.safetensors that `generate --router` and bench/real_pareto.py take:
              a price per block run, through the engine's backward (RadialNetwork(relax=True): every block runs, its
              branch scaled by the router's probability of running it, Router-Tuning's relaxation; in use the
              router's argmax decides). The price follows a target depth (dual ascent, as train.update_cost)
+    search   labels from a greedy search per calibration sequence (analysis/route_search.py, as Dr.LLM / CoLa):
+             step by step the skippable block whose skipping raises the sequence's mean KL(full || routed) least,
+             nested, so one trajectory gives every budget k; for budget k every non-sink token of the sequence
+             skips its k blocks, and a router is distilled from those routes as `distill` does
 
     python tools/real_routers.py distill --model $G --taus 0.08,0.12 --skippable attention --out runs/real/routers
     python tools/real_routers.py tune --model $G --target 54 --steps 150 --out runs/real/routers
+    python tools/real_routers.py search --model $G --budgets 3,6,9,12 --sequences 16 --out runs/real/routers
 
 Calibration text: WikiText-2 valid.txt (its first sequences of --seq-len); nothing here reads the test text.
 Runs on any Llama-family GGUF or safetensors folder (and OPT: --sink 0).
@@ -26,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import radial_min  # noqa: E402
 from radial_min import data  # noqa: E402
-from radial_min.analysis import distill  # noqa: E402
+from radial_min.analysis import distill, route_search  # noqa: E402
 from radial_min.optim import adamw_step, lr_at  # noqa: E402
 from radial_min.radial import RadialNetwork  # noqa: E402
 from radial_min.router import SKIPPABLE, Router, RouterConfig, init_router, mandatory_blocks  # noqa: E402
@@ -67,6 +72,74 @@ def cmd_distill(args):
         }
         (out / "made.json").write_text(json.dumps(note, indent=1) + "\n")
         print(f"{out}: oracle {note['oracle_blocks_per_token']:.2f} blocks/token; decisions {acc['decision']:.1%}")
+
+
+def cmd_search(args):
+    model = radial_min.load(args.model, weights_dtype="float32")
+    seqs = calibration(model, args.model, args.seq_len, args.sequences)
+    rules = rules_of(model, args)
+    n, sink, budgets = len(model.blocks), rules["sink"], sorted(args.budgets)
+    candidates = [b for b in range(n) if b not in set(rules["mandatory"] or ())]
+    if not budgets or budgets[0] < 1 or budgets[-1] > len(candidates):
+        raise SystemExit(f"--budgets: expected whole numbers from 1 to {len(candidates)} (the skippable blocks)")
+    if args.time_reuse:  # what running each candidate from its block saves: the first step both ways, interleaved
+        for reuse in (True, False) * args.time_reuse:
+            t0 = time.process_time()
+            traj, blocks = route_search.greedy_search(model, seqs[0], candidates, 1, sink, reuse=reuse)
+            print(
+                f"first step, {'from the block' if reuse else 'from the embedding'}: "
+                f"{time.process_time() - t0:.1f} CPU-s, {blocks} blocks run; block {traj[0]['block']}, "
+                f"KL {traj[0]['kl']:.5f}",
+                flush=True,
+            )
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / f"search-{args.skippable}-trajectories.json"  # one entry per sequence: an interrupted run resumes
+    done = json.loads(store.read_text()) if store.is_file() else {}
+    key = f"{Path(args.model).name}/{args.seq_len}/{budgets[-1]}/sink{sink}"
+    runs = done.setdefault(key, [])
+    for s in range(len(runs), len(seqs)):
+        t0 = time.process_time()
+        print(f"sequence {s + 1}/{len(seqs)}: greedy search over {len(candidates)} blocks, {budgets[-1]} steps")
+        traj, blocks_run = route_search.greedy_search(model, seqs[s], candidates, budgets[-1], sink, log=print)
+        naive = sum(len(candidates) - i for i in range(budgets[-1])) * n + n  # every candidate from the embedding
+        runs.append({"trajectory": traj, "blocks_run": blocks_run, "blocks_run_from_scratch": naive})
+        runs[-1]["cpu_seconds"] = time.process_time() - t0
+        store.write_text(json.dumps(done) + "\n")
+        print(
+            f"sequence {s + 1}: skips {[t['block'] for t in traj]}; {blocks_run} blocks run ({naive} from scratch); "
+            f"{runs[-1]['cpu_seconds']:.1f} CPU s",
+            flush=True,
+        )
+    search_cpu = sum(r["cpu_seconds"] for r in runs[: len(seqs)])
+    for k in budgets:
+        t0 = time.process_time()
+        keeps = [route_search.keep_for(args.seq_len, n, [t["block"] for t in r["trajectory"][:k]], sink) for r in runs]
+        ex = route_search.route_examples(model, seqs, keeps[: len(seqs)])
+        cfg = RouterConfig(
+            model.config.hidden_size, n, args.hidden, True, None, None, "fill", Path(args.model).name, **rules
+        )
+        router = distill.train_router(ex, cfg, args.epochs, args.lr, 512, args.seed, progress=False)
+        acc = distill.accuracy(router, ex)
+        folder = out / f"search-{args.skippable}-k{k}"
+        router.save(folder / "router")
+        note = {
+            "method": "search",
+            "search": "greedy, per sequence, mean KL(full || routed) over every position, fill rule, sink kept",
+            "budget_blocks": k,
+            "labels": f"{len(seqs)} x {args.seq_len} tokens of WikiText-2 valid",
+            "label_blocks_per_token": float(len(ex["label"]) / (len(seqs) * args.seq_len) - 1),
+            "train_accuracy": acc,
+            "search_cpu_seconds": search_cpu,
+            "train_cpu_seconds": time.process_time() - t0,
+            "trajectories": [
+                {"blocks": [t["block"] for t in r["trajectory"]], "kl": [t["kl"] for t in r["trajectory"]]}
+                for r in runs[: len(seqs)]
+            ],
+        }
+        (folder / "made.json").write_text(json.dumps(note, indent=1) + "\n")
+        print(f"{folder}: labels {note['label_blocks_per_token']:.2f} blocks/token; decisions {acc['decision']:.1%}")
 
 
 def kl_and_grad(logits, teacher_logp):
@@ -135,7 +208,7 @@ def cmd_tune(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("distill", "tune"):
+    for name in ("distill", "tune", "search"):
         s = sub.add_parser(name)
         s.add_argument("--model", required=True, help="model folder or .gguf file")
         s.add_argument("--out", default="runs/real/routers", help="parent folder of the routers (default: %(default)s)")
@@ -158,8 +231,14 @@ def main(argv=None):
     t.add_argument("--price", type=float, default=0.0, help="initial price of a block, in nats (default: 0)")
     t.add_argument("--price-rate", type=float, default=2e-4, help="price change per step and block of error")
     t.add_argument("--in-order", type=float, default=4.0, help="the router's starting margin for the next block")
+    r = sub.choices["search"]
+    r.add_argument("--budgets", type=lambda t: [int(x) for x in t.split(",")], default=[3, 6, 9, 12])
+    r.add_argument("--sequences", type=int, default=16, help="calibration sequences (default: %(default)s)")
+    r.add_argument("--epochs", type=int, default=8)
+    r.add_argument("--lr", type=float, default=3e-3)
+    r.add_argument("--time-reuse", type=int, default=0, help="only time the first step N times each way, then exit")
     args = p.parse_args(argv)
-    return {"distill": cmd_distill, "tune": cmd_tune}[args.cmd](args)
+    return {"distill": cmd_distill, "tune": cmd_tune, "search": cmd_search}[args.cmd](args)
 
 
 if __name__ == "__main__":
