@@ -74,10 +74,17 @@ def oracle_examples(
         if rules.get("sink") or rules.get("mandatory"):
             raise ValueError("streamed labels follow the plain oracle: no sink or mandatory blocks")
         return _streamed_examples(model, sequences, tau, kv_rule, kind)
-    out = {"x": [], "prev": [], "step": [], "label": [], "token": []}
+    seqs = sequences if progress is None else progress(sequences)
+    return routes_as_examples(model, ((ids, threshold(tau, None, **rules)) for ids in seqs), kv_rule, kind)[0]
+
+
+def routes_as_examples(model, runs, kv_rule: str, kind: str = "output") -> tuple:
+    """Each (ids, decide) of `runs` run by the oracle's simulation under `decide` (an oracle decision rule), its
+    routes turned into router training examples (oracle_examples' format) -> (examples, the keeps [T, n] run)."""
+    out, keeps = {"x": [], "prev": [], "step": [], "label": [], "token": []}, []
     base = 0
-    for ids in sequences if progress is None else progress(sequences):
-        rec = _Recorder(threshold(tau, None, **rules))
+    for ids, decide in runs:
+        rec = _Recorder(decide)
         _, keep, _ = run_sequence(model, ids, rec, kv_rule, kind)
         states = np.stack(rec.states)  # [n + 1, T, E]
         t_idx, b_idx, prev, step, label = routes_from_keep(keep)
@@ -86,8 +93,9 @@ def oracle_examples(
         out["step"].append(step)
         out["label"].append(label)
         out["token"].append(base + t_idx)
+        keeps.append(keep)
         base += len(ids)
-    return {k: np.concatenate(v) for k, v in out.items()}
+    return {k: np.concatenate(v) for k, v in out.items()}, keeps
 
 
 def routes_from_keep(keep):

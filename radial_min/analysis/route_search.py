@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from . import oracle
-from .distill import _Recorder, routes_from_keep
+from .distill import routes_as_examples
 
 
 def log_softmax(logits) -> np.ndarray:
@@ -117,18 +117,6 @@ def consensus(trajectories, k: int) -> list:
 def route_examples(model, sequences, keeps, kv_rule="fill") -> dict:
     """Router training examples (distill.oracle_examples' format: x, prev, step, label, token) for given decisions
     keeps [n_seq, T, n]: the states each route passes through, and at each of them the route's next block."""
-    out = {"x": [], "prev": [], "step": [], "label": [], "token": []}
-    base = 0
-    for ids, keep in zip(sequences, keeps):
-        rec = _Recorder(oracle.forced(keep))
-        _, kept, _ = oracle.run_sequence(model, ids, rec, kv_rule)
-        assert (kept == keep).all()
-        states = np.stack(rec.states)  # [n + 1, T, E]: the embedding, then the state after each block
-        t_idx, b_idx, prev, step, label = routes_from_keep(keep)
-        out["x"].append(states[b_idx, t_idx])
-        out["prev"].append(prev)
-        out["step"].append(step)
-        out["label"].append(label)
-        out["token"].append(base + t_idx)
-        base += len(ids)
-    return {k: np.concatenate(v) for k, v in out.items()}
+    examples, kept = routes_as_examples(model, ((ids, oracle.forced(k)) for ids, k in zip(sequences, keeps)), kv_rule)
+    assert all((a == b).all() for a, b in zip(kept, keeps))
+    return examples
