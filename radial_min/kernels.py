@@ -13,7 +13,9 @@ Which kernel runs where (measured in docs/performance.md):
   `matmul_blas_blocks` widening int8 and GGUF block weights tile by tile. Where NumPy's BLAS is not an OpenBLAS,
   or with `set_backend("numba")`, our own `matmul`: 4x4 register tiles over 64-column panels of the weights
   (`_gemm`, also the core of the blocked attention), the readable reference.
-- attention: one task per query and head for a few queries (decode), `_attention_blocked` for many (prefill).
+- attention: one task per query and head for a few queries (decode); for many (prefill), one task per head, its
+  two products per block of queries through sgemm (`_attention_blas`), or our GEMM (`_attention_blocked`, the
+  reference, with the "numba" backend or without an OpenBLAS).
 - anything small runs a serial copy of its kernel (PARALLEL_FROM), the rest on as many threads as other processes
   leave cores free (free_cores: one free core, serial), and
   OpenBLAS one thread.
@@ -1308,7 +1310,7 @@ def _attention(q, k, v, rows, n_keys, q_pos, k_pos, causal, out):  # [H, T, D], 
 _attention_serial = _one_thread(_attention)
 
 
-BLOCKED_FROM = 32  # queries from which `attention` runs _attention_blocked, in blocks of as many
+BLOCKED_FROM = 32  # queries from which `attention` runs a prefill kernel (_attention_blocked: blocks of as many)
 
 
 @njit(inline="always")
@@ -1445,15 +1447,12 @@ def attention(q, k, v, n_head, q_pos=None, k_pos=None, rows=None, n_kv_head=None
     out = np.empty_like(qh)
     rows = _NO_POS if rows is None else rows
     work = 2 * qh.size * n_keys  # q.k and p.v per visible key
+    args = (qh, k, v, rows, n_keys, q_pos if causal else _NO_POS, k_pos if causal else _NO_POS, causal, out)
     sgemm = _sgemm_for(qh) if len(q) >= BLOCKED_FROM else None
     if sgemm is not None:
-        kernel = _sized(_attention_blas, _attention_blas_serial, work)
-        kernel(sgemm, qh, k, v, rows, n_keys, q_pos if causal else _NO_POS, k_pos if causal else _NO_POS, causal, out,
-               ATTENTION_BLOCK)  # fmt: skip
-        return merge_heads(out)
-    if len(q) >= BLOCKED_FROM:
-        kernel = _sized(_attention_blocked, _attention_blocked_serial, work)
+        _sized(_attention_blas, _attention_blas_serial, work)(sgemm, *args, ATTENTION_BLOCK)
+    elif len(q) >= BLOCKED_FROM:
+        _sized(_attention_blocked, _attention_blocked_serial, work)(*args)
     else:
-        kernel = _sized(_attention, _attention_serial, work)
-    kernel(qh, k, v, rows, n_keys, q_pos if causal else _NO_POS, k_pos if causal else _NO_POS, causal, out)
+        _sized(_attention, _attention_serial, work)(*args)
     return merge_heads(out)
