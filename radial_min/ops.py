@@ -143,6 +143,13 @@ def embedding_backward(dx, ids, n_rows):
     return dw
 
 
+def log_softmax(logits) -> np.ndarray:
+    """[..., V] -> log-probabilities in float64 (scores: perplexity, KL), the maximum subtracted first."""
+    z = logits.astype(np.float64)
+    z -= z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
 def crossentropy_forward(logits, targets, weights=None):
     """Mean negative log-likelihood of targets [n] under softmax(logits [n, V]), each row weighted by `weights` [n]
     if given (a loss mask), the mean taken over the weights. The softmax is kept for the backward pass, so exp runs

@@ -464,9 +464,7 @@ def sequence_nll(net, sequences: np.ndarray, batch_size: int = 64, progress=None
     starts = range(0, len(sequences), batch_size)
     for i in starts if progress is None else progress(starts):
         ids = sequences[i : i + batch_size]
-        z = net.forward(ids).reshape(*ids.shape, -1)[:, :-1].astype(np.float64)
-        z -= z.max(-1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        logp = ops.log_softmax(net.forward(ids).reshape(*ids.shape, -1)[:, :-1])
         nll.append(-np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0])
         depth.append(net.last_walk.depth.reshape(ids.shape))
         routes.append(net.last_walk.routes.reshape(*ids.shape, -1))

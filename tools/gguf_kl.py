@@ -52,15 +52,10 @@ def decode_logits(model, seq):
     return np.concatenate([model.forward(seq[t : t + 1], cache=cache) for t in range(len(seq))])
 
 
-def log_softmax(z):
-    z = z.astype(np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
 def main(argv=None):
     import radial_min
     from radial_min.data import SHARED, pack
+    from radial_min.ops import log_softmax
     from radial_min.io.hub import installed_smollm2
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import radial_min  # noqa: E402
 from radial_min import data  # noqa: E402
 from radial_min.analysis import distill, route_search  # noqa: E402
+from radial_min.ops import log_softmax  # noqa: E402
 from radial_min.optim import adamw_step, lr_at  # noqa: E402
 from radial_min.radial import RadialNetwork  # noqa: E402
 from radial_min.router import SKIPPABLE, Router, RouterConfig, init_router, mandatory_blocks  # noqa: E402
@@ -144,12 +145,10 @@ def cmd_search(args):
 
 def kl_and_grad(logits, teacher_logp):
     """Mean over rows of KL(teacher || softmax(logits)) and its gradient with respect to the logits [n, V]."""
-    z = logits.astype(np.float64)
-    z -= z.max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    logp = log_softmax(logits)
     pt = np.exp(teacher_logp)
     kl = float((pt * (teacher_logp - logp)).sum(-1).mean())
-    return kl, ((np.exp(logp) - pt) / len(z)).astype(logits.dtype)
+    return kl, ((np.exp(logp) - pt) / len(logits)).astype(logits.dtype)
 
 
 def cmd_tune(args):
@@ -168,9 +167,7 @@ def cmd_tune(args):
     t0 = time.process_time()
     for step in range(args.steps):
         batch = seqs[rng.choice(len(seqs), args.batch, replace=False)]  # [B, T]
-        teacher = model.forward(batch).astype(np.float64)  # the full model: [B * T, V]
-        teacher -= teacher.max(-1, keepdims=True)
-        teacher -= np.log(np.exp(teacher).sum(-1, keepdims=True))
+        teacher = log_softmax(model.forward(batch))  # the full model: [B * T, V]
         tape = []
         logits = net.forward(batch, tape=tape)
         kl, dlogits = kl_and_grad(logits, teacher)

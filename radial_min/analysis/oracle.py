@@ -23,6 +23,7 @@ import numpy as np
 from . import layer_major
 from ..blocks import AttentionBlock, Rows, begin
 from ..errors import SettingError, count
+from ..ops import log_softmax
 from .profiling import block_ratio
 
 KV_RULES = ("fill", "drop")
@@ -53,10 +54,7 @@ class Run:
 
 def next_token_nll(logits, ids) -> np.ndarray:
     """-log p(ids[t + 1] | ids[:t + 1]) for t < T - 1: [T, V], [T] -> [T - 1]."""
-    z = logits[:-1].astype(np.float64)
-    z = z - z.max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    return -logp[np.arange(len(ids) - 1), ids[1:]]
+    return -log_softmax(logits[:-1])[np.arange(len(ids) - 1), ids[1:]]
 
 
 def check_scorable(sequences) -> None:

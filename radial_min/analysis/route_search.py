@@ -19,15 +19,9 @@ import time
 
 import numpy as np
 
+from ..ops import log_softmax
 from . import oracle
 from .distill import routes_as_examples
-
-
-def log_softmax(logits) -> np.ndarray:
-    """[T, V] -> log-probabilities in float64."""
-    z = logits.astype(np.float64)
-    z -= z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 class Teacher:
