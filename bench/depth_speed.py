@@ -32,6 +32,7 @@ from pathlib import Path
 
 import common
 from common import ROOT, LoadMonitor, interleaved, machine, print_table, section, set_threads, stat
+from routing import skip_routes  # routes skipping a share of blocks, each block equally often
 
 SHIPPED = ROOT / "weights" / "hop-16"
 EVAL_SEED = 5  # the eval stream (never a training sequence) at a seed no report of the network used (they use 0)
@@ -109,16 +110,6 @@ class Forced:
     def decide(self, x, prev, step, pos=None):
         _, gate = self.router.decide(x, prev, step, pos)
         return self.table[pos, step], gate
-
-
-def skip_routes(n_blocks: int, n_positions: int, share: float) -> list:
-    """Routes skipping round(share x n_blocks) blocks per token, spread over the depth and shifted by one block per
-    position, so each block is skipped equally often (bench/routing.py's)."""
-    k = round(share * n_blocks)
-    if k == 0:
-        return [list(range(n_blocks))] * n_positions
-    base = [round(j * n_blocks / k) for j in range(k)]
-    return [[b for b in range(n_blocks) if b not in {(s + p) % n_blocks for s in base}] for p in range(n_positions)]
 
 
 def decision_us(router, width: int, n: int = 3000) -> float:
