@@ -293,10 +293,11 @@ def config_dict(reader) -> dict:
 
     scaling = field(reader, f"{arch}.rope.scaling.type", "none")
     n_head = meta("attention.head_count")
-    tokens = field(reader, "tokenizer.ggml.tokens")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")  # counted, not decoded (the tokenizer decodes it)
+    n_tokens = tokens.n if isinstance(tokens, _Strings) else None if tokens is None else len(tokens)
     d = {
         "model_type": arch,
-        "vocab_size": meta("vocab_size", len(tokens) if tokens is not None else None),
+        "vocab_size": meta("vocab_size", n_tokens),
         "hidden_size": meta("embedding_length"),
         "intermediate_size": meta("feed_forward_length"),
         "num_hidden_layers": meta("block_count"),
